@@ -1,0 +1,247 @@
+//! The contract between the strom processes.
+//!
+//! stromd listens on a Unix stream socket. Every request is one JSON object on one line, and
+//! every response is one JSON object on one line. The CNI plugin, `stromctl` and the control
+//! plane link only this crate, never the dataplane.
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::IpAddr;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// Where stromd listens unless configured otherwise.
+pub const DEFAULT_SOCKET: &str = "/run/strom/stromd.sock";
+
+/// A pod's host-side port, as the CNI plugin registers it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PortSpec {
+    /// Host-side veth name in the node namespace.
+    pub ifname: String,
+    /// The pod's addresses (its only allowed source addresses).
+    pub ips: Vec<IpAddr>,
+    /// The pod-side interface MAC (the only allowed source MAC).
+    pub mac: String,
+    /// Container (sandbox) id from CNI_CONTAINERID.
+    pub container_id: String,
+    /// Interface name inside the pod (CNI_IFNAME).
+    #[serde(default)]
+    pub pod_ifname: String,
+    /// Kubernetes namespace of the pod, when known.
+    #[serde(default)]
+    pub pod_namespace: String,
+    /// Kubernetes name of the pod, when known.
+    #[serde(default)]
+    pub pod_name: String,
+}
+
+/// Identifies a registered port.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PortKey {
+    /// By host-side interface name.
+    Ifname(String),
+    /// By container id and pod interface name.
+    Container {
+        container_id: String,
+        pod_ifname: String,
+    },
+}
+
+/// A request to stromd.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Request {
+    /// Is the dataplane up and able to take ports?
+    Status,
+    /// Register a pod port (idempotent for the same spec).
+    AddPort { spec: PortSpec },
+    /// Unregister a port; succeeds when it is already gone.
+    RemovePort { key: PortKey },
+    /// List the registered ports with their counters.
+    Ports,
+    /// Per-worker counters and drop reasons.
+    Stats,
+    /// The forwarding tables as the workers see them.
+    Tables,
+}
+
+/// Dataplane readiness.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatusInfo {
+    pub ready: bool,
+    pub version: String,
+    pub workers: usize,
+    pub ports: usize,
+    pub poll_mode: String,
+    pub uplink: Option<String>,
+}
+
+/// Packet and byte counters.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Counters {
+    pub rx_packets: u64,
+    pub rx_bytes: u64,
+    pub tx_packets: u64,
+    pub tx_bytes: u64,
+    pub drops: u64,
+}
+
+/// One registered port and its counters.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PortStatus {
+    pub id: u32,
+    pub kind: String,
+    pub worker: usize,
+    pub ifindex: u32,
+    pub spec: PortSpec,
+    pub host_mac: String,
+    pub xdp_mode: String,
+    pub counters: Counters,
+}
+
+/// One worker's counters.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkerStats {
+    pub id: usize,
+    pub core: Option<usize>,
+    pub ports: usize,
+    pub counters: Counters,
+    /// Drop reason name → count (only non-zero reasons).
+    pub drops: Vec<(String, u64)>,
+    pub loops: u64,
+    pub sleeps: u64,
+}
+
+/// One forwarding entry.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RouteEntry {
+    pub prefix: String,
+    pub target: String,
+}
+
+/// A response from stromd.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "result", rename_all = "snake_case")]
+pub enum Response {
+    Ok,
+    Status(StatusInfo),
+    Port(PortStatus),
+    Ports {
+        ports: Vec<PortStatus>,
+    },
+    Stats {
+        workers: Vec<WorkerStats>,
+    },
+    Tables {
+        gateway: String,
+        node_addrs: Vec<String>,
+        routes: Vec<RouteEntry>,
+    },
+    Error {
+        message: String,
+    },
+}
+
+/// Errors of the client.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("cannot connect to stromd at {path}: {source}")]
+    Connect {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("i/o with stromd failed: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("stromd sent a malformed response: {0}")]
+    Decode(#[from] serde_json::Error),
+    #[error("stromd closed the connection without answering")]
+    Closed,
+    #[error("stromd refused: {0}")]
+    Refused(String),
+}
+
+/// A blocking client: one connection, requests answered in order.
+pub struct Client {
+    reader: BufReader<UnixStream>,
+    writer: UnixStream,
+}
+
+impl Client {
+    /// Connects with a timeout applied to every read and write.
+    pub fn connect(path: impl AsRef<Path>, timeout: Duration) -> Result<Self, ClientError> {
+        let path = path.as_ref();
+        let stream = UnixStream::connect(path).map_err(|source| ClientError::Connect {
+            path: path.to_owned(),
+            source,
+        })?;
+        stream.set_read_timeout(Some(timeout))?;
+        stream.set_write_timeout(Some(timeout))?;
+        let writer = stream.try_clone()?;
+        Ok(Client {
+            reader: BufReader::new(stream),
+            writer,
+        })
+    }
+
+    /// Sends one request and waits for its response. `Response::Error` becomes `Refused`.
+    pub fn call(&mut self, req: &Request) -> Result<Response, ClientError> {
+        let mut line = serde_json::to_vec(req)?;
+        line.push(b'\n');
+        self.writer.write_all(&line)?;
+        let mut buf = String::new();
+        if self.reader.read_line(&mut buf)? == 0 {
+            return Err(ClientError::Closed);
+        }
+        match serde_json::from_str::<Response>(&buf)? {
+            Response::Error { message } => Err(ClientError::Refused(message)),
+            other => Ok(other),
+        }
+    }
+}
+
+/// Encodes one response line (used by the server side).
+pub fn encode_line<T: Serialize>(value: &T) -> Vec<u8> {
+    let mut v = serde_json::to_vec(value).unwrap_or_else(|e| {
+        format!(r#"{{"result":"error","message":"encode: {e}"}}"#).into_bytes()
+    });
+    v.push(b'\n');
+    v
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_roundtrip_is_one_line_json() {
+        let req = Request::AddPort {
+            spec: PortSpec {
+                ifname: "st1234".into(),
+                ips: vec!["198.18.10.2".parse().unwrap()],
+                mac: "02:00:00:00:00:01".into(),
+                container_id: "abc".into(),
+                pod_ifname: "eth0".into(),
+                pod_namespace: "default".into(),
+                pod_name: "a".into(),
+            },
+        };
+        let line = encode_line(&req);
+        assert_eq!(line.iter().filter(|&&b| b == b'\n').count(), 1);
+        let back: Request = serde_json::from_slice(&line).unwrap();
+        assert_eq!(back, req);
+    }
+
+    #[test]
+    fn error_response_decodes() {
+        let r: Response = serde_json::from_str(r#"{"result":"error","message":"no"}"#).unwrap();
+        assert_eq!(
+            r,
+            Response::Error {
+                message: "no".into()
+            }
+        );
+    }
+}

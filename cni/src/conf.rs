@@ -1,0 +1,278 @@
+//! Network configuration and results, as the CNI specification writes them.
+//!
+//! Hand-written with serde rather than taken from a CNI crate: the plugin must return results
+//! in three spec versions (0.4.0's `version` field on ips, 1.0.0, 1.1.0) and its own error
+//! codes, and the crates that exist either stop at 1.0.0 or are too young to pin (DESIGN.md).
+
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+use crate::error::{code, CniError};
+
+/// Versions whose configs we accept and whose results we emit.
+pub const SUPPORTED: &[&str] = &["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"];
+
+/// The plugin's network configuration (one entry of a conflist, with name and cniVersion).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct NetConf {
+    pub cni_version: String,
+    pub name: String,
+    /// Pod interface MTU; default: the uplink's MTU minus the overlay header (50), or 1450.
+    #[serde(default)]
+    pub mtu: Option<u32>,
+    /// The node's uplink, for the default MTU.
+    #[serde(default)]
+    pub uplink_interface: Option<String>,
+    /// The gateway every pod routes through (stromd answers ARP for it).
+    #[serde(default)]
+    pub gateway: Option<Ipv4Addr>,
+    /// stromd's API socket.
+    #[serde(default)]
+    pub socket: Option<PathBuf>,
+    /// Where each call is logged.
+    #[serde(default)]
+    pub log_file: Option<PathBuf>,
+    #[serde(default)]
+    pub ipam: Option<Value>,
+    #[serde(default)]
+    pub dns: Option<Value>,
+    #[serde(default)]
+    pub runtime_config: Option<RuntimeConfig>,
+    #[serde(default)]
+    pub prev_result: Option<Value>,
+    /// Keys we do not use (args, capabilities, ...) are accepted and ignored.
+    #[serde(flatten)]
+    pub other: Map<String, Value>,
+}
+
+/// Capability arguments from the runtime.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RuntimeConfig {
+    #[serde(default)]
+    pub ips: Vec<String>,
+    #[serde(default)]
+    pub mac: Option<String>,
+}
+
+/// The built-in allocator's settings (`ipam.type` = "strom").
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct StromIpam {
+    /// "strom" (accepted here so that unknown keys can be refused).
+    #[serde(rename = "type")]
+    pub _type: String,
+    /// The node's pod CIDR.
+    pub subnet: ipnet::Ipv4Net,
+    /// Where leases are kept.
+    #[serde(default = "default_data_dir")]
+    pub data_dir: PathBuf,
+}
+
+fn default_data_dir() -> PathBuf {
+    PathBuf::from("/var/lib/strom/ipam")
+}
+
+impl NetConf {
+    /// Parses and checks stdin.
+    pub fn parse(bytes: &[u8]) -> Result<Self, CniError> {
+        let v: Value = serde_json::from_slice(bytes).map_err(|e| {
+            CniError::new(
+                code::DECODE,
+                "cannot decode network configuration",
+                e.to_string(),
+            )
+        })?;
+        let version = v.get("cniVersion").and_then(Value::as_str).unwrap_or("");
+        if !SUPPORTED.contains(&version) {
+            return Err(CniError::new(
+                code::INCOMPATIBLE_VERSION,
+                "incompatible CNI version",
+                format!(
+                    "config version {version:?}; supported: {}",
+                    SUPPORTED.join(", ")
+                ),
+            ));
+        }
+        let c: NetConf = serde_json::from_value(v).map_err(|e| {
+            CniError::new(
+                code::INVALID_CONFIG,
+                "invalid network configuration",
+                e.to_string(),
+            )
+        })?;
+        if c.name.is_empty() {
+            return Err(CniError::new(
+                code::INVALID_CONFIG,
+                "invalid network configuration",
+                "name is empty",
+            ));
+        }
+        if let Some(m) = c.mtu {
+            if !(576..=9000).contains(&m) {
+                return Err(CniError::new(
+                    code::INVALID_CONFIG,
+                    "invalid network configuration",
+                    format!("mtu {m} (576..=9000)"),
+                ));
+            }
+        }
+        Ok(c)
+    }
+
+    /// The IPAM plugin type.
+    pub fn ipam_type(&self) -> Result<&str, CniError> {
+        self.ipam
+            .as_ref()
+            .and_then(|i| i.get("type"))
+            .and_then(Value::as_str)
+            .ok_or_else(|| {
+                CniError::new(
+                    code::INVALID_CONFIG,
+                    "invalid network configuration",
+                    "ipam.type is missing",
+                )
+            })
+    }
+
+    /// The built-in allocator's settings.
+    pub fn strom_ipam(&self) -> Result<StromIpam, CniError> {
+        serde_json::from_value(self.ipam.clone().unwrap_or(Value::Null)).map_err(|e| {
+            CniError::new(
+                code::INVALID_CONFIG,
+                "invalid ipam configuration",
+                e.to_string(),
+            )
+        })
+    }
+
+    /// The pod gateway.
+    pub fn gateway(&self) -> Ipv4Addr {
+        self.gateway.unwrap_or(Ipv4Addr::new(169, 254, 1, 1))
+    }
+
+    /// stromd's socket.
+    pub fn socket(&self) -> PathBuf {
+        self.socket
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(strom_api::DEFAULT_SOCKET))
+    }
+}
+
+/// An interface in a result.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Interface {
+    pub name: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub mac: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mtu: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sandbox: Option<String>,
+}
+
+/// An address in a result.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct IpConfig {
+    /// Only in results before 1.0.0.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
+    pub address: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gateway: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub interface: Option<usize>,
+}
+
+/// A route in a result.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Route {
+    pub dst: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gw: Option<String>,
+}
+
+/// A result (ADD's output, CHECK's and DEL's prevResult).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CniResult {
+    pub cni_version: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub interfaces: Vec<Interface>,
+    #[serde(default)]
+    pub ips: Vec<IpConfig>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub routes: Vec<Route>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dns: Option<Value>,
+}
+
+impl CniResult {
+    /// Shapes the result for `version` (0.3.x/0.4.0 carry `version` on every ip).
+    pub fn for_version(mut self, version: &str) -> Self {
+        let old = version.starts_with("0.");
+        for ip in &mut self.ips {
+            ip.version = old.then(|| {
+                if ip.address.contains(':') {
+                    "6".into()
+                } else {
+                    "4".into()
+                }
+            });
+        }
+        self.cni_version = version.to_string();
+        self
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rejects_unsupported_version_with_code_1() {
+        let e =
+            NetConf::parse(br#"{"cniVersion":"0.2.0","name":"n","type":"strom-cni"}"#).unwrap_err();
+        assert_eq!(e.code, code::INCOMPATIBLE_VERSION);
+    }
+
+    #[test]
+    fn rejects_garbage_with_code_6_and_bad_fields_with_7() {
+        assert_eq!(NetConf::parse(b"{not json").unwrap_err().code, code::DECODE);
+        let e =
+            NetConf::parse(br#"{"cniVersion":"1.0.0","name":"n","type":"strom-cni","mtu":"x"}"#)
+                .unwrap_err();
+        assert_eq!(e.code, code::INVALID_CONFIG);
+    }
+
+    #[test]
+    fn accepts_unknown_keys() {
+        let c = NetConf::parse(br#"{"cniVersion":"1.1.0","name":"n","type":"strom-cni","capabilities":{"ips":true},"args":{}}"#).unwrap();
+        assert_eq!(c.name, "n");
+    }
+
+    #[test]
+    fn old_results_carry_ip_version() {
+        let r = CniResult {
+            cni_version: String::new(),
+            interfaces: vec![],
+            ips: vec![IpConfig {
+                version: None,
+                address: "198.18.16.2/32".into(),
+                gateway: None,
+                interface: Some(1),
+            }],
+            routes: vec![],
+            dns: None,
+        };
+        assert_eq!(
+            r.clone().for_version("0.4.0").ips[0].version.as_deref(),
+            Some("4")
+        );
+        assert_eq!(r.for_version("1.0.0").ips[0].version, None);
+    }
+}

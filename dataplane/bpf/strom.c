@@ -1,0 +1,141 @@
+// SPDX-License-Identifier: GPL-2.0 OR Apache-2.0
+// strom's XDP programs. Built by dataplane/build.rs with
+//   clang -O2 -g -target bpf -I/usr/include/x86_64-linux-gnu
+// and loaded by stromd (aya). Two programs share the maps:
+//   strom_pod     on every pod host-side veth: traffic for the node's own addresses (and ARP
+//                 that is not for the pod gateway) goes to the kernel, everything else to the
+//                 port's AF_XDP socket. With no socket bound the frame is dropped (fail closed):
+//                 a pod never reaches another pod around stromd.
+//   strom_uplink  on the uplink: only what stromd owns (destinations in `owned`) goes to the
+//                 socket; everything else is the node's own traffic and goes to the kernel.
+#include <linux/bpf.h>
+#include <linux/if_ether.h>
+#include <linux/ip.h>
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_endian.h>
+
+#define MAX_PORTS 4096
+
+struct {
+	__uint(type, BPF_MAP_TYPE_XSKMAP);
+	__uint(max_entries, MAX_PORTS);
+	__type(key, __u32);
+	__type(value, __u32);
+} xsks SEC(".maps");
+
+/* ifindex -> slot in xsks */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, MAX_PORTS);
+	__type(key, __u32);
+	__type(value, __u32);
+} port_slot SEC(".maps");
+
+/* IPv4 addresses of the node itself (network byte order) */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 256);
+	__type(key, __u32);
+	__type(value, __u8);
+} node_addrs SEC(".maps");
+
+/* the pod gateway address (key 0), network byte order */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u32);
+} gateway SEC(".maps");
+
+struct lpm_v4 {
+	__u32 prefixlen;
+	__u32 addr;
+};
+
+/* IPv4 prefixes stromd owns on the uplink (pod CIDR, later Service VIPs, ...) */
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__uint(max_entries, 1024);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, struct lpm_v4);
+	__type(value, __u8);
+} owned SEC(".maps");
+
+struct arp_ipv4 {
+	__be16 htype;
+	__be16 ptype;
+	__u8 hlen;
+	__u8 plen;
+	__be16 op;
+	__u8 sha[6];
+	__u8 spa[4];
+	__u8 tha[6];
+	__u8 tpa[4];
+} __attribute__((packed));
+
+static __always_inline int to_socket(struct xdp_md *ctx)
+{
+	__u32 ifindex = ctx->ingress_ifindex;
+	__u32 *slot = bpf_map_lookup_elem(&port_slot, &ifindex);
+	if (!slot)
+		return XDP_DROP;
+	return bpf_redirect_map(&xsks, *slot, XDP_DROP);
+}
+
+SEC("xdp")
+int strom_pod(struct xdp_md *ctx)
+{
+	void *data = (void *)(long)ctx->data;
+	void *end = (void *)(long)ctx->data_end;
+	struct ethhdr *eth = data;
+
+	if ((void *)(eth + 1) > end)
+		return to_socket(ctx); /* stromd counts the runt */
+
+	if (eth->h_proto == bpf_htons(ETH_P_IP)) {
+		struct iphdr *ip = (void *)(eth + 1);
+		if ((void *)(ip + 1) > end)
+			return to_socket(ctx);
+		__u32 daddr = ip->daddr;
+		if (bpf_map_lookup_elem(&node_addrs, &daddr))
+			return XDP_PASS;
+	} else if (eth->h_proto == bpf_htons(ETH_P_ARP)) {
+		struct arp_ipv4 *arp = (void *)(eth + 1);
+		if ((void *)(arp + 1) > end)
+			return to_socket(ctx);
+		__u32 zero = 0;
+		__u32 *gw = bpf_map_lookup_elem(&gateway, &zero);
+		__u32 tpa;
+		__builtin_memcpy(&tpa, arp->tpa, 4);
+		/* answers to the node's own ARP requests, probes of the node: kernel */
+		if (!gw || tpa != *gw)
+			return XDP_PASS;
+	}
+	return to_socket(ctx);
+}
+
+SEC("xdp")
+int strom_uplink(struct xdp_md *ctx)
+{
+	void *data = (void *)(long)ctx->data;
+	void *end = (void *)(long)ctx->data_end;
+	struct ethhdr *eth = data;
+
+	if ((void *)(eth + 1) > end)
+		return XDP_PASS;
+	if (eth->h_proto != bpf_htons(ETH_P_IP))
+		return XDP_PASS;
+	struct iphdr *ip = (void *)(eth + 1);
+	if ((void *)(ip + 1) > end)
+		return XDP_PASS;
+	struct lpm_v4 key = { .prefixlen = 32, .addr = ip->daddr };
+	if (!bpf_map_lookup_elem(&owned, &key))
+		return XDP_PASS;
+	__u32 ifindex = ctx->ingress_ifindex;
+	__u32 *slot = bpf_map_lookup_elem(&port_slot, &ifindex);
+	if (!slot)
+		return XDP_PASS;
+	return bpf_redirect_map(&xsks, *slot, XDP_PASS);
+}
+
+char LICENSE[] SEC("license") = "Dual BSD/GPL";

@@ -1,0 +1,407 @@
+//! The API thread: owns the XDP programs, the tables' next version and the port registry, and
+//! answers `strom-api` requests on a Unix socket. All table changes happen here, one at a time,
+//! and reach the workers by an atomic snapshot swap.
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Write};
+use std::net::IpAddr;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use strom_api::{
+    encode_line, PortKey, PortSpec, PortStatus, Request, Response, RouteEntry, StatusInfo,
+    WorkerStats,
+};
+
+use crate::bpf::{Role, XdpPrograms};
+use crate::config::Config;
+use crate::mac::{fmt_mac, parse_mac, Mac};
+use crate::pipeline::PortKind;
+use crate::state::StateFile;
+use crate::stats::SharedCounters;
+use crate::tables::{Next, TableHandle};
+use crate::worker::{wait_reply, Command, PortSetup, WorkerShared};
+
+/// Ports (and XSKMAP slots) a node can have.
+pub const MAX_PORTS: usize = 4096;
+
+struct PortRecord {
+    id: u32,
+    worker: usize,
+    ifindex: u32,
+    spec: PortSpec,
+    host_mac: Mac,
+    xdp_mode: &'static str,
+    counters: Arc<SharedCounters>,
+}
+
+/// The registry and everything that changes with it.
+pub struct Controller {
+    cfg: Config,
+    xdp: XdpPrograms,
+    tables: TableHandle,
+    workers: Vec<Arc<WorkerShared>>,
+    ports: BTreeMap<u32, PortRecord>,
+    next_id: u32,
+    state: StateFile,
+}
+
+fn read_sys(ifname: &str, what: &str) -> Result<String, String> {
+    if ifname.is_empty()
+        || ifname.len() > 15
+        || ifname.contains('/')
+        || ifname == "."
+        || ifname == ".."
+    {
+        return Err(format!("invalid interface name {ifname:?}"));
+    }
+    std::fs::read_to_string(format!("/sys/class/net/{ifname}/{what}"))
+        .map(|s| s.trim().to_string())
+        .map_err(|e| format!("interface {ifname}: {e}"))
+}
+
+impl Controller {
+    /// A controller over loaded programs and started workers.
+    pub fn new(
+        cfg: Config,
+        xdp: XdpPrograms,
+        tables: TableHandle,
+        workers: Vec<Arc<WorkerShared>>,
+    ) -> Self {
+        let state = StateFile::new(&cfg.dataplane.state_dir);
+        Controller {
+            cfg,
+            xdp,
+            tables,
+            workers,
+            ports: BTreeMap::new(),
+            next_id: 0,
+            state,
+        }
+    }
+
+    /// Re-registers the ports recorded by a previous run whose interfaces still exist.
+    pub fn restore(&mut self) {
+        for spec in self.state.load() {
+            let name = spec.ifname.clone();
+            match self.add_port(spec) {
+                Ok(p) => tracing::info!(port = p.id, ifname = %name, "restored port"),
+                Err(e) => tracing::warn!(ifname = %name, error = %e, "recorded port not restored"),
+            }
+        }
+        self.save();
+    }
+
+    fn save(&self) {
+        let specs: Vec<PortSpec> = self.ports.values().map(|p| p.spec.clone()).collect();
+        if let Err(e) = self.state.save(&specs) {
+            tracing::warn!(error = %e, "cannot record ports");
+        }
+    }
+
+    fn alloc_id(&mut self) -> Option<u32> {
+        // Ids are not reused at once: a worker may still hold a snapshot naming a removed id.
+        for _ in 0..MAX_PORTS {
+            let id = self.next_id;
+            self.next_id = (self.next_id + 1) % MAX_PORTS as u32;
+            if !self.ports.contains_key(&id) {
+                return Some(id);
+            }
+        }
+        None
+    }
+
+    fn status_of(&self, p: &PortRecord) -> PortStatus {
+        PortStatus {
+            id: p.id,
+            kind: "pod".into(),
+            worker: p.worker,
+            ifindex: p.ifindex,
+            spec: p.spec.clone(),
+            host_mac: fmt_mac(&p.host_mac),
+            xdp_mode: p.xdp_mode.into(),
+            counters: p.counters.read(),
+        }
+    }
+
+    fn validate(&self, spec: &PortSpec) -> Result<(Mac, u32, Mac), String> {
+        let pod_mac = parse_mac(&spec.mac).ok_or_else(|| format!("invalid mac {:?}", spec.mac))?;
+        if spec.ips.is_empty() {
+            return Err("a port needs at least one IP".into());
+        }
+        for ip in &spec.ips {
+            match ip {
+                IpAddr::V4(v4) if self.cfg.node.pod_cidr.contains(v4) => {}
+                IpAddr::V4(v4) => {
+                    return Err(format!(
+                        "{v4} is outside the node's pod CIDR {}",
+                        self.cfg.node.pod_cidr
+                    ))
+                }
+                IpAddr::V6(_) => return Err("IPv6 pod addresses are not supported yet".into()),
+            }
+            if let Some(other) = self
+                .ports
+                .values()
+                .find(|p| p.spec.ifname != spec.ifname && p.spec.ips.contains(ip))
+            {
+                return Err(format!(
+                    "{ip} is already used by port {}",
+                    other.spec.ifname
+                ));
+            }
+        }
+        let ifindex: u32 = read_sys(&spec.ifname, "ifindex")?
+            .parse()
+            .map_err(|e| format!("ifindex: {e}"))?;
+        let host_mac =
+            parse_mac(&read_sys(&spec.ifname, "address")?).ok_or("unreadable host MAC")?;
+        Ok((pod_mac, ifindex, host_mac))
+    }
+
+    /// Registers a pod port. The same spec again is a no-op; a changed one replaces the port.
+    pub fn add_port(&mut self, spec: PortSpec) -> Result<PortStatus, String> {
+        let (pod_mac, ifindex, host_mac) = self.validate(&spec)?;
+        if let Some(p) = self.ports.values().find(|p| p.spec.ifname == spec.ifname) {
+            if p.spec == spec && p.ifindex == ifindex {
+                return Ok(self.status_of(p));
+            }
+            self.remove_port(&PortKey::Ifname(spec.ifname.clone()))?;
+        }
+        let id = self.alloc_id().ok_or("no free port slot")?;
+        let worker = (0..self.workers.len())
+            .min_by_key(|w| self.ports.values().filter(|p| p.worker == *w).count())
+            .unwrap_or(0);
+        let xdp_mode = self
+            .xdp
+            .attach(ifindex, Role::Pod)
+            .map_err(|e| e.to_string())?;
+        let counters = Arc::new(SharedCounters::default());
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        let setup = PortSetup {
+            id,
+            ifindex,
+            kind: PortKind::Pod,
+            host_mac,
+            pod_mac,
+            ips: spec.ips.clone(),
+            counters: counters.clone(),
+        };
+        let fail = |me: &mut Self, e: String| {
+            me.xdp.detach(ifindex);
+            Err(e)
+        };
+        if !self.workers[worker].command(Command::AddPort(setup, tx)) {
+            return fail(self, "worker is gone".into());
+        }
+        let fd = match wait_reply(&rx) {
+            Some(Ok(fd)) => fd,
+            Some(Err(e)) => return fail(self, format!("AF_XDP socket on {}: {e}", spec.ifname)),
+            None => return fail(self, "worker did not answer".into()),
+        };
+        if let Err(e) = self.xdp.bind_slot(ifindex, id, fd) {
+            self.stop_on_worker(worker, id);
+            return fail(self, e.to_string());
+        }
+        let mut t = (*self.tables.snapshot()).clone();
+        for ip in &spec.ips {
+            t.local.insert(
+                *ip,
+                Next {
+                    port: id,
+                    worker: worker as u16,
+                    dst_mac: pod_mac,
+                    src_mac: host_mac,
+                },
+            );
+        }
+        self.tables.publish(t);
+        tracing::info!(port = id, worker, ifname = %spec.ifname, ips = ?spec.ips, xdp_mode, "port added");
+        let rec = PortRecord {
+            id,
+            worker,
+            ifindex,
+            spec,
+            host_mac,
+            xdp_mode,
+            counters,
+        };
+        let status = self.status_of(&rec);
+        self.ports.insert(id, rec);
+        self.save();
+        Ok(status)
+    }
+
+    fn stop_on_worker(&self, worker: usize, id: u32) {
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        if self.workers[worker].command(Command::RemovePort(id, tx)) {
+            let _ = wait_reply(&rx);
+        }
+    }
+
+    /// Unregisters a port; Ok when it is not registered.
+    pub fn remove_port(&mut self, key: &PortKey) -> Result<(), String> {
+        let found = self.ports.values().find(|p| match key {
+            PortKey::Ifname(n) => &p.spec.ifname == n,
+            PortKey::Container {
+                container_id,
+                pod_ifname,
+            } => {
+                &p.spec.container_id == container_id
+                    && (pod_ifname.is_empty() || &p.spec.pod_ifname == pod_ifname)
+            }
+        });
+        let Some(id) = found.map(|p| p.id) else {
+            return Ok(());
+        };
+        let Some(p) = self.ports.remove(&id) else {
+            return Ok(());
+        };
+        // Stop the kernel steering frames to the socket, stop workers routing to it, then close.
+        self.xdp.unbind_slot(p.ifindex, p.id);
+        let mut t = (*self.tables.snapshot()).clone();
+        t.local.retain(|_, n| n.port != p.id);
+        self.tables.publish(t);
+        self.stop_on_worker(p.worker, p.id);
+        self.xdp.detach(p.ifindex);
+        tracing::info!(port = p.id, ifname = %p.spec.ifname, "port removed");
+        self.save();
+        Ok(())
+    }
+
+    /// Answers one request.
+    pub fn handle(&mut self, req: Request) -> Response {
+        match req {
+            Request::Status => Response::Status(StatusInfo {
+                ready: true,
+                version: env!("CARGO_PKG_VERSION").into(),
+                workers: self.workers.len(),
+                ports: self.ports.len(),
+                poll_mode: self.cfg.dataplane.poll_mode.name().into(),
+                uplink: None,
+            }),
+            Request::AddPort { spec } => match self.add_port(spec) {
+                Ok(s) => Response::Port(s),
+                Err(message) => Response::Error { message },
+            },
+            Request::RemovePort { key } => match self.remove_port(&key) {
+                Ok(()) => Response::Ok,
+                Err(message) => Response::Error { message },
+            },
+            Request::Ports => Response::Ports {
+                ports: self.ports.values().map(|p| self.status_of(p)).collect(),
+            },
+            Request::Stats => Response::Stats {
+                workers: self
+                    .workers
+                    .iter()
+                    .map(|w| WorkerStats {
+                        id: w.id,
+                        core: w.core,
+                        ports: self.ports.values().filter(|p| p.worker == w.id).count(),
+                        counters: w.counters.packets.read(),
+                        drops: w.counters.drops(),
+                        loops: w.counters.loops.load(Ordering::Relaxed),
+                        sleeps: w.counters.sleeps.load(Ordering::Relaxed),
+                    })
+                    .collect(),
+            },
+            Request::Tables => {
+                let t = self.tables.snapshot();
+                let mut routes: Vec<RouteEntry> = t
+                    .local
+                    .iter()
+                    .map(|(ip, n)| RouteEntry {
+                        prefix: format!("{ip}/{}", if ip.is_ipv4() { 32 } else { 128 }),
+                        target: format!(
+                            "port {} (worker {}) via {} → {}",
+                            n.port,
+                            n.worker,
+                            fmt_mac(&n.src_mac),
+                            fmt_mac(&n.dst_mac)
+                        ),
+                    })
+                    .collect();
+                routes.sort_by(|a, b| a.prefix.cmp(&b.prefix));
+                let mut node_addrs: Vec<String> =
+                    t.node_addrs.iter().map(|a| a.to_string()).collect();
+                node_addrs.sort();
+                Response::Tables {
+                    gateway: t.gateway_v4.to_string(),
+                    node_addrs,
+                    routes,
+                }
+            }
+        }
+    }
+
+    /// Detaches everything and stops the workers (shutdown). Recorded ports stay on disk.
+    pub fn shutdown(&mut self, handles: Vec<std::thread::JoinHandle<()>>) {
+        for w in &self.workers {
+            w.command(Command::Stop);
+        }
+        for h in handles {
+            let _ = h.join();
+        }
+        let ifs: Vec<u32> = self.xdp.attached().map(|(i, _, _)| i).collect();
+        for i in ifs {
+            self.xdp.detach(i);
+        }
+    }
+}
+
+/// Serves the API until `stop` is set. One connection at a time: requests are short and the
+/// controller is single-threaded by design (no locks around the registry).
+pub fn serve(path: &Path, ctl: &mut Controller, stop: &AtomicBool) -> std::io::Result<()> {
+    if let Some(d) = path.parent() {
+        std::fs::create_dir_all(d)?;
+    }
+    let _ = std::fs::remove_file(path);
+    let listener = UnixListener::bind(path)?;
+    listener.set_nonblocking(true)?;
+    tracing::info!(socket = %path.display(), "API listening");
+    while !stop.load(Ordering::SeqCst) {
+        match listener.accept() {
+            Ok((s, _)) => {
+                if let Err(e) = serve_conn(s, ctl, stop) {
+                    tracing::debug!(error = %e, "API connection ended");
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                std::thread::sleep(Duration::from_millis(5))
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    let _ = std::fs::remove_file(path);
+    Ok(())
+}
+
+fn serve_conn(s: UnixStream, ctl: &mut Controller, stop: &AtomicBool) -> std::io::Result<()> {
+    s.set_nonblocking(false)?;
+    s.set_read_timeout(Some(Duration::from_secs(2)))?;
+    s.set_write_timeout(Some(Duration::from_secs(2)))?;
+    let mut w = s.try_clone()?;
+    let mut r = BufReader::new(s).take(1 << 20);
+    let mut line = String::new();
+    while !stop.load(Ordering::SeqCst) {
+        line.clear();
+        if r.read_line(&mut line)? == 0 {
+            break;
+        }
+        let resp = match serde_json::from_str::<Request>(&line) {
+            Ok(req) => ctl.handle(req),
+            Err(e) => Response::Error {
+                message: format!("malformed request: {e}"),
+            },
+        };
+        w.write_all(&encode_line(&resp))?;
+        r.set_limit(1 << 20);
+    }
+    Ok(())
+}
+
+use std::io::Read as _;

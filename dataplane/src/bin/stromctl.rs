@@ -1,0 +1,179 @@
+//! stromctl: shows stromd's ports, tables, counters and drop reasons.
+#![deny(unsafe_code)]
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand, ValueEnum};
+use strom_api::{Client, PortKey, Request, Response};
+
+#[derive(Parser)]
+#[command(version, about = "Inspect and steer a running stromd")]
+struct Args {
+    /// stromd's API socket.
+    #[arg(short, long, default_value = strom_api::DEFAULT_SOCKET, env = "STROM_SOCKET")]
+    socket: PathBuf,
+    /// Output format.
+    #[arg(short, long, value_enum, default_value = "table")]
+    output: Output,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Output {
+    Table,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Readiness and shape of the dataplane.
+    Status,
+    /// Registered ports with their counters.
+    Ports,
+    /// Per-worker counters and drop reasons.
+    Stats,
+    /// The forwarding tables.
+    Tables,
+    /// Unregister a port by host interface name.
+    RemovePort { ifname: String },
+}
+
+fn table(headers: &[&str], rows: Vec<Vec<String>>) {
+    let mut w: Vec<usize> = headers.iter().map(|h| h.len()).collect();
+    for r in &rows {
+        for (i, c) in r.iter().enumerate() {
+            w[i] = w[i].max(c.len());
+        }
+    }
+    let line = |cells: Vec<String>| {
+        let s: Vec<String> = cells
+            .iter()
+            .enumerate()
+            .map(|(i, c)| format!("{:<width$}", c, width = w[i]))
+            .collect();
+        println!("{}", s.join("  ").trim_end());
+    };
+    line(headers.iter().map(|s| s.to_uppercase()).collect());
+    for r in rows {
+        line(r);
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    let a = Args::parse();
+    let mut c = Client::connect(&a.socket, Duration::from_secs(5))?;
+    let req = match &a.cmd {
+        Cmd::Status => Request::Status,
+        Cmd::Ports => Request::Ports,
+        Cmd::Stats => Request::Stats,
+        Cmd::Tables => Request::Tables,
+        Cmd::RemovePort { ifname } => Request::RemovePort {
+            key: PortKey::Ifname(ifname.clone()),
+        },
+    };
+    let resp = c.call(&req).context("stromd")?;
+    if let Output::Json = a.output {
+        println!("{}", serde_json::to_string_pretty(&resp)?);
+        return Ok(());
+    }
+    match resp {
+        Response::Ok => println!("ok"),
+        Response::Status(s) => {
+            println!("ready:     {}", s.ready);
+            println!("version:   {}", s.version);
+            println!("workers:   {} ({})", s.workers, s.poll_mode);
+            println!("ports:     {}", s.ports);
+        }
+        Response::Ports { ports } => table(
+            &[
+                "id", "ifname", "pod", "ips", "worker", "xdp", "rx pkts", "rx bytes", "tx pkts",
+                "tx bytes", "drops",
+            ],
+            ports
+                .iter()
+                .map(|p| {
+                    vec![
+                        p.id.to_string(),
+                        p.spec.ifname.clone(),
+                        if p.spec.pod_name.is_empty() {
+                            "-".into()
+                        } else {
+                            format!("{}/{}", p.spec.pod_namespace, p.spec.pod_name)
+                        },
+                        p.spec
+                            .ips
+                            .iter()
+                            .map(|i| i.to_string())
+                            .collect::<Vec<_>>()
+                            .join(","),
+                        p.worker.to_string(),
+                        p.xdp_mode.clone(),
+                        p.counters.rx_packets.to_string(),
+                        p.counters.rx_bytes.to_string(),
+                        p.counters.tx_packets.to_string(),
+                        p.counters.tx_bytes.to_string(),
+                        p.counters.drops.to_string(),
+                    ]
+                })
+                .collect(),
+        ),
+        Response::Stats { workers } => {
+            table(
+                &[
+                    "worker", "core", "ports", "rx pkts", "tx pkts", "drops", "loops", "sleeps",
+                ],
+                workers
+                    .iter()
+                    .map(|w| {
+                        vec![
+                            w.id.to_string(),
+                            w.core.map(|c| c.to_string()).unwrap_or_else(|| "-".into()),
+                            w.ports.to_string(),
+                            w.counters.rx_packets.to_string(),
+                            w.counters.tx_packets.to_string(),
+                            w.drops.iter().map(|d| d.1).sum::<u64>().to_string(),
+                            w.loops.to_string(),
+                            w.sleeps.to_string(),
+                        ]
+                    })
+                    .collect(),
+            );
+            println!();
+            let rows: Vec<Vec<String>> = workers
+                .iter()
+                .flat_map(|w| {
+                    w.drops
+                        .iter()
+                        .map(move |(r, n)| vec![w.id.to_string(), r.clone(), n.to_string()])
+                })
+                .collect();
+            if rows.is_empty() {
+                println!("no drops");
+            } else {
+                table(&["worker", "drop reason", "count"], rows);
+            }
+        }
+        Response::Tables {
+            gateway,
+            node_addrs,
+            routes,
+        } => {
+            println!("pod gateway:    {gateway}");
+            println!("node addresses: {}", node_addrs.join(", "));
+            println!();
+            table(
+                &["prefix", "target"],
+                routes
+                    .into_iter()
+                    .map(|r| vec![r.prefix, r.target])
+                    .collect(),
+            );
+        }
+        Response::Port(p) => println!("port {} on {}", p.id, p.spec.ifname),
+        Response::Error { message } => anyhow::bail!(message),
+    }
+    Ok(())
+}

@@ -1,0 +1,136 @@
+//! stromd: the strom dataplane daemon.
+#![deny(unsafe_code)]
+
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::Parser;
+use strom_dataplane::api::{serve, Controller};
+use strom_dataplane::bpf::XdpPrograms;
+use strom_dataplane::config::{Config, PollMode};
+use strom_dataplane::tables::{TableHandle, Tables};
+use strom_dataplane::worker;
+use strom_dataplane::xsk::XskSizes;
+
+/// stromd forwards pod traffic through AF_XDP sockets on the pods' host-side veths.
+///
+/// Settings come from the config file (see configs/stromd.toml); every flag overrides the
+/// file's value.
+#[derive(Parser, Debug)]
+#[command(version, about)]
+struct Args {
+    /// Configuration file.
+    #[arg(
+        short,
+        long,
+        default_value = "/etc/strom/stromd.toml",
+        env = "STROMD_CONFIG"
+    )]
+    config: PathBuf,
+    /// The node's own addresses (repeatable; replaces node.addresses).
+    #[arg(long = "node-addr")]
+    node_addrs: Vec<IpAddr>,
+    /// The node's pod CIDR (node.pod_cidr).
+    #[arg(long)]
+    pod_cidr: Option<ipnet::Ipv4Net>,
+    /// The gateway address of every pod (node.pod_gateway).
+    #[arg(long)]
+    pod_gateway: Option<std::net::Ipv4Addr>,
+    /// Number of workers (dataplane.workers).
+    #[arg(long)]
+    workers: Option<usize>,
+    /// Cores to pin the workers to, comma separated (dataplane.cores).
+    #[arg(long, value_delimiter = ',')]
+    cores: Option<Vec<usize>>,
+    /// busy: spin always; adaptive: spin while busy, sleep when idle (dataplane.poll_mode).
+    #[arg(long, value_enum)]
+    poll_mode: Option<PollMode>,
+    /// API socket path (dataplane.api_socket).
+    #[arg(long)]
+    api_socket: Option<PathBuf>,
+    /// Directory where registered ports are recorded for restarts (dataplane.state_dir).
+    #[arg(long)]
+    state_dir: Option<PathBuf>,
+    /// Log filter (tracing EnvFilter syntax), e.g. info or strom_dataplane=debug.
+    #[arg(long, default_value = "info", env = "STROM_LOG")]
+    log: String,
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_new(&args.log).context("--log")?)
+        .with_writer(std::io::stderr)
+        .init();
+    let mut cfg = Config::from_file(&args.config)?;
+    if !args.node_addrs.is_empty() {
+        cfg.node.addresses = args.node_addrs.clone();
+    }
+    if let Some(v) = args.pod_cidr {
+        cfg.node.pod_cidr = v;
+    }
+    if let Some(v) = args.pod_gateway {
+        cfg.node.pod_gateway = v;
+    }
+    if let Some(v) = args.workers {
+        cfg.dataplane.workers = v;
+    }
+    if let Some(v) = args.cores.clone() {
+        cfg.dataplane.cores = v;
+    }
+    if let Some(v) = args.poll_mode {
+        cfg.dataplane.poll_mode = v;
+    }
+    if let Some(v) = args.api_socket.clone() {
+        cfg.dataplane.api_socket = v;
+    }
+    if let Some(v) = args.state_dir.clone() {
+        cfg.dataplane.state_dir = v;
+    }
+    cfg.validate()?;
+
+    let mut xdp =
+        XdpPrograms::load().context("loading XDP programs (is this root, with bpf available?)")?;
+    xdp.set_gateway(cfg.node.pod_gateway)?;
+    let mut tables = Tables::new(cfg.node.pod_gateway);
+    for a in &cfg.node.addresses {
+        tables.node_addrs.insert(*a);
+        if let IpAddr::V4(v4) = a {
+            xdp.add_node_addr(*v4)?;
+        }
+    }
+    xdp.add_owned(cfg.node.pod_cidr.network(), cfg.node.pod_cidr.prefix_len())?;
+    let tables = TableHandle::new(tables);
+
+    let (shared, receivers) = worker::create(cfg.dataplane.workers, &cfg.dataplane.cores)?;
+    let sizes = XskSizes {
+        frames: cfg.dataplane.frames_per_port,
+        ring: cfg.dataplane.ring_size,
+    };
+    let handles = worker::spawn(&shared, receivers, &tables, cfg.dataplane.poll_mode, sizes)?;
+
+    let stop = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register(sig, stop.clone())?;
+    }
+    let socket = cfg.dataplane.api_socket.clone();
+    tracing::info!(
+        workers = cfg.dataplane.workers,
+        poll_mode = cfg.dataplane.poll_mode.name(),
+        pod_cidr = %cfg.node.pod_cidr,
+        gateway = %cfg.node.pod_gateway,
+        "stromd starting"
+    );
+    let mut ctl = Controller::new(cfg, xdp, tables, shared);
+    ctl.restore();
+    let served = serve(&socket, &mut ctl, &stop);
+    tracing::info!("stromd stopping: detaching XDP programs, closing sockets");
+    ctl.shutdown(handles);
+    drop(ctl);
+    served.context("API socket")?;
+    tracing::info!("stromd stopped");
+    Ok(())
+}

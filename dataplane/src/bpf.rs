@@ -1,0 +1,200 @@
+//! Loads strom's XDP programs (bpf/strom.c, compiled by build.rs) with aya, attaches them, and
+//! keeps their maps in sync. Dropping [`XdpPrograms`] detaches every program it attached.
+//!
+//! aya is used rather than libbpf-rs: xsk-rs pins an older libbpf-sys, aya is pure Rust and
+//! builds without a C toolchain beyond the clang that compiles the program (DESIGN.md).
+#![allow(unsafe_code)]
+
+use std::collections::HashMap;
+use std::net::Ipv4Addr;
+use std::os::fd::{BorrowedFd, RawFd};
+
+use aya::maps::lpm_trie::{Key, LpmTrie};
+use aya::maps::{Array, HashMap as BpfHashMap, XskMap};
+use aya::programs::xdp::XdpLinkId;
+use aya::programs::{Xdp, XdpMode};
+use aya::Ebpf;
+
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/strom.bpf.o"));
+
+/// Which program an interface gets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// Pod host-side veth.
+    Pod,
+    /// Node uplink.
+    Uplink,
+}
+
+impl Role {
+    fn program(self) -> &'static str {
+        match self {
+            Role::Pod => "strom_pod",
+            Role::Uplink => "strom_uplink",
+        }
+    }
+}
+
+/// Errors of the BPF layer.
+#[derive(Debug, thiserror::Error)]
+pub enum BpfError {
+    #[error("loading the XDP object: {0}")]
+    Load(#[from] aya::EbpfError),
+    #[error("program {0}: {1}")]
+    Program(&'static str, aya::programs::ProgramError),
+    #[error("map {0}: {1}")]
+    Map(&'static str, aya::maps::MapError),
+    #[error("map {0} missing from the object")]
+    MissingMap(&'static str),
+    #[error("attaching XDP to ifindex {ifindex}: native: {native}; generic: {generic}")]
+    Attach {
+        ifindex: u32,
+        native: String,
+        generic: String,
+    },
+}
+
+/// The loaded object and the attachments stromd made.
+pub struct XdpPrograms {
+    ebpf: Ebpf,
+    links: HashMap<u32, (Role, XdpLinkId, &'static str)>,
+}
+
+impl XdpPrograms {
+    /// Loads and verifies both programs.
+    pub fn load() -> Result<Self, BpfError> {
+        let mut ebpf = Ebpf::load(OBJECT)?;
+        for role in [Role::Pod, Role::Uplink] {
+            let name = role.program();
+            let prog: &mut Xdp = ebpf
+                .program_mut(name)
+                .ok_or(BpfError::Program(
+                    name,
+                    aya::programs::ProgramError::NotLoaded,
+                ))?
+                .try_into()
+                .map_err(|e| BpfError::Program(name, e))?;
+            prog.load().map_err(|e| BpfError::Program(name, e))?;
+        }
+        Ok(XdpPrograms {
+            ebpf,
+            links: HashMap::new(),
+        })
+    }
+
+    fn map_mut(&mut self, name: &'static str) -> Result<&mut aya::maps::Map, BpfError> {
+        self.ebpf.map_mut(name).ok_or(BpfError::MissingMap(name))
+    }
+
+    /// Sets the pod gateway address the pod program lets through to stromd's ARP stage.
+    pub fn set_gateway(&mut self, gw: Ipv4Addr) -> Result<(), BpfError> {
+        let mut a: Array<_, u32> =
+            Array::try_from(self.map_mut("gateway")?).map_err(|e| BpfError::Map("gateway", e))?;
+        a.set(0, u32::from_ne_bytes(gw.octets()), 0)
+            .map_err(|e| BpfError::Map("gateway", e))
+    }
+
+    /// Adds one of the node's own addresses (passed to the kernel from pod ports).
+    pub fn add_node_addr(&mut self, a: Ipv4Addr) -> Result<(), BpfError> {
+        let mut m: BpfHashMap<_, u32, u8> = BpfHashMap::try_from(self.map_mut("node_addrs")?)
+            .map_err(|e| BpfError::Map("node_addrs", e))?;
+        m.insert(u32::from_ne_bytes(a.octets()), 1, 0)
+            .map_err(|e| BpfError::Map("node_addrs", e))
+    }
+
+    /// Adds a prefix stromd owns on the uplink.
+    pub fn add_owned(&mut self, net: Ipv4Addr, len: u8) -> Result<(), BpfError> {
+        let mut m: LpmTrie<_, u32, u8> =
+            LpmTrie::try_from(self.map_mut("owned")?).map_err(|e| BpfError::Map("owned", e))?;
+        m.insert(
+            &Key::new(u32::from(len), u32::from_ne_bytes(net.octets())),
+            1,
+            0,
+        )
+        .map_err(|e| BpfError::Map("owned", e))
+    }
+
+    /// Attaches the role's program to `ifindex`: native mode, or generic as a logged fallback.
+    /// Returns the mode used.
+    pub fn attach(&mut self, ifindex: u32, role: Role) -> Result<&'static str, BpfError> {
+        if let Some((_, _, mode)) = self.links.get(&ifindex) {
+            return Ok(mode);
+        }
+        let name = role.program();
+        let prog: &mut Xdp = self
+            .ebpf
+            .program_mut(name)
+            .ok_or(BpfError::Program(
+                name,
+                aya::programs::ProgramError::NotLoaded,
+            ))?
+            .try_into()
+            .map_err(|e| BpfError::Program(name, e))?;
+        let (id, mode) = match prog.attach_to_if_index(ifindex, XdpMode::Driver) {
+            Ok(id) => (id, "native"),
+            Err(native) => match prog.attach_to_if_index(ifindex, XdpMode::Skb) {
+                Ok(id) => {
+                    tracing::warn!(ifindex, error = %native, "native XDP refused; using generic XDP");
+                    (id, "generic")
+                }
+                Err(generic) => {
+                    return Err(BpfError::Attach {
+                        ifindex,
+                        native: native.to_string(),
+                        generic: generic.to_string(),
+                    })
+                }
+            },
+        };
+        self.links.insert(ifindex, (role, id, mode));
+        Ok(mode)
+    }
+
+    /// Detaches whatever stromd attached to `ifindex` (nothing if the interface is gone).
+    pub fn detach(&mut self, ifindex: u32) {
+        if let Some((role, id, _)) = self.links.remove(&ifindex) {
+            let name = role.program();
+            if let Some(Ok(prog)) = self.ebpf.program_mut(name).map(<&mut Xdp>::try_from) {
+                if let Err(e) = prog.detach(id) {
+                    tracing::debug!(ifindex, error = %e, "detach (interface probably gone)");
+                }
+            }
+        }
+    }
+
+    /// Points `ifindex`'s traffic at socket `fd` in XSKMAP slot `slot`.
+    pub fn bind_slot(&mut self, ifindex: u32, slot: u32, fd: RawFd) -> Result<(), BpfError> {
+        {
+            let mut x: XskMap<_> =
+                XskMap::try_from(self.map_mut("xsks")?).map_err(|e| BpfError::Map("xsks", e))?;
+            // SAFETY: `fd` is the open AF_XDP socket of a live `XskPort`; the kernel takes its
+            // own reference when the map update returns, and the borrow ends with this call.
+            let borrowed = unsafe { BorrowedFd::borrow_raw(fd) };
+            x.set(slot, borrowed, 0)
+                .map_err(|e| BpfError::Map("xsks", e))?;
+        }
+        let mut m: BpfHashMap<_, u32, u32> = BpfHashMap::try_from(self.map_mut("port_slot")?)
+            .map_err(|e| BpfError::Map("port_slot", e))?;
+        m.insert(ifindex, slot, 0)
+            .map_err(|e| BpfError::Map("port_slot", e))
+    }
+
+    /// Removes `ifindex`'s slot: the pod program then drops its frames (fail closed).
+    pub fn unbind_slot(&mut self, ifindex: u32, slot: u32) {
+        if let Ok(m) = self.map_mut("port_slot") {
+            if let Ok(mut m) = BpfHashMap::<_, u32, u32>::try_from(m) {
+                let _ = m.remove(&ifindex);
+            }
+        }
+        if let Ok(m) = self.map_mut("xsks") {
+            if let Ok(mut x) = XskMap::try_from(m) {
+                let _ = x.unset(slot);
+            }
+        }
+    }
+
+    /// Interfaces with a program attached, with role and mode.
+    pub fn attached(&self) -> impl Iterator<Item = (u32, Role, &'static str)> + '_ {
+        self.links.iter().map(|(i, (r, _, m))| (*i, *r, *m))
+    }
+}

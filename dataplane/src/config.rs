@@ -1,0 +1,224 @@
+//! stromd configuration: `configs/stromd.toml`, overridden by command-line flags.
+
+use std::net::{IpAddr, Ipv4Addr};
+use std::path::{Path, PathBuf};
+
+use ipnet::Ipv4Net;
+use serde::Deserialize;
+
+/// How workers wait for packets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum PollMode {
+    /// Spin on the rings forever: lowest latency, one full core per worker.
+    Busy,
+    /// Spin while there is work, sleep in poll(2) after a short idle spell.
+    Adaptive,
+}
+
+impl PollMode {
+    /// Display name.
+    pub fn name(self) -> &'static str {
+        match self {
+            PollMode::Busy => "busy",
+            PollMode::Adaptive => "adaptive",
+        }
+    }
+}
+
+/// `[node]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeSection {
+    /// The node's own addresses: traffic to them is the kernel's.
+    #[serde(default)]
+    pub addresses: Vec<IpAddr>,
+    /// The node's pod CIDR (IPv4).
+    pub pod_cidr: Ipv4Net,
+    /// The gateway address every pod routes through.
+    #[serde(default = "default_gateway")]
+    pub pod_gateway: Ipv4Addr,
+}
+
+/// `[dataplane]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataplaneSection {
+    /// Number of worker threads.
+    #[serde(default = "default_workers")]
+    pub workers: usize,
+    /// Cores to pin workers to (worker i → cores[i % len]); empty: no pinning.
+    #[serde(default)]
+    pub cores: Vec<usize>,
+    #[serde(default = "default_poll")]
+    pub poll_mode: PollMode,
+    /// Frames per port UMEM (power of two, at least 2 × ring_size).
+    #[serde(default = "default_frames")]
+    pub frames_per_port: u32,
+    /// Size of each AF_XDP ring (power of two).
+    #[serde(default = "default_ring")]
+    pub ring_size: u32,
+    /// Unix socket of the API.
+    #[serde(default = "default_socket")]
+    pub api_socket: PathBuf,
+    /// Where ports are recorded for restarts.
+    #[serde(default = "default_state")]
+    pub state_dir: PathBuf,
+}
+
+/// The whole file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub node: NodeSection,
+    #[serde(default = "default_dataplane")]
+    pub dataplane: DataplaneSection,
+}
+
+fn default_gateway() -> Ipv4Addr {
+    Ipv4Addr::new(169, 254, 1, 1)
+}
+fn default_workers() -> usize {
+    1
+}
+fn default_poll() -> PollMode {
+    PollMode::Adaptive
+}
+fn default_frames() -> u32 {
+    2048
+}
+fn default_ring() -> u32 {
+    512
+}
+fn default_socket() -> PathBuf {
+    PathBuf::from(strom_api::DEFAULT_SOCKET)
+}
+fn default_state() -> PathBuf {
+    PathBuf::from("/run/strom")
+}
+fn default_dataplane() -> DataplaneSection {
+    DataplaneSection {
+        workers: default_workers(),
+        cores: Vec::new(),
+        poll_mode: default_poll(),
+        frames_per_port: default_frames(),
+        ring_size: default_ring(),
+        api_socket: default_socket(),
+        state_dir: default_state(),
+    }
+}
+
+/// A configuration problem, naming the field.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {0}: {1}")]
+    Read(PathBuf, std::io::Error),
+    #[error("{0}: {1}")]
+    Parse(PathBuf, String),
+    #[error("invalid {field}: {why}")]
+    Invalid { field: &'static str, why: String },
+}
+
+impl Config {
+    /// Reads and validates a file.
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Read(path.into(), e))?;
+        let cfg: Config =
+            toml::from_str(&text).map_err(|e| ConfigError::Parse(path.into(), e.to_string()))?;
+        Ok(cfg)
+    }
+
+    /// Checks the values against each other.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let inv = |field, why: String| Err(ConfigError::Invalid { field, why });
+        let d = &self.dataplane;
+        if d.workers == 0 || d.workers > 64 {
+            return inv(
+                "dataplane.workers",
+                format!("{} (must be 1..=64)", d.workers),
+            );
+        }
+        let ncores = core_affinity::get_core_ids()
+            .map(|c| c.len())
+            .unwrap_or(usize::MAX);
+        if let Some(c) = d.cores.iter().find(|&&c| c >= ncores) {
+            return inv(
+                "dataplane.cores",
+                format!("core {c} does not exist (this machine has {ncores})"),
+            );
+        }
+        if !d.ring_size.is_power_of_two() || !(64..=8192).contains(&d.ring_size) {
+            return inv(
+                "dataplane.ring_size",
+                format!("{} (a power of two, 64..=8192)", d.ring_size),
+            );
+        }
+        if !d.frames_per_port.is_power_of_two() || d.frames_per_port < 2 * d.ring_size {
+            return inv(
+                "dataplane.frames_per_port",
+                format!(
+                    "{} (a power of two, at least 2 × ring_size)",
+                    d.frames_per_port
+                ),
+            );
+        }
+        if self.node.pod_cidr.contains(&self.node.pod_gateway) {
+            return inv(
+                "node.pod_gateway",
+                format!(
+                    "{} lies inside the pod CIDR {}",
+                    self.node.pod_gateway, self.node.pod_cidr
+                ),
+            );
+        }
+        if let Some(a) = self
+            .node
+            .addresses
+            .iter()
+            .find(|a| matches!(a, IpAddr::V4(v) if self.node.pod_cidr.contains(v)))
+        {
+            return inv(
+                "node.addresses",
+                format!("{a} lies inside the pod CIDR {}", self.node.pod_cidr),
+            );
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(s: &str) -> Result<Config, String> {
+        let c: Config = toml::from_str(s).map_err(|e| e.to_string())?;
+        c.validate().map_err(|e| e.to_string())?;
+        Ok(c)
+    }
+
+    #[test]
+    fn minimal_config_gets_defaults() {
+        let c = parse("[node]\npod_cidr = \"198.18.16.0/20\"\n").unwrap();
+        assert_eq!(c.node.pod_gateway, Ipv4Addr::new(169, 254, 1, 1));
+        assert_eq!(c.dataplane.workers, 1);
+        assert_eq!(c.dataplane.poll_mode, PollMode::Adaptive);
+    }
+
+    #[test]
+    fn unknown_field_is_refused_by_name() {
+        let e = parse("[node]\npod_cidr = \"198.18.16.0/20\"\npod_cdir = 1\n").unwrap_err();
+        assert!(e.contains("pod_cdir"), "{e}");
+    }
+
+    #[test]
+    fn bad_values_name_the_field() {
+        let e = parse("[node]\npod_cidr = \"198.18.16.0/20\"\n[dataplane]\nring_size = 100\n")
+            .unwrap_err();
+        assert!(e.contains("dataplane.ring_size"), "{e}");
+        let e = parse("[node]\npod_cidr = \"198.18.16.0/20\"\npod_gateway = \"198.18.16.1\"\n")
+            .unwrap_err();
+        assert!(e.contains("node.pod_gateway"), "{e}");
+        let e = parse("[node]\npod_cidr = \"198.18.16.0/33\"\n").unwrap_err();
+        assert!(e.contains("pod_cidr"), "{e}");
+    }
+}

@@ -1,0 +1,110 @@
+//! Named drop reasons. Every dropped frame is counted under exactly one of these.
+
+/// Why a frame was dropped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum DropReason {
+    /// Shorter than an Ethernet header.
+    Runt = 0,
+    /// 802.1Q/802.1ad tagged frame on a pod port (pods never tag).
+    VlanTagged,
+    /// An ethertype strom does not carry.
+    UnknownEthertype,
+    /// IPv6 is planned, not forwarded yet.
+    Ipv6NotSupported,
+    /// ARP packet too short or not Ethernet/IPv4.
+    ArpMalformed,
+    /// ARP that is neither a request nor for the pod gateway (e.g. gratuitous ARP).
+    ArpNotForGateway,
+    /// IPv4 header too short, bad version, bad IHL or a total length beyond the frame.
+    Ipv4Malformed,
+    /// IPv4 header checksum wrong.
+    Ipv4BadChecksum,
+    /// Source MAC is not the registered pod's.
+    SpoofedMac,
+    /// Source IP is not one of the registered pod's.
+    SpoofedIp,
+    /// TTL ran out (an ICMP time-exceeded is sent back when allowed).
+    TtlExpired,
+    /// No route to the destination.
+    NoRoute,
+    /// Addressed to the pod gateway itself, which only answers ARP.
+    ToGateway,
+    /// Broadcast or multicast IPv4 destination (not routed).
+    NotUnicast,
+    /// The destination port's TX ring or frame pool was full.
+    TxFull,
+    /// The destination worker's hand-off queue was full.
+    HandoffFull,
+    /// The destination port went away while the frame was in flight.
+    PortGone,
+}
+
+impl DropReason {
+    /// Every reason, in counter-index order.
+    pub const ALL: [DropReason; 17] = [
+        DropReason::Runt,
+        DropReason::VlanTagged,
+        DropReason::UnknownEthertype,
+        DropReason::Ipv6NotSupported,
+        DropReason::ArpMalformed,
+        DropReason::ArpNotForGateway,
+        DropReason::Ipv4Malformed,
+        DropReason::Ipv4BadChecksum,
+        DropReason::SpoofedMac,
+        DropReason::SpoofedIp,
+        DropReason::TtlExpired,
+        DropReason::NoRoute,
+        DropReason::ToGateway,
+        DropReason::NotUnicast,
+        DropReason::TxFull,
+        DropReason::HandoffFull,
+        DropReason::PortGone,
+    ];
+    /// Number of reasons (size of counter arrays).
+    pub const COUNT: usize = Self::ALL.len();
+
+    /// Stable snake_case name, as shown by `stromctl` and the API.
+    pub const fn name(self) -> &'static str {
+        match self {
+            DropReason::Runt => "runt",
+            DropReason::VlanTagged => "vlan_tagged",
+            DropReason::UnknownEthertype => "unknown_ethertype",
+            DropReason::Ipv6NotSupported => "ipv6_not_supported",
+            DropReason::ArpMalformed => "arp_malformed",
+            DropReason::ArpNotForGateway => "arp_not_for_gateway",
+            DropReason::Ipv4Malformed => "ipv4_malformed",
+            DropReason::Ipv4BadChecksum => "ipv4_bad_checksum",
+            DropReason::SpoofedMac => "spoofed_mac",
+            DropReason::SpoofedIp => "spoofed_ip",
+            DropReason::TtlExpired => "ttl_expired",
+            DropReason::NoRoute => "no_route",
+            DropReason::ToGateway => "to_gateway",
+            DropReason::NotUnicast => "not_unicast",
+            DropReason::TxFull => "tx_full",
+            DropReason::HandoffFull => "handoff_full",
+            DropReason::PortGone => "port_gone",
+        }
+    }
+
+    /// Index into counter arrays.
+    pub const fn index(self) -> usize {
+        self as usize
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn all_is_in_index_order_and_names_are_unique() {
+        for (i, r) in DropReason::ALL.iter().enumerate() {
+            assert_eq!(r.index(), i);
+        }
+        let mut names: Vec<_> = DropReason::ALL.iter().map(|r| r.name()).collect();
+        names.sort_unstable();
+        names.dedup();
+        assert_eq!(names.len(), DropReason::COUNT);
+    }
+}

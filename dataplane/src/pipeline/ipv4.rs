@@ -1,0 +1,56 @@
+//! IPv4 header validation and TTL handling.
+
+use std::net::Ipv4Addr;
+
+use smoltcp::wire::Ipv4Packet;
+
+use super::csum;
+use crate::drop::DropReason;
+
+const TTL: usize = 8;
+const CHECKSUM: usize = 10;
+
+/// The header fields later stages need.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Header {
+    pub src: Ipv4Addr,
+    pub dst: Ipv4Addr,
+    pub header_len: usize,
+    pub total_len: usize,
+}
+
+/// Checks version, IHL, total length against the frame, and the header checksum. Options and
+/// fragments are valid IPv4 and are forwarded (a router does not reassemble).
+#[inline]
+pub fn validate(pkt: &[u8]) -> Result<Header, DropReason> {
+    let ip = Ipv4Packet::new_checked(pkt).map_err(|_| DropReason::Ipv4Malformed)?;
+    if ip.version() != 4 {
+        return Err(DropReason::Ipv4Malformed);
+    }
+    if !ip.verify_checksum() {
+        return Err(DropReason::Ipv4BadChecksum);
+    }
+    Ok(Header {
+        src: ip.src_addr(),
+        dst: ip.dst_addr(),
+        header_len: usize::from(ip.header_len()),
+        total_len: usize::from(ip.total_len()),
+    })
+}
+
+/// Decrements the TTL with an incremental checksum update. Returns false (and leaves the
+/// packet untouched) when the TTL would reach zero: the packet must not be forwarded.
+#[inline]
+pub fn decrement_ttl(pkt: &mut [u8]) -> bool {
+    let ttl = pkt[TTL];
+    if ttl <= 1 {
+        return false;
+    }
+    let proto = pkt[TTL + 1];
+    let old = u16::from_be_bytes([ttl, proto]);
+    let new = u16::from_be_bytes([ttl - 1, proto]);
+    let check = u16::from_be_bytes([pkt[CHECKSUM], pkt[CHECKSUM + 1]]);
+    pkt[TTL] = ttl - 1;
+    pkt[CHECKSUM..CHECKSUM + 2].copy_from_slice(&csum::update16(check, old, new).to_be_bytes());
+    true
+}

@@ -1,0 +1,453 @@
+//! A worker: one pinned thread running the pipeline to completion over its ports' batches.
+//!
+//! ```text
+//! loop {
+//!   commands (add/remove port)      ── between batches, never per packet
+//!   tables = snapshot()              ── one atomic load per loop
+//!   for port: rx batch ─▶ pipeline ─▶ hairpin │ forward (same worker: copy to out port)
+//!                                             │ forward (other worker: hand-off queue)
+//!   hand-off queue ─▶ tx
+//!   for port: kick tx (one syscall per batch), reap completions, refill fill ring
+//!   idle? adaptive mode sleeps in poll(2) on the sockets and the waker
+//! }
+//! ```
+
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use crossbeam_channel::{Receiver, Sender};
+use crossbeam_queue::ArrayQueue;
+use xdpilone::xdp::XdpDesc;
+
+use crate::config::PollMode;
+use crate::drop::DropReason;
+use crate::mac::Mac;
+use crate::pipeline::{self, Action, InPort, PortKind};
+use crate::stats::{Local, LocalDrops, SharedCounters, WorkerCounters};
+use crate::tables::TableHandle;
+use crate::xsk::{PollSet, Waker, XskPort, XskSizes, FRAME_SIZE};
+
+/// Frames read from one rx ring per loop.
+pub const BATCH: usize = 64;
+/// Idle loops before an adaptive worker sleeps.
+const SPIN_BEFORE_SLEEP: u32 = 2000;
+/// Longest sleep of an adaptive worker (it wakes earlier on traffic, hand-offs and commands).
+const SLEEP_MS: i32 = 50;
+/// Entries in each worker's cross-worker hand-off queue.
+const HANDOFF_CAP: usize = 2048;
+
+/// A frame copied to another worker: that worker's ports have their own UMEMs.
+pub struct Handoff {
+    port: u32,
+    len: u16,
+    data: [u8; FRAME_SIZE as usize],
+}
+
+/// Port details a worker needs.
+pub struct PortSetup {
+    pub id: u32,
+    pub ifindex: u32,
+    pub kind: PortKind,
+    pub host_mac: Mac,
+    pub pod_mac: Mac,
+    pub ips: Vec<IpAddr>,
+    pub counters: Arc<SharedCounters>,
+}
+
+/// Commands from the API thread.
+pub enum Command {
+    /// Open the socket and start serving; replies with the socket fd for the XSKMAP.
+    AddPort(PortSetup, Sender<Result<i32, String>>),
+    /// Close the port's socket and free its frames; replies when done.
+    RemovePort(u32, Sender<()>),
+    /// Leave the loop.
+    Stop,
+}
+
+/// What other threads share with a worker.
+pub struct WorkerShared {
+    pub id: usize,
+    pub core: Option<usize>,
+    pub counters: WorkerCounters,
+    handoff: ArrayQueue<Handoff>,
+    waker: Waker,
+    sleeping: AtomicBool,
+    commands: Sender<Command>,
+}
+
+impl WorkerShared {
+    /// Sends a command and wakes the worker.
+    pub fn command(&self, c: Command) -> bool {
+        let ok = self.commands.send(c).is_ok();
+        self.waker.wake();
+        ok
+    }
+
+    #[inline]
+    fn push_handoff(&self, h: Handoff) -> bool {
+        let ok = self.handoff.push(h).is_ok();
+        if ok && self.sleeping.load(Ordering::SeqCst) {
+            self.waker.wake();
+        }
+        ok
+    }
+}
+
+struct Port {
+    kind: PortKind,
+    host_mac: Mac,
+    pod_mac: Mac,
+    ips: Vec<IpAddr>,
+    xsk: XskPort,
+    counters: Arc<SharedCounters>,
+    local: Local,
+}
+
+/// Creates the shared halves of `n` workers and their command receivers.
+pub fn create(
+    n: usize,
+    cores: &[usize],
+) -> Result<(Vec<Arc<WorkerShared>>, Vec<Receiver<Command>>), crate::xsk::XskError> {
+    let mut shared = Vec::with_capacity(n);
+    let mut rxs = Vec::with_capacity(n);
+    for id in 0..n {
+        let (tx, rx) = crossbeam_channel::unbounded();
+        shared.push(Arc::new(WorkerShared {
+            id,
+            core: (!cores.is_empty()).then(|| cores[id % cores.len()]),
+            counters: WorkerCounters::default(),
+            handoff: ArrayQueue::new(HANDOFF_CAP),
+            waker: Waker::new()?,
+            sleeping: AtomicBool::new(false),
+            commands: tx,
+        }));
+        rxs.push(rx);
+    }
+    Ok((shared, rxs))
+}
+
+/// The worker thread body.
+pub struct Worker {
+    me: Arc<WorkerShared>,
+    all: Arc<[Arc<WorkerShared>]>,
+    commands: Receiver<Command>,
+    tables: TableHandle,
+    mode: PollMode,
+    sizes: XskSizes,
+    /// Ports by id (id = XSKMAP slot); `active` lists the ids present.
+    ports: Vec<Option<Box<Port>>>,
+    active: Vec<u32>,
+    poll: PollSet,
+    drops: LocalDrops,
+    totals: Local,
+}
+
+impl Worker {
+    /// Builds a worker; `run` it on its own thread.
+    pub fn new(
+        me: Arc<WorkerShared>,
+        all: Arc<[Arc<WorkerShared>]>,
+        commands: Receiver<Command>,
+        tables: TableHandle,
+        mode: PollMode,
+        sizes: XskSizes,
+    ) -> Self {
+        Worker {
+            me,
+            all,
+            commands,
+            tables,
+            mode,
+            sizes,
+            ports: (0..crate::api::MAX_PORTS).map(|_| None).collect(),
+            active: Vec::new(),
+            poll: PollSet::default(),
+            drops: LocalDrops::default(),
+            totals: Local::default(),
+        }
+    }
+
+    /// Runs until `Command::Stop`.
+    pub fn run(mut self) {
+        if let Some(core) = self.me.core {
+            if !core_affinity::set_for_current(core_affinity::CoreId { id: core }) {
+                tracing::warn!(worker = self.me.id, core, "cannot pin worker");
+            }
+        }
+        self.rebuild_poll();
+        let mut idle = 0u32;
+        let mut descs = [XdpDesc {
+            addr: 0,
+            len: 0,
+            options: 0,
+        }; BATCH];
+        loop {
+            if !self.commands.is_empty() && !self.handle_commands() {
+                break;
+            }
+            let tables = self.tables.load();
+            let mut work = 0usize;
+            for i in 0..self.active.len() {
+                let id = self.active[i];
+                work += self.rx_batch(id, &mut descs, &tables);
+            }
+            work += self.drain_handoff();
+            for i in 0..self.active.len() {
+                let id = self.active[i] as usize;
+                if let Some(p) = self.ports[id].as_mut() {
+                    p.xsk.flush();
+                    p.counters.publish(&mut p.local);
+                }
+            }
+            drop(tables);
+            self.me.counters.publish_drops(&mut self.drops);
+            self.me.counters.packets.publish(&mut self.totals);
+            self.me.counters.loops.fetch_add(1, Ordering::Relaxed);
+            if work == 0 {
+                idle = idle.saturating_add(1);
+                if self.mode == PollMode::Adaptive && idle > SPIN_BEFORE_SLEEP {
+                    self.sleep();
+                    idle = 0;
+                }
+            } else {
+                idle = 0;
+            }
+        }
+        tracing::info!(worker = self.me.id, "worker stopped");
+    }
+
+    fn sleep(&mut self) {
+        self.me.sleeping.store(true, Ordering::SeqCst);
+        if self.me.handoff.is_empty() && self.commands.is_empty() {
+            self.poll.wait(SLEEP_MS);
+            self.me.counters.sleeps.fetch_add(1, Ordering::Relaxed);
+        }
+        self.me.sleeping.store(false, Ordering::SeqCst);
+        self.me.waker.drain();
+    }
+
+    fn rebuild_poll(&mut self) {
+        let fds: Vec<i32> = self
+            .active
+            .iter()
+            .filter_map(|&id| self.ports[id as usize].as_ref().map(|p| p.xsk.fd()))
+            .chain(std::iter::once(self.me.waker.fd()))
+            .collect();
+        self.poll.set(fds);
+    }
+
+    /// Returns false on Stop.
+    fn handle_commands(&mut self) -> bool {
+        while let Ok(c) = self.commands.try_recv() {
+            match c {
+                Command::Stop => return false,
+                Command::AddPort(s, reply) => {
+                    let r = XskPort::open(s.ifindex, self.sizes).map(|xsk| {
+                        let fd = xsk.fd();
+                        let id = s.id;
+                        self.ports[id as usize] = Some(Box::new(Port {
+                            kind: s.kind,
+                            host_mac: s.host_mac,
+                            pod_mac: s.pod_mac,
+                            ips: s.ips,
+                            xsk,
+                            counters: s.counters,
+                            local: Local::default(),
+                        }));
+                        if !self.active.contains(&id) {
+                            self.active.push(id);
+                        }
+                        fd
+                    });
+                    let _ = reply.send(r.map_err(|e| e.to_string()));
+                    self.rebuild_poll();
+                }
+                Command::RemovePort(id, reply) => {
+                    if let Some(mut p) = self.ports.get_mut(id as usize).and_then(Option::take) {
+                        p.counters.publish(&mut p.local);
+                    }
+                    self.active.retain(|&a| a != id);
+                    self.rebuild_poll();
+                    let _ = reply.send(());
+                }
+            }
+        }
+        true
+    }
+
+    /// Receives and processes one batch of port `id`. Returns the number of frames.
+    #[inline]
+    fn rx_batch(
+        &mut self,
+        id: u32,
+        descs: &mut [XdpDesc; BATCH],
+        tables: &crate::tables::Tables,
+    ) -> usize {
+        let Some(mut port) = self.ports[id as usize].take() else {
+            return 0;
+        };
+        let n = port.xsk.recv(descs);
+        for d in &descs[..n] {
+            let len = d.len as usize;
+            port.local.rx_packets += 1;
+            port.local.rx_bytes += len as u64;
+            let action = {
+                let Port {
+                    kind,
+                    host_mac,
+                    pod_mac,
+                    ips,
+                    xsk,
+                    ..
+                } = &mut *port;
+                let inp = InPort {
+                    id,
+                    kind: *kind,
+                    host_mac: *host_mac,
+                    pod_mac: *pod_mac,
+                    ips,
+                };
+                pipeline::process(xsk.frame_mut(d.addr), len, &inp, tables)
+            };
+            match action {
+                Action::Drop(r) => {
+                    self.drops.count(r);
+                    port.local.drops += 1;
+                    port.xsk.recycle(d.addr);
+                }
+                Action::Hairpin { len } => self.hairpin(&mut port, d.addr, len),
+                Action::IcmpError { reason, len } => {
+                    self.drops.count(reason);
+                    port.local.drops += 1;
+                    self.hairpin(&mut port, d.addr, len);
+                }
+                Action::Forward { next, len } => {
+                    if next.port == id {
+                        self.hairpin(&mut port, d.addr, len);
+                    } else if usize::from(next.worker) == self.me.id {
+                        let frame = &port.xsk.frame_mut(d.addr)[..len];
+                        let r = Self::transmit_copy(
+                            self.ports[next.port as usize].as_deref_mut(),
+                            frame,
+                        );
+                        self.account_tx(r, len);
+                        port.xsk.recycle(d.addr);
+                    } else {
+                        let r = match self.all.get(usize::from(next.worker)) {
+                            Some(w) => {
+                                let mut h = Handoff {
+                                    port: next.port,
+                                    len: len as u16,
+                                    data: [0; FRAME_SIZE as usize],
+                                };
+                                h.data[..len].copy_from_slice(&port.xsk.frame_mut(d.addr)[..len]);
+                                if w.push_handoff(h) {
+                                    Ok(())
+                                } else {
+                                    Err(DropReason::HandoffFull)
+                                }
+                            }
+                            None => Err(DropReason::PortGone),
+                        };
+                        if let Err(r) = r {
+                            self.drops.count(r);
+                            port.local.drops += 1;
+                        }
+                        port.xsk.recycle(d.addr);
+                    }
+                }
+            }
+        }
+        self.totals.rx_packets += n as u64;
+        self.ports[id as usize] = Some(port);
+        n
+    }
+
+    #[inline]
+    fn hairpin(&mut self, port: &mut Port, addr: u64, len: usize) {
+        if port.xsk.send(addr, len) {
+            port.local.tx_packets += 1;
+            port.local.tx_bytes += len as u64;
+            self.totals.tx_packets += 1;
+            self.totals.tx_bytes += len as u64;
+        } else {
+            self.drops.count(DropReason::TxFull);
+            port.local.drops += 1;
+        }
+    }
+
+    /// Copies `frame` into a free frame of `out` and queues it.
+    #[inline]
+    fn transmit_copy(out: Option<&mut Port>, frame: &[u8]) -> Result<(), DropReason> {
+        let out = out.ok_or(DropReason::PortGone)?;
+        let addr = out.xsk.take_free().ok_or(DropReason::TxFull)?;
+        out.xsk.frame_mut(addr)[..frame.len()].copy_from_slice(frame);
+        if !out.xsk.send(addr, frame.len()) {
+            return Err(DropReason::TxFull);
+        }
+        out.local.tx_packets += 1;
+        out.local.tx_bytes += frame.len() as u64;
+        Ok(())
+    }
+
+    #[inline]
+    fn account_tx(&mut self, r: Result<(), DropReason>, len: usize) {
+        match r {
+            Ok(()) => {
+                self.totals.tx_packets += 1;
+                self.totals.tx_bytes += len as u64;
+            }
+            Err(reason) => {
+                self.drops.count(reason);
+                self.totals.drops += 1;
+            }
+        }
+    }
+
+    fn drain_handoff(&mut self) -> usize {
+        let mut n = 0;
+        while n < HANDOFF_CAP / 2 {
+            let Some(h) = self.me.handoff.pop() else {
+                break;
+            };
+            n += 1;
+            let len = usize::from(h.len);
+            let r = Self::transmit_copy(
+                self.ports
+                    .get_mut(h.port as usize)
+                    .and_then(|p| p.as_deref_mut()),
+                &h.data[..len],
+            );
+            self.account_tx(r, len);
+        }
+        n
+    }
+}
+
+/// Spawns the worker threads.
+pub fn spawn(
+    shared: &[Arc<WorkerShared>],
+    receivers: Vec<Receiver<Command>>,
+    tables: &TableHandle,
+    mode: PollMode,
+    sizes: XskSizes,
+) -> std::io::Result<Vec<std::thread::JoinHandle<()>>> {
+    let all: Arc<[Arc<WorkerShared>]> = shared.to_vec().into();
+    receivers
+        .into_iter()
+        .enumerate()
+        .map(|(i, rx)| {
+            let w = Worker::new(all[i].clone(), all.clone(), rx, tables.clone(), mode, sizes);
+            std::thread::Builder::new()
+                .name(format!("strom-worker-{i}"))
+                .spawn(move || w.run())
+        })
+        .collect()
+}
+
+/// Waits for a reply from a worker, bounded.
+pub fn wait_reply<T>(rx: &Receiver<T>) -> Option<T> {
+    rx.recv_timeout(Duration::from_secs(5)).ok()
+}

@@ -1,0 +1,448 @@
+//! Bringing a lab node up and down. Everything the lab creates is recorded in `<dir>/state.json`
+//! before it is created, so `down` removes it even after a crash; namespaces are also swept by
+//! their name prefix.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+
+use crate::manifest::{Manifests, PodDecl};
+
+/// The lab's addresses (RFC 2544 benchmark range).
+pub const NODE_ADDR: &str = "198.18.0.1";
+pub const EXT_ADDR: &str = "198.18.0.2";
+const CONFLIST: &str = include_str!("../../configs/10-strom.conflist");
+
+/// Settings of a lab.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Settings {
+    pub dir: PathBuf,
+    pub prefix: String,
+    pub bin_dir: PathBuf,
+    pub pod_cidr: String,
+    pub workers: usize,
+    pub poll_mode: String,
+}
+
+/// A wired pod.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PodState {
+    pub decl: PodDecl,
+    pub netns: String,
+    pub container_id: String,
+    pub ip: Option<String>,
+    pub responder: Option<u32>,
+}
+
+/// What exists.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct State {
+    pub settings: Settings,
+    pub stromd: Option<u32>,
+    pub pods: BTreeMap<String, PodState>,
+}
+
+impl Settings {
+    pub fn node_ns(&self) -> String {
+        format!("{}-node", self.prefix)
+    }
+    pub fn ext_ns(&self) -> String {
+        format!("{}-ext", self.prefix)
+    }
+    pub fn socket(&self) -> PathBuf {
+        self.dir.join("stromd.sock")
+    }
+    pub fn bin(&self, name: &str) -> PathBuf {
+        self.bin_dir.join(name)
+    }
+    fn pod_ns(&self, p: &PodDecl) -> String {
+        format!("{}-{}-{}", self.prefix, p.namespace, p.name)
+    }
+}
+
+pub fn run(cmd: &mut Command) -> anyhow::Result<String> {
+    let out = cmd
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("{cmd:?}"))?;
+    if !out.status.success() {
+        bail!(
+            "{cmd:?}: {}{}",
+            String::from_utf8_lossy(&out.stderr).trim(),
+            String::from_utf8_lossy(&out.stdout).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn ip(args: &[&str]) -> anyhow::Result<String> {
+    run(Command::new("ip").args(args))
+}
+
+/// `ip netns exec NS CMD...`
+pub fn in_ns(ns: &str, prog: impl AsRef<std::ffi::OsStr>) -> Command {
+    let mut c = Command::new("ip");
+    c.args(["netns", "exec", ns]).arg(prog);
+    c
+}
+
+fn netns_list() -> Vec<String> {
+    ip(&["netns", "list"])
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.split_whitespace().next().map(str::to_string))
+        .collect()
+}
+
+fn pid_alive(pid: u32) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+        && std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .map(|s| !s.contains(") Z "))
+            .unwrap_or(false)
+}
+
+/// Sends SIGTERM, waits up to `grace`, then SIGKILL.
+pub fn stop_pid(pid: u32, grace: Duration) {
+    let _ = Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .stderr(Stdio::null())
+        .status();
+    let t = Instant::now();
+    while pid_alive(pid) && t.elapsed() < grace {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    if pid_alive(pid) {
+        let _ = Command::new("kill")
+            .args(["-KILL", &pid.to_string()])
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+/// Starts a detached process (own process group, output to `log`). Returns its pid.
+fn spawn_detached(mut cmd: Command, log: &Path) -> anyhow::Result<u32> {
+    use std::os::unix::process::CommandExt;
+    let f = std::fs::File::create(log)?;
+    let child = cmd
+        .stdin(Stdio::null())
+        .stdout(f.try_clone()?)
+        .stderr(f)
+        .process_group(0)
+        .spawn()
+        .with_context(|| format!("{cmd:?}"))?;
+    Ok(child.id())
+}
+
+impl State {
+    pub fn path(dir: &Path) -> PathBuf {
+        dir.join("state.json")
+    }
+
+    pub fn load(dir: &Path) -> anyhow::Result<Self> {
+        let p = Self::path(dir);
+        let b = std::fs::read(&p)
+            .with_context(|| format!("no lab at {} (strom-lab up first)", dir.display()))?;
+        Ok(serde_json::from_slice(&b)?)
+    }
+
+    pub fn save(&self) -> anyhow::Result<()> {
+        std::fs::create_dir_all(&self.settings.dir)?;
+        let tmp = self.settings.dir.join("state.json.tmp");
+        std::fs::write(&tmp, serde_json::to_vec_pretty(self)?)?;
+        std::fs::rename(tmp, Self::path(&self.settings.dir))?;
+        Ok(())
+    }
+
+    /// The strom-cni entry of configs/10-strom.conflist, pointed at this lab's files.
+    fn cni_conf(&self) -> anyhow::Result<String> {
+        let list: Value = serde_json::from_str(CONFLIST)?;
+        let mut conf = list["plugins"]
+            .as_array()
+            .and_then(|a| a.iter().find(|p| p["type"] == "strom-cni"))
+            .cloned()
+            .context("configs/10-strom.conflist has no strom-cni plugin")?;
+        let s = &self.settings;
+        conf["cniVersion"] = list["cniVersion"].clone();
+        conf["name"] = list["name"].clone();
+        conf["socket"] = Value::from(s.socket().display().to_string());
+        conf["logFile"] = Value::from(s.dir.join("cni.log").display().to_string());
+        conf["ipam"]["subnet"] = Value::from(s.pod_cidr.clone());
+        conf["ipam"]["dataDir"] = Value::from(s.dir.join("ipam").display().to_string());
+        Ok(conf.to_string())
+    }
+
+    fn cni(&self, command: &str, p: &PodState) -> anyhow::Result<Value> {
+        use std::io::Write;
+        let s = &self.settings;
+        let mut args = format!(
+            "IgnoreUnknown=1;K8S_POD_NAMESPACE={};K8S_POD_NAME={}",
+            p.decl.namespace, p.decl.name
+        );
+        if let Some(ip) = &p.decl.ip {
+            args.push_str(&format!(";IP={ip}"));
+        }
+        let mut child = in_ns(&s.node_ns(), s.bin("strom-cni"))
+            .env("CNI_COMMAND", command)
+            .env("CNI_CONTAINERID", &p.container_id)
+            .env("CNI_NETNS", format!("/run/netns/{}", p.netns))
+            .env("CNI_IFNAME", "eth0")
+            .env(
+                "CNI_PATH",
+                format!("{}:/usr/lib/cni:/opt/cni/bin", s.bin_dir.display()),
+            )
+            .env("CNI_ARGS", args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("running strom-cni")?;
+        child
+            .stdin
+            .take()
+            .context("stdin")?
+            .write_all(self.cni_conf()?.as_bytes())?;
+        let out = child.wait_with_output()?;
+        let v: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+        if !out.status.success() {
+            bail!(
+                "strom-cni {command} for {}: {} ({})",
+                p.decl.key(),
+                v,
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(v)
+    }
+
+    /// Creates the node: namespaces, uplink, stromd.
+    pub fn up_node(settings: Settings) -> anyhow::Result<Self> {
+        if Self::path(&settings.dir).exists() {
+            bail!(
+                "a lab already runs from {} (strom-lab down first)",
+                settings.dir.display()
+            );
+        }
+        for b in ["stromd", "strom-cni", "stromctl"] {
+            if !settings.bin(b).is_file() {
+                bail!(
+                    "{} not found (build the workspace, or pass --bin-dir)",
+                    settings.bin(b).display()
+                );
+            }
+        }
+        sweep(&settings.prefix);
+        let mut st = State {
+            settings,
+            stromd: None,
+            pods: BTreeMap::new(),
+        };
+        st.save()?;
+        let s = st.settings.clone();
+        let (node, ext) = (s.node_ns(), s.ext_ns());
+        for ns in [&node, &ext] {
+            ip(&["netns", "add", ns])?;
+            ip(&["-n", ns, "link", "set", "lo", "up"])?;
+        }
+        ip(&[
+            "-n", &node, "link", "add", "uplink", "type", "veth", "peer", "name", "eth0", "netns",
+            &ext,
+        ])?;
+        ip(&[
+            "-n",
+            &node,
+            "addr",
+            "add",
+            &format!("{NODE_ADDR}/24"),
+            "dev",
+            "uplink",
+        ])?;
+        ip(&[
+            "-n",
+            &ext,
+            "addr",
+            "add",
+            &format!("{EXT_ADDR}/24"),
+            "dev",
+            "eth0",
+        ])?;
+        ip(&["-n", &node, "link", "set", "uplink", "up"])?;
+        ip(&["-n", &ext, "link", "set", "eth0", "up"])?;
+        // The node never forwards in the kernel: pod traffic is stromd's alone.
+        run(in_ns(&node, "sysctl").args(["-qw", "net.ipv4.ip_forward=0"]))?;
+        let cfg = format!(
+            "[node]\naddresses = [\"{NODE_ADDR}\"]\npod_cidr = \"{}\"\n\n[dataplane]\nworkers = {}\npoll_mode = \"{}\"\napi_socket = \"{}\"\nstate_dir = \"{}\"\n",
+            s.pod_cidr,
+            s.workers,
+            s.poll_mode,
+            s.socket().display(),
+            s.dir.join("stromd-state").display()
+        );
+        std::fs::write(s.dir.join("stromd.toml"), cfg)?;
+        st.start_stromd()?;
+        Ok(st)
+    }
+
+    /// Starts stromd in the node namespace and waits until it answers.
+    pub fn start_stromd(&mut self) -> anyhow::Result<()> {
+        let s = self.settings.clone();
+        let mut cmd = in_ns(&s.node_ns(), s.bin("stromd"));
+        cmd.arg("--config").arg(s.dir.join("stromd.toml"));
+        let pid = spawn_detached(cmd, &s.dir.join("stromd.log"))?;
+        self.stromd = Some(pid);
+        self.save()?;
+        let t = Instant::now();
+        loop {
+            if let Ok(mut c) = strom_api::Client::connect(s.socket(), Duration::from_secs(1)) {
+                if c.call(&strom_api::Request::Status).is_ok() {
+                    return Ok(());
+                }
+            }
+            if !pid_alive(pid) || t.elapsed() > Duration::from_secs(10) {
+                let log = std::fs::read_to_string(s.dir.join("stromd.log")).unwrap_or_default();
+                bail!("stromd did not come up:\n{log}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Stops stromd (SIGTERM: it detaches its programs and exits).
+    pub fn stop_stromd(&mut self) {
+        if let Some(pid) = self.stromd.take() {
+            stop_pid(pid, Duration::from_secs(5));
+        }
+        let _ = self.save();
+    }
+
+    /// Adds a pod: namespace, CNI ADD, responder.
+    pub fn add_pod(&mut self, decl: PodDecl) -> anyhow::Result<()> {
+        let s = self.settings.clone();
+        let key = decl.key();
+        let netns = s.pod_ns(&decl);
+        let container_id: String = Sha256::digest(format!("{}/{key}", s.prefix))
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        let mut p = PodState {
+            decl,
+            netns: netns.clone(),
+            container_id,
+            ip: None,
+            responder: None,
+        };
+        self.pods.insert(key.clone(), p.clone());
+        self.save()?;
+        ip(&["netns", "add", &netns])?;
+        ip(&["-n", &netns, "link", "set", "lo", "up"])?;
+        let r = self.cni("ADD", &p)?;
+        p.ip = r["ips"][0]["address"]
+            .as_str()
+            .and_then(|a| a.split('/').next())
+            .map(str::to_string);
+        let tcp: Vec<String> = p
+            .decl
+            .ports
+            .iter()
+            .filter(|x| x.protocol == "tcp")
+            .map(|x| x.port.to_string())
+            .collect();
+        let udp: Vec<String> = p
+            .decl
+            .ports
+            .iter()
+            .filter(|x| x.protocol == "udp")
+            .map(|x| x.port.to_string())
+            .collect();
+        if !tcp.is_empty() || !udp.is_empty() {
+            let mut cmd = in_ns(&netns, std::env::current_exe()?);
+            cmd.args(["responder", "--name", &key]);
+            for t in &tcp {
+                cmd.args(["--tcp", t]);
+            }
+            for u in &udp {
+                cmd.args(["--udp", u]);
+            }
+            p.responder = Some(spawn_detached(
+                cmd,
+                &s.dir.join(format!(
+                    "responder-{}-{}.log",
+                    p.decl.namespace, p.decl.name
+                )),
+            )?);
+        }
+        self.pods.insert(key, p);
+        self.save()?;
+        Ok(())
+    }
+
+    /// Removes a pod: responder, CNI DEL, namespace.
+    pub fn remove_pod(&mut self, key: &str) -> anyhow::Result<()> {
+        let Some(p) = self.pods.get(key).cloned() else {
+            return Ok(());
+        };
+        if let Some(pid) = p.responder {
+            stop_pid(pid, Duration::from_secs(2));
+        }
+        let r = self.cni("DEL", &p);
+        let _ = ip(&["netns", "del", &p.netns]);
+        self.pods.remove(key);
+        self.save()?;
+        r.map(|_| ())
+    }
+
+    /// Makes the pods match `m`: new ones added, missing ones removed.
+    pub fn apply(&mut self, m: &Manifests) -> anyhow::Result<(Vec<String>, Vec<String>)> {
+        let want: BTreeMap<String, PodDecl> = m.pods.iter().map(|p| (p.key(), p.clone())).collect();
+        let mut removed = Vec::new();
+        let mut added = Vec::new();
+        let current: Vec<String> = self.pods.keys().cloned().collect();
+        for k in current {
+            if want.get(&k) != self.pods.get(&k).map(|p| &p.decl) {
+                self.remove_pod(&k)?;
+                removed.push(k);
+            }
+        }
+        for (k, d) in want {
+            if !self.pods.contains_key(&k) {
+                self.add_pod(d)?;
+                added.push(k);
+            }
+        }
+        Ok((added, removed))
+    }
+
+    /// Removes everything. Errors are collected, not fatal: the sweep goes on.
+    pub fn down(mut self) -> Vec<String> {
+        let mut errs = Vec::new();
+        let keys: Vec<String> = self.pods.keys().cloned().collect();
+        for k in keys {
+            if let Err(e) = self.remove_pod(&k) {
+                errs.push(e.to_string());
+                self.pods.remove(&k);
+            }
+        }
+        self.stop_stromd();
+        sweep(&self.settings.prefix);
+        let _ = std::fs::remove_dir_all(&self.settings.dir);
+        errs
+    }
+}
+
+/// Deletes every namespace named `<prefix>-*` (and kills what runs inside).
+pub fn sweep(prefix: &str) {
+    for ns in netns_list() {
+        if ns.starts_with(&format!("{prefix}-")) {
+            if let Ok(pids) = ip(&["netns", "pids", &ns]) {
+                for pid in pids.lines().filter_map(|l| l.trim().parse::<u32>().ok()) {
+                    stop_pid(pid, Duration::from_secs(2));
+                }
+            }
+            let _ = ip(&["netns", "del", &ns]);
+        }
+    }
+}

@@ -1,0 +1,618 @@
+//! strom-lab: a Kubernetes node in network namespaces, wired by strom-cni and served by stromd.
+#![deny(unsafe_code)]
+
+mod lab;
+mod manifest;
+mod net;
+
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use clap::{Parser, Subcommand};
+use serde_json::json;
+
+use lab::{in_ns, Settings, State};
+use manifest::Manifests;
+
+#[derive(Parser)]
+#[command(
+    version,
+    about = "A Kubernetes node in network namespaces, served by strom"
+)]
+struct Args {
+    /// Where the lab keeps its state, logs and sockets.
+    #[arg(
+        long,
+        global = true,
+        default_value = "/run/strom-lab",
+        env = "STROM_LAB_DIR"
+    )]
+    dir: PathBuf,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(clap::Args, Clone)]
+struct UpOpts {
+    /// Prefix of every namespace the lab creates.
+    #[arg(long, default_value = "sl")]
+    prefix: String,
+    /// Where stromd, strom-cni and stromctl are (default: beside strom-lab).
+    #[arg(long)]
+    bin_dir: Option<PathBuf>,
+    /// The node's pod CIDR.
+    #[arg(long, default_value = "198.18.16.0/20")]
+    pod_cidr: String,
+    /// stromd workers.
+    #[arg(long, default_value_t = 1)]
+    workers: usize,
+    /// stromd poll mode (busy or adaptive).
+    #[arg(long, default_value = "adaptive")]
+    poll_mode: String,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Create the node, stromd and every Pod of PATH (a manifest file or a directory).
+    Up {
+        path: PathBuf,
+        #[command(flatten)]
+        opts: UpOpts,
+    },
+    /// Apply PATH again: pods added, removed or changed are rewired.
+    Apply { path: PathBuf },
+    /// Pods, addresses and the dataplane's state.
+    Status,
+    /// Run a command inside a pod (NS/POD), the node (node) or the outside world (external).
+    Exec {
+        target: String,
+        #[arg(last = true, required = true)]
+        cmd: Vec<String>,
+    },
+    /// Connect from one place to another: prints allow (and who answered) or deny.
+    Probe {
+        #[arg(long)]
+        from: String,
+        #[arg(long)]
+        to: String,
+        #[arg(long)]
+        port: u16,
+        #[arg(long, default_value = "tcp")]
+        protocol: String,
+        #[arg(long, default_value_t = 1000)]
+        timeout_ms: u64,
+    },
+    /// Every pod to every pod over every declared port and protocol.
+    Matrix {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Stop stromd (SIGTERM) or start it again, to watch pods keep their wiring.
+    Stromd {
+        #[arg(value_parser = ["stop", "start", "restart"])]
+        action: String,
+    },
+    /// Remove everything the lab made (also after a crash).
+    Down {
+        /// Namespace prefix to sweep when no state is left.
+        #[arg(long, default_value = "sl")]
+        prefix: String,
+    },
+    /// The main job: bring up configs/demo, show traffic through stromd, tear down.
+    Demo {
+        #[arg(long, default_value = "configs/demo")]
+        path: PathBuf,
+        #[command(flatten)]
+        opts: UpOpts,
+    },
+    #[command(hide = true)]
+    Responder {
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        tcp: Vec<u16>,
+        #[arg(long)]
+        udp: Vec<u16>,
+    },
+    #[command(hide = true)]
+    Connect {
+        #[arg(long)]
+        ip: IpAddr,
+        #[arg(long)]
+        port: u16,
+        #[arg(long)]
+        protocol: String,
+        #[arg(long)]
+        timeout_ms: u64,
+    },
+}
+
+fn settings(dir: &std::path::Path, o: &UpOpts) -> anyhow::Result<Settings> {
+    let bin_dir = match &o.bin_dir {
+        Some(b) => b.clone(),
+        None => std::env::current_exe()?
+            .parent()
+            .context("exe dir")?
+            .to_path_buf(),
+    };
+    if o.prefix.is_empty()
+        || o.prefix.len() > 12
+        || !o
+            .prefix
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+    {
+        bail!("--prefix must be 1-12 characters of [A-Za-z0-9-]");
+    }
+    Ok(Settings {
+        dir: dir.to_path_buf(),
+        prefix: o.prefix.clone(),
+        bin_dir,
+        pod_cidr: o.pod_cidr.clone(),
+        workers: o.workers,
+        poll_mode: o.poll_mode.clone(),
+    })
+}
+
+fn report(m: &Manifests) {
+    for i in &m.invalid {
+        eprintln!("skipped (invalid): {i}");
+    }
+    if !m.ignored.is_empty() {
+        eprintln!("not acted on by the lab yet: {}", m.ignored.join(", "));
+    }
+}
+
+fn up(dir: &std::path::Path, path: &std::path::Path, o: &UpOpts) -> anyhow::Result<State> {
+    let m = Manifests::load(path)?;
+    report(&m);
+    let mut st = State::up_node(settings(dir, o)?)?;
+    for p in m.pods.clone() {
+        let key = p.key();
+        if let Err(e) = st.add_pod(p) {
+            let errs = st.down();
+            bail!(
+                "pod {key}: {e:#}{}",
+                if errs.is_empty() {
+                    String::new()
+                } else {
+                    format!(" (teardown: {})", errs.join("; "))
+                }
+            );
+        }
+    }
+    Ok(st)
+}
+
+/// Resolves a place to a namespace.
+fn place_ns(st: &State, place: &str) -> anyhow::Result<String> {
+    match place {
+        "external" => Ok(st.settings.ext_ns()),
+        "node" => Ok(st.settings.node_ns()),
+        key => st
+            .pods
+            .get(key)
+            .map(|p| p.netns.clone())
+            .with_context(|| format!("no pod {key} (or node, external)")),
+    }
+}
+
+/// Resolves a destination to an address.
+fn place_ip(st: &State, place: &str) -> anyhow::Result<IpAddr> {
+    if let Ok(ip) = place.parse() {
+        return Ok(ip);
+    }
+    match place {
+        "external" => Ok(lab::EXT_ADDR.parse()?),
+        "node" => Ok(lab::NODE_ADDR.parse()?),
+        key => st
+            .pods
+            .get(key)
+            .and_then(|p| p.ip.as_deref())
+            .with_context(|| format!("no pod {key} (Services come with strom-control)"))?
+            .parse()
+            .map_err(Into::into),
+    }
+}
+
+/// Ok(answer) or Err(reason).
+fn probe(
+    st: &State,
+    from: &str,
+    to: &str,
+    port: u16,
+    protocol: &str,
+    timeout: Duration,
+) -> anyhow::Result<Result<String, String>> {
+    let ns = place_ns(st, from)?;
+    let ip = place_ip(st, to)?;
+    let out = in_ns(&ns, std::env::current_exe()?)
+        .args([
+            "connect",
+            "--ip",
+            &ip.to_string(),
+            "--port",
+            &port.to_string(),
+            "--protocol",
+            protocol,
+            "--timeout-ms",
+            &timeout.as_millis().to_string(),
+        ])
+        .output()?;
+    let text = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    Ok(if out.status.success() {
+        Ok(text)
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).trim().to_string())
+    })
+}
+
+struct Cell {
+    from: String,
+    to: String,
+    port: u16,
+    protocol: String,
+    answer: Result<String, String>,
+}
+
+fn matrix(st: &State) -> anyhow::Result<Vec<Cell>> {
+    let mut cells = Vec::new();
+    for from in st.pods.keys() {
+        for (to, p) in &st.pods {
+            for d in &p.decl.ports {
+                if d.protocol == "sctp" {
+                    continue;
+                }
+                let answer = probe(
+                    st,
+                    from,
+                    to,
+                    d.port,
+                    &d.protocol,
+                    Duration::from_millis(1000),
+                )?;
+                cells.push(Cell {
+                    from: from.clone(),
+                    to: to.clone(),
+                    port: d.port,
+                    protocol: d.protocol.clone(),
+                    answer,
+                });
+            }
+        }
+    }
+    Ok(cells)
+}
+
+fn print_matrix(st: &State, cells: &[Cell]) {
+    let cols: Vec<String> = st
+        .pods
+        .iter()
+        .flat_map(|(k, p)| {
+            p.decl
+                .ports
+                .iter()
+                .filter(|d| d.protocol != "sctp")
+                .map(move |d| format!("{k}:{}/{}", d.port, d.protocol))
+        })
+        .collect();
+    let w = st.pods.keys().map(|k| k.len()).max().unwrap_or(4).max(4);
+    println!(
+        "{:w$}  {}",
+        "from \\ to",
+        (0..cols.len())
+            .map(|i| format!("[{i}]"))
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
+    for from in st.pods.keys() {
+        let row: Vec<String> = cols
+            .iter()
+            .enumerate()
+            .map(|(i, c)| {
+                let ok = cells
+                    .iter()
+                    .find(|x| {
+                        &x.from == from && format!("{}:{}/{}", x.to, x.port, x.protocol) == *c
+                    })
+                    .is_some_and(|x| x.answer.is_ok());
+                format!(
+                    "{:^w$}",
+                    if ok { "." } else { "X" },
+                    w = format!("[{i}]").len()
+                )
+            })
+            .collect();
+        println!("{from:w$}  {}", row.join(" "));
+    }
+    for (i, c) in cols.iter().enumerate() {
+        println!("  [{i}] {c}");
+    }
+    println!("  . = allowed (answered by the target), X = denied");
+}
+
+fn exec_in(st: &State, target: &str, cmd: &[String]) -> anyhow::Result<i32> {
+    let ns = place_ns(st, target)?;
+    let status = in_ns(&ns, &cmd[0]).args(&cmd[1..]).status()?;
+    Ok(status.code().unwrap_or(1))
+}
+
+fn demo(dir: &std::path::Path, path: &std::path::Path, o: &UpOpts) -> anyhow::Result<bool> {
+    let t0 = Instant::now();
+    println!("== strom-lab demo: bringing up {} ==", path.display());
+    let st = up(dir, path, o)?;
+    let result = demo_checks(&st);
+    println!("\n== tearing down ==");
+    let errs = st.down();
+    for e in &errs {
+        eprintln!("teardown: {e}");
+    }
+    let ok = result?;
+    println!(
+        "demo finished in {:.1}s: {}",
+        t0.elapsed().as_secs_f64(),
+        if ok && errs.is_empty() {
+            "all checks passed"
+        } else {
+            "SOME CHECKS FAILED"
+        }
+    );
+    Ok(ok && errs.is_empty())
+}
+
+fn demo_checks(st: &State) -> anyhow::Result<bool> {
+    println!("\n{:<14} {:<16} {}", "POD", "IP", "NETNS");
+    for (k, p) in &st.pods {
+        println!("{k:<14} {:<16} {}", p.ip.as_deref().unwrap_or("-"), p.netns);
+    }
+    let mut checks: Vec<(String, bool, String)> = Vec::new();
+    let mut check = |what: &str, ok: bool, detail: String| {
+        println!("{} {what}: {detail}", if ok { "[ok]  " } else { "[FAIL]" });
+        checks.push((what.to_string(), ok, detail));
+    };
+    println!("\n== traffic through stromd ==");
+    for (what, from, to, port, proto) in [
+        (
+            "pod -> pod, TCP (same namespace)",
+            "shop/web",
+            "shop/db",
+            5432u16,
+            "tcp",
+        ),
+        ("pod -> pod, UDP", "tools/client", "shop/db", 53, "udp"),
+        (
+            "pod -> pod, TCP (across namespaces)",
+            "tools/client",
+            "shop/web",
+            80,
+            "tcp",
+        ),
+        (
+            "node -> pod (kubelet probe path)",
+            "node",
+            "shop/web",
+            80,
+            "tcp",
+        ),
+    ] {
+        let r = probe(st, from, to, port, proto, Duration::from_secs(2))?;
+        check(
+            what,
+            r.is_ok(),
+            format!(
+                "{from} -> {to}:{port}/{proto}: {}",
+                match &r {
+                    Ok(a) => format!("answered by {a}"),
+                    Err(e) => format!("no answer ({e})"),
+                }
+            ),
+        );
+    }
+    let ping = |from: &str, to: &str, extra: &[&str]| -> anyhow::Result<std::process::Output> {
+        let ip = place_ip(st, to)?.to_string();
+        Ok(in_ns(&place_ns(st, from)?, "ping")
+            .args(["-c", "1", "-W", "1"])
+            .args(extra)
+            .arg(ip)
+            .output()?)
+    };
+    let o = ping("shop/web", "node", &[])?;
+    check(
+        "pod -> node, ICMP",
+        o.status.success(),
+        "shop/web pings the node address".into(),
+    );
+    let o = ping("tools/client", "shop/db", &["-t", "1"])?;
+    let text = String::from_utf8_lossy(&o.stdout);
+    check(
+        "TTL expiry answered by the gateway",
+        text.contains("Time to live exceeded"),
+        text.lines().nth(1).unwrap_or("").trim().to_string(),
+    );
+    println!("\n== iperf3 TCP, tools/client -> shop/web, 3 s ==");
+    let web = place_ns(st, "shop/web")?;
+    let webip = place_ip(st, "shop/web")?.to_string();
+    let _ = Command::new("ip")
+        .args([
+            "netns", "exec", &web, "iperf3", "-s", "-1", "-D", "-p", "5201",
+        ])
+        .status();
+    std::thread::sleep(Duration::from_millis(300));
+    let out = in_ns(&place_ns(st, "tools/client")?, "iperf3")
+        .args(["-c", &webip, "-p", "5201", "-t", "3", "-J"])
+        .output()?;
+    let gbps = serde_json::from_slice::<serde_json::Value>(&out.stdout)
+        .ok()
+        .and_then(|v| v["end"]["sum_received"]["bits_per_second"].as_f64())
+        .map(|b| b / 1e9);
+    check(
+        "iperf3 TCP through stromd",
+        gbps.is_some_and(|g| g > 0.0),
+        gbps.map(|g| format!("{g:.2} Gbit/s"))
+            .unwrap_or_else(|| "failed".into()),
+    );
+    println!("\n== reachability matrix ==");
+    let cells = matrix(st)?;
+    print_matrix(st, &cells);
+    let all = cells.iter().all(|c| c.answer.is_ok());
+    check(
+        "every declared port answers (no policy yet)",
+        all,
+        format!("{} probes", cells.len()),
+    );
+    println!("\n== stromctl ports ==");
+    let _ = Command::new(st.settings.bin("stromctl"))
+        .arg("--socket")
+        .arg(st.settings.socket())
+        .arg("ports")
+        .status();
+    println!("\n== stromctl stats ==");
+    let _ = Command::new(st.settings.bin("stromctl"))
+        .arg("--socket")
+        .arg(st.settings.socket())
+        .arg("stats")
+        .status();
+    let failed = checks.iter().filter(|c| !c.1).count();
+    println!(
+        "\n== summary: {} checks, {} passed, {} failed ==",
+        checks.len(),
+        checks.len() - failed,
+        failed
+    );
+    Ok(failed == 0)
+}
+
+fn main() -> anyhow::Result<()> {
+    let a = Args::parse();
+    match a.cmd {
+        Cmd::Up { path, opts } => {
+            let st = up(&a.dir, &path, &opts)?;
+            for (k, p) in &st.pods {
+                println!("{k} {}", p.ip.as_deref().unwrap_or("-"));
+            }
+        }
+        Cmd::Apply { path } => {
+            let m = Manifests::load(&path)?;
+            report(&m);
+            let mut st = State::load(&a.dir)?;
+            let (added, removed) = st.apply(&m)?;
+            println!(
+                "added: {}; removed: {}",
+                added.join(", "),
+                removed.join(", ")
+            );
+        }
+        Cmd::Status => {
+            let st = State::load(&a.dir)?;
+            println!(
+                "node {} ({}), external {} ({})",
+                st.settings.node_ns(),
+                lab::NODE_ADDR,
+                st.settings.ext_ns(),
+                lab::EXT_ADDR
+            );
+            println!(
+                "stromd pid {:?}, socket {}",
+                st.stromd,
+                st.settings.socket().display()
+            );
+            for (k, p) in &st.pods {
+                let ports: Vec<String> = p
+                    .decl
+                    .ports
+                    .iter()
+                    .map(|d| format!("{}/{}", d.port, d.protocol))
+                    .collect();
+                println!(
+                    "{k:<24} {:<16} {:<24} {}",
+                    p.ip.as_deref().unwrap_or("-"),
+                    p.netns,
+                    ports.join(",")
+                );
+            }
+        }
+        Cmd::Exec { target, cmd } => {
+            let st = State::load(&a.dir)?;
+            std::process::exit(exec_in(&st, &target, &cmd)?);
+        }
+        Cmd::Probe {
+            from,
+            to,
+            port,
+            protocol,
+            timeout_ms,
+        } => {
+            let st = State::load(&a.dir)?;
+            match probe(
+                &st,
+                &from,
+                &to,
+                port,
+                &protocol.to_ascii_lowercase(),
+                Duration::from_millis(timeout_ms),
+            )? {
+                Ok(who) => println!("allow: answered by {who}"),
+                Err(why) => {
+                    println!("deny: {why}");
+                    std::process::exit(1);
+                }
+            }
+        }
+        Cmd::Matrix { json } => {
+            let st = State::load(&a.dir)?;
+            let cells = matrix(&st)?;
+            if json {
+                let v: Vec<_> = cells
+                    .iter()
+                    .map(|c| json!({"from": c.from, "to": c.to, "port": c.port, "protocol": c.protocol, "allow": c.answer.is_ok(), "answer": c.answer.as_ref().ok()}))
+                    .collect();
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                print_matrix(&st, &cells);
+            }
+        }
+        Cmd::Stromd { action } => {
+            let mut st = State::load(&a.dir)?;
+            if action != "start" {
+                st.stop_stromd();
+            }
+            if action != "stop" {
+                st.start_stromd()?;
+            }
+        }
+        Cmd::Down { prefix } => match State::load(&a.dir) {
+            Ok(st) => {
+                let errs = st.down();
+                for e in &errs {
+                    eprintln!("{e}");
+                }
+            }
+            Err(_) => {
+                lab::sweep(&prefix);
+                let _ = std::fs::remove_dir_all(&a.dir);
+            }
+        },
+        Cmd::Demo { path, opts } => {
+            if !demo(&a.dir, &path, &opts)? {
+                std::process::exit(1);
+            }
+        }
+        Cmd::Responder { name, tcp, udp } => net::respond(&name, &tcp, &udp)?,
+        Cmd::Connect {
+            ip,
+            port,
+            protocol,
+            timeout_ms,
+        } => match net::connect(ip, port, &protocol, Duration::from_millis(timeout_ms)) {
+            Ok(s) => println!("{s}"),
+            Err(e) => {
+                eprintln!("{e}");
+                std::process::exit(1);
+            }
+        },
+    }
+    Ok(())
+}
