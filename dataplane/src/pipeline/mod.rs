@@ -108,3 +108,6 @@ fn forward_ipv4(buf: &mut [u8], len: usize, port: &InPort<'_>, t: &Tables) -> Ac
     rewrite::macs(&mut buf[..len], &next);
     Action::Forward { next, len }
 }
+
+#[cfg(test)]
+mod tests;

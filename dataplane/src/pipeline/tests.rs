@@ -1,0 +1,286 @@
+//! Pipeline scenarios. Every test is one behaviour, on this topology:
+//!
+//! ```text
+//!   pod A 198.18.16.2 ──veth── [port 0 | stromd | port 1] ──veth── pod B 198.18.16.3
+//!   mac 02:..:0a               host 02:..:a0   host 02:..:b0        mac 02:..:0b
+//!                      gateway 169.254.1.1 (answered on every port)
+//! ```
+//! Packets are built and checked with etherparse, an independent implementation.
+
+use std::net::{IpAddr, Ipv4Addr};
+
+use etherparse::{Ipv4Header, PacketBuilder};
+use proptest::prelude::*;
+
+use super::*;
+use crate::tables::{Next, Tables};
+
+const A_MAC: Mac = [2, 0, 0, 0, 0, 0x0a];
+const B_MAC: Mac = [2, 0, 0, 0, 0, 0x0b];
+const HA_MAC: Mac = [2, 0, 0, 0, 0, 0xa0];
+const HB_MAC: Mac = [2, 0, 0, 0, 0, 0xb0];
+const A_IP: [u8; 4] = [198, 18, 16, 2];
+const B_IP: [u8; 4] = [198, 18, 16, 3];
+const GW: [u8; 4] = [169, 254, 1, 1];
+
+fn tables() -> Tables {
+    let mut t = Tables::new(Ipv4Addr::from(GW));
+    t.local.insert(IpAddr::from(A_IP), Next { port: 0, worker: 0, dst_mac: A_MAC, src_mac: HA_MAC });
+    t.local.insert(IpAddr::from(B_IP), Next { port: 1, worker: 1, dst_mac: B_MAC, src_mac: HB_MAC });
+    t.node_addrs.insert(IpAddr::from([198, 18, 0, 1]));
+    t
+}
+
+const A_IPS: [IpAddr; 1] = [IpAddr::V4(Ipv4Addr::new(198, 18, 16, 2))];
+
+fn port_a() -> InPort<'static> {
+    InPort { id: 0, kind: PortKind::Pod, host_mac: HA_MAC, pod_mac: A_MAC, ips: &A_IPS }
+}
+
+/// A frame buffer as a UMEM frame: the packet, then room to grow.
+fn frame(pkt: &[u8]) -> (Vec<u8>, usize) {
+    let mut buf = vec![0u8; 2048];
+    buf[..pkt.len()].copy_from_slice(pkt);
+    (buf, pkt.len())
+}
+
+fn udp(src_mac: Mac, src: [u8; 4], dst: [u8; 4], ttl: u8) -> Vec<u8> {
+    let b = PacketBuilder::ethernet2(src_mac, HA_MAC).ipv4(src, dst, ttl).udp(4000, 53);
+    let payload = b"hello";
+    let mut v = Vec::with_capacity(b.size(payload.len()));
+    b.write(&mut v, payload).unwrap();
+    v
+}
+
+fn icmp_echo(ttl: u8) -> Vec<u8> {
+    let b = PacketBuilder::ethernet2(A_MAC, HA_MAC).ipv4(A_IP, B_IP, ttl).icmpv4_echo_request(7, 1);
+    let mut v = Vec::new();
+    b.write(&mut v, b"ping-payload").unwrap();
+    v
+}
+
+fn arp(op: u16, sha: Mac, spa: [u8; 4], tpa: [u8; 4]) -> Vec<u8> {
+    let mut v = Vec::new();
+    v.extend_from_slice(&[0xff; 6]);
+    v.extend_from_slice(&sha);
+    v.extend_from_slice(&[0x08, 0x06, 0, 1, 0x08, 0, 6, 4]);
+    v.extend_from_slice(&op.to_be_bytes());
+    v.extend_from_slice(&sha);
+    v.extend_from_slice(&spa);
+    v.extend_from_slice(&[0; 6]);
+    v.extend_from_slice(&tpa);
+    v
+}
+
+fn run(pkt: &[u8]) -> (Action, Vec<u8>) {
+    let (mut buf, len) = frame(pkt);
+    let a = process(&mut buf, len, &port_a(), &tables());
+    (a, buf)
+}
+
+fn ip_checksum_ok(ip: &[u8]) -> bool {
+    let (h, _) = Ipv4Header::from_slice(ip).unwrap();
+    h.header_checksum == h.calc_header_checksum()
+}
+
+#[test]
+fn arp_request_for_gateway_is_answered_with_host_mac() {
+    let (a, out) = run(&arp(1, A_MAC, A_IP, GW));
+    let Action::Hairpin { len } = a else { panic!("{a:?}") };
+    assert_eq!(len, 42);
+    assert_eq!(&out[0..6], &A_MAC, "reply goes to the asker");
+    assert_eq!(&out[6..12], &HA_MAC);
+    assert_eq!(&out[20..22], &[0, 2], "op = reply");
+    assert_eq!(&out[22..28], &HA_MAC, "sender hw = host side MAC");
+    assert_eq!(&out[28..32], &GW);
+    assert_eq!(&out[32..38], &A_MAC);
+    assert_eq!(&out[38..42], &A_IP);
+}
+
+#[test]
+fn arp_not_for_the_gateway_is_dropped() {
+    assert_eq!(run(&arp(1, A_MAC, A_IP, B_IP)).0, Action::Drop(DropReason::ArpNotForGateway));
+    assert_eq!(run(&arp(2, A_MAC, A_IP, GW)).0, Action::Drop(DropReason::ArpNotForGateway), "replies are not answered");
+}
+
+#[test]
+fn arp_from_another_mac_or_ip_is_spoofing() {
+    assert_eq!(run(&arp(1, B_MAC, A_IP, GW)).0, Action::Drop(DropReason::SpoofedMac));
+    assert_eq!(run(&arp(1, A_MAC, B_IP, GW)).0, Action::Drop(DropReason::SpoofedIp));
+}
+
+#[test]
+fn truncated_arp_is_malformed() {
+    let p = arp(1, A_MAC, A_IP, GW);
+    assert_eq!(run(&p[..30]).0, Action::Drop(DropReason::ArpMalformed));
+}
+
+#[test]
+fn pod_to_pod_is_forwarded_with_new_macs_and_ttl() {
+    let (a, out) = run(&udp(A_MAC, A_IP, B_IP, 64));
+    let Action::Forward { next, len } = a else { panic!("{a:?}") };
+    assert_eq!(next.port, 1);
+    assert_eq!(&out[0..6], &B_MAC);
+    assert_eq!(&out[6..12], &HB_MAC);
+    let (h, _) = Ipv4Header::from_slice(&out[14..len]).unwrap();
+    assert_eq!(h.time_to_live, 63);
+    assert_eq!(h.source, A_IP);
+    assert_eq!(h.destination, B_IP, "no NAT between pods");
+    assert!(ip_checksum_ok(&out[14..len]));
+}
+
+#[test]
+fn ttl_one_gets_time_exceeded_from_the_gateway() {
+    let orig = icmp_echo(1);
+    let (a, out) = run(&orig);
+    let Action::IcmpError { reason, len } = a else { panic!("{a:?}") };
+    assert_eq!(reason, DropReason::TtlExpired);
+    let p = etherparse::SlicedPacket::from_ethernet(&out[..len]).unwrap();
+    let Some(etherparse::NetSlice::Ipv4(ip)) = &p.net else { panic!() };
+    assert_eq!(ip.header().source(), GW);
+    assert_eq!(ip.header().destination(), A_IP);
+    assert!(ip_checksum_ok(&out[14..len]));
+    assert_eq!(&out[0..6], &A_MAC);
+    assert_eq!(&out[6..12], &HA_MAC);
+    let icmp = &out[34..len];
+    assert_eq!(icmp[0], 11, "time exceeded");
+    assert_eq!(icmp[1], 0, "in transit");
+    assert_eq!(smoltcp::wire::checksum::data(icmp), 0xffff, "ICMP checksum");
+    assert_eq!(&icmp[8..8 + 28], &orig[14..14 + 28], "quotes the original header + 8 bytes");
+}
+
+#[test]
+fn no_icmp_error_about_an_icmp_error() {
+    let mut p = icmp_echo(1);
+    // Turn the echo request into a destination-unreachable (type 3) and fix its checksum.
+    p[34] = 3;
+    p[36] = 0;
+    p[37] = 0;
+    let c = !smoltcp::wire::checksum::data(&p[34..]);
+    p[36..38].copy_from_slice(&c.to_be_bytes());
+    assert_eq!(run(&p).0, Action::Drop(DropReason::TtlExpired));
+}
+
+#[test]
+fn a_pod_sends_only_as_itself() {
+    assert_eq!(run(&udp(B_MAC, A_IP, B_IP, 64)).0, Action::Drop(DropReason::SpoofedMac));
+    assert_eq!(run(&udp(A_MAC, [198, 18, 16, 99], B_IP, 64)).0, Action::Drop(DropReason::SpoofedIp));
+}
+
+#[test]
+fn uplink_frames_are_not_checked_for_spoofing() {
+    let (mut buf, len) = frame(&udp([9; 6], [198, 18, 0, 2], B_IP, 64));
+    let up = InPort { id: 9, kind: PortKind::Uplink, host_mac: HA_MAC, pod_mac: [0; 6], ips: &[] };
+    assert!(matches!(process(&mut buf, len, &up, &tables()), Action::Forward { .. }));
+}
+
+#[test]
+fn unroutable_gateway_and_broadcast_destinations_are_dropped() {
+    assert_eq!(run(&udp(A_MAC, A_IP, [10, 9, 9, 9], 64)).0, Action::Drop(DropReason::NoRoute));
+    assert_eq!(run(&udp(A_MAC, A_IP, GW, 64)).0, Action::Drop(DropReason::ToGateway));
+    assert_eq!(run(&udp(A_MAC, A_IP, [255, 255, 255, 255], 64)).0, Action::Drop(DropReason::NotUnicast));
+    assert_eq!(run(&udp(A_MAC, A_IP, [224, 0, 0, 251], 64)).0, Action::Drop(DropReason::NotUnicast));
+}
+
+#[test]
+fn layer2_oddities_are_dropped_by_name() {
+    assert_eq!(run(&[0u8; 13]).0, Action::Drop(DropReason::Runt));
+    assert_eq!(run(&[]).0, Action::Drop(DropReason::Runt));
+    let mut vlan = udp(A_MAC, A_IP, B_IP, 64);
+    vlan[12..14].copy_from_slice(&[0x81, 0x00]);
+    assert_eq!(run(&vlan).0, Action::Drop(DropReason::VlanTagged));
+    let mut unknown = udp(A_MAC, A_IP, B_IP, 64);
+    unknown[12..14].copy_from_slice(&[0x88, 0xcc]);
+    assert_eq!(run(&unknown).0, Action::Drop(DropReason::UnknownEthertype));
+    let mut v6 = udp(A_MAC, A_IP, B_IP, 64);
+    v6[12..14].copy_from_slice(&[0x86, 0xdd]);
+    assert_eq!(run(&v6).0, Action::Drop(DropReason::Ipv6NotSupported));
+}
+
+#[test]
+fn malformed_ipv4_is_dropped_by_name() {
+    let p = udp(A_MAC, A_IP, B_IP, 64);
+    assert_eq!(run(&p[..14 + 19]).0, Action::Drop(DropReason::Ipv4Malformed), "truncated header");
+    let mut ihl = p.clone();
+    ihl[14] = 0x44;
+    assert_eq!(run(&ihl).0, Action::Drop(DropReason::Ipv4Malformed), "IHL below 5");
+    let mut ihl_big = p.clone();
+    ihl_big[14] = 0x4f;
+    assert_eq!(run(&ihl_big).0, Action::Drop(DropReason::Ipv4Malformed), "IHL beyond the packet");
+    let mut long = p.clone();
+    long[16..18].copy_from_slice(&1400u16.to_be_bytes());
+    assert_eq!(run(&long).0, Action::Drop(DropReason::Ipv4Malformed), "total length beyond the frame");
+    let mut short = p.clone();
+    short[16..18].copy_from_slice(&10u16.to_be_bytes());
+    assert_eq!(run(&short).0, Action::Drop(DropReason::Ipv4Malformed), "total length below the header");
+    let mut v = p.clone();
+    v[14] = 0x65;
+    assert_eq!(run(&v).0, Action::Drop(DropReason::Ipv4Malformed), "version 6 in an IPv4 frame");
+    let mut c = p.clone();
+    c[24] ^= 0xff;
+    assert_eq!(run(&c).0, Action::Drop(DropReason::Ipv4BadChecksum));
+}
+
+#[test]
+fn ipv4_options_and_fragments_are_forwarded() {
+    // A header with one 4-byte option (NOP NOP NOP EOL): IHL 6.
+    let p = udp(A_MAC, A_IP, B_IP, 64);
+    let mut o = Vec::new();
+    o.extend_from_slice(&p[..14]);
+    o.push(0x46);
+    o.extend_from_slice(&p[15..34]);
+    o.extend_from_slice(&[1, 1, 1, 0]);
+    o.extend_from_slice(&p[34..]);
+    let total = (o.len() - 14) as u16;
+    o[16..18].copy_from_slice(&total.to_be_bytes());
+    o[24..26].copy_from_slice(&[0, 0]);
+    let c = !smoltcp::wire::checksum::data(&o[14..38]);
+    o[24..26].copy_from_slice(&c.to_be_bytes());
+    let (a, out) = run(&o);
+    assert!(matches!(a, Action::Forward { .. }), "{a:?}");
+    assert!(ip_checksum_ok(&out[14..o.len()]));
+    // A middle fragment (offset 8 bytes, more fragments).
+    let mut f = udp(A_MAC, A_IP, B_IP, 64);
+    f[20..22].copy_from_slice(&0x2001u16.to_be_bytes());
+    f[24..26].copy_from_slice(&[0, 0]);
+    let c = !smoltcp::wire::checksum::data(&f[14..34]);
+    f[24..26].copy_from_slice(&c.to_be_bytes());
+    let (a, out) = run(&f);
+    assert!(matches!(a, Action::Forward { .. }), "{a:?}");
+    assert!(ip_checksum_ok(&out[14..f.len()]));
+    // An expired middle fragment gets no ICMP error.
+    f[22] = 1;
+    f[24..26].copy_from_slice(&[0, 0]);
+    let c = !smoltcp::wire::checksum::data(&f[14..34]);
+    f[24..26].copy_from_slice(&c.to_be_bytes());
+    assert_eq!(run(&f).0, Action::Drop(DropReason::TtlExpired));
+}
+
+proptest! {
+    /// Whatever arrives, the pipeline returns an action inside the frame and never panics.
+    #[test]
+    fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..200), claimed in 0usize..300) {
+        let (mut buf, len) = frame(&bytes);
+        let len = claimed.min(len.max(claimed.min(2048)));
+        let a = process(&mut buf, len, &port_a(), &tables());
+        match a {
+            Action::Hairpin { len: n } | Action::IcmpError { len: n, .. } | Action::Forward { len: n, .. } => prop_assert!(n <= 2048),
+            Action::Drop(_) => {}
+        }
+    }
+
+    /// Valid packets with arbitrary header bytes stay valid when forwarded.
+    #[test]
+    fn forwarded_headers_keep_valid_checksums(ttl in 2u8.., tos in any::<u8>(), id in any::<u16>(), payload in proptest::collection::vec(any::<u8>(), 0..100)) {
+        let mut h = etherparse::Ipv4Header::new(0, ttl, etherparse::IpNumber::UDP, A_IP, B_IP).unwrap();
+        h.dscp = etherparse::IpDscp::try_new(tos >> 2).unwrap();
+        h.identification = id;
+        let b = PacketBuilder::ethernet2(A_MAC, HA_MAC).ip(etherparse::IpHeaders::Ipv4(h, Default::default())).udp(1, 2);
+        let mut v = Vec::new();
+        b.write(&mut v, &payload).unwrap();
+        let (a, out) = run(&v);
+        prop_assert!(matches!(a, Action::Forward { .. }), "{:?}", a);
+        prop_assert!(ip_checksum_ok(&out[14..v.len()]));
+        prop_assert_eq!(out[22], ttl - 1);
+    }
+}

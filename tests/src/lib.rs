@@ -1,0 +1,177 @@
+//! Helpers for the integration tests: a lab node per test (RAII: torn down on drop, even when
+//! the test fails), one network test at a time, and the built binaries.
+//!
+//! Tests need root, iproute2, ethtool, iputils-ping and python3 (for raw frames), and the
+//! workspace built first (`cargo build --release --workspace`), which the README's test
+//! command does.
+#![deny(unsafe_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Mutex, MutexGuard, Once};
+
+use serde_json::Value;
+
+static NET: Mutex<()> = Mutex::new(());
+static SWEEP: Once = Once::new();
+static SEQ: AtomicUsize = AtomicUsize::new(0);
+
+/// Prefix of every namespace a test makes ("zt" + pid + sequence).
+pub const NS_PREFIX: &str = "zt";
+
+/// Serializes network tests (the machine has two cores) and sweeps stale namespaces of an
+/// earlier, crashed run once per test binary.
+pub fn net_lock() -> MutexGuard<'static, ()> {
+    SWEEP.call_once(|| {
+        let out = Command::new("ip").args(["netns", "list"]).output().expect("ip netns list");
+        for l in String::from_utf8_lossy(&out.stdout).lines() {
+            let ns = l.split_whitespace().next().unwrap_or("");
+            if ns.starts_with(NS_PREFIX) {
+                let _ = Command::new("ip").args(["netns", "del", ns]).status();
+            }
+        }
+    });
+    NET.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Where the workspace binaries are: $STROM_BIN_DIR, or the profile directory of this test.
+pub fn bin_dir() -> PathBuf {
+    if let Ok(d) = std::env::var("STROM_BIN_DIR") {
+        return PathBuf::from(d);
+    }
+    let exe = std::env::current_exe().expect("current exe");
+    let dir = exe.parent().and_then(Path::parent).expect("target/<profile>").to_path_buf();
+    for b in ["stromd", "strom-cni", "strom-lab", "stromctl"] {
+        assert!(dir.join(b).is_file(), "{} missing: build the workspace first (cargo build --release --workspace)", dir.join(b).display());
+    }
+    dir
+}
+
+/// Runs a command, returning its output (never panics on failure status).
+pub fn sh(cmd: &mut Command) -> Output {
+    cmd.stdin(Stdio::null()).output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"))
+}
+
+/// A lab node with pods, brought down on drop.
+pub struct Lab {
+    pub dir: PathBuf,
+    pub prefix: String,
+    _manifest: PathBuf,
+}
+
+impl Lab {
+    /// `strom-lab up` with `manifest` (YAML) and extra flags (e.g. `--workers 2`).
+    pub fn up(manifest: &str, flags: &[&str]) -> Lab {
+        let n = SEQ.fetch_add(1, Ordering::SeqCst);
+        let prefix = format!("{NS_PREFIX}{}x{n}", std::process::id() % 100_000);
+        let dir = std::env::temp_dir().join(format!("strom-test-{prefix}"));
+        let _ = std::fs::remove_dir_all(&dir);
+        let mpath = std::env::temp_dir().join(format!("strom-test-{prefix}.yaml"));
+        std::fs::write(&mpath, manifest).unwrap();
+        let lab = Lab { dir, prefix, _manifest: mpath.clone() };
+        let out = sh(lab.cmd().arg("up").arg(&mpath).args(["--prefix", &lab.prefix]).args(flags));
+        assert!(out.status.success(), "strom-lab up: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        lab
+    }
+
+    /// A strom-lab command on this lab.
+    pub fn cmd(&self) -> Command {
+        let mut c = Command::new(bin_dir().join("strom-lab"));
+        c.arg("--dir").arg(&self.dir);
+        c
+    }
+
+    /// stromd's API socket.
+    pub fn socket(&self) -> PathBuf {
+        self.dir.join("stromd.sock")
+    }
+
+    pub fn node_ns(&self) -> String {
+        format!("{}-node", self.prefix)
+    }
+
+    pub fn pod_ns(&self, key: &str) -> String {
+        format!("{}-{}", self.prefix, key.replace('/', "-"))
+    }
+
+    /// `strom-lab probe`: true on allow.
+    pub fn probe(&self, from: &str, to: &str, port: u16, proto: &str) -> bool {
+        let o = sh(self.cmd().args(["probe", "--from", from, "--to", to, "--port", &port.to_string(), "--protocol", proto]));
+        o.status.success()
+    }
+
+    /// Runs a command in a pod, the node or external.
+    pub fn exec(&self, target: &str, argv: &[&str]) -> Output {
+        sh(self.cmd().args(["exec", target, "--"]).args(argv))
+    }
+
+    /// `stromctl -o json ...`.
+    pub fn stromctl(&self, args: &[&str]) -> Value {
+        let o = sh(Command::new(bin_dir().join("stromctl")).arg("--socket").arg(self.socket()).args(["-o", "json"]).args(args));
+        assert!(o.status.success(), "stromctl {args:?}: {}", String::from_utf8_lossy(&o.stderr));
+        serde_json::from_slice(&o.stdout).expect("stromctl json")
+    }
+
+    /// The pod's address.
+    pub fn pod_ip(&self, key: &str) -> String {
+        let st: Value = serde_json::from_slice(&std::fs::read(self.dir.join("state.json")).unwrap()).unwrap();
+        st["pods"][key]["ip"].as_str().unwrap_or_else(|| panic!("no ip for {key}")).to_string()
+    }
+
+    /// Sum of a drop reason over all workers.
+    pub fn drops(&self, reason: &str) -> u64 {
+        let s = self.stromctl(&["stats"]);
+        s["workers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .flat_map(|w| w["drops"].as_array().cloned().unwrap_or_default())
+            .filter(|d| d[0] == reason)
+            .map(|d| d[1].as_u64().unwrap_or(0))
+            .sum()
+    }
+
+    /// Host-side veth names with an XDP program attached, in the node namespace.
+    pub fn xdp_links(&self) -> Vec<String> {
+        let o = sh(Command::new("ip").args(["-n", &self.node_ns(), "-j", "link", "show"]));
+        let v: Value = serde_json::from_slice(&o.stdout).unwrap_or(Value::Null);
+        v.as_array()
+            .into_iter()
+            .flatten()
+            .filter(|l| l.get("xdp").is_some())
+            .filter_map(|l| l["ifname"].as_str().map(str::to_string))
+            .collect()
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        let _ = sh(self.cmd().args(["down", "--prefix", &self.prefix]));
+        let _ = std::fs::remove_file(&self._manifest);
+    }
+}
+
+/// Namespaces whose name starts with `prefix`.
+pub fn namespaces_with(prefix: &str) -> Vec<String> {
+    let o = sh(Command::new("ip").args(["netns", "list"]));
+    String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|n| n.starts_with(prefix))
+        .map(str::to_string)
+        .collect()
+}
+
+/// A pod manifest with TCP and UDP ports.
+pub fn pod(ns: &str, name: &str, tcp: &[u16], udp: &[u16]) -> String {
+    let mut ports = String::new();
+    for p in tcp {
+        ports.push_str(&format!("        - {{ containerPort: {p}, protocol: TCP }}\n"));
+    }
+    for p in udp {
+        ports.push_str(&format!("        - {{ containerPort: {p}, protocol: UDP }}\n"));
+    }
+    let ports = if ports.is_empty() { String::new() } else { format!("      ports:\n{ports}") };
+    format!("---\nkind: Pod\nmetadata: {{ name: {name}, namespace: {ns} }}\nspec:\n  containers:\n    - name: c\n{ports}")
+}

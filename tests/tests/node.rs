@@ -1,0 +1,234 @@
+//! stromd on a lab node: one scenario per test, each on its own namespaces.
+//!
+//! ```text
+//!             ┌──────────────── node namespace ─────────────────┐
+//!  pod a ─veth─┤ st…a ─┐                                        │
+//!  pod b ─veth─┤ st…b ─┼─ AF_XDP ─ stromd (workers) ── uplink ──┼── external
+//!  pod c ─veth─┤ st…c ─┘    pod gateway 169.254.1.1             │   198.18.0.2
+//!             │            node address 198.18.0.1              │
+//!             └─────────────────────────────────────────────────┘
+//! ```
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use strom_tests::{namespaces_with, net_lock, pod, sh, Lab};
+
+fn two_pods() -> String {
+    pod("t", "a", &[80], &[53]) + &pod("t", "b", &[80], &[53])
+}
+
+#[test]
+fn pod_to_pod_icmp_tcp_and_udp_pass_through_stromd() {
+    let _g = net_lock();
+    let lab = Lab::up(&two_pods(), &[]);
+    assert!(lab.probe("t/a", "t/b", 80, "tcp"));
+    assert!(lab.probe("t/b", "t/a", 53, "udp"));
+    let ping = lab.exec("t/a", &["ping", "-c", "2", "-i", "0.2", "-W", "1", &lab.pod_ip("t/b")]);
+    assert!(ping.status.success(), "{}", String::from_utf8_lossy(&ping.stdout));
+    let text = String::from_utf8_lossy(&ping.stdout);
+    assert!(text.contains("ttl=63"), "one routed hop: {text}");
+    let ports = lab.stromctl(&["ports"]);
+    let rx: u64 = ports["ports"].as_array().unwrap().iter().map(|p| p["counters"]["rx_packets"].as_u64().unwrap()).sum();
+    assert!(rx >= 6, "stromd saw the traffic: {ports}");
+}
+
+#[test]
+fn a_closed_port_is_denied_not_answered() {
+    let _g = net_lock();
+    let lab = Lab::up(&two_pods(), &[]);
+    assert!(!lab.probe("t/a", "t/b", 81, "tcp"), "nothing listens on 81");
+}
+
+#[test]
+fn gateway_arp_is_answered_with_the_host_side_mac() {
+    let _g = net_lock();
+    let lab = Lab::up(&two_pods(), &[]);
+    assert!(lab.probe("t/a", "t/b", 80, "tcp"));
+    let n = lab.exec("t/a", &["ip", "-j", "neigh", "show", "169.254.1.1"]);
+    let v: serde_json::Value = serde_json::from_slice(&n.stdout).unwrap();
+    let lladdr = v[0]["lladdr"].as_str().unwrap_or_default().to_string();
+    let ports = lab.stromctl(&["ports"]);
+    let host_mac = ports["ports"].as_array().unwrap().iter().find(|p| p["spec"]["pod_name"] == "a").unwrap()["host_mac"].as_str().unwrap().to_string();
+    assert_eq!(lladdr, host_mac);
+}
+
+#[test]
+fn ttl_expiry_gets_time_exceeded_from_the_gateway() {
+    let _g = net_lock();
+    let lab = Lab::up(&two_pods(), &[]);
+    let o = lab.exec("t/a", &["ping", "-c", "1", "-W", "1", "-t", "1", &lab.pod_ip("t/b")]);
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(text.contains("From 169.254.1.1") && text.contains("Time to live exceeded"), "{text}");
+    assert!(lab.drops("ttl_expired") >= 1);
+}
+
+#[test]
+fn node_reaches_pods_and_pods_reach_the_node() {
+    let _g = net_lock();
+    let lab = Lab::up(&two_pods(), &[]);
+    assert!(lab.probe("node", "t/a", 80, "tcp"), "kubelet-style probe from the node");
+    let o = lab.exec("t/b", &["ping", "-c", "1", "-W", "1", "198.18.0.1"]);
+    assert!(o.status.success(), "pod -> node address: {}", String::from_utf8_lossy(&o.stdout));
+}
+
+#[test]
+fn two_workers_forward_across_workers() {
+    let _g = net_lock();
+    let lab = Lab::up(&two_pods(), &["--workers", "2"]);
+    let ports = lab.stromctl(&["ports"]);
+    let workers: Vec<u64> = ports["ports"].as_array().unwrap().iter().map(|p| p["worker"].as_u64().unwrap()).collect();
+    assert_eq!(workers.len(), 2);
+    assert_ne!(workers[0], workers[1], "one pod per worker");
+    assert!(lab.probe("t/a", "t/b", 80, "tcp"));
+    assert!(lab.probe("t/b", "t/a", 53, "udp"));
+    let stats = lab.stromctl(&["stats"]);
+    for w in stats["workers"].as_array().unwrap() {
+        assert!(w["counters"]["rx_packets"].as_u64().unwrap() > 0, "every worker received: {stats}");
+    }
+}
+
+#[test]
+fn removing_a_port_under_traffic_keeps_the_others_working() {
+    let _g = net_lock();
+    let three = two_pods() + &pod("t", "c", &[80], &[]);
+    let lab = Lab::up(&three, &[]);
+    let b_ip = lab.pod_ip("t/b");
+    let mut flood = Command::new("ip")
+        .args(["netns", "exec", &lab.pod_ns("t/a"), "ping", "-f", "-w", "3", &b_ip])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    let m = std::env::temp_dir().join(format!("{}-apply.yaml", lab.prefix));
+    std::fs::write(&m, pod("t", "a", &[80], &[53]) + &pod("t", "c", &[80], &[])).unwrap();
+    let o = sh(lab.cmd().arg("apply").arg(&m));
+    let _ = std::fs::remove_file(&m);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let _ = flood.wait();
+    let status = lab.stromctl(&["status"]);
+    assert_eq!(status["ready"], true, "stromd survived");
+    assert_eq!(status["ports"], 2);
+    assert!(lab.probe("t/a", "t/c", 80, "tcp"), "the other pods still talk");
+    assert!(!lab.probe("t/a", &b_ip, 80, "tcp"), "the removed pod is gone");
+}
+
+#[test]
+fn stromd_restart_under_traffic_resumes_within_two_seconds() {
+    let _g = net_lock();
+    let lab = Lab::up(&two_pods(), &[]);
+    let b_ip = lab.pod_ip("t/b");
+    let ping = Command::new("ip")
+        .args(["netns", "exec", &lab.pod_ns("t/a"), "ping", "-i", "0.05", "-w", "6", "-W", "1", &b_ip])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(sh(lab.cmd().args(["stromd", "stop"])).status.success());
+    assert!(lab.xdp_links().is_empty(), "programs detached while stromd is down");
+    let t = Instant::now();
+    let o = sh(lab.cmd().args(["stromd", "start"]));
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let mut resumed = None;
+    while t.elapsed() < Duration::from_secs(5) {
+        if lab.probe("t/a", "t/b", 53, "udp") {
+            resumed = Some(t.elapsed());
+            break;
+        }
+    }
+    let resumed = resumed.expect("traffic resumed");
+    assert!(resumed < Duration::from_secs(2), "resumed after {resumed:?}");
+    assert_eq!(lab.stromctl(&["ports"])["ports"].as_array().unwrap().len(), 2, "ports restored without rewiring");
+    let out = ping.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let last = text.lines().rev().find(|l| l.contains("received")).unwrap_or_default().to_string();
+    let received: u64 = last.split(", ").nth(1).and_then(|s| s.split_whitespace().next()).and_then(|n| n.parse().ok()).unwrap_or(0);
+    assert!(received > 40, "pings flowed before and after the restart: {last}");
+}
+
+#[test]
+fn clean_shutdown_leaves_no_program_process_or_namespace() {
+    let _g = net_lock();
+    let lab = Lab::up(&two_pods(), &[]);
+    assert_eq!(lab.xdp_links().len(), 2, "one program per pod port");
+    let pid: u32 = {
+        let st: serde_json::Value = serde_json::from_slice(&std::fs::read(lab.dir.join("state.json")).unwrap()).unwrap();
+        st["stromd"].as_u64().unwrap() as u32
+    };
+    assert!(sh(lab.cmd().args(["stromd", "stop"])).status.success());
+    assert!(lab.xdp_links().is_empty());
+    // Gone, or a zombie waiting for a parent that is not ours to reap.
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    assert!(stat.is_empty() || stat.contains(") Z "), "stromd exited: {stat}");
+    assert!(!lab.socket().exists(), "API socket removed");
+    let prefix = format!("{}-", lab.prefix);
+    drop(lab);
+    assert!(namespaces_with(&prefix).is_empty());
+}
+
+/// Sends raw frames (hex) out of the pod's eth0 with an AF_PACKET socket.
+fn send_raw(lab: &Lab, pod_key: &str, frames: &[String]) {
+    let script = "import socket,sys\ns=socket.socket(socket.AF_PACKET,socket.SOCK_RAW)\ns.bind(('eth0',0))\nfor h in sys.argv[1:]:\n    s.send(bytes.fromhex(h))\n";
+    let mut argv = vec!["python3", "-c", script];
+    argv.extend(frames.iter().map(String::as_str));
+    let o = lab.exec(pod_key, &argv);
+    assert!(o.status.success(), "raw send: {}", String::from_utf8_lossy(&o.stderr));
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+fn ipv4_udp(src_mac: &[u8], dst_mac: &[u8], src: [u8; 4], dst: [u8; 4]) -> Vec<u8> {
+    let mut f = Vec::new();
+    f.extend_from_slice(dst_mac);
+    f.extend_from_slice(src_mac);
+    f.extend_from_slice(&[0x08, 0x00]);
+    let mut ip = vec![0x45, 0, 0, 28, 0, 1, 0, 0, 64, 17, 0, 0];
+    ip.extend_from_slice(&src);
+    ip.extend_from_slice(&dst);
+    let mut sum: u32 = ip.chunks(2).map(|c| u32::from(u16::from_be_bytes([c[0], c[1]]))).sum();
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    ip[10..12].copy_from_slice(&(!(sum as u16)).to_be_bytes());
+    f.extend_from_slice(&ip);
+    f.extend_from_slice(&[0x10, 0x00, 0x00, 0x35, 0, 8, 0, 0]);
+    f
+}
+
+fn mac_bytes(s: &str) -> Vec<u8> {
+    s.split(':').map(|p| u8::from_str_radix(p, 16).unwrap()).collect()
+}
+
+#[test]
+fn malformed_and_spoofed_frames_are_dropped_by_reason_and_forwarding_goes_on() {
+    let _g = net_lock();
+    let lab = Lab::up(&two_pods(), &[]);
+    let ports = lab.stromctl(&["ports"]);
+    let a = ports["ports"].as_array().unwrap().iter().find(|p| p["spec"]["pod_name"] == "a").unwrap().clone();
+    let (pod_mac, host_mac) = (mac_bytes(a["spec"]["mac"].as_str().unwrap()), mac_bytes(a["host_mac"].as_str().unwrap()));
+    let a_ip: Vec<u8> = lab.pod_ip("t/a").split('.').map(|x| x.parse().unwrap()).collect();
+    let b_ip: Vec<u8> = lab.pod_ip("t/b").split('.').map(|x| x.parse().unwrap()).collect();
+    let (a_ip, b_ip) = ([a_ip[0], a_ip[1], a_ip[2], a_ip[3]], [b_ip[0], b_ip[1], b_ip[2], b_ip[3]]);
+    let good = ipv4_udp(&pod_mac, &host_mac, a_ip, b_ip);
+    let mut bad_csum = good.clone();
+    bad_csum[24] ^= 0x55;
+    let mut bad_ihl = good.clone();
+    bad_ihl[14] = 0x43;
+    let truncated = good[..14 + 12].to_vec();
+    let mut vlan = good.clone();
+    vlan[12..14].copy_from_slice(&[0x81, 0x00]);
+    let mut lldp = good.clone();
+    lldp[12..14].copy_from_slice(&[0x88, 0xcc]);
+    let spoofed_ip = ipv4_udp(&pod_mac, &host_mac, [198, 18, 31, 250], b_ip);
+    let spoofed_mac = ipv4_udp(&[2, 9, 9, 9, 9, 9], &host_mac, a_ip, b_ip);
+    send_raw(&lab, "t/a", &[bad_csum, bad_ihl, truncated, vlan, lldp, spoofed_ip, spoofed_mac].map(|f| hex(&f)));
+    std::thread::sleep(Duration::from_millis(200));
+    for reason in ["ipv4_bad_checksum", "ipv4_malformed", "vlan_tagged", "unknown_ethertype", "spoofed_ip", "spoofed_mac"] {
+        assert!(lab.drops(reason) >= 1, "{reason} counted: {}", lab.stromctl(&["stats"]));
+    }
+    assert!(lab.drops("ipv4_malformed") >= 2, "bad IHL and truncated header");
+    assert!(lab.probe("t/a", "t/b", 80, "tcp"), "forwarding goes on");
+}
