@@ -1,0 +1,309 @@
+//! strom-cni invoked exactly as a container runtime does (CNI_* environment, config on stdin),
+//! against a real stromd on a lab node with no pods.
+//!
+//! ```text
+//!   runtime (this test) ── exec ──▶ strom-cni ──▶ veth st…(node) ═ eth0 (pod netns)
+//!                                        └──── unix socket ──▶ stromd (node netns)
+//! ```
+
+use std::io::Write;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use strom_tests::{bin_dir, net_lock, sh, Lab};
+
+struct Call<'a> {
+    lab: &'a Lab,
+    conf: Value,
+}
+
+fn conf(lab: &Lab, version: &str) -> Value {
+    json!({
+        "cniVersion": version,
+        "name": "strom-test",
+        "type": "strom-cni",
+        "socket": lab.socket().display().to_string(),
+        "logFile": lab.dir.join("cni-test.log").display().to_string(),
+        "ipam": {"type": "strom", "subnet": "198.18.16.0/24", "dataDir": lab.dir.join("ipam-test").display().to_string()},
+        "dns": {"nameservers": ["198.18.0.53"]}
+    })
+}
+
+impl Call<'_> {
+    /// Runs strom-cni in the node namespace. Returns (exit ok, stdout JSON).
+    fn run(&self, command: &str, container: &str, netns: &str, env: &[(&str, &str)]) -> (bool, Value) {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.lab.node_ns()])
+            .arg(bin_dir().join("strom-cni"))
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("CNI_COMMAND", command)
+            .env("CNI_CONTAINERID", container)
+            .env("CNI_NETNS", netns)
+            .env("CNI_IFNAME", "eth0")
+            .env("CNI_PATH", format!("{}:/usr/lib/cni", bin_dir().display()))
+            .env("CNI_ARGS", "IgnoreUnknown=1;K8S_POD_NAMESPACE=t;K8S_POD_NAME=p");
+        for (k, v) in env {
+            c.env(k, v);
+        }
+        let mut child = c.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+        child.stdin.take().unwrap().write_all(self.conf.to_string().as_bytes()).unwrap();
+        let out = child.wait_with_output().unwrap();
+        let v = if out.stdout.is_empty() { Value::Null } else { serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("stdout is not JSON ({e}): {}", String::from_utf8_lossy(&out.stdout))) };
+        (out.status.success(), v)
+    }
+}
+
+fn netns(lab: &Lab, name: &str) -> String {
+    let ns = format!("{}-{name}", lab.prefix);
+    assert!(sh(Command::new("ip").args(["netns", "add", &ns])).status.success());
+    format!("/run/netns/{ns}")
+}
+
+fn host_links(lab: &Lab) -> Vec<String> {
+    let o = sh(Command::new("ip").args(["-n", &lab.node_ns(), "-j", "link", "show", "type", "veth"]));
+    let v: Value = serde_json::from_slice(&o.stdout).unwrap_or(Value::Null);
+    v.as_array().into_iter().flatten().filter_map(|l| l["ifname"].as_str().map(str::to_string)).filter(|n| n.starts_with("st")).collect()
+}
+
+fn leases(lab: &Lab) -> usize {
+    std::fs::read(lab.dir.join("ipam-test/strom-test/leases.json"))
+        .ok()
+        .and_then(|b| serde_json::from_slice::<Value>(&b).ok())
+        .and_then(|v| v["leases"].as_object().map(|o| o.len()))
+        .unwrap_or(0)
+}
+
+fn port_count(lab: &Lab) -> usize {
+    lab.stromctl(&["ports"])["ports"].as_array().map(Vec::len).unwrap_or(0)
+}
+
+fn nothing_left(lab: &Lab) {
+    assert!(host_links(lab).is_empty(), "no veth left: {:?}", host_links(lab));
+    assert_eq!(leases(lab), 0, "no lease left");
+    assert_eq!(port_count(lab), 0, "no stromd port left");
+}
+
+#[test]
+fn add_check_del_in_every_supported_version() {
+    let _g = net_lock();
+    let lab = Lab::up("", &[]);
+    for (i, version) in ["0.4.0", "1.0.0", "1.1.0"].iter().enumerate() {
+        let call = Call { lab: &lab, conf: conf(&lab, version) };
+        let ns = netns(&lab, &format!("v{i}"));
+        let id = format!("c{i}");
+        let (ok, r) = call.run("ADD", &id, &ns, &[]);
+        assert!(ok, "ADD {version}: {r}");
+        assert_eq!(r["cniVersion"], *version);
+        assert_eq!(r["interfaces"].as_array().unwrap().len(), 2);
+        assert_eq!(r["interfaces"][1]["sandbox"], ns.as_str());
+        assert_eq!(r["interfaces"][1]["name"], "eth0");
+        assert_eq!(r["ips"][0]["interface"], 1);
+        assert_eq!(r["ips"][0]["gateway"], "169.254.1.1");
+        assert!(r["ips"][0]["address"].as_str().unwrap().ends_with("/32"));
+        assert_eq!(r["ips"][0].get("version").is_some(), version.starts_with("0."), "{r}");
+        assert_eq!(r["routes"][0]["dst"], "0.0.0.0/0");
+        assert_eq!(r["dns"]["nameservers"][0], "198.18.0.53");
+        assert_eq!(port_count(&lab), 1);
+        let mut check = Call { lab: &lab, conf: conf(&lab, version) };
+        check.conf["prevResult"] = r.clone();
+        let (ok, out) = check.run("CHECK", &id, &ns, &[]);
+        assert!(ok, "CHECK {version}: {out}");
+        let mut del = Call { lab: &lab, conf: conf(&lab, version) };
+        del.conf["prevResult"] = r;
+        assert!(del.run("DEL", &id, &ns, &[]).0);
+        nothing_left(&lab);
+        assert!(call.run("DEL", &id, &ns, &[]).0, "DEL again succeeds");
+        assert!(call.run("DEL", &id, "", &[]).0, "DEL without a netns succeeds");
+    }
+}
+
+#[test]
+fn version_and_error_codes_follow_the_spec() {
+    let _g = net_lock();
+    let lab = Lab::up("", &[]);
+    let ns = netns(&lab, "e");
+    let call = |conf: Value, env: &[(&str, &str)]| Call { lab: &lab, conf }.run("ADD", "cerr", &ns, env);
+    let v = Call { lab: &lab, conf: json!({"cniVersion": "1.0.0"}) }.run("VERSION", "", "", &[]).1;
+    assert_eq!(v["supportedVersions"], json!(["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"]));
+    let mut c = conf(&lab, "0.2.0");
+    assert_eq!(call(c.clone(), &[]).1["code"], 1, "incompatible version");
+    c["cniVersion"] = json!("1.0.0");
+    c["mtu"] = json!("big");
+    assert_eq!(call(c, &[]).1["code"], 7, "invalid config");
+    let mut c = conf(&lab, "1.0.0");
+    c["ipam"] = json!({"type": "strom"});
+    assert_eq!(call(c, &[]).1["code"], 7, "ipam without subnet");
+    let mut c = conf(&lab, "1.0.0");
+    c["ipam"] = json!({"type": "no-such-ipam"});
+    assert_eq!(call(c, &[]).1["code"], 7, "unknown ipam plugin");
+    assert_eq!(call(conf(&lab, "1.0.0"), &[("CNI_CONTAINERID", "")]).1["code"], 4, "missing container id");
+    assert_eq!(call(conf(&lab, "1.0.0"), &[("CNI_NETNS", "/run/netns/none-such")]).1["code"], 4, "netns missing");
+    assert_eq!(call(conf(&lab, "1.0.0"), &[("CNI_ARGS", "IP=10.0.0.1")]).1["code"], 100, "requested IP outside the subnet");
+    let (ok, e) = Call { lab: &lab, conf: json!(null) }.run("ADD", "cerr", &ns, &[]);
+    assert!(!ok);
+    assert_eq!(e["code"], 1, "a config that is not an object has no version we support");
+    nothing_left(&lab);
+}
+
+#[test]
+fn stromd_down_gives_try_again_later_and_leaves_nothing() {
+    let _g = net_lock();
+    let lab = Lab::up("", &[]);
+    let ns = netns(&lab, "d");
+    let mut c = conf(&lab, "1.0.0");
+    c["socket"] = json!(lab.dir.join("nobody-listens.sock").display().to_string());
+    let call = Call { lab: &lab, conf: c };
+    let (ok, e) = call.run("ADD", "cdown", &ns, &[]);
+    assert!(!ok);
+    assert_eq!(e["code"], 11, "{e}");
+    nothing_left(&lab);
+    let o = sh(Command::new("ip").args(["netns", "exec", ns.trim_start_matches("/run/netns/"), "ip", "link", "show", "eth0"]));
+    assert!(!o.status.success(), "no eth0 left in the pod");
+    let (ok, e) = call.run("STATUS", "", "", &[]);
+    assert!(!ok);
+    assert_eq!(e["code"], 50);
+    assert!(Call { lab: &lab, conf: conf(&lab, "1.1.0") }.run("STATUS", "", "", &[]).0, "STATUS with stromd up");
+}
+
+#[test]
+fn check_names_what_differs() {
+    let _g = net_lock();
+    let lab = Lab::up("", &[]);
+    let ns = netns(&lab, "k");
+    let call = Call { lab: &lab, conf: conf(&lab, "1.0.0") };
+    let (ok, r) = call.run("ADD", "ck", &ns, &[]);
+    assert!(ok);
+    sh(Command::new("ip").args(["netns", "exec", ns.trim_start_matches("/run/netns/"), "ip", "link", "set", "eth0", "mtu", "1300"]));
+    let mut check = Call { lab: &lab, conf: conf(&lab, "1.0.0") };
+    check.conf["prevResult"] = r;
+    let (ok, e) = check.run("CHECK", "ck", &ns, &[]);
+    assert!(!ok);
+    assert_eq!(e["code"], 103);
+    assert!(e["details"].as_str().unwrap().contains("MTU 1300"), "{e}");
+    assert!(call.run("DEL", "ck", &ns, &[]).0);
+    nothing_left(&lab);
+}
+
+#[test]
+fn requested_addresses_are_honoured() {
+    let _g = net_lock();
+    let lab = Lab::up("", &[]);
+    let call = Call { lab: &lab, conf: conf(&lab, "1.0.0") };
+    let ns1 = netns(&lab, "r1");
+    let (ok, r) = call.run("ADD", "r1", &ns1, &[("CNI_ARGS", "IgnoreUnknown=1;IP=198.18.16.77")]);
+    assert!(ok, "{r}");
+    assert_eq!(r["ips"][0]["address"], "198.18.16.77/32");
+    let mut rc = conf(&lab, "1.0.0");
+    rc["runtimeConfig"] = json!({"ips": ["198.18.16.88/24"]});
+    let ns2 = netns(&lab, "r2");
+    let (ok, r) = Call { lab: &lab, conf: rc }.run("ADD", "r2", &ns2, &[]);
+    assert!(ok, "{r}");
+    assert_eq!(r["ips"][0]["address"], "198.18.16.88/32");
+    let ns3 = netns(&lab, "r3");
+    let (ok, e) = call.run("ADD", "r3", &ns3, &[("CNI_ARGS", "IP=198.18.16.77")]);
+    assert!(!ok);
+    assert_eq!(e["code"], 100, "taken");
+    for (id, ns) in [("r1", &ns1), ("r2", &ns2), ("r3", &ns3)] {
+        assert!(call.run("DEL", id, ns, &[]).0);
+    }
+    nothing_left(&lab);
+}
+
+#[test]
+fn gc_removes_what_the_runtime_no_longer_knows() {
+    let _g = net_lock();
+    let lab = Lab::up("", &[]);
+    let call = Call { lab: &lab, conf: conf(&lab, "1.1.0") };
+    let keep = netns(&lab, "g1");
+    let leak = netns(&lab, "g2");
+    assert!(call.run("ADD", "keep", &keep, &[]).0);
+    assert!(call.run("ADD", "leak", &leak, &[]).0);
+    let mut gc = conf(&lab, "1.1.0");
+    gc["cni.dev/valid-attachments"] = json!([{"containerID": "keep", "ifname": "eth0"}]);
+    assert!(Call { lab: &lab, conf: gc }.run("GC", "", "", &[]).0);
+    assert_eq!(host_links(&lab).len(), 1);
+    assert_eq!(leases(&lab), 1);
+    assert_eq!(port_count(&lab), 1);
+    let mut gc = conf(&lab, "1.1.0");
+    gc["cni.dev/attachments"] = json!([]);
+    assert!(Call { lab: &lab, conf: gc }.run("GC", "", "", &[]).0, "the older key works too");
+    nothing_left(&lab);
+}
+
+#[test]
+fn fifty_parallel_adds_get_distinct_addresses_and_dels_leave_nothing() {
+    let _g = net_lock();
+    let lab = Lab::up("", &[]);
+    let nss: Vec<String> = (0..50).map(|i| netns(&lab, &format!("p{i}"))).collect();
+    let lab = &lab;
+    let results: Vec<(bool, Value)> = std::thread::scope(|s| {
+        let hs: Vec<_> = nss.iter().enumerate().map(|(i, ns)| s.spawn(move || Call { lab, conf: conf(lab, "1.0.0") }.run("ADD", &format!("par{i}"), ns, &[]))).collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let mut addrs: Vec<String> = results.iter().map(|(ok, r)| {
+        assert!(ok, "{r}");
+        r["ips"][0]["address"].as_str().unwrap().to_string()
+    }).collect();
+    addrs.sort();
+    addrs.dedup();
+    assert_eq!(addrs.len(), 50, "distinct addresses");
+    assert_eq!(port_count(lab), 50);
+    std::thread::scope(|s| {
+        for (i, ns) in nss.iter().enumerate() {
+            s.spawn(move || assert!(Call { lab, conf: conf(lab, "1.0.0") }.run("DEL", &format!("par{i}"), ns, &[]).0));
+        }
+    });
+    nothing_left(lab);
+}
+
+#[test]
+fn killed_in_the_middle_of_add_then_del_leaves_nothing() {
+    let _g = net_lock();
+    let lab = Lab::up("", &[]);
+    for (i, delay_ms) in [2u64, 6, 10, 15, 25].iter().enumerate() {
+        let ns = netns(&lab, &format!("k{i}"));
+        let id = format!("kill{i}");
+        let mut child = Command::new("ip")
+            .args(["netns", "exec", &lab.node_ns()])
+            .arg(bin_dir().join("strom-cni"))
+            .env("CNI_COMMAND", "ADD")
+            .env("CNI_CONTAINERID", &id)
+            .env("CNI_NETNS", &ns)
+            .env("CNI_IFNAME", "eth0")
+            .env("CNI_PATH", "/usr/lib/cni")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        child.stdin.take().unwrap().write_all(conf(&lab, "1.0.0").to_string().as_bytes()).unwrap();
+        std::thread::sleep(Duration::from_millis(*delay_ms));
+        let _ = child.kill();
+        let _ = child.wait();
+        // A runtime's DEL comes later than the helpers (ip, nsenter) the killed plugin had
+        // already started; let them finish as they would before a real DEL.
+        std::thread::sleep(Duration::from_millis(100));
+        assert!(Call { lab: &lab, conf: conf(&lab, "1.0.0") }.run("DEL", &id, &ns, &[]).0);
+        nothing_left(&lab);
+    }
+}
+
+#[test]
+fn host_local_ipam_is_delegated_to() {
+    let _g = net_lock();
+    assert!(std::path::Path::new("/usr/lib/cni/host-local").is_file(), "containernetworking-plugins is installed by the setup script");
+    let lab = Lab::up("", &[]);
+    let mut c = conf(&lab, "1.0.0");
+    c["ipam"] = json!({"type": "host-local", "ranges": [[{"subnet": "198.18.16.0/24", "rangeStart": "198.18.16.200", "rangeEnd": "198.18.16.210"}]], "dataDir": lab.dir.join("host-local").display().to_string()});
+    let call = Call { lab: &lab, conf: c };
+    let ns = netns(&lab, "hl");
+    let (ok, r) = call.run("ADD", "hl", &ns, &[]);
+    assert!(ok, "{r}");
+    assert_eq!(r["ips"][0]["address"], "198.18.16.200/32");
+    assert!(call.run("DEL", "hl", &ns, &[]).0);
+    assert!(host_links(&lab).is_empty());
+    let left: Vec<_> = std::fs::read_dir(lab.dir.join("host-local/strom-test")).map(|d| d.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).filter(|n| n.starts_with("198.")).collect()).unwrap_or_default();
+    assert!(left.is_empty(), "host-local released its lease: {left:?}");
+}
