@@ -105,11 +105,11 @@ struct Port {
     local: Local,
 }
 
+/// The shared halves of the workers and their command receivers.
+pub type Created = (Vec<Arc<WorkerShared>>, Vec<Receiver<Command>>);
+
 /// Creates the shared halves of `n` workers and their command receivers.
-pub fn create(
-    n: usize,
-    cores: &[usize],
-) -> Result<(Vec<Arc<WorkerShared>>, Vec<Receiver<Command>>), crate::xsk::XskError> {
+pub fn create(n: usize, cores: &[usize]) -> Result<Created, crate::xsk::XskError> {
     let mut shared = Vec::with_capacity(n);
     let mut rxs = Vec::with_capacity(n);
     for id in 0..n {

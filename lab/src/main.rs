@@ -364,7 +364,7 @@ fn demo(dir: &std::path::Path, path: &std::path::Path, o: &UpOpts) -> anyhow::Re
 }
 
 fn demo_checks(st: &State) -> anyhow::Result<bool> {
-    println!("\n{:<14} {:<16} {}", "POD", "IP", "NETNS");
+    println!("\n{:<14} {:<16} NETNS", "POD", "IP");
     for (k, p) in &st.pods {
         println!("{k:<14} {:<16} {}", p.ip.as_deref().unwrap_or("-"), p.netns);
     }

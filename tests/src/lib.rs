@@ -24,7 +24,10 @@ pub const NS_PREFIX: &str = "zt";
 /// earlier, crashed run once per test binary.
 pub fn net_lock() -> MutexGuard<'static, ()> {
     SWEEP.call_once(|| {
-        let out = Command::new("ip").args(["netns", "list"]).output().expect("ip netns list");
+        let out = Command::new("ip")
+            .args(["netns", "list"])
+            .output()
+            .expect("ip netns list");
         for l in String::from_utf8_lossy(&out.stdout).lines() {
             let ns = l.split_whitespace().next().unwrap_or("");
             if ns.starts_with(NS_PREFIX) {
@@ -41,16 +44,26 @@ pub fn bin_dir() -> PathBuf {
         return PathBuf::from(d);
     }
     let exe = std::env::current_exe().expect("current exe");
-    let dir = exe.parent().and_then(Path::parent).expect("target/<profile>").to_path_buf();
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target/<profile>")
+        .to_path_buf();
     for b in ["stromd", "strom-cni", "strom-lab", "stromctl"] {
-        assert!(dir.join(b).is_file(), "{} missing: build the workspace first (cargo build --release --workspace)", dir.join(b).display());
+        assert!(
+            dir.join(b).is_file(),
+            "{} missing: build the workspace first (cargo build --release --workspace)",
+            dir.join(b).display()
+        );
     }
     dir
 }
 
 /// Runs a command, returning its output (never panics on failure status).
 pub fn sh(cmd: &mut Command) -> Output {
-    cmd.stdin(Stdio::null()).output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"))
+    cmd.stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("{cmd:?}: {e}"))
 }
 
 /// A lab node with pods, brought down on drop.
@@ -69,9 +82,23 @@ impl Lab {
         let _ = std::fs::remove_dir_all(&dir);
         let mpath = std::env::temp_dir().join(format!("strom-test-{prefix}.yaml"));
         std::fs::write(&mpath, manifest).unwrap();
-        let lab = Lab { dir, prefix, _manifest: mpath.clone() };
-        let out = sh(lab.cmd().arg("up").arg(&mpath).args(["--prefix", &lab.prefix]).args(flags));
-        assert!(out.status.success(), "strom-lab up: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        let lab = Lab {
+            dir,
+            prefix,
+            _manifest: mpath.clone(),
+        };
+        let out = sh(lab
+            .cmd()
+            .arg("up")
+            .arg(&mpath)
+            .args(["--prefix", &lab.prefix])
+            .args(flags));
+        assert!(
+            out.status.success(),
+            "strom-lab up: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
         lab
     }
 
@@ -97,7 +124,17 @@ impl Lab {
 
     /// `strom-lab probe`: true on allow.
     pub fn probe(&self, from: &str, to: &str, port: u16, proto: &str) -> bool {
-        let o = sh(self.cmd().args(["probe", "--from", from, "--to", to, "--port", &port.to_string(), "--protocol", proto]));
+        let o = sh(self.cmd().args([
+            "probe",
+            "--from",
+            from,
+            "--to",
+            to,
+            "--port",
+            &port.to_string(),
+            "--protocol",
+            proto,
+        ]));
         o.status.success()
     }
 
@@ -108,15 +145,27 @@ impl Lab {
 
     /// `stromctl -o json ...`.
     pub fn stromctl(&self, args: &[&str]) -> Value {
-        let o = sh(Command::new(bin_dir().join("stromctl")).arg("--socket").arg(self.socket()).args(["-o", "json"]).args(args));
-        assert!(o.status.success(), "stromctl {args:?}: {}", String::from_utf8_lossy(&o.stderr));
+        let o = sh(Command::new(bin_dir().join("stromctl"))
+            .arg("--socket")
+            .arg(self.socket())
+            .args(["-o", "json"])
+            .args(args));
+        assert!(
+            o.status.success(),
+            "stromctl {args:?}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
         serde_json::from_slice(&o.stdout).expect("stromctl json")
     }
 
     /// The pod's address.
     pub fn pod_ip(&self, key: &str) -> String {
-        let st: Value = serde_json::from_slice(&std::fs::read(self.dir.join("state.json")).unwrap()).unwrap();
-        st["pods"][key]["ip"].as_str().unwrap_or_else(|| panic!("no ip for {key}")).to_string()
+        let st: Value =
+            serde_json::from_slice(&std::fs::read(self.dir.join("state.json")).unwrap()).unwrap();
+        st["pods"][key]["ip"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no ip for {key}"))
+            .to_string()
     }
 
     /// Sum of a drop reason over all workers.
@@ -167,11 +216,19 @@ pub fn namespaces_with(prefix: &str) -> Vec<String> {
 pub fn pod(ns: &str, name: &str, tcp: &[u16], udp: &[u16]) -> String {
     let mut ports = String::new();
     for p in tcp {
-        ports.push_str(&format!("        - {{ containerPort: {p}, protocol: TCP }}\n"));
+        ports.push_str(&format!(
+            "        - {{ containerPort: {p}, protocol: TCP }}\n"
+        ));
     }
     for p in udp {
-        ports.push_str(&format!("        - {{ containerPort: {p}, protocol: UDP }}\n"));
+        ports.push_str(&format!(
+            "        - {{ containerPort: {p}, protocol: UDP }}\n"
+        ));
     }
-    let ports = if ports.is_empty() { String::new() } else { format!("      ports:\n{ports}") };
+    let ports = if ports.is_empty() {
+        String::new()
+    } else {
+        format!("      ports:\n{ports}")
+    };
     format!("---\nkind: Pod\nmetadata: {{ name: {name}, namespace: {ns} }}\nspec:\n  containers:\n    - name: c\n{ports}")
 }

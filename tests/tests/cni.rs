@@ -32,7 +32,13 @@ fn conf(lab: &Lab, version: &str) -> Value {
 
 impl Call<'_> {
     /// Runs strom-cni in the node namespace. Returns (exit ok, stdout JSON).
-    fn run(&self, command: &str, container: &str, netns: &str, env: &[(&str, &str)]) -> (bool, Value) {
+    fn run(
+        &self,
+        command: &str,
+        container: &str,
+        netns: &str,
+        env: &[(&str, &str)],
+    ) -> (bool, Value) {
         let mut c = Command::new("ip");
         c.args(["netns", "exec", &self.lab.node_ns()])
             .arg(bin_dir().join("strom-cni"))
@@ -43,28 +49,58 @@ impl Call<'_> {
             .env("CNI_NETNS", netns)
             .env("CNI_IFNAME", "eth0")
             .env("CNI_PATH", format!("{}:/usr/lib/cni", bin_dir().display()))
-            .env("CNI_ARGS", "IgnoreUnknown=1;K8S_POD_NAMESPACE=t;K8S_POD_NAME=p");
+            .env(
+                "CNI_ARGS",
+                "IgnoreUnknown=1;K8S_POD_NAMESPACE=t;K8S_POD_NAME=p",
+            );
         for (k, v) in env {
             c.env(k, v);
         }
-        let mut child = c.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
-        child.stdin.take().unwrap().write_all(self.conf.to_string().as_bytes()).unwrap();
+        let mut child = c
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(self.conf.to_string().as_bytes())
+            .unwrap();
         let out = child.wait_with_output().unwrap();
-        let v = if out.stdout.is_empty() { Value::Null } else { serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("stdout is not JSON ({e}): {}", String::from_utf8_lossy(&out.stdout))) };
+        let v = if out.stdout.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+                panic!(
+                    "stdout is not JSON ({e}): {}",
+                    String::from_utf8_lossy(&out.stdout)
+                )
+            })
+        };
         (out.status.success(), v)
     }
 }
 
 fn netns(lab: &Lab, name: &str) -> String {
     let ns = format!("{}-{name}", lab.prefix);
-    assert!(sh(Command::new("ip").args(["netns", "add", &ns])).status.success());
+    assert!(sh(Command::new("ip").args(["netns", "add", &ns]))
+        .status
+        .success());
     format!("/run/netns/{ns}")
 }
 
 fn host_links(lab: &Lab) -> Vec<String> {
-    let o = sh(Command::new("ip").args(["-n", &lab.node_ns(), "-j", "link", "show", "type", "veth"]));
+    let o =
+        sh(Command::new("ip").args(["-n", &lab.node_ns(), "-j", "link", "show", "type", "veth"]));
     let v: Value = serde_json::from_slice(&o.stdout).unwrap_or(Value::Null);
-    v.as_array().into_iter().flatten().filter_map(|l| l["ifname"].as_str().map(str::to_string)).filter(|n| n.starts_with("st")).collect()
+    v.as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|l| l["ifname"].as_str().map(str::to_string))
+        .filter(|n| n.starts_with("st"))
+        .collect()
 }
 
 fn leases(lab: &Lab) -> usize {
@@ -76,11 +112,18 @@ fn leases(lab: &Lab) -> usize {
 }
 
 fn port_count(lab: &Lab) -> usize {
-    lab.stromctl(&["ports"])["ports"].as_array().map(Vec::len).unwrap_or(0)
+    lab.stromctl(&["ports"])["ports"]
+        .as_array()
+        .map(Vec::len)
+        .unwrap_or(0)
 }
 
 fn nothing_left(lab: &Lab) {
-    assert!(host_links(lab).is_empty(), "no veth left: {:?}", host_links(lab));
+    assert!(
+        host_links(lab).is_empty(),
+        "no veth left: {:?}",
+        host_links(lab)
+    );
     assert_eq!(leases(lab), 0, "no lease left");
     assert_eq!(port_count(lab), 0, "no stromd port left");
 }
@@ -90,7 +133,10 @@ fn add_check_del_in_every_supported_version() {
     let _g = net_lock();
     let lab = Lab::up("", &[]);
     for (i, version) in ["0.4.0", "1.0.0", "1.1.0"].iter().enumerate() {
-        let call = Call { lab: &lab, conf: conf(&lab, version) };
+        let call = Call {
+            lab: &lab,
+            conf: conf(&lab, version),
+        };
         let ns = netns(&lab, &format!("v{i}"));
         let id = format!("c{i}");
         let (ok, r) = call.run("ADD", &id, &ns, &[]);
@@ -102,20 +148,33 @@ fn add_check_del_in_every_supported_version() {
         assert_eq!(r["ips"][0]["interface"], 1);
         assert_eq!(r["ips"][0]["gateway"], "169.254.1.1");
         assert!(r["ips"][0]["address"].as_str().unwrap().ends_with("/32"));
-        assert_eq!(r["ips"][0].get("version").is_some(), version.starts_with("0."), "{r}");
+        assert_eq!(
+            r["ips"][0].get("version").is_some(),
+            version.starts_with("0."),
+            "{r}"
+        );
         assert_eq!(r["routes"][0]["dst"], "0.0.0.0/0");
         assert_eq!(r["dns"]["nameservers"][0], "198.18.0.53");
         assert_eq!(port_count(&lab), 1);
-        let mut check = Call { lab: &lab, conf: conf(&lab, version) };
+        let mut check = Call {
+            lab: &lab,
+            conf: conf(&lab, version),
+        };
         check.conf["prevResult"] = r.clone();
         let (ok, out) = check.run("CHECK", &id, &ns, &[]);
         assert!(ok, "CHECK {version}: {out}");
-        let mut del = Call { lab: &lab, conf: conf(&lab, version) };
+        let mut del = Call {
+            lab: &lab,
+            conf: conf(&lab, version),
+        };
         del.conf["prevResult"] = r;
         assert!(del.run("DEL", &id, &ns, &[]).0);
         nothing_left(&lab);
         assert!(call.run("DEL", &id, &ns, &[]).0, "DEL again succeeds");
-        assert!(call.run("DEL", &id, "", &[]).0, "DEL without a netns succeeds");
+        assert!(
+            call.run("DEL", &id, "", &[]).0,
+            "DEL without a netns succeeds"
+        );
     }
 }
 
@@ -124,9 +183,18 @@ fn version_and_error_codes_follow_the_spec() {
     let _g = net_lock();
     let lab = Lab::up("", &[]);
     let ns = netns(&lab, "e");
-    let call = |conf: Value, env: &[(&str, &str)]| Call { lab: &lab, conf }.run("ADD", "cerr", &ns, env);
-    let v = Call { lab: &lab, conf: json!({"cniVersion": "1.0.0"}) }.run("VERSION", "", "", &[]).1;
-    assert_eq!(v["supportedVersions"], json!(["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"]));
+    let call =
+        |conf: Value, env: &[(&str, &str)]| Call { lab: &lab, conf }.run("ADD", "cerr", &ns, env);
+    let v = Call {
+        lab: &lab,
+        conf: json!({"cniVersion": "1.0.0"}),
+    }
+    .run("VERSION", "", "", &[])
+    .1;
+    assert_eq!(
+        v["supportedVersions"],
+        json!(["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"])
+    );
     let mut c = conf(&lab, "0.2.0");
     assert_eq!(call(c.clone(), &[]).1["code"], 1, "incompatible version");
     c["cniVersion"] = json!("1.0.0");
@@ -138,12 +206,35 @@ fn version_and_error_codes_follow_the_spec() {
     let mut c = conf(&lab, "1.0.0");
     c["ipam"] = json!({"type": "no-such-ipam"});
     assert_eq!(call(c, &[]).1["code"], 7, "unknown ipam plugin");
-    assert_eq!(call(conf(&lab, "1.0.0"), &[("CNI_CONTAINERID", "")]).1["code"], 4, "missing container id");
-    assert_eq!(call(conf(&lab, "1.0.0"), &[("CNI_NETNS", "/run/netns/none-such")]).1["code"], 4, "netns missing");
-    assert_eq!(call(conf(&lab, "1.0.0"), &[("CNI_ARGS", "IP=10.0.0.1")]).1["code"], 100, "requested IP outside the subnet");
-    let (ok, e) = Call { lab: &lab, conf: json!(null) }.run("ADD", "cerr", &ns, &[]);
+    assert_eq!(
+        call(conf(&lab, "1.0.0"), &[("CNI_CONTAINERID", "")]).1["code"],
+        4,
+        "missing container id"
+    );
+    assert_eq!(
+        call(
+            conf(&lab, "1.0.0"),
+            &[("CNI_NETNS", "/run/netns/none-such")]
+        )
+        .1["code"],
+        4,
+        "netns missing"
+    );
+    assert_eq!(
+        call(conf(&lab, "1.0.0"), &[("CNI_ARGS", "IP=10.0.0.1")]).1["code"],
+        100,
+        "requested IP outside the subnet"
+    );
+    let (ok, e) = Call {
+        lab: &lab,
+        conf: json!(null),
+    }
+    .run("ADD", "cerr", &ns, &[]);
     assert!(!ok);
-    assert_eq!(e["code"], 1, "a config that is not an object has no version we support");
+    assert_eq!(
+        e["code"], 1,
+        "a config that is not an object has no version we support"
+    );
     nothing_left(&lab);
 }
 
@@ -159,12 +250,28 @@ fn stromd_down_gives_try_again_later_and_leaves_nothing() {
     assert!(!ok);
     assert_eq!(e["code"], 11, "{e}");
     nothing_left(&lab);
-    let o = sh(Command::new("ip").args(["netns", "exec", ns.trim_start_matches("/run/netns/"), "ip", "link", "show", "eth0"]));
+    let o = sh(Command::new("ip").args([
+        "netns",
+        "exec",
+        ns.trim_start_matches("/run/netns/"),
+        "ip",
+        "link",
+        "show",
+        "eth0",
+    ]));
     assert!(!o.status.success(), "no eth0 left in the pod");
     let (ok, e) = call.run("STATUS", "", "", &[]);
     assert!(!ok);
     assert_eq!(e["code"], 50);
-    assert!(Call { lab: &lab, conf: conf(&lab, "1.1.0") }.run("STATUS", "", "", &[]).0, "STATUS with stromd up");
+    assert!(
+        Call {
+            lab: &lab,
+            conf: conf(&lab, "1.1.0")
+        }
+        .run("STATUS", "", "", &[])
+        .0,
+        "STATUS with stromd up"
+    );
 }
 
 #[test]
@@ -172,11 +279,27 @@ fn check_names_what_differs() {
     let _g = net_lock();
     let lab = Lab::up("", &[]);
     let ns = netns(&lab, "k");
-    let call = Call { lab: &lab, conf: conf(&lab, "1.0.0") };
+    let call = Call {
+        lab: &lab,
+        conf: conf(&lab, "1.0.0"),
+    };
     let (ok, r) = call.run("ADD", "ck", &ns, &[]);
     assert!(ok);
-    sh(Command::new("ip").args(["netns", "exec", ns.trim_start_matches("/run/netns/"), "ip", "link", "set", "eth0", "mtu", "1300"]));
-    let mut check = Call { lab: &lab, conf: conf(&lab, "1.0.0") };
+    sh(Command::new("ip").args([
+        "netns",
+        "exec",
+        ns.trim_start_matches("/run/netns/"),
+        "ip",
+        "link",
+        "set",
+        "eth0",
+        "mtu",
+        "1300",
+    ]));
+    let mut check = Call {
+        lab: &lab,
+        conf: conf(&lab, "1.0.0"),
+    };
     check.conf["prevResult"] = r;
     let (ok, e) = check.run("CHECK", "ck", &ns, &[]);
     assert!(!ok);
@@ -190,15 +313,27 @@ fn check_names_what_differs() {
 fn requested_addresses_are_honoured() {
     let _g = net_lock();
     let lab = Lab::up("", &[]);
-    let call = Call { lab: &lab, conf: conf(&lab, "1.0.0") };
+    let call = Call {
+        lab: &lab,
+        conf: conf(&lab, "1.0.0"),
+    };
     let ns1 = netns(&lab, "r1");
-    let (ok, r) = call.run("ADD", "r1", &ns1, &[("CNI_ARGS", "IgnoreUnknown=1;IP=198.18.16.77")]);
+    let (ok, r) = call.run(
+        "ADD",
+        "r1",
+        &ns1,
+        &[("CNI_ARGS", "IgnoreUnknown=1;IP=198.18.16.77")],
+    );
     assert!(ok, "{r}");
     assert_eq!(r["ips"][0]["address"], "198.18.16.77/32");
     let mut rc = conf(&lab, "1.0.0");
     rc["runtimeConfig"] = json!({"ips": ["198.18.16.88/24"]});
     let ns2 = netns(&lab, "r2");
-    let (ok, r) = Call { lab: &lab, conf: rc }.run("ADD", "r2", &ns2, &[]);
+    let (ok, r) = Call {
+        lab: &lab,
+        conf: rc,
+    }
+    .run("ADD", "r2", &ns2, &[]);
     assert!(ok, "{r}");
     assert_eq!(r["ips"][0]["address"], "198.18.16.88/32");
     let ns3 = netns(&lab, "r3");
@@ -215,20 +350,38 @@ fn requested_addresses_are_honoured() {
 fn gc_removes_what_the_runtime_no_longer_knows() {
     let _g = net_lock();
     let lab = Lab::up("", &[]);
-    let call = Call { lab: &lab, conf: conf(&lab, "1.1.0") };
+    let call = Call {
+        lab: &lab,
+        conf: conf(&lab, "1.1.0"),
+    };
     let keep = netns(&lab, "g1");
     let leak = netns(&lab, "g2");
     assert!(call.run("ADD", "keep", &keep, &[]).0);
     assert!(call.run("ADD", "leak", &leak, &[]).0);
     let mut gc = conf(&lab, "1.1.0");
     gc["cni.dev/valid-attachments"] = json!([{"containerID": "keep", "ifname": "eth0"}]);
-    assert!(Call { lab: &lab, conf: gc }.run("GC", "", "", &[]).0);
+    assert!(
+        Call {
+            lab: &lab,
+            conf: gc
+        }
+        .run("GC", "", "", &[])
+        .0
+    );
     assert_eq!(host_links(&lab).len(), 1);
     assert_eq!(leases(&lab), 1);
     assert_eq!(port_count(&lab), 1);
     let mut gc = conf(&lab, "1.1.0");
     gc["cni.dev/attachments"] = json!([]);
-    assert!(Call { lab: &lab, conf: gc }.run("GC", "", "", &[]).0, "the older key works too");
+    assert!(
+        Call {
+            lab: &lab,
+            conf: gc
+        }
+        .run("GC", "", "", &[])
+        .0,
+        "the older key works too"
+    );
     nothing_left(&lab);
 }
 
@@ -239,20 +392,44 @@ fn fifty_parallel_adds_get_distinct_addresses_and_dels_leave_nothing() {
     let nss: Vec<String> = (0..50).map(|i| netns(&lab, &format!("p{i}"))).collect();
     let lab = &lab;
     let results: Vec<(bool, Value)> = std::thread::scope(|s| {
-        let hs: Vec<_> = nss.iter().enumerate().map(|(i, ns)| s.spawn(move || Call { lab, conf: conf(lab, "1.0.0") }.run("ADD", &format!("par{i}"), ns, &[]))).collect();
+        let hs: Vec<_> = nss
+            .iter()
+            .enumerate()
+            .map(|(i, ns)| {
+                s.spawn(move || {
+                    Call {
+                        lab,
+                        conf: conf(lab, "1.0.0"),
+                    }
+                    .run("ADD", &format!("par{i}"), ns, &[])
+                })
+            })
+            .collect();
         hs.into_iter().map(|h| h.join().unwrap()).collect()
     });
-    let mut addrs: Vec<String> = results.iter().map(|(ok, r)| {
-        assert!(ok, "{r}");
-        r["ips"][0]["address"].as_str().unwrap().to_string()
-    }).collect();
+    let mut addrs: Vec<String> = results
+        .iter()
+        .map(|(ok, r)| {
+            assert!(ok, "{r}");
+            r["ips"][0]["address"].as_str().unwrap().to_string()
+        })
+        .collect();
     addrs.sort();
     addrs.dedup();
     assert_eq!(addrs.len(), 50, "distinct addresses");
     assert_eq!(port_count(lab), 50);
     std::thread::scope(|s| {
         for (i, ns) in nss.iter().enumerate() {
-            s.spawn(move || assert!(Call { lab, conf: conf(lab, "1.0.0") }.run("DEL", &format!("par{i}"), ns, &[]).0));
+            s.spawn(move || {
+                assert!(
+                    Call {
+                        lab,
+                        conf: conf(lab, "1.0.0")
+                    }
+                    .run("DEL", &format!("par{i}"), ns, &[])
+                    .0
+                )
+            });
         }
     });
     nothing_left(lab);
@@ -278,14 +455,26 @@ fn killed_in_the_middle_of_add_then_del_leaves_nothing() {
             .stderr(Stdio::null())
             .spawn()
             .unwrap();
-        child.stdin.take().unwrap().write_all(conf(&lab, "1.0.0").to_string().as_bytes()).unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(conf(&lab, "1.0.0").to_string().as_bytes())
+            .unwrap();
         std::thread::sleep(Duration::from_millis(*delay_ms));
         let _ = child.kill();
         let _ = child.wait();
         // A runtime's DEL comes later than the helpers (ip, nsenter) the killed plugin had
         // already started; let them finish as they would before a real DEL.
         std::thread::sleep(Duration::from_millis(100));
-        assert!(Call { lab: &lab, conf: conf(&lab, "1.0.0") }.run("DEL", &id, &ns, &[]).0);
+        assert!(
+            Call {
+                lab: &lab,
+                conf: conf(&lab, "1.0.0")
+            }
+            .run("DEL", &id, &ns, &[])
+            .0
+        );
         nothing_left(&lab);
     }
 }
@@ -293,7 +482,10 @@ fn killed_in_the_middle_of_add_then_del_leaves_nothing() {
 #[test]
 fn host_local_ipam_is_delegated_to() {
     let _g = net_lock();
-    assert!(std::path::Path::new("/usr/lib/cni/host-local").is_file(), "containernetworking-plugins is installed by the setup script");
+    assert!(
+        std::path::Path::new("/usr/lib/cni/host-local").is_file(),
+        "containernetworking-plugins is installed by the setup script"
+    );
     let lab = Lab::up("", &[]);
     let mut c = conf(&lab, "1.0.0");
     c["ipam"] = json!({"type": "host-local", "ranges": [[{"subnet": "198.18.16.0/24", "rangeStart": "198.18.16.200", "rangeEnd": "198.18.16.210"}]], "dataDir": lab.dir.join("host-local").display().to_string()});
@@ -304,6 +496,13 @@ fn host_local_ipam_is_delegated_to() {
     assert_eq!(r["ips"][0]["address"], "198.18.16.200/32");
     assert!(call.run("DEL", "hl", &ns, &[]).0);
     assert!(host_links(&lab).is_empty());
-    let left: Vec<_> = std::fs::read_dir(lab.dir.join("host-local/strom-test")).map(|d| d.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).filter(|n| n.starts_with("198.")).collect()).unwrap_or_default();
+    let left: Vec<_> = std::fs::read_dir(lab.dir.join("host-local/strom-test"))
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.starts_with("198."))
+                .collect()
+        })
+        .unwrap_or_default();
     assert!(left.is_empty(), "host-local released its lease: {left:?}");
 }

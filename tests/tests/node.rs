@@ -24,12 +24,33 @@ fn pod_to_pod_icmp_tcp_and_udp_pass_through_stromd() {
     let lab = Lab::up(&two_pods(), &[]);
     assert!(lab.probe("t/a", "t/b", 80, "tcp"));
     assert!(lab.probe("t/b", "t/a", 53, "udp"));
-    let ping = lab.exec("t/a", &["ping", "-c", "2", "-i", "0.2", "-W", "1", &lab.pod_ip("t/b")]);
-    assert!(ping.status.success(), "{}", String::from_utf8_lossy(&ping.stdout));
+    let ping = lab.exec(
+        "t/a",
+        &[
+            "ping",
+            "-c",
+            "2",
+            "-i",
+            "0.2",
+            "-W",
+            "1",
+            &lab.pod_ip("t/b"),
+        ],
+    );
+    assert!(
+        ping.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ping.stdout)
+    );
     let text = String::from_utf8_lossy(&ping.stdout);
     assert!(text.contains("ttl=63"), "one routed hop: {text}");
     let ports = lab.stromctl(&["ports"]);
-    let rx: u64 = ports["ports"].as_array().unwrap().iter().map(|p| p["counters"]["rx_packets"].as_u64().unwrap()).sum();
+    let rx: u64 = ports["ports"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["counters"]["rx_packets"].as_u64().unwrap())
+        .sum();
     assert!(rx >= 6, "stromd saw the traffic: {ports}");
 }
 
@@ -49,7 +70,15 @@ fn gateway_arp_is_answered_with_the_host_side_mac() {
     let v: serde_json::Value = serde_json::from_slice(&n.stdout).unwrap();
     let lladdr = v[0]["lladdr"].as_str().unwrap_or_default().to_string();
     let ports = lab.stromctl(&["ports"]);
-    let host_mac = ports["ports"].as_array().unwrap().iter().find(|p| p["spec"]["pod_name"] == "a").unwrap()["host_mac"].as_str().unwrap().to_string();
+    let host_mac = ports["ports"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["spec"]["pod_name"] == "a")
+        .unwrap()["host_mac"]
+        .as_str()
+        .unwrap()
+        .to_string();
     assert_eq!(lladdr, host_mac);
 }
 
@@ -57,9 +86,15 @@ fn gateway_arp_is_answered_with_the_host_side_mac() {
 fn ttl_expiry_gets_time_exceeded_from_the_gateway() {
     let _g = net_lock();
     let lab = Lab::up(&two_pods(), &[]);
-    let o = lab.exec("t/a", &["ping", "-c", "1", "-W", "1", "-t", "1", &lab.pod_ip("t/b")]);
+    let o = lab.exec(
+        "t/a",
+        &["ping", "-c", "1", "-W", "1", "-t", "1", &lab.pod_ip("t/b")],
+    );
     let text = String::from_utf8_lossy(&o.stdout);
-    assert!(text.contains("From 169.254.1.1") && text.contains("Time to live exceeded"), "{text}");
+    assert!(
+        text.contains("From 169.254.1.1") && text.contains("Time to live exceeded"),
+        "{text}"
+    );
     assert!(lab.drops("ttl_expired") >= 1);
 }
 
@@ -67,9 +102,16 @@ fn ttl_expiry_gets_time_exceeded_from_the_gateway() {
 fn node_reaches_pods_and_pods_reach_the_node() {
     let _g = net_lock();
     let lab = Lab::up(&two_pods(), &[]);
-    assert!(lab.probe("node", "t/a", 80, "tcp"), "kubelet-style probe from the node");
+    assert!(
+        lab.probe("node", "t/a", 80, "tcp"),
+        "kubelet-style probe from the node"
+    );
     let o = lab.exec("t/b", &["ping", "-c", "1", "-W", "1", "198.18.0.1"]);
-    assert!(o.status.success(), "pod -> node address: {}", String::from_utf8_lossy(&o.stdout));
+    assert!(
+        o.status.success(),
+        "pod -> node address: {}",
+        String::from_utf8_lossy(&o.stdout)
+    );
 }
 
 #[test]
@@ -77,14 +119,22 @@ fn two_workers_forward_across_workers() {
     let _g = net_lock();
     let lab = Lab::up(&two_pods(), &["--workers", "2"]);
     let ports = lab.stromctl(&["ports"]);
-    let workers: Vec<u64> = ports["ports"].as_array().unwrap().iter().map(|p| p["worker"].as_u64().unwrap()).collect();
+    let workers: Vec<u64> = ports["ports"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["worker"].as_u64().unwrap())
+        .collect();
     assert_eq!(workers.len(), 2);
     assert_ne!(workers[0], workers[1], "one pod per worker");
     assert!(lab.probe("t/a", "t/b", 80, "tcp"));
     assert!(lab.probe("t/b", "t/a", 53, "udp"));
     let stats = lab.stromctl(&["stats"]);
     for w in stats["workers"].as_array().unwrap() {
-        assert!(w["counters"]["rx_packets"].as_u64().unwrap() > 0, "every worker received: {stats}");
+        assert!(
+            w["counters"]["rx_packets"].as_u64().unwrap() > 0,
+            "every worker received: {stats}"
+        );
     }
 }
 
@@ -95,7 +145,16 @@ fn removing_a_port_under_traffic_keeps_the_others_working() {
     let lab = Lab::up(&three, &[]);
     let b_ip = lab.pod_ip("t/b");
     let mut flood = Command::new("ip")
-        .args(["netns", "exec", &lab.pod_ns("t/a"), "ping", "-f", "-w", "3", &b_ip])
+        .args([
+            "netns",
+            "exec",
+            &lab.pod_ns("t/a"),
+            "ping",
+            "-f",
+            "-w",
+            "3",
+            &b_ip,
+        ])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -110,8 +169,14 @@ fn removing_a_port_under_traffic_keeps_the_others_working() {
     let status = lab.stromctl(&["status"]);
     assert_eq!(status["ready"], true, "stromd survived");
     assert_eq!(status["ports"], 2);
-    assert!(lab.probe("t/a", "t/c", 80, "tcp"), "the other pods still talk");
-    assert!(!lab.probe("t/a", &b_ip, 80, "tcp"), "the removed pod is gone");
+    assert!(
+        lab.probe("t/a", "t/c", 80, "tcp"),
+        "the other pods still talk"
+    );
+    assert!(
+        !lab.probe("t/a", &b_ip, 80, "tcp"),
+        "the removed pod is gone"
+    );
 }
 
 #[test]
@@ -120,13 +185,28 @@ fn stromd_restart_under_traffic_resumes_within_two_seconds() {
     let lab = Lab::up(&two_pods(), &[]);
     let b_ip = lab.pod_ip("t/b");
     let ping = Command::new("ip")
-        .args(["netns", "exec", &lab.pod_ns("t/a"), "ping", "-i", "0.05", "-w", "6", "-W", "1", &b_ip])
+        .args([
+            "netns",
+            "exec",
+            &lab.pod_ns("t/a"),
+            "ping",
+            "-i",
+            "0.05",
+            "-w",
+            "6",
+            "-W",
+            "1",
+            &b_ip,
+        ])
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
     std::thread::sleep(Duration::from_millis(500));
     assert!(sh(lab.cmd().args(["stromd", "stop"])).status.success());
-    assert!(lab.xdp_links().is_empty(), "programs detached while stromd is down");
+    assert!(
+        lab.xdp_links().is_empty(),
+        "programs detached while stromd is down"
+    );
     let t = Instant::now();
     let o = sh(lab.cmd().args(["stromd", "start"]));
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
@@ -138,13 +218,33 @@ fn stromd_restart_under_traffic_resumes_within_two_seconds() {
         }
     }
     let resumed = resumed.expect("traffic resumed");
-    assert!(resumed < Duration::from_secs(2), "resumed after {resumed:?}");
-    assert_eq!(lab.stromctl(&["ports"])["ports"].as_array().unwrap().len(), 2, "ports restored without rewiring");
+    assert!(
+        resumed < Duration::from_secs(2),
+        "resumed after {resumed:?}"
+    );
+    assert_eq!(
+        lab.stromctl(&["ports"])["ports"].as_array().unwrap().len(),
+        2,
+        "ports restored without rewiring"
+    );
     let out = ping.wait_with_output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
-    let last = text.lines().rev().find(|l| l.contains("received")).unwrap_or_default().to_string();
-    let received: u64 = last.split(", ").nth(1).and_then(|s| s.split_whitespace().next()).and_then(|n| n.parse().ok()).unwrap_or(0);
-    assert!(received > 40, "pings flowed before and after the restart: {last}");
+    let last = text
+        .lines()
+        .rev()
+        .find(|l| l.contains("received"))
+        .unwrap_or_default()
+        .to_string();
+    let received: u64 = last
+        .split(", ")
+        .nth(1)
+        .and_then(|s| s.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    assert!(
+        received > 40,
+        "pings flowed before and after the restart: {last}"
+    );
 }
 
 #[test]
@@ -153,14 +253,18 @@ fn clean_shutdown_leaves_no_program_process_or_namespace() {
     let lab = Lab::up(&two_pods(), &[]);
     assert_eq!(lab.xdp_links().len(), 2, "one program per pod port");
     let pid: u32 = {
-        let st: serde_json::Value = serde_json::from_slice(&std::fs::read(lab.dir.join("state.json")).unwrap()).unwrap();
+        let st: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(lab.dir.join("state.json")).unwrap()).unwrap();
         st["stromd"].as_u64().unwrap() as u32
     };
     assert!(sh(lab.cmd().args(["stromd", "stop"])).status.success());
     assert!(lab.xdp_links().is_empty());
     // Gone, or a zombie waiting for a parent that is not ours to reap.
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    assert!(stat.is_empty() || stat.contains(") Z "), "stromd exited: {stat}");
+    assert!(
+        stat.is_empty() || stat.contains(") Z "),
+        "stromd exited: {stat}"
+    );
     assert!(!lab.socket().exists(), "API socket removed");
     let prefix = format!("{}-", lab.prefix);
     drop(lab);
@@ -173,7 +277,11 @@ fn send_raw(lab: &Lab, pod_key: &str, frames: &[String]) {
     let mut argv = vec!["python3", "-c", script];
     argv.extend(frames.iter().map(String::as_str));
     let o = lab.exec(pod_key, &argv);
-    assert!(o.status.success(), "raw send: {}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        o.status.success(),
+        "raw send: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
 }
 
 fn hex(b: &[u8]) -> String {
@@ -188,7 +296,10 @@ fn ipv4_udp(src_mac: &[u8], dst_mac: &[u8], src: [u8; 4], dst: [u8; 4]) -> Vec<u
     let mut ip = vec![0x45, 0, 0, 28, 0, 1, 0, 0, 64, 17, 0, 0];
     ip.extend_from_slice(&src);
     ip.extend_from_slice(&dst);
-    let mut sum: u32 = ip.chunks(2).map(|c| u32::from(u16::from_be_bytes([c[0], c[1]]))).sum();
+    let mut sum: u32 = ip
+        .chunks(2)
+        .map(|c| u32::from(u16::from_be_bytes([c[0], c[1]])))
+        .sum();
     while sum > 0xffff {
         sum = (sum & 0xffff) + (sum >> 16);
     }
@@ -199,7 +310,9 @@ fn ipv4_udp(src_mac: &[u8], dst_mac: &[u8], src: [u8; 4], dst: [u8; 4]) -> Vec<u
 }
 
 fn mac_bytes(s: &str) -> Vec<u8> {
-    s.split(':').map(|p| u8::from_str_radix(p, 16).unwrap()).collect()
+    s.split(':')
+        .map(|p| u8::from_str_radix(p, 16).unwrap())
+        .collect()
 }
 
 #[test]
@@ -207,11 +320,31 @@ fn malformed_and_spoofed_frames_are_dropped_by_reason_and_forwarding_goes_on() {
     let _g = net_lock();
     let lab = Lab::up(&two_pods(), &[]);
     let ports = lab.stromctl(&["ports"]);
-    let a = ports["ports"].as_array().unwrap().iter().find(|p| p["spec"]["pod_name"] == "a").unwrap().clone();
-    let (pod_mac, host_mac) = (mac_bytes(a["spec"]["mac"].as_str().unwrap()), mac_bytes(a["host_mac"].as_str().unwrap()));
-    let a_ip: Vec<u8> = lab.pod_ip("t/a").split('.').map(|x| x.parse().unwrap()).collect();
-    let b_ip: Vec<u8> = lab.pod_ip("t/b").split('.').map(|x| x.parse().unwrap()).collect();
-    let (a_ip, b_ip) = ([a_ip[0], a_ip[1], a_ip[2], a_ip[3]], [b_ip[0], b_ip[1], b_ip[2], b_ip[3]]);
+    let a = ports["ports"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["spec"]["pod_name"] == "a")
+        .unwrap()
+        .clone();
+    let (pod_mac, host_mac) = (
+        mac_bytes(a["spec"]["mac"].as_str().unwrap()),
+        mac_bytes(a["host_mac"].as_str().unwrap()),
+    );
+    let a_ip: Vec<u8> = lab
+        .pod_ip("t/a")
+        .split('.')
+        .map(|x| x.parse().unwrap())
+        .collect();
+    let b_ip: Vec<u8> = lab
+        .pod_ip("t/b")
+        .split('.')
+        .map(|x| x.parse().unwrap())
+        .collect();
+    let (a_ip, b_ip) = (
+        [a_ip[0], a_ip[1], a_ip[2], a_ip[3]],
+        [b_ip[0], b_ip[1], b_ip[2], b_ip[3]],
+    );
     let good = ipv4_udp(&pod_mac, &host_mac, a_ip, b_ip);
     let mut bad_csum = good.clone();
     bad_csum[24] ^= 0x55;
@@ -224,11 +357,38 @@ fn malformed_and_spoofed_frames_are_dropped_by_reason_and_forwarding_goes_on() {
     lldp[12..14].copy_from_slice(&[0x88, 0xcc]);
     let spoofed_ip = ipv4_udp(&pod_mac, &host_mac, [198, 18, 31, 250], b_ip);
     let spoofed_mac = ipv4_udp(&[2, 9, 9, 9, 9, 9], &host_mac, a_ip, b_ip);
-    send_raw(&lab, "t/a", &[bad_csum, bad_ihl, truncated, vlan, lldp, spoofed_ip, spoofed_mac].map(|f| hex(&f)));
+    send_raw(
+        &lab,
+        "t/a",
+        &[
+            bad_csum,
+            bad_ihl,
+            truncated,
+            vlan,
+            lldp,
+            spoofed_ip,
+            spoofed_mac,
+        ]
+        .map(|f| hex(&f)),
+    );
     std::thread::sleep(Duration::from_millis(200));
-    for reason in ["ipv4_bad_checksum", "ipv4_malformed", "vlan_tagged", "unknown_ethertype", "spoofed_ip", "spoofed_mac"] {
-        assert!(lab.drops(reason) >= 1, "{reason} counted: {}", lab.stromctl(&["stats"]));
+    for reason in [
+        "ipv4_bad_checksum",
+        "ipv4_malformed",
+        "vlan_tagged",
+        "unknown_ethertype",
+        "spoofed_ip",
+        "spoofed_mac",
+    ] {
+        assert!(
+            lab.drops(reason) >= 1,
+            "{reason} counted: {}",
+            lab.stromctl(&["stats"])
+        );
     }
-    assert!(lab.drops("ipv4_malformed") >= 2, "bad IHL and truncated header");
+    assert!(
+        lab.drops("ipv4_malformed") >= 2,
+        "bad IHL and truncated header"
+    );
     assert!(lab.probe("t/a", "t/b", 80, "tcp"), "forwarding goes on");
 }

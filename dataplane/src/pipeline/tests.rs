@@ -25,8 +25,24 @@ const GW: [u8; 4] = [169, 254, 1, 1];
 
 fn tables() -> Tables {
     let mut t = Tables::new(Ipv4Addr::from(GW));
-    t.local.insert(IpAddr::from(A_IP), Next { port: 0, worker: 0, dst_mac: A_MAC, src_mac: HA_MAC });
-    t.local.insert(IpAddr::from(B_IP), Next { port: 1, worker: 1, dst_mac: B_MAC, src_mac: HB_MAC });
+    t.local.insert(
+        IpAddr::from(A_IP),
+        Next {
+            port: 0,
+            worker: 0,
+            dst_mac: A_MAC,
+            src_mac: HA_MAC,
+        },
+    );
+    t.local.insert(
+        IpAddr::from(B_IP),
+        Next {
+            port: 1,
+            worker: 1,
+            dst_mac: B_MAC,
+            src_mac: HB_MAC,
+        },
+    );
     t.node_addrs.insert(IpAddr::from([198, 18, 0, 1]));
     t
 }
@@ -34,7 +50,13 @@ fn tables() -> Tables {
 const A_IPS: [IpAddr; 1] = [IpAddr::V4(Ipv4Addr::new(198, 18, 16, 2))];
 
 fn port_a() -> InPort<'static> {
-    InPort { id: 0, kind: PortKind::Pod, host_mac: HA_MAC, pod_mac: A_MAC, ips: &A_IPS }
+    InPort {
+        id: 0,
+        kind: PortKind::Pod,
+        host_mac: HA_MAC,
+        pod_mac: A_MAC,
+        ips: &A_IPS,
+    }
 }
 
 /// A frame buffer as a UMEM frame: the packet, then room to grow.
@@ -45,7 +67,9 @@ fn frame(pkt: &[u8]) -> (Vec<u8>, usize) {
 }
 
 fn udp(src_mac: Mac, src: [u8; 4], dst: [u8; 4], ttl: u8) -> Vec<u8> {
-    let b = PacketBuilder::ethernet2(src_mac, HA_MAC).ipv4(src, dst, ttl).udp(4000, 53);
+    let b = PacketBuilder::ethernet2(src_mac, HA_MAC)
+        .ipv4(src, dst, ttl)
+        .udp(4000, 53);
     let payload = b"hello";
     let mut v = Vec::with_capacity(b.size(payload.len()));
     b.write(&mut v, payload).unwrap();
@@ -53,7 +77,9 @@ fn udp(src_mac: Mac, src: [u8; 4], dst: [u8; 4], ttl: u8) -> Vec<u8> {
 }
 
 fn icmp_echo(ttl: u8) -> Vec<u8> {
-    let b = PacketBuilder::ethernet2(A_MAC, HA_MAC).ipv4(A_IP, B_IP, ttl).icmpv4_echo_request(7, 1);
+    let b = PacketBuilder::ethernet2(A_MAC, HA_MAC)
+        .ipv4(A_IP, B_IP, ttl)
+        .icmpv4_echo_request(7, 1);
     let mut v = Vec::new();
     b.write(&mut v, b"ping-payload").unwrap();
     v
@@ -86,7 +112,9 @@ fn ip_checksum_ok(ip: &[u8]) -> bool {
 #[test]
 fn arp_request_for_gateway_is_answered_with_host_mac() {
     let (a, out) = run(&arp(1, A_MAC, A_IP, GW));
-    let Action::Hairpin { len } = a else { panic!("{a:?}") };
+    let Action::Hairpin { len } = a else {
+        panic!("{a:?}")
+    };
     assert_eq!(len, 42);
     assert_eq!(&out[0..6], &A_MAC, "reply goes to the asker");
     assert_eq!(&out[6..12], &HA_MAC);
@@ -99,14 +127,27 @@ fn arp_request_for_gateway_is_answered_with_host_mac() {
 
 #[test]
 fn arp_not_for_the_gateway_is_dropped() {
-    assert_eq!(run(&arp(1, A_MAC, A_IP, B_IP)).0, Action::Drop(DropReason::ArpNotForGateway));
-    assert_eq!(run(&arp(2, A_MAC, A_IP, GW)).0, Action::Drop(DropReason::ArpNotForGateway), "replies are not answered");
+    assert_eq!(
+        run(&arp(1, A_MAC, A_IP, B_IP)).0,
+        Action::Drop(DropReason::ArpNotForGateway)
+    );
+    assert_eq!(
+        run(&arp(2, A_MAC, A_IP, GW)).0,
+        Action::Drop(DropReason::ArpNotForGateway),
+        "replies are not answered"
+    );
 }
 
 #[test]
 fn arp_from_another_mac_or_ip_is_spoofing() {
-    assert_eq!(run(&arp(1, B_MAC, A_IP, GW)).0, Action::Drop(DropReason::SpoofedMac));
-    assert_eq!(run(&arp(1, A_MAC, B_IP, GW)).0, Action::Drop(DropReason::SpoofedIp));
+    assert_eq!(
+        run(&arp(1, B_MAC, A_IP, GW)).0,
+        Action::Drop(DropReason::SpoofedMac)
+    );
+    assert_eq!(
+        run(&arp(1, A_MAC, B_IP, GW)).0,
+        Action::Drop(DropReason::SpoofedIp)
+    );
 }
 
 #[test]
@@ -118,7 +159,9 @@ fn truncated_arp_is_malformed() {
 #[test]
 fn pod_to_pod_is_forwarded_with_new_macs_and_ttl() {
     let (a, out) = run(&udp(A_MAC, A_IP, B_IP, 64));
-    let Action::Forward { next, len } = a else { panic!("{a:?}") };
+    let Action::Forward { next, len } = a else {
+        panic!("{a:?}")
+    };
     assert_eq!(next.port, 1);
     assert_eq!(&out[0..6], &B_MAC);
     assert_eq!(&out[6..12], &HB_MAC);
@@ -133,10 +176,14 @@ fn pod_to_pod_is_forwarded_with_new_macs_and_ttl() {
 fn ttl_one_gets_time_exceeded_from_the_gateway() {
     let orig = icmp_echo(1);
     let (a, out) = run(&orig);
-    let Action::IcmpError { reason, len } = a else { panic!("{a:?}") };
+    let Action::IcmpError { reason, len } = a else {
+        panic!("{a:?}")
+    };
     assert_eq!(reason, DropReason::TtlExpired);
     let p = etherparse::SlicedPacket::from_ethernet(&out[..len]).unwrap();
-    let Some(etherparse::NetSlice::Ipv4(ip)) = &p.net else { panic!() };
+    let Some(etherparse::NetSlice::Ipv4(ip)) = &p.net else {
+        panic!()
+    };
     assert_eq!(ip.header().source(), GW);
     assert_eq!(ip.header().destination(), A_IP);
     assert!(ip_checksum_ok(&out[14..len]));
@@ -146,7 +193,11 @@ fn ttl_one_gets_time_exceeded_from_the_gateway() {
     assert_eq!(icmp[0], 11, "time exceeded");
     assert_eq!(icmp[1], 0, "in transit");
     assert_eq!(smoltcp::wire::checksum::data(icmp), 0xffff, "ICMP checksum");
-    assert_eq!(&icmp[8..8 + 28], &orig[14..14 + 28], "quotes the original header + 8 bytes");
+    assert_eq!(
+        &icmp[8..8 + 28],
+        &orig[14..14 + 28],
+        "quotes the original header + 8 bytes"
+    );
 }
 
 #[test]
@@ -163,23 +214,50 @@ fn no_icmp_error_about_an_icmp_error() {
 
 #[test]
 fn a_pod_sends_only_as_itself() {
-    assert_eq!(run(&udp(B_MAC, A_IP, B_IP, 64)).0, Action::Drop(DropReason::SpoofedMac));
-    assert_eq!(run(&udp(A_MAC, [198, 18, 16, 99], B_IP, 64)).0, Action::Drop(DropReason::SpoofedIp));
+    assert_eq!(
+        run(&udp(B_MAC, A_IP, B_IP, 64)).0,
+        Action::Drop(DropReason::SpoofedMac)
+    );
+    assert_eq!(
+        run(&udp(A_MAC, [198, 18, 16, 99], B_IP, 64)).0,
+        Action::Drop(DropReason::SpoofedIp)
+    );
 }
 
 #[test]
 fn uplink_frames_are_not_checked_for_spoofing() {
     let (mut buf, len) = frame(&udp([9; 6], [198, 18, 0, 2], B_IP, 64));
-    let up = InPort { id: 9, kind: PortKind::Uplink, host_mac: HA_MAC, pod_mac: [0; 6], ips: &[] };
-    assert!(matches!(process(&mut buf, len, &up, &tables()), Action::Forward { .. }));
+    let up = InPort {
+        id: 9,
+        kind: PortKind::Uplink,
+        host_mac: HA_MAC,
+        pod_mac: [0; 6],
+        ips: &[],
+    };
+    assert!(matches!(
+        process(&mut buf, len, &up, &tables()),
+        Action::Forward { .. }
+    ));
 }
 
 #[test]
 fn unroutable_gateway_and_broadcast_destinations_are_dropped() {
-    assert_eq!(run(&udp(A_MAC, A_IP, [10, 9, 9, 9], 64)).0, Action::Drop(DropReason::NoRoute));
-    assert_eq!(run(&udp(A_MAC, A_IP, GW, 64)).0, Action::Drop(DropReason::ToGateway));
-    assert_eq!(run(&udp(A_MAC, A_IP, [255, 255, 255, 255], 64)).0, Action::Drop(DropReason::NotUnicast));
-    assert_eq!(run(&udp(A_MAC, A_IP, [224, 0, 0, 251], 64)).0, Action::Drop(DropReason::NotUnicast));
+    assert_eq!(
+        run(&udp(A_MAC, A_IP, [10, 9, 9, 9], 64)).0,
+        Action::Drop(DropReason::NoRoute)
+    );
+    assert_eq!(
+        run(&udp(A_MAC, A_IP, GW, 64)).0,
+        Action::Drop(DropReason::ToGateway)
+    );
+    assert_eq!(
+        run(&udp(A_MAC, A_IP, [255, 255, 255, 255], 64)).0,
+        Action::Drop(DropReason::NotUnicast)
+    );
+    assert_eq!(
+        run(&udp(A_MAC, A_IP, [224, 0, 0, 251], 64)).0,
+        Action::Drop(DropReason::NotUnicast)
+    );
 }
 
 #[test]
@@ -200,22 +278,46 @@ fn layer2_oddities_are_dropped_by_name() {
 #[test]
 fn malformed_ipv4_is_dropped_by_name() {
     let p = udp(A_MAC, A_IP, B_IP, 64);
-    assert_eq!(run(&p[..14 + 19]).0, Action::Drop(DropReason::Ipv4Malformed), "truncated header");
+    assert_eq!(
+        run(&p[..14 + 19]).0,
+        Action::Drop(DropReason::Ipv4Malformed),
+        "truncated header"
+    );
     let mut ihl = p.clone();
     ihl[14] = 0x44;
-    assert_eq!(run(&ihl).0, Action::Drop(DropReason::Ipv4Malformed), "IHL below 5");
+    assert_eq!(
+        run(&ihl).0,
+        Action::Drop(DropReason::Ipv4Malformed),
+        "IHL below 5"
+    );
     let mut ihl_big = p.clone();
     ihl_big[14] = 0x4f;
-    assert_eq!(run(&ihl_big).0, Action::Drop(DropReason::Ipv4Malformed), "IHL beyond the packet");
+    assert_eq!(
+        run(&ihl_big).0,
+        Action::Drop(DropReason::Ipv4Malformed),
+        "IHL beyond the packet"
+    );
     let mut long = p.clone();
     long[16..18].copy_from_slice(&1400u16.to_be_bytes());
-    assert_eq!(run(&long).0, Action::Drop(DropReason::Ipv4Malformed), "total length beyond the frame");
+    assert_eq!(
+        run(&long).0,
+        Action::Drop(DropReason::Ipv4Malformed),
+        "total length beyond the frame"
+    );
     let mut short = p.clone();
     short[16..18].copy_from_slice(&10u16.to_be_bytes());
-    assert_eq!(run(&short).0, Action::Drop(DropReason::Ipv4Malformed), "total length below the header");
+    assert_eq!(
+        run(&short).0,
+        Action::Drop(DropReason::Ipv4Malformed),
+        "total length below the header"
+    );
     let mut v = p.clone();
     v[14] = 0x65;
-    assert_eq!(run(&v).0, Action::Drop(DropReason::Ipv4Malformed), "version 6 in an IPv4 frame");
+    assert_eq!(
+        run(&v).0,
+        Action::Drop(DropReason::Ipv4Malformed),
+        "version 6 in an IPv4 frame"
+    );
     let mut c = p.clone();
     c[24] ^= 0xff;
     assert_eq!(run(&c).0, Action::Drop(DropReason::Ipv4BadChecksum));
