@@ -1,1 +1,146 @@
-fn main() {}
+//! Per-stage and whole-pipeline cost on one core (criterion). Tables at a realistic size:
+//! 110 pods on the node (the kubelet default maximum).
+//!
+//!   cargo bench -p strom-dataplane --bench pipeline
+
+use std::hint::black_box;
+use std::net::{IpAddr, Ipv4Addr};
+
+use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
+use etherparse::PacketBuilder;
+use strom_dataplane::pipeline::{self, arp, eth, ipv4, rewrite, spoof, InPort};
+use strom_dataplane::tables::{Next, Tables};
+
+const PODS: u8 = 110;
+const A_MAC: [u8; 6] = [2, 0, 0, 0, 0, 1];
+const HA_MAC: [u8; 6] = [2, 0, 0, 0, 1, 1];
+const GW: Ipv4Addr = Ipv4Addr::new(169, 254, 1, 1);
+
+fn pod_ip(i: u8) -> Ipv4Addr {
+    Ipv4Addr::new(198, 18, 16, i + 1)
+}
+
+fn tables() -> Tables {
+    let mut t = Tables::new(GW);
+    for i in 0..PODS {
+        t.local.insert(
+            IpAddr::V4(pod_ip(i)),
+            Next {
+                port: u32::from(i),
+                worker: 0,
+                dst_mac: [2, 0, 0, 0, 0, i + 1],
+                src_mac: [2, 0, 0, 0, 1, i + 1],
+            },
+        );
+    }
+    t
+}
+
+/// A 60-byte UDP frame (the smallest Ethernet frame without FCS) from pod 0 to pod `dst`.
+fn udp60(dst: u8) -> Vec<u8> {
+    let b = PacketBuilder::ethernet2(A_MAC, HA_MAC)
+        .ipv4(pod_ip(0).octets(), pod_ip(dst).octets(), 64)
+        .udp(4000, 9);
+    let mut v = Vec::new();
+    b.write(&mut v, &[0x61; 18]).unwrap();
+    assert_eq!(v.len(), 60);
+    v
+}
+
+fn arp_request() -> Vec<u8> {
+    let mut v = vec![0xff; 6];
+    v.extend_from_slice(&A_MAC);
+    v.extend_from_slice(&[0x08, 0x06, 0, 1, 0x08, 0, 6, 4, 0, 1]);
+    v.extend_from_slice(&A_MAC);
+    v.extend_from_slice(&pod_ip(0).octets());
+    v.extend_from_slice(&[0; 6]);
+    v.extend_from_slice(&GW.octets());
+    v
+}
+
+fn stages(c: &mut Criterion) {
+    let t = tables();
+    let ips = [IpAddr::V4(pod_ip(0))];
+    let port = InPort {
+        id: 0,
+        host_mac: HA_MAC,
+        pod_mac: A_MAC,
+        ips: &ips,
+    };
+    let pkt = udp60(57);
+    let mut g = c.benchmark_group("stage");
+    g.throughput(Throughput::Elements(1));
+    g.bench_function("eth_classify", |b| {
+        b.iter(|| eth::classify(black_box(&pkt)))
+    });
+    g.bench_function("ipv4_validate", |b| {
+        b.iter(|| ipv4::validate(black_box(&pkt[14..])))
+    });
+    g.bench_function("spoof_check", |b| {
+        b.iter(|| spoof::check(black_box(&pkt), &port, IpAddr::V4(pod_ip(0))))
+    });
+    g.bench_function("route_lookup_110_pods", |b| {
+        b.iter(|| t.route(black_box(IpAddr::V4(pod_ip(57)))).copied())
+    });
+    let next = *t.route(IpAddr::V4(pod_ip(57))).unwrap();
+    g.bench_function("ttl_decrement_rfc1624", |b| {
+        b.iter_batched_ref(
+            || pkt.clone(),
+            |p| ipv4::decrement_ttl(&mut p[14..]),
+            BatchSize::SmallInput,
+        )
+    });
+    g.bench_function("rewrite_macs", |b| {
+        b.iter_batched_ref(
+            || pkt.clone(),
+            |p| rewrite::macs(p, black_box(&next)),
+            BatchSize::SmallInput,
+        )
+    });
+    let a = arp_request();
+    g.bench_function("gateway_arp_reply", |b| {
+        b.iter_batched_ref(
+            || a.clone(),
+            |p| arp::answer_gateway(p, &port, GW),
+            BatchSize::SmallInput,
+        )
+    });
+    g.finish();
+}
+
+fn whole(c: &mut Criterion) {
+    let t = tables();
+    let ips = [IpAddr::V4(pod_ip(0))];
+    let port = InPort {
+        id: 0,
+        host_mac: HA_MAC,
+        pod_mac: A_MAC,
+        ips: &ips,
+    };
+    // 64 frames to 64 different pods, each in a 2 KiB frame buffer as in the UMEM.
+    let batch: Vec<Vec<u8>> = (0..64u8)
+        .map(|i| {
+            let mut f = vec![0u8; 2048];
+            let p = udp60(1 + i);
+            f[..60].copy_from_slice(&p);
+            f
+        })
+        .collect();
+    let mut g = c.benchmark_group("pipeline");
+    g.throughput(Throughput::Elements(64));
+    g.bench_function("pod_to_pod_batch_64", |b| {
+        b.iter_batched_ref(
+            || batch.clone(),
+            |frames| {
+                for f in frames.iter_mut() {
+                    black_box(pipeline::process(f, 60, &port, &t));
+                }
+            },
+            BatchSize::SmallInput,
+        )
+    });
+    g.finish();
+}
+
+criterion_group!(benches, stages, whole);
+criterion_main!(benches);

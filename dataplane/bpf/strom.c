@@ -1,13 +1,12 @@
 // SPDX-License-Identifier: GPL-2.0 OR Apache-2.0
 // strom's XDP programs. Built by dataplane/build.rs with
 //   clang -O2 -g -target bpf -I/usr/include/x86_64-linux-gnu
-// and loaded by stromd (aya). Two programs share the maps:
+// and loaded by stromd (aya).
 //   strom_pod     on every pod host-side veth: traffic for the node's own addresses (and ARP
 //                 that is not for the pod gateway) goes to the kernel, everything else to the
 //                 port's AF_XDP socket. With no socket bound the frame is dropped (fail closed):
 //                 a pod never reaches another pod around stromd.
-//   strom_uplink  on the uplink: only what stromd owns (destinations in `owned`) goes to the
-//                 socket; everything else is the node's own traffic and goes to the kernel.
+// The uplink's program (redirect only what stromd owns) comes with the uplink.
 #include <linux/bpf.h>
 #include <linux/if_ether.h>
 #include <linux/ip.h>
@@ -46,20 +45,6 @@ struct {
 	__type(key, __u32);
 	__type(value, __u32);
 } gateway SEC(".maps");
-
-struct lpm_v4 {
-	__u32 prefixlen;
-	__u32 addr;
-};
-
-/* IPv4 prefixes stromd owns on the uplink (pod CIDR, later Service VIPs, ...) */
-struct {
-	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
-	__uint(max_entries, 1024);
-	__uint(map_flags, BPF_F_NO_PREALLOC);
-	__type(key, struct lpm_v4);
-	__type(value, __u8);
-} owned SEC(".maps");
 
 struct arp_ipv4 {
 	__be16 htype;
@@ -112,30 +97,6 @@ int strom_pod(struct xdp_md *ctx)
 			return XDP_PASS;
 	}
 	return to_socket(ctx);
-}
-
-SEC("xdp")
-int strom_uplink(struct xdp_md *ctx)
-{
-	void *data = (void *)(long)ctx->data;
-	void *end = (void *)(long)ctx->data_end;
-	struct ethhdr *eth = data;
-
-	if ((void *)(eth + 1) > end)
-		return XDP_PASS;
-	if (eth->h_proto != bpf_htons(ETH_P_IP))
-		return XDP_PASS;
-	struct iphdr *ip = (void *)(eth + 1);
-	if ((void *)(ip + 1) > end)
-		return XDP_PASS;
-	struct lpm_v4 key = { .prefixlen = 32, .addr = ip->daddr };
-	if (!bpf_map_lookup_elem(&owned, &key))
-		return XDP_PASS;
-	__u32 ifindex = ctx->ingress_ifindex;
-	__u32 *slot = bpf_map_lookup_elem(&port_slot, &ifindex);
-	if (!slot)
-		return XDP_PASS;
-	return bpf_redirect_map(&xsks, *slot, XDP_PASS);
 }
 
 char LICENSE[] SEC("license") = "Dual BSD/GPL";

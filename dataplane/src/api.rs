@@ -16,10 +16,9 @@ use strom_api::{
     WorkerStats,
 };
 
-use crate::bpf::{Role, XdpPrograms};
+use crate::bpf::XdpPrograms;
 use crate::config::Config;
 use crate::mac::{fmt_mac, parse_mac, Mac};
-use crate::pipeline::PortKind;
 use crate::state::StateFile;
 use crate::stats::SharedCounters;
 use crate::tables::{Next, TableHandle};
@@ -175,16 +174,12 @@ impl Controller {
         let worker = (0..self.workers.len())
             .min_by_key(|w| self.ports.values().filter(|p| p.worker == *w).count())
             .unwrap_or(0);
-        let xdp_mode = self
-            .xdp
-            .attach(ifindex, Role::Pod)
-            .map_err(|e| e.to_string())?;
+        let xdp_mode = self.xdp.attach(ifindex).map_err(|e| e.to_string())?;
         let counters = Arc::new(SharedCounters::default());
         let (tx, rx) = crossbeam_channel::bounded(1);
         let setup = PortSetup {
             id,
             ifindex,
-            kind: PortKind::Pod,
             host_mac,
             pod_mac,
             ips: spec.ips.clone(),
@@ -346,7 +341,7 @@ impl Controller {
         for h in handles {
             let _ = h.join();
         }
-        let ifs: Vec<u32> = self.xdp.attached().map(|(i, _, _)| i).collect();
+        let ifs = self.xdp.attached();
         for i in ifs {
             self.xdp.detach(i);
         }

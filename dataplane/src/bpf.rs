@@ -9,7 +9,6 @@ use std::collections::HashMap;
 use std::net::Ipv4Addr;
 use std::os::fd::{BorrowedFd, RawFd};
 
-use aya::maps::lpm_trie::{Key, LpmTrie};
 use aya::maps::{Array, HashMap as BpfHashMap, XskMap};
 use aya::programs::xdp::XdpLinkId;
 use aya::programs::{Xdp, XdpMode};
@@ -17,23 +16,8 @@ use aya::Ebpf;
 
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/strom.bpf.o"));
 
-/// Which program an interface gets.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Role {
-    /// Pod host-side veth.
-    Pod,
-    /// Node uplink.
-    Uplink,
-}
-
-impl Role {
-    fn program(self) -> &'static str {
-        match self {
-            Role::Pod => "strom_pod",
-            Role::Uplink => "strom_uplink",
-        }
-    }
-}
+/// The program attached to pod host-side veths.
+const POD_PROGRAM: &str = "strom_pod";
 
 /// Errors of the BPF layer.
 #[derive(Debug, thiserror::Error)]
@@ -54,32 +38,33 @@ pub enum BpfError {
     },
 }
 
-/// The loaded object and the attachments stromd made.
+/// The loaded object and the attachments stromd made: ifindex → (link, mode).
 pub struct XdpPrograms {
     ebpf: Ebpf,
-    links: HashMap<u32, (Role, XdpLinkId, &'static str)>,
+    links: HashMap<u32, (XdpLinkId, &'static str)>,
 }
 
 impl XdpPrograms {
-    /// Loads and verifies both programs.
+    /// Loads and verifies the program.
     pub fn load() -> Result<Self, BpfError> {
         let mut ebpf = Ebpf::load(OBJECT)?;
-        for role in [Role::Pod, Role::Uplink] {
-            let name = role.program();
-            let prog: &mut Xdp = ebpf
-                .program_mut(name)
-                .ok_or(BpfError::Program(
-                    name,
-                    aya::programs::ProgramError::NotLoaded,
-                ))?
-                .try_into()
-                .map_err(|e| BpfError::Program(name, e))?;
-            prog.load().map_err(|e| BpfError::Program(name, e))?;
-        }
+        Self::program(&mut ebpf)?
+            .load()
+            .map_err(|e| BpfError::Program(POD_PROGRAM, e))?;
         Ok(XdpPrograms {
             ebpf,
             links: HashMap::new(),
         })
+    }
+
+    fn program(ebpf: &mut Ebpf) -> Result<&mut Xdp, BpfError> {
+        ebpf.program_mut(POD_PROGRAM)
+            .ok_or(BpfError::Program(
+                POD_PROGRAM,
+                aya::programs::ProgramError::NotLoaded,
+            ))?
+            .try_into()
+            .map_err(|e| BpfError::Program(POD_PROGRAM, e))
     }
 
     fn map_mut(&mut self, name: &'static str) -> Result<&mut aya::maps::Map, BpfError> {
@@ -102,34 +87,13 @@ impl XdpPrograms {
             .map_err(|e| BpfError::Map("node_addrs", e))
     }
 
-    /// Adds a prefix stromd owns on the uplink.
-    pub fn add_owned(&mut self, net: Ipv4Addr, len: u8) -> Result<(), BpfError> {
-        let mut m: LpmTrie<_, u32, u8> =
-            LpmTrie::try_from(self.map_mut("owned")?).map_err(|e| BpfError::Map("owned", e))?;
-        m.insert(
-            &Key::new(u32::from(len), u32::from_ne_bytes(net.octets())),
-            1,
-            0,
-        )
-        .map_err(|e| BpfError::Map("owned", e))
-    }
-
-    /// Attaches the role's program to `ifindex`: native mode, or generic as a logged fallback.
+    /// Attaches the pod program to `ifindex`: native mode, or generic as a logged fallback.
     /// Returns the mode used.
-    pub fn attach(&mut self, ifindex: u32, role: Role) -> Result<&'static str, BpfError> {
-        if let Some((_, _, mode)) = self.links.get(&ifindex) {
+    pub fn attach(&mut self, ifindex: u32) -> Result<&'static str, BpfError> {
+        if let Some((_, mode)) = self.links.get(&ifindex) {
             return Ok(mode);
         }
-        let name = role.program();
-        let prog: &mut Xdp = self
-            .ebpf
-            .program_mut(name)
-            .ok_or(BpfError::Program(
-                name,
-                aya::programs::ProgramError::NotLoaded,
-            ))?
-            .try_into()
-            .map_err(|e| BpfError::Program(name, e))?;
+        let prog = Self::program(&mut self.ebpf)?;
         let (id, mode) = match prog.attach_to_if_index(ifindex, XdpMode::Driver) {
             Ok(id) => (id, "native"),
             Err(native) => match prog.attach_to_if_index(ifindex, XdpMode::Skb) {
@@ -146,15 +110,14 @@ impl XdpPrograms {
                 }
             },
         };
-        self.links.insert(ifindex, (role, id, mode));
+        self.links.insert(ifindex, (id, mode));
         Ok(mode)
     }
 
-    /// Detaches whatever stromd attached to `ifindex` (nothing if the interface is gone).
+    /// Detaches what stromd attached to `ifindex` (nothing if the interface is gone).
     pub fn detach(&mut self, ifindex: u32) {
-        if let Some((role, id, _)) = self.links.remove(&ifindex) {
-            let name = role.program();
-            if let Some(Ok(prog)) = self.ebpf.program_mut(name).map(<&mut Xdp>::try_from) {
+        if let Some((id, _)) = self.links.remove(&ifindex) {
+            if let Ok(prog) = Self::program(&mut self.ebpf) {
                 if let Err(e) = prog.detach(id) {
                     tracing::debug!(ifindex, error = %e, "detach (interface probably gone)");
                 }
@@ -193,8 +156,8 @@ impl XdpPrograms {
         }
     }
 
-    /// Interfaces with a program attached, with role and mode.
-    pub fn attached(&self) -> impl Iterator<Item = (u32, Role, &'static str)> + '_ {
-        self.links.iter().map(|(i, (r, _, m))| (*i, *r, *m))
+    /// Interfaces with the program attached.
+    pub fn attached(&self) -> Vec<u32> {
+        self.links.keys().copied().collect()
     }
 }

@@ -146,9 +146,10 @@ impl Manifests {
                 Ok(Value::Null) => continue,
                 Ok(d) => d,
                 Err(e) => {
+                    // A syntax error ends the stream: the parser cannot find the next document.
                     self.invalid
                         .push(format!("{origin} document {}: {e}", i + 1));
-                    continue;
+                    break;
                 }
             };
             let kind = doc

@@ -37,6 +37,21 @@ enum Cmd {
     Stats,
     /// The forwarding tables.
     Tables,
+    /// Register a port by hand (strom-cni does this for pods).
+    AddPort {
+        /// Host-side interface in stromd's namespace.
+        #[arg(long)]
+        ifname: String,
+        /// The pod's address (repeatable).
+        #[arg(long = "ip", required = true)]
+        ips: Vec<std::net::IpAddr>,
+        /// The pod's MAC.
+        #[arg(long)]
+        mac: String,
+        /// An identifier for the owner (shown by `ports`).
+        #[arg(long, default_value = "manual")]
+        container_id: String,
+    },
     /// Unregister a port by host interface name.
     RemovePort { ifname: String },
 }
@@ -70,6 +85,22 @@ fn main() -> anyhow::Result<()> {
         Cmd::Ports => Request::Ports,
         Cmd::Stats => Request::Stats,
         Cmd::Tables => Request::Tables,
+        Cmd::AddPort {
+            ifname,
+            ips,
+            mac,
+            container_id,
+        } => Request::AddPort {
+            spec: strom_api::PortSpec {
+                ifname: ifname.clone(),
+                ips: ips.clone(),
+                mac: mac.clone(),
+                container_id: container_id.clone(),
+                pod_ifname: String::new(),
+                pod_namespace: String::new(),
+                pod_name: String::new(),
+            },
+        },
         Cmd::RemovePort { ifname } => Request::RemovePort {
             key: PortKey::Ifname(ifname.clone()),
         },

@@ -102,7 +102,6 @@ fn main() -> anyhow::Result<()> {
             xdp.add_node_addr(*v4)?;
         }
     }
-    xdp.add_owned(cfg.node.pod_cidr.network(), cfg.node.pod_cidr.prefix_len())?;
     let tables = TableHandle::new(tables);
 
     let (shared, receivers) = worker::create(cfg.dataplane.workers, &cfg.dataplane.cores)?;

@@ -5,7 +5,7 @@ use std::net::Ipv4Addr;
 
 use smoltcp::wire::{ArpHardware, ArpOperation, ArpPacket, EthernetFrame, EthernetProtocol};
 
-use super::{InPort, PortKind};
+use super::InPort;
 use crate::drop::DropReason;
 
 /// Turns an ARP request for `gateway` into the reply, in place. Returns the reply length.
@@ -33,7 +33,7 @@ pub fn answer_gateway(
     sha.copy_from_slice(arp.source_hardware_addr());
     let mut spa = [0u8; 4];
     spa.copy_from_slice(arp.source_protocol_addr());
-    if port.kind == PortKind::Pod && !port.ips.contains(&Ipv4Addr::from(spa).into()) {
+    if !port.ips.contains(&Ipv4Addr::from(spa).into()) {
         return Err(DropReason::SpoofedIp);
     }
     arp.set_operation(ArpOperation::Reply);

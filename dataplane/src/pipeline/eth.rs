@@ -2,7 +2,6 @@
 
 use smoltcp::wire::{EthernetFrame, EthernetProtocol};
 
-use super::PortKind;
 use crate::drop::DropReason;
 
 /// Length of an untagged Ethernet header.
@@ -19,7 +18,7 @@ pub enum L3 {
 
 /// Checks the Ethernet header and names the payload.
 #[inline]
-pub fn classify(frame: &[u8], _kind: PortKind) -> Result<L3, DropReason> {
+pub fn classify(frame: &[u8]) -> Result<L3, DropReason> {
     let eth = EthernetFrame::new_checked(frame).map_err(|_| DropReason::Runt)?;
     match eth.ethertype() {
         EthernetProtocol::Ipv4 => Ok(L3::Ipv4),

@@ -22,20 +22,10 @@ use crate::drop::DropReason;
 use crate::mac::Mac;
 use crate::tables::{Next, Tables};
 
-/// What kind of port a frame came in on.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum PortKind {
-    /// A pod's host-side veth: anti-spoofing applies.
-    Pod,
-    /// The node's uplink.
-    Uplink,
-}
-
 /// The port a frame arrived on, as the pipeline needs it.
 #[derive(Debug, Clone, Copy)]
 pub struct InPort<'a> {
     pub id: u32,
-    pub kind: PortKind,
     /// MAC of the host side (what the pod knows as its gateway's MAC).
     pub host_mac: Mac,
     /// The pod's MAC (the only source MAC allowed from a pod port).
@@ -63,7 +53,7 @@ pub enum Action {
 #[inline]
 pub fn process(buf: &mut [u8], len: usize, port: &InPort<'_>, t: &Tables) -> Action {
     let len = len.min(buf.len());
-    match eth::classify(&buf[..len], port.kind) {
+    match eth::classify(&buf[..len]) {
         Err(r) => Action::Drop(r),
         Ok(eth::L3::Arp) => {
             if let Err(r) = spoof::check_mac(&buf[..len], port) {

@@ -2,25 +2,25 @@
 
 use std::net::IpAddr;
 
-use super::{InPort, PortKind};
+use super::InPort;
 use crate::drop::DropReason;
 
 const SRC_MAC: core::ops::Range<usize> = 6..12;
 
-/// The source MAC must be the registered pod's (pod ports only).
+/// The source MAC must be the registered pod's.
 #[inline]
 pub fn check_mac(frame: &[u8], port: &InPort<'_>) -> Result<(), DropReason> {
-    if port.kind == PortKind::Pod && frame[SRC_MAC] != port.pod_mac {
+    if frame[SRC_MAC] != port.pod_mac {
         return Err(DropReason::SpoofedMac);
     }
     Ok(())
 }
 
-/// Source MAC and source IP must be the registered pod's (pod ports only).
+/// Source MAC and source IP must be the registered pod's.
 #[inline]
 pub fn check(frame: &[u8], port: &InPort<'_>, src: IpAddr) -> Result<(), DropReason> {
     check_mac(frame, port)?;
-    if port.kind == PortKind::Pod && !port.ips.contains(&src) {
+    if !port.ips.contains(&src) {
         return Err(DropReason::SpoofedIp);
     }
     Ok(())

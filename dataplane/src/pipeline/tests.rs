@@ -52,7 +52,6 @@ const A_IPS: [IpAddr; 1] = [IpAddr::V4(Ipv4Addr::new(198, 18, 16, 2))];
 fn port_a() -> InPort<'static> {
     InPort {
         id: 0,
-        kind: PortKind::Pod,
         host_mac: HA_MAC,
         pod_mac: A_MAC,
         ips: &A_IPS,
@@ -222,22 +221,6 @@ fn a_pod_sends_only_as_itself() {
         run(&udp(A_MAC, [198, 18, 16, 99], B_IP, 64)).0,
         Action::Drop(DropReason::SpoofedIp)
     );
-}
-
-#[test]
-fn uplink_frames_are_not_checked_for_spoofing() {
-    let (mut buf, len) = frame(&udp([9; 6], [198, 18, 0, 2], B_IP, 64));
-    let up = InPort {
-        id: 9,
-        kind: PortKind::Uplink,
-        host_mac: HA_MAC,
-        pod_mac: [0; 6],
-        ips: &[],
-    };
-    assert!(matches!(
-        process(&mut buf, len, &up, &tables()),
-        Action::Forward { .. }
-    ));
 }
 
 #[test]
