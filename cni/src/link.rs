@@ -80,9 +80,17 @@ pub fn is_host_ifname(name: &str) -> bool {
             .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
 }
 
+/// The node-side interface as `ip -j link show` describes it, if it exists. Asked of netlink,
+/// not sysfs: a runtime may run the plugin through `nsenter --net`, which leaves /sys showing
+/// another namespace.
+pub fn node_link(name: &str) -> Option<Value> {
+    let out = run(ip(None).args(["-j", "link", "show", "dev", name]), None).ok()?;
+    serde_json::from_str::<Value>(&out).ok()?.as_array()?.first().cloned()
+}
+
 /// Does the node-side interface exist?
 pub fn node_link_exists(name: &str) -> bool {
-    std::path::Path::new("/sys/class/net").join(name).exists()
+    node_link(name).is_some()
 }
 
 /// Deletes a node-side link; a missing one is not an error.

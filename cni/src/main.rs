@@ -151,8 +151,9 @@ fn default_mtu(c: &NetConf) -> u32 {
     }
     c.uplink_interface
         .as_deref()
-        .and_then(|u| std::fs::read_to_string(format!("/sys/class/net/{u}/mtu")).ok())
-        .and_then(|s| s.trim().parse::<u32>().ok())
+        .and_then(link::node_link)
+        .and_then(|l| l.get("mtu").and_then(Value::as_u64))
+        .and_then(|m| u32::try_from(m).ok())
         .map(|m| m.saturating_sub(OVERLAY_HEADER))
         .unwrap_or(1500 - OVERLAY_HEADER)
 }
@@ -378,8 +379,8 @@ fn wire(c: &NetConf, env: &Env, host: &str, ip: Ipv4Addr) -> Result<CniResult, C
         &format!("link set {ifn} up\naddr add {ip}/32 dev {ifn}\nroute add {gw} dev {ifn} scope link\nroute add default via {gw} dev {ifn}\n"),
     )
     .map_err(io_err("configuring the pod side"))?;
-    let host_mac = std::fs::read_to_string(format!("/sys/class/net/{host}/address"))
-        .map(|s| s.trim().to_string())
+    let host_mac = link::node_link(host)
+        .and_then(|l| l.get("address").and_then(Value::as_str).map(str::to_string))
         .unwrap_or_default();
     let spec = PortSpec {
         ifname: host.to_string(),
