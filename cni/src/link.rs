@@ -85,7 +85,11 @@ pub fn is_host_ifname(name: &str) -> bool {
 /// another namespace.
 pub fn node_link(name: &str) -> Option<Value> {
     let out = run(ip(None).args(["-j", "link", "show", "dev", name]), None).ok()?;
-    serde_json::from_str::<Value>(&out).ok()?.as_array()?.first().cloned()
+    serde_json::from_str::<Value>(&out)
+        .ok()?
+        .as_array()?
+        .first()
+        .cloned()
 }
 
 /// Does the node-side interface exist?

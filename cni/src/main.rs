@@ -464,7 +464,7 @@ fn cmd_del(c: &NetConf, env: &Env, stdin: &[u8], notes: &mut Vec<String>) -> Res
     Ok(())
 }
 
-fn cmd_check(c: &NetConf, env: &Env) -> Result<(), CniError> {
+fn cmd_check(c: &NetConf, env: &Env, stdin: &[u8]) -> Result<(), CniError> {
     env.require(true)?;
     let prev: CniResult = serde_json::from_value(c.prev_result.clone().ok_or_else(|| {
         CniError::new(
@@ -539,17 +539,22 @@ fn cmd_check(c: &NetConf, env: &Env) -> Result<(), CniError> {
             ));
         }
     }
-    if let Ok(Addr::Own(ipam)) = addr_source(c, env) {
-        let leased: Vec<String> = ipam
-            .lookup(&env.owner())?
-            .iter()
-            .map(|a| format!("{a}/32"))
-            .collect();
-        if let Some(ip) = prev.ips.iter().find(|ip| !leased.contains(&ip.address)) {
-            return diff(format!(
-                "address {} is not leased to this container (leases: {leased:?})",
-                ip.address
-            ));
+    match addr_source(c, env)? {
+        Addr::Delegated(plugin) => {
+            delegate(&plugin, "CHECK", stdin)?;
+        }
+        Addr::Own(ipam) => {
+            let leased: Vec<String> = ipam
+                .lookup(&env.owner())?
+                .iter()
+                .map(|a| format!("{a}/32"))
+                .collect();
+            if let Some(ip) = prev.ips.iter().find(|ip| !leased.contains(&ip.address)) {
+                return diff(format!(
+                    "address {} is not leased to this container (leases: {leased:?})",
+                    ip.address
+                ));
+            }
         }
     }
     let routes = link::pod_routes(&env.netns)
@@ -740,7 +745,7 @@ fn main() {
                 "ADD" => cmd_add(c, &env, &stdin)
                     .map(|r| Some(serde_json::to_string(&r).unwrap_or_default())),
                 "DEL" => cmd_del(c, &env, &stdin, &mut notes).map(|()| None),
-                "CHECK" => cmd_check(c, &env).map(|()| None),
+                "CHECK" => cmd_check(c, &env, &stdin).map(|()| None),
                 "STATUS" => cmd_status(c).map(|()| None),
                 "GC" => cmd_gc(c, &env, &mut notes).map(|()| None),
                 other => Err(CniError::new(

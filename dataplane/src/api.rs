@@ -24,6 +24,10 @@ use crate::stats::SharedCounters;
 use crate::tables::{Next, TableHandle};
 use crate::worker::{wait_reply, Command, PortSetup, WorkerShared};
 
+/// How long, at most, to wait for the kernel to release a queue's previous socket.
+const BUSY_RETRIES: u32 = 100;
+const BUSY_WAIT: Duration = Duration::from_millis(10);
+
 /// Ports (and XSKMAP slots) a node can have.
 pub const MAX_PORTS: usize = 4096;
 
@@ -176,26 +180,38 @@ impl Controller {
             .unwrap_or(0);
         let xdp_mode = self.xdp.attach(ifindex).map_err(|e| e.to_string())?;
         let counters = Arc::new(SharedCounters::default());
-        let (tx, rx) = crossbeam_channel::bounded(1);
-        let setup = PortSetup {
-            id,
-            ifindex,
-            host_mac,
-            pod_mac,
-            ips: spec.ips.clone(),
-            counters: counters.clone(),
-        };
         let fail = |me: &mut Self, e: String| {
             me.xdp.detach(ifindex);
             Err(e)
         };
-        if !self.workers[worker].command(Command::AddPort(setup, tx)) {
-            return fail(self, "worker is gone".into());
-        }
-        let fd = match wait_reply(&rx) {
-            Some(Ok(fd)) => fd,
-            Some(Err(e)) => return fail(self, format!("AF_XDP socket on {}: {e}", spec.ifname)),
-            None => return fail(self, "worker did not answer".into()),
+        let mut attempt = 0;
+        let fd = loop {
+            let (tx, rx) = crossbeam_channel::bounded(1);
+            let setup = PortSetup {
+                id,
+                ifindex,
+                host_mac,
+                pod_mac,
+                ips: spec.ips.clone(),
+                counters: counters.clone(),
+            };
+            if !self.workers[worker].command(Command::AddPort(setup, tx)) {
+                return fail(self, "worker is gone".into());
+            }
+            match wait_reply(&rx) {
+                Some(Ok(fd)) => break fd,
+                Some(Err(e)) if e.busy && attempt < BUSY_RETRIES => {
+                    attempt += 1;
+                    std::thread::sleep(BUSY_WAIT);
+                }
+                Some(Err(e)) => {
+                    return fail(
+                        self,
+                        format!("AF_XDP socket on {}: {}", spec.ifname, e.message),
+                    )
+                }
+                None => return fail(self, "worker did not answer".into()),
+            }
         };
         if let Err(e) = self.xdp.bind_slot(ifindex, id, fd) {
             self.stop_on_worker(worker, id);

@@ -55,10 +55,18 @@ pub struct PortSetup {
     pub counters: Arc<SharedCounters>,
 }
 
+/// Why a worker could not open a port's socket.
+#[derive(Debug)]
+pub struct OpenFailure {
+    /// The kernel is still releasing the queue's previous socket: try again shortly.
+    pub busy: bool,
+    pub message: String,
+}
+
 /// Commands from the API thread.
 pub enum Command {
     /// Open the socket and start serving; replies with the socket fd for the XSKMAP.
-    AddPort(PortSetup, Sender<Result<i32, String>>),
+    AddPort(PortSetup, Sender<Result<i32, OpenFailure>>),
     /// Close the port's socket and free its frames; replies when done.
     RemovePort(u32, Sender<()>),
     /// Leave the loop.
@@ -258,7 +266,10 @@ impl Worker {
                         }
                         fd
                     });
-                    let _ = reply.send(r.map_err(|e| e.to_string()));
+                    let _ = reply.send(r.map_err(|e| OpenFailure {
+                        busy: e.is_busy(),
+                        message: e.to_string(),
+                    }));
                     self.rebuild_poll();
                 }
                 Command::RemovePort(id, reply) => {

@@ -32,9 +32,18 @@ pub enum XskError {
         what: &'static str,
         ifindex: u32,
         errno: String,
+        raw: i32,
     },
     #[error("eventfd: {0}")]
     EventFd(std::io::Error),
+}
+
+impl XskError {
+    /// The queue still belongs to a socket the kernel is releasing (it does so in deferred
+    /// work after close): the same bind succeeds a few milliseconds later.
+    pub fn is_busy(&self) -> bool {
+        matches!(self, XskError::Xdp { raw, .. } if *raw == libc::EBUSY)
+    }
 }
 
 /// Sizes of a port's UMEM and rings.
@@ -131,6 +140,7 @@ impl XskPort {
                 what,
                 ifindex,
                 errno: e.to_string(),
+                raw: e.get_raw(),
             }
         };
         let len = (sizes.frames * FRAME_SIZE) as usize;

@@ -494,6 +494,16 @@ fn host_local_ipam_is_delegated_to() {
     let (ok, r) = call.run("ADD", "hl", &ns, &[]);
     assert!(ok, "{r}");
     assert_eq!(r["ips"][0]["address"], "198.18.16.200/32");
+    let mut check = Call {
+        lab: &lab,
+        conf: call.conf.clone(),
+    };
+    check.conf["prevResult"] = r.clone();
+    let (ok, out) = check.run("CHECK", "hl", &ns, &[]);
+    assert!(ok, "CHECK passes through to host-local: {out}");
+    check.conf["prevResult"]["ips"][0]["address"] = json!("198.18.16.201/32");
+    let (ok, out) = check.run("CHECK", "hl", &ns, &[]);
+    assert!(!ok, "an address the pod does not have fails CHECK: {out}");
     assert!(call.run("DEL", "hl", &ns, &[]).0);
     assert!(host_links(&lab).is_empty());
     let left: Vec<_> = std::fs::read_dir(lab.dir.join("host-local/strom-test"))
@@ -505,4 +515,43 @@ fn host_local_ipam_is_delegated_to() {
         })
         .unwrap_or_default();
     assert!(left.is_empty(), "host-local released its lease: {left:?}");
+}
+
+#[test]
+fn install_step_puts_binary_and_conflist_in_place() {
+    let dir = std::env::temp_dir().join(format!("strom-install-{}", std::process::id()));
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf();
+    let o = sh(Command::new("bash")
+        .arg(root.join("scripts/install-cni"))
+        .env("CNI_BIN_DIR", dir.join("bin"))
+        .env("CNI_CONF_DIR", dir.join("net.d"))
+        .env("STROM_CNI", bin_dir().join("strom-cni")));
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let list: Value =
+        serde_json::from_slice(&std::fs::read(dir.join("net.d/10-strom.conflist")).unwrap())
+            .unwrap();
+    assert_eq!(list["cniVersion"], "1.0.0");
+    assert_eq!(list["plugins"][0]["type"], "strom-cni");
+    let mut child = Command::new(dir.join("bin/strom-cni"))
+        .env("CNI_COMMAND", "VERSION")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(br#"{"cniVersion":"1.0.0"}"#)
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(v["supportedVersions"]
+        .as_array()
+        .unwrap()
+        .contains(&json!("1.0.0")));
+    std::fs::remove_dir_all(&dir).unwrap();
 }

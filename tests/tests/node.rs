@@ -392,3 +392,34 @@ fn malformed_and_spoofed_frames_are_dropped_by_reason_and_forwarding_goes_on() {
     );
     assert!(lab.probe("t/a", "t/b", 80, "tcp"), "forwarding goes on");
 }
+
+#[test]
+fn a_port_removed_and_registered_again_at_once_works() {
+    let _g = net_lock();
+    let lab = Lab::up(&two_pods(), &[]);
+    let ports = lab.stromctl(&["ports"]);
+    let a = ports["ports"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["spec"]["pod_name"] == "a")
+        .unwrap()
+        .clone();
+    let (ifname, ip, mac) = (
+        a["spec"]["ifname"].as_str().unwrap(),
+        a["spec"]["ips"][0].as_str().unwrap(),
+        a["spec"]["mac"].as_str().unwrap(),
+    );
+    let ctl = || {
+        let mut c = Command::new(strom_tests::bin_dir().join("stromctl"));
+        c.arg("--socket").arg(lab.socket());
+        c
+    };
+    for _ in 0..3 {
+        // The kernel releases a closed AF_XDP socket's queue in deferred work; stromd waits.
+        assert!(sh(ctl().args(["remove-port", ifname])).status.success());
+        let o = sh(ctl().args(["add-port", "--ifname", ifname, "--ip", ip, "--mac", mac]));
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    }
+    assert!(lab.probe("t/a", "t/b", 80, "tcp"));
+}

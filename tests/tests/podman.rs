@@ -50,19 +50,36 @@ impl Podman {
             ]
         });
         std::fs::write(netd.join("strom.conflist"), list.to_string()).unwrap();
-        let p = Podman { node_ns: lab.node_ns(), conf, root: base, names: Vec::new() };
+        let p = Podman {
+            node_ns: lab.node_ns(),
+            conf,
+            root: base,
+            names: Vec::new(),
+        };
         let rootfs = p.root.join("rootfs");
         std::fs::create_dir_all(rootfs.join("bin")).unwrap();
         std::fs::create_dir_all(rootfs.join("www")).unwrap();
-        std::fs::copy("/bin/busybox", rootfs.join("bin/busybox")).expect("busybox-static is installed by the setup script");
+        std::fs::copy("/bin/busybox", rootfs.join("bin/busybox"))
+            .expect("busybox-static is installed by the setup script");
         for l in ["sh", "sleep", "ip", "ping", "wget", "httpd"] {
             std::os::unix::fs::symlink("busybox", rootfs.join("bin").join(l)).unwrap();
         }
         std::fs::write(rootfs.join("www/index.html"), "hello-from-c2\n").unwrap();
         let tar = p.root.join("bb.tar");
-        assert!(sh(Command::new("tar").arg("-C").arg(&rootfs).arg("-cf").arg(&tar).arg(".")).status.success());
+        assert!(sh(Command::new("tar")
+            .arg("-C")
+            .arg(&rootfs)
+            .arg("-cf")
+            .arg(&tar)
+            .arg("."))
+        .status
+        .success());
         let o = p.run(&["import", tar.to_str().unwrap(), "localhost/strom-bb:latest"]);
-        assert!(o.status.success(), "podman import: {}", String::from_utf8_lossy(&o.stderr));
+        assert!(
+            o.status.success(),
+            "podman import: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
         p
     }
 
@@ -80,19 +97,36 @@ impl Podman {
     }
 
     fn start(&mut self, name: &str, extra: &[&str], cmd: &[&str]) {
-        let mut a = vec!["run", "-d", "--name", name, "--network", "strom", "--pull=never"];
+        let mut a = vec![
+            "run",
+            "-d",
+            "--name",
+            name,
+            "--network",
+            "strom",
+            "--pull=never",
+        ];
         a.extend_from_slice(extra);
         a.push("localhost/strom-bb:latest");
         a.extend_from_slice(cmd);
         self.names.push(name.to_string());
         let o = self.run(&a);
-        assert!(o.status.success(), "podman run {name}: {}", String::from_utf8_lossy(&o.stderr));
+        assert!(
+            o.status.success(),
+            "podman run {name}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
     }
 
     fn ip_of(&self, name: &str) -> String {
         let o = self.run(&["exec", name, "ip", "-4", "-o", "addr", "show", "eth0"]);
         let text = String::from_utf8_lossy(&o.stdout).to_string();
-        text.split_whitespace().skip_while(|w| *w != "inet").nth(1).and_then(|a| a.split('/').next()).unwrap_or_else(|| panic!("no address: {text}")).to_string()
+        text.split_whitespace()
+            .skip_while(|w| *w != "inet")
+            .nth(1)
+            .and_then(|a| a.split('/').next())
+            .unwrap_or_else(|| panic!("no address: {text}"))
+            .to_string()
     }
 }
 
@@ -116,27 +150,62 @@ fn leases(dir: &Path) -> usize {
 #[test]
 fn podman_containers_talk_through_stromd_and_leave_nothing_behind() {
     let _g = net_lock();
-    assert!(Path::new("/usr/bin/podman").exists(), "podman is installed by the setup script");
+    assert!(
+        Path::new("/usr/bin/podman").exists(),
+        "podman is installed by the setup script"
+    );
     let lab = Lab::up("", &[]);
     let mut pm = Podman::new(&lab);
     pm.start("c1", &[], &["sleep", "1000"]);
-    pm.start("c2", &["-p", "18080:8080"], &["httpd", "-f", "-p", "8080", "-h", "/www"]);
+    pm.start(
+        "c2",
+        &["-p", "18080:8080"],
+        &["httpd", "-f", "-p", "8080", "-h", "/www"],
+    );
     let c2 = pm.ip_of("c2");
     let ping = pm.run(&["exec", "c1", "ping", "-c", "2", "-W", "1", &c2]);
-    assert!(ping.status.success(), "c1 pings c2: {}", String::from_utf8_lossy(&ping.stdout));
+    assert!(
+        ping.status.success(),
+        "c1 pings c2: {}",
+        String::from_utf8_lossy(&ping.stdout)
+    );
     let get = pm.run(&["exec", "c1", "wget", "-qO-", &format!("http://{c2}:8080/")]);
-    assert_eq!(String::from_utf8_lossy(&get.stdout).trim(), "hello-from-c2", "TCP c1 -> c2");
+    assert_eq!(
+        String::from_utf8_lossy(&get.stdout).trim(),
+        "hello-from-c2",
+        "TCP c1 -> c2"
+    );
     let ports = lab.stromctl(&["ports"]);
-    let names: Vec<&str> = ports["ports"].as_array().unwrap().iter().map(|p| p["spec"]["pod_name"].as_str().unwrap()).collect();
+    let names: Vec<&str> = ports["ports"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["spec"]["pod_name"].as_str().unwrap())
+        .collect();
     assert_eq!(names.len(), 2, "{ports}");
-    assert!(names.contains(&"c1") && names.contains(&"c2"), "K8S_POD_NAME from podman: {names:?}");
-    let rx: u64 = ports["ports"].as_array().unwrap().iter().map(|p| p["counters"]["rx_packets"].as_u64().unwrap()).sum();
+    assert!(
+        names.contains(&"c1") && names.contains(&"c2"),
+        "K8S_POD_NAME from podman: {names:?}"
+    );
+    let rx: u64 = ports["ports"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["counters"]["rx_packets"].as_u64().unwrap())
+        .sum();
     assert!(rx > 0, "the traffic went through stromd");
 
     // hostPort through the chained portmap plugin, from the node.
     let get = "import socket\ns=socket.create_connection(('198.18.0.1',18080),timeout=3)\ns.sendall(b'GET / HTTP/1.0\\r\\n\\r\\n')\nb=b''\nwhile True:\n    d=s.recv(4096)\n    if not d: break\n    b+=d\nprint(b.decode().split('\\r\\n\\r\\n',1)[1].strip())\n";
     let hp = sh(Command::new("ip").args(["netns", "exec", &lab.node_ns(), "python3", "-c", get]));
-    let rules = sh(Command::new("ip").args(["netns", "exec", &lab.node_ns(), "iptables-save", "-t", "nat"]));
+    let rules = sh(Command::new("ip").args([
+        "netns",
+        "exec",
+        &lab.node_ns(),
+        "iptables-save",
+        "-t",
+        "nat",
+    ]));
     assert_eq!(
         String::from_utf8_lossy(&hp.stdout).trim(),
         "hello-from-c2",
@@ -149,18 +218,37 @@ fn podman_containers_talk_through_stromd_and_leave_nothing_behind() {
     let o = pm.run(&["restart", "-t", "0", "c1"]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let ping = pm.run(&["exec", "c1", "ping", "-c", "1", "-W", "1", &c2]);
-    assert!(ping.status.success(), "after restart: {}", String::from_utf8_lossy(&ping.stdout));
-    assert_eq!(lab.stromctl(&["ports"])["ports"].as_array().unwrap().len(), 2);
+    assert!(
+        ping.status.success(),
+        "after restart: {}",
+        String::from_utf8_lossy(&ping.stdout)
+    );
+    assert_eq!(
+        lab.stromctl(&["ports"])["ports"].as_array().unwrap().len(),
+        2
+    );
 
     // stop and rm leave no veth, no lease and no stromd port.
     assert!(pm.run(&["stop", "-t", "0", "c1"]).status.success());
-    assert_eq!(lab.stromctl(&["ports"])["ports"].as_array().unwrap().len(), 1, "stop unregisters");
+    assert_eq!(
+        lab.stromctl(&["ports"])["ports"].as_array().unwrap().len(),
+        1,
+        "stop unregisters"
+    );
     for n in ["c1", "c2"] {
         assert!(pm.run(&["rm", "-f", "-t", "0", n]).status.success());
     }
-    assert_eq!(lab.stromctl(&["ports"])["ports"].as_array().unwrap().len(), 0);
+    assert_eq!(
+        lab.stromctl(&["ports"])["ports"].as_array().unwrap().len(),
+        0
+    );
     assert_eq!(leases(&lab.dir), 0);
     let links = sh(Command::new("ip").args(["-n", &lab.node_ns(), "-o", "link", "show"]));
     let text = String::from_utf8_lossy(&links.stdout);
-    assert!(!text.lines().any(|l| l.split(": ").nth(1).is_some_and(|n| n.starts_with("st"))), "no veth left: {text}");
+    assert!(
+        !text
+            .lines()
+            .any(|l| l.split(": ").nth(1).is_some_and(|n| n.starts_with("st"))),
+        "no veth left: {text}"
+    );
 }
