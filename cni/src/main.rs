@@ -111,6 +111,12 @@ impl Env {
                 format!("{:?}: a valid interface name", self.ifname),
             );
         }
+        if self.netns.chars().any(char::is_whitespace) {
+            return bad(
+                "CNI_NETNS",
+                format!("{:?}: a path without white space", self.netns),
+            );
+        }
         if netns && self.netns.is_empty() {
             return bad("CNI_NETNS", "not set".into());
         }
@@ -346,31 +352,16 @@ fn wire(c: &NetConf, env: &Env, host: &str, ip: Ipv4Addr) -> Result<CniResult, C
         return Err(CniError::new(code::INVALID_CONFIG, "invalid MAC", mac));
     }
     let (ns, ifn) = (&env.netns, &env.ifname);
-    link::run(
-        link::ip(None).args([
-            "link",
-            "add",
-            host,
-            "mtu",
-            &mtu.to_string(),
-            "type",
-            "veth",
-            "peer",
-            "name",
-            ifn,
-            "address",
-            &mac,
-            "mtu",
-            &mtu.to_string(),
-            "netns",
-            ns,
-        ]),
-        None,
-    )
-    .map_err(io_err("creating the veth pair"))?;
+    // One ip process for the whole node side: the pair, the host end, the pod's /32 route and
+    // its permanent neighbour entry (stromd owns the pod gateway, the kernel talks to pods).
     link::ip_batch(
         None,
-        &format!("link set {host} up\nroute replace {ip}/32 dev {host} scope link\nneigh replace {ip} lladdr {mac} dev {host} nud permanent\n"),
+        &format!(
+            "link add {host} mtu {mtu} type veth peer name {ifn} address {mac} mtu {mtu} netns {ns}\n\
+             link set {host} up\n\
+             route replace {ip}/32 dev {host} scope link\n\
+             neigh replace {ip} lladdr {mac} dev {host} nud permanent\n"
+        ),
     )
     .map_err(io_err("configuring the host side"))?;
     link::disable_offloads(ns, ifn).map_err(io_err("switching off offloads in the pod"))?;
@@ -379,9 +370,6 @@ fn wire(c: &NetConf, env: &Env, host: &str, ip: Ipv4Addr) -> Result<CniResult, C
         &format!("link set {ifn} up\naddr add {ip}/32 dev {ifn}\nroute add {gw} dev {ifn} scope link\nroute add default via {gw} dev {ifn}\n"),
     )
     .map_err(io_err("configuring the pod side"))?;
-    let host_mac = link::node_link(host)
-        .and_then(|l| l.get("address").and_then(Value::as_str).map(str::to_string))
-        .unwrap_or_default();
     let spec = PortSpec {
         ifname: host.to_string(),
         ips: vec![ip.into()],
@@ -391,9 +379,23 @@ fn wire(c: &NetConf, env: &Env, host: &str, ip: Ipv4Addr) -> Result<CniResult, C
         pod_namespace: env.arg("K8S_POD_NAMESPACE").unwrap_or_default().to_string(),
         pod_name: env.arg("K8S_POD_NAME").unwrap_or_default().to_string(),
     };
-    client(c)?
-        .call(&Request::AddPort { spec })
-        .map_err(|e| CniError::new(code::DATAPLANE, "stromd refused the port", e.to_string()))?;
+    let host_mac = match client(c)?.call(&Request::AddPort { spec }) {
+        Ok(Response::Port(p)) => p.host_mac,
+        Ok(other) => {
+            return Err(CniError::new(
+                code::DATAPLANE,
+                "unexpected answer from stromd",
+                format!("{other:?}"),
+            ))
+        }
+        Err(e) => {
+            return Err(CniError::new(
+                code::DATAPLANE,
+                "stromd refused the port",
+                e.to_string(),
+            ))
+        }
+    };
     Ok(CniResult {
         cni_version: c.cni_version.clone(),
         interfaces: vec![
@@ -442,6 +444,11 @@ fn release(source: &Addr, env: &Env, stdin: &[u8]) {
 fn cmd_del(c: &NetConf, env: &Env, stdin: &[u8], notes: &mut Vec<String>) -> Result<(), CniError> {
     env.require(false)?;
     let host = link::host_ifname(&env.container_id, &env.ifname);
+    // The interface goes first: the kernel then drops the XDP program and unbinds the AF_XDP
+    // socket in the same unregistration, instead of paying a grace period for each.
+    if let Err(e) = link::delete_node_link(&host) {
+        notes.push(format!("deleting {host}: {e}"));
+    }
     match client(c).and_then(|mut cl| {
         cl.call(&Request::RemovePort {
             key: PortKey::Container {
@@ -453,9 +460,6 @@ fn cmd_del(c: &NetConf, env: &Env, stdin: &[u8], notes: &mut Vec<String>) -> Res
     }) {
         Ok(_) => {}
         Err(e) => notes.push(format!("stromd: {e} (the port goes with its interface)")),
-    }
-    if let Err(e) = link::delete_node_link(&host) {
-        notes.push(format!("deleting {host}: {e}"));
     }
     match addr_source(c, env) {
         Ok(s) => release(&s, env, stdin),

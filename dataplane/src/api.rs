@@ -50,6 +50,7 @@ pub struct Controller {
     ports: BTreeMap<u32, PortRecord>,
     next_id: u32,
     state: StateFile,
+    pending_detach: Vec<u32>,
 }
 
 fn read_sys(ifname: &str, what: &str) -> Result<String, String> {
@@ -83,6 +84,7 @@ impl Controller {
             ports: BTreeMap::new(),
             next_id: 0,
             state,
+            pending_detach: Vec::new(),
         }
     }
 
@@ -277,10 +279,21 @@ impl Controller {
         t.local.retain(|_, n| n.port != p.id);
         self.tables.publish(t);
         self.stop_on_worker(p.worker, p.id);
-        self.xdp.detach(p.ifindex);
+        // Detaching waits for the kernel too; nothing reaches the port any more, so the
+        // caller is answered first (see `after_reply`).
+        self.pending_detach.push(p.ifindex);
         tracing::info!(port = p.id, ifname = %p.spec.ifname, "port removed");
         self.save();
         Ok(())
+    }
+
+    /// Work left over from the last request, done once its caller has its answer.
+    pub fn after_reply(&mut self) {
+        for ifindex in std::mem::take(&mut self.pending_detach) {
+            if !self.ports.values().any(|p| p.ifindex == ifindex) {
+                self.xdp.detach(ifindex);
+            }
+        }
     }
 
     /// Answers one request.
@@ -410,6 +423,7 @@ fn serve_conn(s: UnixStream, ctl: &mut Controller, stop: &AtomicBool) -> std::io
             },
         };
         w.write_all(&encode_line(&resp))?;
+        ctl.after_reply();
         r.set_limit(1 << 20);
     }
     Ok(())

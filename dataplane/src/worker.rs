@@ -82,6 +82,7 @@ pub struct WorkerShared {
     waker: Waker,
     sleeping: AtomicBool,
     commands: Sender<Command>,
+    reaper: Sender<XskPort>,
 }
 
 impl WorkerShared {
@@ -118,6 +119,11 @@ pub type Created = (Vec<Arc<WorkerShared>>, Vec<Receiver<Command>>);
 pub fn create(n: usize, cores: &[usize]) -> Result<Created, crate::xsk::XskError> {
     let mut shared = Vec::with_capacity(n);
     let mut rxs = Vec::with_capacity(n);
+    let (reaper, dead) = crossbeam_channel::unbounded::<XskPort>();
+    std::thread::Builder::new()
+        .name("strom-reaper".into())
+        .spawn(move || dead.iter().for_each(drop))
+        .map_err(crate::xsk::XskError::EventFd)?;
     for id in 0..n {
         let (tx, rx) = crossbeam_channel::unbounded();
         shared.push(Arc::new(WorkerShared {
@@ -128,6 +134,7 @@ pub fn create(n: usize, cores: &[usize]) -> Result<Created, crate::xsk::XskError
             waker: Waker::new()?,
             sleeping: AtomicBool::new(false),
             commands: tx,
+            reaper: reaper.clone(),
         }));
         rxs.push(rx);
     }
@@ -275,6 +282,11 @@ impl Worker {
                 Command::RemovePort(id, reply) => {
                     if let Some(mut p) = self.ports.get_mut(id as usize).and_then(Option::take) {
                         p.counters.publish(&mut p.local);
+                        // Closing an AF_XDP socket waits for an RCU grace period in the
+                        // kernel: the reaper thread does it, not the forwarding loop.
+                        if let Err(e) = self.me.reaper.send(p.xsk) {
+                            drop(e.into_inner());
+                        }
                     }
                     self.active.retain(|&a| a != id);
                     self.rebuild_poll();

@@ -34,7 +34,7 @@ pub enum XskError {
         errno: String,
         raw: i32,
     },
-    #[error("eventfd: {0}")]
+    #[error("eventfd or thread: {0}")]
     EventFd(std::io::Error),
 }
 
