@@ -1,9 +1,6 @@
-//! Interface plumbing through iproute2, nsenter and ethtool.
-//!
-//! These tools are used rather than netlink from Rust: `ip -batch` applies a pod's whole
-//! configuration in one process, inside the pod's namespace via `nsenter --net`, with no
-//! thread juggling around setns(2); and ethtool's legacy offload ioctls would need `unsafe`
-//! outside the I/O layer. Each call costs about 2-3 ms (see BENCHMARKS.md).
+//! Interface names, and the read-only questions CHECK and GC ask of iproute2 (`ip -j`: its
+//! JSON is the stable, documented view of links, addresses and routes). The ADD/DEL path uses
+//! netlink in-process (`nl`).
 
 use std::io::Write;
 use std::process::{Command, Stdio};
@@ -53,11 +50,6 @@ pub fn ip(netns: Option<&str>) -> Command {
     }
 }
 
-/// Runs `ip -batch -` with `script` (stops at the first failing line).
-pub fn ip_batch(netns: Option<&str>, script: &str) -> Result<(), String> {
-    run(ip(netns).args(["-batch", "-"]), Some(script)).map(|_| ())
-}
-
 /// The host-side veth name for a container's interface: "st" + 13 hex digits of
 /// SHA-256(container id, ifname). 15 characters, the kernel's limit; a collision needs 52
 /// equal bits.
@@ -99,14 +91,7 @@ pub fn node_link_exists(name: &str) -> bool {
 
 /// Deletes a node-side link; a missing one is not an error.
 pub fn delete_node_link(name: &str) -> Result<(), String> {
-    if !node_link_exists(name) {
-        return Ok(());
-    }
-    match run(ip(None).args(["link", "del", name]), None) {
-        Ok(_) => Ok(()),
-        Err(_) if !node_link_exists(name) => Ok(()),
-        Err(e) => Err(e),
-    }
+    crate::nl::delete_link(name)
 }
 
 /// Names of the node's veth interfaces.
@@ -142,18 +127,6 @@ pub fn pod_routes(netns: &str) -> Result<Vec<Value>, String> {
     let out = run(ip(Some(netns)).args(["-j", "-4", "route", "show"]), None)?;
     let v: Value = serde_json::from_str(&out).map_err(|e| e.to_string())?;
     Ok(v.as_array().cloned().unwrap_or_default())
-}
-
-/// Switches off tx checksum offload, TSO and GSO on the pod side: frames that reach stromd
-/// through AF_XDP carry no offload state, so they must be complete when the pod sends them.
-pub fn disable_offloads(netns: &str, ifname: &str) -> Result<(), String> {
-    run(
-        Command::new("nsenter").arg(format!("--net={netns}")).args([
-            "ethtool", "-K", ifname, "tx", "off", "tso", "off", "gso", "off",
-        ]),
-        None,
-    )
-    .map(|_| ())
 }
 
 #[cfg(test)]

@@ -10,6 +10,7 @@ mod conf;
 mod error;
 mod ipam;
 mod link;
+mod nl;
 
 use std::collections::HashSet;
 use std::io::{Read, Write};
@@ -26,6 +27,9 @@ use error::{code, CniError};
 use ipam::{Ipam, Owner};
 
 const LATEST: &str = "1.1.0";
+/// The message of the error for an ADD of a container that is wired already (nothing is
+/// undone: it belongs to the earlier ADD).
+const ALREADY_WIRED: &str = "container is already wired";
 /// VXLAN over IPv4: outer Ethernet 14 + IP 20 + UDP 8 + VXLAN 8.
 const OVERLAY_HEADER: u32 = 50;
 
@@ -291,7 +295,7 @@ fn cmd_add(c: &NetConf, env: &Env, stdin: &[u8]) -> Result<CniResult, CniError> 
     if link::node_link_exists(&host) {
         return Err(CniError::new(
             code::WIRING,
-            "container is already wired",
+            ALREADY_WIRED,
             format!("{host} exists; DEL first"),
         ));
     }
@@ -323,6 +327,7 @@ fn cmd_add(c: &NetConf, env: &Env, stdin: &[u8]) -> Result<CniResult, CniError> 
     };
     match wire(c, env, &host, ip) {
         Ok(r) => Ok(r),
+        Err(e) if e.msg == ALREADY_WIRED => Err(e),
         Err(e) => {
             // Undo in reverse: registration, interfaces, address. Best effort; DEL/GC finish.
             if let Ok(mut cl) = client(c) {
@@ -352,24 +357,30 @@ fn wire(c: &NetConf, env: &Env, host: &str, ip: Ipv4Addr) -> Result<CniResult, C
         return Err(CniError::new(code::INVALID_CONFIG, "invalid MAC", mac));
     }
     let (ns, ifn) = (&env.netns, &env.ifname);
-    // One ip process for the whole node side: the pair, the host end, the pod's /32 route and
-    // its permanent neighbour entry (stromd owns the pod gateway, the kernel talks to pods).
-    link::ip_batch(
-        None,
-        &format!(
-            "link add {host} mtu {mtu} type veth peer name {ifn} address {mac} mtu {mtu} netns {ns}\n\
-             link set {host} up\n\
-             route replace {ip}/32 dev {host} scope link\n\
-             neigh replace {ip} lladdr {mac} dev {host} nud permanent\n"
-        ),
-    )
-    .map_err(io_err("configuring the host side"))?;
-    link::disable_offloads(ns, ifn).map_err(io_err("switching off offloads in the pod"))?;
-    link::ip_batch(
-        Some(ns),
-        &format!("link set {ifn} up\naddr add {ip}/32 dev {ifn}\nroute add {gw} dev {ifn} scope link\nroute add default via {gw} dev {ifn}\n"),
-    )
-    .map_err(io_err("configuring the pod side"))?;
+    let mut mac_bytes = [0u8; 6];
+    for (b, part) in mac_bytes.iter_mut().zip(mac.split(':')) {
+        *b = u8::from_str_radix(part, 16).unwrap_or(0);
+    }
+    let netns = std::fs::File::open(ns).map_err(|e| {
+        CniError::new(
+            code::INVALID_ENV,
+            "cannot open CNI_NETNS",
+            format!("{ns}: {e}"),
+        )
+    })?;
+    match nl::wire_node(host, ifn, mac_bytes, mtu, &netns, ip)
+        .map_err(io_err("wiring the node side"))?
+    {
+        nl::Created::Ok => {}
+        nl::Created::Exists => {
+            return Err(CniError::new(
+                code::WIRING,
+                ALREADY_WIRED,
+                format!("{host} exists; DEL first"),
+            ))
+        }
+    }
+    nl::wire_pod(netns, ifn, ip, gw).map_err(io_err("wiring the pod side"))?;
     let spec = PortSpec {
         ifname: host.to_string(),
         ips: vec![ip.into()],

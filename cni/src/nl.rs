@@ -1,0 +1,190 @@
+//! Interface plumbing over rtnetlink, in-process: no `ip` processes on the ADD/DEL path.
+//!
+//! The pod side is configured from a short-lived thread that has joined the pod's network
+//! namespace (setns(2) affects only the calling thread); netlink sockets opened there belong
+//! to that namespace, and so do processes it starts (ethtool).
+
+use std::fs::File;
+use std::net::{IpAddr, Ipv4Addr};
+use std::os::fd::AsRawFd;
+use std::process::{Command, Stdio};
+
+use futures::stream::TryStreamExt;
+use rtnetlink::packet_route::link::{InfoData, InfoKind, InfoVeth};
+use rtnetlink::packet_route::neighbour::NeighbourState;
+use rtnetlink::packet_route::route::RouteScope;
+use rtnetlink::{Handle, LinkMessageBuilder, LinkUnspec, RouteMessageBuilder};
+
+const EEXIST: i32 = 17;
+const ENODEV: i32 = 19;
+
+/// Runs `f` with a netlink handle of the current thread's namespace.
+fn with_handle<T>(f: impl AsyncFnOnce(Handle) -> Result<T, String>) -> Result<T, String> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .build()
+        .map_err(|e| format!("runtime: {e}"))?;
+    rt.block_on(async {
+        let (conn, handle, _) = rtnetlink::new_connection().map_err(|e| format!("netlink: {e}"))?;
+        let task = tokio::spawn(conn);
+        let r = f(handle).await;
+        task.abort();
+        r
+    })
+}
+
+fn errno(e: &rtnetlink::Error) -> Option<i32> {
+    match e {
+        rtnetlink::Error::NetlinkError(m) => m.code.map(|c| -c.get()),
+        _ => None,
+    }
+}
+
+async fn index_of(h: &Handle, name: &str) -> Result<Option<u32>, String> {
+    let mut links = h.link().get().match_name(name.to_string()).execute();
+    match links.try_next().await {
+        Ok(Some(m)) => Ok(Some(m.header.index)),
+        Ok(None) => Ok(None),
+        Err(e) if errno(&e) == Some(ENODEV) => Ok(None),
+        Err(e) => Err(format!("looking up {name}: {e}")),
+    }
+}
+
+/// The outcome of creating the pair.
+pub enum Created {
+    Ok,
+    /// The host-side name is taken: the container is wired already.
+    Exists,
+}
+
+/// Node side: the veth pair (peer moved into `netns` as `ifname` with `mac`), the host end up,
+/// the pod's /32 route and permanent neighbour entry.
+pub fn wire_node(
+    host: &str,
+    ifname: &str,
+    mac: [u8; 6],
+    mtu: u32,
+    netns: &File,
+    ip: Ipv4Addr,
+) -> Result<Created, String> {
+    with_handle(async |h| {
+        let peer = LinkMessageBuilder::<LinkUnspec>::new()
+            .name(ifname.to_string())
+            .address(mac.to_vec())
+            .mtu(mtu)
+            .setns_by_fd(netns.as_raw_fd())
+            .build();
+        let pair = LinkMessageBuilder::<LinkUnspec>::new_with_info_kind(InfoKind::Veth)
+            .name(host.to_string())
+            .mtu(mtu)
+            .set_info_data(InfoData::Veth(InfoVeth::Peer(peer)))
+            .build();
+        match h.link().add(pair).execute().await {
+            Ok(()) => {}
+            Err(e) if errno(&e) == Some(EEXIST) => return Ok(Created::Exists),
+            Err(e) => return Err(format!("creating {host}/{ifname}: {e}")),
+        }
+        let idx = index_of(&h, host)
+            .await?
+            .ok_or_else(|| format!("{host} vanished"))?;
+        h.link()
+            .set(LinkUnspec::new_with_index(idx).up().build())
+            .execute()
+            .await
+            .map_err(|e| format!("setting {host} up: {e}"))?;
+        let route = RouteMessageBuilder::<Ipv4Addr>::new()
+            .destination_prefix(ip, 32)
+            .output_interface(idx)
+            .scope(RouteScope::Link)
+            .build();
+        h.route()
+            .add(route)
+            .replace()
+            .execute()
+            .await
+            .map_err(|e| format!("route to {ip}: {e}"))?;
+        h.neighbours()
+            .add(idx, IpAddr::V4(ip))
+            .link_layer_address(&mac)
+            .state(NeighbourState::Permanent)
+            .replace()
+            .execute()
+            .await
+            .map_err(|e| format!("neighbour {ip}: {e}"))?;
+        Ok(Created::Ok)
+    })
+}
+
+/// Pod side, inside `netns`: offloads off (ethtool), interface up, the /32 address, an on-link
+/// route to the gateway and the default route through it.
+pub fn wire_pod(netns: File, ifname: &str, ip: Ipv4Addr, gw: Ipv4Addr) -> Result<(), String> {
+    let ifname = ifname.to_string();
+    std::thread::spawn(move || {
+        nix::sched::setns(&netns, nix::sched::CloneFlags::CLONE_NEWNET)
+            .map_err(|e| format!("entering the pod namespace: {e}"))?;
+        // Frames reaching stromd through AF_XDP carry no checksum-offload state: the pod must
+        // send complete checksums and segments. ethtool runs in this thread's namespace.
+        let out = Command::new("ethtool")
+            .args(["-K", &ifname, "tx", "off", "tso", "off", "gso", "off"])
+            .stdin(Stdio::null())
+            .output()
+            .map_err(|e| format!("ethtool: {e}"))?;
+        if !out.status.success() {
+            return Err(format!(
+                "ethtool -K {ifname}: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            ));
+        }
+        with_handle(async |h| {
+            let idx = index_of(&h, &ifname)
+                .await?
+                .ok_or_else(|| format!("{ifname} is not in the pod"))?;
+            h.link()
+                .set(LinkUnspec::new_with_index(idx).up().build())
+                .execute()
+                .await
+                .map_err(|e| format!("setting {ifname} up: {e}"))?;
+            h.address()
+                .add(idx, IpAddr::V4(ip), 32)
+                .execute()
+                .await
+                .map_err(|e| format!("address {ip}/32: {e}"))?;
+            let to_gw = RouteMessageBuilder::<Ipv4Addr>::new()
+                .destination_prefix(gw, 32)
+                .output_interface(idx)
+                .scope(RouteScope::Link)
+                .build();
+            h.route()
+                .add(to_gw)
+                .execute()
+                .await
+                .map_err(|e| format!("route to {gw}: {e}"))?;
+            let default = RouteMessageBuilder::<Ipv4Addr>::new()
+                .gateway(gw)
+                .output_interface(idx)
+                .build();
+            h.route()
+                .add(default)
+                .execute()
+                .await
+                .map_err(|e| format!("default route: {e}"))?;
+            Ok(())
+        })
+    })
+    .join()
+    .map_err(|_| "pod namespace thread panicked".to_string())?
+}
+
+/// Deletes a node-side link by name; a missing one is fine.
+pub fn delete_link(name: &str) -> Result<(), String> {
+    with_handle(async |h| {
+        let Some(idx) = index_of(&h, name).await? else {
+            return Ok(());
+        };
+        match h.link().del(idx).execute().await {
+            Ok(()) => Ok(()),
+            Err(e) if errno(&e) == Some(ENODEV) => Ok(()),
+            Err(e) => Err(format!("deleting {name}: {e}")),
+        }
+    })
+}
