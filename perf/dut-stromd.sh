@@ -16,6 +16,8 @@ pod_gateway = "169.254.1.1"
 workers = ${STROM_WORKERS:-1}
 cores = [${STROM_CORES:-1}]
 poll_mode = "${STROM_POLL:-busy}"
+ring_size = ${STROM_RING:-512}
+frames_per_port = ${STROM_FRAMES:-2048}
 api_socket = "$run/stromd.sock"
 state_dir = "$run"
 CFG

@@ -81,7 +81,13 @@ impl LocalDrops {
     /// Counts one drop.
     #[inline]
     pub fn count(&mut self, r: DropReason) {
-        self.by_reason[r.index()] += 1;
+        self.count_n(r, 1);
+    }
+
+    /// Counts `n` drops.
+    #[inline]
+    pub fn count_n(&mut self, r: DropReason, n: u64) {
+        self.by_reason[r.index()] += n;
         self.any = true;
     }
 }

@@ -210,7 +210,16 @@ impl Worker {
             for i in 0..self.active.len() {
                 let id = self.active[i] as usize;
                 if let Some(p) = self.ports[id].as_mut() {
-                    p.xsk.flush();
+                    let f = p.xsk.flush();
+                    p.local.tx_packets += f.packets;
+                    p.local.tx_bytes += f.bytes;
+                    self.totals.tx_packets += f.packets;
+                    self.totals.tx_bytes += f.bytes;
+                    if f.dropped > 0 {
+                        self.drops.count_n(DropReason::TxFull, f.dropped);
+                        p.local.drops += f.dropped;
+                        self.totals.drops += f.dropped;
+                    }
                     p.counters.publish(&mut p.local);
                 }
             }
@@ -350,7 +359,7 @@ impl Worker {
                             self.ports[next.port as usize].as_deref_mut(),
                             frame,
                         );
-                        self.account_tx(r, len);
+                        self.account_tx(r);
                         port.xsk.recycle(d.addr);
                     } else {
                         let r = match self.all.get(usize::from(next.worker)) {
@@ -385,12 +394,8 @@ impl Worker {
 
     #[inline]
     fn hairpin(&mut self, port: &mut Port, addr: u64, len: usize) {
-        if port.xsk.send(addr, len) {
-            port.local.tx_packets += 1;
-            port.local.tx_bytes += len as u64;
-            self.totals.tx_packets += 1;
-            self.totals.tx_bytes += len as u64;
-        } else {
+        // Sent frames are counted when `flush` commits them.
+        if !port.xsk.send(addr, len) {
             self.drops.count(DropReason::TxFull);
             port.local.drops += 1;
         }
@@ -405,22 +410,14 @@ impl Worker {
         if !out.xsk.send(addr, frame.len()) {
             return Err(DropReason::TxFull);
         }
-        out.local.tx_packets += 1;
-        out.local.tx_bytes += frame.len() as u64;
         Ok(())
     }
 
     #[inline]
-    fn account_tx(&mut self, r: Result<(), DropReason>, len: usize) {
-        match r {
-            Ok(()) => {
-                self.totals.tx_packets += 1;
-                self.totals.tx_bytes += len as u64;
-            }
-            Err(reason) => {
-                self.drops.count(reason);
-                self.totals.drops += 1;
-            }
+    fn account_tx(&mut self, r: Result<(), DropReason>) {
+        if let Err(reason) = r {
+            self.drops.count(reason);
+            self.totals.drops += 1;
         }
     }
 
@@ -438,7 +435,7 @@ impl Worker {
                     .and_then(|p| p.as_deref_mut()),
                 &h.data[..len],
             );
-            self.account_tx(r, len);
+            self.account_tx(r);
         }
         n
     }

@@ -64,6 +64,16 @@ impl Default for XskSizes {
     }
 }
 
+/// What one `flush` put on the wire.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Flushed {
+    /// Frames committed to the tx ring, and their bytes.
+    pub packets: u64,
+    pub bytes: u64,
+    /// Frames that did not fit the tx ring (recycled).
+    pub dropped: u64,
+}
+
 /// Anonymous, page-aligned memory for a UMEM. Unmapped on drop.
 struct Area {
     ptr: NonNull<u8>,
@@ -124,7 +134,7 @@ pub struct XskPort {
     free: Vec<u64>,
     ring: u32,
     fd: RawFd,
-    tx_dirty: bool,
+    tx_batch: Vec<XdpDesc>,
 }
 
 // SAFETY: xdpilone's `Umem` is !Send only because it holds a raw pointer to the area; the port
@@ -191,7 +201,7 @@ impl XskPort {
             free,
             ring: sizes.ring,
             fd,
-            tx_dirty: false,
+            tx_batch: Vec::with_capacity(sizes.ring as usize),
         };
         port.refill();
         Ok(port)
@@ -250,41 +260,51 @@ impl XskPort {
         self.free.pop()
     }
 
-    /// Queues one frame for transmission. On a full ring the frame is recycled and false returned.
+    /// Queues one frame for transmission in this loop's batch (committed by `flush`). When the
+    /// batch is as large as the ring the frame is recycled and false returned.
     #[inline]
     pub fn send(&mut self, addr: u64, len: usize) -> bool {
-        let desc = XdpDesc {
+        if self.tx_batch.len() >= self.ring as usize {
+            self.recycle(addr);
+            return false;
+        }
+        self.tx_batch.push(XdpDesc {
             addr,
             len: len as u32,
             options: 0,
-        };
-        let ok = {
-            let mut w = self.tx.transmit(1);
-            let ok = w.insert_once(desc);
-            w.commit();
-            ok
-        };
-        if ok {
-            self.tx_dirty = true;
-        } else {
-            self.recycle(addr);
-        }
-        ok
+        });
+        true
     }
 
-    /// Kicks the kernel if frames were queued (one syscall per batch in copy mode), reaps
-    /// completions into the free pool, and tops up the fill ring.
+    /// Commits the batch to the tx ring in one go and kicks the kernel (copy mode needs a
+    /// sendto; one sends at most 32 frames, the kernel's TX_BATCH_SIZE), reaps completions
+    /// into the free pool and tops up the fill ring.
     #[inline]
-    pub fn flush(&mut self) {
-        if self.tx_dirty || self.tx.pending() > 0 {
-            // In copy mode one sendto sends at most 32 frames (the kernel's TX_BATCH_SIZE):
-            // kick until the ring is drained, bounded so one port cannot starve the others.
-            let mut kicks = 0;
-            while kicks < MAX_KICKS && self.tx.pending() > 0 && self.tx.needs_wakeup() {
-                self.tx.wake();
-                kicks += 1;
+    pub fn flush(&mut self) -> Flushed {
+        let mut out = Flushed::default();
+        if !self.tx_batch.is_empty() {
+            let n = self.tx_batch.len() as u32;
+            let sent = {
+                let mut w = self.tx.transmit(n);
+                let sent = w.insert(self.tx_batch.iter().copied());
+                w.commit();
+                sent
+            };
+            out.packets = u64::from(sent);
+            out.bytes = self.tx_batch[..sent as usize]
+                .iter()
+                .map(|d| u64::from(d.len))
+                .sum();
+            out.dropped = u64::from(n - sent);
+            for d in self.tx_batch.drain(sent as usize..) {
+                self.free.push(d.addr & !u64::from(FRAME_SIZE - 1));
             }
-            self.tx_dirty = false;
+            self.tx_batch.clear();
+        }
+        let mut kicks = 0;
+        while kicks < MAX_KICKS && self.tx.pending() > 0 && self.tx.needs_wakeup() {
+            self.tx.wake();
+            kicks += 1;
         }
         {
             let mut c = self.dev.complete(self.ring);
@@ -294,6 +314,7 @@ impl XskPort {
             c.release();
         }
         self.refill();
+        out
     }
 
     fn refill(&mut self) {
