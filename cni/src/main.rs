@@ -368,10 +368,10 @@ fn wire(c: &NetConf, env: &Env, host: &str, ip: Ipv4Addr) -> Result<CniResult, C
             format!("{ns}: {e}"),
         )
     })?;
-    match nl::wire_node(host, ifn, mac_bytes, mtu, &netns, ip)
+    let pod_side = match nl::wire_node(host, ifn, mac_bytes, mtu, netns, ip, gw)
         .map_err(io_err("wiring the node side"))?
     {
-        nl::Created::Ok => {}
+        nl::Created::Ok(p) => p,
         nl::Created::Exists => {
             return Err(CniError::new(
                 code::WIRING,
@@ -379,8 +379,7 @@ fn wire(c: &NetConf, env: &Env, host: &str, ip: Ipv4Addr) -> Result<CniResult, C
                 format!("{host} exists; DEL first"),
             ))
         }
-    }
-    nl::wire_pod(netns, ifn, ip, gw).map_err(io_err("wiring the pod side"))?;
+    };
     let spec = PortSpec {
         ifname: host.to_string(),
         ips: vec![ip.into()],
@@ -390,7 +389,13 @@ fn wire(c: &NetConf, env: &Env, host: &str, ip: Ipv4Addr) -> Result<CniResult, C
         pod_namespace: env.arg("K8S_POD_NAMESPACE").unwrap_or_default().to_string(),
         pod_name: env.arg("K8S_POD_NAME").unwrap_or_default().to_string(),
     };
-    let host_mac = match client(c)?.call(&Request::AddPort { spec }) {
+    // Registration runs while the pod side is configured; both must succeed.
+    let registered = client(c).and_then(|mut cl| {
+        cl.call(&Request::AddPort { spec })
+            .map_err(|e| CniError::new(code::DATAPLANE, "stromd refused the port", e.to_string()))
+    });
+    nl::join(pod_side).map_err(io_err("wiring the pod side"))?;
+    let host_mac = match registered {
         Ok(Response::Port(p)) => p.host_mac,
         Ok(other) => {
             return Err(CniError::new(
@@ -399,13 +404,7 @@ fn wire(c: &NetConf, env: &Env, host: &str, ip: Ipv4Addr) -> Result<CniResult, C
                 format!("{other:?}"),
             ))
         }
-        Err(e) => {
-            return Err(CniError::new(
-                code::DATAPLANE,
-                "stromd refused the port",
-                e.to_string(),
-            ))
-        }
+        Err(e) => return Err(e),
     };
     Ok(CniResult {
         cni_version: c.cni_version.clone(),
@@ -455,11 +454,13 @@ fn release(source: &Addr, env: &Env, stdin: &[u8]) {
 fn cmd_del(c: &NetConf, env: &Env, stdin: &[u8], notes: &mut Vec<String>) -> Result<(), CniError> {
     env.require(false)?;
     let host = link::host_ifname(&env.container_id, &env.ifname);
-    // The interface goes first: the kernel then drops the XDP program and unbinds the AF_XDP
-    // socket in the same unregistration, instead of paying a grace period for each.
-    if let Err(e) = link::delete_node_link(&host) {
-        notes.push(format!("deleting {host}: {e}"));
-    }
+    // The interface is deleted first (the kernel then drops the XDP program and unbinds the
+    // AF_XDP socket in the same unregistration, instead of a grace period for each), in a
+    // thread: unregistering the port and releasing the address go on meanwhile.
+    let deleting = {
+        let host = host.clone();
+        std::thread::spawn(move || link::delete_node_link(&host))
+    };
     match client(c).and_then(|mut cl| {
         cl.call(&Request::RemovePort {
             key: PortKey::Container {
@@ -475,6 +476,11 @@ fn cmd_del(c: &NetConf, env: &Env, stdin: &[u8], notes: &mut Vec<String>) -> Res
     match addr_source(c, env) {
         Ok(s) => release(&s, env, stdin),
         Err(e) => notes.push(format!("ipam: {e}")),
+    }
+    match deleting.join() {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => notes.push(format!("deleting {host}: {e}")),
+        Err(_) => notes.push(format!("deleting {host}: thread panicked")),
     }
     Ok(())
 }

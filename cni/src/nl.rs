@@ -50,22 +50,34 @@ async fn index_of(h: &Handle, name: &str) -> Result<Option<u32>, String> {
     }
 }
 
+/// The pod side being configured in its own thread.
+pub type PodSide = std::thread::JoinHandle<Result<(), String>>;
+
 /// The outcome of creating the pair.
 pub enum Created {
-    Ok,
+    /// Wired on the node side; the pod side is being configured (`join` it).
+    Ok(PodSide),
     /// The host-side name is taken: the container is wired already.
     Exists,
 }
 
+/// Waits for the pod side.
+pub fn join(p: PodSide) -> Result<(), String> {
+    p.join()
+        .map_err(|_| "pod namespace thread panicked".to_string())?
+}
+
 /// Node side: the veth pair (peer moved into `netns` as `ifname` with `mac`), the host end up,
-/// the pod's /32 route and permanent neighbour entry.
+/// the pod's /32 route and permanent neighbour entry. As soon as the pair exists the pod side
+/// starts in parallel (`wire_pod`, with gateway `gw`).
 pub fn wire_node(
     host: &str,
     ifname: &str,
     mac: [u8; 6],
     mtu: u32,
-    netns: &File,
+    netns: File,
     ip: Ipv4Addr,
+    gw: Ipv4Addr,
 ) -> Result<Created, String> {
     with_handle(async |h| {
         let peer = LinkMessageBuilder::<LinkUnspec>::new()
@@ -84,6 +96,7 @@ pub fn wire_node(
             Err(e) if errno(&e) == Some(EEXIST) => return Ok(Created::Exists),
             Err(e) => return Err(format!("creating {host}/{ifname}: {e}")),
         }
+        let pod = wire_pod(netns, ifname, ip, gw);
         let idx = index_of(&h, host)
             .await?
             .ok_or_else(|| format!("{host} vanished"))?;
@@ -111,13 +124,13 @@ pub fn wire_node(
             .execute()
             .await
             .map_err(|e| format!("neighbour {ip}: {e}"))?;
-        Ok(Created::Ok)
+        Ok(Created::Ok(pod))
     })
 }
 
-/// Pod side, inside `netns`: offloads off (ethtool), interface up, the /32 address, an on-link
-/// route to the gateway and the default route through it.
-pub fn wire_pod(netns: File, ifname: &str, ip: Ipv4Addr, gw: Ipv4Addr) -> Result<(), String> {
+/// Pod side, inside `netns`, in a thread of its own: offloads off (ethtool), interface up, the
+/// /32 address, an on-link route to the gateway and the default route through it.
+fn wire_pod(netns: File, ifname: &str, ip: Ipv4Addr, gw: Ipv4Addr) -> PodSide {
     let ifname = ifname.to_string();
     std::thread::spawn(move || {
         nix::sched::setns(&netns, nix::sched::CloneFlags::CLONE_NEWNET)
@@ -171,8 +184,6 @@ pub fn wire_pod(netns: File, ifname: &str, ip: Ipv4Addr, gw: Ipv4Addr) -> Result
             Ok(())
         })
     })
-    .join()
-    .map_err(|_| "pod namespace thread panicked".to_string())?
 }
 
 /// Deletes a node-side link by name; a missing one is fine.

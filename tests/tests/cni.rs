@@ -16,6 +16,8 @@ use strom_tests::{bin_dir, net_lock, sh, Lab};
 struct Call<'a> {
     lab: &'a Lab,
     conf: Value,
+    /// Raw stdin instead of `conf` (for undecodable input).
+    stdin: Option<Vec<u8>>,
 }
 
 fn conf(lab: &Lab, version: &str) -> Value {
@@ -66,7 +68,11 @@ impl Call<'_> {
             .stdin
             .take()
             .unwrap()
-            .write_all(self.conf.to_string().as_bytes())
+            .write_all(
+                self.stdin
+                    .as_deref()
+                    .unwrap_or(self.conf.to_string().as_bytes()),
+            )
             .unwrap();
         let out = child.wait_with_output().unwrap();
         let v = if out.stdout.is_empty() {
@@ -136,6 +142,7 @@ fn add_check_del_in_every_supported_version() {
         let call = Call {
             lab: &lab,
             conf: conf(&lab, version),
+            stdin: None,
         };
         let ns = netns(&lab, &format!("v{i}"));
         let id = format!("c{i}");
@@ -159,6 +166,7 @@ fn add_check_del_in_every_supported_version() {
         let mut check = Call {
             lab: &lab,
             conf: conf(&lab, version),
+            stdin: None,
         };
         check.conf["prevResult"] = r.clone();
         let (ok, out) = check.run("CHECK", &id, &ns, &[]);
@@ -166,6 +174,7 @@ fn add_check_del_in_every_supported_version() {
         let mut del = Call {
             lab: &lab,
             conf: conf(&lab, version),
+            stdin: None,
         };
         del.conf["prevResult"] = r;
         assert!(del.run("DEL", &id, &ns, &[]).0);
@@ -183,11 +192,18 @@ fn version_and_error_codes_follow_the_spec() {
     let _g = net_lock();
     let lab = Lab::up("", &[]);
     let ns = netns(&lab, "e");
-    let call =
-        |conf: Value, env: &[(&str, &str)]| Call { lab: &lab, conf }.run("ADD", "cerr", &ns, env);
+    let call = |conf: Value, env: &[(&str, &str)]| {
+        Call {
+            lab: &lab,
+            conf,
+            stdin: None,
+        }
+        .run("ADD", "cerr", &ns, env)
+    };
     let v = Call {
         lab: &lab,
         conf: json!({"cniVersion": "1.0.0"}),
+        stdin: None,
     }
     .run("VERSION", "", "", &[])
     .1;
@@ -228,6 +244,7 @@ fn version_and_error_codes_follow_the_spec() {
     let (ok, e) = Call {
         lab: &lab,
         conf: json!(null),
+        stdin: None,
     }
     .run("ADD", "cerr", &ns, &[]);
     assert!(!ok);
@@ -235,6 +252,41 @@ fn version_and_error_codes_follow_the_spec() {
         e["code"], 1,
         "a config that is not an object has no version we support"
     );
+    let garbage = Call {
+        lab: &lab,
+        conf: json!(null),
+        stdin: Some(b"{not json".to_vec()),
+    };
+    assert_eq!(
+        garbage.run("ADD", "cerr", &ns, &[]).1["code"],
+        6,
+        "undecodable config"
+    );
+    assert_eq!(
+        call(conf(&lab, "1.0.0"), &[("CNI_ARGS", "IP=fd00::5")]).1["code"],
+        2,
+        "an IPv6 address is a field we do not support yet"
+    );
+    let any = Call {
+        lab: &lab,
+        conf: conf(&lab, "1.0.0"),
+        stdin: None,
+    };
+    assert_eq!(
+        any.run("FROB", "cerr", &ns, &[]).1["code"],
+        4,
+        "unknown CNI_COMMAND"
+    );
+    let mut check = conf(&lab, "1.0.0");
+    check["prevResult"] = json!({"cniVersion": "1.0.0", "ips": []});
+    let (ok, e) = Call {
+        lab: &lab,
+        conf: check,
+        stdin: None,
+    }
+    .run("CHECK", "never-added", &ns, &[]);
+    assert!(!ok);
+    assert_eq!(e["code"], 3, "CHECK of an unknown container: {e}");
     nothing_left(&lab);
 }
 
@@ -245,7 +297,11 @@ fn stromd_down_gives_try_again_later_and_leaves_nothing() {
     let ns = netns(&lab, "d");
     let mut c = conf(&lab, "1.0.0");
     c["socket"] = json!(lab.dir.join("nobody-listens.sock").display().to_string());
-    let call = Call { lab: &lab, conf: c };
+    let call = Call {
+        lab: &lab,
+        conf: c,
+        stdin: None,
+    };
     let (ok, e) = call.run("ADD", "cdown", &ns, &[]);
     assert!(!ok);
     assert_eq!(e["code"], 11, "{e}");
@@ -266,7 +322,8 @@ fn stromd_down_gives_try_again_later_and_leaves_nothing() {
     assert!(
         Call {
             lab: &lab,
-            conf: conf(&lab, "1.1.0")
+            conf: conf(&lab, "1.1.0"),
+            stdin: None
         }
         .run("STATUS", "", "", &[])
         .0,
@@ -282,6 +339,7 @@ fn check_names_what_differs() {
     let call = Call {
         lab: &lab,
         conf: conf(&lab, "1.0.0"),
+        stdin: None,
     };
     let (ok, r) = call.run("ADD", "ck", &ns, &[]);
     assert!(ok);
@@ -299,6 +357,7 @@ fn check_names_what_differs() {
     let mut check = Call {
         lab: &lab,
         conf: conf(&lab, "1.0.0"),
+        stdin: None,
     };
     check.conf["prevResult"] = r;
     let (ok, e) = check.run("CHECK", "ck", &ns, &[]);
@@ -316,6 +375,7 @@ fn requested_addresses_are_honoured() {
     let call = Call {
         lab: &lab,
         conf: conf(&lab, "1.0.0"),
+        stdin: None,
     };
     let ns1 = netns(&lab, "r1");
     let (ok, r) = call.run(
@@ -332,6 +392,7 @@ fn requested_addresses_are_honoured() {
     let (ok, r) = Call {
         lab: &lab,
         conf: rc,
+        stdin: None,
     }
     .run("ADD", "r2", &ns2, &[]);
     assert!(ok, "{r}");
@@ -353,6 +414,7 @@ fn gc_removes_what_the_runtime_no_longer_knows() {
     let call = Call {
         lab: &lab,
         conf: conf(&lab, "1.1.0"),
+        stdin: None,
     };
     let keep = netns(&lab, "g1");
     let leak = netns(&lab, "g2");
@@ -363,7 +425,8 @@ fn gc_removes_what_the_runtime_no_longer_knows() {
     assert!(
         Call {
             lab: &lab,
-            conf: gc
+            conf: gc,
+            stdin: None
         }
         .run("GC", "", "", &[])
         .0
@@ -376,7 +439,8 @@ fn gc_removes_what_the_runtime_no_longer_knows() {
     assert!(
         Call {
             lab: &lab,
-            conf: gc
+            conf: gc,
+            stdin: None
         }
         .run("GC", "", "", &[])
         .0,
@@ -400,6 +464,7 @@ fn fifty_parallel_adds_get_distinct_addresses_and_dels_leave_nothing() {
                     Call {
                         lab,
                         conf: conf(lab, "1.0.0"),
+                        stdin: None,
                     }
                     .run("ADD", &format!("par{i}"), ns, &[])
                 })
@@ -424,7 +489,8 @@ fn fifty_parallel_adds_get_distinct_addresses_and_dels_leave_nothing() {
                 assert!(
                     Call {
                         lab,
-                        conf: conf(lab, "1.0.0")
+                        conf: conf(lab, "1.0.0"),
+                        stdin: None,
                     }
                     .run("DEL", &format!("par{i}"), ns, &[])
                     .0
@@ -470,7 +536,8 @@ fn killed_in_the_middle_of_add_then_del_leaves_nothing() {
         assert!(
             Call {
                 lab: &lab,
-                conf: conf(&lab, "1.0.0")
+                conf: conf(&lab, "1.0.0"),
+                stdin: None
             }
             .run("DEL", &id, &ns, &[])
             .0
@@ -489,7 +556,11 @@ fn host_local_ipam_is_delegated_to() {
     let lab = Lab::up("", &[]);
     let mut c = conf(&lab, "1.0.0");
     c["ipam"] = json!({"type": "host-local", "ranges": [[{"subnet": "198.18.16.0/24", "rangeStart": "198.18.16.200", "rangeEnd": "198.18.16.210"}]], "dataDir": lab.dir.join("host-local").display().to_string()});
-    let call = Call { lab: &lab, conf: c };
+    let call = Call {
+        lab: &lab,
+        conf: c,
+        stdin: None,
+    };
     let ns = netns(&lab, "hl");
     let (ok, r) = call.run("ADD", "hl", &ns, &[]);
     assert!(ok, "{r}");
@@ -497,6 +568,7 @@ fn host_local_ipam_is_delegated_to() {
     let mut check = Call {
         lab: &lab,
         conf: call.conf.clone(),
+        stdin: None,
     };
     check.conf["prevResult"] = r.clone();
     let (ok, out) = check.run("CHECK", "hl", &ns, &[]);
