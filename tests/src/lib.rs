@@ -158,6 +158,29 @@ impl Lab {
         serde_json::from_slice(&o.stdout).expect("stromctl json")
     }
 
+    /// stromd's record of the port of the pod named `name` (stromctl ports, JSON).
+    pub fn port_of(&self, name: &str) -> Value {
+        let ports = self.stromctl(&["ports"]);
+        ports["ports"]
+            .as_array()
+            .and_then(|a| a.iter().find(|p| p["spec"]["pod_name"] == name))
+            .cloned()
+            .unwrap_or_else(|| panic!("no port for pod {name}: {ports}"))
+    }
+
+    /// Frames stromd received on all ports.
+    pub fn rx_packets(&self) -> u64 {
+        let ports = self.stromctl(&["ports"]);
+        ports["ports"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|p| p["counters"]["rx_packets"].as_u64())
+                    .sum()
+            })
+            .unwrap_or(0)
+    }
+
     /// The pod's address.
     pub fn pod_ip(&self, key: &str) -> String {
         let st: Value =

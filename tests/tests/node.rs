@@ -44,14 +44,7 @@ fn pod_to_pod_icmp_tcp_and_udp_pass_through_stromd() {
     );
     let text = String::from_utf8_lossy(&ping.stdout);
     assert!(text.contains("ttl=63"), "one routed hop: {text}");
-    let ports = lab.stromctl(&["ports"]);
-    let rx: u64 = ports["ports"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|p| p["counters"]["rx_packets"].as_u64().unwrap())
-        .sum();
-    assert!(rx >= 6, "stromd saw the traffic: {ports}");
+    assert!(lab.rx_packets() >= 6, "stromd saw the traffic");
 }
 
 #[test]
@@ -69,17 +62,7 @@ fn gateway_arp_is_answered_with_the_host_side_mac() {
     let n = lab.exec("t/a", &["ip", "-j", "neigh", "show", "169.254.1.1"]);
     let v: serde_json::Value = serde_json::from_slice(&n.stdout).unwrap();
     let lladdr = v[0]["lladdr"].as_str().unwrap_or_default().to_string();
-    let ports = lab.stromctl(&["ports"]);
-    let host_mac = ports["ports"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|p| p["spec"]["pod_name"] == "a")
-        .unwrap()["host_mac"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    assert_eq!(lladdr, host_mac);
+    assert_eq!(lladdr, lab.port_of("a")["host_mac"].as_str().unwrap());
 }
 
 #[test]
@@ -319,14 +302,7 @@ fn mac_bytes(s: &str) -> Vec<u8> {
 fn malformed_and_spoofed_frames_are_dropped_by_reason_and_forwarding_goes_on() {
     let _g = net_lock();
     let lab = Lab::up(&two_pods(), &[]);
-    let ports = lab.stromctl(&["ports"]);
-    let a = ports["ports"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|p| p["spec"]["pod_name"] == "a")
-        .unwrap()
-        .clone();
+    let a = lab.port_of("a");
     let (pod_mac, host_mac) = (
         mac_bytes(a["spec"]["mac"].as_str().unwrap()),
         mac_bytes(a["host_mac"].as_str().unwrap()),
@@ -397,14 +373,7 @@ fn malformed_and_spoofed_frames_are_dropped_by_reason_and_forwarding_goes_on() {
 fn a_port_removed_and_registered_again_at_once_works() {
     let _g = net_lock();
     let lab = Lab::up(&two_pods(), &[]);
-    let ports = lab.stromctl(&["ports"]);
-    let a = ports["ports"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|p| p["spec"]["pod_name"] == "a")
-        .unwrap()
-        .clone();
+    let a = lab.port_of("a");
     let (ifname, ip, mac) = (
         a["spec"]["ifname"].as_str().unwrap(),
         a["spec"]["ips"][0].as_str().unwrap(),
