@@ -8,7 +8,7 @@ use std::net::{IpAddr, Ipv4Addr};
 
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 use etherparse::PacketBuilder;
-use strom_dataplane::pipeline::{self, arp, eth, ipv4, rewrite, spoof, InPort};
+use strom_dataplane::pipeline::{self, arp, eth, ipv4, rewrite, spoof, InPort, PortKind};
 use strom_dataplane::tables::{Next, Tables};
 
 const PODS: u8 = 110;
@@ -63,6 +63,7 @@ fn stages(c: &mut Criterion) {
     let ips = [IpAddr::V4(pod_ip(0))];
     let port = InPort {
         id: 0,
+        kind: PortKind::Pod,
         host_mac: HA_MAC,
         pod_mac: A_MAC,
         ips: &ips,
@@ -113,6 +114,7 @@ fn whole(c: &mut Criterion) {
     let ips = [IpAddr::V4(pod_ip(0))];
     let port = InPort {
         id: 0,
+        kind: PortKind::Pod,
         host_mac: HA_MAC,
         pod_mac: A_MAC,
         ips: &ips,

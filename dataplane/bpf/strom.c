@@ -6,7 +6,9 @@
 //                 that is not for the pod gateway) goes to the kernel, everything else to the
 //                 port's AF_XDP socket. With no socket bound the frame is dropped (fail closed):
 //                 a pod never reaches another pod around stromd.
-// The uplink's program (redirect only what stromd owns) comes with the uplink.
+//   strom_uplink  on the uplink: only IPv4 for the prefixes stromd owns (`owned`: the pod CIDR)
+//                 goes to the socket; everything else (ARP, the node's own traffic) goes to the
+//                 kernel, so the node keeps its own connectivity. With no socket: kernel.
 #include <linux/bpf.h>
 #include <linux/if_ether.h>
 #include <linux/ip.h>
@@ -45,6 +47,20 @@ struct {
 	__type(key, __u32);
 	__type(value, __u32);
 } gateway SEC(".maps");
+
+struct lpm_v4 {
+	__u32 prefixlen;
+	__u32 addr;
+};
+
+/* IPv4 prefixes stromd owns on the uplink (the pod CIDR; later Service VIPs, ...) */
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__uint(max_entries, 1024);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, struct lpm_v4);
+	__type(value, __u8);
+} owned SEC(".maps");
 
 struct arp_ipv4 {
 	__be16 htype;
@@ -97,6 +113,30 @@ int strom_pod(struct xdp_md *ctx)
 			return XDP_PASS;
 	}
 	return to_socket(ctx);
+}
+
+SEC("xdp")
+int strom_uplink(struct xdp_md *ctx)
+{
+	void *data = (void *)(long)ctx->data;
+	void *end = (void *)(long)ctx->data_end;
+	struct ethhdr *eth = data;
+
+	if ((void *)(eth + 1) > end)
+		return XDP_PASS;
+	if (eth->h_proto != bpf_htons(ETH_P_IP))
+		return XDP_PASS;
+	struct iphdr *ip = (void *)(eth + 1);
+	if ((void *)(ip + 1) > end)
+		return XDP_PASS;
+	struct lpm_v4 key = { .prefixlen = 32, .addr = ip->daddr };
+	if (!bpf_map_lookup_elem(&owned, &key))
+		return XDP_PASS;
+	__u32 ifindex = ctx->ingress_ifindex;
+	__u32 *slot = bpf_map_lookup_elem(&port_slot, &ifindex);
+	if (!slot)
+		return XDP_PASS;
+	return bpf_redirect_map(&xsks, *slot, XDP_PASS);
 }
 
 char LICENSE[] SEC("license") = "Dual BSD/GPL";

@@ -4,21 +4,22 @@
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Write};
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv4Addr};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use strom_api::{
     encode_line, PortKey, PortSpec, PortStatus, Request, Response, RouteEntry, StatusInfo,
     WorkerStats,
 };
 
-use crate::bpf::XdpPrograms;
+use crate::bpf::{Role, XdpPrograms};
 use crate::config::Config;
 use crate::mac::{fmt_mac, parse_mac, Mac};
+use crate::pipeline::PortKind;
 use crate::state::StateFile;
 use crate::stats::SharedCounters;
 use crate::tables::{Next, TableHandle};
@@ -51,6 +52,45 @@ pub struct Controller {
     next_id: u32,
     state: StateFile,
     pending_detach: Vec<u32>,
+    uplink: Option<Uplink>,
+}
+
+/// What `open_port` needs to know.
+struct OpenPort<'a> {
+    id: u32,
+    worker: usize,
+    ifindex: u32,
+    kind: PortKind,
+    host_mac: Mac,
+    pod_mac: Mac,
+    ips: &'a [IpAddr],
+    counters: &'a Arc<SharedCounters>,
+}
+
+/// The node's uplink port and what is known of its gateway.
+struct Uplink {
+    id: u32,
+    ifindex: u32,
+    ifname: String,
+    mac: Mac,
+    xdp_mode: &'static str,
+    counters: Arc<SharedCounters>,
+    gateway: Option<Ipv4Addr>,
+    gateway_mac: Option<Mac>,
+}
+
+/// The gateway's MAC from the kernel's ARP table (/proc/net/arp of stromd's namespace), if the
+/// kernel has resolved it on `dev`.
+fn arp_lookup(ip: Ipv4Addr, dev: &str) -> Option<Mac> {
+    const ATF_COM: u32 = 0x2;
+    let text = std::fs::read_to_string("/proc/net/arp").ok()?;
+    text.lines().skip(1).find_map(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        let flags = u32::from_str_radix(f.get(2)?.trim_start_matches("0x"), 16).ok()?;
+        (f.first()?.parse::<Ipv4Addr>().ok()? == ip && f.get(5)? == &dev && flags & ATF_COM != 0)
+            .then(|| parse_mac(f.get(3)?))
+            .flatten()
+    })
 }
 
 fn read_sys(ifname: &str, what: &str) -> Result<String, String> {
@@ -85,6 +125,7 @@ impl Controller {
             next_id: 0,
             state,
             pending_detach: Vec::new(),
+            uplink: None,
         }
     }
 
@@ -112,7 +153,7 @@ impl Controller {
         for _ in 0..MAX_PORTS {
             let id = self.next_id;
             self.next_id = (self.next_id + 1) % MAX_PORTS as u32;
-            if !self.ports.contains_key(&id) {
+            if !self.ports.contains_key(&id) && self.uplink.as_ref().is_none_or(|u| u.id != id) {
                 return Some(id);
             }
         }
@@ -180,45 +221,20 @@ impl Controller {
         let worker = (0..self.workers.len())
             .min_by_key(|w| self.ports.values().filter(|p| p.worker == *w).count())
             .unwrap_or(0);
-        let xdp_mode = self.xdp.attach(ifindex).map_err(|e| e.to_string())?;
         let counters = Arc::new(SharedCounters::default());
-        let fail = |me: &mut Self, e: String| {
-            me.xdp.detach(ifindex);
-            Err(e)
-        };
-        let mut attempt = 0;
-        let fd = loop {
-            let (tx, rx) = crossbeam_channel::bounded(1);
-            let setup = PortSetup {
+        let xdp_mode = self.open_port(
+            OpenPort {
                 id,
+                worker,
                 ifindex,
+                kind: PortKind::Pod,
                 host_mac,
                 pod_mac,
-                ips: spec.ips.clone(),
-                counters: counters.clone(),
-            };
-            if !self.workers[worker].command(Command::AddPort(setup, tx)) {
-                return fail(self, "worker is gone".into());
-            }
-            match wait_reply(&rx) {
-                Some(Ok(fd)) => break fd,
-                Some(Err(e)) if e.busy && attempt < BUSY_RETRIES => {
-                    attempt += 1;
-                    std::thread::sleep(BUSY_WAIT);
-                }
-                Some(Err(e)) => {
-                    return fail(
-                        self,
-                        format!("AF_XDP socket on {}: {}", spec.ifname, e.message),
-                    )
-                }
-                None => return fail(self, "worker did not answer".into()),
-            }
-        };
-        if let Err(e) = self.xdp.bind_slot(ifindex, id, fd) {
-            self.stop_on_worker(worker, id);
-            return fail(self, e.to_string());
-        }
+                ips: &spec.ips,
+                counters: &counters,
+            },
+            &spec.ifname,
+        )?;
         let mut t = (*self.tables.snapshot()).clone();
         for ip in &spec.ips {
             t.local.insert(
@@ -246,6 +262,148 @@ impl Controller {
         self.ports.insert(id, rec);
         self.save();
         Ok(status)
+    }
+
+    /// Attaches the port's program, has the worker open its socket (waiting for the kernel
+    /// to release the queue's previous socket if need be) and points the XSKMAP slot at it.
+    /// Undoes what it did on failure. Returns the XDP mode.
+    fn open_port(&mut self, o: OpenPort<'_>, ifname: &str) -> Result<&'static str, String> {
+        let role = match o.kind {
+            PortKind::Pod => Role::Pod,
+            PortKind::Uplink => Role::Uplink,
+        };
+        let xdp_mode = self
+            .xdp
+            .attach(o.ifindex, role)
+            .map_err(|e| e.to_string())?;
+        let fail = |me: &mut Self, e: String| {
+            me.xdp.detach(o.ifindex);
+            Err(e)
+        };
+        let mut attempt = 0;
+        let fd = loop {
+            let (tx, rx) = crossbeam_channel::bounded(1);
+            let setup = PortSetup {
+                id: o.id,
+                kind: o.kind,
+                ifindex: o.ifindex,
+                host_mac: o.host_mac,
+                pod_mac: o.pod_mac,
+                ips: o.ips.to_vec(),
+                counters: o.counters.clone(),
+            };
+            if !self.workers[o.worker].command(Command::AddPort(setup, tx)) {
+                return fail(self, "worker is gone".into());
+            }
+            match wait_reply(&rx) {
+                Some(Ok(fd)) => break fd,
+                Some(Err(e)) if e.busy && attempt < BUSY_RETRIES => {
+                    attempt += 1;
+                    std::thread::sleep(BUSY_WAIT);
+                }
+                Some(Err(e)) => {
+                    return fail(self, format!("AF_XDP socket on {ifname}: {}", e.message))
+                }
+                None => return fail(self, "worker did not answer".into()),
+            }
+        };
+        if let Err(e) = self.xdp.bind_slot(o.ifindex, o.id, fd) {
+            self.stop_on_worker(o.worker, o.id);
+            return fail(self, e.to_string());
+        }
+        Ok(xdp_mode)
+    }
+
+    /// Serves the uplink: its program passes the node's own traffic to the kernel and sends
+    /// what stromd owns (the pod CIDR) to its socket on worker 0; what pods send beyond the
+    /// node leaves through it to `gateway`.
+    pub fn add_uplink(&mut self, ifname: &str, gateway: Option<Ipv4Addr>) -> Result<(), String> {
+        let ifindex: u32 = read_sys(ifname, "ifindex")?
+            .parse()
+            .map_err(|e| format!("ifindex: {e}"))?;
+        let mac = parse_mac(&read_sys(ifname, "address")?).ok_or("unreadable uplink MAC")?;
+        let id = self.alloc_id().ok_or("no free port slot")?;
+        let counters = Arc::new(SharedCounters::default());
+        let xdp_mode = self.open_port(
+            OpenPort {
+                id,
+                worker: 0,
+                ifindex,
+                kind: PortKind::Uplink,
+                host_mac: mac,
+                pod_mac: [0; 6],
+                ips: &[],
+                counters: &counters,
+            },
+            ifname,
+        )?;
+        tracing::info!(port = id, ifname, xdp_mode, ?gateway, "uplink added");
+        self.uplink = Some(Uplink {
+            id,
+            ifindex,
+            ifname: ifname.to_string(),
+            mac,
+            xdp_mode,
+            counters,
+            gateway,
+            gateway_mac: None,
+        });
+        Ok(())
+    }
+
+    /// Learns the uplink gateway's MAC from the kernel (and asks the kernel to resolve it when
+    /// it has not), and routes pods' outbound traffic through it once known or changed.
+    pub fn refresh_uplink(&mut self) -> bool {
+        let Some(u) = self.uplink.as_mut() else {
+            return false;
+        };
+        let Some(gw) = u.gateway else { return false };
+        match arp_lookup(gw, &u.ifname) {
+            Some(mac) if u.gateway_mac == Some(mac) => true,
+            Some(mac) => {
+                u.gateway_mac = Some(mac);
+                let next = Next {
+                    port: u.id,
+                    worker: 0,
+                    dst_mac: mac,
+                    src_mac: u.mac,
+                };
+                tracing::info!(gateway = %gw, mac = %fmt_mac(&mac), "uplink gateway resolved");
+                let mut t = (*self.tables.snapshot()).clone();
+                t.uplink = Some(next);
+                self.tables.publish(t);
+                true
+            }
+            None => {
+                // Any datagram to the gateway makes the kernel resolve it (discard port).
+                if let Ok(s) = std::net::UdpSocket::bind(("0.0.0.0", 0)) {
+                    let _ = s.send_to(b"", (gw, 9));
+                }
+                false
+            }
+        }
+    }
+
+    fn uplink_status(&self) -> Option<PortStatus> {
+        let u = self.uplink.as_ref()?;
+        Some(PortStatus {
+            id: u.id,
+            kind: "uplink".into(),
+            worker: 0,
+            ifindex: u.ifindex,
+            spec: PortSpec {
+                ifname: u.ifname.clone(),
+                ips: Vec::new(),
+                mac: u.gateway_mac.map(|m| fmt_mac(&m)).unwrap_or_default(),
+                container_id: String::new(),
+                pod_ifname: String::new(),
+                pod_namespace: String::new(),
+                pod_name: String::new(),
+            },
+            host_mac: fmt_mac(&u.mac),
+            xdp_mode: u.xdp_mode.into(),
+            counters: u.counters.read(),
+        })
     }
 
     fn stop_on_worker(&self, worker: usize, id: u32) {
@@ -305,7 +463,7 @@ impl Controller {
                 workers: self.workers.len(),
                 ports: self.ports.len(),
                 poll_mode: self.cfg.dataplane.poll_mode.name().into(),
-                uplink: None,
+                uplink: self.uplink.as_ref().map(|u| u.ifname.clone()),
             }),
             Request::AddPort { spec } => match self.add_port(spec) {
                 Ok(s) => Response::Port(s),
@@ -316,7 +474,11 @@ impl Controller {
                 Err(message) => Response::Error { message },
             },
             Request::Ports => Response::Ports {
-                ports: self.ports.values().map(|p| self.status_of(p)).collect(),
+                ports: self
+                    .uplink_status()
+                    .into_iter()
+                    .chain(self.ports.values().map(|p| self.status_of(p)))
+                    .collect(),
             },
             Request::Stats => Response::Stats {
                 workers: self
@@ -350,6 +512,17 @@ impl Controller {
                     })
                     .collect();
                 routes.sort_by(|a, b| a.prefix.cmp(&b.prefix));
+                if let Some(n) = &t.uplink {
+                    routes.push(RouteEntry {
+                        prefix: "0.0.0.0/0".into(),
+                        target: format!(
+                            "uplink port {} via {} → gateway {}",
+                            n.port,
+                            fmt_mac(&n.src_mac),
+                            fmt_mac(&n.dst_mac)
+                        ),
+                    });
+                }
                 let mut node_addrs: Vec<String> =
                     t.node_addrs.iter().map(|a| a.to_string()).collect();
                 node_addrs.sort();
@@ -387,7 +560,13 @@ pub fn serve(path: &Path, ctl: &mut Controller, stop: &AtomicBool) -> std::io::R
     let listener = UnixListener::bind(path)?;
     listener.set_nonblocking(true)?;
     tracing::info!(socket = %path.display(), "API listening");
+    let mut next_refresh = Instant::now();
     while !stop.load(Ordering::SeqCst) {
+        if Instant::now() >= next_refresh {
+            // Until the uplink gateway is known, ask every 200 ms; then watch it for changes.
+            let known = ctl.refresh_uplink();
+            next_refresh = Instant::now() + Duration::from_millis(if known { 2000 } else { 200 });
+        }
         match listener.accept() {
             Ok((s, _)) => {
                 if let Err(e) = serve_conn(s, ctl, stop) {

@@ -9,6 +9,7 @@ use std::collections::HashMap;
 use std::net::Ipv4Addr;
 use std::os::fd::{BorrowedFd, RawFd};
 
+use aya::maps::lpm_trie::{Key, LpmTrie};
 use aya::maps::{Array, HashMap as BpfHashMap, XskMap};
 use aya::programs::xdp::XdpLinkId;
 use aya::programs::{Xdp, XdpMode};
@@ -16,8 +17,23 @@ use aya::Ebpf;
 
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/strom.bpf.o"));
 
-/// The program attached to pod host-side veths.
-const POD_PROGRAM: &str = "strom_pod";
+/// Which program an interface gets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// A pod's host-side veth: everything but the node's own traffic goes to stromd.
+    Pod,
+    /// The node's uplink: only what stromd owns goes to stromd.
+    Uplink,
+}
+
+impl Role {
+    const fn program(self) -> &'static str {
+        match self {
+            Role::Pod => "strom_pod",
+            Role::Uplink => "strom_uplink",
+        }
+    }
+}
 
 /// Errors of the BPF layer.
 #[derive(Debug, thiserror::Error)]
@@ -41,30 +57,33 @@ pub enum BpfError {
 /// The loaded object and the attachments stromd made: ifindex → (link, mode).
 pub struct XdpPrograms {
     ebpf: Ebpf,
-    links: HashMap<u32, (XdpLinkId, &'static str)>,
+    links: HashMap<u32, (Role, XdpLinkId, &'static str)>,
 }
 
 impl XdpPrograms {
-    /// Loads and verifies the program.
+    /// Loads and verifies both programs.
     pub fn load() -> Result<Self, BpfError> {
         let mut ebpf = Ebpf::load(OBJECT)?;
-        Self::program(&mut ebpf)?
-            .load()
-            .map_err(|e| BpfError::Program(POD_PROGRAM, e))?;
+        for role in [Role::Pod, Role::Uplink] {
+            Self::program(&mut ebpf, role)?
+                .load()
+                .map_err(|e| BpfError::Program(role.program(), e))?;
+        }
         Ok(XdpPrograms {
             ebpf,
             links: HashMap::new(),
         })
     }
 
-    fn program(ebpf: &mut Ebpf) -> Result<&mut Xdp, BpfError> {
-        ebpf.program_mut(POD_PROGRAM)
+    fn program(ebpf: &mut Ebpf, role: Role) -> Result<&mut Xdp, BpfError> {
+        let name = role.program();
+        ebpf.program_mut(name)
             .ok_or(BpfError::Program(
-                POD_PROGRAM,
+                name,
                 aya::programs::ProgramError::NotLoaded,
             ))?
             .try_into()
-            .map_err(|e| BpfError::Program(POD_PROGRAM, e))
+            .map_err(|e| BpfError::Program(name, e))
     }
 
     fn map_mut(&mut self, name: &'static str) -> Result<&mut aya::maps::Map, BpfError> {
@@ -87,13 +106,25 @@ impl XdpPrograms {
             .map_err(|e| BpfError::Map("node_addrs", e))
     }
 
-    /// Attaches the pod program to `ifindex`: native mode, or generic as a logged fallback.
+    /// Adds a prefix stromd owns on the uplink.
+    pub fn add_owned(&mut self, net: Ipv4Addr, len: u8) -> Result<(), BpfError> {
+        let mut m: LpmTrie<_, u32, u8> =
+            LpmTrie::try_from(self.map_mut("owned")?).map_err(|e| BpfError::Map("owned", e))?;
+        m.insert(
+            &Key::new(u32::from(len), u32::from_ne_bytes(net.octets())),
+            1,
+            0,
+        )
+        .map_err(|e| BpfError::Map("owned", e))
+    }
+
+    /// Attaches the role's program to `ifindex`: native mode, or generic as a logged fallback.
     /// Returns the mode used.
-    pub fn attach(&mut self, ifindex: u32) -> Result<&'static str, BpfError> {
-        if let Some((_, mode)) = self.links.get(&ifindex) {
+    pub fn attach(&mut self, ifindex: u32, role: Role) -> Result<&'static str, BpfError> {
+        if let Some((_, _, mode)) = self.links.get(&ifindex) {
             return Ok(mode);
         }
-        let prog = Self::program(&mut self.ebpf)?;
+        let prog = Self::program(&mut self.ebpf, role)?;
         let (id, mode) = match prog.attach_to_if_index(ifindex, XdpMode::Driver) {
             Ok(id) => (id, "native"),
             Err(native) => match prog.attach_to_if_index(ifindex, XdpMode::Skb) {
@@ -110,14 +141,14 @@ impl XdpPrograms {
                 }
             },
         };
-        self.links.insert(ifindex, (id, mode));
+        self.links.insert(ifindex, (role, id, mode));
         Ok(mode)
     }
 
     /// Detaches what stromd attached to `ifindex` (nothing if the interface is gone).
     pub fn detach(&mut self, ifindex: u32) {
-        if let Some((id, _)) = self.links.remove(&ifindex) {
-            if let Ok(prog) = Self::program(&mut self.ebpf) {
+        if let Some((role, id, _)) = self.links.remove(&ifindex) {
+            if let Ok(prog) = Self::program(&mut self.ebpf, role) {
                 if let Err(e) = prog.detach(id) {
                     tracing::debug!(ifindex, error = %e, "detach (interface probably gone)");
                 }

@@ -38,6 +38,14 @@ pub struct NodeSection {
     /// The gateway address every pod routes through.
     #[serde(default = "default_gateway")]
     pub pod_gateway: Ipv4Addr,
+    /// The node's uplink interface: traffic for the pod CIDR arriving there is stromd's, the
+    /// rest stays the kernel's. None: pods reach only pods and the node.
+    #[serde(default)]
+    pub uplink: Option<String>,
+    /// Next hop on the uplink for everything outside the node (routed, no NAT: the network
+    /// must route the pod CIDR to the node's address).
+    #[serde(default)]
+    pub uplink_gateway: Option<Ipv4Addr>,
 }
 
 /// `[dataplane]`
@@ -171,6 +179,14 @@ impl Config {
                 ),
             );
         }
+        if self.node.uplink_gateway.is_some() && self.node.uplink.is_none() {
+            return inv("node.uplink_gateway", "needs node.uplink".into());
+        }
+        if let Some(u) = &self.node.uplink {
+            if u.is_empty() || u.len() > 15 || u.contains('/') {
+                return inv("node.uplink", format!("{u:?} is not an interface name"));
+            }
+        }
         if let Some(a) = self
             .node
             .addresses
@@ -208,6 +224,14 @@ mod tests {
     fn unknown_field_is_refused_by_name() {
         let e = parse("[node]\npod_cidr = \"198.18.16.0/20\"\npod_cdir = 1\n").unwrap_err();
         assert!(e.contains("pod_cdir"), "{e}");
+    }
+
+    #[test]
+    fn uplink_gateway_needs_an_uplink() {
+        let e = parse("[node]\npod_cidr = \"198.18.16.0/20\"\nuplink_gateway = \"198.18.0.2\"\n")
+            .unwrap_err();
+        assert!(e.contains("node.uplink_gateway"), "{e}");
+        parse("[node]\npod_cidr = \"198.18.16.0/20\"\nuplink = \"eth0\"\nuplink_gateway = \"198.18.0.2\"\n").unwrap();
     }
 
     #[test]

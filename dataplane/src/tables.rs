@@ -34,6 +34,11 @@ pub struct Tables {
     pub node_addrs: HashSet<IpAddr>,
     /// Host routes to local pods, keyed by address (IPv4 and IPv6 alike).
     pub local: HashMap<IpAddr, Next>,
+    /// The node's pod CIDR: an address in it that is not a local pod has no route.
+    pub pod_cidr: Option<ipnet::Ipv4Net>,
+    /// Everything else leaves through the uplink to its gateway, once the gateway's MAC is
+    /// known.
+    pub uplink: Option<Next>,
     /// Generation, bumped on every publish (for `stromctl tables`).
     pub generation: u64,
 }
@@ -45,15 +50,23 @@ impl Tables {
             gateway_v4,
             node_addrs: HashSet::new(),
             local: HashMap::new(),
+            pod_cidr: None,
+            uplink: None,
             generation: 0,
         }
     }
 
-    /// Route lookup: host routes to local pods. (Remote node CIDRs and the uplink join here
-    /// with their issues, behind the same call.)
+    /// Route lookup: a local pod, else nothing inside the pod CIDR, else the uplink's
+    /// gateway. (Remote nodes' pod CIDRs join here with multi-node, behind the same call.)
     #[inline]
     pub fn route(&self, dst: IpAddr) -> Option<&Next> {
-        self.local.get(&dst)
+        if let Some(n) = self.local.get(&dst) {
+            return Some(n);
+        }
+        match dst {
+            IpAddr::V4(v4) if self.pod_cidr.is_some_and(|c| c.contains(&v4)) => None,
+            _ => self.uplink.as_ref(),
+        }
     }
 }
 

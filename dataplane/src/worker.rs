@@ -24,7 +24,7 @@ use xdpilone::xdp::XdpDesc;
 use crate::config::PollMode;
 use crate::drop::DropReason;
 use crate::mac::Mac;
-use crate::pipeline::{self, Action, InPort};
+use crate::pipeline::{self, Action, InPort, PortKind};
 use crate::stats::{Local, LocalDrops, SharedCounters, WorkerCounters};
 use crate::tables::TableHandle;
 use crate::xsk::{PollSet, Waker, XskPort, XskSizes, FRAME_SIZE};
@@ -48,6 +48,7 @@ pub struct Handoff {
 /// Port details a worker needs.
 pub struct PortSetup {
     pub id: u32,
+    pub kind: PortKind,
     pub ifindex: u32,
     pub host_mac: Mac,
     pub pod_mac: Mac,
@@ -104,6 +105,7 @@ impl WorkerShared {
 }
 
 struct Port {
+    kind: PortKind,
     host_mac: Mac,
     pod_mac: Mac,
     ips: Vec<IpAddr>,
@@ -270,6 +272,7 @@ impl Worker {
                         let fd = xsk.fd();
                         let id = s.id;
                         self.ports[id as usize] = Some(Box::new(Port {
+                            kind: s.kind,
                             host_mac: s.host_mac,
                             pod_mac: s.pod_mac,
                             ips: s.ips,
@@ -324,6 +327,7 @@ impl Worker {
             port.local.rx_bytes += len as u64;
             let action = {
                 let Port {
+                    kind,
                     host_mac,
                     pod_mac,
                     ips,
@@ -332,6 +336,7 @@ impl Worker {
                 } = &mut *port;
                 let inp = InPort {
                     id,
+                    kind: *kind,
                     host_mac: *host_mac,
                     pod_mac: *pod_mac,
                     ips,

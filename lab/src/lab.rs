@@ -275,8 +275,13 @@ impl State {
         ip(&["-n", &ext, "link", "set", "eth0", "up"])?;
         // The node never forwards in the kernel: pod traffic is stromd's alone.
         run(in_ns(&node, "sysctl").args(["-qw", "net.ipv4.ip_forward=0"]))?;
+        // The outside world routes the pod CIDR to the node (as a top-of-rack router would),
+        // and, like a real wire, hands the node complete frames: no checksum offload state
+        // crosses into AF_XDP (DESIGN.md).
+        ip(&["-n", &ext, "route", "add", &s.pod_cidr, "via", NODE_ADDR])?;
+        run(in_ns(&ext, "ethtool").args(["-K", "eth0", "tx", "off", "tso", "off", "gso", "off"]))?;
         let cfg = format!(
-            "[node]\naddresses = [\"{NODE_ADDR}\"]\npod_cidr = \"{}\"\n\n[dataplane]\nworkers = {}\npoll_mode = \"{}\"\napi_socket = \"{}\"\nstate_dir = \"{}\"\n",
+            "[node]\naddresses = [\"{NODE_ADDR}\"]\npod_cidr = \"{}\"\nuplink = \"uplink\"\nuplink_gateway = \"{EXT_ADDR}\"\n\n[dataplane]\nworkers = {}\npoll_mode = \"{}\"\napi_socket = \"{}\"\nstate_dir = \"{}\"\n",
             s.pod_cidr,
             s.workers,
             s.poll_mode,

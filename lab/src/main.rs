@@ -397,6 +397,14 @@ fn demo_checks(st: &State) -> anyhow::Result<bool> {
             80,
             "tcp",
         ),
+        (
+            "external -> pod (routed in through the uplink)",
+            "external",
+            "shop/web",
+            80,
+            "tcp",
+        ),
+        ("external -> pod, UDP", "external", "shop/db", 53, "udp"),
     ] {
         let r = probe(st, from, to, port, proto, Duration::from_secs(2))?;
         check(
@@ -424,6 +432,12 @@ fn demo_checks(st: &State) -> anyhow::Result<bool> {
         "pod -> node, ICMP",
         o.status.success(),
         "shop/web pings the node address".into(),
+    );
+    let o = ping("tools/client", "external", &[])?;
+    check(
+        "pod -> outside, routed out through the uplink (no NAT)",
+        o.status.success(),
+        "tools/client pings 198.18.0.2 beyond the node".into(),
     );
     let o = ping("tools/client", "shop/db", &["-t", "1"])?;
     let text = String::from_utf8_lossy(&o.stdout);

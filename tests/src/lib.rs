@@ -168,6 +168,25 @@ impl Lab {
             .unwrap_or_else(|| panic!("no port for pod {name}: {ports}"))
     }
 
+    /// stromd's pod ports (stromctl ports without the uplink).
+    pub fn pod_ports(&self) -> Vec<Value> {
+        let ports = self.stromctl(&["ports"]);
+        ports["ports"]
+            .as_array()
+            .map(|a| a.iter().filter(|p| p["kind"] == "pod").cloned().collect())
+            .unwrap_or_default()
+    }
+
+    /// stromd's record of its port of kind `kind` ("uplink").
+    pub fn port_of_kind(&self, kind: &str) -> Value {
+        let ports = self.stromctl(&["ports"]);
+        ports["ports"]
+            .as_array()
+            .and_then(|a| a.iter().find(|p| p["kind"] == kind))
+            .cloned()
+            .unwrap_or_else(|| panic!("no {kind} port: {ports}"))
+    }
+
     /// Frames stromd received on all ports.
     pub fn rx_packets(&self) -> u64 {
         let ports = self.stromctl(&["ports"]);

@@ -118,10 +118,7 @@ fn leases(lab: &Lab) -> usize {
 }
 
 fn port_count(lab: &Lab) -> usize {
-    lab.stromctl(&["ports"])["ports"]
-        .as_array()
-        .map(Vec::len)
-        .unwrap_or(0)
+    lab.pod_ports().len()
 }
 
 fn nothing_left(lab: &Lab) {

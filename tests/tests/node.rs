@@ -101,10 +101,8 @@ fn node_reaches_pods_and_pods_reach_the_node() {
 fn two_workers_forward_across_workers() {
     let _g = net_lock();
     let lab = Lab::up(&two_pods(), &["--workers", "2"]);
-    let ports = lab.stromctl(&["ports"]);
-    let workers: Vec<u64> = ports["ports"]
-        .as_array()
-        .unwrap()
+    let workers: Vec<u64> = lab
+        .pod_ports()
         .iter()
         .map(|p| p["worker"].as_u64().unwrap())
         .collect();
@@ -205,11 +203,7 @@ fn stromd_restart_under_traffic_resumes_within_two_seconds() {
         resumed < Duration::from_secs(2),
         "resumed after {resumed:?}"
     );
-    assert_eq!(
-        lab.stromctl(&["ports"])["ports"].as_array().unwrap().len(),
-        2,
-        "ports restored without rewiring"
-    );
+    assert_eq!(lab.pod_ports().len(), 2, "ports restored without rewiring");
     let out = ping.wait_with_output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     let last = text
@@ -234,7 +228,13 @@ fn stromd_restart_under_traffic_resumes_within_two_seconds() {
 fn clean_shutdown_leaves_no_program_process_or_namespace() {
     let _g = net_lock();
     let lab = Lab::up(&two_pods(), &[]);
-    assert_eq!(lab.xdp_links().len(), 2, "one program per pod port");
+    let links = lab.xdp_links();
+    assert_eq!(
+        links.len(),
+        3,
+        "one program per pod port and the uplink's: {links:?}"
+    );
+    assert!(links.contains(&"uplink".to_string()));
     let pid: u32 = {
         let st: serde_json::Value =
             serde_json::from_slice(&std::fs::read(lab.dir.join("state.json")).unwrap()).unwrap();
@@ -391,4 +391,54 @@ fn a_port_removed_and_registered_again_at_once_works() {
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     }
     assert!(lab.probe("t/a", "t/b", 80, "tcp"));
+}
+
+#[test]
+fn external_reaches_pods_and_pods_reach_the_outside_through_the_uplink() {
+    let _g = net_lock();
+    let lab = Lab::up(&two_pods(), &[]);
+    assert!(
+        lab.probe("external", "t/a", 80, "tcp"),
+        "external -> pod, TCP"
+    );
+    assert!(
+        lab.probe("external", "t/b", 53, "udp"),
+        "external -> pod, UDP"
+    );
+    let o = lab.exec(
+        "t/a",
+        &["ping", "-c", "2", "-i", "0.2", "-W", "1", "198.18.0.2"],
+    );
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        o.status.success() && text.contains("ttl=63"),
+        "pod -> outside, routed once, no NAT: {text}"
+    );
+    let up = lab.port_of_kind("uplink");
+    assert!(up["counters"]["rx_packets"].as_u64().unwrap() > 0, "{up}");
+    assert!(up["counters"]["tx_packets"].as_u64().unwrap() > 0, "{up}");
+}
+
+#[test]
+fn the_node_keeps_its_own_connectivity_on_the_uplink() {
+    let _g = net_lock();
+    let lab = Lab::up(&two_pods(), &[]);
+    assert!(lab.xdp_links().contains(&"uplink".to_string()));
+    let o = lab.exec("external", &["ping", "-c", "1", "-W", "1", "198.18.0.1"]);
+    assert!(o.status.success(), "external -> node address");
+    // A service of the node itself (like the kubelet's) answers from outside.
+    let mut node_service = Command::new("ip")
+        .args(["netns", "exec", &lab.node_ns()])
+        .arg(strom_tests::bin_dir().join("strom-lab"))
+        .args(["responder", "--name", "node-itself", "--tcp", "10250"])
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    let ok = lab.probe("external", "node", 10250, "tcp");
+    let _ = node_service.kill();
+    let _ = node_service.wait();
+    assert!(ok, "external -> node:10250 stays the kernel's");
+    let up = lab.port_of_kind("uplink");
+    assert_eq!(up["counters"]["drops"].as_u64().unwrap(), 0, "{up}");
 }

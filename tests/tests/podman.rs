@@ -175,14 +175,12 @@ fn podman_containers_talk_through_stromd_and_leave_nothing_behind() {
         "hello-from-c2",
         "TCP c1 -> c2"
     );
-    let ports = lab.stromctl(&["ports"]);
-    let names: Vec<&str> = ports["ports"]
-        .as_array()
-        .unwrap()
+    let ports = lab.pod_ports();
+    let names: Vec<&str> = ports
         .iter()
         .map(|p| p["spec"]["pod_name"].as_str().unwrap())
         .collect();
-    assert_eq!(names.len(), 2, "{ports}");
+    assert_eq!(names.len(), 2, "{ports:?}");
     assert!(
         names.contains(&"c1") && names.contains(&"c2"),
         "K8S_POD_NAME from podman: {names:?}"
@@ -217,25 +215,15 @@ fn podman_containers_talk_through_stromd_and_leave_nothing_behind() {
         "after restart: {}",
         String::from_utf8_lossy(&ping.stdout)
     );
-    assert_eq!(
-        lab.stromctl(&["ports"])["ports"].as_array().unwrap().len(),
-        2
-    );
+    assert_eq!(lab.pod_ports().len(), 2);
 
     // stop and rm leave no veth, no lease and no stromd port.
     assert!(pm.run(&["stop", "-t", "0", "c1"]).status.success());
-    assert_eq!(
-        lab.stromctl(&["ports"])["ports"].as_array().unwrap().len(),
-        1,
-        "stop unregisters"
-    );
+    assert_eq!(lab.pod_ports().len(), 1, "stop unregisters");
     for n in ["c1", "c2"] {
         assert!(pm.run(&["rm", "-f", "-t", "0", n]).status.success());
     }
-    assert_eq!(
-        lab.stromctl(&["ports"])["ports"].as_array().unwrap().len(),
-        0
-    );
+    assert_eq!(lab.pod_ports().len(), 0);
     assert_eq!(leases(&lab.dir), 0);
     let links = sh(Command::new("ip").args(["-n", &lab.node_ns(), "-o", "link", "show"]));
     let text = String::from_utf8_lossy(&links.stdout);

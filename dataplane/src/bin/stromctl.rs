@@ -120,19 +120,20 @@ fn main() -> anyhow::Result<()> {
         }
         Response::Ports { ports } => table(
             &[
-                "id", "ifname", "pod", "ips", "worker", "xdp", "rx pkts", "rx bytes", "tx pkts",
-                "tx bytes", "drops",
+                "id", "kind", "ifname", "pod", "ips", "worker", "xdp", "rx pkts", "rx bytes",
+                "tx pkts", "tx bytes", "drops",
             ],
             ports
                 .iter()
                 .map(|p| {
                     vec![
                         p.id.to_string(),
+                        p.kind.clone(),
                         p.spec.ifname.clone(),
-                        if p.spec.pod_name.is_empty() {
-                            "-".into()
-                        } else {
-                            format!("{}/{}", p.spec.pod_namespace, p.spec.pod_name)
+                        match (p.spec.pod_namespace.as_str(), p.spec.pod_name.as_str()) {
+                            (_, "") => "-".into(),
+                            ("", name) => name.to_string(),
+                            (ns, name) => format!("{ns}/{name}"),
                         },
                         p.spec
                             .ips

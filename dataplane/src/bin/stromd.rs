@@ -39,6 +39,12 @@ struct Args {
     /// The gateway address of every pod (node.pod_gateway).
     #[arg(long)]
     pod_gateway: Option<std::net::Ipv4Addr>,
+    /// The node's uplink interface (node.uplink).
+    #[arg(long)]
+    uplink: Option<String>,
+    /// Next hop on the uplink for traffic leaving the node (node.uplink_gateway).
+    #[arg(long)]
+    uplink_gateway: Option<std::net::Ipv4Addr>,
     /// Number of workers (dataplane.workers).
     #[arg(long)]
     workers: Option<usize>,
@@ -75,6 +81,12 @@ fn main() -> anyhow::Result<()> {
     if let Some(v) = args.pod_gateway {
         cfg.node.pod_gateway = v;
     }
+    if let Some(v) = args.uplink.clone() {
+        cfg.node.uplink = Some(v);
+    }
+    if let Some(v) = args.uplink_gateway {
+        cfg.node.uplink_gateway = Some(v);
+    }
     if let Some(v) = args.workers {
         cfg.dataplane.workers = v;
     }
@@ -102,6 +114,10 @@ fn main() -> anyhow::Result<()> {
             xdp.add_node_addr(*v4)?;
         }
     }
+    tables.pod_cidr = Some(cfg.node.pod_cidr);
+    if cfg.node.uplink.is_some() {
+        xdp.add_owned(cfg.node.pod_cidr.network(), cfg.node.pod_cidr.prefix_len())?;
+    }
     let tables = TableHandle::new(tables);
 
     let (shared, receivers) = worker::create(cfg.dataplane.workers, &cfg.dataplane.cores)?;
@@ -123,7 +139,26 @@ fn main() -> anyhow::Result<()> {
         gateway = %cfg.node.pod_gateway,
         "stromd starting"
     );
+    let uplink = cfg
+        .node
+        .uplink
+        .clone()
+        .map(|u| (u, cfg.node.uplink_gateway));
     let mut ctl = Controller::new(cfg, xdp, tables, shared);
+    if let Some((ifname, gateway)) = uplink {
+        if let Err(e) = ctl.add_uplink(&ifname, gateway) {
+            ctl.shutdown(handles);
+            anyhow::bail!("uplink {ifname}: {e}");
+        }
+        // Resolve the gateway before answering the API, so that pods wired right after start
+        // reach the outside at once; if it takes longer, the API loop keeps asking.
+        if gateway.is_some() {
+            let t = std::time::Instant::now();
+            while !ctl.refresh_uplink() && t.elapsed() < std::time::Duration::from_secs(1) {
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+        }
+    }
     ctl.restore();
     let served = serve(&socket, &mut ctl, &stop);
     tracing::info!("stromd stopping: detaching XDP programs, closing sockets");

@@ -5,7 +5,7 @@ use std::net::Ipv4Addr;
 
 use smoltcp::wire::{ArpHardware, ArpOperation, ArpPacket, EthernetFrame, EthernetProtocol};
 
-use super::InPort;
+use super::{InPort, PortKind};
 use crate::drop::DropReason;
 
 /// Turns an ARP request for `gateway` into the reply, in place. Returns the reply length.
@@ -15,6 +15,10 @@ pub fn answer_gateway(
     port: &InPort<'_>,
     gateway: Ipv4Addr,
 ) -> Result<usize, DropReason> {
+    if port.kind != PortKind::Pod {
+        // The uplink's ARP belongs to the kernel (its program passes it); never answer there.
+        return Err(DropReason::ArpNotForGateway);
+    }
     let len = frame.len();
     let mut eth = EthernetFrame::new_unchecked(&mut *frame);
     let mut arp =

@@ -22,10 +22,20 @@ use crate::drop::DropReason;
 use crate::mac::Mac;
 use crate::tables::{Next, Tables};
 
+/// What kind of port a frame came in on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PortKind {
+    /// A pod's host-side veth: anti-spoofing applies, ARP for the gateway is answered.
+    Pod,
+    /// The node's uplink: traffic for the pod CIDR routed to the node.
+    Uplink,
+}
+
 /// The port a frame arrived on, as the pipeline needs it.
 #[derive(Debug, Clone, Copy)]
 pub struct InPort<'a> {
     pub id: u32,
+    pub kind: PortKind,
     /// MAC of the host side (what the pod knows as its gateway's MAC).
     pub host_mac: Mac,
     /// The pod's MAC (the only source MAC allowed from a pod port).
@@ -86,6 +96,10 @@ fn forward_ipv4(buf: &mut [u8], len: usize, port: &InPort<'_>, t: &Tables) -> Ac
     let Some(next) = t.route(IpAddr::V4(hdr.dst)).copied() else {
         return Action::Drop(DropReason::NoRoute);
     };
+    if next.port == port.id && port.kind == PortKind::Uplink {
+        // Never send a frame back where it came from on the uplink (no routing loops).
+        return Action::Drop(DropReason::NoRoute);
+    }
     if !ipv4::decrement_ttl(&mut buf[eth::HEADER_LEN..len]) {
         return match icmp::time_exceeded(buf, len, port.host_mac, t.gateway_v4) {
             Some(n) => Action::IcmpError {

@@ -52,6 +52,7 @@ const A_IPS: [IpAddr; 1] = [IpAddr::V4(Ipv4Addr::new(198, 18, 16, 2))];
 fn port_a() -> InPort<'static> {
     InPort {
         id: 0,
+        kind: PortKind::Pod,
         host_mac: HA_MAC,
         pod_mac: A_MAC,
         ips: &A_IPS,
@@ -220,6 +221,82 @@ fn a_pod_sends_only_as_itself() {
     assert_eq!(
         run(&udp(A_MAC, [198, 18, 16, 99], B_IP, 64)).0,
         Action::Drop(DropReason::SpoofedIp)
+    );
+}
+
+#[test]
+fn uplink_frames_for_pods_are_routed_without_spoofing_checks() {
+    let (mut buf, len) = frame(&udp([9; 6], [198, 18, 0, 2], B_IP, 64));
+    let up = InPort {
+        id: 9,
+        kind: PortKind::Uplink,
+        host_mac: HA_MAC,
+        pod_mac: [0; 6],
+        ips: &[],
+    };
+    let a = process(&mut buf, len, &up, &tables());
+    assert!(
+        matches!(a, Action::Forward { next, .. } if next.port == 1),
+        "{a:?}"
+    );
+}
+
+#[test]
+fn outside_destinations_leave_through_the_uplink_once_its_gateway_is_known() {
+    let mut t = tables();
+    t.pod_cidr = Some("198.18.16.0/20".parse().unwrap());
+    let (mut buf, len) = frame(&udp(A_MAC, A_IP, [198, 18, 0, 2], 64));
+    assert_eq!(
+        process(&mut buf, len, &port_a(), &t),
+        Action::Drop(DropReason::NoRoute),
+        "gateway unknown"
+    );
+    let up = Next {
+        port: 9,
+        worker: 0,
+        dst_mac: [7; 6],
+        src_mac: [8; 6],
+    };
+    t.uplink = Some(up);
+    let (mut buf, len) = frame(&udp(A_MAC, A_IP, [198, 18, 0, 2], 64));
+    let a = process(&mut buf, len, &port_a(), &t);
+    assert_eq!(a, Action::Forward { next: up, len });
+    assert_eq!(&buf[0..6], &[7; 6]);
+    assert_eq!(&buf[6..12], &[8; 6]);
+    let (mut buf, len) = frame(&udp(A_MAC, A_IP, [198, 18, 16, 99], 64));
+    assert_eq!(
+        process(&mut buf, len, &port_a(), &t),
+        Action::Drop(DropReason::NoRoute),
+        "an unknown pod is not sent out"
+    );
+    // What came in on the uplink never goes back out of it.
+    let (mut buf, len) = frame(&udp([9; 6], [198, 18, 0, 2], [198, 18, 0, 3], 64));
+    let from_up = InPort {
+        id: 9,
+        kind: PortKind::Uplink,
+        host_mac: [8; 6],
+        pod_mac: [0; 6],
+        ips: &[],
+    };
+    assert_eq!(
+        process(&mut buf, len, &from_up, &t),
+        Action::Drop(DropReason::NoRoute)
+    );
+}
+
+#[test]
+fn arp_on_the_uplink_is_never_answered() {
+    let (mut buf, len) = frame(&arp(1, [9; 6], [198, 18, 0, 2], GW));
+    let up = InPort {
+        id: 9,
+        kind: PortKind::Uplink,
+        host_mac: HA_MAC,
+        pod_mac: [0; 6],
+        ips: &[],
+    };
+    assert_eq!(
+        process(&mut buf, len, &up, &tables()),
+        Action::Drop(DropReason::ArpNotForGateway)
     );
 }
 
