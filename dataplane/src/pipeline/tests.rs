@@ -343,41 +343,22 @@ fn malformed_ipv4_is_dropped_by_name() {
         Action::Drop(DropReason::Ipv4Malformed),
         "truncated header"
     );
-    let mut ihl = p.clone();
-    ihl[14] = 0x44;
-    assert_eq!(
-        run(&ihl).0,
-        Action::Drop(DropReason::Ipv4Malformed),
-        "IHL below 5"
-    );
-    let mut ihl_big = p.clone();
-    ihl_big[14] = 0x4f;
-    assert_eq!(
-        run(&ihl_big).0,
-        Action::Drop(DropReason::Ipv4Malformed),
-        "IHL beyond the packet"
-    );
-    let mut long = p.clone();
-    long[16..18].copy_from_slice(&1400u16.to_be_bytes());
-    assert_eq!(
-        run(&long).0,
-        Action::Drop(DropReason::Ipv4Malformed),
-        "total length beyond the frame"
-    );
-    let mut short = p.clone();
-    short[16..18].copy_from_slice(&10u16.to_be_bytes());
-    assert_eq!(
-        run(&short).0,
-        Action::Drop(DropReason::Ipv4Malformed),
-        "total length below the header"
-    );
-    let mut v = p.clone();
-    v[14] = 0x65;
-    assert_eq!(
-        run(&v).0,
-        Action::Drop(DropReason::Ipv4Malformed),
-        "version 6 in an IPv4 frame"
-    );
+    let cases: [(&str, fn(&mut Vec<u8>)); 5] = [
+        ("IHL below 5", |f| f[14] = 0x44),
+        ("IHL beyond the packet", |f| f[14] = 0x4f),
+        ("total length beyond the frame", |f| {
+            f[16..18].copy_from_slice(&1400u16.to_be_bytes())
+        }),
+        ("total length below the header", |f| {
+            f[16..18].copy_from_slice(&10u16.to_be_bytes())
+        }),
+        ("version 6 in an IPv4 frame", |f| f[14] = 0x65),
+    ];
+    for (what, mutate) in cases {
+        let mut f = p.clone();
+        mutate(&mut f);
+        assert_eq!(run(&f).0, Action::Drop(DropReason::Ipv4Malformed), "{what}");
+    }
     let mut c = p.clone();
     c[24] ^= 0xff;
     assert_eq!(run(&c).0, Action::Drop(DropReason::Ipv4BadChecksum));
