@@ -343,7 +343,8 @@ fn malformed_ipv4_is_dropped_by_name() {
         Action::Drop(DropReason::Ipv4Malformed),
         "truncated header"
     );
-    let cases: [(&str, fn(&mut Vec<u8>)); 5] = [
+    type Mutation = fn(&mut Vec<u8>);
+    let cases: [(&str, Mutation); 5] = [
         ("IHL below 5", |f| f[14] = 0x44),
         ("IHL beyond the packet", |f| f[14] = 0x4f),
         ("total length beyond the frame", |f| {
