@@ -107,6 +107,25 @@ fn read_sys(ifname: &str, what: &str) -> Result<String, String> {
         .map_err(|e| format!("interface {ifname}: {e}"))
 }
 
+/// Refuses an interface with more than one receive queue: stromd binds one AF_XDP socket to
+/// queue 0 of each port, and frames arriving on another queue would never reach it (the pod
+/// program drops them, the uplink program hands them to the kernel).
+fn single_queue(ifname: &str) -> Result<(), String> {
+    let dir = format!("/sys/class/net/{ifname}/queues");
+    let rx = std::fs::read_dir(&dir)
+        .map_err(|e| format!("{dir}: {e}"))?
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("rx-"))
+        .count();
+    if rx > 1 {
+        return Err(format!(
+            "{ifname} has {rx} receive queues; stromd serves queue 0 only (one AF_XDP socket per \
+             port): `ethtool -L {ifname} rx 1 tx 1` (or combined 1)"
+        ));
+    }
+    Ok(())
+}
+
 impl Controller {
     /// A controller over loaded programs and started workers.
     pub fn new(
@@ -205,6 +224,7 @@ impl Controller {
             .map_err(|e| format!("ifindex: {e}"))?;
         let host_mac =
             parse_mac(&read_sys(&spec.ifname, "address")?).ok_or("unreadable host MAC")?;
+        single_queue(&spec.ifname)?;
         Ok((pod_mac, ifindex, host_mac))
     }
 
@@ -322,6 +342,7 @@ impl Controller {
             .parse()
             .map_err(|e| format!("ifindex: {e}"))?;
         let mac = parse_mac(&read_sys(ifname, "address")?).ok_or("unreadable uplink MAC")?;
+        single_queue(ifname)?;
         let id = self.alloc_id().ok_or("no free port slot")?;
         let counters = Arc::new(SharedCounters::default());
         let xdp_mode = self.open_port(

@@ -442,3 +442,52 @@ fn the_node_keeps_its_own_connectivity_on_the_uplink() {
     let up = lab.port_of_kind("uplink");
     assert_eq!(up["counters"]["drops"].as_u64().unwrap(), 0, "{up}");
 }
+
+#[test]
+fn a_port_with_several_receive_queues_is_refused_by_name() {
+    let _g = net_lock();
+    let lab = Lab::up("", &[]);
+    let node = lab.node_ns();
+    assert!(sh(Command::new("ip").args([
+        "-n",
+        &node,
+        "link",
+        "add",
+        "mq0",
+        "numtxqueues",
+        "2",
+        "numrxqueues",
+        "2",
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "mq1"
+    ]))
+    .status
+    .success());
+    assert!(sh(Command::new("ip")
+        .args(["netns", "exec", &node, "ethtool", "-L", "mq0", "rx", "2", "tx", "2"]))
+    .status
+    .success());
+    let o = sh(Command::new(strom_tests::bin_dir().join("stromctl"))
+        .arg("--socket")
+        .arg(lab.socket())
+        .args([
+            "add-port",
+            "--ifname",
+            "mq0",
+            "--ip",
+            "198.18.16.9",
+            "--mac",
+            "02:00:00:00:00:09",
+        ]));
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("mq0 has 2 receive queues"), "{err}");
+    assert!(lab.pod_ports().is_empty());
+    assert!(
+        lab.xdp_links().iter().all(|l| l != "mq0"),
+        "nothing left attached"
+    );
+}
