@@ -394,6 +394,8 @@ impl State {
             stop_pid(pid, Duration::from_secs(2));
         }
         let r = self.cni("DEL", &p);
+        // Whatever else runs in the pod (`strom-lab exec ... &`, the demo's iperf3) goes too.
+        stop_ns_processes(&p.netns);
         let _ = ip(&["netns", "del", &p.netns]);
         self.pods.remove(key);
         self.save()?;
@@ -438,15 +440,20 @@ impl State {
     }
 }
 
+/// Stops every process running in namespace `ns`.
+fn stop_ns_processes(ns: &str) {
+    if let Ok(pids) = ip(&["netns", "pids", ns]) {
+        for pid in pids.lines().filter_map(|l| l.trim().parse::<u32>().ok()) {
+            stop_pid(pid, Duration::from_secs(2));
+        }
+    }
+}
+
 /// Deletes every namespace named `<prefix>-*` (and kills what runs inside).
 pub fn sweep(prefix: &str) {
     for ns in netns_list() {
         if ns.starts_with(&format!("{prefix}-")) {
-            if let Ok(pids) = ip(&["netns", "pids", &ns]) {
-                for pid in pids.lines().filter_map(|l| l.trim().parse::<u32>().ok()) {
-                    stop_pid(pid, Duration::from_secs(2));
-                }
-            }
+            stop_ns_processes(&ns);
             let _ = ip(&["netns", "del", &ns]);
         }
     }
