@@ -117,6 +117,25 @@ struct Port {
 /// The shared halves of the workers and their command receivers.
 pub type Created = (Vec<Arc<WorkerShared>>, Vec<Receiver<Command>>);
 
+impl Port {
+    /// Commits this loop's tx batch, counts what went out (and what did not fit) on the port
+    /// and the worker, and publishes the port's counters.
+    #[inline]
+    fn flush(&mut self, totals: &mut Local, drops: &mut LocalDrops) {
+        let f = self.xsk.flush();
+        self.local.tx_packets += f.packets;
+        self.local.tx_bytes += f.bytes;
+        totals.tx_packets += f.packets;
+        totals.tx_bytes += f.bytes;
+        if f.dropped > 0 {
+            drops.count_n(DropReason::TxFull, f.dropped);
+            self.local.drops += f.dropped;
+            totals.drops += f.dropped;
+        }
+        self.counters.publish(&mut self.local);
+    }
+}
+
 /// Creates the shared halves of `n` workers and their command receivers.
 pub fn create(n: usize, cores: &[usize]) -> Result<Created, crate::xsk::XskError> {
     let mut shared = Vec::with_capacity(n);
@@ -212,17 +231,7 @@ impl Worker {
             for i in 0..self.active.len() {
                 let id = self.active[i] as usize;
                 if let Some(p) = self.ports[id].as_mut() {
-                    let f = p.xsk.flush();
-                    p.local.tx_packets += f.packets;
-                    p.local.tx_bytes += f.bytes;
-                    self.totals.tx_packets += f.packets;
-                    self.totals.tx_bytes += f.bytes;
-                    if f.dropped > 0 {
-                        self.drops.count_n(DropReason::TxFull, f.dropped);
-                        p.local.drops += f.dropped;
-                        self.totals.drops += f.dropped;
-                    }
-                    p.counters.publish(&mut p.local);
+                    p.flush(&mut self.totals, &mut self.drops);
                 }
             }
             drop(tables);
