@@ -142,6 +142,6 @@ mod tests {
         assert_ne!(a, host_ifname("abc", "eth1"));
         assert_ne!(a, host_ifname("abd", "eth0"));
         assert!(!is_host_ifname("eth0"));
-        assert!(!is_host_ifname("stXXXXXXXXXXXXX"));
+        assert!(!is_host_ifname("stzzzzzzzzzzzzz"));
     }
 }

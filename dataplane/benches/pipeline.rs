@@ -47,6 +47,18 @@ fn udp60(dst: u8) -> Vec<u8> {
     v
 }
 
+/// Pod 0's port, as the worker hands it to the pipeline.
+fn pod_port() -> InPort<'static> {
+    static IPS: [IpAddr; 1] = [IpAddr::V4(Ipv4Addr::new(198, 18, 16, 1))];
+    InPort {
+        id: 0,
+        kind: PortKind::Pod,
+        host_mac: HA_MAC,
+        pod_mac: A_MAC,
+        ips: &IPS,
+    }
+}
+
 fn arp_request() -> Vec<u8> {
     let mut v = vec![0xff; 6];
     v.extend_from_slice(&A_MAC);
@@ -60,14 +72,7 @@ fn arp_request() -> Vec<u8> {
 
 fn stages(c: &mut Criterion) {
     let t = tables();
-    let ips = [IpAddr::V4(pod_ip(0))];
-    let port = InPort {
-        id: 0,
-        kind: PortKind::Pod,
-        host_mac: HA_MAC,
-        pod_mac: A_MAC,
-        ips: &ips,
-    };
+    let port = pod_port();
     let pkt = udp60(57);
     let mut g = c.benchmark_group("stage");
     g.throughput(Throughput::Elements(1));
@@ -111,14 +116,7 @@ fn stages(c: &mut Criterion) {
 
 fn whole(c: &mut Criterion) {
     let t = tables();
-    let ips = [IpAddr::V4(pod_ip(0))];
-    let port = InPort {
-        id: 0,
-        kind: PortKind::Pod,
-        host_mac: HA_MAC,
-        pod_mac: A_MAC,
-        ips: &ips,
-    };
+    let port = pod_port();
     // 64 frames to 64 different pods, each in a 2 KiB frame buffer as in the UMEM.
     let batch: Vec<Vec<u8>> = (0..64u8)
         .map(|i| {

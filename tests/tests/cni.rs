@@ -32,7 +32,15 @@ fn conf(lab: &Lab, version: &str) -> Value {
     })
 }
 
-impl Call<'_> {
+impl<'a> Call<'a> {
+    fn new(lab: &'a Lab, conf: Value) -> Self {
+        Call {
+            lab,
+            conf,
+            stdin: None,
+        }
+    }
+
     /// Runs strom-cni in the node namespace. Returns (exit ok, stdout JSON).
     fn run(
         &self,
@@ -136,11 +144,7 @@ fn add_check_del_in_every_supported_version() {
     let _g = net_lock();
     let lab = Lab::up("", &[]);
     for (i, version) in ["0.4.0", "1.0.0", "1.1.0"].iter().enumerate() {
-        let call = Call {
-            lab: &lab,
-            conf: conf(&lab, version),
-            stdin: None,
-        };
+        let call = Call::new(&lab, conf(&lab, version));
         let ns = netns(&lab, &format!("v{i}"));
         let id = format!("c{i}");
         let (ok, r) = call.run("ADD", &id, &ns, &[]);
@@ -160,19 +164,11 @@ fn add_check_del_in_every_supported_version() {
         assert_eq!(r["routes"][0]["dst"], "0.0.0.0/0");
         assert_eq!(r["dns"]["nameservers"][0], "198.18.0.53");
         assert_eq!(port_count(&lab), 1);
-        let mut check = Call {
-            lab: &lab,
-            conf: conf(&lab, version),
-            stdin: None,
-        };
+        let mut check = Call::new(&lab, conf(&lab, version));
         check.conf["prevResult"] = r.clone();
         let (ok, out) = check.run("CHECK", &id, &ns, &[]);
         assert!(ok, "CHECK {version}: {out}");
-        let mut del = Call {
-            lab: &lab,
-            conf: conf(&lab, version),
-            stdin: None,
-        };
+        let mut del = Call::new(&lab, conf(&lab, version));
         del.conf["prevResult"] = r;
         assert!(del.run("DEL", &id, &ns, &[]).0);
         nothing_left(&lab);
@@ -189,21 +185,11 @@ fn version_and_error_codes_follow_the_spec() {
     let _g = net_lock();
     let lab = Lab::up("", &[]);
     let ns = netns(&lab, "e");
-    let call = |conf: Value, env: &[(&str, &str)]| {
-        Call {
-            lab: &lab,
-            conf,
-            stdin: None,
-        }
-        .run("ADD", "cerr", &ns, env)
-    };
-    let v = Call {
-        lab: &lab,
-        conf: json!({"cniVersion": "1.0.0"}),
-        stdin: None,
-    }
-    .run("VERSION", "", "", &[])
-    .1;
+    let call =
+        |conf: Value, env: &[(&str, &str)]| Call::new(&lab, conf).run("ADD", "cerr", &ns, env);
+    let v = Call::new(&lab, json!({"cniVersion": "1.0.0"}))
+        .run("VERSION", "", "", &[])
+        .1;
     assert_eq!(
         v["supportedVersions"],
         json!(["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"])
@@ -238,12 +224,7 @@ fn version_and_error_codes_follow_the_spec() {
         100,
         "requested IP outside the subnet"
     );
-    let (ok, e) = Call {
-        lab: &lab,
-        conf: json!(null),
-        stdin: None,
-    }
-    .run("ADD", "cerr", &ns, &[]);
+    let (ok, e) = Call::new(&lab, json!(null)).run("ADD", "cerr", &ns, &[]);
     assert!(!ok);
     assert_eq!(
         e["code"], 1,
@@ -264,11 +245,7 @@ fn version_and_error_codes_follow_the_spec() {
         2,
         "an IPv6 address is a field we do not support yet"
     );
-    let any = Call {
-        lab: &lab,
-        conf: conf(&lab, "1.0.0"),
-        stdin: None,
-    };
+    let any = Call::new(&lab, conf(&lab, "1.0.0"));
     assert_eq!(
         any.run("FROB", "cerr", &ns, &[]).1["code"],
         4,
@@ -276,12 +253,7 @@ fn version_and_error_codes_follow_the_spec() {
     );
     let mut check = conf(&lab, "1.0.0");
     check["prevResult"] = json!({"cniVersion": "1.0.0", "ips": []});
-    let (ok, e) = Call {
-        lab: &lab,
-        conf: check,
-        stdin: None,
-    }
-    .run("CHECK", "never-added", &ns, &[]);
+    let (ok, e) = Call::new(&lab, check).run("CHECK", "never-added", &ns, &[]);
     assert!(!ok);
     assert_eq!(e["code"], 3, "CHECK of an unknown container: {e}");
     nothing_left(&lab);
@@ -294,11 +266,7 @@ fn stromd_down_gives_try_again_later_and_leaves_nothing() {
     let ns = netns(&lab, "d");
     let mut c = conf(&lab, "1.0.0");
     c["socket"] = json!(lab.dir.join("nobody-listens.sock").display().to_string());
-    let call = Call {
-        lab: &lab,
-        conf: c,
-        stdin: None,
-    };
+    let call = Call::new(&lab, c);
     let (ok, e) = call.run("ADD", "cdown", &ns, &[]);
     assert!(!ok);
     assert_eq!(e["code"], 11, "{e}");
@@ -317,13 +285,9 @@ fn stromd_down_gives_try_again_later_and_leaves_nothing() {
     assert!(!ok);
     assert_eq!(e["code"], 50);
     assert!(
-        Call {
-            lab: &lab,
-            conf: conf(&lab, "1.1.0"),
-            stdin: None
-        }
-        .run("STATUS", "", "", &[])
-        .0,
+        Call::new(&lab, conf(&lab, "1.1.0"))
+            .run("STATUS", "", "", &[])
+            .0,
         "STATUS with stromd up"
     );
 }
@@ -333,11 +297,7 @@ fn check_names_what_differs() {
     let _g = net_lock();
     let lab = Lab::up("", &[]);
     let ns = netns(&lab, "k");
-    let call = Call {
-        lab: &lab,
-        conf: conf(&lab, "1.0.0"),
-        stdin: None,
-    };
+    let call = Call::new(&lab, conf(&lab, "1.0.0"));
     let (ok, r) = call.run("ADD", "ck", &ns, &[]);
     assert!(ok);
     sh(Command::new("ip").args([
@@ -351,11 +311,7 @@ fn check_names_what_differs() {
         "mtu",
         "1300",
     ]));
-    let mut check = Call {
-        lab: &lab,
-        conf: conf(&lab, "1.0.0"),
-        stdin: None,
-    };
+    let mut check = Call::new(&lab, conf(&lab, "1.0.0"));
     check.conf["prevResult"] = r;
     let (ok, e) = check.run("CHECK", "ck", &ns, &[]);
     assert!(!ok);
@@ -369,11 +325,7 @@ fn check_names_what_differs() {
 fn requested_addresses_are_honoured() {
     let _g = net_lock();
     let lab = Lab::up("", &[]);
-    let call = Call {
-        lab: &lab,
-        conf: conf(&lab, "1.0.0"),
-        stdin: None,
-    };
+    let call = Call::new(&lab, conf(&lab, "1.0.0"));
     let ns1 = netns(&lab, "r1");
     let (ok, r) = call.run(
         "ADD",
@@ -386,12 +338,7 @@ fn requested_addresses_are_honoured() {
     let mut rc = conf(&lab, "1.0.0");
     rc["runtimeConfig"] = json!({"ips": ["198.18.16.88/24"]});
     let ns2 = netns(&lab, "r2");
-    let (ok, r) = Call {
-        lab: &lab,
-        conf: rc,
-        stdin: None,
-    }
-    .run("ADD", "r2", &ns2, &[]);
+    let (ok, r) = Call::new(&lab, rc).run("ADD", "r2", &ns2, &[]);
     assert!(ok, "{r}");
     assert_eq!(r["ips"][0]["address"], "198.18.16.88/32");
     let ns3 = netns(&lab, "r3");
@@ -408,39 +355,21 @@ fn requested_addresses_are_honoured() {
 fn gc_removes_what_the_runtime_no_longer_knows() {
     let _g = net_lock();
     let lab = Lab::up("", &[]);
-    let call = Call {
-        lab: &lab,
-        conf: conf(&lab, "1.1.0"),
-        stdin: None,
-    };
+    let call = Call::new(&lab, conf(&lab, "1.1.0"));
     let keep = netns(&lab, "g1");
     let leak = netns(&lab, "g2");
     assert!(call.run("ADD", "keep", &keep, &[]).0);
     assert!(call.run("ADD", "leak", &leak, &[]).0);
     let mut gc = conf(&lab, "1.1.0");
     gc["cni.dev/valid-attachments"] = json!([{"containerID": "keep", "ifname": "eth0"}]);
-    assert!(
-        Call {
-            lab: &lab,
-            conf: gc,
-            stdin: None
-        }
-        .run("GC", "", "", &[])
-        .0
-    );
+    assert!(Call::new(&lab, gc).run("GC", "", "", &[]).0);
     assert_eq!(host_links(&lab).len(), 1);
     assert_eq!(leases(&lab), 1);
     assert_eq!(port_count(&lab), 1);
     let mut gc = conf(&lab, "1.1.0");
     gc["cni.dev/attachments"] = json!([]);
     assert!(
-        Call {
-            lab: &lab,
-            conf: gc,
-            stdin: None
-        }
-        .run("GC", "", "", &[])
-        .0,
+        Call::new(&lab, gc).run("GC", "", "", &[]).0,
         "the older key works too"
     );
     nothing_left(&lab);
@@ -458,12 +387,7 @@ fn fifty_parallel_adds_get_distinct_addresses_and_dels_leave_nothing() {
             .enumerate()
             .map(|(i, ns)| {
                 s.spawn(move || {
-                    Call {
-                        lab,
-                        conf: conf(lab, "1.0.0"),
-                        stdin: None,
-                    }
-                    .run("ADD", &format!("par{i}"), ns, &[])
+                    Call::new(lab, conf(lab, "1.0.0")).run("ADD", &format!("par{i}"), ns, &[])
                 })
             })
             .collect();
@@ -484,13 +408,9 @@ fn fifty_parallel_adds_get_distinct_addresses_and_dels_leave_nothing() {
         for (i, ns) in nss.iter().enumerate() {
             s.spawn(move || {
                 assert!(
-                    Call {
-                        lab,
-                        conf: conf(lab, "1.0.0"),
-                        stdin: None,
-                    }
-                    .run("DEL", &format!("par{i}"), ns, &[])
-                    .0
+                    Call::new(lab, conf(lab, "1.0.0"))
+                        .run("DEL", &format!("par{i}"), ns, &[])
+                        .0
                 )
             });
         }
@@ -531,13 +451,9 @@ fn killed_in_the_middle_of_add_then_del_leaves_nothing() {
         // already started; let them finish as they would before a real DEL.
         std::thread::sleep(Duration::from_millis(100));
         assert!(
-            Call {
-                lab: &lab,
-                conf: conf(&lab, "1.0.0"),
-                stdin: None
-            }
-            .run("DEL", &id, &ns, &[])
-            .0
+            Call::new(&lab, conf(&lab, "1.0.0"))
+                .run("DEL", &id, &ns, &[])
+                .0
         );
         nothing_left(&lab);
     }
@@ -553,20 +469,12 @@ fn host_local_ipam_is_delegated_to() {
     let lab = Lab::up("", &[]);
     let mut c = conf(&lab, "1.0.0");
     c["ipam"] = json!({"type": "host-local", "ranges": [[{"subnet": "198.18.16.0/24", "rangeStart": "198.18.16.200", "rangeEnd": "198.18.16.210"}]], "dataDir": lab.dir.join("host-local").display().to_string()});
-    let call = Call {
-        lab: &lab,
-        conf: c,
-        stdin: None,
-    };
+    let call = Call::new(&lab, c);
     let ns = netns(&lab, "hl");
     let (ok, r) = call.run("ADD", "hl", &ns, &[]);
     assert!(ok, "{r}");
     assert_eq!(r["ips"][0]["address"], "198.18.16.200/32");
-    let mut check = Call {
-        lab: &lab,
-        conf: call.conf.clone(),
-        stdin: None,
-    };
+    let mut check = Call::new(&lab, call.conf.clone());
     check.conf["prevResult"] = r.clone();
     let (ok, out) = check.run("CHECK", "hl", &ns, &[]);
     assert!(ok, "CHECK passes through to host-local: {out}");
