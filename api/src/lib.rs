@@ -4,6 +4,8 @@
 //! every response is one JSON object on one line. The CNI plugin, `stromctl` and the control
 //! plane link only this crate, never the dataplane.
 
+pub mod mac;
+
 use std::io::{BufRead, BufReader, Write};
 use std::net::IpAddr;
 use std::os::unix::net::UnixStream;

@@ -20,6 +20,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
+use strom_api::mac::{fmt_mac, parse_mac};
 use strom_api::{Client, PortKey, PortSpec, Request, Response};
 
 use conf::{CniResult, Interface, IpConfig, NetConf, Route, SUPPORTED};
@@ -152,7 +153,7 @@ fn client(c: &NetConf) -> Result<Client, CniError> {
 fn mac_for(ip: Ipv4Addr) -> String {
     // Locally administered, derived from the address (stable across restarts of the pod).
     let o = ip.octets();
-    format!("0a:58:{:02x}:{:02x}:{:02x}:{:02x}", o[0], o[1], o[2], o[3])
+    fmt_mac(&[0x0a, 0x58, o[0], o[1], o[2], o[3]])
 }
 
 fn default_mtu(c: &NetConf) -> u32 {
@@ -350,17 +351,10 @@ fn wire(c: &NetConf, env: &Env, host: &str, ip: Ipv4Addr) -> Result<CniResult, C
         .map(str::to_string)
         .or_else(|| c.runtime_config.as_ref().and_then(|r| r.mac.clone()))
         .unwrap_or_else(|| mac_for(ip));
-    if mac.len() != 17
-        || mac.split(':').count() != 6
-        || !mac.split(':').all(|p| u8::from_str_radix(p, 16).is_ok())
-    {
+    let Some(mac_bytes) = parse_mac(&mac) else {
         return Err(CniError::new(code::INVALID_CONFIG, "invalid MAC", mac));
-    }
+    };
     let (ns, ifn) = (&env.netns, &env.ifname);
-    let mut mac_bytes = [0u8; 6];
-    for (b, part) in mac_bytes.iter_mut().zip(mac.split(':')) {
-        *b = u8::from_str_radix(part, 16).unwrap_or(0);
-    }
     let netns = std::fs::File::open(ns).map_err(|e| {
         CniError::new(
             code::INVALID_ENV,

@@ -10,7 +10,7 @@ pub mod api;
 pub mod bpf;
 pub mod config;
 pub mod drop;
-pub mod mac;
+pub use strom_api::mac;
 pub mod pipeline;
 pub mod state;
 pub mod stats;

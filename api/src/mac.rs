@@ -1,4 +1,4 @@
-//! MAC address text form.
+//! MAC addresses in the text form the contract carries (`PortSpec::mac`, `PortStatus::host_mac`).
 
 /// A 48-bit Ethernet address.
 pub type Mac = [u8; 6];
@@ -9,7 +9,7 @@ pub fn parse_mac(s: &str) -> Option<Mac> {
     let mut parts = s.trim().split(':');
     for b in out.iter_mut() {
         let p = parts.next()?;
-        if p.len() != 2 {
+        if p.len() != 2 || !p.bytes().all(|b| b.is_ascii_hexdigit()) {
             return None;
         }
         *b = u8::from_str_radix(p, 16).ok()?;
@@ -37,5 +37,6 @@ mod tests {
         assert!(parse_mac("02:0a:ff:00:01:10:11").is_none());
         assert!(parse_mac("zz:0a:ff:00:01:10").is_none());
         assert!(parse_mac("2:0a:ff:00:01:10").is_none());
+        assert!(parse_mac("+2:0a:ff:00:01:10").is_none());
     }
 }
