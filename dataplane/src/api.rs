@@ -126,6 +126,18 @@ fn single_queue(ifname: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// The ifindex and MAC of an interface stromd is to serve, once it is known to have a single
+/// receive queue.
+fn port_interface(ifname: &str) -> Result<(u32, Mac), String> {
+    let ifindex: u32 = read_sys(ifname, "ifindex")?
+        .parse()
+        .map_err(|e| format!("{ifname}: ifindex: {e}"))?;
+    let mac = parse_mac(&read_sys(ifname, "address")?)
+        .ok_or_else(|| format!("{ifname}: unreadable MAC"))?;
+    single_queue(ifname)?;
+    Ok((ifindex, mac))
+}
+
 impl Controller {
     /// A controller over loaded programs and started workers.
     pub fn new(
@@ -219,12 +231,7 @@ impl Controller {
                 ));
             }
         }
-        let ifindex: u32 = read_sys(&spec.ifname, "ifindex")?
-            .parse()
-            .map_err(|e| format!("ifindex: {e}"))?;
-        let host_mac =
-            parse_mac(&read_sys(&spec.ifname, "address")?).ok_or("unreadable host MAC")?;
-        single_queue(&spec.ifname)?;
+        let (ifindex, host_mac) = port_interface(&spec.ifname)?;
         Ok((pod_mac, ifindex, host_mac))
     }
 
@@ -338,11 +345,7 @@ impl Controller {
     /// what stromd owns (the pod CIDR) to its socket on worker 0; what pods send beyond the
     /// node leaves through it to `gateway`.
     pub fn add_uplink(&mut self, ifname: &str, gateway: Option<Ipv4Addr>) -> Result<(), String> {
-        let ifindex: u32 = read_sys(ifname, "ifindex")?
-            .parse()
-            .map_err(|e| format!("ifindex: {e}"))?;
-        let mac = parse_mac(&read_sys(ifname, "address")?).ok_or("unreadable uplink MAC")?;
-        single_queue(ifname)?;
+        let (ifindex, mac) = port_interface(ifname)?;
         let id = self.alloc_id().ok_or("no free port slot")?;
         let counters = Arc::new(SharedCounters::default());
         let xdp_mode = self.open_port(
