@@ -12,7 +12,7 @@ use std::process::{Command, Stdio};
 use futures::stream::TryStreamExt;
 use rtnetlink::packet_route::link::{InfoData, InfoKind, InfoVeth};
 use rtnetlink::packet_route::neighbour::NeighbourState;
-use rtnetlink::packet_route::route::RouteScope;
+use rtnetlink::packet_route::route::{RouteMessage, RouteScope};
 use rtnetlink::{Handle, LinkMessageBuilder, LinkUnspec, RouteMessageBuilder};
 
 const EEXIST: i32 = 17;
@@ -48,6 +48,23 @@ async fn index_of(h: &Handle, name: &str) -> Result<Option<u32>, String> {
         Err(e) if errno(&e) == Some(ENODEV) => Ok(None),
         Err(e) => Err(format!("looking up {name}: {e}")),
     }
+}
+
+async fn set_up(h: &Handle, idx: u32, name: &str) -> Result<(), String> {
+    h.link()
+        .set(LinkUnspec::new_with_index(idx).up().build())
+        .execute()
+        .await
+        .map_err(|e| format!("setting {name} up: {e}"))
+}
+
+/// A /32 route to `dst` straight out of interface `idx` (scope link).
+fn on_link(dst: Ipv4Addr, idx: u32) -> RouteMessage {
+    RouteMessageBuilder::<Ipv4Addr>::new()
+        .destination_prefix(dst, 32)
+        .output_interface(idx)
+        .scope(RouteScope::Link)
+        .build()
 }
 
 /// The pod side being configured in its own thread.
@@ -100,18 +117,9 @@ pub fn wire_node(
         let idx = index_of(&h, host)
             .await?
             .ok_or_else(|| format!("{host} vanished"))?;
-        h.link()
-            .set(LinkUnspec::new_with_index(idx).up().build())
-            .execute()
-            .await
-            .map_err(|e| format!("setting {host} up: {e}"))?;
-        let route = RouteMessageBuilder::<Ipv4Addr>::new()
-            .destination_prefix(ip, 32)
-            .output_interface(idx)
-            .scope(RouteScope::Link)
-            .build();
+        set_up(&h, idx, host).await?;
         h.route()
-            .add(route)
+            .add(on_link(ip, idx))
             .replace()
             .execute()
             .await
@@ -152,23 +160,14 @@ fn wire_pod(netns: File, ifname: &str, ip: Ipv4Addr, gw: Ipv4Addr) -> PodSide {
             let idx = index_of(&h, &ifname)
                 .await?
                 .ok_or_else(|| format!("{ifname} is not in the pod"))?;
-            h.link()
-                .set(LinkUnspec::new_with_index(idx).up().build())
-                .execute()
-                .await
-                .map_err(|e| format!("setting {ifname} up: {e}"))?;
+            set_up(&h, idx, &ifname).await?;
             h.address()
                 .add(idx, IpAddr::V4(ip), 32)
                 .execute()
                 .await
                 .map_err(|e| format!("address {ip}/32: {e}"))?;
-            let to_gw = RouteMessageBuilder::<Ipv4Addr>::new()
-                .destination_prefix(gw, 32)
-                .output_interface(idx)
-                .scope(RouteScope::Link)
-                .build();
             h.route()
-                .add(to_gw)
+                .add(on_link(gw, idx))
                 .execute()
                 .await
                 .map_err(|e| format!("route to {gw}: {e}"))?;
