@@ -17,7 +17,8 @@ workers = ${STROM_WORKERS:-1}
 cores = [${STROM_CORES:-1}]
 poll_mode = "${STROM_POLL:-busy}"
 ring_size = ${STROM_RING:-512}
-frames_per_port = ${STROM_FRAMES:-2048}
+umem_frames = ${STROM_FRAMES:-16384}
+fill_per_port = ${STROM_FILL:-256}
 api_socket = "$run/stromd.sock"
 state_dir = "$run"
 CFG

@@ -115,6 +115,12 @@ pub struct WorkerStats {
     pub drops: Vec<(String, u64)>,
     pub loops: u64,
     pub sleeps: u64,
+    /// Frames of the worker's UMEM slice in its free pool, and in all (the rest are lent to
+    /// the kernel: fill, rx, tx and completion rings).
+    #[serde(default)]
+    pub frames_free: u64,
+    #[serde(default)]
+    pub frames_total: u64,
 }
 
 /// One forwarding entry.

@@ -246,7 +246,7 @@ impl Controller {
         }
         let id = self.alloc_id().ok_or("no free port slot")?;
         let worker = (0..self.workers.len())
-            .min_by_key(|w| self.ports.values().filter(|p| p.worker == *w).count())
+            .min_by_key(|&w| self.ports_on(w))
             .unwrap_or(0);
         let counters = Arc::new(SharedCounters::default());
         let xdp_mode = self.open_port(
@@ -430,6 +430,12 @@ impl Controller {
         })
     }
 
+    /// Ports served by `worker`, the uplink included.
+    fn ports_on(&self, worker: usize) -> usize {
+        self.ports.values().filter(|p| p.worker == worker).count()
+            + usize::from(worker == 0 && self.uplink.is_some())
+    }
+
     fn stop_on_worker(&self, worker: usize, id: u32) {
         let (tx, rx) = crossbeam_channel::bounded(1);
         if self.workers[worker].command(Command::RemovePort(id, tx)) {
@@ -511,7 +517,9 @@ impl Controller {
                     .map(|w| WorkerStats {
                         id: w.id,
                         core: w.core,
-                        ports: self.ports.values().filter(|p| p.worker == w.id).count(),
+                        ports: self.ports_on(w.id),
+                        frames_free: w.counters.frames_free.load(Ordering::Relaxed),
+                        frames_total: w.counters.frames_total.load(Ordering::Relaxed),
                         counters: w.counters.packets.read(),
                         drops: w.counters.drops(),
                         loops: w.counters.loops.load(Ordering::Relaxed),

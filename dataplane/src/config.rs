@@ -60,12 +60,17 @@ pub struct DataplaneSection {
     pub cores: Vec<usize>,
     #[serde(default = "default_poll")]
     pub poll_mode: PollMode,
-    /// Frames per port UMEM (power of two, at least 2 × ring_size).
+    /// Frames (2 KiB each) in each worker's UMEM, shared by all its ports (a power of two,
+    /// at least 4 × ring_size).
     #[serde(default = "default_frames")]
-    pub frames_per_port: u32,
+    pub umem_frames: u32,
     /// Size of each AF_XDP ring (power of two).
     #[serde(default = "default_ring")]
     pub ring_size: u32,
+    /// Frames kept in each port's fill ring (at most ring_size): umem_frames / fill_per_port
+    /// ports per worker get a full fill ring, more share what is free.
+    #[serde(default = "default_fill")]
+    pub fill_per_port: u32,
     /// Unix socket of the API.
     #[serde(default = "default_socket")]
     pub api_socket: PathBuf,
@@ -93,7 +98,10 @@ fn default_poll() -> PollMode {
     PollMode::Adaptive
 }
 fn default_frames() -> u32 {
-    2048
+    16384
+}
+fn default_fill() -> u32 {
+    256
 }
 fn default_ring() -> u32 {
     512
@@ -109,8 +117,9 @@ fn default_dataplane() -> DataplaneSection {
         workers: default_workers(),
         cores: Vec::new(),
         poll_mode: default_poll(),
-        frames_per_port: default_frames(),
+        umem_frames: default_frames(),
         ring_size: default_ring(),
+        fill_per_port: default_fill(),
         api_socket: default_socket(),
         state_dir: default_state(),
     }
@@ -161,13 +170,22 @@ impl Config {
                 format!("{} (a power of two, 64..=8192)", d.ring_size),
             );
         }
-        if !d.frames_per_port.is_power_of_two() || d.frames_per_port < 2 * d.ring_size {
+        if !d.umem_frames.is_power_of_two()
+            || d.umem_frames < 4 * d.ring_size
+            || d.umem_frames > 1 << 20
+        {
             return inv(
-                "dataplane.frames_per_port",
+                "dataplane.umem_frames",
                 format!(
-                    "{} (a power of two, at least 2 × ring_size)",
-                    d.frames_per_port
+                    "{} (a power of two, at least 4 × ring_size, at most 1048576)",
+                    d.umem_frames
                 ),
+            );
+        }
+        if d.fill_per_port == 0 || d.fill_per_port > d.ring_size {
+            return inv(
+                "dataplane.fill_per_port",
+                format!("{} (1..=ring_size)", d.fill_per_port),
             );
         }
         if self.node.pod_cidr.contains(&self.node.pod_gateway) {
@@ -242,6 +260,12 @@ mod tests {
         let e = parse("[node]\npod_cidr = \"198.18.16.0/20\"\npod_gateway = \"198.18.16.1\"\n")
             .unwrap_err();
         assert!(e.contains("node.pod_gateway"), "{e}");
+        let e = parse("[node]\npod_cidr = \"198.18.16.0/20\"\n[dataplane]\numem_frames = 1000\n")
+            .unwrap_err();
+        assert!(e.contains("dataplane.umem_frames"), "{e}");
+        let e = parse("[node]\npod_cidr = \"198.18.16.0/20\"\n[dataplane]\nfill_per_port = 1024\n")
+            .unwrap_err();
+        assert!(e.contains("dataplane.fill_per_port"), "{e}");
         let e = parse("[node]\npod_cidr = \"198.18.16.0/33\"\n").unwrap_err();
         assert!(e.contains("pod_cidr"), "{e}");
     }

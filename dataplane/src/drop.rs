@@ -32,17 +32,19 @@ pub enum DropReason {
     ToGateway,
     /// Broadcast or multicast IPv4 destination (not routed).
     NotUnicast,
-    /// The destination port's TX ring or frame pool was full.
+    /// The destination port's TX ring was full.
     TxFull,
     /// The destination worker's hand-off queue was full.
     HandoffFull,
     /// The destination port went away while the frame was in flight.
     PortGone,
+    /// A frame from another worker found this worker's frame pool empty.
+    NoFrame,
 }
 
 impl DropReason {
     /// Every reason, in counter-index order.
-    pub const ALL: [DropReason; 17] = [
+    pub const ALL: [DropReason; 18] = [
         DropReason::Runt,
         DropReason::VlanTagged,
         DropReason::UnknownEthertype,
@@ -60,6 +62,7 @@ impl DropReason {
         DropReason::TxFull,
         DropReason::HandoffFull,
         DropReason::PortGone,
+        DropReason::NoFrame,
     ];
     /// Number of reasons (size of counter arrays).
     pub const COUNT: usize = Self::ALL.len();
@@ -84,6 +87,7 @@ impl DropReason {
             DropReason::TxFull => "tx_full",
             DropReason::HandoffFull => "handoff_full",
             DropReason::PortGone => "port_gone",
+            DropReason::NoFrame => "no_free_frame",
         }
     }
 

@@ -68,6 +68,9 @@ pub struct WorkerCounters {
     drops: [AtomicU64; DropReason::COUNT],
     pub loops: AtomicU64,
     pub sleeps: AtomicU64,
+    /// The worker's UMEM slice: frames in its free pool (stored once per loop), and in all.
+    pub frames_free: AtomicU64,
+    pub frames_total: AtomicU64,
 }
 
 /// Plain per-reason drop counts a worker accumulates during one loop.

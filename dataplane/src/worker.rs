@@ -3,8 +3,10 @@
 //! ```text
 //! loop {
 //!   commands (add/remove port)      ── between batches, never per packet
+//!   closed sockets ─▶ their frames back to the pool
 //!   tables = snapshot()              ── one atomic load per loop
-//!   for port: rx batch ─▶ pipeline ─▶ hairpin │ forward (same worker: copy to out port)
+//!   for port: rx batch ─▶ pipeline ─▶ hairpin │ forward (same worker: the frame itself,
+//!                                             │   no copy: one UMEM per worker)
 //!                                             │ forward (other worker: hand-off queue)
 //!   hand-off queue ─▶ tx
 //!   for port: kick tx (one syscall per batch), reap completions, refill fill ring
@@ -18,7 +20,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crossbeam_channel::{Receiver, Sender};
-use crossbeam_queue::ArrayQueue;
+use crossbeam_queue::{ArrayQueue, SegQueue};
 use xdpilone::xdp::XdpDesc;
 
 use crate::config::PollMode;
@@ -27,7 +29,7 @@ use crate::mac::Mac;
 use crate::pipeline::{self, Action, InPort, PortKind};
 use crate::stats::{Local, LocalDrops, SharedCounters, WorkerCounters};
 use crate::tables::TableHandle;
-use crate::xsk::{PollSet, Waker, XskPort, XskSizes, FRAME_SIZE};
+use crate::xsk::{PollSet, SharedUmem, Waker, WorkerUmem, XskError, XskPort, XskSizes, FRAME_SIZE};
 
 /// Frames read from one rx ring per loop.
 pub const BATCH: usize = 64;
@@ -38,7 +40,7 @@ const SLEEP_MS: i32 = 50;
 /// Entries in each worker's cross-worker hand-off queue.
 const HANDOFF_CAP: usize = 2048;
 
-/// A frame copied to another worker: that worker's ports have their own UMEMs.
+/// A frame copied to another worker: each worker has its own UMEM.
 pub struct Handoff {
     port: u32,
     len: u16,
@@ -83,8 +85,13 @@ pub struct WorkerShared {
     waker: Waker,
     sleeping: AtomicBool,
     commands: Sender<Command>,
-    reaper: Sender<XskPort>,
+    reaper: Sender<Reap>,
+    /// Serials of this worker's sockets the reaper has closed: their frames can come back.
+    closed: SegQueue<u32>,
 }
+
+/// Work for the reaper thread: close a socket, then tell its worker.
+type Reap = Box<dyn FnOnce() + Send>;
 
 impl WorkerShared {
     /// Sends a command and wakes the worker.
@@ -121,8 +128,8 @@ impl Port {
     /// Commits this loop's tx batch, counts what went out (and what did not fit) on the port
     /// and the worker, and publishes the port's counters.
     #[inline]
-    fn flush(&mut self, totals: &mut Local, drops: &mut LocalDrops) {
-        let f = self.xsk.flush();
+    fn flush(&mut self, umem: &mut WorkerUmem, totals: &mut Local, drops: &mut LocalDrops) {
+        let f = self.xsk.flush(umem);
         self.local.tx_packets += f.packets;
         self.local.tx_bytes += f.bytes;
         totals.tx_packets += f.packets;
@@ -140,10 +147,10 @@ impl Port {
 pub fn create(n: usize, cores: &[usize]) -> Result<Created, crate::xsk::XskError> {
     let mut shared = Vec::with_capacity(n);
     let mut rxs = Vec::with_capacity(n);
-    let (reaper, dead) = crossbeam_channel::unbounded::<XskPort>();
+    let (reaper, dead) = crossbeam_channel::unbounded::<Reap>();
     std::thread::Builder::new()
         .name("strom-reaper".into())
-        .spawn(move || dead.iter().for_each(drop))
+        .spawn(move || dead.iter().for_each(|reap| reap()))
         .map_err(crate::xsk::XskError::EventFd)?;
     for id in 0..n {
         let (tx, rx) = crossbeam_channel::unbounded();
@@ -156,6 +163,7 @@ pub fn create(n: usize, cores: &[usize]) -> Result<Created, crate::xsk::XskError
             sleeping: AtomicBool::new(false),
             commands: tx,
             reaper: reaper.clone(),
+            closed: SegQueue::new(),
         }));
         rxs.push(rx);
     }
@@ -169,7 +177,7 @@ pub struct Worker {
     commands: Receiver<Command>,
     tables: TableHandle,
     mode: PollMode,
-    sizes: XskSizes,
+    umem: WorkerUmem,
     /// Ports by id (id = XSKMAP slot); `active` lists the ids present.
     ports: Vec<Option<Box<Port>>>,
     active: Vec<u32>,
@@ -186,7 +194,7 @@ impl Worker {
         commands: Receiver<Command>,
         tables: TableHandle,
         mode: PollMode,
-        sizes: XskSizes,
+        umem: WorkerUmem,
     ) -> Self {
         Worker {
             me,
@@ -194,7 +202,7 @@ impl Worker {
             commands,
             tables,
             mode,
-            sizes,
+            umem,
             ports: (0..crate::api::MAX_PORTS).map(|_| None).collect(),
             active: Vec::new(),
             poll: PollSet::default(),
@@ -211,6 +219,10 @@ impl Worker {
             }
         }
         self.rebuild_poll();
+        self.me
+            .counters
+            .frames_total
+            .store(self.umem.total_frames() as u64, Ordering::Relaxed);
         let mut idle = 0u32;
         let mut descs = [XdpDesc {
             addr: 0,
@@ -220,6 +232,10 @@ impl Worker {
         loop {
             if !self.commands.is_empty() && !self.handle_commands() {
                 break;
+            }
+            while let Some(serial) = self.me.closed.pop() {
+                let n = self.umem.reclaim(serial);
+                tracing::debug!(worker = self.me.id, serial, frames = n, "frames reclaimed");
             }
             let tables = self.tables.load();
             let mut work = 0usize;
@@ -231,13 +247,17 @@ impl Worker {
             for i in 0..self.active.len() {
                 let id = self.active[i] as usize;
                 if let Some(p) = self.ports[id].as_mut() {
-                    p.flush(&mut self.totals, &mut self.drops);
+                    p.flush(&mut self.umem, &mut self.totals, &mut self.drops);
                 }
             }
             drop(tables);
             self.me.counters.publish_drops(&mut self.drops);
             self.me.counters.packets.publish(&mut self.totals);
             self.me.counters.loops.fetch_add(1, Ordering::Relaxed);
+            self.me
+                .counters
+                .frames_free
+                .store(self.umem.free_frames() as u64, Ordering::Relaxed);
             if work == 0 {
                 idle = idle.saturating_add(1);
                 if self.mode == PollMode::Adaptive && idle > SPIN_BEFORE_SLEEP {
@@ -253,7 +273,7 @@ impl Worker {
 
     fn sleep(&mut self) {
         self.me.sleeping.store(true, Ordering::SeqCst);
-        if self.me.handoff.is_empty() && self.commands.is_empty() {
+        if self.me.handoff.is_empty() && self.commands.is_empty() && self.me.closed.is_empty() {
             self.poll.wait(SLEEP_MS);
             self.me.counters.sleeps.fetch_add(1, Ordering::Relaxed);
         }
@@ -277,7 +297,7 @@ impl Worker {
             match c {
                 Command::Stop => return false,
                 Command::AddPort(s, reply) => {
-                    let r = XskPort::open(s.ifindex, self.sizes).map(|xsk| {
+                    let r = self.umem.open(s.ifindex).map(|xsk| {
                         let fd = xsk.fd();
                         let id = s.id;
                         self.ports[id as usize] = Some(Box::new(Port {
@@ -303,10 +323,20 @@ impl Worker {
                 Command::RemovePort(id, reply) => {
                     if let Some(mut p) = self.ports.get_mut(id as usize).and_then(Option::take) {
                         p.counters.publish(&mut p.local);
+                        p.xsk.abandon_batch(&mut self.umem);
                         // Closing an AF_XDP socket waits for an RCU grace period in the
-                        // kernel: the reaper thread does it, not the forwarding loop.
-                        if let Err(e) = self.me.reaper.send(p.xsk) {
-                            drop(e.into_inner());
+                        // kernel: the reaper thread does it, not the forwarding loop. The
+                        // frames lent to the socket come back once it is closed.
+                        let serial = p.xsk.serial();
+                        let xsk = p.xsk;
+                        let me = self.me.clone();
+                        let reap: Reap = Box::new(move || {
+                            drop(xsk);
+                            me.closed.push(serial);
+                            me.waker.wake();
+                        });
+                        if let Err(e) = self.me.reaper.send(reap) {
+                            (e.into_inner())();
                         }
                     }
                     self.active.retain(|&a| a != id);
@@ -329,7 +359,7 @@ impl Worker {
         let Some(mut port) = self.ports[id as usize].take() else {
             return 0;
         };
-        let n = port.xsk.recv(descs);
+        let n = port.xsk.recv(&mut self.umem, descs);
         for d in &descs[..n] {
             let len = d.len as usize;
             port.local.rx_packets += 1;
@@ -340,9 +370,8 @@ impl Worker {
                     host_mac,
                     pod_mac,
                     ips,
-                    xsk,
                     ..
-                } = &mut *port;
+                } = &*port;
                 let inp = InPort {
                     id,
                     kind: *kind,
@@ -350,13 +379,13 @@ impl Worker {
                     pod_mac: *pod_mac,
                     ips,
                 };
-                pipeline::process(xsk.frame_mut(d.addr), len, &inp, tables)
+                pipeline::process(self.umem.frame_mut(d.addr), len, &inp, tables)
             };
             match action {
                 Action::Drop(r) => {
                     self.drops.count(r);
                     port.local.drops += 1;
-                    port.xsk.recycle(d.addr);
+                    self.umem.recycle(d.addr);
                 }
                 Action::Hairpin { len } => self.hairpin(&mut port, d.addr, len),
                 Action::IcmpError { reason, len } => {
@@ -368,13 +397,21 @@ impl Worker {
                     if next.port == id {
                         self.hairpin(&mut port, d.addr, len);
                     } else if usize::from(next.worker) == self.me.id {
-                        let frame = &port.xsk.frame_mut(d.addr)[..len];
-                        let r = Self::transmit_copy(
-                            self.ports[next.port as usize].as_deref_mut(),
-                            frame,
-                        );
+                        // One UMEM per worker: the received frame itself goes out.
+                        let r = match self.ports[next.port as usize].as_deref_mut() {
+                            Some(out) => {
+                                if out.xsk.send(&mut self.umem, d.addr, len) {
+                                    Ok(())
+                                } else {
+                                    Err(DropReason::TxFull)
+                                }
+                            }
+                            None => {
+                                self.umem.recycle(d.addr);
+                                Err(DropReason::PortGone)
+                            }
+                        };
                         self.account_tx(r);
-                        port.xsk.recycle(d.addr);
                     } else {
                         let r = match self.all.get(usize::from(next.worker)) {
                             Some(w) => {
@@ -383,7 +420,7 @@ impl Worker {
                                     len: len as u16,
                                     data: [0; FRAME_SIZE as usize],
                                 };
-                                h.data[..len].copy_from_slice(&port.xsk.frame_mut(d.addr)[..len]);
+                                h.data[..len].copy_from_slice(&self.umem.frame_mut(d.addr)[..len]);
                                 if w.push_handoff(h) {
                                     Ok(())
                                 } else {
@@ -396,7 +433,7 @@ impl Worker {
                             self.drops.count(r);
                             port.local.drops += 1;
                         }
-                        port.xsk.recycle(d.addr);
+                        self.umem.recycle(d.addr);
                     }
                 }
             }
@@ -409,19 +446,23 @@ impl Worker {
     #[inline]
     fn hairpin(&mut self, port: &mut Port, addr: u64, len: usize) {
         // Sent frames are counted when `flush` commits them.
-        if !port.xsk.send(addr, len) {
+        if !port.xsk.send(&mut self.umem, addr, len) {
             self.drops.count(DropReason::TxFull);
             port.local.drops += 1;
         }
     }
 
-    /// Copies `frame` into a free frame of `out` and queues it.
+    /// Copies `frame` into a free frame of this worker's UMEM and queues it on `out`.
     #[inline]
-    fn transmit_copy(out: Option<&mut Port>, frame: &[u8]) -> Result<(), DropReason> {
+    fn transmit_copy(
+        umem: &mut WorkerUmem,
+        out: Option<&mut Port>,
+        frame: &[u8],
+    ) -> Result<(), DropReason> {
         let out = out.ok_or(DropReason::PortGone)?;
-        let addr = out.xsk.take_free().ok_or(DropReason::TxFull)?;
-        out.xsk.frame_mut(addr)[..frame.len()].copy_from_slice(frame);
-        if !out.xsk.send(addr, frame.len()) {
+        let addr = umem.take_free().ok_or(DropReason::NoFrame)?;
+        umem.frame_mut(addr)[..frame.len()].copy_from_slice(frame);
+        if !out.xsk.send(umem, addr, frame.len()) {
             return Err(DropReason::TxFull);
         }
         Ok(())
@@ -444,6 +485,7 @@ impl Worker {
             n += 1;
             let len = usize::from(h.len);
             let r = Self::transmit_copy(
+                &mut self.umem,
                 self.ports
                     .get_mut(h.port as usize)
                     .and_then(|p| p.as_deref_mut()),
@@ -455,23 +497,33 @@ impl Worker {
     }
 }
 
-/// Spawns the worker threads.
+/// Registers the UMEM (one slice of `sizes.frames` frames per worker) and spawns the worker
+/// threads.
 pub fn spawn(
     shared: &[Arc<WorkerShared>],
     receivers: Vec<Receiver<Command>>,
     tables: &TableHandle,
     mode: PollMode,
     sizes: XskSizes,
-) -> std::io::Result<Vec<std::thread::JoinHandle<()>>> {
+) -> Result<Vec<std::thread::JoinHandle<()>>, XskError> {
+    let umem = SharedUmem::new(sizes, shared.len() as u32)?;
     let all: Arc<[Arc<WorkerShared>]> = shared.to_vec().into();
     receivers
         .into_iter()
         .enumerate()
         .map(|(i, rx)| {
-            let w = Worker::new(all[i].clone(), all.clone(), rx, tables.clone(), mode, sizes);
+            let w = Worker::new(
+                all[i].clone(),
+                all.clone(),
+                rx,
+                tables.clone(),
+                mode,
+                umem.worker(i as u32),
+            );
             std::thread::Builder::new()
                 .name(format!("strom-worker-{i}"))
                 .spawn(move || w.run())
+                .map_err(XskError::EventFd)
         })
         .collect()
 }

@@ -1,18 +1,36 @@
-//! AF_XDP I/O: one UMEM and one socket per port (interface, queue 0), built on xdpilone.
+//! AF_XDP I/O: one UMEM shared by the sockets of all ports, each worker owning a slice of
+//! its frames; built on xdpilone.
 //!
 //! This module and [`crate::bpf`] are the only places with `unsafe`.
 //!
-//! Why one UMEM per port rather than one per worker: pod veths come and go under traffic, and
-//! a shared UMEM must stay bound to a device for the life of the worker (the kernel refuses a
-//! shared bind once the owning socket's device is gone). With a UMEM per port, removing a port
-//! frees exactly its memory and no frame can be stranded in another port's rings. veth only
-//! supports copy mode, so the kernel copies every frame in and out anyway; forwarding between
-//! two ports costs one extra `memcpy` of the frame in userspace (measured in BENCHMARKS.md).
+//! ```text
+//!   SharedUmem: one mmap'd area registered once; anchor socket on `lo` queue 0
+//!   ├─ WorkerUmem 0: frames [0, F)   free pool, who holds each frame
+//!   │    ├─ port A socket (ifindex a, queue 0): its own fill/completion + rx/tx rings
+//!   │    └─ port B socket (ifindex b, queue 0): …
+//!   └─ WorkerUmem 1: frames [F, 2F)
+//!        └─ port C socket …
+//! ```
+//!
+//! Why an anchor on `lo`: the kernel lets a socket share a UMEM only while the socket that
+//! registered it is bound (`XDP_SHARED_UMEM` on an unbound owner fails with EBADF). Pod veths
+//! come and go, so the owner is bound to the one device that lives as long as the node's
+//! network namespace and carries no XDP program: loopback. Its mode (copy, need_wakeup) is
+//! inherited by every socket sharing the UMEM. Loopback has one queue and a queue takes one
+//! UMEM, hence one UMEM for the process, cut into one slice of frames per worker: a worker's
+//! sockets are only ever given its own frames, so workers never touch each other's memory.
+//!
+//! Frames move between the ports of a worker without a copy: a frame received on port A is
+//! put on port B's tx ring as it is. Each frame is in exactly one place at a time: its
+//! worker's free pool, or lent to one socket (its fill, rx, tx or completion ring). `lent`
+//! records which socket, so that the frames of a closed socket come back to the pool once the
+//! kernel is done with them ([`WorkerUmem::reclaim`]).
 #![allow(unsafe_code)]
 
 use std::num::NonZeroU32;
 use std::os::fd::RawFd;
 use std::ptr::NonNull;
+use std::sync::Arc;
 
 use xdpilone::xdp::XdpDesc;
 use xdpilone::{DeviceQueue, IfInfo, RingRx, RingTx, Socket, SocketConfig, Umem, UmemConfig, User};
@@ -21,6 +39,11 @@ use xdpilone::{DeviceQueue, IfInfo, RingRx, RingTx, Socket, SocketConfig, Umem, 
 pub const FRAME_SIZE: u32 = 2048;
 /// Most sendto kicks per port per loop.
 const MAX_KICKS: u32 = 8;
+/// `lent` value of a frame userspace holds (free pool, or being processed).
+const HELD: u32 = 0;
+/// Frames the fill rings never take from the pool: frames copied in from other workers
+/// need free frames even when every port's fill ring is as full as the pool allows.
+const RESERVE: usize = 256;
 
 /// Errors of the AF_XDP layer.
 #[derive(Debug, thiserror::Error)]
@@ -46,20 +69,25 @@ impl XskError {
     }
 }
 
-/// Sizes of a port's UMEM and rings.
+/// Sizes of a worker's UMEM and of each port's rings.
 #[derive(Debug, Clone, Copy)]
 pub struct XskSizes {
-    /// Frames in the UMEM (a power of two).
+    /// Frames in each worker's UMEM (a power of two).
     pub frames: u32,
-    /// Entries in each of the fill, completion, rx and tx rings (a power of two).
+    /// Entries in each of a port's fill, completion, rx and tx rings (a power of two).
     pub ring: u32,
+    /// Frames kept in each port's fill ring (at most `ring`): how many frames a port can
+    /// receive before stromd reads them. `frames / fill` ports per worker get a full fill
+    /// ring; beyond that the pool is shared out as frames come back.
+    pub fill: u32,
 }
 
 impl Default for XskSizes {
     fn default() -> Self {
         XskSizes {
-            frames: 2048,
+            frames: 16384,
             ring: 512,
+            fill: 256,
         }
     }
 }
@@ -105,55 +133,51 @@ impl Area {
 
 impl Drop for Area {
     fn drop(&mut self) {
-        // SAFETY: `ptr`/`len` are exactly the mapping made in `Area::new`; every socket that
-        // registered it as UMEM has been closed before (see field order of `XskPort`).
+        // SAFETY: `ptr`/`len` are exactly the mapping made in `Area::new`. The area is the last
+        // field of `SharedUmem`, which every socket registered on it and every `WorkerUmem`
+        // hold through an `Arc`: the last socket has been closed when this runs.
         unsafe {
             libc::munmap(self.ptr.as_ptr().cast(), self.len);
         }
     }
 }
 
-// SAFETY: the area is plain memory owned by one `XskPort`; the port is moved to its worker
-// thread once and only that thread touches it afterwards.
-unsafe impl Send for Area {}
-
-/// One AF_XDP socket with its own UMEM, bound to queue 0 of an interface.
-///
-/// Frame ownership: a frame address is in exactly one place at a time: `free`, the fill ring,
-/// the rx ring, the tx ring or the completion ring. Userspace may touch a frame's bytes only
-/// while it holds the address (taken from `free`, rx or completion, not yet given back).
-pub struct XskPort {
-    // Field order is drop order: rings and sockets close before the UMEM area is unmapped.
-    rx: RingRx,
-    tx: RingTx,
-    dev: DeviceQueue,
-    _user: User,
-    _sock: Socket,
+/// The process's UMEM: the memory and the anchor socket that registered it.
+pub struct SharedUmem {
+    // Field order is drop order: the anchor's rings and socket close before the UMEM fd.
+    _anchor_user: User,
+    _anchor_dev: DeviceQueue,
+    _anchor_sock: Socket,
     umem: Umem,
+    sizes: XskSizes,
+    slices: u32,
     area: Area,
-    free: Vec<u64>,
-    ring: u32,
-    fd: RawFd,
-    tx_batch: Vec<XdpDesc>,
 }
 
-// SAFETY: xdpilone's `Umem` is !Send only because it holds a raw pointer to the area; the port
-// owns that area and is used by one thread at a time (built on its worker thread and never
-// shared).
-unsafe impl Send for XskPort {}
+// SAFETY: the area and xdpilone's `Umem`, `User` and `DeviceQueue` are !Send/!Sync only because
+// they hold raw pointers (to the area and to the anchor's ring mappings). Through
+// `&SharedUmem` threads only call `fq_cq`, `rx_tx` and `bind`: setsockopt/bind syscalls on new
+// sockets and an insert into xdpilone's spin-locked device set. The anchor's rings are never
+// touched, and the area's bytes are reached only through a `WorkerUmem`, each inside its own
+// slice on its own thread; the reaper thread only drops sockets.
+unsafe impl Send for SharedUmem {}
+// SAFETY: see `Send` above.
+unsafe impl Sync for SharedUmem {}
 
-impl XskPort {
-    /// Creates the UMEM and socket and binds it to `ifindex` queue 0 (copy mode, need_wakeup).
-    pub fn open(ifindex: u32, sizes: XskSizes) -> Result<Self, XskError> {
-        let err = |what: &'static str| {
-            move |e: xdpilone::Errno| XskError::Xdp {
-                what,
-                ifindex,
-                errno: e.to_string(),
-                raw: e.get_raw(),
-            }
-        };
-        let len = (sizes.frames * FRAME_SIZE) as usize;
+fn xdp_err(what: &'static str, ifindex: u32) -> impl Fn(xdpilone::Errno) -> XskError {
+    move |e: xdpilone::Errno| XskError::Xdp {
+        what,
+        ifindex,
+        errno: e.to_string(),
+        raw: e.get_raw(),
+    }
+}
+
+impl SharedUmem {
+    /// Maps `slices × sizes.frames` frames, registers them and binds the anchor socket to
+    /// `lo` (copy mode, need_wakeup: every port socket inherits both).
+    pub fn new(sizes: XskSizes, slices: u32) -> Result<Arc<Self>, XskError> {
+        let len = (u64::from(sizes.frames) * u64::from(slices) * u64::from(FRAME_SIZE)) as usize;
         let area = Area::new(len)?;
         let cfg = UmemConfig {
             fill_size: sizes.ring,
@@ -163,81 +187,242 @@ impl XskPort {
             flags: 0,
         };
         let slice = NonNull::slice_from_raw_parts(area.ptr, area.len);
-        // SAFETY: `slice` is a page-aligned private mapping that lives in `self.area`, which is
-        // dropped after every socket using it (field order), so the kernel never writes to
-        // unmapped memory.
-        let umem = unsafe { Umem::new(cfg, slice) }.map_err(err("UMEM registration"))?;
+        let mut info = IfInfo::invalid();
+        info.from_name(c"lo")
+            .map_err(xdp_err("loopback lookup", 0))?;
+        info.set_queue(0);
+        let lo = info.ifindex();
+        // SAFETY: `slice` is a page-aligned private mapping owned by the `SharedUmem` built
+        // below and dropped after it and after every socket registered on it (they hold the
+        // `SharedUmem` through an `Arc`), so the kernel never writes to unmapped memory.
+        let umem = unsafe { Umem::new(cfg, slice) }.map_err(xdp_err("UMEM registration", lo))?;
+        let sock = Socket::with_shared(&info, &umem).map_err(xdp_err("anchor socket", lo))?;
+        let dev = umem
+            .fq_cq(&sock)
+            .map_err(xdp_err("anchor fill/completion rings", lo))?;
+        let user = umem
+            .rx_tx(
+                &sock,
+                &SocketConfig {
+                    rx_size: NonZeroU32::new(64),
+                    tx_size: None,
+                    bind_flags: SocketConfig::XDP_BIND_NEED_WAKEUP | SocketConfig::XDP_BIND_COPY,
+                },
+            )
+            .map_err(xdp_err("anchor rx ring", lo))?;
+        umem.bind(&user).map_err(xdp_err("anchor bind", lo))?;
+        Ok(Arc::new(SharedUmem {
+            _anchor_user: user,
+            _anchor_dev: dev,
+            _anchor_sock: sock,
+            umem,
+            area,
+            sizes,
+            slices,
+        }))
+    }
+
+    /// Worker `index`'s slice of the frames.
+    pub fn worker(self: &Arc<Self>, index: u32) -> WorkerUmem {
+        assert!(index < self.slices, "worker slice out of range");
+        let frames = u64::from(self.sizes.frames);
+        let first = u64::from(index) * frames;
+        let base = first * u64::from(FRAME_SIZE);
+        let free = (first..first + frames)
+            .rev()
+            .map(|i| i * u64::from(FRAME_SIZE))
+            .collect();
+        WorkerUmem {
+            shared: self.clone(),
+            base,
+            end: base + frames * u64::from(FRAME_SIZE),
+            free,
+            lent: vec![HELD; self.sizes.frames as usize],
+            next_serial: HELD + 1,
+        }
+    }
+}
+
+/// A worker's slice of the UMEM: its frames, free pool and who holds each frame.
+pub struct WorkerUmem {
+    shared: Arc<SharedUmem>,
+    /// Byte offsets of the slice in the area.
+    base: u64,
+    end: u64,
+    free: Vec<u64>,
+    /// Per frame of the slice: `HELD`, or the serial of the socket it is lent to.
+    lent: Vec<u32>,
+    next_serial: u32,
+}
+
+impl WorkerUmem {
+    /// The bytes of the frame holding `addr`, from `addr` to the end of its frame.
+    /// The caller must hold `addr` (taken from the pool or read from an rx ring).
+    #[inline]
+    pub fn frame_mut(&mut self, addr: u64) -> &mut [u8] {
+        let addr = addr.clamp(self.base, self.end);
+        let frame = addr & !u64::from(FRAME_SIZE - 1);
+        let end = (frame + u64::from(FRAME_SIZE)).min(self.end);
+        let start = addr.min(end);
+        // SAFETY: start..end lies within this worker's slice (clamped to it), which lies within
+        // the mapping, and inside one frame that userspace currently holds (`lent` is HELD), so
+        // neither the kernel nor another worker writes it concurrently; `&mut self` makes this
+        // the only live reference into the slice.
+        unsafe {
+            std::slice::from_raw_parts_mut(
+                self.shared.area.ptr.as_ptr().add(start as usize),
+                (end - start) as usize,
+            )
+        }
+    }
+
+    /// Gives a held frame back to the pool.
+    #[inline]
+    pub fn recycle(&mut self, addr: u64) {
+        self.free.push(addr & !u64::from(FRAME_SIZE - 1));
+    }
+
+    /// Takes a free frame, if any.
+    #[inline]
+    pub fn take_free(&mut self) -> Option<u64> {
+        self.free.pop()
+    }
+
+    #[inline]
+    fn lend(&mut self, addr: u64, serial: u32) {
+        let i = (addr.wrapping_sub(self.base) / u64::from(FRAME_SIZE)) as usize;
+        if let Some(l) = self.lent.get_mut(i) {
+            *l = serial;
+        }
+    }
+
+    /// Returns to the pool every frame lent to the socket `serial`, which the kernel has
+    /// closed (so nothing writes them any more). Not per packet: a scan of the frame table.
+    pub fn reclaim(&mut self, serial: u32) -> usize {
+        let mut n = 0;
+        for (i, l) in self.lent.iter_mut().enumerate() {
+            if *l == serial {
+                *l = HELD;
+                self.free.push(self.base + i as u64 * u64::from(FRAME_SIZE));
+                n += 1;
+            }
+        }
+        n
+    }
+
+    /// Frames in the free pool right now.
+    pub fn free_frames(&self) -> usize {
+        self.free.len()
+    }
+
+    /// Frames of this worker's slice.
+    pub fn total_frames(&self) -> usize {
+        self.lent.len()
+    }
+
+    /// Opens a socket on `ifindex` queue 0 sharing this UMEM, with its own fill/completion
+    /// and rx/tx rings, and tops up its fill ring.
+    pub fn open(&mut self, ifindex: u32) -> Result<XskPort, XskError> {
+        let err = |what| xdp_err(what, ifindex);
         let mut info = IfInfo::invalid();
         info.from_ifindex(ifindex)
             .map_err(err("interface lookup"))?;
         info.set_queue(0);
-        let sock = Socket::with_shared(&info, &umem).map_err(err("socket"))?;
-        let dev = umem.fq_cq(&sock).map_err(err("fill/completion rings"))?;
-        let user = umem
+        let sock = Socket::new(&info).map_err(err("socket"))?;
+        let sizes = self.shared.sizes;
+        let dev = self.shared.umem.fq_cq(&sock).map_err(|e| {
+            // xdpilone refuses a second fill/completion pair for a (netns, ifindex, queue)
+            // still registered: the previous socket is being closed by the reaper.
+            if e.get_raw() == libc::EINVAL {
+                XskError::Xdp {
+                    what: "fill/completion rings (previous socket still closing)",
+                    ifindex,
+                    errno: e.to_string(),
+                    raw: libc::EBUSY,
+                }
+            } else {
+                err("fill/completion rings")(e)
+            }
+        })?;
+        let user = self
+            .shared
+            .umem
             .rx_tx(
                 &sock,
                 &SocketConfig {
                     rx_size: NonZeroU32::new(sizes.ring),
                     tx_size: NonZeroU32::new(sizes.ring),
-                    bind_flags: SocketConfig::XDP_BIND_NEED_WAKEUP | SocketConfig::XDP_BIND_COPY,
+                    // A socket sharing a UMEM must not pass mode flags: it inherits them.
+                    bind_flags: 0,
                 },
             )
             .map_err(err("rx/tx rings"))?;
         let rx = user.map_rx().map_err(err("rx ring mmap"))?;
         let tx = user.map_tx().map_err(err("tx ring mmap"))?;
-        umem.bind(&user).map_err(err("bind"))?;
+        self.shared.umem.bind(&user).map_err(err("bind"))?;
         let fd = user.as_raw_fd();
-        let free = (0..u64::from(sizes.frames))
-            .map(|i| i * u64::from(FRAME_SIZE))
-            .collect();
+        let serial = self.next_serial;
+        self.next_serial = self.next_serial.wrapping_add(1).max(HELD + 1);
         let mut port = XskPort {
             rx,
             tx,
             dev,
             _user: user,
             _sock: sock,
-            umem,
-            area,
-            free,
-            ring: sizes.ring,
+            _umem: self.shared.clone(),
+            serial,
             fd,
+            ring: sizes.ring,
+            fill: sizes.fill,
             tx_batch: Vec::with_capacity(sizes.ring as usize),
         };
-        port.refill();
+        port.refill(self);
         Ok(port)
     }
+}
 
+/// One AF_XDP socket bound to queue 0 of an interface, sharing its worker's UMEM.
+pub struct XskPort {
+    // Field order is drop order: rings and socket close before the UMEM reference goes.
+    rx: RingRx,
+    tx: RingTx,
+    dev: DeviceQueue,
+    _user: User,
+    _sock: Socket,
+    _umem: Arc<SharedUmem>,
+    serial: u32,
+    fd: RawFd,
+    ring: u32,
+    fill: u32,
+    tx_batch: Vec<XdpDesc>,
+}
+
+// SAFETY: the rings are !Send only because they hold raw pointers to their own mmap'd
+// regions; a port is used by its worker thread, and handed once to the reaper thread only to
+// be dropped (closed) there.
+unsafe impl Send for XskPort {}
+
+impl XskPort {
     /// The socket fd (for the XSKMAP).
     pub fn fd(&self) -> RawFd {
         self.fd
     }
 
-    /// The bytes of the frame holding `addr`, from `addr` to the end of its frame.
-    /// The caller must hold `addr` (see the ownership rule on [`XskPort`]).
-    #[inline]
-    pub fn frame_mut(&mut self, addr: u64) -> &mut [u8] {
-        let base = addr & !u64::from(FRAME_SIZE - 1);
-        let end = (base + u64::from(FRAME_SIZE)).min(self.area.len as u64);
-        let start = addr.min(end);
-        // SAFETY: start..end lies within the mapping (clamped to its length) and inside one
-        // frame that userspace currently holds, so the kernel does not write it concurrently;
-        // `&mut self` makes this the only live reference into the area.
-        unsafe {
-            std::slice::from_raw_parts_mut(
-                self.area.ptr.as_ptr().add(start as usize),
-                (end - start) as usize,
-            )
-        }
+    /// This socket's serial in its UMEM (for [`WorkerUmem::reclaim`] after it is closed).
+    pub fn serial(&self) -> u32 {
+        self.serial
     }
 
-    /// Receives up to `out.len()` descriptors. Returns how many were written.
+    /// Receives up to `out.len()` descriptors. Returns how many were written; their frames
+    /// are now held by the caller.
     #[inline]
-    pub fn recv(&mut self, out: &mut [XdpDesc]) -> usize {
+    pub fn recv(&mut self, umem: &mut WorkerUmem, out: &mut [XdpDesc]) -> usize {
         let mut rx = self.rx.receive(out.len() as u32);
         let mut n = 0;
         while n < out.len() {
             match rx.read() {
                 Some(d) => {
+                    umem.lend(d.addr, HELD);
                     out[n] = d;
                     n += 1;
                 }
@@ -248,24 +433,13 @@ impl XskPort {
         n
     }
 
-    /// Gives a frame back to the free pool.
+    /// Queues one held frame for transmission in this loop's batch (committed by `flush`).
+    /// When the batch is as large as the ring the frame goes back to the pool and false is
+    /// returned.
     #[inline]
-    pub fn recycle(&mut self, addr: u64) {
-        self.free.push(addr & !u64::from(FRAME_SIZE - 1));
-    }
-
-    /// Takes a free frame for transmission, if any.
-    #[inline]
-    pub fn take_free(&mut self) -> Option<u64> {
-        self.free.pop()
-    }
-
-    /// Queues one frame for transmission in this loop's batch (committed by `flush`). When the
-    /// batch is as large as the ring the frame is recycled and false returned.
-    #[inline]
-    pub fn send(&mut self, addr: u64, len: usize) -> bool {
+    pub fn send(&mut self, umem: &mut WorkerUmem, addr: u64, len: usize) -> bool {
         if self.tx_batch.len() >= self.ring as usize {
-            self.recycle(addr);
+            umem.recycle(addr);
             return false;
         }
         self.tx_batch.push(XdpDesc {
@@ -278,9 +452,9 @@ impl XskPort {
 
     /// Commits the batch to the tx ring in one go and kicks the kernel (copy mode needs a
     /// sendto; one sends at most 32 frames, the kernel's TX_BATCH_SIZE), reaps completions
-    /// into the free pool and tops up the fill ring.
+    /// into the pool and tops up the fill ring.
     #[inline]
-    pub fn flush(&mut self) -> Flushed {
+    pub fn flush(&mut self, umem: &mut WorkerUmem) -> Flushed {
         let mut out = Flushed::default();
         if !self.tx_batch.is_empty() {
             let n = self.tx_batch.len() as u32;
@@ -291,13 +465,13 @@ impl XskPort {
                 sent
             };
             out.packets = u64::from(sent);
-            out.bytes = self.tx_batch[..sent as usize]
-                .iter()
-                .map(|d| u64::from(d.len))
-                .sum();
             out.dropped = u64::from(n - sent);
-            for d in self.tx_batch.drain(sent as usize..) {
-                self.free.push(d.addr & !u64::from(FRAME_SIZE - 1));
+            for d in &self.tx_batch[..sent as usize] {
+                out.bytes += u64::from(d.len);
+                umem.lend(d.addr, self.serial);
+            }
+            for d in &self.tx_batch[sent as usize..] {
+                umem.recycle(d.addr);
             }
             self.tx_batch.clear();
         }
@@ -309,26 +483,30 @@ impl XskPort {
         {
             let mut c = self.dev.complete(self.ring);
             while let Some(addr) = c.read() {
-                self.free.push(addr & !u64::from(FRAME_SIZE - 1));
+                umem.lend(addr, HELD);
+                umem.recycle(addr);
             }
             c.release();
         }
-        self.refill();
+        self.refill(umem);
         out
     }
 
-    fn refill(&mut self) {
-        let want = (self.ring - self.dev.pending().min(self.ring)).min(self.free.len() as u32);
+    fn refill(&mut self, umem: &mut WorkerUmem) {
+        let queued = self.dev.pending().min(self.fill);
+        let spare = umem.free.len().saturating_sub(RESERVE) as u32;
+        let want = (self.fill - queued).min(spare);
         if want == 0 {
             return;
         }
         {
             let mut w = self.dev.fill(want);
-            while let Some(&addr) = self.free.last() {
+            while let Some(&addr) = umem.free.last() {
                 if !w.insert_once(addr) {
                     break;
                 }
-                self.free.pop();
+                umem.free.pop();
+                umem.lend(addr, self.serial);
             }
             w.commit();
         }
@@ -337,14 +515,12 @@ impl XskPort {
         }
     }
 
-    /// Frames held by userspace right now (free pool); the rest are in the rings.
-    pub fn free_frames(&self) -> usize {
-        self.free.len()
-    }
-
-    /// Number of frames the UMEM has.
-    pub fn total_frames(&self) -> u32 {
-        self.umem.len_frames()
+    /// Hands the frames of this loop's unsent batch back to the pool (before the port is
+    /// closed: those frames are held by userspace, not lent to the socket).
+    pub fn abandon_batch(&mut self, umem: &mut WorkerUmem) {
+        for d in self.tx_batch.drain(..) {
+            umem.recycle(d.addr);
+        }
     }
 }
 

@@ -223,6 +223,16 @@ impl Lab {
             .sum()
     }
 
+    /// Free and total frames of worker 0's UMEM slice.
+    pub fn frames(&self) -> (u64, u64) {
+        let s = self.stromctl(&["stats"]);
+        let w = &s["workers"][0];
+        (
+            w["frames_free"].as_u64().unwrap_or(0),
+            w["frames_total"].as_u64().unwrap_or(0),
+        )
+    }
+
     /// Host-side veth names with an XDP program attached, in the node namespace.
     pub fn xdp_links(&self) -> Vec<String> {
         let o = sh(Command::new("ip").args(["-n", &self.node_ns(), "-j", "link", "show"]));

@@ -369,10 +369,20 @@ fn malformed_and_spoofed_frames_are_dropped_by_reason_and_forwarding_goes_on() {
     assert!(lab.probe("t/a", "t/b", 80, "tcp"), "forwarding goes on");
 }
 
+/// ```text
+///   pod a ──veth── stromd ──veth── pod b      a's port: removed, added, removed, added …
+///                 one UMEM: a's fill ring holds frames of the worker's pool
+/// ```
+/// Every socket closed gives the frames it held (fill ring, unread rx) back to the pool.
 #[test]
-fn a_port_removed_and_registered_again_at_once_works() {
+fn a_port_removed_and_registered_again_at_once_works_and_gives_its_frames_back() {
     let _g = net_lock();
     let lab = Lab::up(&two_pods(), &[]);
+    let (free_before, total) = lab.frames();
+    assert!(
+        total > 0 && free_before > 0 && free_before < total,
+        "{free_before}/{total}"
+    );
     let a = lab.port_of("a");
     let (ifname, ip, mac) = (
         a["spec"]["ifname"].as_str().unwrap(),
@@ -384,13 +394,25 @@ fn a_port_removed_and_registered_again_at_once_works() {
         c.arg("--socket").arg(lab.socket());
         c
     };
-    for _ in 0..3 {
+    for _ in 0..8 {
         // The kernel releases a closed AF_XDP socket's queue in deferred work; stromd waits.
         assert!(sh(ctl().args(["remove-port", ifname])).status.success());
         let o = sh(ctl().args(["add-port", "--ifname", ifname, "--ip", ip, "--mac", mac]));
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     }
     assert!(lab.probe("t/a", "t/b", 80, "tcp"));
+    // Each of the 8 closed sockets had a full fill ring: without reclaim the pool would be
+    // 8 fill rings short. Idle again, it is back where it was.
+    let deadline = Instant::now() + Duration::from_secs(3);
+    let mut free = lab.frames().0;
+    while free != free_before && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+        free = lab.frames().0;
+    }
+    assert_eq!(
+        free, free_before,
+        "free frames of {total} after 8 re-registrations"
+    );
 }
 
 #[test]

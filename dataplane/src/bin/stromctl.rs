@@ -155,7 +155,15 @@ fn main() -> anyhow::Result<()> {
         Response::Stats { workers } => {
             table(
                 &[
-                    "worker", "core", "ports", "rx pkts", "tx pkts", "drops", "loops", "sleeps",
+                    "worker",
+                    "core",
+                    "ports",
+                    "rx pkts",
+                    "tx pkts",
+                    "drops",
+                    "loops",
+                    "sleeps",
+                    "frames free",
                 ],
                 workers
                     .iter()
@@ -169,6 +177,7 @@ fn main() -> anyhow::Result<()> {
                             w.drops.iter().map(|d| d.1).sum::<u64>().to_string(),
                             w.loops.to_string(),
                             w.sleeps.to_string(),
+                            format!("{}/{}", w.frames_free, w.frames_total),
                         ]
                     })
                     .collect(),

@@ -122,8 +122,9 @@ fn main() -> anyhow::Result<()> {
 
     let (shared, receivers) = worker::create(cfg.dataplane.workers, &cfg.dataplane.cores)?;
     let sizes = XskSizes {
-        frames: cfg.dataplane.frames_per_port,
+        frames: cfg.dataplane.umem_frames,
         ring: cfg.dataplane.ring_size,
+        fill: cfg.dataplane.fill_per_port,
     };
     let handles = worker::spawn(&shared, receivers, &tables, cfg.dataplane.poll_mode, sizes)?;
 
