@@ -97,6 +97,10 @@ pub struct PortStatus {
     pub id: u32,
     pub kind: String,
     pub worker: usize,
+    /// The worker serving each receive queue's socket (index = queue): one entry for a pod,
+    /// one per queue for the uplink.
+    #[serde(default)]
+    pub queue_workers: Vec<usize>,
     pub ifindex: u32,
     pub spec: PortSpec,
     pub host_mac: String,
@@ -136,7 +140,7 @@ pub struct RouteEntry {
 pub enum Response {
     Ok,
     Status(StatusInfo),
-    Port(PortStatus),
+    Port(Box<PortStatus>),
     Ports {
         ports: Vec<PortStatus>,
     },

@@ -9,6 +9,8 @@
 //   strom_uplink  on the uplink: only IPv4 for the prefixes stromd owns (`owned`: the pod CIDR)
 //                 goes to the socket; everything else (ARP, the node's own traffic) goes to the
 //                 kernel, so the node keeps its own connectivity. With no socket: kernel.
+// A port has one AF_XDP socket per receive queue: frames go to the socket of the queue they
+// arrived on (`port_slot` is keyed by interface and queue).
 #include <linux/bpf.h>
 #include <linux/if_ether.h>
 #include <linux/ip.h>
@@ -24,11 +26,16 @@ struct {
 	__type(value, __u32);
 } xsks SEC(".maps");
 
-/* ifindex -> slot in xsks */
+struct port_key {
+	__u32 ifindex;
+	__u32 queue;
+};
+
+/* (ifindex, rx queue) -> slot in xsks */
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, MAX_PORTS);
-	__type(key, __u32);
+	__type(key, struct port_key);
 	__type(value, __u32);
 } port_slot SEC(".maps");
 
@@ -74,10 +81,15 @@ struct arp_ipv4 {
 	__u8 tpa[4];
 } __attribute__((packed));
 
+static __always_inline __u32 *slot_of(struct xdp_md *ctx)
+{
+	struct port_key key = { .ifindex = ctx->ingress_ifindex, .queue = ctx->rx_queue_index };
+	return bpf_map_lookup_elem(&port_slot, &key);
+}
+
 static __always_inline int to_socket(struct xdp_md *ctx)
 {
-	__u32 ifindex = ctx->ingress_ifindex;
-	__u32 *slot = bpf_map_lookup_elem(&port_slot, &ifindex);
+	__u32 *slot = slot_of(ctx);
 	if (!slot)
 		return XDP_DROP;
 	return bpf_redirect_map(&xsks, *slot, XDP_DROP);
@@ -132,8 +144,7 @@ int strom_uplink(struct xdp_md *ctx)
 	struct lpm_v4 key = { .prefixlen = 32, .addr = ip->daddr };
 	if (!bpf_map_lookup_elem(&owned, &key))
 		return XDP_PASS;
-	__u32 ifindex = ctx->ingress_ifindex;
-	__u32 *slot = bpf_map_lookup_elem(&port_slot, &ifindex);
+	__u32 *slot = slot_of(ctx);
 	if (!slot)
 		return XDP_PASS;
 	return bpf_redirect_map(&xsks, *slot, XDP_PASS);

@@ -60,6 +60,7 @@ struct OpenPort<'a> {
     id: u32,
     worker: usize,
     ifindex: u32,
+    queue: u32,
     kind: PortKind,
     host_mac: Mac,
     pod_mac: Mac,
@@ -67,9 +68,17 @@ struct OpenPort<'a> {
     counters: &'a Arc<SharedCounters>,
 }
 
+/// One receive queue of the uplink: its socket's port id (XSKMAP slot) and worker.
+struct UplinkQueue {
+    id: u32,
+    worker: usize,
+}
+
 /// The node's uplink port and what is known of its gateway.
 struct Uplink {
-    id: u32,
+    /// One socket per receive queue, queue q on worker q mod workers. Each worker with one
+    /// also transmits on it; the others hand their frames to queue 0's worker.
+    queues: Vec<UplinkQueue>,
     ifindex: u32,
     ifname: String,
     mac: Mac,
@@ -107,35 +116,36 @@ fn read_sys(ifname: &str, what: &str) -> Result<String, String> {
         .map_err(|e| format!("interface {ifname}: {e}"))
 }
 
-/// Refuses an interface with more than one receive queue: stromd binds one AF_XDP socket to
-/// queue 0 of each port, and frames arriving on another queue would never reach it (the pod
-/// program drops them, the uplink program hands them to the kernel).
-fn single_queue(ifname: &str) -> Result<(), String> {
+/// Most receive queues of an uplink stromd serves (one AF_XDP socket each).
+const MAX_UPLINK_QUEUES: usize = 64;
+
+/// An interface stromd is to serve: ifindex, MAC and number of receive queues in use.
+fn port_interface(ifname: &str) -> Result<(u32, Mac, usize), String> {
+    let ifindex: u32 = read_sys(ifname, "ifindex")?
+        .parse()
+        .map_err(|e| format!("{ifname}: ifindex: {e}"))?;
+    let mac = parse_mac(&read_sys(ifname, "address")?)
+        .ok_or_else(|| format!("{ifname}: unreadable MAC"))?;
     let dir = format!("/sys/class/net/{ifname}/queues");
     let rx = std::fs::read_dir(&dir)
         .map_err(|e| format!("{dir}: {e}"))?
         .flatten()
         .filter(|e| e.file_name().to_string_lossy().starts_with("rx-"))
         .count();
+    Ok((ifindex, mac, rx.max(1)))
+}
+
+/// A pod's veth must have one receive queue: a pod port is one socket on one worker, and
+/// frames arriving on another queue would never reach it (the pod program drops them).
+/// strom-cni creates single-queue veths; this refuses anything else by name.
+fn single_queue(ifname: &str, rx: usize) -> Result<(), String> {
     if rx > 1 {
         return Err(format!(
-            "{ifname} has {rx} receive queues; stromd serves queue 0 only (one AF_XDP socket per \
-             port): `ethtool -L {ifname} rx 1 tx 1` (or combined 1)"
+            "{ifname} has {rx} receive queues; a pod port is served on queue 0 only (one AF_XDP \
+             socket): `ethtool -L {ifname} rx 1 tx 1` (or combined 1)"
         ));
     }
     Ok(())
-}
-
-/// The ifindex and MAC of an interface stromd is to serve, once it is known to have a single
-/// receive queue.
-fn port_interface(ifname: &str) -> Result<(u32, Mac), String> {
-    let ifindex: u32 = read_sys(ifname, "ifindex")?
-        .parse()
-        .map_err(|e| format!("{ifname}: ifindex: {e}"))?;
-    let mac = parse_mac(&read_sys(ifname, "address")?)
-        .ok_or_else(|| format!("{ifname}: unreadable MAC"))?;
-    single_queue(ifname)?;
-    Ok((ifindex, mac))
 }
 
 impl Controller {
@@ -184,7 +194,12 @@ impl Controller {
         for _ in 0..MAX_PORTS {
             let id = self.next_id;
             self.next_id = (self.next_id + 1) % MAX_PORTS as u32;
-            if !self.ports.contains_key(&id) && self.uplink.as_ref().is_none_or(|u| u.id != id) {
+            if !self.ports.contains_key(&id)
+                && self
+                    .uplink
+                    .as_ref()
+                    .is_none_or(|u| u.queues.iter().all(|q| q.id != id))
+            {
                 return Some(id);
             }
         }
@@ -196,6 +211,7 @@ impl Controller {
             id: p.id,
             kind: "pod".into(),
             worker: p.worker,
+            queue_workers: vec![p.worker],
             ifindex: p.ifindex,
             spec: p.spec.clone(),
             host_mac: fmt_mac(&p.host_mac),
@@ -231,7 +247,8 @@ impl Controller {
                 ));
             }
         }
-        let (ifindex, host_mac) = port_interface(&spec.ifname)?;
+        let (ifindex, host_mac, rx_queues) = port_interface(&spec.ifname)?;
+        single_queue(&spec.ifname, rx_queues)?;
         Ok((pod_mac, ifindex, host_mac))
     }
 
@@ -254,6 +271,7 @@ impl Controller {
                 id,
                 worker,
                 ifindex,
+                queue: 0,
                 kind: PortKind::Pod,
                 host_mac,
                 pod_mac,
@@ -314,6 +332,7 @@ impl Controller {
                 id: o.id,
                 kind: o.kind,
                 ifindex: o.ifindex,
+                queue: o.queue,
                 host_mac: o.host_mac,
                 pod_mac: o.pod_mac,
                 ips: o.ips.to_vec(),
@@ -334,7 +353,7 @@ impl Controller {
                 None => return fail(self, "worker did not answer".into()),
             }
         };
-        if let Err(e) = self.xdp.bind_slot(o.ifindex, o.id, fd) {
+        if let Err(e) = self.xdp.bind_slot(o.ifindex, o.queue, o.id, fd) {
             self.stop_on_worker(o.worker, o.id);
             return fail(self, e.to_string());
         }
@@ -342,28 +361,65 @@ impl Controller {
     }
 
     /// Serves the uplink: its program passes the node's own traffic to the kernel and sends
-    /// what stromd owns (the pod CIDR) to its socket on worker 0; what pods send beyond the
-    /// node leaves through it to `gateway`.
+    /// what stromd owns (the pod CIDR) to the socket of the queue it arrived on (one per
+    /// receive queue, queue q on worker q mod workers); what pods send beyond the node leaves
+    /// through it to `gateway`.
     pub fn add_uplink(&mut self, ifname: &str, gateway: Option<Ipv4Addr>) -> Result<(), String> {
-        let (ifindex, mac) = port_interface(ifname)?;
-        let id = self.alloc_id().ok_or("no free port slot")?;
+        let (ifindex, mac, rx_queues) = port_interface(ifname)?;
+        if rx_queues > MAX_UPLINK_QUEUES {
+            return Err(format!(
+                "{ifname} has {rx_queues} receive queues; stromd serves at most \
+                 {MAX_UPLINK_QUEUES}: `ethtool -L {ifname} combined {MAX_UPLINK_QUEUES}`"
+            ));
+        }
         let counters = Arc::new(SharedCounters::default());
-        let xdp_mode = self.open_port(
-            OpenPort {
-                id,
-                worker: 0,
-                ifindex,
-                kind: PortKind::Uplink,
-                host_mac: mac,
-                pod_mac: [0; 6],
-                ips: &[],
-                counters: &counters,
-            },
+        let mut queues: Vec<UplinkQueue> = Vec::with_capacity(rx_queues);
+        let mut xdp_mode = "";
+        for queue in 0..rx_queues {
+            let worker = queue % self.workers.len();
+            let opened = match self.alloc_id() {
+                Some(id) => self
+                    .open_port(
+                        OpenPort {
+                            id,
+                            worker,
+                            ifindex,
+                            queue: queue as u32,
+                            kind: PortKind::Uplink,
+                            host_mac: mac,
+                            pod_mac: [0; 6],
+                            ips: &[],
+                            counters: &counters,
+                        },
+                        ifname,
+                    )
+                    .map(|mode| (id, mode)),
+                None => Err("no free port slot".to_string()),
+            };
+            match opened {
+                Ok((id, mode)) => {
+                    xdp_mode = mode;
+                    queues.push(UplinkQueue { id, worker });
+                }
+                Err(e) => {
+                    for (q, u) in queues.iter().enumerate() {
+                        self.xdp.unbind_slot(ifindex, q as u32, u.id);
+                        self.stop_on_worker(u.worker, u.id);
+                    }
+                    self.xdp.detach(ifindex);
+                    return Err(format!("queue {queue}: {e}"));
+                }
+            }
+        }
+        tracing::info!(
             ifname,
-        )?;
-        tracing::info!(port = id, ifname, xdp_mode, ?gateway, "uplink added");
+            queues = rx_queues,
+            xdp_mode,
+            ?gateway,
+            "uplink added"
+        );
         self.uplink = Some(Uplink {
-            id,
+            queues,
             ifindex,
             ifname: ifname.to_string(),
             mac,
@@ -387,8 +443,8 @@ impl Controller {
             Some(mac) => {
                 u.gateway_mac = Some(mac);
                 let next = Next {
-                    port: u.id,
-                    worker: 0,
+                    port: u.queues[0].id,
+                    worker: u.queues[0].worker as u16,
                     dst_mac: mac,
                     src_mac: u.mac,
                 };
@@ -411,9 +467,10 @@ impl Controller {
     fn uplink_status(&self) -> Option<PortStatus> {
         let u = self.uplink.as_ref()?;
         Some(PortStatus {
-            id: u.id,
+            id: u.queues[0].id,
             kind: "uplink".into(),
-            worker: 0,
+            worker: u.queues[0].worker,
+            queue_workers: u.queues.iter().map(|q| q.worker).collect(),
             ifindex: u.ifindex,
             spec: PortSpec {
                 ifname: u.ifname.clone(),
@@ -433,7 +490,9 @@ impl Controller {
     /// Ports served by `worker`, the uplink included.
     fn ports_on(&self, worker: usize) -> usize {
         self.ports.values().filter(|p| p.worker == worker).count()
-            + usize::from(worker == 0 && self.uplink.is_some())
+            + self.uplink.as_ref().map_or(0, |u| {
+                u.queues.iter().filter(|q| q.worker == worker).count()
+            })
     }
 
     fn stop_on_worker(&self, worker: usize, id: u32) {
@@ -462,7 +521,7 @@ impl Controller {
             return Ok(());
         };
         // Stop the kernel steering frames to the socket, stop workers routing to it, then close.
-        self.xdp.unbind_slot(p.ifindex, p.id);
+        self.xdp.unbind_slot(p.ifindex, 0, p.id);
         let mut t = (*self.tables.snapshot()).clone();
         t.local.retain(|_, n| n.port != p.id);
         self.tables.publish(t);
@@ -496,7 +555,7 @@ impl Controller {
                 uplink: self.uplink.as_ref().map(|u| u.ifname.clone()),
             }),
             Request::AddPort { spec } => match self.add_port(spec) {
-                Ok(s) => Response::Port(s),
+                Ok(s) => Response::Port(Box::new(s)),
                 Err(message) => Response::Error { message },
             },
             Request::RemovePort { key } => match self.remove_port(&key) {

@@ -54,6 +54,18 @@ pub enum BpfError {
     },
 }
 
+/// Key of `port_slot`: `struct port_key` in strom.c.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+struct PortKey {
+    ifindex: u32,
+    queue: u32,
+}
+
+// SAFETY: `PortKey` is `repr(C)`, two `u32`s with no padding, valid for any bit pattern: what
+// aya's `Pod` requires to copy it to and from a map.
+unsafe impl aya::Pod for PortKey {}
+
 /// The loaded object and the attachments stromd made: ifindex → (link, mode).
 pub struct XdpPrograms {
     ebpf: Ebpf,
@@ -156,8 +168,15 @@ impl XdpPrograms {
         }
     }
 
-    /// Points `ifindex`'s traffic at socket `fd` in XSKMAP slot `slot`.
-    pub fn bind_slot(&mut self, ifindex: u32, slot: u32, fd: RawFd) -> Result<(), BpfError> {
+    /// Points the traffic of `ifindex`'s receive queue `queue` at socket `fd` in XSKMAP slot
+    /// `slot`.
+    pub fn bind_slot(
+        &mut self,
+        ifindex: u32,
+        queue: u32,
+        slot: u32,
+        fd: RawFd,
+    ) -> Result<(), BpfError> {
         {
             let mut x: XskMap<_> =
                 XskMap::try_from(self.map_mut("xsks")?).map_err(|e| BpfError::Map("xsks", e))?;
@@ -167,17 +186,18 @@ impl XdpPrograms {
             x.set(slot, borrowed, 0)
                 .map_err(|e| BpfError::Map("xsks", e))?;
         }
-        let mut m: BpfHashMap<_, u32, u32> = BpfHashMap::try_from(self.map_mut("port_slot")?)
+        let mut m: BpfHashMap<_, PortKey, u32> = BpfHashMap::try_from(self.map_mut("port_slot")?)
             .map_err(|e| BpfError::Map("port_slot", e))?;
-        m.insert(ifindex, slot, 0)
+        m.insert(PortKey { ifindex, queue }, slot, 0)
             .map_err(|e| BpfError::Map("port_slot", e))
     }
 
-    /// Removes `ifindex`'s slot: the pod program then drops its frames (fail closed).
-    pub fn unbind_slot(&mut self, ifindex: u32, slot: u32) {
+    /// Removes the slot of `ifindex`'s queue `queue`: the pod program then drops its frames
+    /// (fail closed), the uplink program hands them to the kernel.
+    pub fn unbind_slot(&mut self, ifindex: u32, queue: u32, slot: u32) {
         if let Ok(m) = self.map_mut("port_slot") {
-            if let Ok(mut m) = BpfHashMap::<_, u32, u32>::try_from(m) {
-                let _ = m.remove(&ifindex);
+            if let Ok(mut m) = BpfHashMap::<_, PortKey, u32>::try_from(m) {
+                let _ = m.remove(&PortKey { ifindex, queue });
             }
         }
         if let Ok(m) = self.map_mut("xsks") {

@@ -52,6 +52,8 @@ pub struct PortSetup {
     pub id: u32,
     pub kind: PortKind,
     pub ifindex: u32,
+    /// The receive queue the socket binds to.
+    pub queue: u32,
     pub host_mac: Mac,
     pub pod_mac: Mac,
     pub ips: Vec<IpAddr>,
@@ -178,6 +180,9 @@ pub struct Worker {
     tables: TableHandle,
     mode: PollMode,
     umem: WorkerUmem,
+    /// This worker's socket on one of the uplink's queues, if it has one: what it transmits
+    /// frames for the uplink on.
+    uplink_tx: Option<u32>,
     /// Ports by id (id = XSKMAP slot); `active` lists the ids present.
     ports: Vec<Option<Box<Port>>>,
     active: Vec<u32>,
@@ -203,6 +208,7 @@ impl Worker {
             tables,
             mode,
             umem,
+            uplink_tx: None,
             ports: (0..crate::api::MAX_PORTS).map(|_| None).collect(),
             active: Vec::new(),
             poll: PollSet::default(),
@@ -297,7 +303,7 @@ impl Worker {
             match c {
                 Command::Stop => return false,
                 Command::AddPort(s, reply) => {
-                    let r = self.umem.open(s.ifindex).map(|xsk| {
+                    let r = self.umem.open(s.ifindex, s.queue).map(|xsk| {
                         let fd = xsk.fd();
                         let id = s.id;
                         self.ports[id as usize] = Some(Box::new(Port {
@@ -311,6 +317,9 @@ impl Worker {
                         }));
                         if !self.active.contains(&id) {
                             self.active.push(id);
+                        }
+                        if s.kind == PortKind::Uplink && self.uplink_tx.is_none() {
+                            self.uplink_tx = Some(id);
                         }
                         fd
                     });
@@ -340,6 +349,9 @@ impl Worker {
                         }
                     }
                     self.active.retain(|&a| a != id);
+                    if self.uplink_tx == Some(id) {
+                        self.uplink_tx = None;
+                    }
                     self.rebuild_poll();
                     let _ = reply.send(());
                 }
@@ -394,11 +406,19 @@ impl Worker {
                     self.hairpin(&mut port, d.addr, len);
                 }
                 Action::Forward { next, len } => {
-                    if next.port == id {
+                    // The uplink has a socket per receive queue: a worker serving one of them
+                    // transmits on its own instead of handing the frame to queue 0's worker.
+                    let (out_port, out_worker) = match self.uplink_tx {
+                        Some(local) if tables.uplink.is_some_and(|u| u.port == next.port) => {
+                            (local, self.me.id)
+                        }
+                        _ => (next.port, usize::from(next.worker)),
+                    };
+                    if out_port == id {
                         self.hairpin(&mut port, d.addr, len);
-                    } else if usize::from(next.worker) == self.me.id {
-                        // One UMEM per worker: the received frame itself goes out.
-                        let r = match self.ports[next.port as usize].as_deref_mut() {
+                    } else if out_worker == self.me.id {
+                        // The worker's ports share its UMEM slice: the frame itself goes out.
+                        let r = match self.ports[out_port as usize].as_deref_mut() {
                             Some(out) => {
                                 if out.xsk.send(&mut self.umem, d.addr, len) {
                                     Ok(())
@@ -413,10 +433,10 @@ impl Worker {
                         };
                         self.account_tx(r);
                     } else {
-                        let r = match self.all.get(usize::from(next.worker)) {
+                        let r = match self.all.get(out_worker) {
                             Some(w) => {
                                 let mut h = Handoff {
-                                    port: next.port,
+                                    port: out_port,
                                     len: len as u16,
                                     data: [0; FRAME_SIZE as usize],
                                 };

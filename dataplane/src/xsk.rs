@@ -320,14 +320,14 @@ impl WorkerUmem {
         self.lent.len()
     }
 
-    /// Opens a socket on `ifindex` queue 0 sharing this UMEM, with its own fill/completion
-    /// and rx/tx rings, and tops up its fill ring.
-    pub fn open(&mut self, ifindex: u32) -> Result<XskPort, XskError> {
+    /// Opens a socket on `ifindex`'s queue `queue` sharing this UMEM, with its own
+    /// fill/completion and rx/tx rings, and tops up its fill ring.
+    pub fn open(&mut self, ifindex: u32, queue: u32) -> Result<XskPort, XskError> {
         let err = |what| xdp_err(what, ifindex);
         let mut info = IfInfo::invalid();
         info.from_ifindex(ifindex)
             .map_err(err("interface lookup"))?;
-        info.set_queue(0);
+        info.set_queue(queue);
         let sock = Socket::new(&info).map_err(err("socket"))?;
         let sizes = self.shared.sizes;
         let dev = self.shared.umem.fq_cq(&sock).map_err(|e| {
@@ -381,7 +381,7 @@ impl WorkerUmem {
     }
 }
 
-/// One AF_XDP socket bound to queue 0 of an interface, sharing its worker's UMEM.
+/// One AF_XDP socket bound to one queue of an interface, sharing its worker's UMEM.
 pub struct XskPort {
     // Field order is drop order: rings and socket close before the UMEM reference goes.
     rx: RingRx,

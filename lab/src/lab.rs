@@ -28,6 +28,12 @@ pub struct Settings {
     pub pod_cidr: String,
     pub workers: usize,
     pub poll_mode: String,
+    #[serde(default = "one")]
+    pub uplink_queues: u16,
+}
+
+fn one() -> u16 {
+    1
 }
 
 /// A wired pod.
@@ -249,10 +255,35 @@ impl State {
             ip(&["netns", "add", ns])?;
             ip(&["-n", ns, "link", "set", "lo", "up"])?;
         }
+        let q = s.uplink_queues.to_string();
         ip(&[
-            "-n", &node, "link", "add", "uplink", "type", "veth", "peer", "name", "eth0", "netns",
+            "-n",
+            &node,
+            "link",
+            "add",
+            "uplink",
+            "numtxqueues",
+            &q,
+            "numrxqueues",
+            &q,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
             &ext,
+            "numtxqueues",
+            &q,
+            "numrxqueues",
+            &q,
         ])?;
+        if s.uplink_queues > 1 {
+            // veth starts with one queue in use; use them all on both ends.
+            for (ns, dev) in [(&node, "uplink"), (&ext, "eth0")] {
+                run(in_ns(ns, "ethtool").args(["-L", dev, "rx", &q, "tx", &q]))?;
+            }
+        }
         ip(&[
             "-n",
             &node,

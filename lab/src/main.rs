@@ -52,6 +52,10 @@ struct UpOpts {
     /// stromd poll mode (busy or adaptive).
     #[arg(long, default_value = "adaptive")]
     poll_mode: String,
+    /// Receive/transmit queues of the uplink veth (stromd opens a socket per receive queue,
+    /// as on a multi-queue NIC).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
+    uplink_queues: u16,
 }
 
 #[derive(Subcommand)]
@@ -154,6 +158,7 @@ fn settings(dir: &std::path::Path, o: &UpOpts) -> anyhow::Result<Settings> {
         pod_cidr: o.pod_cidr.clone(),
         workers: o.workers,
         poll_mode: o.poll_mode.clone(),
+        uplink_queues: o.uplink_queues,
     })
 }
 

@@ -513,3 +513,51 @@ fn a_port_with_several_receive_queues_is_refused_by_name() {
         "nothing left attached"
     );
 }
+
+/// ```text
+///   external: eth0 ══ 2 queues ══ uplink ── stromd  queue 0 socket (worker 0)
+///                                                   queue 1 socket (worker 1)
+///                                            ├── pod t/a
+///                                            └── pod t/b
+/// ```
+/// Like a multi-queue NIC: the uplink gets one AF_XDP socket per receive queue, spread over
+/// the workers, and flows arriving on either queue reach the pods and their replies leave.
+#[test]
+fn a_multi_queue_uplink_gets_a_socket_per_queue_and_every_queue_carries_traffic() {
+    let _g = net_lock();
+    let lab = Lab::up(&two_pods(), &["--workers", "2", "--uplink-queues", "2"]);
+    let up = lab.port_of_kind("uplink");
+    assert_eq!(up["queue_workers"], serde_json::json!([0, 1]), "{up}");
+    // Each connection is hashed to one of external's two transmit queues, i.e. one of the
+    // uplink's receive queues; 24 connections miss a queue with probability 2^-23.
+    for i in 0..24 {
+        assert!(
+            lab.probe(
+                "external",
+                if i % 2 == 0 { "t/a" } else { "t/b" },
+                80,
+                "tcp"
+            ),
+            "external -> pod, connection {i}"
+        );
+    }
+    let o =
+        sh(Command::new("ip").args(["netns", "exec", &lab.node_ns(), "ethtool", "-S", "uplink"]));
+    let stats = String::from_utf8_lossy(&o.stdout);
+    for q in 0..2 {
+        let key = format!("rx_queue_{q}_xdp_redirect:");
+        let n: u64 = stats
+            .lines()
+            .find_map(|l| l.trim().strip_prefix(&key))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("{key} in {stats}"));
+        assert!(n > 0, "queue {q} redirected frames to its socket: {stats}");
+    }
+    let stats = lab.stromctl(&["stats"]);
+    for w in stats["workers"].as_array().unwrap() {
+        assert!(
+            w["counters"]["rx_packets"].as_u64().unwrap() > 0,
+            "every worker received: {stats}"
+        );
+    }
+}

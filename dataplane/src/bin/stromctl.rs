@@ -141,7 +141,16 @@ fn main() -> anyhow::Result<()> {
                             .map(|i| i.to_string())
                             .collect::<Vec<_>>()
                             .join(","),
-                        p.worker.to_string(),
+                        // One socket per receive queue: "q0 worker,q1 worker,…".
+                        if p.queue_workers.len() > 1 {
+                            p.queue_workers
+                                .iter()
+                                .map(|w| w.to_string())
+                                .collect::<Vec<_>>()
+                                .join(",")
+                        } else {
+                            p.worker.to_string()
+                        },
                         p.xdp_mode.clone(),
                         p.counters.rx_packets.to_string(),
                         p.counters.rx_bytes.to_string(),

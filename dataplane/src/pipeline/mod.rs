@@ -96,8 +96,9 @@ fn forward_ipv4(buf: &mut [u8], len: usize, port: &InPort<'_>, t: &Tables) -> Ac
     let Some(next) = t.route(IpAddr::V4(hdr.dst)).copied() else {
         return Action::Drop(DropReason::NoRoute);
     };
-    if next.port == port.id && port.kind == PortKind::Uplink {
-        // Never send a frame back where it came from on the uplink (no routing loops).
+    if port.kind == PortKind::Uplink && t.uplink.is_some_and(|u| u.port == next.port) {
+        // Never send a frame back out of the uplink it came in on, whatever its queue (no
+        // routing loops).
         return Action::Drop(DropReason::NoRoute);
     }
     if !ipv4::decrement_ttl(&mut buf[eth::HEADER_LEN..len]) {
