@@ -394,7 +394,14 @@ impl State {
             .filter(|x| x.protocol == "udp")
             .map(|x| x.port.to_string())
             .collect();
-        if !tcp.is_empty() || !udp.is_empty() {
+        let sctp: Vec<String> = p
+            .decl
+            .ports
+            .iter()
+            .filter(|x| x.protocol == "sctp")
+            .map(|x| x.port.to_string())
+            .collect();
+        if !tcp.is_empty() || !udp.is_empty() || !sctp.is_empty() {
             let mut cmd = in_ns(&netns, std::env::current_exe()?);
             cmd.args(["responder", "--name", &key]);
             for t in &tcp {
@@ -402,6 +409,9 @@ impl State {
             }
             for u in &udp {
                 cmd.args(["--udp", u]);
+            }
+            for x in &sctp {
+                cmd.args(["--sctp", x]);
             }
             p.responder = Some(spawn_detached(
                 cmd,

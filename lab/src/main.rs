@@ -76,7 +76,8 @@ enum Cmd {
         #[arg(last = true, required = true)]
         cmd: Vec<String>,
     },
-    /// Connect from one place to another: prints allow (and who answered) or deny.
+    /// Connect from one place to another: prints allow (and who answered) or deny; exits 0 on
+    /// allow, 1 on deny, 2 when the probe cannot be made here (SCTP on a kernel without it).
     Probe {
         #[arg(long)]
         from: String,
@@ -120,6 +121,8 @@ enum Cmd {
         tcp: Vec<u16>,
         #[arg(long)]
         udp: Vec<u16>,
+        #[arg(long)]
+        sctp: Vec<u16>,
     },
     #[command(hide = true)]
     Connect {
@@ -263,12 +266,25 @@ struct Cell {
     answer: Result<String, String>,
 }
 
+/// Whether the matrix probes `protocol` here (SCTP only where the kernel has it).
+fn probed(protocol: &str, sctp: bool) -> bool {
+    protocol != "sctp" || sctp
+}
+
 fn matrix(st: &State) -> anyhow::Result<Vec<Cell>> {
+    let sctp = net::sctp_supported();
+    let declared = st
+        .pods
+        .values()
+        .any(|p| p.decl.ports.iter().any(|d| d.protocol == "sctp"));
+    if declared && !sctp {
+        eprintln!("SCTP ports left out: {}", net::NO_SCTP);
+    }
     let mut cells = Vec::new();
     for from in st.pods.keys() {
         for (to, p) in &st.pods {
             for d in &p.decl.ports {
-                if d.protocol == "sctp" {
+                if !probed(&d.protocol, sctp) {
                     continue;
                 }
                 let answer = probe(
@@ -293,6 +309,7 @@ fn matrix(st: &State) -> anyhow::Result<Vec<Cell>> {
 }
 
 fn print_matrix(st: &State, cells: &[Cell]) {
+    let sctp = net::sctp_supported();
     let cols: Vec<String> = st
         .pods
         .iter()
@@ -300,7 +317,7 @@ fn print_matrix(st: &State, cells: &[Cell]) {
             p.decl
                 .ports
                 .iter()
-                .filter(|d| d.protocol != "sctp")
+                .filter(move |d| probed(&d.protocol, sctp))
                 .map(move |d| format!("{k}:{}/{}", d.port, d.protocol))
         })
         .collect();
@@ -565,12 +582,17 @@ fn main() -> anyhow::Result<()> {
             timeout_ms,
         } => {
             let st = State::load(&a.dir)?;
+            let protocol = protocol.to_ascii_lowercase();
+            if protocol == "sctp" && !net::sctp_supported() {
+                eprintln!("error: {}", net::NO_SCTP);
+                std::process::exit(2);
+            }
             match probe(
                 &st,
                 &from,
                 &to,
                 port,
-                &protocol.to_ascii_lowercase(),
+                &protocol,
                 Duration::from_millis(timeout_ms),
             )? {
                 Ok(who) => println!("allow: answered by {who}"),
@@ -619,7 +641,12 @@ fn main() -> anyhow::Result<()> {
                 std::process::exit(1);
             }
         }
-        Cmd::Responder { name, tcp, udp } => net::respond(&name, &tcp, &udp)?,
+        Cmd::Responder {
+            name,
+            tcp,
+            udp,
+            sctp,
+        } => net::respond(&name, &tcp, &udp, &sctp)?,
         Cmd::Connect {
             ip,
             port,
@@ -629,7 +656,8 @@ fn main() -> anyhow::Result<()> {
             Ok(s) => println!("{s}"),
             Err(e) => {
                 eprintln!("{e}");
-                std::process::exit(1);
+                // Neither allow nor deny: the probe cannot be made here.
+                std::process::exit(if e == net::NO_SCTP { 2 } else { 1 });
             }
         },
     }

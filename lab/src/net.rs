@@ -1,15 +1,62 @@
-//! The lab's responders and probes: tiny TCP/UDP servers that answer with the pod's name, and
-//! the client side that says who answered.
+//! The lab's responders and probes: tiny TCP/UDP/SCTP servers that answer with the pod's name,
+//! and the client side that says who answered.
 
 use std::io::{Read, Write};
-use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::time::Duration;
 
-/// Serves every port until killed. Each TCP connection and UDP datagram gets `name\n`.
-pub fn respond(name: &str, tcp: &[u16], udp: &[u16]) -> anyhow::Result<()> {
-    let mut threads = Vec::new();
+use socket2::{Domain, Protocol, Socket, Type};
+
+const IPPROTO_SCTP: i32 = 132;
+/// What `connect` says when the kernel has no SCTP (the probe's exit code 2).
+pub const NO_SCTP: &str = "SCTP is not supported by this kernel (no sctp module)";
+
+/// A one-to-one SCTP socket (SOCK_STREAM): accept, read and write work as for TCP, so it is
+/// served and probed through std's TCP types.
+fn sctp_socket() -> std::io::Result<Socket> {
+    Socket::new(
+        Domain::IPV4,
+        Type::STREAM,
+        Some(Protocol::from(IPPROTO_SCTP)),
+    )
+}
+
+fn no_sctp(e: &std::io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EPROTONOSUPPORT | libc::ESOCKTNOSUPPORT | libc::EAFNOSUPPORT)
+    )
+}
+
+/// Whether this kernel can open SCTP sockets.
+pub fn sctp_supported() -> bool {
+    sctp_socket().is_ok()
+}
+
+fn sctp_listener(port: u16) -> std::io::Result<TcpListener> {
+    let s = sctp_socket()?;
+    s.set_reuse_address(true)?;
+    s.bind(&SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)).into())?;
+    s.listen(64)?;
+    Ok(s.into())
+}
+
+/// Serves every port until killed. Each TCP or SCTP connection and UDP datagram gets
+/// `name\n`. SCTP ports are left out, with a warning, when the kernel has no SCTP.
+pub fn respond(name: &str, tcp: &[u16], udp: &[u16], sctp: &[u16]) -> anyhow::Result<()> {
+    let mut listeners = Vec::new();
     for &p in tcp {
-        let l = TcpListener::bind(("0.0.0.0", p))?;
+        listeners.push(TcpListener::bind(("0.0.0.0", p))?);
+    }
+    for &p in sctp {
+        match sctp_listener(p) {
+            Ok(l) => listeners.push(l),
+            Err(e) if no_sctp(&e) => eprintln!("sctp port {p} not served: {NO_SCTP}"),
+            Err(e) => return Err(anyhow::anyhow!("sctp port {p}: {e}")),
+        }
+    }
+    let mut threads = Vec::new();
+    for l in listeners {
         let reply = format!("{name}\n");
         threads.push(std::thread::spawn(move || {
             for mut s in l.incoming().flatten() {
@@ -41,6 +88,21 @@ pub fn connect(ip: IpAddr, port: u16, protocol: &str, timeout: Duration) -> Resu
     match protocol {
         "tcp" => {
             let mut s = TcpStream::connect_timeout(&addr, timeout).map_err(|e| e.to_string())?;
+            s.set_read_timeout(Some(timeout))
+                .map_err(|e| e.to_string())?;
+            s.read_to_end(&mut buf).map_err(|e| e.to_string())?;
+        }
+        "sctp" => {
+            let s = sctp_socket().map_err(|e| {
+                if no_sctp(&e) {
+                    NO_SCTP.to_string()
+                } else {
+                    e.to_string()
+                }
+            })?;
+            s.connect_timeout(&addr.into(), timeout)
+                .map_err(|e| e.to_string())?;
+            let mut s: TcpStream = s.into();
             s.set_read_timeout(Some(timeout))
                 .map_err(|e| e.to_string())?;
             s.read_to_end(&mut buf).map_err(|e| e.to_string())?;

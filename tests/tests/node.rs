@@ -561,3 +561,50 @@ fn a_multi_queue_uplink_gets_a_socket_per_queue_and_every_queue_carries_traffic(
         );
     }
 }
+
+/// ```text
+///   pod t/a ── stromd ── pod t/s (TCP 80, SCTP 9899)
+/// ```
+/// SCTP is served and probed where the kernel has it (stromd routes any IP protocol); where it
+/// does not, the probe says so with exit code 2 (neither allow nor deny), the matrix leaves
+/// the port out, and the pod's other ports are served as usual.
+#[test]
+fn sctp_ports_are_probed_where_the_kernel_allows_and_named_where_it_does_not() {
+    let _g = net_lock();
+    let m = pod("t", "a", &[80], &[]) + &pod("t", "s", &[80], &[]).replace(
+        "protocol: TCP }\n",
+        "protocol: TCP }\n        - { containerPort: 9899, protocol: SCTP }\n",
+    );
+    let lab = Lab::up(&m, &[]);
+    let o = sh(lab.cmd().args([
+        "probe",
+        "--from",
+        "t/a",
+        "--to",
+        "t/s",
+        "--port",
+        "9899",
+        "--protocol",
+        "sctp",
+    ]));
+    let (out, err) = (
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr),
+    );
+    let kernel_has_sctp = std::path::Path::new("/proc/net/sctp").exists();
+    if kernel_has_sctp {
+        assert!(o.status.success(), "{out}{err}");
+        assert!(out.contains("answered by t/s"), "{out}");
+    } else {
+        assert_eq!(o.status.code(), Some(2), "{out}{err}");
+        assert!(err.contains("SCTP is not supported by this kernel"), "{err}");
+        let m = sh(lab.cmd().args(["matrix", "--json"]));
+        let cells: serde_json::Value = serde_json::from_slice(&m.stdout).unwrap();
+        assert!(
+            cells.as_array().unwrap().iter().all(|c| c["protocol"] != "sctp"),
+            "{cells}"
+        );
+        assert!(String::from_utf8_lossy(&m.stderr).contains("SCTP ports left out"));
+    }
+    assert!(lab.probe("t/a", "t/s", 80, "tcp"), "TCP on the same pod");
+}
