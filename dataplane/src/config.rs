@@ -60,15 +60,15 @@ pub struct DataplaneSection {
     pub cores: Vec<usize>,
     #[serde(default = "default_poll")]
     pub poll_mode: PollMode,
-    /// Frames (2 KiB each) in each worker's UMEM, shared by all its ports (a power of two,
-    /// at least 4 × ring_size).
+    /// Frames (2 KiB each) in each worker's slice of the UMEM all ports share (a power of
+    /// two, at least 4 × ring_size).
     #[serde(default = "default_frames")]
     pub umem_frames: u32,
     /// Size of each AF_XDP ring (power of two).
     #[serde(default = "default_ring")]
     pub ring_size: u32,
-    /// Frames kept in each port's fill ring (at most ring_size): umem_frames / fill_per_port
-    /// ports per worker get a full fill ring, more share what is free.
+    /// Frames kept in each port's fill ring (at most ring_size); when many ports share a
+    /// worker each gets an equal share of half its frames instead, if smaller (at least 16).
     #[serde(default = "default_fill")]
     pub fill_per_port: u32,
     /// Unix socket of the API.
@@ -98,7 +98,7 @@ fn default_poll() -> PollMode {
     PollMode::Adaptive
 }
 fn default_frames() -> u32 {
-    16384
+    4096
 }
 fn default_fill() -> u32 {
     256

@@ -44,6 +44,8 @@ const HELD: u32 = 0;
 /// Frames the fill rings never take from the pool: frames copied in from other workers
 /// need free frames even when every port's fill ring is as full as the pool allows.
 const RESERVE: usize = 256;
+/// The fill depth every port keeps at least, however many ports share the pool.
+const MIN_FILL: u32 = 16;
 
 /// Errors of the AF_XDP layer.
 #[derive(Debug, thiserror::Error)]
@@ -77,15 +79,15 @@ pub struct XskSizes {
     /// Entries in each of a port's fill, completion, rx and tx rings (a power of two).
     pub ring: u32,
     /// Frames kept in each port's fill ring (at most `ring`): how many frames a port can
-    /// receive before stromd reads them. `frames / fill` ports per worker get a full fill
-    /// ring; beyond that the pool is shared out as frames come back.
+    /// receive before stromd reads them. With many ports the depth shrinks so that every
+    /// port gets its share of the pool (see [`WorkerUmem::fill_target`]).
     pub fill: u32,
 }
 
 impl Default for XskSizes {
     fn default() -> Self {
         XskSizes {
-            frames: 16384,
+            frames: 4096,
             ring: 512,
             fill: 256,
         }
@@ -239,6 +241,9 @@ impl SharedUmem {
             free,
             lent: vec![HELD; self.sizes.frames as usize],
             next_serial: HELD + 1,
+            sockets: 0,
+            fill: self.sizes.fill,
+            fill_target: self.sizes.fill,
         }
     }
 }
@@ -253,6 +258,10 @@ pub struct WorkerUmem {
     /// Per frame of the slice: `HELD`, or the serial of the socket it is lent to.
     lent: Vec<u32>,
     next_serial: u32,
+    /// Open sockets of this worker, the configured fill depth, and the depth each gets now.
+    sockets: u32,
+    fill: u32,
+    fill_target: u32,
 }
 
 impl WorkerUmem {
@@ -296,9 +305,23 @@ impl WorkerUmem {
         }
     }
 
+    /// The fill depth of each port: the configured depth, or an equal share of half the pool
+    /// (the other half covers frames in rx and tx rings and being processed) when that is
+    /// smaller, but never under `MIN_FILL`. Every port always gets frames: the first ports
+    /// cannot starve the later ones.
+    pub fn fill_target(&self) -> u32 {
+        self.fill_target
+    }
+
+    fn sockets_changed(&mut self, sockets: u32) {
+        self.sockets = sockets;
+        self.fill_target = fill_share(self.lent.len(), sockets, self.fill);
+    }
+
     /// Returns to the pool every frame lent to the socket `serial`, which the kernel has
     /// closed (so nothing writes them any more). Not per packet: a scan of the frame table.
     pub fn reclaim(&mut self, serial: u32) -> usize {
+        self.sockets_changed(self.sockets.saturating_sub(1));
         let mut n = 0;
         for (i, l) in self.lent.iter_mut().enumerate() {
             if *l == serial {
@@ -363,6 +386,7 @@ impl WorkerUmem {
         let fd = user.as_raw_fd();
         let serial = self.next_serial;
         self.next_serial = self.next_serial.wrapping_add(1).max(HELD + 1);
+        self.sockets_changed(self.sockets + 1);
         let mut port = XskPort {
             rx,
             tx,
@@ -373,12 +397,20 @@ impl WorkerUmem {
             serial,
             fd,
             ring: sizes.ring,
-            fill: sizes.fill,
             tx_batch: Vec::with_capacity(sizes.ring as usize),
         };
         port.refill(self);
         Ok(port)
     }
+}
+
+/// The fill depth each of `sockets` ports gets from a pool of `frames`: the configured `fill`,
+/// or an equal share of half the pool less the reserve when that is smaller, never under
+/// `MIN_FILL` (nor over `fill`).
+fn fill_share(frames: usize, sockets: u32, fill: u32) -> u32 {
+    let pool = frames.saturating_sub(RESERVE) as u32;
+    let share = pool / (2 * sockets.max(1));
+    share.max(MIN_FILL).min(fill)
 }
 
 /// One AF_XDP socket bound to one queue of an interface, sharing its worker's UMEM.
@@ -393,7 +425,6 @@ pub struct XskPort {
     serial: u32,
     fd: RawFd,
     ring: u32,
-    fill: u32,
     tx_batch: Vec<XdpDesc>,
 }
 
@@ -493,9 +524,10 @@ impl XskPort {
     }
 
     fn refill(&mut self, umem: &mut WorkerUmem) {
-        let queued = self.dev.pending().min(self.fill);
+        let fill = umem.fill_target;
+        let queued = self.dev.pending().min(fill);
         let spare = umem.free.len().saturating_sub(RESERVE) as u32;
-        let want = (self.fill - queued).min(spare);
+        let want = (fill - queued).min(spare);
         if want == 0 {
             return;
         }
@@ -594,5 +626,27 @@ impl PollSet {
                 timeout_ms,
             )
         };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::fill_share;
+
+    #[test]
+    fn few_ports_get_the_configured_fill_depth() {
+        assert_eq!(fill_share(4096, 1, 256), 256);
+        assert_eq!(fill_share(4096, 7, 256), 256);
+    }
+
+    #[test]
+    fn many_ports_share_half_the_pool_equally_and_never_starve() {
+        // 110 pods on one worker: (4096 - 256) / 220 = 17 frames each.
+        assert_eq!(fill_share(4096, 110, 256), 17);
+        assert!(110 * fill_share(4096, 110, 256) as usize <= (4096 - 256) / 2);
+        // Far more ports than frames: each still keeps the minimum.
+        assert_eq!(fill_share(1024, 4000, 256), 16);
+        // A configured depth below the minimum is kept as is.
+        assert_eq!(fill_share(8192, 1, 8), 8);
     }
 }

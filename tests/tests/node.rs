@@ -571,10 +571,11 @@ fn a_multi_queue_uplink_gets_a_socket_per_queue_and_every_queue_carries_traffic(
 #[test]
 fn sctp_ports_are_probed_where_the_kernel_allows_and_named_where_it_does_not() {
     let _g = net_lock();
-    let m = pod("t", "a", &[80], &[]) + &pod("t", "s", &[80], &[]).replace(
-        "protocol: TCP }\n",
-        "protocol: TCP }\n        - { containerPort: 9899, protocol: SCTP }\n",
-    );
+    let m = pod("t", "a", &[80], &[])
+        + &pod("t", "s", &[80], &[]).replace(
+            "protocol: TCP }\n",
+            "protocol: TCP }\n        - { containerPort: 9899, protocol: SCTP }\n",
+        );
     let lab = Lab::up(&m, &[]);
     let o = sh(lab.cmd().args([
         "probe",
@@ -597,11 +598,18 @@ fn sctp_ports_are_probed_where_the_kernel_allows_and_named_where_it_does_not() {
         assert!(out.contains("answered by t/s"), "{out}");
     } else {
         assert_eq!(o.status.code(), Some(2), "{out}{err}");
-        assert!(err.contains("SCTP is not supported by this kernel"), "{err}");
+        assert!(
+            err.contains("SCTP is not supported by this kernel"),
+            "{err}"
+        );
         let m = sh(lab.cmd().args(["matrix", "--json"]));
         let cells: serde_json::Value = serde_json::from_slice(&m.stdout).unwrap();
         assert!(
-            cells.as_array().unwrap().iter().all(|c| c["protocol"] != "sctp"),
+            cells
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|c| c["protocol"] != "sctp"),
             "{cells}"
         );
         assert!(String::from_utf8_lossy(&m.stderr).contains("SCTP ports left out"));

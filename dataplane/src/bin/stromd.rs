@@ -54,6 +54,15 @@ struct Args {
     /// busy: spin always; adaptive: spin while busy, sleep when idle (dataplane.poll_mode).
     #[arg(long, value_enum)]
     poll_mode: Option<PollMode>,
+    /// Frames (2 KiB each) in each worker's slice of the shared UMEM (dataplane.umem_frames).
+    #[arg(long)]
+    umem_frames: Option<u32>,
+    /// Entries of every AF_XDP ring (dataplane.ring_size).
+    #[arg(long)]
+    ring_size: Option<u32>,
+    /// Frames each port keeps in its fill ring (dataplane.fill_per_port).
+    #[arg(long)]
+    fill_per_port: Option<u32>,
     /// API socket path (dataplane.api_socket).
     #[arg(long)]
     api_socket: Option<PathBuf>,
@@ -95,6 +104,15 @@ fn main() -> anyhow::Result<()> {
     }
     if let Some(v) = args.poll_mode {
         cfg.dataplane.poll_mode = v;
+    }
+    if let Some(v) = args.umem_frames {
+        cfg.dataplane.umem_frames = v;
+    }
+    if let Some(v) = args.ring_size {
+        cfg.dataplane.ring_size = v;
+    }
+    if let Some(v) = args.fill_per_port {
+        cfg.dataplane.fill_per_port = v;
     }
     if let Some(v) = args.api_socket.clone() {
         cfg.dataplane.api_socket = v;
