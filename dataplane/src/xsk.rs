@@ -464,6 +464,15 @@ impl XskPort {
         n
     }
 
+    /// Descriptors the tx ring can take now, this loop's batch included (what a generator
+    /// may build without its frames being turned away).
+    #[inline]
+    pub fn tx_room(&self) -> u32 {
+        self.ring
+            .saturating_sub(self.tx.pending())
+            .saturating_sub(self.tx_batch.len() as u32)
+    }
+
     /// Queues one held frame for transmission in this loop's batch (committed by `flush`).
     /// When the batch is as large as the ring the frame goes back to the pool and false is
     /// returned.
@@ -489,12 +498,19 @@ impl XskPort {
         let mut out = Flushed::default();
         if !self.tx_batch.is_empty() {
             let n = self.tx_batch.len() as u32;
-            let sent = {
-                let mut w = self.tx.transmit(n);
-                let sent = w.insert(self.tx_batch.iter().copied());
+            // xdpilone's reservation serves a request from its cached view of the kernel's
+            // consumer head whenever that shows at least one free slot, so one call may get
+            // fewer slots than the ring has; a second call refreshes the view.
+            let mut sent = 0;
+            for _ in 0..2 {
+                let mut w = self.tx.transmit(n - sent);
+                let k = w.insert(self.tx_batch[sent as usize..].iter().copied());
                 w.commit();
-                sent
-            };
+                sent += k;
+                if sent == n || k == 0 {
+                    break;
+                }
+            }
             out.packets = u64::from(sent);
             out.dropped = u64::from(n - sent);
             for d in &self.tx_batch[..sent as usize] {
@@ -531,16 +547,23 @@ impl XskPort {
         if want == 0 {
             return;
         }
-        {
-            let mut w = self.dev.fill(want);
+        // Two reservations at most, for the same reason as in `flush`.
+        let mut given = 0;
+        for _ in 0..2 {
+            let mut w = self.dev.fill(want - given);
+            let before = given;
             while let Some(&addr) = umem.free.last() {
                 if !w.insert_once(addr) {
                     break;
                 }
                 umem.free.pop();
                 umem.lend(addr, self.serial);
+                given += 1;
             }
             w.commit();
+            if given == want || given == before {
+                break;
+            }
         }
         if self.dev.needs_wakeup() {
             self.dev.wake();
