@@ -380,38 +380,12 @@ impl State {
             .as_str()
             .and_then(|a| a.split('/').next())
             .map(str::to_string);
-        let tcp: Vec<String> = p
-            .decl
-            .ports
-            .iter()
-            .filter(|x| x.protocol == "tcp")
-            .map(|x| x.port.to_string())
-            .collect();
-        let udp: Vec<String> = p
-            .decl
-            .ports
-            .iter()
-            .filter(|x| x.protocol == "udp")
-            .map(|x| x.port.to_string())
-            .collect();
-        let sctp: Vec<String> = p
-            .decl
-            .ports
-            .iter()
-            .filter(|x| x.protocol == "sctp")
-            .map(|x| x.port.to_string())
-            .collect();
-        if !tcp.is_empty() || !udp.is_empty() || !sctp.is_empty() {
+        if !p.decl.ports.is_empty() {
             let mut cmd = in_ns(&netns, std::env::current_exe()?);
             cmd.args(["responder", "--name", &key]);
-            for t in &tcp {
-                cmd.args(["--tcp", t]);
-            }
-            for u in &udp {
-                cmd.args(["--udp", u]);
-            }
-            for x in &sctp {
-                cmd.args(["--sctp", x]);
+            // `--tcp 80 --udp 53 --sctp 9899 ...` (protocols are checked by the manifest reader).
+            for d in &p.decl.ports {
+                cmd.arg(format!("--{}", d.protocol)).arg(d.port.to_string());
             }
             p.responder = Some(spawn_detached(
                 cmd,

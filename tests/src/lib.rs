@@ -21,16 +21,29 @@ static SEQ: AtomicUsize = AtomicUsize::new(0);
 pub const NS_PREFIX: &str = "zt";
 
 /// Serializes network tests (the machine has two cores) and sweeps stale namespaces of an
-/// earlier, crashed run once per test binary.
+/// earlier, crashed run once per test binary: those whose creating process (the number in
+/// the name, pid mod 100000) is gone. A run going on beside this one keeps its namespaces.
 pub fn net_lock() -> MutexGuard<'static, ()> {
     SWEEP.call_once(|| {
+        let live: std::collections::HashSet<u32> = std::fs::read_dir("/proc")
+            .map(|d| {
+                d.flatten()
+                    .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+                    .map(|pid| pid % 100_000)
+                    .collect()
+            })
+            .unwrap_or_default();
         let out = Command::new("ip")
             .args(["netns", "list"])
             .output()
             .expect("ip netns list");
         for l in String::from_utf8_lossy(&out.stdout).lines() {
             let ns = l.split_whitespace().next().unwrap_or("");
-            if ns.starts_with(NS_PREFIX) {
+            let owner = ns
+                .strip_prefix(NS_PREFIX)
+                .and_then(|r| r.split('x').next())
+                .and_then(|p| p.parse::<u32>().ok());
+            if owner.is_some_and(|p| !live.contains(&p)) {
                 let _ = Command::new("ip").args(["netns", "del", ns]).status();
             }
         }
@@ -221,6 +234,17 @@ impl Lab {
             .filter(|d| d[0] == reason)
             .map(|d| d[1].as_u64().unwrap_or(0))
             .sum()
+    }
+
+    /// Asserts that every worker received frames.
+    pub fn assert_every_worker_received(&self) {
+        let stats = self.stromctl(&["stats"]);
+        for w in stats["workers"].as_array().expect("workers") {
+            assert!(
+                w["counters"]["rx_packets"].as_u64().unwrap_or(0) > 0,
+                "every worker received: {stats}"
+            );
+        }
     }
 
     /// Free and total frames of worker 0's UMEM slice.

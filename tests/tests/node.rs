@@ -110,13 +110,7 @@ fn two_workers_forward_across_workers() {
     assert_ne!(workers[0], workers[1], "one pod per worker");
     assert!(lab.probe("t/a", "t/b", 80, "tcp"));
     assert!(lab.probe("t/b", "t/a", 53, "udp"));
-    let stats = lab.stromctl(&["stats"]);
-    for w in stats["workers"].as_array().unwrap() {
-        assert!(
-            w["counters"]["rx_packets"].as_u64().unwrap() > 0,
-            "every worker received: {stats}"
-        );
-    }
+    lab.assert_every_worker_received();
 }
 
 #[test]
@@ -553,13 +547,7 @@ fn a_multi_queue_uplink_gets_a_socket_per_queue_and_every_queue_carries_traffic(
             .unwrap_or_else(|| panic!("{key} in {stats}"));
         assert!(n > 0, "queue {q} redirected frames to its socket: {stats}");
     }
-    let stats = lab.stromctl(&["stats"]);
-    for w in stats["workers"].as_array().unwrap() {
-        assert!(
-            w["counters"]["rx_packets"].as_u64().unwrap() > 0,
-            "every worker received: {stats}"
-        );
-    }
+    lab.assert_every_worker_received();
 }
 
 /// ```text

@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
 use strom_dataplane::mac::parse_mac;
-use strom_dataplane::xsk::{SharedUmem, XskSizes};
+use strom_dataplane::xsk::{SharedUmem, WorkerUmem, XskPort, XskSizes};
 
 use flows::{Flows, IpRange, PortRange};
 use packet::{Fields, Proto, Template, IMIX, MAX_FRAME};
@@ -224,18 +224,61 @@ pub fn now_ns() -> u64 {
     t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64
 }
 
-/// Stop flag set by SIGINT/SIGTERM.
-pub fn stop_flag() -> anyhow::Result<Arc<AtomicBool>> {
+/// Until when the threads run: SIGINT/SIGTERM, or the deadline.
+#[derive(Clone)]
+pub struct Run {
+    stop: Arc<AtomicBool>,
+    pub start: Instant,
+    deadline: Option<Instant>,
+}
+
+impl Run {
+    /// True while neither a signal came nor the deadline passed.
+    pub fn going(&self) -> bool {
+        !self.stop.load(Ordering::Relaxed) && self.deadline.is_none_or(|d| Instant::now() < d)
+    }
+}
+
+/// One thread's share: its queue, its slice of the UMEM and its AF_XDP socket on the queue.
+pub struct Queue {
+    pub q: u32,
+    pub umem: WorkerUmem,
+    pub port: XskPort,
+}
+
+/// What both ends set up: a socket per queue of `c.dev` sharing one UMEM, and the clock.
+fn setup(c: &Common) -> anyhow::Result<(u32, Vec<Queue>, Run)> {
+    let ifindex = nix::net::if_::if_nametoindex(c.dev.as_str())
+        .with_context(|| format!("interface {}", c.dev))?;
+    if c.queues == 0 {
+        bail!("--queues must be at least 1");
+    }
+    let umem = SharedUmem::new(SIZES, c.queues)
+        .context("UMEM (root, and no other AF_XDP user of lo in this namespace)")?;
+    let queues = (0..c.queues)
+        .map(|q| {
+            let mut umem = umem.worker(q);
+            let port = umem
+                .open(ifindex, q)
+                .with_context(|| format!("AF_XDP socket on {} queue {q}", c.dev))?;
+            Ok(Queue { q, umem, port })
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
     let stop = Arc::new(AtomicBool::new(false));
     for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
         signal_hook::flag::register(sig, stop.clone())?;
     }
-    Ok(stop)
-}
-
-/// The interface's index.
-pub fn ifindex(dev: &str) -> anyhow::Result<u32> {
-    nix::net::if_::if_nametoindex(dev).with_context(|| format!("interface {dev}"))
+    let start = Instant::now();
+    let deadline = (c.duration > 0.0).then(|| start + Duration::from_secs_f64(c.duration));
+    Ok((
+        ifindex,
+        queues,
+        Run {
+            stop,
+            start,
+            deadline,
+        },
+    ))
 }
 
 /// Pins the calling thread to `cores[i % len]`, if any.
@@ -249,25 +292,19 @@ pub fn pin(cores: &[usize], i: usize) {
 }
 
 fn send(c: &Common, plan: Plan) -> anyhow::Result<()> {
-    let ifindex = ifindex(&c.dev)?;
-    if c.queues == 0 {
-        bail!("--queues must be at least 1");
-    }
-    let umem = SharedUmem::new(SIZES, c.queues)
-        .context("UMEM (root, and no other AF_XDP user of lo in this namespace)")?;
-    let stop = stop_flag()?;
+    let (_, queues, run) = setup(c)?;
+    let start = run.start;
     let counters: Vec<Arc<Counters>> = (0..c.queues).map(|_| Arc::default()).collect();
-    let start = Instant::now();
-    let deadline = (c.duration > 0.0).then(|| start + Duration::from_secs_f64(c.duration));
     let mut threads = Vec::new();
-    for q in 0..c.queues {
-        let mut umem = umem.worker(q);
-        let mut port = umem
-            .open(ifindex, q)
-            .with_context(|| format!("AF_XDP socket on {} queue {q}", c.dev))?;
-        let (plan, stop, cnt, cores) = (
+    for Queue {
+        q,
+        mut umem,
+        mut port,
+    } in queues
+    {
+        let (plan, run, cnt, cores) = (
             plan.clone(),
-            stop.clone(),
+            run.clone(),
             counters[q as usize].clone(),
             c.cores.clone(),
         );
@@ -286,10 +323,7 @@ fn send(c: &Common, plan: Plan) -> anyhow::Result<()> {
             let (mut fi, mut si) = (0usize, 0usize);
             let mut sent = 0u64;
             let t0 = Instant::now();
-            while !stop.load(Ordering::Relaxed)
-                && deadline.is_none_or(|d| Instant::now() < d)
-                && (count == 0 || sent < count)
-            {
+            while run.going() && (count == 0 || sent < count) {
                 let mut budget = BATCH.min(port.tx_room());
                 if count > 0 {
                     budget = budget.min((count - sent).min(u64::from(BATCH)) as u32);

@@ -10,11 +10,10 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use hdrhistogram::Histogram;
 use strom_dataplane::bpf::{Role, XdpPrograms};
-use strom_dataplane::xsk::SharedUmem;
 use xdpilone::xdp::XdpDesc;
 
 use crate::packet::read_stamp;
-use crate::{ifindex, now_ns, pin, stop_flag, Common, SIZES};
+use crate::{now_ns, pin, setup, Common, Queue};
 
 /// One flow as the sink saw it.
 #[derive(Debug, Default, Clone, Copy)]
@@ -60,26 +59,20 @@ fn histogram() -> Histogram<u64> {
 }
 
 pub fn run(c: &Common, top: usize) -> anyhow::Result<()> {
-    let ifindex = ifindex(&c.dev)?;
-    if c.queues == 0 {
-        anyhow::bail!("--queues must be at least 1");
-    }
+    let (ifindex, queues, run) = setup(c)?;
+    let start = run.start;
     let mut xdp = XdpPrograms::load().context("loading the XDP program (root?)")?;
     let mode = xdp.attach(ifindex, Role::Pod)?;
-    let umem = SharedUmem::new(SIZES, c.queues)
-        .context("UMEM (root, and no other AF_XDP user of lo in this namespace)")?;
-    let stop = stop_flag()?;
-    let start = Instant::now();
-    let deadline = (c.duration > 0.0).then(|| start + Duration::from_secs_f64(c.duration));
     let received: Vec<Arc<AtomicU64>> = (0..c.queues).map(|_| Arc::default()).collect();
     let mut threads = Vec::new();
-    for q in 0..c.queues {
-        let mut umem = umem.worker(q);
-        let mut port = umem
-            .open(ifindex, q)
-            .with_context(|| format!("AF_XDP socket on {} queue {q}", c.dev))?;
+    for Queue {
+        q,
+        mut umem,
+        mut port,
+    } in queues
+    {
         xdp.bind_slot(ifindex, q, q, port.fd())?;
-        let (stop, cnt, cores) = (stop.clone(), received[q as usize].clone(), c.cores.clone());
+        let (run, cnt, cores) = (run.clone(), received[q as usize].clone(), c.cores.clone());
         threads.push(std::thread::spawn(move || {
             pin(&cores, q as usize);
             let mut r = ThreadResult {
@@ -94,7 +87,7 @@ pub fn run(c: &Common, top: usize) -> anyhow::Result<()> {
                 len: 0,
                 options: 0,
             }; 64];
-            while !stop.load(Ordering::Relaxed) && deadline.is_none_or(|d| Instant::now() < d) {
+            while run.going() {
                 let n = port.recv(&mut umem, &mut descs);
                 if n == 0 {
                     port.flush(&mut umem);
