@@ -6,7 +6,7 @@
 //!   closed sockets ─▶ their frames back to the pool
 //!   tables = snapshot()              ── one atomic load per loop
 //!   for port: rx batch ─▶ pipeline ─▶ hairpin │ forward (same worker: the frame itself,
-//!                                             │   no copy: one UMEM per worker)
+//!                                             │   no copy: its ports share its UMEM slice)
 //!                                             │ forward (other worker: hand-off queue)
 //!   hand-off queue ─▶ tx
 //!   for port: kick tx (one syscall per batch), reap completions, refill fill ring
@@ -40,7 +40,7 @@ const SLEEP_MS: i32 = 50;
 /// Entries in each worker's cross-worker hand-off queue.
 const HANDOFF_CAP: usize = 2048;
 
-/// A frame copied to another worker: each worker has its own UMEM.
+/// A frame copied to another worker: each worker has its own slice of the UMEM.
 pub struct Handoff {
     port: u32,
     len: u16,

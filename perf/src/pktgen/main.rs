@@ -43,7 +43,8 @@ struct Common {
     /// Interface to send on or receive from.
     #[arg(long)]
     dev: String,
-    /// Queues to use, one thread each (queues 0..N).
+    /// Queues to use, one thread each (queues 0..N). A sink must cover every receive queue
+    /// in use on the device: its XDP program drops frames of queues without a socket.
     #[arg(long, default_value_t = 1)]
     queues: u32,
     /// Cores to pin the threads to, comma separated (thread i -> cores[i % len]).
