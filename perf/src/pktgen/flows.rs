@@ -3,6 +3,20 @@
 use std::net::Ipv4Addr;
 use std::str::FromStr;
 
+/// `A` or `A-B` of any parseable type, as the pair (A, B) with B >= A.
+fn bounds<T: FromStr + Ord>(s: &str) -> Result<(T, T), String>
+where
+    T::Err: std::fmt::Display,
+{
+    let (a, b) = s.split_once('-').unwrap_or((s, s));
+    let parse = |x: &str| x.trim().parse::<T>().map_err(|e| format!("{x:?}: {e}"));
+    let (a, b) = (parse(a)?, parse(b)?);
+    if b < a {
+        return Err(format!("{s}: the range ends before it starts"));
+    }
+    Ok((a, b))
+}
+
 /// An inclusive range of IPv4 addresses: `A` or `A-B`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct IpRange {
@@ -13,13 +27,8 @@ pub struct IpRange {
 impl FromStr for IpRange {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        let (a, b) = s.split_once('-').unwrap_or((s, s));
-        let a: Ipv4Addr = a.trim().parse().map_err(|e| format!("{a:?}: {e}"))?;
-        let b: Ipv4Addr = b.trim().parse().map_err(|e| format!("{b:?}: {e}"))?;
+        let (a, b) = bounds::<Ipv4Addr>(s)?;
         let (a, b) = (u32::from(a), u32::from(b));
-        if b < a {
-            return Err(format!("{s}: the range ends before it starts"));
-        }
         Ok(IpRange {
             first: a,
             count: b - a + 1,
@@ -37,12 +46,7 @@ pub struct PortRange {
 impl FromStr for PortRange {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        let (a, b) = s.split_once('-').unwrap_or((s, s));
-        let a: u16 = a.trim().parse().map_err(|e| format!("{a:?}: {e}"))?;
-        let b: u16 = b.trim().parse().map_err(|e| format!("{b:?}: {e}"))?;
-        if b < a {
-            return Err(format!("{s}: the range ends before it starts"));
-        }
+        let (a, b) = bounds::<u16>(s)?;
         Ok(PortRange {
             first: a,
             count: u32::from(b - a) + 1,
