@@ -66,23 +66,11 @@ impl<'a> Call<'a> {
         for (k, v) in env {
             c.env(k, v);
         }
-        let mut child = c
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(
-                self.stdin
-                    .as_deref()
-                    .unwrap_or(self.conf.to_string().as_bytes()),
-            )
-            .unwrap();
-        let out = child.wait_with_output().unwrap();
+        let conf = self.conf.to_string();
+        let out = feed(
+            c.stderr(Stdio::piped()),
+            self.stdin.as_deref().unwrap_or(conf.as_bytes()),
+        );
         let v = if out.stdout.is_empty() {
             Value::Null
         } else {
@@ -95,6 +83,17 @@ impl<'a> Call<'a> {
         };
         (out.status.success(), v)
     }
+}
+
+/// Runs `c` with `input` on its stdin, as a runtime hands a plugin its config; its output.
+fn feed(c: &mut Command, input: &[u8]) -> std::process::Output {
+    let mut child = c
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(input).unwrap();
+    child.wait_with_output().unwrap()
 }
 
 fn netns(lab: &Lab, name: &str) -> String {
@@ -512,19 +511,10 @@ fn install_step_puts_binary_and_conflist_in_place() {
             .unwrap();
     assert_eq!(list["cniVersion"], "1.0.0");
     assert_eq!(list["plugins"][0]["type"], "strom-cni");
-    let mut child = Command::new(dir.join("bin/strom-cni"))
-        .env("CNI_COMMAND", "VERSION")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(br#"{"cniVersion":"1.0.0"}"#)
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
+    let out = feed(
+        Command::new(dir.join("bin/strom-cni")).env("CNI_COMMAND", "VERSION"),
+        br#"{"cniVersion":"1.0.0"}"#,
+    );
     let v: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert!(v["supportedVersions"]
         .as_array()

@@ -59,6 +59,17 @@ fn port_a() -> InPort<'static> {
     }
 }
 
+/// The uplink's socket `id` (one per receive queue), its host side MAC `host_mac`.
+fn uplink_port(id: u32, host_mac: [u8; 6]) -> InPort<'static> {
+    InPort {
+        id,
+        kind: PortKind::Uplink,
+        host_mac,
+        pod_mac: [0; 6],
+        ips: &[],
+    }
+}
+
 /// A frame buffer as a UMEM frame: the packet, then room to grow.
 fn frame(pkt: &[u8]) -> (Vec<u8>, usize) {
     let mut buf = vec![0u8; 2048];
@@ -227,14 +238,7 @@ fn a_pod_sends_only_as_itself() {
 #[test]
 fn uplink_frames_for_pods_are_routed_without_spoofing_checks() {
     let (mut buf, len) = frame(&udp([9; 6], [198, 18, 0, 2], B_IP, 64));
-    let up = InPort {
-        id: 9,
-        kind: PortKind::Uplink,
-        host_mac: HA_MAC,
-        pod_mac: [0; 6],
-        ips: &[],
-    };
-    let a = process(&mut buf, len, &up, &tables());
+    let a = process(&mut buf, len, &uplink_port(9, HA_MAC), &tables());
     assert!(
         matches!(a, Action::Forward { next, .. } if next.port == 1),
         "{a:?}"
@@ -269,33 +273,23 @@ fn outside_destinations_leave_through_the_uplink_once_its_gateway_is_known() {
         Action::Drop(DropReason::NoRoute),
         "an unknown pod is not sent out"
     );
-    // What came in on the uplink never goes back out of it.
-    let (mut buf, len) = frame(&udp([9; 6], [198, 18, 0, 2], [198, 18, 0, 3], 64));
-    let from_up = InPort {
-        id: 9,
-        kind: PortKind::Uplink,
-        host_mac: [8; 6],
-        pod_mac: [0; 6],
-        ips: &[],
-    };
-    assert_eq!(
-        process(&mut buf, len, &from_up, &t),
-        Action::Drop(DropReason::NoRoute)
-    );
+    // What came in on the uplink never goes back out of it, on whichever of its receive
+    // queues (socket 9 is queue 0's, socket 10 another queue's) it arrived.
+    for id in [9, 10] {
+        let (mut buf, len) = frame(&udp([9; 6], [198, 18, 0, 2], [198, 18, 0, 3], 64));
+        assert_eq!(
+            process(&mut buf, len, &uplink_port(id, [8; 6]), &t),
+            Action::Drop(DropReason::NoRoute),
+            "from uplink socket {id}"
+        );
+    }
 }
 
 #[test]
 fn arp_on_the_uplink_is_never_answered() {
     let (mut buf, len) = frame(&arp(1, [9; 6], [198, 18, 0, 2], GW));
-    let up = InPort {
-        id: 9,
-        kind: PortKind::Uplink,
-        host_mac: HA_MAC,
-        pod_mac: [0; 6],
-        ips: &[],
-    };
     assert_eq!(
-        process(&mut buf, len, &up, &tables()),
+        process(&mut buf, len, &uplink_port(9, HA_MAC), &tables()),
         Action::Drop(DropReason::ArpNotForGateway)
     );
 }
