@@ -80,7 +80,7 @@ pub struct XskSizes {
     pub ring: u32,
     /// Frames kept in each port's fill ring (at most `ring`): how many frames a port can
     /// receive before stromd reads them. With many ports the depth shrinks so that every
-    /// port gets its share of the pool (see [`WorkerUmem::fill_target`]).
+    /// port gets its share of the pool (see `fill_share`).
     pub fill: u32,
 }
 
@@ -242,7 +242,6 @@ impl SharedUmem {
             lent: vec![HELD; self.sizes.frames as usize],
             next_serial: HELD + 1,
             sockets: 0,
-            fill: self.sizes.fill,
             fill_target: self.sizes.fill,
         }
     }
@@ -258,9 +257,8 @@ pub struct WorkerUmem {
     /// Per frame of the slice: `HELD`, or the serial of the socket it is lent to.
     lent: Vec<u32>,
     next_serial: u32,
-    /// Open sockets of this worker, the configured fill depth, and the depth each gets now.
+    /// Open sockets of this worker, and the fill depth each gets now (`fill_share`).
     sockets: u32,
-    fill: u32,
     fill_target: u32,
 }
 
@@ -305,17 +303,9 @@ impl WorkerUmem {
         }
     }
 
-    /// The fill depth of each port: the configured depth, or an equal share of half the pool
-    /// (the other half covers frames in rx and tx rings and being processed) when that is
-    /// smaller, but never under `MIN_FILL`. Every port always gets frames: the first ports
-    /// cannot starve the later ones.
-    pub fn fill_target(&self) -> u32 {
-        self.fill_target
-    }
-
     fn sockets_changed(&mut self, sockets: u32) {
         self.sockets = sockets;
-        self.fill_target = fill_share(self.lent.len(), sockets, self.fill);
+        self.fill_target = fill_share(self.lent.len(), sockets, self.shared.sizes.fill);
     }
 
     /// Returns to the pool every frame lent to the socket `serial`, which the kernel has
@@ -405,8 +395,9 @@ impl WorkerUmem {
 }
 
 /// The fill depth each of `sockets` ports gets from a pool of `frames`: the configured `fill`,
-/// or an equal share of half the pool less the reserve when that is smaller, never under
-/// `MIN_FILL` (nor over `fill`).
+/// or an equal share of half the pool less the reserve when that is smaller (the other half
+/// covers frames in rx and tx rings and being processed), never under `MIN_FILL` (nor over
+/// `fill`). Every port always gets frames: the first ports cannot starve the later ones.
 fn fill_share(frames: usize, sockets: u32, fill: u32) -> u32 {
     let pool = frames.saturating_sub(RESERVE) as u32;
     let share = pool / (2 * sockets.max(1));
