@@ -16,9 +16,9 @@ pod_gateway = "169.254.1.1"
 workers = ${STROM_WORKERS:-1}
 cores = [${STROM_CORES:-1}]
 poll_mode = "${STROM_POLL:-busy}"
-ring_size = ${STROM_RING:-512}
-umem_frames = ${STROM_FRAMES:-4096}
-fill_per_port = ${STROM_FILL:-256}
+${STROM_RING:+ring_size = $STROM_RING}
+${STROM_FRAMES:+umem_frames = $STROM_FRAMES}
+${STROM_FILL:+fill_per_port = $STROM_FILL}
 api_socket = "$run/stromd.sock"
 state_dir = "$run"
 CFG

@@ -125,6 +125,10 @@ pub struct WorkerStats {
     pub frames_free: u64,
     #[serde(default)]
     pub frames_total: u64,
+    /// Frames in the worker's fill rings, as last sampled (every few thousand loops, and
+    /// before an adaptive worker sleeps). Idle, free + in fill = total: no frame is lost.
+    #[serde(default)]
+    pub frames_in_fill: u64,
 }
 
 /// One forwarding entry.

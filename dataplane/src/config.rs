@@ -61,14 +61,15 @@ pub struct DataplaneSection {
     #[serde(default = "default_poll")]
     pub poll_mode: PollMode,
     /// Frames (2 KiB each) in each worker's slice of the UMEM all ports share (a power of
-    /// two, at least 4 × ring_size).
+    /// two, at least ring_size and 1024).
     #[serde(default = "default_frames")]
     pub umem_frames: u32,
     /// Size of each AF_XDP ring (power of two).
     #[serde(default = "default_ring")]
     pub ring_size: u32,
-    /// Frames kept in each port's fill ring (at most ring_size); when many ports share a
-    /// worker each gets an equal share of half its frames instead, if smaller (at least 16).
+    /// The deepest a port's fill ring gets (at most ring_size; with many ports, at most an
+    /// equal share of half the worker's frames, never under 16). Each port starts at 64 and
+    /// deepens when a loop finds it drained, so that a burst fits; idle ones shrink back.
     #[serde(default = "default_fill")]
     pub fill_per_port: u32,
     /// Unix socket of the API.
@@ -98,13 +99,13 @@ fn default_poll() -> PollMode {
     PollMode::Adaptive
 }
 fn default_frames() -> u32 {
-    4096
+    8192
 }
 fn default_fill() -> u32 {
-    256
+    2048
 }
 fn default_ring() -> u32 {
-    512
+    2048
 }
 fn default_socket() -> PathBuf {
     PathBuf::from(strom_api::DEFAULT_SOCKET)
@@ -171,13 +172,13 @@ impl Config {
             );
         }
         if !d.umem_frames.is_power_of_two()
-            || d.umem_frames < 4 * d.ring_size
+            || d.umem_frames < d.ring_size.max(1024)
             || d.umem_frames > 1 << 20
         {
             return inv(
                 "dataplane.umem_frames",
                 format!(
-                    "{} (a power of two, at least 4 × ring_size, at most 1048576)",
+                    "{} (a power of two, at least ring_size and 1024, at most 1048576)",
                     d.umem_frames
                 ),
             );
@@ -263,8 +264,13 @@ mod tests {
         let e = parse("[node]\npod_cidr = \"198.18.16.0/20\"\n[dataplane]\numem_frames = 1000\n")
             .unwrap_err();
         assert!(e.contains("dataplane.umem_frames"), "{e}");
-        let e = parse("[node]\npod_cidr = \"198.18.16.0/20\"\n[dataplane]\nfill_per_port = 1024\n")
+        let e = parse("[node]\npod_cidr = \"198.18.16.0/20\"\n[dataplane]\nfill_per_port = 4096\n")
             .unwrap_err();
+        assert!(e.contains("dataplane.fill_per_port"), "{e}");
+        let e = parse(
+            "[node]\npod_cidr = \"198.18.16.0/20\"\n[dataplane]\nring_size = 512\nfill_per_port = 1024\n",
+        )
+        .unwrap_err();
         assert!(e.contains("dataplane.fill_per_port"), "{e}");
         let e = parse("[node]\npod_cidr = \"198.18.16.0/33\"\n").unwrap_err();
         assert!(e.contains("pod_cidr"), "{e}");

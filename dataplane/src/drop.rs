@@ -40,11 +40,18 @@ pub enum DropReason {
     PortGone,
     /// A frame from another worker found this worker's frame pool empty.
     NoFrame,
+    /// The kernel had no frame in the port's fill ring for a received packet (counted by the
+    /// kernel, read from the socket's statistics every few thousand loops).
+    XskNoFillFrame,
+    /// The kernel found the port's rx ring full (stromd read too slowly).
+    XskRxRingFull,
+    /// The kernel refused a fill or tx descriptor (a stromd bug if ever non-zero).
+    XskInvalidDesc,
 }
 
 impl DropReason {
     /// Every reason, in counter-index order.
-    pub const ALL: [DropReason; 18] = [
+    pub const ALL: [DropReason; 21] = [
         DropReason::Runt,
         DropReason::VlanTagged,
         DropReason::UnknownEthertype,
@@ -63,6 +70,9 @@ impl DropReason {
         DropReason::HandoffFull,
         DropReason::PortGone,
         DropReason::NoFrame,
+        DropReason::XskNoFillFrame,
+        DropReason::XskRxRingFull,
+        DropReason::XskInvalidDesc,
     ];
     /// Number of reasons (size of counter arrays).
     pub const COUNT: usize = Self::ALL.len();
@@ -88,6 +98,9 @@ impl DropReason {
             DropReason::HandoffFull => "handoff_full",
             DropReason::PortGone => "port_gone",
             DropReason::NoFrame => "no_free_frame",
+            DropReason::XskNoFillFrame => "xsk_no_fill_frame",
+            DropReason::XskRxRingFull => "xsk_rx_ring_full",
+            DropReason::XskInvalidDesc => "xsk_invalid_desc",
         }
     }
 

@@ -71,6 +71,8 @@ pub struct WorkerCounters {
     /// The worker's UMEM slice: frames in its free pool (stored once per loop), and in all.
     pub frames_free: AtomicU64,
     pub frames_total: AtomicU64,
+    /// Frames in its ports' fill rings (stored when the kernel's drop counters are read).
+    pub frames_in_fill: AtomicU64,
 }
 
 /// Plain per-reason drop counts a worker accumulates during one loop.

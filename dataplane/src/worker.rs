@@ -37,6 +37,8 @@ pub const BATCH: usize = 64;
 const SPIN_BEFORE_SLEEP: u32 = 2000;
 /// Longest sleep of an adaptive worker (it wakes earlier on traffic, hand-offs and commands).
 const SLEEP_MS: i32 = 50;
+/// Loops between two reads of the kernel's drop counters of every socket.
+const KERNEL_STATS_LOOPS: u32 = 4096;
 /// Entries in each worker's cross-worker hand-off queue.
 const HANDOFF_CAP: usize = 2048;
 
@@ -143,6 +145,20 @@ impl Port {
         }
         self.counters.publish(&mut self.local);
     }
+
+    /// Counts what the kernel dropped on the port's socket since the last look.
+    fn kernel_drops(&mut self, totals: &mut Local, drops: &mut LocalDrops) {
+        let k = self.xsk.kernel_drops();
+        if k.total() == 0 {
+            return;
+        }
+        drops.count_n(DropReason::XskNoFillFrame, k.no_fill_frame);
+        drops.count_n(DropReason::XskRxRingFull, k.rx_ring_full);
+        drops.count_n(DropReason::XskInvalidDesc, k.invalid_desc);
+        self.local.drops += k.total();
+        totals.drops += k.total();
+        self.counters.publish(&mut self.local);
+    }
 }
 
 /// Creates the shared halves of `n` workers and their command receivers.
@@ -230,6 +246,7 @@ impl Worker {
             .frames_total
             .store(self.umem.total_frames() as u64, Ordering::Relaxed);
         let mut idle = 0u32;
+        let mut since_stats = 0u32;
         let mut descs = [XdpDesc {
             addr: 0,
             len: 0,
@@ -257,6 +274,25 @@ impl Worker {
                 }
             }
             drop(tables);
+            since_stats += 1;
+            // Also just before an adaptive worker goes to sleep, so that what was dropped
+            // shows while it sleeps.
+            let sleeps_next = self.mode == PollMode::Adaptive && idle == SPIN_BEFORE_SLEEP;
+            if since_stats >= KERNEL_STATS_LOOPS || sleeps_next {
+                since_stats = 0;
+                let mut in_fill = 0u64;
+                for i in 0..self.active.len() {
+                    let id = self.active[i] as usize;
+                    if let Some(p) = self.ports[id].as_mut() {
+                        p.kernel_drops(&mut self.totals, &mut self.drops);
+                        in_fill += u64::from(p.xsk.fill_queued());
+                    }
+                }
+                self.me
+                    .counters
+                    .frames_in_fill
+                    .store(in_fill, Ordering::Relaxed);
+            }
             self.me.counters.publish_drops(&mut self.drops);
             self.me.counters.packets.publish(&mut self.totals);
             self.me.counters.loops.fetch_add(1, Ordering::Relaxed);
@@ -331,6 +367,8 @@ impl Worker {
                 }
                 Command::RemovePort(id, reply) => {
                     if let Some(mut p) = self.ports.get_mut(id as usize).and_then(Option::take) {
+                        p.kernel_drops(&mut self.totals, &mut self.drops);
+                        self.me.counters.publish_drops(&mut self.drops);
                         p.counters.publish(&mut p.local);
                         p.xsk.abandon_batch(&mut self.umem);
                         // Closing an AF_XDP socket waits for an RCU grace period in the

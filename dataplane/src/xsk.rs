@@ -32,7 +32,7 @@ use std::os::fd::RawFd;
 use std::ptr::NonNull;
 use std::sync::Arc;
 
-use xdpilone::xdp::XdpDesc;
+use xdpilone::xdp::{XdpDesc, XdpStatisticsV2};
 use xdpilone::{DeviceQueue, IfInfo, RingRx, RingTx, Socket, SocketConfig, Umem, UmemConfig, User};
 
 /// Size of one UMEM frame. A frame holds one packet (no multi-buffer): MTU + 14 must fit.
@@ -44,8 +44,13 @@ const HELD: u32 = 0;
 /// Frames the fill rings never take from the pool: frames copied in from other workers
 /// need free frames even when every port's fill ring is as full as the pool allows.
 const RESERVE: usize = 256;
-/// The fill depth every port keeps at least, however many ports share the pool.
+/// The fill depth every port keeps at least.
 const MIN_FILL: u32 = 16;
+/// The fill depth a new port starts with (it grows with demand, see [`FillDepth`]).
+const START_FILL: u32 = 64;
+/// Refills between two reviews of a port's fill depth (a refill is once per loop: about a
+/// second in busy mode, longer when adaptive, which loops only while there is traffic).
+const REVIEW_REFILLS: u32 = 1 << 21;
 
 /// Errors of the AF_XDP layer.
 #[derive(Debug, thiserror::Error)]
@@ -78,18 +83,19 @@ pub struct XskSizes {
     pub frames: u32,
     /// Entries in each of a port's fill, completion, rx and tx rings (a power of two).
     pub ring: u32,
-    /// Frames kept in each port's fill ring (at most `ring`): how many frames a port can
-    /// receive before stromd reads them. With many ports the depth shrinks so that every
-    /// port gets its share of the pool (see `fill_share`).
+    /// The deepest a port's fill ring gets (at most `ring`, and at most half the worker's
+    /// pool): how many frames a port can receive before stromd reads them. A port starts
+    /// shallow and deepens when it is drained (see [`FillDepth`]), so idle ports do not tie
+    /// up the frames busy ones need.
     pub fill: u32,
 }
 
 impl Default for XskSizes {
     fn default() -> Self {
         XskSizes {
-            frames: 4096,
-            ring: 512,
-            fill: 256,
+            frames: 8192,
+            ring: 2048,
+            fill: 2048,
         }
     }
 }
@@ -242,7 +248,7 @@ impl SharedUmem {
             lent: vec![HELD; self.sizes.frames as usize],
             next_serial: HELD + 1,
             sockets: 0,
-            fill_target: self.sizes.fill,
+            fill_cap: fill_share(self.sizes.frames as usize, 0, self.sizes.fill),
         }
     }
 }
@@ -257,9 +263,10 @@ pub struct WorkerUmem {
     /// Per frame of the slice: `HELD`, or the serial of the socket it is lent to.
     lent: Vec<u32>,
     next_serial: u32,
-    /// Open sockets of this worker, and the fill depth each gets now (`fill_share`).
+    /// Open sockets of this worker, and the deepest each one's fill ring may get now
+    /// (`fill_share`).
     sockets: u32,
-    fill_target: u32,
+    fill_cap: u32,
 }
 
 impl WorkerUmem {
@@ -305,7 +312,7 @@ impl WorkerUmem {
 
     fn sockets_changed(&mut self, sockets: u32) {
         self.sockets = sockets;
-        self.fill_target = fill_share(self.lent.len(), sockets, self.shared.sizes.fill);
+        self.fill_cap = fill_share(self.lent.len(), sockets, self.shared.sizes.fill);
     }
 
     /// Returns to the pool every frame lent to the socket `serial`, which the kernel has
@@ -388,20 +395,98 @@ impl WorkerUmem {
             fd,
             ring: sizes.ring,
             tx_batch: Vec::with_capacity(sizes.ring as usize),
+            depth: FillDepth::new(self.fill_cap),
+            refills: 0,
+            kernel: XdpStatisticsV2::default(),
         };
         port.refill(self);
         Ok(port)
     }
 }
 
-/// The fill depth each of `sockets` ports gets from a pool of `frames`: the configured `fill`,
-/// or an equal share of half the pool less the reserve when that is smaller (the other half
-/// covers frames in rx and tx rings and being processed), never under `MIN_FILL` (nor over
-/// `fill`). Every port always gets frames: the first ports cannot starve the later ones.
+/// The deepest each of `sockets` ports' fill rings may get from a pool of `frames`: the
+/// configured `fill`, or an equal share of half the pool less the reserve when that is
+/// smaller (the other half covers frames in rx and tx rings and being processed), never under
+/// `MIN_FILL`. Frames in an idle port's fill ring stay there until it receives, so the shares
+/// are what keeps the first ports from starving the later ones.
 fn fill_share(frames: usize, sockets: u32, fill: u32) -> u32 {
     let pool = frames.saturating_sub(RESERVE) as u32;
     let share = pool / (2 * sockets.max(1));
     share.max(MIN_FILL).min(fill)
+}
+
+/// A port's fill-ring depth, set by demand. A pod's TCP stack answers the ACKs stromd
+/// delivers at once, inside stromd's own transmit call (veth runs the receiver inline), so a
+/// burst of segments lands in the port's rx ring before stromd can refill: the fill ring must
+/// hold a whole burst, or the kernel drops (counted as `xsk_no_fill_frame`). Deep rings on
+/// every port would tie up the shared pool in idle pods, so each port starts at
+/// `START_FILL`, doubles (up to its share of the pool, `fill_share`) whenever a loop finds it drained below half, goes
+/// straight to the cap when a loop finds it empty (the kernel has probably dropped), and
+/// when in a whole review period no loop used a quarter of it, shrinks to twice the most any
+/// loop used (not under `MIN_FILL`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FillDepth {
+    target: u32,
+    cap: u32,
+    /// The fewest frames found queued at a refill since the last review.
+    low: u32,
+}
+
+impl FillDepth {
+    pub fn new(cap: u32) -> Self {
+        let target = START_FILL.min(cap);
+        FillDepth {
+            target,
+            cap,
+            low: target,
+        }
+    }
+
+    /// The depth to fill to, given `queued` frames still in the ring and the port's share of
+    /// the pool now (`cap`).
+    #[inline]
+    pub fn at_refill(&mut self, queued: u32, cap: u32) -> u32 {
+        self.cap = cap;
+        self.target = self.target.min(cap);
+        if queued == 0 {
+            self.target = self.cap;
+        } else if queued < self.target / 2 {
+            self.target = self.target.saturating_mul(2).min(self.cap);
+        }
+        self.low = self.low.min(queued);
+        self.target
+    }
+
+    /// End of a review period: a ring never drained by a quarter shrinks to twice the most
+    /// a loop took from it.
+    pub fn review(&mut self) {
+        let used = self.target.saturating_sub(self.low);
+        if used < self.target / 4 {
+            self.target = (2 * used).max(MIN_FILL).min(self.cap);
+        }
+        self.low = self.target;
+    }
+
+    pub fn target(&self) -> u32 {
+        self.target
+    }
+}
+
+/// Frames the kernel dropped on a socket (from `XDP_STATISTICS`), since the last look.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct KernelDrops {
+    /// No frame in the fill ring for a received packet.
+    pub no_fill_frame: u64,
+    /// The rx ring was full.
+    pub rx_ring_full: u64,
+    /// Descriptors the kernel refused (invalid address or length): a bug if ever non-zero.
+    pub invalid_desc: u64,
+}
+
+impl KernelDrops {
+    pub fn total(&self) -> u64 {
+        self.no_fill_frame + self.rx_ring_full + self.invalid_desc
+    }
 }
 
 /// One AF_XDP socket bound to one queue of an interface, sharing its worker's UMEM.
@@ -417,6 +502,10 @@ pub struct XskPort {
     fd: RawFd,
     ring: u32,
     tx_batch: Vec<XdpDesc>,
+    depth: FillDepth,
+    refills: u32,
+    /// The kernel's statistics of this socket at the last look.
+    kernel: XdpStatisticsV2,
 }
 
 // SAFETY: the rings are !Send only because they hold raw pointers to their own mmap'd
@@ -531,8 +620,14 @@ impl XskPort {
     }
 
     fn refill(&mut self, umem: &mut WorkerUmem) {
-        let fill = umem.fill_target;
-        let queued = self.dev.pending().min(fill);
+        let pending = self.dev.pending();
+        let fill = self.depth.at_refill(pending, umem.fill_cap);
+        self.refills += 1;
+        if self.refills >= REVIEW_REFILLS {
+            self.refills = 0;
+            self.depth.review();
+        }
+        let queued = pending.min(fill);
         let spare = umem.free.len().saturating_sub(RESERVE) as u32;
         let want = (fill - queued).min(spare);
         if want == 0 {
@@ -558,6 +653,27 @@ impl XskPort {
         }
         if self.dev.needs_wakeup() {
             self.dev.wake();
+        }
+    }
+
+    /// Frames in the fill ring the kernel has not used yet.
+    pub fn fill_queued(&self) -> u32 {
+        self.dev.pending()
+    }
+
+    /// What the kernel dropped on this socket since the last call (one getsockopt; called
+    /// every so many loops and before the port closes, not per packet).
+    pub fn kernel_drops(&mut self) -> KernelDrops {
+        let Ok(now) = self._user.statistics_v2() else {
+            return KernelDrops::default();
+        };
+        let was = self.kernel;
+        self.kernel = now;
+        KernelDrops {
+            no_fill_frame: now.rx_dropped.saturating_sub(was.rx_dropped),
+            rx_ring_full: now.rx_ring_full.saturating_sub(was.rx_ring_full),
+            invalid_desc: (now.rx_invalid_descs + now.tx_invalid_descs)
+                .saturating_sub(was.rx_invalid_descs + was.tx_invalid_descs),
         }
     }
 
@@ -645,22 +761,75 @@ impl PollSet {
 
 #[cfg(test)]
 mod tests {
-    use super::fill_share;
+    use super::{fill_share, FillDepth, MIN_FILL, START_FILL};
 
     #[test]
-    fn few_ports_get_the_configured_fill_depth() {
-        assert_eq!(fill_share(4096, 1, 256), 256);
+    fn few_ports_may_deepen_to_the_configured_depth_or_half_the_pool() {
+        assert_eq!(fill_share(4096, 1, 2048), (4096 - 256) / 2);
+        assert_eq!(fill_share(16384, 2, 2048), 2048);
+        assert_eq!(fill_share(8192, 2, 2048), (8192 - 256) / 4);
         assert_eq!(fill_share(4096, 7, 256), 256);
     }
 
     #[test]
     fn many_ports_share_half_the_pool_equally_and_never_starve() {
-        // 110 pods on one worker: (4096 - 256) / 220 = 17 frames each.
-        assert_eq!(fill_share(4096, 110, 256), 17);
-        assert!(110 * fill_share(4096, 110, 256) as usize <= (4096 - 256) / 2);
+        // 110 pods on one worker: (8192 - 256) / 220 = 36 frames each at most.
+        assert_eq!(fill_share(8192, 110, 2048), 36);
+        assert!(110 * fill_share(8192, 110, 2048) as usize <= (8192 - 256) / 2);
         // Far more ports than frames: each still keeps the minimum.
-        assert_eq!(fill_share(1024, 4000, 256), 16);
+        assert_eq!(fill_share(1024, 4000, 2048), MIN_FILL);
         // A configured depth below the minimum is kept as is.
         assert_eq!(fill_share(8192, 1, 8), 8);
+    }
+
+    #[test]
+    fn a_drained_ring_deepens_up_to_the_cap() {
+        let mut d = FillDepth::new(1920);
+        assert_eq!(d.target(), START_FILL);
+        // A smaller share (more ports opened) lowers the depth at the next refill.
+        let mut s = FillDepth::new(1920);
+        s.at_refill(0, 1920);
+        assert_eq!(s.at_refill(1900, 500), 500);
+        // Light use (a few frames a loop) leaves the depth alone.
+        for _ in 0..100 {
+            assert_eq!(d.at_refill(START_FILL - 3, 1920), START_FILL);
+        }
+        // Half used in a loop: deepens.
+        assert_eq!(d.at_refill(START_FILL / 2 - 1, 1920), 2 * START_FILL);
+        let mut d = FillDepth::new(1920);
+        // Drained below half: doubles each time, never past the cap.
+        let mut seen = vec![];
+        for _ in 0..10 {
+            seen.push(d.at_refill(1, 1920));
+        }
+        assert_eq!(seen[..5], [128, 256, 512, 1024, 1920]);
+        assert!(seen.iter().all(|&t| t <= 1920));
+        // Found empty: straight to the cap.
+        let mut d = FillDepth::new(1920);
+        assert_eq!(d.at_refill(0, 1920), 1920);
+    }
+
+    #[test]
+    fn an_idle_ring_shrinks_to_the_minimum_and_a_busy_one_does_not() {
+        let mut busy = FillDepth::new(1920);
+        let mut idle = FillDepth::new(1920);
+        busy.at_refill(0, 1920);
+        idle.at_refill(0, 1920);
+        assert_eq!((busy.target(), idle.target()), (1920, 1920));
+        let mut light = FillDepth::new(1920);
+        light.at_refill(0, 1920);
+        for _ in 0..20 {
+            // The busy port is drained by a third in some loop of every period.
+            busy.at_refill(busy.target() - busy.target() / 3, 1920);
+            busy.review();
+            // The light one takes at most 100 frames in a loop.
+            light.at_refill(light.target() - 100, 1920);
+            light.review();
+            idle.at_refill(idle.target(), 1920);
+            idle.review();
+        }
+        assert_eq!(busy.target(), 1920);
+        assert_eq!(light.target(), 200);
+        assert_eq!(idle.target(), MIN_FILL);
     }
 }

@@ -200,6 +200,15 @@ impl Lab {
             .unwrap_or_else(|| panic!("no {kind} port: {ports}"))
     }
 
+    /// stromd's process id, from the lab's state.
+    pub fn stromd_pid(&self) -> u32 {
+        let st: Value =
+            serde_json::from_slice(&std::fs::read(self.dir.join("state.json")).unwrap()).unwrap();
+        st["stromd"]
+            .as_u64()
+            .unwrap_or_else(|| panic!("no stromd pid in the lab state: {st}")) as u32
+    }
+
     /// Frames stromd received on all ports.
     pub fn rx_packets(&self) -> u64 {
         let ports = self.stromctl(&["ports"]);
@@ -247,12 +256,13 @@ impl Lab {
         }
     }
 
-    /// Free and total frames of worker 0's UMEM slice.
-    pub fn frames(&self) -> (u64, u64) {
+    /// Free, in fill rings and total frames of worker 0's UMEM slice.
+    pub fn frames(&self) -> (u64, u64, u64) {
         let s = self.stromctl(&["stats"]);
         let w = &s["workers"][0];
         (
             w["frames_free"].as_u64().unwrap_or(0),
+            w["frames_in_fill"].as_u64().unwrap_or(0),
             w["frames_total"].as_u64().unwrap_or(0),
         )
     }

@@ -173,6 +173,7 @@ fn main() -> anyhow::Result<()> {
                     "loops",
                     "sleeps",
                     "frames free",
+                    "in fill",
                 ],
                 workers
                     .iter()
@@ -187,6 +188,7 @@ fn main() -> anyhow::Result<()> {
                             w.loops.to_string(),
                             w.sleeps.to_string(),
                             format!("{}/{}", w.frames_free, w.frames_total),
+                            w.frames_in_fill.to_string(),
                         ]
                     })
                     .collect(),
