@@ -1,0 +1,338 @@
+//! The paths under test: what forwards between the node's two veths, and where traffic is sent.
+//!
+//! A new path (pod → Service through stromd, cross-node) is one more entry here: a name, the
+//! scenario it measures, how it is started and stopped, and the address the pods send to.
+
+use std::fs::File;
+use std::net::Ipv4Addr;
+use std::path::{Path as FsPath, PathBuf};
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+
+use crate::topo::{
+    ns_run, ns_run_input, Topology, IPERF_PORT, IP_A, IP_B, SINK_PORT_FIRST, SINK_PORT_LAST,
+    SOCKPERF_PORT, VIP,
+};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Path {
+    Stromd,
+    Kernel,
+    KernelNat,
+    Testpmd,
+}
+
+pub const ALL: [Path; 4] = [Path::Stromd, Path::Kernel, Path::KernelNat, Path::Testpmd];
+
+impl Path {
+    pub fn name(self) -> &'static str {
+        match self {
+            Path::Stromd => "stromd",
+            Path::Kernel => "kernel",
+            Path::KernelNat => "kernel-nat",
+            Path::Testpmd => "testpmd",
+        }
+    }
+
+    pub fn parse(s: &str) -> Result<Path> {
+        ALL.into_iter().find(|p| p.name() == s).with_context(|| {
+            let names: Vec<_> = ALL.iter().map(|p| p.name()).collect();
+            format!("unknown path {s:?} (known: {})", names.join(", "))
+        })
+    }
+
+    /// What the row measures, in the words of the Kubernetes model.
+    pub fn scenario(self) -> &'static str {
+        match self {
+            Path::KernelNat => "pod → Service VIP (DNAT to pod B)",
+            _ => "pod → pod",
+        }
+    }
+
+    pub fn describe(self) -> &'static str {
+        match self {
+            Path::Stromd => "stromd (one worker, busy polling, AF_XDP)",
+            Path::Kernel => "Linux IP forwarding",
+            Path::KernelNat => "Linux + nftables DNAT (kube-proxy nftables style)",
+            Path::Testpmd => "DPDK testpmd, MAC forwarding over AF_XDP",
+        }
+    }
+
+    /// Where the pods send.
+    pub fn destination(self) -> Ipv4Addr {
+        match self {
+            Path::KernelNat => VIP,
+            _ => IP_B,
+        }
+    }
+
+    /// Debian packages the path needs beyond the common ones.
+    pub fn packages(self) -> &'static [&'static str] {
+        match self {
+            Path::Testpmd => &["dpdk-dev", "librte-net-af-xdp23"],
+            _ => &[],
+        }
+    }
+}
+
+/// Cores and binaries the paths run with.
+pub struct Env {
+    pub bin: PathBuf,
+    pub work: PathBuf,
+    pub dut_core: usize,
+    pub sender_core: usize,
+    /// Extra flags for stromd.
+    pub stromd_args: Vec<String>,
+}
+
+/// A started path; `stop` (or drop) ends it.
+pub struct Running {
+    child: Option<Child>,
+    _stdin: Option<ChildStdin>,
+    _dir: Option<TempDir>,
+}
+
+impl Running {
+    pub fn stop(mut self) -> Result<()> {
+        self.halt()
+    }
+
+    fn halt(&mut self) -> Result<()> {
+        let Some(mut child) = self.child.take() else {
+            return Ok(());
+        };
+        let pid = Pid::from_raw(child.id() as i32);
+        let _ = kill(pid, Signal::SIGINT);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if child.try_wait()?.is_some() {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        bail!("the path's process {pid} did not stop on SIGINT within 10 s; killed")
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.halt();
+    }
+}
+
+/// A directory removed when dropped.
+struct TempDir(PathBuf);
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Starts `path` in the node namespace of `t`.
+pub fn start(path: Path, t: &Topology, env: &Env) -> Result<Running> {
+    let none = Running {
+        child: None,
+        _stdin: None,
+        _dir: None,
+    };
+    match path {
+        Path::Kernel | Path::KernelNat => {
+            t.offloads(true)?;
+            ns_run(&t.n, &["sysctl", "-qw", "net.ipv4.ip_forward=1"])?;
+            ns_run(&t.n, &["nft", "flush", "ruleset"])?;
+            if path == Path::KernelNat {
+                ns_run_input(&t.n, &["nft", "-f", "-"], &nat_rules())?;
+            }
+            Ok(none)
+        }
+        Path::Testpmd => {
+            t.offloads(false)?;
+            ns_run(&t.n, &["sysctl", "-qw", "net.ipv4.ip_forward=0"])?;
+            let log = File::create(env.work.join("testpmd.log"))?;
+            let lcores = format!("{},{}", env.sender_core, env.dut_core);
+            let peer0 = format!("--eth-peer=0,{}", t.mac_a);
+            let peer1 = format!("--eth-peer=1,{}", t.mac_b);
+            // testpmd leaves when its standard input closes, so it keeps a pipe until stopped.
+            let mut child = Command::new("ip")
+                .args(["netns", "exec", &t.n, "dpdk-testpmd", "-l", &lcores])
+                .args([
+                    "--no-pci",
+                    "--no-huge",
+                    "-m",
+                    "1024",
+                    "--log-level=lib.eal:error",
+                ])
+                .args([
+                    "--vdev",
+                    "net_af_xdp0,iface=ha",
+                    "--vdev",
+                    "net_af_xdp1,iface=hb",
+                ])
+                .args(["--", "--forward-mode=mac", &peer0, &peer1, "--auto-start"])
+                .stdin(Stdio::piped())
+                .stdout(log.try_clone()?)
+                .stderr(log)
+                .spawn()
+                .context("starting dpdk-testpmd")?;
+            let stdin = child.stdin.take();
+            let mut r = Running {
+                child: Some(child),
+                _stdin: stdin,
+                _dir: None,
+            };
+            // testpmd's stdout is a file, so its messages come late (block buffering); its
+            // ports are up once both veths carry its XDP program.
+            let n = t.n.clone();
+            wait_for(
+                || {
+                    Ok(["ha", "hb"].iter().all(|dev| {
+                        ns_run(&n, &["ip", "link", "show", "dev", dev])
+                            .is_ok_and(|o| o.contains("xdp"))
+                    }))
+                },
+                Duration::from_secs(20),
+                &mut r,
+                "dpdk-testpmd to attach to both veths (see testpmd.log)",
+            )?;
+            // The XDP program comes before the socket is in its map; give it a moment.
+            std::thread::sleep(Duration::from_secs(1));
+            Ok(r)
+        }
+        Path::Stromd => {
+            t.offloads(false)?;
+            ns_run(&t.n, &["sysctl", "-qw", "net.ipv4.ip_forward=0"])?;
+            start_stromd(t, env)
+        }
+    }
+}
+
+fn nat_rules() -> String {
+    format!(
+        "table ip svc {{
+  chain pre {{ type nat hook prerouting priority dstnat;
+    ip daddr {VIP} tcp dport {IPERF_PORT} dnat to {IP_B}
+    ip daddr {VIP} udp dport {SINK_PORT_FIRST}-{SINK_PORT_LAST} dnat to {IP_B}
+    ip daddr {VIP} udp dport {SOCKPERF_PORT} dnat to {IP_B}
+  }}
+  chain post {{ type nat hook postrouting priority srcnat; }}
+}}"
+    )
+}
+
+fn start_stromd(t: &Topology, env: &Env) -> Result<Running> {
+    let dir = env.work.join("stromd");
+    std::fs::create_dir_all(&dir)?;
+    let dir = TempDir(dir);
+    let sock = dir.0.join("stromd.sock");
+    let config = format!(
+        r#"[node]
+# the pods reach the node's gateways by static neighbour entries
+addresses = []
+pod_cidr = "198.18.0.0/22"
+pod_gateway = "169.254.1.1"
+[dataplane]
+workers = 1
+cores = [{core}]
+poll_mode = "busy"
+api_socket = "{sock}"
+state_dir = "{state}"
+"#,
+        core = env.dut_core,
+        sock = sock.display(),
+        state = dir.0.display(),
+    );
+    let cfg = dir.0.join("stromd.toml");
+    std::fs::write(&cfg, config)?;
+    let log = File::create(env.work.join("stromd.log"))?;
+    let child = Command::new("ip")
+        .args(["netns", "exec", &t.n])
+        .arg(env.bin.join("stromd"))
+        .arg("--config")
+        .arg(&cfg)
+        .args(["--log", "warn"])
+        .args(&env.stromd_args)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .spawn()
+        .context("starting stromd")?;
+    let mut r = Running {
+        child: Some(child),
+        _stdin: None,
+        _dir: Some(dir),
+    };
+    wait_for(
+        || Ok(sock.exists()),
+        Duration::from_secs(10),
+        &mut r,
+        "stromd's API socket (see stromd.log)",
+    )?;
+    for (ifname, ip, mac, id) in [
+        ("ha", IP_A, &t.mac_a, "pod-a"),
+        ("hb", IP_B, &t.mac_b, "pod-b"),
+    ] {
+        stromctl(
+            env,
+            &sock,
+            &[
+                "add-port",
+                "--ifname",
+                ifname,
+                "--ip",
+                &ip.to_string(),
+                "--mac",
+                mac,
+                "--container-id",
+                id,
+            ],
+        )?;
+    }
+    Ok(r)
+}
+
+fn stromctl(env: &Env, sock: &FsPath, args: &[&str]) -> Result<()> {
+    let out = Command::new(env.bin.join("stromctl"))
+        .arg("-s")
+        .arg(sock)
+        .args(args)
+        .output()
+        .context("running stromctl")?;
+    if !out.status.success() {
+        bail!(
+            "stromctl {} failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+/// Polls `ready` until it holds; fails early if the process exits first.
+fn wait_for(
+    mut ready: impl FnMut() -> Result<bool>,
+    limit: Duration,
+    r: &mut Running,
+    what: &str,
+) -> Result<()> {
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        if ready().unwrap_or(false) {
+            return Ok(());
+        }
+        if let Some(child) = r.child.as_mut() {
+            if let Some(status) = child.try_wait()? {
+                r.child = None;
+                bail!("waiting for {what}: the process exited ({status})");
+            }
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    bail!("waiting for {what}: not ready within {} s", limit.as_secs())
+}

@@ -1,0 +1,555 @@
+//! Results of a run: the JSON kept on disk, the medians, the table and the BENCHMARKS.md block.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+
+use serde::{Deserialize, Serialize};
+
+use crate::traffic::Metric;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Results {
+    pub meta: Meta,
+    pub samples: Vec<Sample>,
+    /// Measurements that gave no number, and why.
+    #[serde(default)]
+    pub failures: Vec<Failure>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Failure {
+    pub round: u32,
+    pub path: String,
+    pub traffic: String,
+    pub error: String,
+}
+
+impl Failure {
+    pub fn new(round: u32, path: &str, traffic: &str, e: &anyhow::Error) -> Failure {
+        Failure {
+            round,
+            path: path.into(),
+            traffic: traffic.into(),
+            error: format!("{e:#}"),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Meta {
+    /// UTC date and time the run started.
+    pub started: String,
+    pub command: String,
+    pub secs: u32,
+    pub rounds: u32,
+    /// Paths and traffic in the order they ran in each round.
+    pub paths: Vec<PathInfo>,
+    pub traffic: Vec<String>,
+    pub sender_core: usize,
+    pub dut_core: usize,
+    pub machine: Machine,
+    /// `git describe` of the tree the binaries were built from, when known.
+    pub commit: Option<String>,
+    /// Versions of the tools the run used.
+    pub tools: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PathInfo {
+    pub name: String,
+    pub scenario: String,
+    pub description: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Machine {
+    pub cpu: String,
+    pub cores: usize,
+    pub memory_gib: f64,
+    pub kernel: String,
+    pub os: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Sample {
+    pub round: u32,
+    pub path: String,
+    pub metric: String,
+    pub value: f64,
+    /// For UDP: what strom-pktgen offered, in Mpps.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub offered_mpps: Option<f64>,
+    /// For TCP: segments the senders retransmitted (iperf3).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub retransmits: Option<u64>,
+}
+
+/// Median and spread of one path's samples of one metric.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Stat {
+    pub median: f64,
+    pub min: f64,
+    pub max: f64,
+    pub n: usize,
+}
+
+/// The median of a non-empty slice (the mean of the middle two for an even count).
+pub fn median(v: &[f64]) -> f64 {
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    let m = s.len() / 2;
+    if s.len() % 2 == 1 {
+        s[m]
+    } else {
+        (s[m - 1] + s[m]) / 2.0
+    }
+}
+
+fn stat(v: &[f64]) -> Option<Stat> {
+    if v.is_empty() {
+        return None;
+    }
+    Some(Stat {
+        median: median(v),
+        min: v.iter().copied().fold(f64::INFINITY, f64::min),
+        max: v.iter().copied().fold(f64::NEG_INFINITY, f64::max),
+        n: v.len(),
+    })
+}
+
+impl Results {
+    /// Metrics in the order the traffic ran.
+    pub fn metrics(&self) -> Vec<Metric> {
+        let mut out: Vec<Metric> = Vec::new();
+        for s in &self.samples {
+            if let Some(m) = Metric::from_key(&s.metric) {
+                if !out.contains(&m) {
+                    out.push(m);
+                }
+            }
+        }
+        out.sort();
+        out
+    }
+
+    pub fn path_names(&self) -> Vec<&str> {
+        self.meta.paths.iter().map(|p| p.name.as_str()).collect()
+    }
+
+    pub fn stat(&self, path: &str, metric: Metric) -> Option<Stat> {
+        let key = metric.key();
+        let v: Vec<f64> = self
+            .samples
+            .iter()
+            .filter(|s| s.path == path && s.metric == key)
+            .map(|s| s.value)
+            .collect();
+        stat(&v)
+    }
+
+    /// The median of one path's TCP retransmits for a metric.
+    pub fn retransmits(&self, path: &str, metric: Metric) -> Option<f64> {
+        let key = metric.key();
+        let v: Vec<f64> = self
+            .samples
+            .iter()
+            .filter(|s| s.path == path && s.metric == key)
+            .filter_map(|s| s.retransmits.map(|r| r as f64))
+            .collect();
+        (!v.is_empty()).then(|| median(&v))
+    }
+
+    /// The median rate strom-pktgen offered for one path's UDP metric.
+    pub fn offered(&self, path: &str, metric: Metric) -> Option<f64> {
+        let key = metric.key();
+        let v: Vec<f64> = self
+            .samples
+            .iter()
+            .filter(|s| s.path == path && s.metric == key)
+            .filter_map(|s| s.offered_mpps)
+            .collect();
+        (!v.is_empty()).then(|| median(&v))
+    }
+
+    /// The medians table, with a row of stromd / peer ratios for every peer.
+    pub fn table(&self) -> String {
+        let metrics = self.metrics();
+        let mut t = String::from("| path | scenario |");
+        for m in &metrics {
+            let _ = write!(t, " {} |", m.label());
+        }
+        t.push_str("\n| --- | --- |");
+        for _ in &metrics {
+            t.push_str(" ---: |");
+        }
+        t.push('\n');
+        for p in &self.meta.paths {
+            let bold = p.name == "stromd";
+            let _ = write!(t, "| {} | {} |", p.description, p.scenario);
+            for m in &metrics {
+                match self.stat(&p.name, *m) {
+                    Some(s) if bold => {
+                        let _ = write!(t, " **{}** ({}) |", fmt(s.median), spread(&s));
+                    }
+                    Some(s) => {
+                        let _ = write!(t, " {} ({}) |", fmt(s.median), spread(&s));
+                    }
+                    None => t.push_str(" – |"),
+                }
+            }
+            t.push('\n');
+        }
+        for (peer, ratios) in self.ratios("stromd") {
+            let _ = write!(t, "| stromd / {peer} | |");
+            for m in &metrics {
+                match ratios.get(m) {
+                    Some(r) => {
+                        let _ = write!(t, " {r:.2}× |");
+                    }
+                    None => t.push_str(" – |"),
+                }
+            }
+            t.push('\n');
+        }
+        t
+    }
+
+    /// For every other path: the ratio of `path`'s median to that path's, per metric.
+    pub fn ratios(&self, path: &str) -> Vec<(String, BTreeMap<Metric, f64>)> {
+        let metrics = self.metrics();
+        if !self.path_names().contains(&path) {
+            return Vec::new();
+        }
+        self.meta
+            .paths
+            .iter()
+            .filter(|p| p.name != path)
+            .map(|p| {
+                let r = metrics
+                    .iter()
+                    .filter_map(|m| {
+                        let a = self.stat(path, *m)?.median;
+                        let b = self.stat(&p.name, *m)?.median;
+                        (b > 0.0).then_some((*m, a / b))
+                    })
+                    .collect();
+                (p.name.clone(), r)
+            })
+            .collect()
+    }
+
+    /// What bounds each figure, partly from the numbers of this run.
+    pub fn limits(&self) -> String {
+        let metrics = self.metrics();
+        let mut out = String::new();
+        let udp: Vec<Metric> = metrics
+            .iter()
+            .copied()
+            .filter(|m| matches!(m, Metric::UdpMpps(_)))
+            .collect();
+        if !udp.is_empty() {
+            let _ = write!(
+                out,
+                "- **UDP Mpps** is what reached pod B's interface (`rx_packets`) per second of \
+                 sending. strom-pktgen offers 60-byte frames from core {} as fast as its ring \
+                 goes; the share of the offered rate each path delivered (medians):",
+                self.meta.sender_core
+            );
+            for p in &self.meta.paths {
+                let shares: Vec<String> = udp
+                    .iter()
+                    .filter_map(|m| {
+                        let got = self.stat(&p.name, *m)?.median;
+                        let offered = self.offered(&p.name, *m)?;
+                        (offered > 0.0).then(|| {
+                            let n = match m {
+                                Metric::UdpMpps(n) => *n,
+                                _ => 0,
+                            };
+                            format!("{n} flows {:.0}% of {offered:.3}", got / offered * 100.0)
+                        })
+                    })
+                    .collect();
+                if !shares.is_empty() {
+                    let _ = write!(out, " {}: {};", p.name, shares.join(", "));
+                }
+            }
+            out.pop();
+            out.push_str(
+                ". A path that delivers nearly all it is offered is bounded by the sender, \
+                 not by itself. For the AF_XDP paths (stromd, testpmd) the kernel bounds both \
+                 sides: veth supports AF_XDP only in copy mode, so every frame is copied into \
+                 the UMEM on receive and back into an skb on transmit, and the transmit call \
+                 runs pod B's receive path inline (veth delivers in the sender's context). \
+                 The flow count matters only to paths with per-flow state (conntrack in \
+                 kernel-nat).\n",
+            );
+        }
+        let tcp: Vec<Metric> = metrics
+            .iter()
+            .copied()
+            .filter(|m| matches!(m, Metric::TcpGbps(_)))
+            .collect();
+        if !tcp.is_empty() {
+            out.push_str(
+                "- **TCP Gbit/s** through an AF_XDP path has no TSO, GSO or checksum offload \
+                 (they must be off in the pods, DESIGN.md), so every 1448-byte segment crosses \
+                 the path on its own, while the kernel paths move 64 KB super-packets; more \
+                 streams share the same two cores. Segments retransmitted in a measurement \
+                 (medians; a path that drops shows here):",
+            );
+            for p in &self.meta.paths {
+                let r: Vec<String> = tcp
+                    .iter()
+                    .filter_map(|m| {
+                        let n = match m {
+                            Metric::TcpGbps(n) => *n,
+                            _ => 0,
+                        };
+                        Some(format!(
+                            "{n} stream(s) {:.0}",
+                            self.retransmits(&p.name, *m)?
+                        ))
+                    })
+                    .collect();
+                if !r.is_empty() {
+                    let _ = write!(out, " {}: {};", p.name, r.join(", "));
+                }
+            }
+            out.pop();
+            out.push_str(".\n");
+        }
+        if metrics
+            .iter()
+            .any(|m| matches!(m, Metric::RttP50 | Metric::RttP99))
+        {
+            out.push_str(
+                "- **RTT** is sockperf's UDP ping-pong round trip (`--full-rtt`). The AF_XDP \
+                 paths spin on their core (busy polling), so a request is picked up at once; \
+                 the kernel paths forward in softirq context of the sending pod. p99 is \
+                 dominated by the scheduler on a shared 2-core machine.\n",
+            );
+        }
+        out
+    }
+
+    /// The generated part of BENCHMARKS.md.
+    pub fn markdown(&self, json_name: &str, chart_name: Option<&str>) -> String {
+        let m = &self.meta;
+        let mut s = String::new();
+        let _ = writeln!(
+            s,
+            "{BEGIN} (generated by `strom-bench` from `{json_name}`; change \
+             `perf/src/bench/report.rs`, not this block) -->\n"
+        );
+        let _ = writeln!(
+            s,
+            "Run of {} on {} ({} cores, {:.0} GiB), {}, kernel {}{}. {} interleaved rounds \
+             (every path once per round), {} s per measurement; the sender is pinned to core \
+             {}, the path under test to core {}. Tools: {}.\n",
+            m.started,
+            m.machine.cpu,
+            m.machine.cores,
+            m.machine.memory_gib,
+            m.machine.os,
+            m.machine.kernel,
+            m.commit
+                .as_deref()
+                .map(|c| format!(", strom {c}"))
+                .unwrap_or_default(),
+            m.rounds,
+            m.secs,
+            m.sender_core,
+            m.dut_core,
+            m.tools
+                .iter()
+                .map(|(k, v)| format!("{k} {v}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        let _ = writeln!(s, "```sh\n{}\n```\n", m.command);
+        s.push_str("Medians (lowest–highest of the rounds); ratios are of medians, and for RTT lower is better:\n\n");
+        s.push_str(&self.table());
+        if let Some(c) = chart_name {
+            let _ = writeln!(
+                s,
+                "\n![medians per path, bars from lowest to highest round]({c})"
+            );
+        }
+        if !self.failures.is_empty() {
+            s.push_str("\nMeasurements that failed (their medians are over fewer rounds):\n");
+            for f in &self.failures {
+                let _ = writeln!(
+                    s,
+                    "- round {} {} {}: {}",
+                    f.round, f.path, f.traffic, f.error
+                );
+            }
+        }
+        s.push_str("\nWhat limits each figure:\n");
+        s.push_str(&self.limits());
+        s.push('\n');
+        s.push_str(END);
+        s.push('\n');
+        s
+    }
+}
+
+pub const BEGIN: &str = "<!-- strom-bench:begin";
+pub const END: &str = "<!-- strom-bench:end -->";
+
+/// `doc` with its generated block replaced by `block` (appended when `doc` has none).
+pub fn regenerate(doc: &str, block: &str) -> String {
+    if let (Some(b), Some(e)) = (doc.find(BEGIN), doc.find(END)) {
+        if b < e {
+            let mut out = String::with_capacity(doc.len() + block.len());
+            out.push_str(&doc[..b]);
+            out.push_str(block.trim_end_matches('\n'));
+            out.push_str(&doc[e + END.len()..]);
+            return out;
+        }
+    }
+    let mut out = doc.trim_end_matches('\n').to_string();
+    out.push_str("\n\n");
+    out.push_str(block);
+    out
+}
+
+fn fmt(v: f64) -> String {
+    if v >= 100.0 {
+        format!("{v:.0}")
+    } else if v >= 10.0 {
+        format!("{v:.1}")
+    } else if v >= 1.0 {
+        format!("{v:.2}")
+    } else {
+        format!("{v:.3}")
+    }
+}
+
+fn spread(s: &Stat) -> String {
+    format!("{}–{}", fmt(s.min), fmt(s.max))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn results(samples: &[(&str, &str, f64, Option<f64>)]) -> Results {
+        let paths = ["stromd", "testpmd"]
+            .iter()
+            .map(|n| PathInfo {
+                name: n.to_string(),
+                scenario: "pod → pod".into(),
+                description: n.to_string(),
+            })
+            .collect();
+        Results {
+            meta: Meta {
+                started: "2026-11-27 08:00 UTC".into(),
+                command: "strom-bench run".into(),
+                secs: 5,
+                rounds: 3,
+                paths,
+                traffic: vec!["udp256".into(), "latency".into()],
+                sender_core: 0,
+                dut_core: 1,
+                machine: Machine {
+                    cpu: "cpu".into(),
+                    cores: 2,
+                    memory_gib: 24.0,
+                    kernel: "6.18".into(),
+                    os: "Debian 12".into(),
+                },
+                commit: None,
+                tools: BTreeMap::new(),
+            },
+            samples: samples
+                .iter()
+                .enumerate()
+                .map(|(i, (p, m, v, o))| Sample {
+                    round: i as u32,
+                    path: p.to_string(),
+                    metric: m.to_string(),
+                    value: *v,
+                    offered_mpps: *o,
+                    retransmits: None,
+                })
+                .collect(),
+            failures: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn median_of_odd_and_even_counts() {
+        assert_eq!(median(&[3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(&[4.0, 1.0, 3.0, 2.0]), 2.5);
+        assert_eq!(median(&[7.0]), 7.0);
+    }
+
+    #[test]
+    fn medians_ratios_and_offered_share() {
+        let r = results(&[
+            ("stromd", "udp_mpps_256_flows", 0.40, Some(0.60)),
+            ("stromd", "udp_mpps_256_flows", 0.30, Some(0.60)),
+            ("stromd", "udp_mpps_256_flows", 0.35, Some(0.50)),
+            ("testpmd", "udp_mpps_256_flows", 0.20, Some(0.60)),
+            ("testpmd", "udp_mpps_256_flows", 0.25, Some(0.60)),
+            ("testpmd", "udp_mpps_256_flows", 0.30, Some(0.60)),
+            ("stromd", "rtt_p50_us", 20.0, None),
+            ("testpmd", "rtt_p50_us", 25.0, None),
+        ]);
+        let s = r.stat("stromd", Metric::UdpMpps(256)).unwrap();
+        assert_eq!((s.median, s.min, s.max, s.n), (0.35, 0.30, 0.40, 3));
+        assert_eq!(r.offered("stromd", Metric::UdpMpps(256)), Some(0.60));
+        let ratios = r.ratios("stromd");
+        assert_eq!(ratios.len(), 1);
+        assert_eq!(ratios[0].0, "testpmd");
+        assert!((ratios[0].1[&Metric::UdpMpps(256)] - 1.4).abs() < 1e-9);
+        assert!((ratios[0].1[&Metric::RttP50] - 0.8).abs() < 1e-9);
+        let table = r.table();
+        assert!(
+            table.contains(
+                "| stromd | pod → pod | **0.350** (0.300–0.400) | **20.0** (20.0–20.0) |"
+            ),
+            "{table}"
+        );
+        assert!(
+            table.contains("| stromd / testpmd | | 1.40× | 0.80× |"),
+            "{table}"
+        );
+        assert!(
+            r.limits().contains("stromd: 256 flows 58% of 0.600"),
+            "{}",
+            r.limits()
+        );
+    }
+
+    #[test]
+    fn a_path_without_samples_shows_a_dash() {
+        let r = results(&[("stromd", "tcp_gbps_1_streams", 1.9, None)]);
+        assert!(
+            r.table().contains("| testpmd | pod → pod | – |"),
+            "{}",
+            r.table()
+        );
+        assert!(r.ratios("stromd")[0].1.is_empty());
+    }
+
+    #[test]
+    fn the_block_is_replaced_in_place_or_appended() {
+        let r = results(&[("stromd", "rtt_p50_us", 20.0, None)]);
+        let block = r.markdown("perf/x.json", Some("perf/bench.svg"));
+        assert!(block.starts_with(BEGIN) && block.trim_end().ends_with(END));
+        let doc = format!("# title\n\nbefore\n\n{BEGIN} old -->\nold table\n{END}\n\nafter\n");
+        let new = regenerate(&doc, &block);
+        assert!(new.starts_with("# title\n\nbefore\n\n"));
+        assert!(new.ends_with(&format!("{END}\n\nafter\n")));
+        assert!(!new.contains("old table"));
+        assert!(new.contains("![medians per path"));
+        // Regenerating again changes nothing.
+        assert_eq!(regenerate(&new, &block), new);
+        let appended = regenerate("# title\n", &block);
+        assert_eq!(appended, format!("# title\n\n{block}"));
+    }
+}

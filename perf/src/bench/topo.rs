@@ -1,0 +1,229 @@
+//! The benchmark topology: two pods and a node, each in its own network namespace.
+//!
+//! ```text
+//!   pod A (ns <p>-a)                node (ns <p>-n)                 pod B (ns <p>-b)
+//!   eth0 198.18.1.2/24 ══ veth ══ ha 198.18.1.1   hb 198.18.2.1 ══ veth ══ eth0 198.18.2.2/24
+//!   default via 198.18.1.1          the path under test forwards     default via 198.18.2.1
+//!                                   between ha and hb                nftables drops UDP to the
+//!                                                                    sink ports before the sockets
+//! ```
+//! The project's own equivalent of `../shared/bench/peers.sh` (same addresses, same static
+//! neighbours, so no path depends on ARP), with a sink that covers the port ranges of the flow
+//! counts strom-bench sends. Everything lives in namespaces this module creates and removes
+//! (also when a run fails: [`Topology`] removes them when dropped).
+
+use std::net::Ipv4Addr;
+use std::process::{Command, Stdio};
+
+use anyhow::{bail, Context, Result};
+
+pub const IP_A: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 2);
+pub const GW_A: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 1);
+pub const IP_B: Ipv4Addr = Ipv4Addr::new(198, 18, 2, 2);
+pub const GW_B: Ipv4Addr = Ipv4Addr::new(198, 18, 2, 1);
+/// The Service address the kernel-nat path translates to pod B.
+pub const VIP: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 10);
+
+/// UDP flood: source ports from here, destination ports from `SINK_PORT_FIRST`.
+pub const SRC_PORT_FIRST: u16 = 1024;
+pub const SINK_PORT_FIRST: u16 = 9;
+/// Pod B drops UDP to `SINK_PORT_FIRST..=SINK_PORT_LAST` before the socket layer.
+pub const SINK_PORT_LAST: u16 = SINK_PORT_FIRST + 255;
+pub const IPERF_PORT: u16 = 5201;
+pub const SOCKPERF_PORT: u16 = 11111;
+
+/// Runs a command to completion; its stderr goes into the error when it fails.
+pub fn run(args: &[&str]) -> Result<String> {
+    let out = Command::new(args[0])
+        .args(&args[1..])
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("running {}", args[0]))?;
+    if !out.status.success() {
+        bail!(
+            "{} failed ({}): {}",
+            args.join(" "),
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Runs a command in a namespace to completion.
+pub fn ns_run(ns: &str, args: &[&str]) -> Result<String> {
+    let mut v = vec!["ip", "netns", "exec", ns];
+    v.extend_from_slice(args);
+    run(&v)
+}
+
+/// Runs a command in a namespace with its input from `stdin`.
+pub fn ns_run_input(ns: &str, args: &[&str], stdin: &str) -> Result<()> {
+    use std::io::Write;
+    let mut child = Command::new("ip")
+        .args(["netns", "exec", ns])
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("running {}", args[0]))?;
+    child
+        .stdin
+        .take()
+        .context("stdin")?
+        .write_all(stdin.as_bytes())?;
+    let out = child.wait_with_output()?;
+    if !out.status.success() {
+        bail!(
+            "{} in {ns} failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+/// The three namespaces and what the paths need to know about them.
+pub struct Topology {
+    pub a: String,
+    pub b: String,
+    pub n: String,
+    pub mac_a: String,
+    pub mac_b: String,
+    pub mac_ha: String,
+    pub mac_hb: String,
+}
+
+impl Topology {
+    /// Removes namespaces left by an earlier run with the same prefix, then builds the topology.
+    pub fn create(prefix: &str) -> Result<Topology> {
+        let mut t = Topology {
+            a: format!("{prefix}-a"),
+            b: format!("{prefix}-b"),
+            n: format!("{prefix}-n"),
+            mac_a: String::new(),
+            mac_b: String::new(),
+            mac_ha: String::new(),
+            mac_hb: String::new(),
+        };
+        t.remove();
+        // From here on, a failure drops `t`, which removes what was made.
+        for ns in [&t.a, &t.b, &t.n] {
+            run(&["ip", "netns", "add", ns])?;
+            run(&["ip", "-n", ns, "link", "set", "lo", "up"])?;
+        }
+        for (host, pod) in [("ha", &t.a), ("hb", &t.b)] {
+            run(&[
+                "ip", "link", "add", host, "netns", &t.n, "type", "veth", "peer", "name", "eth0",
+                "netns", pod,
+            ])?;
+        }
+        let (ip_a, ip_b) = (format!("{IP_A}/24"), format!("{IP_B}/24"));
+        let (gw_a, gw_b) = (format!("{GW_A}/24"), format!("{GW_B}/24"));
+        run(&["ip", "-n", &t.n, "addr", "add", &gw_a, "dev", "ha"])?;
+        run(&["ip", "-n", &t.n, "addr", "add", &gw_b, "dev", "hb"])?;
+        run(&["ip", "-n", &t.a, "addr", "add", &ip_a, "dev", "eth0"])?;
+        run(&["ip", "-n", &t.b, "addr", "add", &ip_b, "dev", "eth0"])?;
+        for (ns, dev) in [(&t.a, "eth0"), (&t.b, "eth0"), (&t.n, "ha"), (&t.n, "hb")] {
+            run(&["ip", "-n", ns, "link", "set", dev, "up"])?;
+        }
+        run(&[
+            "ip",
+            "-n",
+            &t.a,
+            "route",
+            "add",
+            "default",
+            "via",
+            &GW_A.to_string(),
+        ])?;
+        run(&[
+            "ip",
+            "-n",
+            &t.b,
+            "route",
+            "add",
+            "default",
+            "via",
+            &GW_B.to_string(),
+        ])?;
+        t.mac_a = mac(&t.a, "eth0")?;
+        t.mac_b = mac(&t.b, "eth0")?;
+        t.mac_ha = mac(&t.n, "ha")?;
+        t.mac_hb = mac(&t.n, "hb")?;
+        // Static neighbours, so that no path depends on ARP.
+        for (ns, ip, lladdr, dev) in [
+            (&t.a, GW_A, &t.mac_ha, "eth0"),
+            (&t.b, GW_B, &t.mac_hb, "eth0"),
+            (&t.n, IP_A, &t.mac_a, "ha"),
+            (&t.n, IP_B, &t.mac_b, "hb"),
+        ] {
+            run(&[
+                "ip",
+                "-n",
+                ns,
+                "neigh",
+                "replace",
+                &ip.to_string(),
+                "lladdr",
+                lladdr,
+                "dev",
+                dev,
+                "nud",
+                "permanent",
+            ])?;
+        }
+        ns_run_input(
+            &t.b,
+            &["nft", "-f", "-"],
+            &format!(
+                "table inet sink {{\n  chain pre {{ type filter hook prerouting priority -300; \
+                 udp dport {SINK_PORT_FIRST}-{SINK_PORT_LAST} drop; }}\n}}\n"
+            ),
+        )?;
+        Ok(t)
+    }
+
+    /// Packets pod B's interface has received.
+    pub fn rx_b(&self) -> Result<u64> {
+        let s = ns_run(
+            &self.b,
+            &["cat", "/sys/class/net/eth0/statistics/rx_packets"],
+        )?;
+        s.trim().parse().context("rx_packets of pod B")
+    }
+
+    /// Checksum offload, TSO and GSO in both pods: on for the kernel paths, off for the
+    /// AF_XDP paths (AF_XDP copies frames without the offload metadata; DESIGN.md).
+    pub fn offloads(&self, on: bool) -> Result<()> {
+        let v = if on { "on" } else { "off" };
+        for ns in [&self.a, &self.b] {
+            ns_run(ns, &["ethtool", "-K", "eth0", "tx", v, "tso", v, "gso", v])?;
+        }
+        Ok(())
+    }
+
+    fn remove(&self) {
+        for ns in [&self.a, &self.b, &self.n] {
+            let _ = Command::new("ip")
+                .args(["netns", "del", ns])
+                .stderr(Stdio::null())
+                .status();
+        }
+    }
+}
+
+impl Drop for Topology {
+    fn drop(&mut self) {
+        self.remove();
+    }
+}
+
+fn mac(ns: &str, dev: &str) -> Result<String> {
+    Ok(
+        ns_run(ns, &["cat", &format!("/sys/class/net/{dev}/address")])?
+            .trim()
+            .to_string(),
+    )
+}
