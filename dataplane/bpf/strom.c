@@ -10,7 +10,10 @@
 //                 goes to the socket; everything else (ARP, the node's own traffic) goes to the
 //                 kernel, so the node keeps its own connectivity. With no socket: kernel.
 // A port has one AF_XDP socket per receive queue: frames go to the socket of the queue they
-// arrived on (`port_slot` is keyed by interface and queue).
+// arrived on (`port_slot` is keyed by interface and queue). The programs run on the sending
+// pod's core for every frame, so the common case takes no hash lookup: queue 0 of an interface
+// with an ifindex under 65536 finds its slot in an array (`slot0`), and a destination inside
+// the pod CIDR (`pod_net`) cannot be one of the node's own addresses.
 #include <linux/bpf.h>
 #include <linux/if_ether.h>
 #include <linux/ip.h>
@@ -38,6 +41,29 @@ struct {
 	__type(key, struct port_key);
 	__type(value, __u32);
 } port_slot SEC(".maps");
+
+#define SLOT0_ENTRIES 65536
+
+/* ifindex -> slot + 1 in xsks of the interface's queue 0 (0: none); others: port_slot */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, SLOT0_ENTRIES);
+	__type(key, __u32);
+	__type(value, __u32);
+} slot0 SEC(".maps");
+
+struct v4_net {
+	__u32 addr; /* network byte order */
+	__u32 mask; /* network byte order; 0: not set */
+};
+
+/* the pod CIDR (key 0): node addresses lie outside it (stromd's config refuses otherwise) */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct v4_net);
+} pod_net SEC(".maps");
 
 /* IPv4 addresses of the node itself (network byte order) */
 struct {
@@ -81,18 +107,35 @@ struct arp_ipv4 {
 	__u8 tpa[4];
 } __attribute__((packed));
 
-static __always_inline __u32 *slot_of(struct xdp_md *ctx)
+/* The xsks slot of the frame's interface and queue, or -1. */
+static __always_inline long slot_of(struct xdp_md *ctx)
 {
-	struct port_key key = { .ifindex = ctx->ingress_ifindex, .queue = ctx->rx_queue_index };
-	return bpf_map_lookup_elem(&port_slot, &key);
+	__u32 ifindex = ctx->ingress_ifindex;
+	if (ctx->rx_queue_index == 0 && ifindex < SLOT0_ENTRIES) {
+		__u32 *s = bpf_map_lookup_elem(&slot0, &ifindex);
+		return s && *s ? (long)*s - 1 : -1;
+	}
+	struct port_key key = { .ifindex = ifindex, .queue = ctx->rx_queue_index };
+	__u32 *slot = bpf_map_lookup_elem(&port_slot, &key);
+	return slot ? (long)*slot : -1;
 }
 
 static __always_inline int to_socket(struct xdp_md *ctx)
 {
-	__u32 *slot = slot_of(ctx);
-	if (!slot)
+	long slot = slot_of(ctx);
+	if (slot < 0)
 		return XDP_DROP;
-	return bpf_redirect_map(&xsks, *slot, XDP_DROP);
+	return bpf_redirect_map(&xsks, (__u32)slot, XDP_DROP);
+}
+
+/* True when `daddr` may be one of the node's own addresses. */
+static __always_inline int maybe_node_addr(__u32 daddr)
+{
+	__u32 zero = 0;
+	struct v4_net *pods = bpf_map_lookup_elem(&pod_net, &zero);
+	if (pods && pods->mask && (daddr & pods->mask) == pods->addr)
+		return 0;
+	return bpf_map_lookup_elem(&node_addrs, &daddr) != 0;
 }
 
 SEC("xdp")
@@ -109,8 +152,7 @@ int strom_pod(struct xdp_md *ctx)
 		struct iphdr *ip = (void *)(eth + 1);
 		if ((void *)(ip + 1) > end)
 			return to_socket(ctx);
-		__u32 daddr = ip->daddr;
-		if (bpf_map_lookup_elem(&node_addrs, &daddr))
+		if (maybe_node_addr(ip->daddr))
 			return XDP_PASS;
 	} else if (eth->h_proto == bpf_htons(ETH_P_ARP)) {
 		struct arp_ipv4 *arp = (void *)(eth + 1);
@@ -144,10 +186,10 @@ int strom_uplink(struct xdp_md *ctx)
 	struct lpm_v4 key = { .prefixlen = 32, .addr = ip->daddr };
 	if (!bpf_map_lookup_elem(&owned, &key))
 		return XDP_PASS;
-	__u32 *slot = slot_of(ctx);
-	if (!slot)
+	long slot = slot_of(ctx);
+	if (slot < 0)
 		return XDP_PASS;
-	return bpf_redirect_map(&xsks, *slot, XDP_PASS);
+	return bpf_redirect_map(&xsks, (__u32)slot, XDP_PASS);
 }
 
 char LICENSE[] SEC("license") = "Dual BSD/GPL";

@@ -66,6 +66,21 @@ struct PortKey {
 // aya's `Pod` requires to copy it to and from a map.
 unsafe impl aya::Pod for PortKey {}
 
+/// Entries of `slot0` in strom.c: queue 0 of interfaces with a smaller ifindex finds its slot
+/// there without a hash lookup.
+const SLOT0_ENTRIES: u32 = 65536;
+
+/// Value of `pod_net`: `struct v4_net` in strom.c (network byte order).
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+struct V4Net {
+    addr: u32,
+    mask: u32,
+}
+
+// SAFETY: `V4Net` is `repr(C)`, two `u32`s with no padding, valid for any bit pattern.
+unsafe impl aya::Pod for V4Net {}
+
 /// The loaded object and the attachments stromd made: ifindex → (link, mode).
 pub struct XdpPrograms {
     ebpf: Ebpf,
@@ -108,6 +123,21 @@ impl XdpPrograms {
             Array::try_from(self.map_mut("gateway")?).map_err(|e| BpfError::Map("gateway", e))?;
         a.set(0, u32::from_ne_bytes(gw.octets()), 0)
             .map_err(|e| BpfError::Map("gateway", e))
+    }
+
+    /// Sets the pod CIDR: the pod program skips the node-address lookup for destinations
+    /// inside it (the configuration keeps node addresses out of it).
+    pub fn set_pod_net(&mut self, net: Ipv4Addr, len: u8) -> Result<(), BpfError> {
+        let mask = u32::MAX
+            .checked_shl(32 - u32::from(len.min(32)))
+            .unwrap_or(0);
+        let value = V4Net {
+            addr: (u32::from(net) & mask).to_be(),
+            mask: mask.to_be(),
+        };
+        let mut a: Array<_, V4Net> =
+            Array::try_from(self.map_mut("pod_net")?).map_err(|e| BpfError::Map("pod_net", e))?;
+        a.set(0, value, 0).map_err(|e| BpfError::Map("pod_net", e))
     }
 
     /// Adds one of the node's own addresses (passed to the kernel from pod ports).
@@ -186,6 +216,13 @@ impl XdpPrograms {
             x.set(slot, borrowed, 0)
                 .map_err(|e| BpfError::Map("xsks", e))?;
         }
+        if queue == 0 && ifindex < SLOT0_ENTRIES {
+            let mut a: Array<_, u32> =
+                Array::try_from(self.map_mut("slot0")?).map_err(|e| BpfError::Map("slot0", e))?;
+            return a
+                .set(ifindex, slot + 1, 0)
+                .map_err(|e| BpfError::Map("slot0", e));
+        }
         let mut m: BpfHashMap<_, PortKey, u32> = BpfHashMap::try_from(self.map_mut("port_slot")?)
             .map_err(|e| BpfError::Map("port_slot", e))?;
         m.insert(PortKey { ifindex, queue }, slot, 0)
@@ -195,6 +232,13 @@ impl XdpPrograms {
     /// Removes the slot of `ifindex`'s queue `queue`: the pod program then drops its frames
     /// (fail closed), the uplink program hands them to the kernel.
     pub fn unbind_slot(&mut self, ifindex: u32, queue: u32, slot: u32) {
+        if queue == 0 && ifindex < SLOT0_ENTRIES {
+            if let Ok(m) = self.map_mut("slot0") {
+                if let Ok(mut a) = Array::<_, u32>::try_from(m) {
+                    let _ = a.set(ifindex, 0, 0);
+                }
+            }
+        }
         if let Ok(m) = self.map_mut("port_slot") {
             if let Ok(mut m) = BpfHashMap::<_, PortKey, u32>::try_from(m) {
                 let _ = m.remove(&PortKey { ifindex, queue });

@@ -36,6 +36,14 @@ fn one() -> u16 {
     1
 }
 
+/// What `apply` changed (pods by `namespace/name`).
+#[derive(Debug, Default)]
+pub struct Applied {
+    pub added: Vec<String>,
+    pub removed: Vec<String>,
+    pub relabelled: Vec<String>,
+}
+
 /// A wired pod.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct PodState {
@@ -418,24 +426,35 @@ impl State {
     }
 
     /// Makes the pods match `m`: new ones added, missing ones removed.
-    pub fn apply(&mut self, m: &Manifests) -> anyhow::Result<(Vec<String>, Vec<String>)> {
+    pub fn apply(&mut self, m: &Manifests) -> anyhow::Result<Applied> {
         let want: BTreeMap<String, PodDecl> = m.pods.iter().map(|p| (p.key(), p.clone())).collect();
-        let mut removed = Vec::new();
-        let mut added = Vec::new();
+        let mut done = Applied::default();
         let current: Vec<String> = self.pods.keys().cloned().collect();
         for k in current {
-            if want.get(&k) != self.pods.get(&k).map(|p| &p.decl) {
-                self.remove_pod(&k)?;
-                removed.push(k);
+            let Some(have) = self.pods.get_mut(&k) else {
+                continue;
+            };
+            match want.get(&k) {
+                Some(d) if *d == have.decl => {}
+                // Labels change on the running pod, as in Kubernetes.
+                Some(d) if d.same_but_labels(&have.decl) => {
+                    have.decl.labels = d.labels.clone();
+                    done.relabelled.push(k);
+                }
+                _ => {
+                    self.remove_pod(&k)?;
+                    done.removed.push(k);
+                }
             }
         }
+        self.save()?;
         for (k, d) in want {
             if !self.pods.contains_key(&k) {
                 self.add_pod(d)?;
-                added.push(k);
+                done.added.push(k);
             }
         }
-        Ok((added, removed))
+        Ok(done)
     }
 
     /// Removes everything. Errors are collected, not fatal: the sweep goes on.

@@ -66,7 +66,8 @@ enum Cmd {
         #[command(flatten)]
         opts: UpOpts,
     },
-    /// Apply PATH again: pods added, removed or changed are rewired.
+    /// Apply PATH again: pods added or removed are wired or unwired, pods whose ports or
+    /// address changed are rewired, label changes are applied to the running pod.
     Apply { path: PathBuf },
     /// Pods, addresses and the dataplane's state.
     Status,
@@ -534,11 +535,12 @@ fn main() -> anyhow::Result<()> {
             let m = Manifests::load(&path)?;
             report(&m);
             let mut st = State::load(&a.dir)?;
-            let (added, removed) = st.apply(&m)?;
+            let done = st.apply(&m)?;
             println!(
-                "added: {}; removed: {}",
-                added.join(", "),
-                removed.join(", ")
+                "added: {}; removed: {}; relabelled: {}",
+                done.added.join(", "),
+                done.removed.join(", "),
+                done.relabelled.join(", ")
             );
         }
         Cmd::Status => {
@@ -562,11 +564,18 @@ fn main() -> anyhow::Result<()> {
                     .iter()
                     .map(|d| format!("{}/{}", d.port, d.protocol))
                     .collect();
+                let labels: Vec<String> = p
+                    .decl
+                    .labels
+                    .iter()
+                    .map(|(k, v)| format!("{k}={v}"))
+                    .collect();
                 println!(
-                    "{k:<24} {:<16} {:<24} {}",
+                    "{k:<24} {:<16} {:<24} {:<16} {}",
                     p.ip.as_deref().unwrap_or("-"),
                     p.netns,
-                    ports.join(",")
+                    ports.join(","),
+                    labels.join(",")
                 );
             }
         }

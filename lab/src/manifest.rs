@@ -4,6 +4,7 @@
 //! k8s-openapi (that typed model belongs to strom-control). A malformed object is reported and
 //! skipped; the rest is used.
 
+use std::collections::BTreeMap;
 use std::path::Path;
 
 use serde_json::Value;
@@ -22,12 +23,23 @@ pub struct PodDecl {
     pub name: String,
     pub ports: Vec<PortDecl>,
     pub ip: Option<String>,
+    /// `metadata.labels`: changed live by `apply` (the pod is not rewired for them).
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
 }
 
 impl PodDecl {
     /// `namespace/name`.
     pub fn key(&self) -> String {
         format!("{}/{}", self.namespace, self.name)
+    }
+
+    /// The same pod but for its labels: what needs no rewiring to change.
+    pub fn same_but_labels(&self, other: &PodDecl) -> bool {
+        self.namespace == other.namespace
+            && self.name == other.name
+            && self.ports == other.ports
+            && self.ip == other.ip
     }
 }
 
@@ -104,11 +116,24 @@ fn pod(doc: &Value) -> Result<PodDecl, String> {
         ip.parse::<std::net::Ipv4Addr>()
             .map_err(|e| format!("status.podIP {ip}: {e}"))?;
     }
+    let mut labels = BTreeMap::new();
+    if let Some(l) = meta.get("labels").filter(|l| !l.is_null()) {
+        let l = l
+            .as_object()
+            .ok_or("metadata.labels must map names to values")?;
+        for (k, v) in l {
+            let v = v
+                .as_str()
+                .ok_or(format!("label {k}: the value must be a string"))?;
+            labels.insert(k.clone(), v.to_string());
+        }
+    }
     Ok(PodDecl {
         namespace: namespace.into(),
         name: name.into(),
         ports,
         ip,
+        labels,
     })
 }
 
@@ -208,5 +233,26 @@ mod tests {
         assert_eq!(m.pods[0].ip.as_deref(), Some("198.18.16.9"));
         assert_eq!(m.ignored, vec!["Service/s".to_string()]);
         assert_eq!(m.invalid.len(), 2, "{:?}", m.invalid);
+    }
+
+    #[test]
+    fn labels_are_read_and_a_label_change_needs_no_rewiring() {
+        let mut m = Manifests::default();
+        m.add_text(
+            "kind: Pod\nmetadata: {name: a, labels: {app: web, tier: front}}\n---\nkind: Pod\nmetadata: {name: b, labels: {app: 3}}\n---\nkind: Pod\nmetadata: {name: c, labels: [x]}\n",
+            "t",
+        );
+        assert_eq!(m.pods.len(), 1, "{:?}", m.invalid);
+        let a = &m.pods[0];
+        assert_eq!(a.labels.get("app").map(String::as_str), Some("web"));
+        assert_eq!(a.labels.len(), 2);
+        assert_eq!(m.invalid.len(), 2, "{:?}", m.invalid);
+        assert!(m.invalid[0].contains("label app"), "{:?}", m.invalid);
+        let mut relabelled = a.clone();
+        relabelled.labels.insert("app".into(), "api".into());
+        assert!(a.same_but_labels(&relabelled) && *a != relabelled);
+        let mut moved = a.clone();
+        moved.ip = Some("198.18.16.9".into());
+        assert!(!a.same_but_labels(&moved));
     }
 }

@@ -154,6 +154,54 @@ fn removing_a_port_under_traffic_keeps_the_others_working() {
     );
 }
 
+/// ```text
+///   pod t/a {app: web} ──▶ apply {app: api, tier: front} ──▶ same veth, same address,
+///   pod t/b             ──▶ apply: pod t/c added              same stromd port; t/c wired
+/// ```
+#[test]
+fn apply_changes_labels_live_and_adds_pods_without_rewiring_the_others() {
+    let _g = net_lock();
+    let labelled = |labels: &str| {
+        pod("t", "a", &[80], &[53]).replace(
+            "namespace: t }",
+            &format!("namespace: t, labels: {{ {labels} }} }}"),
+        )
+    };
+    let lab = Lab::up(&(labelled("app: web") + &pod("t", "b", &[80], &[53])), &[]);
+    let before = lab.port_of("a");
+    let m = std::env::temp_dir().join(format!("{}-labels.yaml", lab.prefix));
+    std::fs::write(
+        &m,
+        labelled("app: api, tier: front")
+            + &pod("t", "b", &[80], &[53])
+            + &pod("t", "c", &[80], &[]),
+    )
+    .unwrap();
+    let o = sh(lab.cmd().arg("apply").arg(&m));
+    let _ = std::fs::remove_file(&m);
+    let out = String::from_utf8_lossy(&o.stdout).to_string();
+    assert!(
+        o.status.success(),
+        "{out}{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(
+        out.contains("added: t/c; removed: ; relabelled: t/a"),
+        "{out}"
+    );
+    let after = lab.port_of("a");
+    assert_eq!(after["ifindex"], before["ifindex"], "t/a kept its veth");
+    assert_eq!(after["id"], before["id"], "t/a kept its stromd port");
+    let status = sh(lab.cmd().arg("status"));
+    let status = String::from_utf8_lossy(&status.stdout).to_string();
+    let line = status
+        .lines()
+        .find(|l| l.starts_with("t/a "))
+        .unwrap_or_default();
+    assert!(line.ends_with("app=api,tier=front"), "{status}");
+    assert!(lab.probe("t/c", "t/a", 80, "tcp"));
+}
+
 #[test]
 fn stromd_restart_under_traffic_resumes_within_two_seconds() {
     let _g = net_lock();

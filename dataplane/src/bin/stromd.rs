@@ -133,6 +133,7 @@ fn main() -> anyhow::Result<()> {
         }
     }
     tables.pod_cidr = Some(cfg.node.pod_cidr);
+    xdp.set_pod_net(cfg.node.pod_cidr.network(), cfg.node.pod_cidr.prefix_len())?;
     if cfg.node.uplink.is_some() {
         xdp.add_owned(cfg.node.pod_cidr.network(), cfg.node.pod_cidr.prefix_len())?;
     }
