@@ -46,8 +46,6 @@ const HELD: u32 = 0;
 const RESERVE: usize = 256;
 /// The fill depth every port keeps at least.
 const MIN_FILL: u32 = 16;
-/// The fill depth a new port starts with (it grows with demand, see [`FillDepth`]).
-const START_FILL: u32 = 64;
 /// Refills between two reviews of a port's fill depth (a refill is once per loop: about a
 /// second in busy mode, longer when adaptive, which loops only while there is traffic).
 const REVIEW_REFILLS: u32 = 1 << 21;
@@ -83,10 +81,9 @@ pub struct XskSizes {
     pub frames: u32,
     /// Entries in each of a port's fill, completion, rx and tx rings (a power of two).
     pub ring: u32,
-    /// The deepest a port's fill ring gets (at most `ring`, and at most half the worker's
-    /// pool): how many frames a port can receive before stromd reads them. A port starts
-    /// shallow and deepens when it is drained (see [`FillDepth`]), so idle ports do not tie
-    /// up the frames busy ones need.
+    /// The deepest a port's fill ring gets (at most `ring`; with many ports, an equal share of
+    /// half the worker's pool): how many frames a port can receive before stromd reads them.
+    /// A lightly used port is refilled to less (see [`FillDepth`]).
     pub fill: u32,
 }
 
@@ -418,12 +415,12 @@ fn fill_share(frames: usize, sockets: u32, fill: u32) -> u32 {
 /// A port's fill-ring depth, set by demand. A pod's TCP stack answers the ACKs stromd
 /// delivers at once, inside stromd's own transmit call (veth runs the receiver inline), so a
 /// burst of segments lands in the port's rx ring before stromd can refill: the fill ring must
-/// hold a whole burst, or the kernel drops (counted as `xsk_no_fill_frame`). Deep rings on
-/// every port would tie up the shared pool in idle pods, so each port starts at
-/// `START_FILL`, doubles (up to its share of the pool, `fill_share`) whenever a loop finds it drained below half, goes
-/// straight to the cap when a loop finds it empty (the kernel has probably dropped), and
-/// when in a whole review period no loop used a quarter of it, shrinks to twice the most any
-/// loop used (not under `MIN_FILL`).
+/// hold a whole burst, or the kernel drops (counted as `xsk_no_fill_frame`). A port starts at
+/// its share of the pool (`fill_share`). When in a whole review period no loop used a quarter
+/// of it, it is refilled only to twice the most any loop used (not under `MIN_FILL`), so a
+/// lightly used port hands frames back to the pool as it receives. It doubles again (up to
+/// its share) whenever a loop finds it drained below half, and goes straight to its share
+/// when a loop finds it empty (the kernel has probably dropped).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct FillDepth {
     target: u32,
@@ -434,11 +431,10 @@ pub struct FillDepth {
 
 impl FillDepth {
     pub fn new(cap: u32) -> Self {
-        let target = START_FILL.min(cap);
         FillDepth {
-            target,
+            target: cap,
             cap,
-            low: target,
+            low: cap,
         }
     }
 
@@ -761,7 +757,7 @@ impl PollSet {
 
 #[cfg(test)]
 mod tests {
-    use super::{fill_share, FillDepth, MIN_FILL, START_FILL};
+    use super::{fill_share, FillDepth, MIN_FILL};
 
     #[test]
     fn few_ports_may_deepen_to_the_configured_depth_or_half_the_pool() {
@@ -783,29 +779,29 @@ mod tests {
     }
 
     #[test]
-    fn a_drained_ring_deepens_up_to_the_cap() {
+    fn a_port_starts_at_its_share_and_a_drained_ring_deepens_again() {
         let mut d = FillDepth::new(1920);
-        assert_eq!(d.target(), START_FILL);
+        assert_eq!(d.target(), 1920);
         // A smaller share (more ports opened) lowers the depth at the next refill.
-        let mut s = FillDepth::new(1920);
-        s.at_refill(0, 1920);
-        assert_eq!(s.at_refill(1900, 500), 500);
-        // Light use (a few frames a loop) leaves the depth alone.
+        assert_eq!(d.at_refill(1900, 500), 500);
+        // A review period in which no loop took more than 10 frames: twice that.
+        let mut d = FillDepth::new(1920);
+        d.at_refill(1910, 1920);
+        d.review();
+        assert_eq!(d.target(), 20);
+        // Light use leaves it alone.
         for _ in 0..100 {
-            assert_eq!(d.at_refill(START_FILL - 3, 1920), START_FILL);
+            assert_eq!(d.at_refill(17, 1920), 20);
         }
-        // Half used in a loop: deepens.
-        assert_eq!(d.at_refill(START_FILL / 2 - 1, 1920), 2 * START_FILL);
-        let mut d = FillDepth::new(1920);
-        // Drained below half: doubles each time, never past the cap.
-        let mut seen = vec![];
-        for _ in 0..10 {
-            seen.push(d.at_refill(1, 1920));
-        }
-        assert_eq!(seen[..5], [128, 256, 512, 1024, 1920]);
+        // Drained below half: doubles each time, never past the share.
+        let seen: Vec<u32> = (0..10).map(|_| d.at_refill(1, 1920)).collect();
+        assert_eq!(seen[..7], [40, 80, 160, 320, 640, 1280, 1920]);
         assert!(seen.iter().all(|&t| t <= 1920));
-        // Found empty: straight to the cap.
-        let mut d = FillDepth::new(1920);
+        // Shrunk to the minimum, then found empty: straight back to the share.
+        d.review();
+        d.at_refill(d.target() - 5, 1920);
+        d.review();
+        assert_eq!(d.target(), MIN_FILL);
         assert_eq!(d.at_refill(0, 1920), 1920);
     }
 

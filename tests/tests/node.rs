@@ -340,29 +340,31 @@ fn mac_bytes(s: &str) -> Vec<u8> {
         .collect()
 }
 
+/// Pod t/a's MAC, the MAC of its host-side veth, and the addresses of t/a and t/b: what a
+/// frame from t/a to t/b is built from.
+fn a_to_b(lab: &Lab) -> (Vec<u8>, Vec<u8>, [u8; 4], [u8; 4]) {
+    let a = lab.port_of("a");
+    let ip = |key: &str| -> [u8; 4] {
+        let v: Vec<u8> = lab
+            .pod_ip(key)
+            .split('.')
+            .map(|x| x.parse().unwrap())
+            .collect();
+        [v[0], v[1], v[2], v[3]]
+    };
+    (
+        mac_bytes(a["spec"]["mac"].as_str().unwrap()),
+        mac_bytes(a["host_mac"].as_str().unwrap()),
+        ip("t/a"),
+        ip("t/b"),
+    )
+}
+
 #[test]
 fn malformed_and_spoofed_frames_are_dropped_by_reason_and_forwarding_goes_on() {
     let _g = net_lock();
     let lab = Lab::up(&two_pods(), &[]);
-    let a = lab.port_of("a");
-    let (pod_mac, host_mac) = (
-        mac_bytes(a["spec"]["mac"].as_str().unwrap()),
-        mac_bytes(a["host_mac"].as_str().unwrap()),
-    );
-    let a_ip: Vec<u8> = lab
-        .pod_ip("t/a")
-        .split('.')
-        .map(|x| x.parse().unwrap())
-        .collect();
-    let b_ip: Vec<u8> = lab
-        .pod_ip("t/b")
-        .split('.')
-        .map(|x| x.parse().unwrap())
-        .collect();
-    let (a_ip, b_ip) = (
-        [a_ip[0], a_ip[1], a_ip[2], a_ip[3]],
-        [b_ip[0], b_ip[1], b_ip[2], b_ip[3]],
-    );
+    let (pod_mac, host_mac, a_ip, b_ip) = a_to_b(&lab);
     let good = ipv4_udp(&pod_mac, &host_mac, a_ip, b_ip);
     let mut bad_csum = good.clone();
     bad_csum[24] ^= 0x55;
@@ -415,7 +417,6 @@ fn malformed_and_spoofed_frames_are_dropped_by_reason_and_forwarding_goes_on() {
 ///   pod a ──veth── stromd ──veth── pod b      a's port: removed, added, removed, added …
 ///                 one UMEM: a's fill ring holds frames of the worker's pool
 /// ```
-/// Every socket closed gives the frames it held (fill ring, unread rx) back to the pool.
 /// ```text
 ///   pod a ══ raw socket: 3000 UDP frames at once ══▶ st…a ──XDP──▶ AF_XDP rx ring
 ///                                                      (stromd stopped: nobody refills
@@ -425,21 +426,9 @@ fn malformed_and_spoofed_frames_are_dropped_by_reason_and_forwarding_goes_on() {
 fn frames_the_kernel_drops_on_a_socket_are_counted_by_reason_and_every_frame_is_accounted() {
     let _g = net_lock();
     let lab = Lab::up(&two_pods(), &[]);
-    let a = lab.port_of("a");
-    let (pod_mac, host_mac) = (
-        mac_bytes(a["spec"]["mac"].as_str().unwrap()),
-        mac_bytes(a["host_mac"].as_str().unwrap()),
-    );
-    let ip = |key: &str| -> [u8; 4] {
-        let v: Vec<u8> = lab
-            .pod_ip(key)
-            .split('.')
-            .map(|x| x.parse().unwrap())
-            .collect();
-        [v[0], v[1], v[2], v[3]]
-    };
-    let frame = hex(&ipv4_udp(&pod_mac, &host_mac, ip("t/a"), ip("t/b")));
-    let rx_before = a["counters"]["rx_packets"].as_u64().unwrap();
+    let (pod_mac, host_mac, a_ip, b_ip) = a_to_b(&lab);
+    let frame = hex(&ipv4_udp(&pod_mac, &host_mac, a_ip, b_ip));
+    let rx_before = lab.port_of("a")["counters"]["rx_packets"].as_u64().unwrap();
     let kernel_drops = || lab.drops("xsk_no_fill_frame") + lab.drops("xsk_rx_ring_full");
     let drops_before = kernel_drops();
     // With the worker stopped, the fill ring holds what it held: the rest of the burst finds
@@ -482,6 +471,7 @@ fn frames_the_kernel_drops_on_a_socket_are_counted_by_reason_and_every_frame_is_
     assert!(lab.probe("t/a", "t/b", 80, "tcp"));
 }
 
+/// Every socket closed gives the frames it held (fill ring, unread rx) back to the pool.
 #[test]
 fn a_port_removed_and_registered_again_at_once_works_and_gives_its_frames_back() {
     let _g = net_lock();

@@ -60,7 +60,7 @@ struct Args {
     /// Entries of every AF_XDP ring (dataplane.ring_size).
     #[arg(long)]
     ring_size: Option<u32>,
-    /// Frames each port keeps in its fill ring (dataplane.fill_per_port).
+    /// The deepest a port's fill ring gets (dataplane.fill_per_port).
     #[arg(long)]
     fill_per_port: Option<u32>,
     /// API socket path (dataplane.api_socket).

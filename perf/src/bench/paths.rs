@@ -14,7 +14,7 @@ use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
 use crate::topo::{
-    ns_run, ns_run_input, Topology, IPERF_PORT, IP_A, IP_B, SINK_PORT_FIRST, SINK_PORT_LAST,
+    ns_run, ns_run_input, run, Topology, IPERF_PORT, IP_A, IP_B, SINK_PORT_FIRST, SINK_PORT_LAST,
     SOCKPERF_PORT, VIP,
 };
 
@@ -298,20 +298,11 @@ state_dir = "{state}"
 }
 
 fn stromctl(env: &Env, sock: &FsPath, args: &[&str]) -> Result<()> {
-    let out = Command::new(env.bin.join("stromctl"))
-        .arg("-s")
-        .arg(sock)
-        .args(args)
-        .output()
-        .context("running stromctl")?;
-    if !out.status.success() {
-        bail!(
-            "stromctl {} failed: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(())
+    let (bin, sock) = (env.bin.join("stromctl"), sock.to_string_lossy());
+    let bin = bin.to_string_lossy();
+    let mut argv = vec![bin.as_ref(), "-s", sock.as_ref()];
+    argv.extend_from_slice(args);
+    run(&argv).map(drop)
 }
 
 /// Polls `ready` until it holds; fails early if the process exits first.

@@ -136,38 +136,34 @@ impl Results {
         self.meta.paths.iter().map(|p| p.name.as_str()).collect()
     }
 
-    pub fn stat(&self, path: &str, metric: Metric) -> Option<Stat> {
+    /// What `pick` takes from each of one path's samples of `metric`.
+    fn values(
+        &self,
+        path: &str,
+        metric: Metric,
+        pick: impl Fn(&Sample) -> Option<f64>,
+    ) -> Vec<f64> {
         let key = metric.key();
-        let v: Vec<f64> = self
-            .samples
+        self.samples
             .iter()
             .filter(|s| s.path == path && s.metric == key)
-            .map(|s| s.value)
-            .collect();
-        stat(&v)
+            .filter_map(pick)
+            .collect()
+    }
+
+    pub fn stat(&self, path: &str, metric: Metric) -> Option<Stat> {
+        stat(&self.values(path, metric, |s| Some(s.value)))
     }
 
     /// The median of one path's TCP retransmits for a metric.
     pub fn retransmits(&self, path: &str, metric: Metric) -> Option<f64> {
-        let key = metric.key();
-        let v: Vec<f64> = self
-            .samples
-            .iter()
-            .filter(|s| s.path == path && s.metric == key)
-            .filter_map(|s| s.retransmits.map(|r| r as f64))
-            .collect();
+        let v = self.values(path, metric, |s| s.retransmits.map(|r| r as f64));
         (!v.is_empty()).then(|| median(&v))
     }
 
     /// The median rate strom-pktgen offered for one path's UDP metric.
     pub fn offered(&self, path: &str, metric: Metric) -> Option<f64> {
-        let key = metric.key();
-        let v: Vec<f64> = self
-            .samples
-            .iter()
-            .filter(|s| s.path == path && s.metric == key)
-            .filter_map(|s| s.offered_mpps)
-            .collect();
+        let v = self.values(path, metric, |s| s.offered_mpps);
         (!v.is_empty()).then(|| median(&v))
     }
 
