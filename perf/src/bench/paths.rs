@@ -6,16 +6,14 @@
 use std::fs::File;
 use std::net::Ipv4Addr;
 use std::path::{Path as FsPath, PathBuf};
-use std::process::{Child, ChildStdin, Command, Stdio};
+use std::process::{Child, ChildStdin, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use nix::sys::signal::{kill, Signal};
-use nix::unistd::Pid;
 
 use crate::topo::{
-    ns_run, ns_run_input, run, Topology, IPERF_PORT, IP_A, IP_B, SINK_PORT_FIRST, SINK_PORT_LAST,
-    SOCKPERF_PORT, VIP,
+    ns_command, ns_run, ns_run_input, run, stop_child, Topology, IPERF_PORT, IP_A, IP_B,
+    SINK_PORT_FIRST, SINK_PORT_LAST, SOCKPERF_PORT, VIP,
 };
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -105,18 +103,13 @@ impl Running {
         let Some(mut child) = self.child.take() else {
             return Ok(());
         };
-        let pid = Pid::from_raw(child.id() as i32);
-        let _ = kill(pid, Signal::SIGINT);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            if child.try_wait()?.is_some() {
-                return Ok(());
-            }
-            std::thread::sleep(Duration::from_millis(50));
+        if !stop_child(&mut child, Duration::from_secs(10)) {
+            bail!(
+                "the path's process {} did not stop on SIGINT within 10 s; killed",
+                child.id()
+            );
         }
-        let _ = child.kill();
-        let _ = child.wait();
-        bail!("the path's process {pid} did not stop on SIGINT within 10 s; killed")
+        Ok(())
     }
 }
 
@@ -160,8 +153,8 @@ pub fn start(path: Path, t: &Topology, env: &Env) -> Result<Running> {
             let peer0 = format!("--eth-peer=0,{}", t.mac_a);
             let peer1 = format!("--eth-peer=1,{}", t.mac_b);
             // testpmd leaves when its standard input closes, so it keeps a pipe until stopped.
-            let mut child = Command::new("ip")
-                .args(["netns", "exec", &t.n, "dpdk-testpmd", "-l", &lcores])
+            let mut child = ns_command(&t.n)
+                .args(["dpdk-testpmd", "-l", &lcores])
                 .args([
                     "--no-pci",
                     "--no-huge",
@@ -251,8 +244,7 @@ state_dir = "{state}"
     let cfg = dir.0.join("stromd.toml");
     std::fs::write(&cfg, config)?;
     let log = File::create(env.work.join("stromd.log"))?;
-    let child = Command::new("ip")
-        .args(["netns", "exec", &t.n])
+    let child = ns_command(&t.n)
         .arg(env.bin.join("stromd"))
         .arg("--config")
         .arg(&cfg)

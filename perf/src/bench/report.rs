@@ -234,6 +234,24 @@ impl Results {
             .collect()
     }
 
+    /// "path: item, item; path: item" over the paths that have items for `metrics`.
+    fn per_path(
+        &self,
+        metrics: &[Metric],
+        item: impl Fn(&str, Metric) -> Option<String>,
+    ) -> String {
+        let parts: Vec<String> = self
+            .meta
+            .paths
+            .iter()
+            .filter_map(|p| {
+                let items: Vec<String> = metrics.iter().filter_map(|m| item(&p.name, *m)).collect();
+                (!items.is_empty()).then(|| format!("{}: {}", p.name, items.join(", ")))
+            })
+            .collect();
+        parts.join("; ")
+    }
+
     /// What bounds each figure, partly from the numbers of this run.
     pub fn limits(&self) -> String {
         let metrics = self.metrics();
@@ -251,26 +269,14 @@ impl Results {
                  goes; the share of the offered rate each path delivered (medians):",
                 self.meta.sender_core
             );
-            for p in &self.meta.paths {
-                let shares: Vec<String> = udp
-                    .iter()
-                    .filter_map(|m| {
-                        let got = self.stat(&p.name, *m)?.median;
-                        let offered = self.offered(&p.name, *m)?;
-                        (offered > 0.0).then(|| {
-                            let n = match m {
-                                Metric::UdpMpps(n) => *n,
-                                _ => 0,
-                            };
-                            format!("{n} flows {:.0}% of {offered:.3}", got / offered * 100.0)
-                        })
-                    })
-                    .collect();
-                if !shares.is_empty() {
-                    let _ = write!(out, " {}: {};", p.name, shares.join(", "));
-                }
-            }
-            out.pop();
+            let shares = self.per_path(&udp, |path, m| {
+                let Metric::UdpMpps(n) = m else { return None };
+                let got = self.stat(path, m)?.median;
+                let offered = self.offered(path, m)?;
+                (offered > 0.0)
+                    .then(|| format!("{n} flows {:.0}% of {offered:.3}", got / offered * 100.0))
+            });
+            let _ = write!(out, " {shares}");
             out.push_str(
                 ". A path that delivers nearly all it is offered is bounded by the sender, \
                  not by itself. For the AF_XDP paths (stromd, testpmd) the kernel bounds both \
@@ -294,25 +300,11 @@ impl Results {
                  streams share the same two cores. Segments retransmitted in a measurement \
                  (medians; a path that drops shows here):",
             );
-            for p in &self.meta.paths {
-                let r: Vec<String> = tcp
-                    .iter()
-                    .filter_map(|m| {
-                        let n = match m {
-                            Metric::TcpGbps(n) => *n,
-                            _ => 0,
-                        };
-                        Some(format!(
-                            "{n} stream(s) {:.0}",
-                            self.retransmits(&p.name, *m)?
-                        ))
-                    })
-                    .collect();
-                if !r.is_empty() {
-                    let _ = write!(out, " {}: {};", p.name, r.join(", "));
-                }
-            }
-            out.pop();
+            let retransmits = self.per_path(&tcp, |path, m| {
+                let Metric::TcpGbps(n) = m else { return None };
+                Some(format!("{n} stream(s) {:.0}", self.retransmits(path, m)?))
+            });
+            let _ = write!(out, " {retransmits}");
             out.push_str(".\n");
         }
         if metrics

@@ -13,9 +13,12 @@
 //! (also when a run fails: [`Topology`] removes them when dropped).
 
 use std::net::Ipv4Addr;
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
 
 pub const IP_A: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 2);
 pub const GW_A: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 1);
@@ -57,11 +60,33 @@ pub fn ns_run(ns: &str, args: &[&str]) -> Result<String> {
     run(&v)
 }
 
+/// `ip netns exec NS`, the command to run there still to be added.
+pub fn ns_command(ns: &str) -> Command {
+    let mut c = Command::new("ip");
+    c.args(["netns", "exec", ns]);
+    c
+}
+
+/// Stops a child: SIGINT, then SIGKILL if it has not exited within `grace`. Returns whether it
+/// stopped on SIGINT.
+pub fn stop_child(child: &mut Child, grace: Duration) -> bool {
+    let _ = kill(Pid::from_raw(child.id() as i32), Signal::SIGINT);
+    let deadline = Instant::now() + grace;
+    while Instant::now() < deadline {
+        if let Ok(Some(_)) = child.try_wait() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    false
+}
+
 /// Runs a command in a namespace with its input from `stdin`.
 pub fn ns_run_input(ns: &str, args: &[&str], stdin: &str) -> Result<()> {
     use std::io::Write;
-    let mut child = Command::new("ip")
-        .args(["netns", "exec", ns])
+    let mut child = ns_command(ns)
         .args(args)
         .stdin(Stdio::piped())
         .stdout(Stdio::null())

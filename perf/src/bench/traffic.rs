@@ -1,15 +1,14 @@
 //! The traffic of the matrix, each kind measured from pod A to the path's destination.
 
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use nix::sys::signal::{kill, Signal};
-use nix::unistd::Pid;
 
 use crate::paths::{Env, Path};
 use crate::topo::{
-    ns_run, Topology, IPERF_PORT, IP_A, IP_B, SINK_PORT_FIRST, SOCKPERF_PORT, SRC_PORT_FIRST,
+    ns_command, ns_run, stop_child, Topology, IPERF_PORT, IP_A, IP_B, SINK_PORT_FIRST,
+    SOCKPERF_PORT, SRC_PORT_FIRST,
 };
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -214,8 +213,7 @@ struct Server(Child);
 
 impl Server {
     fn start(ns: &str, args: &[&str]) -> Result<Server> {
-        let child = Command::new("ip")
-            .args(["netns", "exec", ns])
+        let child = ns_command(ns)
             .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -228,16 +226,7 @@ impl Server {
 
 impl Drop for Server {
     fn drop(&mut self) {
-        let _ = kill(Pid::from_raw(self.0.id() as i32), Signal::SIGINT);
-        let deadline = Instant::now() + Duration::from_secs(3);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.0.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = self.0.kill();
-        let _ = self.0.wait();
+        stop_child(&mut self.0, Duration::from_secs(3));
     }
 }
 
