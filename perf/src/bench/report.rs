@@ -200,7 +200,14 @@ impl Results {
             for m in &metrics {
                 match ratios.get(m) {
                     Some(r) => {
-                        let _ = write!(t, " {r:.2}× |");
+                        let _ = write!(t, " {r:.2}×");
+                        let rounds = self.round_ratios("stromd", &peer, *m);
+                        if rounds.len() >= 2 {
+                            let lo = rounds.iter().copied().fold(f64::INFINITY, f64::min);
+                            let hi = rounds.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                            let _ = write!(t, " ({lo:.2}–{hi:.2})");
+                        }
+                        t.push_str(" |");
                     }
                     None => t.push_str(" – |"),
                 }
@@ -208,6 +215,24 @@ impl Results {
             t.push('\n');
         }
         t
+    }
+
+    /// `path`'s sample over `peer`'s of the same round, for every round that has both.
+    /// Pairing by round takes out what drifts between rounds (the machine is shared).
+    pub fn round_ratios(&self, path: &str, peer: &str, metric: Metric) -> Vec<f64> {
+        let key = metric.key();
+        let of = |p: &str| -> BTreeMap<u32, f64> {
+            self.samples
+                .iter()
+                .filter(|s| s.path == p && s.metric == key)
+                .map(|s| (s.round, s.value))
+                .collect()
+        };
+        let b = of(peer);
+        of(path)
+            .into_iter()
+            .filter_map(|(round, a)| b.get(&round).filter(|&&b| b > 0.0).map(|b| a / b))
+            .collect()
     }
 
     /// For every other path: the ratio of `path`'s median to that path's, per metric.
@@ -356,7 +381,17 @@ impl Results {
                 .join(", ")
         );
         let _ = writeln!(s, "```sh\n{}\n```\n", m.command);
-        s.push_str("Medians (lowest–highest of the rounds); ratios are of medians, and for RTT lower is better:\n\n");
+        let _ = writeln!(
+            s,
+            "Medians (lowest–highest of the rounds). Ratios are of medians, and for RTT lower \
+             is better; in brackets after a ratio, the lowest–highest of the rounds' own ratios \
+             (stromd's sample over the peer's of the same round). Whatever the noise, that \
+             range holds the true median ratio with {:.1}% confidence for {} rounds (1 − 2^(1−R), \
+             the sign-test interval), so a range that spans 1.00 means this run cannot tell the \
+             two paths apart.\n",
+            100.0 * sign_test_confidence(m.rounds),
+            m.rounds
+        );
         s.push_str(&self.table());
         if let Some(c) = chart_name {
             let _ = writeln!(
@@ -401,6 +436,12 @@ pub fn regenerate(doc: &str, block: &str) -> String {
     out.push_str("\n\n");
     out.push_str(block);
     out
+}
+
+/// The probability that the lowest and highest of `n` independent samples bracket their
+/// distribution's median: 1 − 2·(1/2)^n.
+pub fn sign_test_confidence(n: u32) -> f64 {
+    1.0 - 0.5f64.powi(n.saturating_sub(1).min(1000) as i32)
 }
 
 fn fmt(v: f64) -> String {
@@ -511,6 +552,46 @@ mod tests {
             "{}",
             r.limits()
         );
+    }
+
+    #[test]
+    fn rounds_are_paired_for_the_ratio_range() {
+        let mut r = results(&[
+            ("stromd", "udp_mpps_1_flows", 0.50, None),
+            ("testpmd", "udp_mpps_1_flows", 0.40, None),
+            ("stromd", "udp_mpps_1_flows", 0.60, None),
+            ("testpmd", "udp_mpps_1_flows", 0.80, None),
+            ("stromd", "udp_mpps_1_flows", 0.70, None),
+            ("stromd", "udp_mpps_1_flows", 0.90, None),
+            ("testpmd", "udp_mpps_1_flows", 0.60, None),
+        ]);
+        // Rounds 0, 1, 2 have both paths; round 3 has stromd only (its peer failed).
+        for (s, round) in r.samples.iter_mut().zip([0, 0, 1, 1, 2, 3, 2]) {
+            s.round = round;
+        }
+        let v = r.round_ratios("stromd", "testpmd", Metric::UdpMpps(1));
+        assert_eq!(v.len(), 3);
+        for (got, want) in v.iter().zip([1.25, 0.75, 0.70 / 0.60]) {
+            assert!((got - want).abs() < 1e-9, "{v:?}");
+        }
+        // Medians 0.65 and 0.60; the rounds' own ratios run from 0.75 to 1.25.
+        assert!(
+            r.table()
+                .contains("| stromd / testpmd | | 1.08× (0.75–1.25) |"),
+            "{}",
+            r.table()
+        );
+        assert!(r
+            .round_ratios("stromd", "testpmd", Metric::RttP50)
+            .is_empty());
+    }
+
+    #[test]
+    fn the_sign_test_interval_confidence() {
+        assert_eq!(sign_test_confidence(1), 0.0);
+        assert_eq!(sign_test_confidence(2), 0.5);
+        assert_eq!(sign_test_confidence(5), 0.9375);
+        assert!((sign_test_confidence(7) - 0.984375).abs() < 1e-12);
     }
 
     #[test]
