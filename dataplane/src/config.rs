@@ -68,9 +68,8 @@ pub struct DataplaneSection {
     #[serde(default = "default_ring")]
     pub ring_size: u32,
     /// The deepest a port's fill ring gets (at most ring_size; with many ports, at most an
-    /// equal share of half the worker's frames, never under 16). A port starts there; one
-    /// that is lightly used is refilled to less, and deepens again when a loop finds it
-    /// drained, so that a burst fits.
+    /// equal share of half the worker's frames, never under 16). Every port is kept that
+    /// deep, so that a burst fits.
     #[serde(default = "default_fill")]
     pub fill_per_port: u32,
     /// Unix socket of the API.

@@ -46,9 +46,6 @@ const HELD: u32 = 0;
 const RESERVE: usize = 256;
 /// The fill depth every port keeps at least.
 const MIN_FILL: u32 = 16;
-/// Refills between two reviews of a port's fill depth (a refill is once per loop: about a
-/// second in busy mode, longer when adaptive, which loops only while there is traffic).
-const REVIEW_REFILLS: u32 = 1 << 21;
 
 /// Errors of the AF_XDP layer.
 #[derive(Debug, thiserror::Error)]
@@ -83,7 +80,6 @@ pub struct XskSizes {
     pub ring: u32,
     /// The deepest a port's fill ring gets (at most `ring`; with many ports, an equal share of
     /// half the worker's pool): how many frames a port can receive before stromd reads them.
-    /// A lightly used port is refilled to less (see [`FillDepth`]).
     pub fill: u32,
 }
 
@@ -392,8 +388,6 @@ impl WorkerUmem {
             fd,
             ring: sizes.ring,
             tx_batch: Vec::with_capacity(sizes.ring as usize),
-            depth: FillDepth::new(self.fill_cap),
-            refills: 0,
             kernel: XdpStatisticsV2::default(),
         };
         port.refill(self);
@@ -406,66 +400,19 @@ impl WorkerUmem {
 /// smaller (the other half covers frames in rx and tx rings and being processed), never under
 /// `MIN_FILL`. Frames in an idle port's fill ring stay there until it receives, so the shares
 /// are what keeps the first ports from starving the later ones.
+///
+/// Every port's fill ring is kept at its share, however little it receives. A pod's TCP
+/// stack answers the ACKs stromd delivers at once, inside stromd's own transmit call (veth
+/// runs the receiver inline), so a burst of segments lands in the port's rx ring before
+/// stromd can refill: the ring must hold a whole burst, or the kernel drops (counted as
+/// `xsk_no_fill_frame`). An earlier version refilled a port that stayed lightly used for a
+/// while to twice its largest burst seen: the next larger burst of a single TCP stream was
+/// then dropped (19 frames in 12 s, each a retransmit and a halved window), so the frames it
+/// handed back were not worth it.
 fn fill_share(frames: usize, sockets: u32, fill: u32) -> u32 {
     let pool = frames.saturating_sub(RESERVE) as u32;
     let share = pool / (2 * sockets.max(1));
     share.max(MIN_FILL).min(fill)
-}
-
-/// A port's fill-ring depth, set by demand. A pod's TCP stack answers the ACKs stromd
-/// delivers at once, inside stromd's own transmit call (veth runs the receiver inline), so a
-/// burst of segments lands in the port's rx ring before stromd can refill: the fill ring must
-/// hold a whole burst, or the kernel drops (counted as `xsk_no_fill_frame`). A port starts at
-/// its share of the pool (`fill_share`). When in a whole review period no loop used a quarter
-/// of it, it is refilled only to twice the most any loop used (not under `MIN_FILL`), so a
-/// lightly used port hands frames back to the pool as it receives. It doubles again (up to
-/// its share) whenever a loop finds it drained below half, and goes straight to its share
-/// when a loop finds it empty (the kernel has probably dropped).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct FillDepth {
-    target: u32,
-    cap: u32,
-    /// The fewest frames found queued at a refill since the last review.
-    low: u32,
-}
-
-impl FillDepth {
-    pub fn new(cap: u32) -> Self {
-        FillDepth {
-            target: cap,
-            cap,
-            low: cap,
-        }
-    }
-
-    /// The depth to fill to, given `queued` frames still in the ring and the port's share of
-    /// the pool now (`cap`).
-    #[inline]
-    pub fn at_refill(&mut self, queued: u32, cap: u32) -> u32 {
-        self.cap = cap;
-        self.target = self.target.min(cap);
-        if queued == 0 {
-            self.target = self.cap;
-        } else if queued < self.target / 2 {
-            self.target = self.target.saturating_mul(2).min(self.cap);
-        }
-        self.low = self.low.min(queued);
-        self.target
-    }
-
-    /// End of a review period: a ring never drained by a quarter shrinks to twice the most
-    /// a loop took from it.
-    pub fn review(&mut self) {
-        let used = self.target.saturating_sub(self.low);
-        if used < self.target / 4 {
-            self.target = (2 * used).max(MIN_FILL).min(self.cap);
-        }
-        self.low = self.target;
-    }
-
-    pub fn target(&self) -> u32 {
-        self.target
-    }
 }
 
 /// Frames the kernel dropped on a socket (from `XDP_STATISTICS`), since the last look.
@@ -498,8 +445,6 @@ pub struct XskPort {
     fd: RawFd,
     ring: u32,
     tx_batch: Vec<XdpDesc>,
-    depth: FillDepth,
-    refills: u32,
     /// The kernel's statistics of this socket at the last look.
     kernel: XdpStatisticsV2,
 }
@@ -616,14 +561,8 @@ impl XskPort {
     }
 
     fn refill(&mut self, umem: &mut WorkerUmem) {
-        let pending = self.dev.pending();
-        let fill = self.depth.at_refill(pending, umem.fill_cap);
-        self.refills += 1;
-        if self.refills >= REVIEW_REFILLS {
-            self.refills = 0;
-            self.depth.review();
-        }
-        let queued = pending.min(fill);
+        let fill = umem.fill_cap;
+        let queued = self.dev.pending().min(fill);
         let spare = umem.free.len().saturating_sub(RESERVE) as u32;
         let want = (fill - queued).min(spare);
         if want == 0 {
@@ -757,7 +696,7 @@ impl PollSet {
 
 #[cfg(test)]
 mod tests {
-    use super::{fill_share, FillDepth, MIN_FILL};
+    use super::{fill_share, MIN_FILL};
 
     #[test]
     fn few_ports_may_deepen_to_the_configured_depth_or_half_the_pool() {
@@ -776,56 +715,5 @@ mod tests {
         assert_eq!(fill_share(1024, 4000, 2048), MIN_FILL);
         // A configured depth below the minimum is kept as is.
         assert_eq!(fill_share(8192, 1, 8), 8);
-    }
-
-    #[test]
-    fn a_port_starts_at_its_share_and_a_drained_ring_deepens_again() {
-        let mut d = FillDepth::new(1920);
-        assert_eq!(d.target(), 1920);
-        // A smaller share (more ports opened) lowers the depth at the next refill.
-        assert_eq!(d.at_refill(1900, 500), 500);
-        // A review period in which no loop took more than 10 frames: twice that.
-        let mut d = FillDepth::new(1920);
-        d.at_refill(1910, 1920);
-        d.review();
-        assert_eq!(d.target(), 20);
-        // Light use leaves it alone.
-        for _ in 0..100 {
-            assert_eq!(d.at_refill(17, 1920), 20);
-        }
-        // Drained below half: doubles each time, never past the share.
-        let seen: Vec<u32> = (0..10).map(|_| d.at_refill(1, 1920)).collect();
-        assert_eq!(seen[..7], [40, 80, 160, 320, 640, 1280, 1920]);
-        assert!(seen.iter().all(|&t| t <= 1920));
-        // Shrunk to the minimum, then found empty: straight back to the share.
-        d.review();
-        d.at_refill(d.target() - 5, 1920);
-        d.review();
-        assert_eq!(d.target(), MIN_FILL);
-        assert_eq!(d.at_refill(0, 1920), 1920);
-    }
-
-    #[test]
-    fn an_idle_ring_shrinks_to_the_minimum_and_a_busy_one_does_not() {
-        let mut busy = FillDepth::new(1920);
-        let mut idle = FillDepth::new(1920);
-        busy.at_refill(0, 1920);
-        idle.at_refill(0, 1920);
-        assert_eq!((busy.target(), idle.target()), (1920, 1920));
-        let mut light = FillDepth::new(1920);
-        light.at_refill(0, 1920);
-        for _ in 0..20 {
-            // The busy port is drained by a third in some loop of every period.
-            busy.at_refill(busy.target() - busy.target() / 3, 1920);
-            busy.review();
-            // The light one takes at most 100 frames in a loop.
-            light.at_refill(light.target() - 100, 1920);
-            light.review();
-            idle.at_refill(idle.target(), 1920);
-            idle.review();
-        }
-        assert_eq!(busy.target(), 1920);
-        assert_eq!(light.target(), 200);
-        assert_eq!(idle.target(), MIN_FILL);
     }
 }

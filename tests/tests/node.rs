@@ -471,6 +471,61 @@ fn frames_the_kernel_drops_on_a_socket_are_counted_by_reason_and_every_frame_is_
     assert!(lab.probe("t/a", "t/b", 80, "tcp"));
 }
 
+/// A single TCP stream, the burstiest traffic a pod port sees: a batch of ACKs stromd sends
+/// to pod a makes pod a's TCP answer with a burst of segments inside that very send (veth
+/// runs the receiver inline), before stromd can refill pod a's fill ring. The fill ring
+/// must stay deep enough for that however long the stream runs: no frame may be dropped
+/// by the kernel for want of a fill frame (an earlier version shrank the ring of a port
+/// that looked lightly used for a second or two, and the next burst was dropped).
+///
+/// ```text
+///  pod a ── iperf3 -c ──▶ st…a ─ stromd (busy) ─ st…b ──▶ pod b (iperf3 -s)
+/// ```
+#[test]
+fn a_long_tcp_stream_loses_no_frame_for_want_of_fill_frames() {
+    let _g = net_lock();
+    let lab = Lab::up(&two_pods(), &["--poll-mode", "busy"]);
+    let before = lab.drops("xsk_no_fill_frame") + lab.drops("xsk_rx_ring_full");
+    let mut server = Command::new("ip")
+        .args(["netns", "exec", &lab.pod_ns("t/b")])
+        .args(["iperf3", "-s", "-1", "-p", "5201"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("iperf3 server");
+    std::thread::sleep(Duration::from_millis(500));
+    let client = lab.exec(
+        "t/a",
+        &[
+            "iperf3",
+            "-c",
+            &lab.pod_ip("t/b"),
+            "-p",
+            "5201",
+            "-t",
+            "6",
+            "-J",
+        ],
+    );
+    let _ = server.kill();
+    let _ = server.wait();
+    let report: serde_json::Value =
+        serde_json::from_slice(&client.stdout).expect("iperf3 JSON report");
+    let bytes = report["end"]["sum_received"]["bytes"]
+        .as_f64()
+        .unwrap_or(0.0);
+    assert!(bytes > 0.0, "the stream ran: {report}");
+    // The worker reads the kernel's counters every few thousand loops.
+    std::thread::sleep(Duration::from_millis(300));
+    let dropped = lab.drops("xsk_no_fill_frame") + lab.drops("xsk_rx_ring_full");
+    assert_eq!(
+        dropped - before,
+        0,
+        "frames the kernel dropped on stromd's sockets during {:.0} MB of one TCP stream",
+        bytes / 1e6
+    );
+}
+
 /// Every socket closed gives the frames it held (fill ring, unread rx) back to the pool.
 #[test]
 fn a_port_removed_and_registered_again_at_once_works_and_gives_its_frames_back() {
