@@ -518,10 +518,17 @@ fn a_long_tcp_stream_loses_no_frame_for_want_of_fill_frames() {
     // The worker reads the kernel's counters every few thousand loops.
     std::thread::sleep(Duration::from_millis(300));
     let dropped = lab.drops("xsk_no_fill_frame") + lab.drops("xsk_rx_ring_full");
+    let reasons: Vec<serde_json::Value> = lab.stromctl(&["stats"])["workers"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|w| w["drops"].clone())
+        .collect();
     assert_eq!(
         dropped - before,
         0,
-        "frames the kernel dropped on stromd's sockets during {:.0} MB of one TCP stream",
+        "frames the kernel dropped on stromd's sockets during {:.0} MB of one TCP stream \
+         (drops by reason: {reasons:?})",
         bytes / 1e6
     );
 }
