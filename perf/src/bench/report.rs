@@ -385,10 +385,10 @@ impl Results {
             s,
             "Medians (lowest–highest of the rounds). Ratios are of medians, and for RTT lower \
              is better; in brackets after a ratio, the lowest–highest of the rounds' own ratios \
-             (stromd's sample over the peer's of the same round). Whatever the noise, that \
-             range holds the true median ratio with {:.1}% confidence for {} rounds (1 − 2^(1−R), \
-             the sign-test interval), so a range that spans 1.00 means this run cannot tell the \
-             two paths apart.\n",
+             (stromd's sample over the peer's of the same round). If the rounds are \
+             independent, that range holds the true median ratio with {:.1}% confidence for {} \
+             rounds whatever the shape of the noise (1 − 2^(1−R), the sign-test interval), so a \
+             range that spans 1.00 means this run cannot tell the two paths apart.\n",
             100.0 * sign_test_confidence(m.rounds),
             m.rounds
         );
