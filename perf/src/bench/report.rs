@@ -137,12 +137,7 @@ impl Results {
     }
 
     /// What `pick` takes from each of one path's samples of `metric`.
-    fn values(
-        &self,
-        path: &str,
-        metric: Metric,
-        pick: impl Fn(&Sample) -> Option<f64>,
-    ) -> Vec<f64> {
+    fn values<T>(&self, path: &str, metric: Metric, pick: impl Fn(&Sample) -> Option<T>) -> Vec<T> {
         let key = metric.key();
         self.samples
             .iter()
@@ -201,11 +196,10 @@ impl Results {
                 match ratios.get(m) {
                     Some(r) => {
                         let _ = write!(t, " {r:.2}×");
-                        let rounds = self.round_ratios("stromd", &peer, *m);
-                        if rounds.len() >= 2 {
-                            let lo = rounds.iter().copied().fold(f64::INFINITY, f64::min);
-                            let hi = rounds.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-                            let _ = write!(t, " ({lo:.2}–{hi:.2})");
+                        if let Some(r) = stat(&self.round_ratios("stromd", &peer, *m)) {
+                            if r.n >= 2 {
+                                let _ = write!(t, " ({:.2}–{:.2})", r.min, r.max);
+                            }
                         }
                         t.push_str(" |");
                     }
@@ -220,12 +214,9 @@ impl Results {
     /// `path`'s sample over `peer`'s of the same round, for every round that has both.
     /// Pairing by round takes out what drifts between rounds (the machine is shared).
     pub fn round_ratios(&self, path: &str, peer: &str, metric: Metric) -> Vec<f64> {
-        let key = metric.key();
         let of = |p: &str| -> BTreeMap<u32, f64> {
-            self.samples
-                .iter()
-                .filter(|s| s.path == p && s.metric == key)
-                .map(|s| (s.round, s.value))
+            self.values(p, metric, |s| Some((s.round, s.value)))
+                .into_iter()
                 .collect()
         };
         let b = of(peer);
