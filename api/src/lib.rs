@@ -61,7 +61,16 @@ pub enum Request {
     /// Register a pod port (idempotent for the same spec).
     AddPort { spec: PortSpec },
     /// Unregister a port; succeeds when it is already gone.
-    RemovePort { key: PortKey },
+    RemovePort {
+        key: PortKey,
+        /// The caller is deleting the port's interface now (CNI DEL): stromd then closes the
+        /// port's AF_XDP socket only once the kernel has unbound it in that deletion (or after
+        /// a few seconds), and leaves the XDP program to go with the interface. A socket
+        /// closed while its interface is being deleted makes the deletion wait out RCU grace
+        /// periods for the socket's hold on the interface.
+        #[serde(default)]
+        deleting_interface: bool,
+    },
     /// List the registered ports with their counters.
     Ports,
     /// Per-worker counters and drop reasons.
@@ -248,6 +257,19 @@ mod tests {
         assert_eq!(line.iter().filter(|&&b| b == b'\n').count(), 1);
         let back: Request = serde_json::from_slice(&line).unwrap();
         assert_eq!(back, req);
+    }
+
+    #[test]
+    fn a_removal_from_an_older_caller_does_not_say_the_interface_is_being_deleted() {
+        let r: Request =
+            serde_json::from_str(r#"{"op":"remove_port","key":{"ifname":"st1"}}"#).unwrap();
+        assert_eq!(
+            r,
+            Request::RemovePort {
+                key: PortKey::Ifname("st1".into()),
+                deleting_interface: false,
+            }
+        );
     }
 
     #[test]

@@ -334,6 +334,7 @@ fn cmd_add(c: &NetConf, env: &Env, stdin: &[u8]) -> Result<CniResult, CniError> 
             if let Ok(mut cl) = client(c) {
                 let _ = cl.call(&Request::RemovePort {
                     key: PortKey::Ifname(host.clone()),
+                    deleting_interface: true,
                 });
             }
             let _ = link::delete_node_link(&host);
@@ -448,9 +449,13 @@ fn release(source: &Addr, env: &Env, stdin: &[u8]) {
 fn cmd_del(c: &NetConf, env: &Env, stdin: &[u8], notes: &mut Vec<String>) -> Result<(), CniError> {
     env.require(false)?;
     let host = link::host_ifname(&env.container_id, &env.ifname);
-    // The interface is deleted first (the kernel then drops the XDP program and unbinds the
-    // AF_XDP socket in the same unregistration, instead of a grace period for each), in a
-    // thread: unregistering the port and releasing the address go on meanwhile.
+    // The interface is deleted in a thread while stromd forgets the port and the address is
+    // released. stromd is told the interface is going: it keeps the port's AF_XDP socket open
+    // until the deletion has unbound it. Deleting a veth whose socket is still bound unbinds it
+    // inside the unregistration and drops the socket's hold on the interface at once; a socket
+    // closed while the deletion runs drops that hold only from deferred work after an RCU grace
+    // period, and the deletion waits for it in rounds of `rcu_barrier()` and sleeps
+    // (`netdev_wait_allrefs_any`; BENCHMARKS.md §2).
     let deleting = {
         let host = host.clone();
         std::thread::spawn(move || link::delete_node_link(&host))
@@ -461,6 +466,7 @@ fn cmd_del(c: &NetConf, env: &Env, stdin: &[u8], notes: &mut Vec<String>) -> Res
                 container_id: env.container_id.clone(),
                 pod_ifname: env.ifname.clone(),
             },
+            deleting_interface: true,
         })
         .map_err(|e| CniError::new(code::DATAPLANE, "unregister", e.to_string()))
     }) {
@@ -663,8 +669,10 @@ fn cmd_gc(c: &NetConf, env: &Env, notes: &mut Vec<String>) -> Result<(), CniErro
         Ok((mut cl, Response::Ports { ports })) => {
             for p in ports {
                 if link::is_host_ifname(&p.spec.ifname) && !valid_hosts.contains(&p.spec.ifname) {
+                    // Its interface, not among the valid ones either, is deleted below.
                     if let Err(e) = cl.call(&Request::RemovePort {
                         key: PortKey::Ifname(p.spec.ifname.clone()),
+                        deleting_interface: true,
                     }) {
                         notes.push(format!("unregister {}: {e}", p.spec.ifname));
                     }

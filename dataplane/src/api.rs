@@ -5,12 +5,15 @@
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Write};
 use std::net::{IpAddr, Ipv4Addr};
+use std::os::fd::AsFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use nix::errno::Errno;
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use strom_api::{
     encode_line, PortKey, PortSpec, PortStatus, Request, Response, RouteEntry, StatusInfo,
     WorkerStats,
@@ -28,6 +31,9 @@ use crate::worker::{wait_reply, Command, PortSetup, WorkerShared};
 /// How long, at most, to wait for the kernel to release a queue's previous socket.
 const BUSY_RETRIES: u32 = 100;
 const BUSY_WAIT: Duration = Duration::from_millis(10);
+/// When the XDP program of an interface its caller said it was deleting comes off, should the
+/// interface still be there: after the socket's longest linger (`worker::LINGER_MAX`).
+const DETACH_AFTER_DELETION: Duration = Duration::from_secs(2);
 
 /// Ports (and XSKMAP slots) a node can have.
 pub const MAX_PORTS: usize = 4096;
@@ -51,7 +57,10 @@ pub struct Controller {
     ports: BTreeMap<u32, PortRecord>,
     next_id: u32,
     state: StateFile,
-    pending_detach: Vec<u32>,
+    /// Interfaces whose XDP program comes off after the current reply (`None`), or, for
+    /// interfaces being deleted, at the first look after the time given (normally the deletion
+    /// took the program with it by then).
+    pending_detach: Vec<(u32, Option<Instant>)>,
     uplink: Option<Uplink>,
 }
 
@@ -259,7 +268,7 @@ impl Controller {
             if p.spec == spec && p.ifindex == ifindex {
                 return Ok(self.status_of(p));
             }
-            self.remove_port(&PortKey::Ifname(spec.ifname.clone()))?;
+            self.remove_port(&PortKey::Ifname(spec.ifname.clone()), false)?;
         }
         let id = self.alloc_id().ok_or("no free port slot")?;
         let worker = (0..self.workers.len())
@@ -354,7 +363,7 @@ impl Controller {
             }
         };
         if let Err(e) = self.xdp.bind_slot(o.ifindex, o.queue, o.id, fd) {
-            self.stop_on_worker(o.worker, o.id);
+            self.stop_on_worker(o.worker, o.id, false);
             return fail(self, e.to_string());
         }
         Ok(xdp_mode)
@@ -404,7 +413,7 @@ impl Controller {
                 Err(e) => {
                     for (q, u) in queues.iter().enumerate() {
                         self.xdp.unbind_slot(ifindex, q as u32, u.id);
-                        self.stop_on_worker(u.worker, u.id);
+                        self.stop_on_worker(u.worker, u.id, false);
                     }
                     self.xdp.detach(ifindex);
                     return Err(format!("queue {queue}: {e}"));
@@ -495,15 +504,21 @@ impl Controller {
             })
     }
 
-    fn stop_on_worker(&self, worker: usize, id: u32) {
+    fn stop_on_worker(&self, worker: usize, id: u32, linger: bool) {
         let (tx, rx) = crossbeam_channel::bounded(1);
-        if self.workers[worker].command(Command::RemovePort(id, tx)) {
+        let c = Command::RemovePort {
+            id,
+            linger,
+            reply: tx,
+        };
+        if self.workers[worker].command(c) {
             let _ = wait_reply(&rx);
         }
     }
 
     /// Unregisters a port; Ok when it is not registered.
-    pub fn remove_port(&mut self, key: &PortKey) -> Result<(), String> {
+    /// `deleting_interface`: the caller deletes the interface now (see `Request::RemovePort`).
+    pub fn remove_port(&mut self, key: &PortKey, deleting_interface: bool) -> Result<(), String> {
         let found = self.ports.values().find(|p| match key {
             PortKey::Ifname(n) => &p.spec.ifname == n,
             PortKey::Container {
@@ -525,10 +540,13 @@ impl Controller {
         let mut t = (*self.tables.snapshot()).clone();
         t.local.retain(|_, n| n.port != p.id);
         self.tables.publish(t);
-        self.stop_on_worker(p.worker, p.id);
+        self.stop_on_worker(p.worker, p.id, deleting_interface);
         // Detaching waits for the kernel too; nothing reaches the port any more, so the
-        // caller is answered first (see `after_reply`).
-        self.pending_detach.push(p.ifindex);
+        // caller is answered first (see `after_reply`). An interface being deleted takes its
+        // program with it: detaching it during the deletion would only contend for the
+        // kernel's lock, so that waits until the deletion is surely over.
+        let when = deleting_interface.then(|| Instant::now() + DETACH_AFTER_DELETION);
+        self.pending_detach.push((p.ifindex, when));
         tracing::info!(port = p.id, ifname = %p.spec.ifname, "port removed");
         self.save();
         Ok(())
@@ -536,11 +554,42 @@ impl Controller {
 
     /// Work left over from the last request, done once its caller has its answer.
     pub fn after_reply(&mut self) {
-        for ifindex in std::mem::take(&mut self.pending_detach) {
+        self.detach_due(None);
+    }
+
+    /// Detaches the programs whose time has come: those due after a reply (`now` None), or
+    /// also those of deleted interfaces due by `now`.
+    fn detach_due(&mut self, now: Option<Instant>) {
+        let (due, later): (Vec<_>, Vec<_>) = std::mem::take(&mut self.pending_detach)
+            .into_iter()
+            .partition(|(_, when)| match (when, now) {
+                (None, _) => true,
+                (Some(t), Some(now)) => *t <= now,
+                (Some(_), None) => false,
+            });
+        self.pending_detach = later;
+        for (ifindex, _) in due {
             if !self.ports.values().any(|p| p.ifindex == ifindex) {
                 self.xdp.detach(ifindex);
             }
         }
+    }
+
+    /// Periodic upkeep between requests: the uplink's gateway, late detaches. Returns when
+    /// it wants to run next.
+    pub fn tick(&mut self) -> Instant {
+        self.detach_due(Some(Instant::now()));
+        let known = self.refresh_uplink();
+        // Until the uplink gateway is known, ask every 200 ms; then watch it for changes.
+        self.upkeep_by(Instant::now() + Duration::from_millis(if known { 2000 } else { 200 }))
+    }
+
+    /// `next`, or earlier when a late detach falls due before it.
+    pub fn upkeep_by(&self, next: Instant) -> Instant {
+        self.pending_detach
+            .iter()
+            .filter_map(|(_, t)| *t)
+            .fold(next, Instant::min)
     }
 
     /// Answers one request.
@@ -558,7 +607,10 @@ impl Controller {
                 Ok(s) => Response::Port(Box::new(s)),
                 Err(message) => Response::Error { message },
             },
-            Request::RemovePort { key } => match self.remove_port(&key) {
+            Request::RemovePort {
+                key,
+                deleting_interface,
+            } => match self.remove_port(&key, deleting_interface) {
                 Ok(()) => Response::Ok,
                 Err(message) => Response::Error { message },
             },
@@ -644,7 +696,16 @@ impl Controller {
 
 /// Serves the API until `stop` is set. One connection at a time: requests are short and the
 /// controller is single-threaded by design (no locks around the registry).
-pub fn serve(path: &Path, ctl: &mut Controller, stop: &AtomicBool) -> std::io::Result<()> {
+///
+/// Between connections it sleeps in poll(2) on the listener and on `wake` (written to by the
+/// signal handlers that set `stop`), waking only for a client, a signal or the uplink check:
+/// an idle node's stromd costs its pods' cores nothing.
+pub fn serve(
+    path: &Path,
+    ctl: &mut Controller,
+    stop: &AtomicBool,
+    wake: &UnixStream,
+) -> std::io::Result<()> {
     if let Some(d) = path.parent() {
         std::fs::create_dir_all(d)?;
     }
@@ -655,18 +716,28 @@ pub fn serve(path: &Path, ctl: &mut Controller, stop: &AtomicBool) -> std::io::R
     let mut next_refresh = Instant::now();
     while !stop.load(Ordering::SeqCst) {
         if Instant::now() >= next_refresh {
-            // Until the uplink gateway is known, ask every 200 ms; then watch it for changes.
-            let known = ctl.refresh_uplink();
-            next_refresh = Instant::now() + Duration::from_millis(if known { 2000 } else { 200 });
+            next_refresh = ctl.tick();
         }
         match listener.accept() {
             Ok((s, _)) => {
                 if let Err(e) = serve_conn(s, ctl, stop) {
                     tracing::debug!(error = %e, "API connection ended");
                 }
+                next_refresh = ctl.upkeep_by(next_refresh);
             }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                std::thread::sleep(Duration::from_millis(5))
+                let wait = next_refresh.saturating_duration_since(Instant::now());
+                let mut fds = [
+                    PollFd::new(listener.as_fd(), PollFlags::POLLIN),
+                    PollFd::new(wake.as_fd(), PollFlags::POLLIN),
+                ];
+                match poll(
+                    &mut fds,
+                    PollTimeout::try_from(wait).unwrap_or(PollTimeout::MAX),
+                ) {
+                    Ok(_) | Err(Errno::EINTR) => {}
+                    Err(e) => return Err(e.into()),
+                }
             }
             Err(e) => return Err(e),
         }

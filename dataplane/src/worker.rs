@@ -19,7 +19,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use crossbeam_channel::{Receiver, Sender};
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use crossbeam_queue::{ArrayQueue, SegQueue};
 use xdpilone::xdp::XdpDesc;
 
@@ -29,7 +29,9 @@ use crate::mac::Mac;
 use crate::pipeline::{self, Action, InPort, PortKind};
 use crate::stats::{Local, LocalDrops, SharedCounters, WorkerCounters};
 use crate::tables::TableHandle;
-use crate::xsk::{PollSet, SharedUmem, Waker, WorkerUmem, XskError, XskPort, XskSizes, FRAME_SIZE};
+use crate::xsk::{
+    PollSet, SharedUmem, Waker, WorkerUmem, XskError, XskPort, XskSizes, FRAME_SIZE, PREFETCH_AHEAD,
+};
 
 /// Frames read from one rx ring per loop.
 pub const BATCH: usize = 64;
@@ -74,8 +76,14 @@ pub struct OpenFailure {
 pub enum Command {
     /// Open the socket and start serving; replies with the socket fd for the XSKMAP.
     AddPort(PortSetup, Sender<Result<i32, OpenFailure>>),
-    /// Close the port's socket and free its frames; replies when done.
-    RemovePort(u32, Sender<()>),
+    /// Stop serving the port and hand its socket to the reaper, which closes it and gives its
+    /// frames back; replies once the worker has let go. With `linger`, the interface is being
+    /// deleted: the reaper waits for the kernel to unbind the socket first (see [`Closing`]).
+    RemovePort {
+        id: u32,
+        linger: bool,
+        reply: Sender<()>,
+    },
     /// Leave the loop.
     Stop,
 }
@@ -89,13 +97,71 @@ pub struct WorkerShared {
     waker: Waker,
     sleeping: AtomicBool,
     commands: Sender<Command>,
-    reaper: Sender<Reap>,
+    reaper: Sender<Closing>,
     /// Serials of this worker's sockets the reaper has closed: their frames can come back.
     closed: SegQueue<u32>,
 }
 
-/// Work for the reaper thread: close a socket, then tell its worker.
-type Reap = Box<dyn FnOnce() + Send>;
+/// Longest an AF_XDP socket waits for its interface's deletion before it is closed anyway
+/// (a DEL's deletion takes tens of milliseconds). Shorter than the time an AddPort for the
+/// same queue waits for the kernel to release the previous socket (`api::BUSY_RETRIES`).
+pub const LINGER_MAX: Duration = Duration::from_millis(500);
+/// How often the reaper looks whether a lingering socket has been unbound.
+const LINGER_CHECK: Duration = Duration::from_millis(5);
+
+/// A socket on its way out, for the reaper thread: closing an AF_XDP socket waits for an RCU
+/// grace period in the kernel, which the forwarding loop must not.
+///
+/// When the port's interface is being deleted (`linger_until`), the socket stays open until the
+/// kernel has unbound it in that deletion: the unregistration then drops the socket's hold on
+/// the interface on the spot. Closed while the deletion runs, the socket would leave that hold
+/// to deferred work after a grace period, and the deletion would wait for it in rounds of RCU
+/// barriers and sleeps (a CNI DEL's p90 went from 32 to 48 ms that way).
+pub struct Closing {
+    xsk: XskPort,
+    worker: Arc<WorkerShared>,
+    linger_until: Option<std::time::Instant>,
+}
+
+impl Closing {
+    fn due(&self) -> bool {
+        self.linger_until
+            .is_none_or(|t| std::time::Instant::now() >= t || self.xsk.unbound())
+    }
+
+    fn close(self) {
+        let serial = self.xsk.serial();
+        drop(self.xsk);
+        self.worker.closed.push(serial);
+        self.worker.waker.wake();
+    }
+}
+
+/// The reaper thread: closes sockets as they come, lingering ones once they are due.
+fn reap(dead: Receiver<Closing>) {
+    let mut lingering: Vec<Closing> = Vec::new();
+    loop {
+        let next = if lingering.is_empty() {
+            dead.recv().map_err(|_| RecvTimeoutError::Disconnected)
+        } else {
+            dead.recv_timeout(LINGER_CHECK)
+        };
+        match next {
+            Ok(c) => lingering.push(c),
+            Err(RecvTimeoutError::Timeout) => {}
+            Err(RecvTimeoutError::Disconnected) => break,
+        }
+        let mut i = 0;
+        while i < lingering.len() {
+            if lingering[i].due() {
+                lingering.swap_remove(i).close();
+            } else {
+                i += 1;
+            }
+        }
+    }
+    lingering.into_iter().for_each(Closing::close);
+}
 
 impl WorkerShared {
     /// Sends a command and wakes the worker.
@@ -165,10 +231,10 @@ impl Port {
 pub fn create(n: usize, cores: &[usize]) -> Result<Created, crate::xsk::XskError> {
     let mut shared = Vec::with_capacity(n);
     let mut rxs = Vec::with_capacity(n);
-    let (reaper, dead) = crossbeam_channel::unbounded::<Reap>();
+    let (reaper, dead) = crossbeam_channel::unbounded::<Closing>();
     std::thread::Builder::new()
         .name("strom-reaper".into())
-        .spawn(move || dead.iter().for_each(|reap| reap()))
+        .spawn(move || reap(dead))
         .map_err(crate::xsk::XskError::EventFd)?;
     for id in 0..n {
         let (tx, rx) = crossbeam_channel::unbounded();
@@ -365,25 +431,20 @@ impl Worker {
                     }));
                     self.rebuild_poll();
                 }
-                Command::RemovePort(id, reply) => {
+                Command::RemovePort { id, linger, reply } => {
                     if let Some(mut p) = self.ports.get_mut(id as usize).and_then(Option::take) {
                         p.kernel_drops(&mut self.totals, &mut self.drops);
                         self.me.counters.publish_drops(&mut self.drops);
                         p.counters.publish(&mut p.local);
                         p.xsk.abandon_batch(&mut self.umem);
-                        // Closing an AF_XDP socket waits for an RCU grace period in the
-                        // kernel: the reaper thread does it, not the forwarding loop. The
-                        // frames lent to the socket come back once it is closed.
-                        let serial = p.xsk.serial();
-                        let xsk = p.xsk;
-                        let me = self.me.clone();
-                        let reap: Reap = Box::new(move || {
-                            drop(xsk);
-                            me.closed.push(serial);
-                            me.waker.wake();
-                        });
-                        if let Err(e) = self.me.reaper.send(reap) {
-                            (e.into_inner())();
+                        // The frames lent to the socket come back once the reaper closed it.
+                        let closing = Closing {
+                            xsk: p.xsk,
+                            worker: self.me.clone(),
+                            linger_until: linger.then(|| std::time::Instant::now() + LINGER_MAX),
+                        };
+                        if let Err(e) = self.me.reaper.send(closing) {
+                            e.into_inner().close();
                         }
                     }
                     self.active.retain(|&a| a != id);
@@ -410,7 +471,11 @@ impl Worker {
             return 0;
         };
         let n = port.xsk.recv(&mut self.umem, descs);
-        for d in &descs[..n] {
+        for (i, d) in descs[..n].iter().enumerate() {
+            // `recv` started loading the first frames' headers; keep that many ahead.
+            if let Some(ahead) = descs[..n].get(i + PREFETCH_AHEAD) {
+                self.umem.prefetch(ahead.addr);
+            }
             let len = d.len as usize;
             port.local.rx_packets += 1;
             port.local.rx_bytes += len as u64;

@@ -30,6 +30,9 @@ pub struct Settings {
     pub poll_mode: String,
     #[serde(default = "one")]
     pub uplink_queues: u16,
+    /// Cores stromd's workers are pinned to (empty: not pinned).
+    #[serde(default)]
+    pub cores: Vec<usize>,
 }
 
 fn one() -> u16 {
@@ -320,9 +323,10 @@ impl State {
         ip(&["-n", &ext, "route", "add", &s.pod_cidr, "via", NODE_ADDR])?;
         run(in_ns(&ext, "ethtool").args(["-K", "eth0", "tx", "off", "tso", "off", "gso", "off"]))?;
         let cfg = format!(
-            "[node]\naddresses = [\"{NODE_ADDR}\"]\npod_cidr = \"{}\"\nuplink = \"uplink\"\nuplink_gateway = \"{EXT_ADDR}\"\n\n[dataplane]\nworkers = {}\npoll_mode = \"{}\"\napi_socket = \"{}\"\nstate_dir = \"{}\"\n",
+            "[node]\naddresses = [\"{NODE_ADDR}\"]\npod_cidr = \"{}\"\nuplink = \"uplink\"\nuplink_gateway = \"{EXT_ADDR}\"\n\n[dataplane]\nworkers = {}\ncores = {:?}\npoll_mode = \"{}\"\napi_socket = \"{}\"\nstate_dir = \"{}\"\n",
             s.pod_cidr,
             s.workers,
+            s.cores,
             s.poll_mode,
             s.socket().display(),
             s.dir.join("stromd-state").display()

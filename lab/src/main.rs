@@ -52,6 +52,9 @@ struct UpOpts {
     /// stromd poll mode (busy or adaptive).
     #[arg(long, default_value = "adaptive")]
     poll_mode: String,
+    /// Cores to pin stromd's workers to, comma separated (default: not pinned).
+    #[arg(long, value_delimiter = ',')]
+    cores: Vec<usize>,
     /// Receive/transmit queues of the uplink veth (stromd opens a socket per receive queue,
     /// as on a multi-queue NIC).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
@@ -163,6 +166,7 @@ fn settings(dir: &std::path::Path, o: &UpOpts) -> anyhow::Result<Settings> {
         workers: o.workers,
         poll_mode: o.poll_mode.clone(),
         uplink_queues: o.uplink_queues,
+        cores: o.cores.clone(),
     })
 }
 

@@ -231,24 +231,42 @@ fn run(a: &Args, bin: &Path) -> anyhow::Result<()> {
         }
     }
     println!(
-        "{:<18} {:>9} {:>9} {:>9} {:>9} {:>16}",
-        "plugin", "ADD p50", "ADD p99", "DEL p50", "DEL p99", "pods/s (8 par)"
+        "{:<18} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>16}",
+        "plugin",
+        "ADD p50",
+        "ADD p90",
+        "ADD p99",
+        "DEL p50",
+        "DEL p90",
+        "DEL p99",
+        "pods/s (8 par)"
     );
     let mut out = Vec::new();
     for r in rows.iter_mut() {
-        let (a50, a99, d50, d99) = (
+        // Samples in call order for the JSON, before `pct` sorts them.
+        let ms = |v: &[Duration]| -> Vec<f64> { v.iter().map(|d| d.as_secs_f64() * 1e3).collect() };
+        let (add_ms, del_ms) = (ms(&r.add), ms(&r.del));
+        let (a50, a90, a99) = (
             pct(&mut r.add, 0.5),
+            pct(&mut r.add, 0.9),
             pct(&mut r.add, 0.99),
+        );
+        let (d50, d90, d99) = (
             pct(&mut r.del, 0.5),
+            pct(&mut r.del, 0.9),
             pct(&mut r.del, 0.99),
         );
         r.rate.sort_by(f64::total_cmp);
         let rate = r.rate[r.rate.len() / 2];
         println!(
-            "{:<18} {a50:>7.1}ms {a99:>7.1}ms {d50:>7.1}ms {d99:>7.1}ms {rate:>16.1}",
+            "{:<18} {a50:>7.1}ms {a90:>7.1}ms {a99:>7.1}ms {d50:>7.1}ms {d90:>7.1}ms {d99:>7.1}ms {rate:>16.1}",
             r.plugin
         );
-        out.push(json!({"plugin": r.plugin, "add_p50_ms": a50, "add_p99_ms": a99, "del_p50_ms": d50, "del_p99_ms": d99, "pods_per_s": rate, "calls": r.add.len()}));
+        out.push(
+            json!({"plugin": r.plugin, "add_p50_ms": a50, "add_p90_ms": a90, "add_p99_ms": a99,
+            "del_p50_ms": d50, "del_p90_ms": d90, "del_p99_ms": d99, "pods_per_s": rate,
+            "pods_per_s_rounds": r.rate, "calls": r.add.len(), "add_ms": add_ms, "del_ms": del_ms}),
+        );
     }
     if let Some(p) = &a.json {
         std::fs::write(p, serde_json::to_string_pretty(&out)?)?;

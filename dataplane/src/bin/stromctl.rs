@@ -103,6 +103,7 @@ fn main() -> anyhow::Result<()> {
         },
         Cmd::RemovePort { ifname } => Request::RemovePort {
             key: PortKey::Ifname(ifname.clone()),
+            deleting_interface: false,
         },
     };
     let resp = c.call(&req).context("stromd")?;

@@ -148,8 +148,12 @@ fn main() -> anyhow::Result<()> {
     let handles = worker::spawn(&shared, receivers, &tables, cfg.dataplane.poll_mode, sizes)?;
 
     let stop = Arc::new(AtomicBool::new(false));
+    // The flag first, then a byte down the pipe that wakes the API loop's poll(2): whoever
+    // wakes sees the flag set.
+    let (wake, wake_tx) = std::os::unix::net::UnixStream::pair()?;
     for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
         signal_hook::flag::register(sig, stop.clone())?;
+        signal_hook::low_level::pipe::register(sig, wake_tx.try_clone()?)?;
     }
     let socket = cfg.dataplane.api_socket.clone();
     tracing::info!(
@@ -180,7 +184,7 @@ fn main() -> anyhow::Result<()> {
         }
     }
     ctl.restore();
-    let served = serve(&socket, &mut ctl, &stop);
+    let served = serve(&socket, &mut ctl, &stop, &wake);
     tracing::info!("stromd stopping: detaching XDP programs, closing sockets");
     ctl.shutdown(handles);
     drop(ctl);
