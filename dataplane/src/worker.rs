@@ -105,7 +105,7 @@ pub struct WorkerShared {
 /// Longest an AF_XDP socket waits for its interface's deletion before it is closed anyway
 /// (a DEL's deletion takes tens of milliseconds). Shorter than the time an AddPort for the
 /// same queue waits for the kernel to release the previous socket (`api::BUSY_RETRIES`).
-pub const LINGER_MAX: Duration = Duration::from_millis(500);
+const LINGER_MAX: Duration = Duration::from_millis(500);
 /// How often the reaper looks whether a lingering socket has been unbound.
 const LINGER_CHECK: Duration = Duration::from_millis(5);
 
@@ -117,7 +117,7 @@ const LINGER_CHECK: Duration = Duration::from_millis(5);
 /// the interface on the spot. Closed while the deletion runs, the socket would leave that hold
 /// to deferred work after a grace period, and the deletion would wait for it in rounds of RCU
 /// barriers and sleeps (a CNI DEL's p90 went from 32 to 48 ms that way).
-pub struct Closing {
+struct Closing {
     xsk: XskPort,
     worker: Arc<WorkerShared>,
     linger_until: Option<std::time::Instant>,
