@@ -65,7 +65,7 @@ pub enum Request {
         key: PortKey,
         /// The caller is deleting the port's interface now (CNI DEL): stromd then closes the
         /// port's AF_XDP socket only once the kernel has unbound it in that deletion (or after
-        /// a few seconds), and leaves the XDP program to go with the interface. A socket
+        /// half a second at most), and leaves the XDP program to go with the interface. A socket
         /// closed while its interface is being deleted makes the deletion wait out RCU grace
         /// periods for the socket's hold on the interface.
         #[serde(default)]
