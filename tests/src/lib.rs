@@ -156,13 +156,16 @@ impl Lab {
         sh(self.cmd().args(["exec", target, "--"]).args(argv))
     }
 
+    /// `stromctl --socket <this lab's>`, to be given its arguments.
+    pub fn ctl(&self) -> Command {
+        let mut c = Command::new(bin_dir().join("stromctl"));
+        c.arg("--socket").arg(self.socket());
+        c
+    }
+
     /// `stromctl -o json ...`.
     pub fn stromctl(&self, args: &[&str]) -> Value {
-        let o = sh(Command::new(bin_dir().join("stromctl"))
-            .arg("--socket")
-            .arg(self.socket())
-            .args(["-o", "json"])
-            .args(args));
+        let o = sh(self.ctl().args(["-o", "json"]).args(args));
         assert!(
             o.status.success(),
             "stromctl {args:?}: {}",

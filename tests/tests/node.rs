@@ -571,15 +571,12 @@ fn a_port_removed_and_registered_again_at_once_works_and_gives_its_frames_back()
         a["spec"]["ips"][0].as_str().unwrap(),
         a["spec"]["mac"].as_str().unwrap(),
     );
-    let ctl = || {
-        let mut c = Command::new(strom_tests::bin_dir().join("stromctl"));
-        c.arg("--socket").arg(lab.socket());
-        c
-    };
     for _ in 0..8 {
         // The kernel releases a closed AF_XDP socket's queue in deferred work; stromd waits.
-        assert!(sh(ctl().args(["remove-port", ifname])).status.success());
-        let o = sh(ctl().args(["add-port", "--ifname", ifname, "--ip", ip, "--mac", mac]));
+        assert!(sh(lab.ctl().args(["remove-port", ifname])).status.success());
+        let o = sh(lab
+            .ctl()
+            .args(["add-port", "--ifname", ifname, "--ip", ip, "--mac", mac]));
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     }
     assert!(lab.probe("t/a", "t/b", 80, "tcp"));
@@ -643,9 +640,8 @@ fn a_port_removed_for_a_deletion_that_never_comes_is_closed_and_detached_all_the
         );
         std::thread::sleep(Duration::from_millis(100));
     }
-    let o = sh(Command::new(strom_tests::bin_dir().join("stromctl"))
-        .arg("--socket")
-        .arg(lab.socket())
+    let o = sh(lab
+        .ctl()
         .args(["add-port", "--ifname", ifname, "--ip", ip, "--mac", mac]));
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert!(lab.probe("t/a", "t/b", 80, "tcp"));
@@ -728,18 +724,15 @@ fn a_port_with_several_receive_queues_is_refused_by_name() {
         .args(["netns", "exec", &node, "ethtool", "-L", "mq0", "rx", "2", "tx", "2"]))
     .status
     .success());
-    let o = sh(Command::new(strom_tests::bin_dir().join("stromctl"))
-        .arg("--socket")
-        .arg(lab.socket())
-        .args([
-            "add-port",
-            "--ifname",
-            "mq0",
-            "--ip",
-            "198.18.16.9",
-            "--mac",
-            "02:00:00:00:00:09",
-        ]));
+    let o = sh(lab.ctl().args([
+        "add-port",
+        "--ifname",
+        "mq0",
+        "--ip",
+        "198.18.16.9",
+        "--mac",
+        "02:00:00:00:00:09",
+    ]));
     assert!(!o.status.success());
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("mq0 has 2 receive queues"), "{err}");
