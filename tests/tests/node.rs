@@ -736,6 +736,27 @@ fn a_port_with_several_receive_queues_is_refused_by_name() {
     assert!(!o.status.success());
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("mq0 has 2 receive queues"), "{err}");
+    // With `-o json` too: a script sees the failure in the exit status, the reason on stderr
+    // and nothing on stdout that could pass for a result.
+    let o = sh(lab.ctl().args([
+        "-o",
+        "json",
+        "add-port",
+        "--ifname",
+        "mq0",
+        "--ip",
+        "198.18.16.9",
+        "--mac",
+        "02:00:00:00:00:09",
+    ]));
+    assert!(!o.status.success(), "stromctl -o json exits 0 on a refusal");
+    assert!(
+        o.stdout.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&o.stdout)
+    );
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("mq0 has 2 receive queues"), "{err}");
     assert!(lab.pod_ports().is_empty());
     assert!(
         lab.xdp_links().iter().all(|l| l != "mq0"),
