@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # Worker efficiency of stromd on this machine:
-#  1. idle CPU of each poll mode: one worker with 8 registered, silent pod ports, 10 s;
+#  1. idle CPU of each poll mode: one worker with 10 registered, silent pod ports, 10 s; and
+#     of the adaptive mode with 100 (its cost grows with the ports it polls when it wakes);
 #  2. forwarding with one worker core: strom-pktgen (core 0) floods pod A -> stromd (one worker,
 #     busy, core 1) -> pod B (nftables drops), 60-byte UDP over 256 flows; delivered Mpps and
 #     frames per worker loop;
 #  3. where the worker's time goes: `perf record` on the worker's core during (2), if perf is
 #     installed (linux-perf).
-# Topology: ns swe-n (stromd) with veths to swe-a, swe-b and 8 idle pods swe-p1..8; 198.18.16.0/24.
+# Topology: ns swe-n (stromd) with veths to swe-a, swe-b and 98 idle pods swe-p1..98 (the
+# first 8 registered for the 10-port runs); 198.18.16.0/24.
 # Usage (root): perf/worker-efficiency.sh [-s seconds]
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
@@ -34,14 +36,14 @@ pod() { # name ip: a pod namespace wired to host side h<name>
   ip -n "swe-$1" route add default via 169.254.1.1 dev eth0
 }
 pod a 198.18.16.2; pod b 198.18.16.3
-for i in 1 2 3 4 5 6 7 8; do pod "p$i" "198.18.16.$((10 + i))"; done
+for i in $(seq 98); do pod "p$i" "198.18.16.$((10 + i))"; done
 ip netns exec swe-b nft -f - <<NFT
 table inet sink {
   chain pre { type filter hook prerouting priority -300; udp dport 9 drop; }
 }
 NFT
 mac() { ip netns exec "$1" cat "/sys/class/net/$2/address"; }
-start() { # poll mode
+start() { # poll mode [ports, default 10]
   cat >"$run/stromd.toml" <<CFG
 [node]
 pod_cidr = "198.18.16.0/24"
@@ -56,7 +58,7 @@ CFG
   ip netns exec $N "$bin/stromd" --config "$run/stromd.toml" --log warn &
   pid=$!
   for _ in $(seq 100); do [ -S "$run/stromd.sock" ] && break; sleep 0.05; done
-  for p in a b p1 p2 p3 p4 p5 p6 p7 p8; do
+  for p in a b $(seq -f 'p%g' $((${2:-10} - 2))); do
     ip=$(ip -n "swe-$p" -4 -o addr show dev eth0 | awk '{print $4}' | cut -d/ -f1)
     "$bin/stromctl" -s "$run/stromd.sock" add-port --ifname "h$p" --ip "$ip" --mac "$(mac "swe-$p" eth0)" >/dev/null
   done
@@ -65,12 +67,13 @@ stop() { kill -INT "$pid"; wait "$pid" || true; pid=; }
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$pid/stat"; }
 stat() { "$bin/stromctl" -s "$run/stromd.sock" -o json stats | python3 -c "import json,sys; w=json.load(sys.stdin)['workers'][0]; print(w['loops'], w['counters']['rx_packets'], w['sleeps'])"; }
 hz=$(getconf CLK_TCK)
-echo "# 1. idle CPU, one worker, 10 registered silent ports, 10 s"
-for mode in busy adaptive; do
-  start "$mode"; sleep 2
+echo "# 1. idle CPU, one worker, registered silent ports, 10 s"
+for run_ in "busy 10" "adaptive 10" "adaptive 100"; do
+  read -r mode ports <<<"$run_"
+  start "$mode" "$ports"; sleep 2
   t0=$(cpu_ticks); read -r l0 _ s0 < <(stat); sleep 10; t1=$(cpu_ticks); read -r l1 _ s1 < <(stat)
-  awk -v t=$((t1 - t0)) -v hz="$hz" -v m="$mode" -v l=$((l1 - l0)) -v s=$((s1 - s0)) \
-    'BEGIN{printf "%-9s cpu %5.1f%% of a core   loops/s %9.0f   sleeps/s %6.1f\n", m, t/hz/10*100, l/10, s/10}'
+  awk -v t=$((t1 - t0)) -v hz="$hz" -v m="$mode" -v n="$ports" -v l=$((l1 - l0)) -v s=$((s1 - s0)) \
+    'BEGIN{printf "%-9s %3d ports   cpu %5.1f%% of a core   loops/s %9.0f   sleeps/s %6.1f\n", m, n, t/hz/10*100, l/10, s/10}'
   stop
 done
 echo "# 2. forwarding, one worker (busy, core 1), strom-pktgen on core 0, 60-byte UDP, 256 flows, ${SECS} s"

@@ -38,7 +38,11 @@ pub const BATCH: usize = 64;
 /// Idle loops before an adaptive worker sleeps.
 const SPIN_BEFORE_SLEEP: u32 = 2000;
 /// Longest sleep of an adaptive worker (it wakes earlier on traffic, hand-offs and commands).
-const SLEEP_MS: i32 = 50;
+/// Nothing needs a worker whose ports are silent: every loop publishes its counters, and the
+/// kernel's drop counts are read just before it sleeps. Each timeout still costs the
+/// `SPIN_BEFORE_SLEEP` loops over every port (with 100 ports, 50 ms timeouts kept 12% of a
+/// core busy; BENCHMARKS.md section 5).
+const SLEEP_MS: i32 = 1000;
 /// Loops between two reads of the kernel's drop counters of every socket.
 const KERNEL_STATS_LOOPS: u32 = 4096;
 /// Entries in each worker's cross-worker hand-off queue.
