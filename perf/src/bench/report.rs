@@ -196,10 +196,11 @@ impl Results {
                 match ratios.get(m) {
                     Some(r) => {
                         let _ = write!(t, " {r:.2}×");
-                        if let Some(r) = stat(&self.round_ratios("stromd", &peer, *m)) {
-                            if r.n >= 2 {
-                                let _ = write!(t, " ({:.2}–{:.2})", r.min, r.max);
-                            }
+                        let mut rr = self.round_ratios("stromd", &peer, *m);
+                        if rr.len() >= 2 {
+                            rr.sort_by(f64::total_cmp);
+                            let (k, _) = sign_test_k(rr.len() as u32, CONFIDENCE);
+                            let _ = write!(t, " ({:.2}–{:.2})", rr[k - 1], rr[rr.len() - k]);
                         }
                         t.push_str(" |");
                     }
@@ -372,15 +373,22 @@ impl Results {
                 .join(", ")
         );
         let _ = writeln!(s, "```sh\n{}\n```\n", m.command);
+        let (k, confidence) = sign_test_k(m.rounds, CONFIDENCE);
+        let bracket = if k == 1 {
+            "the lowest to the highest".to_string()
+        } else {
+            format!("the {} lowest to the {} highest", ordinal(k), ordinal(k))
+        };
         let _ = writeln!(
             s,
             "Medians (lowest–highest of the rounds). Ratios are of medians, and for RTT lower \
-             is better; in brackets after a ratio, the lowest–highest of the rounds' own ratios \
+             is better; in brackets after a ratio, {bracket} of the rounds' own ratios \
              (stromd's sample over the peer's of the same round). If the rounds are \
              independent, that range holds the true median ratio with {:.1}% confidence for {} \
-             rounds whatever the shape of the noise (1 − 2^(1−R), the sign-test interval), so a \
-             range that spans 1.00 means this run cannot tell the two paths apart.\n",
-            100.0 * sign_test_confidence(m.rounds),
+             rounds whatever the shape of the noise (the sign-test interval), so a range that \
+             spans 1.00 means this run cannot tell the two paths apart, and one that lies above \
+             (or, for RTT, below) 1.00 shows stromd ahead.\n",
+            100.0 * confidence,
             m.rounds
         );
         s.push_str(&self.table());
@@ -429,10 +437,47 @@ pub fn regenerate(doc: &str, block: &str) -> String {
     out
 }
 
+/// The confidence the ratio ranges aim for (at least; fewer than 6 rounds cannot reach it).
+pub const CONFIDENCE: f64 = 0.95;
+
 /// The probability that the lowest and highest of `n` independent samples bracket their
 /// distribution's median: 1 − 2·(1/2)^n.
 pub fn sign_test_confidence(n: u32) -> f64 {
     1.0 - 0.5f64.powi(n.saturating_sub(1).min(1000) as i32)
+}
+
+/// The sign-test interval for the median of `n` independent samples: their `k`-th lowest and
+/// `k`-th highest bracket it with probability 1 − 2·P(Binomial(n, ½) < k), whatever the
+/// distribution. Returns the largest `k` whose probability is at least `level`, with that
+/// probability; when no `k` reaches it (fewer than 6 samples at 95%), 1: the lowest and highest.
+pub fn sign_test_k(n: u32, level: f64) -> (usize, f64) {
+    let n = n.min(1000);
+    // P(Binomial(n, ½) = i), term by term from (½)^n.
+    let mut p = 0.5f64.powi(n as i32);
+    let mut below = 0.0; // P(Binomial < k)
+    let mut best = (1, sign_test_confidence(n));
+    for k in 1..=(n as usize).div_ceil(2) {
+        below += p;
+        p *= f64::from(n - (k as u32 - 1)) / k as f64;
+        let confidence = 1.0 - 2.0 * below;
+        if confidence < level {
+            break;
+        }
+        best = (k, confidence);
+    }
+    best
+}
+
+/// 2nd, 3rd, 4th, ...
+fn ordinal(k: usize) -> String {
+    let suffix = match (k % 10, k % 100) {
+        (_, 11..=13) => "th",
+        (1, _) => "st",
+        (2, _) => "nd",
+        (3, _) => "rd",
+        _ => "th",
+    };
+    format!("{k}{suffix}")
 }
 
 fn fmt(v: f64) -> String {
@@ -583,6 +628,74 @@ mod tests {
         assert_eq!(sign_test_confidence(2), 0.5);
         assert_eq!(sign_test_confidence(5), 0.9375);
         assert!((sign_test_confidence(7) - 0.984375).abs() < 1e-12);
+    }
+
+    #[test]
+    fn the_sign_test_interval_narrows_with_more_rounds_and_keeps_95_percent() {
+        // Too few rounds for 95%: the lowest and highest, at what they give.
+        assert_eq!(sign_test_k(5, 0.95), (1, 0.9375));
+        // 7 rounds: only the lowest and highest reach 95% (98.4%; the 2nd give 87.5%).
+        let (k, c) = sign_test_k(7, 0.95);
+        assert_eq!(k, 1);
+        assert!((c - 0.984375).abs() < 1e-12);
+        // 9 rounds: the 2nd lowest and highest, 1 − 2·10/512.
+        let (k, c) = sign_test_k(9, 0.95);
+        assert_eq!(k, 2);
+        assert!((c - (1.0 - 20.0 / 512.0)).abs() < 1e-12);
+        // 15 rounds: the 4th, 1 − 2·576/32768 = 96.5% (the 5th would give 88.2%).
+        let (k, c) = sign_test_k(15, 0.95);
+        assert_eq!(k, 4);
+        assert!((c - (1.0 - 1152.0 / 32768.0)).abs() < 1e-12);
+        // 20 rounds: the 6th, 1 − 2·21700/2^20.
+        let (k, c) = sign_test_k(20, 0.95);
+        assert_eq!(k, 6);
+        assert!((c - (1.0 - 43400.0 / 1048576.0)).abs() < 1e-12);
+        assert_eq!(sign_test_k(0, 0.95).0, 1);
+        assert!(sign_test_k(1000, 0.95).0 > 400);
+    }
+
+    #[test]
+    fn a_ratio_range_over_many_rounds_is_the_sign_test_interval() {
+        // 9 rounds of stromd at 1.0 against testpmd at 1.0, except one round each way far off:
+        // the lowest and highest round ratios are left out, the 2nd are shown.
+        let mut samples = Vec::new();
+        let ratios = [0.5, 0.9, 1.0, 1.0, 1.0, 1.0, 1.0, 1.1, 2.0];
+        for r in ratios {
+            samples.push(("stromd", "udp_mpps_1_flows", r, None));
+            samples.push(("testpmd", "udp_mpps_1_flows", 1.0, None));
+        }
+        let mut r = results(&samples);
+        for (i, s) in r.samples.iter_mut().enumerate() {
+            s.round = (i / 2) as u32;
+        }
+        r.meta.rounds = 9;
+        assert!(
+            r.table()
+                .contains("| stromd / testpmd | | 1.00× (0.90–1.10) |"),
+            "{}",
+            r.table()
+        );
+        assert!(r
+            .markdown("x.json", None)
+            .contains("the 2nd lowest to the 2nd highest of the rounds' own ratios"));
+        assert!(r
+            .markdown("x.json", None)
+            .contains("96.1% confidence for 9 rounds"));
+    }
+
+    #[test]
+    fn ordinals() {
+        let got: Vec<String> = [1, 2, 3, 4, 11, 12, 13, 21, 22, 23, 101, 111]
+            .into_iter()
+            .map(ordinal)
+            .collect();
+        assert_eq!(
+            got,
+            [
+                "1st", "2nd", "3rd", "4th", "11th", "12th", "13th", "21st", "22nd", "23rd",
+                "101st", "111th"
+            ]
+        );
     }
 
     #[test]
