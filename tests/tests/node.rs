@@ -724,31 +724,26 @@ fn a_port_with_several_receive_queues_is_refused_by_name() {
         .args(["netns", "exec", &node, "ethtool", "-L", "mq0", "rx", "2", "tx", "2"]))
     .status
     .success());
-    let o = sh(lab.ctl().args([
-        "add-port",
-        "--ifname",
-        "mq0",
-        "--ip",
-        "198.18.16.9",
-        "--mac",
-        "02:00:00:00:00:09",
-    ]));
+    let add_mq0 = |output: &str| {
+        sh(lab.ctl().args([
+            "-o",
+            output,
+            "add-port",
+            "--ifname",
+            "mq0",
+            "--ip",
+            "198.18.16.9",
+            "--mac",
+            "02:00:00:00:00:09",
+        ]))
+    };
+    let o = add_mq0("table");
     assert!(!o.status.success());
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("mq0 has 2 receive queues"), "{err}");
     // With `-o json` too: a script sees the failure in the exit status, the reason on stderr
     // and nothing on stdout that could pass for a result.
-    let o = sh(lab.ctl().args([
-        "-o",
-        "json",
-        "add-port",
-        "--ifname",
-        "mq0",
-        "--ip",
-        "198.18.16.9",
-        "--mac",
-        "02:00:00:00:00:09",
-    ]));
+    let o = add_mq0("json");
     assert!(!o.status.success(), "stromctl -o json exits 0 on a refusal");
     assert!(
         o.stdout.is_empty(),
