@@ -14,6 +14,16 @@ use std::time::{Duration, Instant};
 
 use strom_tests::{namespaces_with, net_lock, pod, sh, Lab};
 
+/// The host interface, first address and MAC stromd registered for a port (`Lab::port_of`):
+/// what `stromctl add-port` needs to register it again.
+fn registration(port: &serde_json::Value) -> (&str, &str, &str) {
+    (
+        port["spec"]["ifname"].as_str().unwrap(),
+        port["spec"]["ips"][0].as_str().unwrap(),
+        port["spec"]["mac"].as_str().unwrap(),
+    )
+}
+
 fn two_pods() -> String {
     pod("t", "a", &[80], &[53]) + &pod("t", "b", &[80], &[53])
 }
@@ -566,11 +576,7 @@ fn a_port_removed_and_registered_again_at_once_works_and_gives_its_frames_back()
         "free {free} + in fill rings {in_fill} = {total}"
     );
     let a = lab.port_of("a");
-    let (ifname, ip, mac) = (
-        a["spec"]["ifname"].as_str().unwrap(),
-        a["spec"]["ips"][0].as_str().unwrap(),
-        a["spec"]["mac"].as_str().unwrap(),
-    );
+    let (ifname, ip, mac) = registration(&a);
     for _ in 0..8 {
         // The kernel releases a closed AF_XDP socket's queue in deferred work; stromd waits.
         assert!(sh(lab.ctl().args(["remove-port", ifname])).status.success());
@@ -605,11 +611,7 @@ fn a_port_removed_for_a_deletion_that_never_comes_is_closed_and_detached_all_the
     let _g = net_lock();
     let lab = Lab::up(&two_pods(), &[]);
     let a = lab.port_of("a");
-    let (ifname, ip, mac) = (
-        a["spec"]["ifname"].as_str().unwrap(),
-        a["spec"]["ips"][0].as_str().unwrap(),
-        a["spec"]["mac"].as_str().unwrap(),
-    );
+    let (ifname, ip, mac) = registration(&a);
     let mut client =
         strom_api::Client::connect(lab.socket(), Duration::from_secs(5)).expect("API socket");
     let r = client
