@@ -52,6 +52,27 @@ pub enum PortKey {
     },
 }
 
+/// What becomes of a removed port's interface (`Request::RemovePort`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PortInterface {
+    /// It stays (`stromctl remove-port`): stromd detaches its XDP program.
+    #[default]
+    Keep,
+    /// The caller is deleting it now: stromd closes the port's AF_XDP socket only once the
+    /// kernel has unbound it in that deletion (or after half a second at most), and leaves the
+    /// XDP program to go with the interface. A socket closed while its interface is being
+    /// deleted makes the deletion wait out RCU grace periods for the socket's hold on the
+    /// interface.
+    CallerDeletes,
+    /// stromd deletes it (a veth: both ends), as for `CallerDeletes`, and answers once the
+    /// kernel has unlisted it: its name and index are free and it is gone from every
+    /// namespace. The rest of the kernel's teardown (`rcu_barrier()` and the wait for the
+    /// last references, 15-40 ms here) runs on in stromd, not in the caller (CNI DEL). An
+    /// interface that is not the port's any more (another index under its name) is left alone.
+    Delete,
+}
+
 /// A request to stromd.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
@@ -63,13 +84,9 @@ pub enum Request {
     /// Unregister a port; succeeds when it is already gone.
     RemovePort {
         key: PortKey,
-        /// The caller is deleting the port's interface now (CNI DEL): stromd then closes the
-        /// port's AF_XDP socket only once the kernel has unbound it in that deletion (or after
-        /// half a second at most), and leaves the XDP program to go with the interface. A socket
-        /// closed while its interface is being deleted makes the deletion wait out RCU grace
-        /// periods for the socket's hold on the interface.
+        /// What becomes of the port's interface.
         #[serde(default)]
-        deleting_interface: bool,
+        interface: PortInterface,
     },
     /// List the registered ports with their counters.
     Ports,
@@ -267,9 +284,20 @@ mod tests {
             r,
             Request::RemovePort {
                 key: PortKey::Ifname("st1".into()),
-                deleting_interface: false,
+                interface: PortInterface::Keep,
             }
         );
+        let r: Request = serde_json::from_str(
+            r#"{"op":"remove_port","key":{"ifname":"st1"},"interface":"delete"}"#,
+        )
+        .unwrap();
+        assert!(matches!(
+            r,
+            Request::RemovePort {
+                interface: PortInterface::Delete,
+                ..
+            }
+        ));
     }
 
     #[test]

@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 use strom_api::mac::{fmt_mac, parse_mac};
-use strom_api::{Client, PortKey, PortSpec, Request, Response};
+use strom_api::{Client, PortInterface, PortKey, PortSpec, Request, Response};
 
 use conf::{CniResult, Interface, IpConfig, NetConf, Route, SUPPORTED};
 use error::{code, CniError};
@@ -334,7 +334,7 @@ fn cmd_add(c: &NetConf, env: &Env, stdin: &[u8]) -> Result<CniResult, CniError> 
             if let Ok(mut cl) = client(c) {
                 let _ = cl.call(&Request::RemovePort {
                     key: PortKey::Ifname(host.clone()),
-                    deleting_interface: true,
+                    interface: PortInterface::Delete,
                 });
             }
             let _ = link::delete_node_link(&host);
@@ -449,39 +449,35 @@ fn release(source: &Addr, env: &Env, stdin: &[u8]) {
 fn cmd_del(c: &NetConf, env: &Env, stdin: &[u8], notes: &mut Vec<String>) -> Result<(), CniError> {
     env.require(false)?;
     let host = link::host_ifname(&env.container_id, &env.ifname);
-    // The interface is deleted in a thread while stromd forgets the port and the address is
-    // released. stromd is told the interface is going: it keeps the port's AF_XDP socket open
-    // until the deletion has unbound it. Deleting a veth whose socket is still bound unbinds it
-    // inside the unregistration and drops the socket's hold on the interface at once; a socket
-    // closed while the deletion runs drops that hold only from deferred work after an RCU grace
-    // period, and the deletion waits for it in rounds of `rcu_barrier()` and sleeps
-    // (`netdev_wait_allrefs_any`; BENCHMARKS.md §2).
-    let deleting = {
-        let host = host.clone();
-        std::thread::spawn(move || link::delete_node_link(&host))
-    };
-    match client(c).and_then(|mut cl| {
-        cl.call(&Request::RemovePort {
-            key: PortKey::Container {
-                container_id: env.container_id.clone(),
-                pod_ifname: env.ifname.clone(),
-            },
-            deleting_interface: true,
-        })
-        .map_err(|e| CniError::new(code::DATAPLANE, "unregister", e.to_string()))
-    }) {
-        Ok(_) => {}
-        Err(e) => notes.push(format!("stromd: {e} (the port goes with its interface)")),
-    }
-    match addr_source(c, env) {
-        Ok(s) => release(&s, env, stdin),
-        Err(e) => notes.push(format!("ipam: {e}")),
-    }
-    match deleting.join() {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => notes.push(format!("deleting {host}: {e}")),
-        Err(_) => notes.push(format!("deleting {host}: thread panicked")),
-    }
+    // stromd unregisters the port and deletes its veth, and answers once the kernel has
+    // unlisted the pair; the kernel's teardown after that (an `rcu_barrier()` and the wait for
+    // the device's last references, most of a veth deletion's time) goes on in stromd, not in
+    // the runtime's call (BENCHMARKS.md §2). The address is released meanwhile.
+    std::thread::scope(|s| {
+        let releasing = s.spawn(|| addr_source(c, env).map(|src| release(&src, env, stdin)));
+        if let Err(e) = client(c).and_then(|mut cl| {
+            cl.call(&Request::RemovePort {
+                key: PortKey::Container {
+                    container_id: env.container_id.clone(),
+                    pod_ifname: env.ifname.clone(),
+                },
+                interface: PortInterface::Delete,
+            })
+            .map_err(|e| CniError::new(code::DATAPLANE, "unregister", e.to_string()))
+        }) {
+            notes.push(format!("stromd: {e}"));
+        }
+        // Whatever stromd did not delete (it is down, never had the port, or did not see the
+        // interface go): deleted here; nothing to do when the interface is gone.
+        if let Err(e) = link::delete_node_link(&host) {
+            notes.push(format!("deleting {host}: {e}"));
+        }
+        match releasing.join() {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => notes.push(format!("ipam: {e}")),
+            Err(_) => notes.push("ipam: thread panicked".into()),
+        }
+    });
     Ok(())
 }
 
@@ -672,7 +668,7 @@ fn cmd_gc(c: &NetConf, env: &Env, notes: &mut Vec<String>) -> Result<(), CniErro
                     // Its interface, not among the valid ones either, is deleted below.
                     if let Err(e) = cl.call(&Request::RemovePort {
                         key: PortKey::Ifname(p.spec.ifname.clone()),
-                        deleting_interface: true,
+                        interface: PortInterface::Delete,
                     }) {
                         notes.push(format!("unregister {}: {e}", p.spec.ifname));
                     }

@@ -15,13 +15,14 @@ use std::time::{Duration, Instant};
 use nix::errno::Errno;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use strom_api::{
-    encode_line, PortKey, PortSpec, PortStatus, Request, Response, RouteEntry, StatusInfo,
-    WorkerStats,
+    encode_line, PortInterface, PortKey, PortSpec, PortStatus, Request, Response, RouteEntry,
+    StatusInfo, WorkerStats,
 };
 
 use crate::bpf::{Role, XdpPrograms};
 use crate::config::Config;
 use crate::mac::{fmt_mac, parse_mac, Mac};
+use crate::netlink::Deletion;
 use crate::pipeline::PortKind;
 use crate::state::StateFile;
 use crate::stats::SharedCounters;
@@ -34,6 +35,9 @@ const BUSY_WAIT: Duration = Duration::from_millis(10);
 /// When the XDP program of an interface its caller said it was deleting comes off, should the
 /// interface still be there: after the socket's longest linger (`worker::LINGER_MAX`).
 const DETACH_AFTER_DELETION: Duration = Duration::from_secs(2);
+/// How long a `PortInterface::Delete` caller waits, at most, for the kernel to unlist the
+/// interface (normally 1-2 ms; the kernel's lock may be busy with other pods' wiring).
+const UNLIST_WITHIN: Duration = Duration::from_secs(1);
 
 /// Ports (and XSKMAP slots) a node can have.
 pub const MAX_PORTS: usize = 4096;
@@ -61,6 +65,9 @@ pub struct Controller {
     /// interfaces being deleted, at the first look after the time given (normally the deletion
     /// took the program with it by then).
     pending_detach: Vec<(u32, Option<Instant>)>,
+    /// Threads deleting removed ports' interfaces (`PortInterface::Delete`): each returns once
+    /// the kernel's teardown is over, after its caller was answered.
+    deleting: Vec<std::thread::JoinHandle<()>>,
     uplink: Option<Uplink>,
 }
 
@@ -175,6 +182,7 @@ impl Controller {
             next_id: 0,
             state,
             pending_detach: Vec::new(),
+            deleting: Vec::new(),
             uplink: None,
         }
     }
@@ -268,7 +276,7 @@ impl Controller {
             if p.spec == spec && p.ifindex == ifindex {
                 return Ok(self.status_of(p));
             }
-            self.remove_port(&PortKey::Ifname(spec.ifname.clone()), false)?;
+            self.remove_port(&PortKey::Ifname(spec.ifname.clone()), PortInterface::Keep)?;
         }
         let id = self.alloc_id().ok_or("no free port slot")?;
         let worker = (0..self.workers.len())
@@ -516,9 +524,10 @@ impl Controller {
         }
     }
 
-    /// Unregisters a port; Ok when it is not registered.
-    /// `deleting_interface`: the caller deletes the interface now (see `Request::RemovePort`).
-    pub fn remove_port(&mut self, key: &PortKey, deleting_interface: bool) -> Result<(), String> {
+    /// Unregisters a port; Ok when it is not registered. `interface`: what becomes of the
+    /// port's interface (`PortInterface`). With `Delete`, an error says only that the
+    /// interface was not seen to go; the port is unregistered all the same.
+    pub fn remove_port(&mut self, key: &PortKey, interface: PortInterface) -> Result<(), String> {
         let found = self.ports.values().find(|p| match key {
             PortKey::Ifname(n) => &p.spec.ifname == n,
             PortKey::Container {
@@ -537,19 +546,47 @@ impl Controller {
         };
         // Stop the kernel steering frames to the socket, stop workers routing to it, then close.
         self.xdp.unbind_slot(p.ifindex, 0, p.id);
+        // The deletion starts now and runs beside the rest: a socket still bound when the
+        // interface goes is unbound inside the unregistration (see `PortInterface`), and a
+        // worker that still sends to it meanwhile gets an error for those frames, no more.
+        let deletion = match interface {
+            PortInterface::Delete => Some(Deletion::start(p.ifindex, &p.spec.ifname)),
+            _ => None,
+        };
         let mut t = (*self.tables.snapshot()).clone();
         t.local.retain(|_, n| n.port != p.id);
         self.tables.publish(t);
-        self.stop_on_worker(p.worker, p.id, deleting_interface);
+        let deleted = interface != PortInterface::Keep;
+        self.stop_on_worker(p.worker, p.id, deleted);
         // Detaching waits for the kernel too; nothing reaches the port any more, so the
         // caller is answered first (see `after_reply`). An interface being deleted takes its
         // program with it: detaching it during the deletion would only contend for the
         // kernel's lock, so that waits until the deletion is surely over.
-        let when = deleting_interface.then(|| Instant::now() + DETACH_AFTER_DELETION);
+        let when = deleted.then(|| Instant::now() + DETACH_AFTER_DELETION);
         self.pending_detach.push((p.ifindex, when));
         tracing::info!(port = p.id, ifname = %p.spec.ifname, "port removed");
         self.save();
-        Ok(())
+        self.reap_deletions();
+        match deletion {
+            None | Some(Ok(None)) => Ok(()),
+            Some(Ok(Some(d))) => {
+                let r = d.unlisted(UNLIST_WITHIN);
+                self.deleting.push(d.into_thread());
+                r.map_err(|e| format!("port removed; deleting {}: {e}", p.spec.ifname))
+            }
+            Some(Err(e)) => Err(format!("port removed; deleting {}: {e}", p.spec.ifname)),
+        }
+    }
+
+    /// Joins the deletion threads that have finished.
+    fn reap_deletions(&mut self) {
+        let (done, running): (Vec<_>, Vec<_>) = std::mem::take(&mut self.deleting)
+            .into_iter()
+            .partition(|t| t.is_finished());
+        self.deleting = running;
+        for t in done {
+            let _ = t.join();
+        }
     }
 
     /// Work left over from the last request, done once its caller has its answer.
@@ -579,6 +616,7 @@ impl Controller {
     /// it wants to run next.
     pub fn tick(&mut self) -> Instant {
         self.detach_due(Some(Instant::now()));
+        self.reap_deletions();
         let known = self.refresh_uplink();
         // Until the uplink gateway is known, ask every 200 ms; then watch it for changes.
         self.upkeep_by(Instant::now() + Duration::from_millis(if known { 2000 } else { 200 }))
@@ -607,10 +645,7 @@ impl Controller {
                 Ok(s) => Response::Port(Box::new(s)),
                 Err(message) => Response::Error { message },
             },
-            Request::RemovePort {
-                key,
-                deleting_interface,
-            } => match self.remove_port(&key, deleting_interface) {
+            Request::RemovePort { key, interface } => match self.remove_port(&key, interface) {
                 Ok(()) => Response::Ok,
                 Err(message) => Response::Error { message },
             },
@@ -686,6 +721,9 @@ impl Controller {
         }
         for h in handles {
             let _ = h.join();
+        }
+        for t in self.deleting.drain(..) {
+            let _ = t.join();
         }
         let ifs = self.xdp.attached();
         for i in ifs {

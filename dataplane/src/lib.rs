@@ -11,6 +11,7 @@ pub mod bpf;
 pub mod config;
 pub mod drop;
 pub use strom_api::mac;
+pub mod netlink;
 pub mod pipeline;
 pub mod state;
 pub mod stats;

@@ -171,6 +171,9 @@ fn add_check_del_in_every_supported_version() {
         del.conf["prevResult"] = r;
         assert!(del.run("DEL", &id, &ns, &[]).0);
         nothing_left(&lab);
+        let pod = ns.trim_start_matches("/run/netns/");
+        let eth0 = sh(Command::new("ip").args(["-n", pod, "link", "show", "eth0"]));
+        assert!(!eth0.status.success(), "no eth0 left in the pod after DEL");
         assert!(call.run("DEL", &id, &ns, &[]).0, "DEL again succeeds");
         assert!(
             call.run("DEL", &id, "", &[]).0,
@@ -289,6 +292,33 @@ fn stromd_down_gives_try_again_later_and_leaves_nothing() {
             .0,
         "STATUS with stromd up"
     );
+}
+
+/// DEL when stromd cannot be reached (it normally deletes the veth): the plugin deletes the
+/// veth itself and releases the address. The registration stromd still holds goes with the
+/// next DEL that reaches it.
+#[test]
+fn del_without_stromd_deletes_the_veth_itself_and_a_later_del_unregisters() {
+    let _g = net_lock();
+    let lab = Lab::up("", &[]);
+    let ns = netns(&lab, "u");
+    let call = Call::new(&lab, conf(&lab, "1.0.0"));
+    let (ok, r) = call.run("ADD", "cunreach", &ns, &[]);
+    assert!(ok, "ADD: {r}");
+    assert_eq!(
+        (host_links(&lab).len(), leases(&lab), port_count(&lab)),
+        (1, 1, 1)
+    );
+    let mut c = conf(&lab, "1.0.0");
+    c["socket"] = json!(lab.dir.join("nobody-listens.sock").display().to_string());
+    let (ok, r) = Call::new(&lab, c).run("DEL", "cunreach", &ns, &[]);
+    assert!(ok, "DEL without stromd: {r}");
+    assert!(host_links(&lab).is_empty(), "{:?}", host_links(&lab));
+    assert_eq!(leases(&lab), 0, "the address is released");
+    assert_eq!(port_count(&lab), 1, "stromd was not told");
+    let (ok, r) = call.run("DEL", "cunreach", &ns, &[]);
+    assert!(ok, "DEL with stromd: {r}");
+    nothing_left(&lab);
 }
 
 #[test]

@@ -617,7 +617,7 @@ fn a_port_removed_for_a_deletion_that_never_comes_is_closed_and_detached_all_the
     let r = client
         .call(&strom_api::Request::RemovePort {
             key: strom_api::PortKey::Ifname(ifname.into()),
-            deleting_interface: true,
+            interface: strom_api::PortInterface::CallerDeletes,
         })
         .expect("remove-port");
     assert_eq!(r, strom_api::Response::Ok);
@@ -647,6 +647,66 @@ fn a_port_removed_for_a_deletion_that_never_comes_is_closed_and_detached_all_the
         .args(["add-port", "--ifname", ifname, "--ip", ip, "--mac", mac]));
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert!(lab.probe("t/a", "t/b", 80, "tcp"));
+}
+
+/// strom-cni's DEL has stromd delete the port's veth. stromd answers once the kernel has
+/// unlisted the pair; the kernel's teardown after that (its wait for RCU callbacks and for the
+/// device's last references) goes on inside stromd. By the answer both ends are gone and the
+/// port is unregistered; then the socket's frames come back, and the other pods keep working.
+/// Removing the port again is no error.
+///
+/// ```text
+///  pod a ── st…a ─┐
+///   eth0 ✗   ✗    ├─ stromd ─ st…b ── pod b
+///                 └───────── st…c ── pod c
+///            "remove the port and delete st…a"
+/// ```
+#[test]
+fn a_port_removed_with_its_interface_is_gone_from_both_namespaces_when_stromd_answers() {
+    let _g = net_lock();
+    let lab = Lab::up(&(two_pods() + &pod("t", "c", &[80], &[])), &[]);
+    let a = lab.port_of("a");
+    let ifname = a["spec"]["ifname"].as_str().unwrap().to_string();
+    let o = sh(lab
+        .ctl()
+        .args(["remove-port", &ifname, "--delete-interface"]));
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let host = sh(Command::new("ip").args(["-n", &lab.node_ns(), "link", "show", &ifname]));
+    assert!(!host.status.success(), "{ifname} is gone at the answer");
+    let eth0 = sh(Command::new("ip").args(["-n", &lab.pod_ns("t/a"), "link", "show", "eth0"]));
+    assert!(
+        !eth0.status.success(),
+        "the pod's eth0 is gone at the answer"
+    );
+    assert!(
+        lab.pod_ports()
+            .iter()
+            .all(|p| p["spec"]["ifname"] != ifname),
+        "unregistered"
+    );
+    let again = sh(lab
+        .ctl()
+        .args(["remove-port", &ifname, "--delete-interface"]));
+    assert!(
+        again.status.success(),
+        "{}",
+        String::from_utf8_lossy(&again.stderr)
+    );
+    // The socket, unbound by the deletion, is closed; its frames come back.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let (free, in_fill, total) = lab.frames();
+        if free + in_fill == total {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "free {free} + in fill rings {in_fill} of {total} frames"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(lab.probe("t/b", "t/c", 80, "tcp"));
+    assert!(lab.probe("t/c", "t/b", 53, "udp"));
 }
 
 #[test]

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
-use strom_api::{Client, PortKey, Request, Response};
+use strom_api::{Client, PortInterface, PortKey, Request, Response};
 
 #[derive(Parser)]
 #[command(version, about = "Inspect and steer a running stromd")]
@@ -53,7 +53,13 @@ enum Cmd {
         container_id: String,
     },
     /// Unregister a port by host interface name.
-    RemovePort { ifname: String },
+    RemovePort {
+        ifname: String,
+        /// Delete the interface too (a veth: both ends), as strom-cni's DEL does; answered
+        /// once the kernel has unlisted it.
+        #[arg(long)]
+        delete_interface: bool,
+    },
 }
 
 fn table(headers: &[&str], rows: Vec<Vec<String>>) {
@@ -101,9 +107,16 @@ fn main() -> anyhow::Result<()> {
                 pod_name: String::new(),
             },
         },
-        Cmd::RemovePort { ifname } => Request::RemovePort {
+        Cmd::RemovePort {
+            ifname,
+            delete_interface,
+        } => Request::RemovePort {
             key: PortKey::Ifname(ifname.clone()),
-            deleting_interface: false,
+            interface: if *delete_interface {
+                PortInterface::Delete
+            } else {
+                PortInterface::Keep
+            },
         },
     };
     let resp = c.call(&req).context("stromd")?;
