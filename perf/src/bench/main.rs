@@ -100,7 +100,7 @@ struct RunArgs {
     /// Directory holding stromd, stromctl and strom-pktgen [default: this binary's].
     #[arg(long)]
     bin: Option<PathBuf>,
-    /// Extra stromd flags, space separated (e.g. "--busy-poll-budget 0"; see stromd --help).
+    /// Extra stromd flags, space separated (e.g. "--fill-per-port 256"; see stromd --help).
     #[arg(long, default_value = "", allow_hyphen_values = true)]
     stromd_args: String,
     /// Fail instead of installing missing Debian packages.
