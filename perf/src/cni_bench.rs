@@ -1,6 +1,6 @@
 //! strom-cni-bench: ADD and DEL latency of strom-cni, side by side with the reference bridge +
-//! host-local plugins, called as a runtime calls them, plus the pod creation rate with parallel
-//! callers. Everything runs in namespaces it creates (prefix `cb`), on a strom-lab node.
+//! host-local plugins, called as a runtime calls them, plus the pod creation and deletion rates
+//! with parallel callers. Everything runs in namespaces it creates (prefix `cb`), on a strom-lab node.
 //!
 //!   strom-cni-bench [--pods 100] [--parallel 8] [--rounds 2]
 #![deny(unsafe_code)]
@@ -20,7 +20,7 @@ struct Args {
     /// Pods per measurement.
     #[arg(long, default_value_t = 100)]
     pods: usize,
-    /// Parallel callers for the creation-rate measurement.
+    /// Parallel callers for the creation- and deletion-rate measurements.
     #[arg(long, default_value_t = 8)]
     parallel: usize,
     /// Interleaved rounds (strom, reference, strom, reference, ...).
@@ -108,6 +108,37 @@ struct Row {
     add: Vec<Duration>,
     del: Vec<Duration>,
     rate: Vec<f64>,
+    del_rate: Vec<f64>,
+}
+
+/// Calls `verb` for every pod `par{i}` from `parallel` callers at once (pod i from caller
+/// i mod `parallel`); pods per second.
+fn in_parallel(
+    node: &str,
+    p: &Plugin,
+    verb: &str,
+    nss: &[String],
+    parallel: usize,
+    cni_path: &str,
+) -> anyhow::Result<f64> {
+    let t = Instant::now();
+    std::thread::scope(|s| -> anyhow::Result<()> {
+        let hs: Vec<_> = (0..parallel)
+            .map(|w| {
+                s.spawn(move || -> anyhow::Result<()> {
+                    for (i, ns) in nss.iter().enumerate().filter(|(i, _)| i % parallel == w) {
+                        call(node, p, verb, &format!("par{i}"), ns, cni_path)?;
+                    }
+                    Ok(())
+                })
+            })
+            .collect();
+        for h in hs {
+            h.join().map_err(|_| anyhow::anyhow!("caller panicked"))??;
+        }
+        Ok(())
+    })?;
+    Ok(nss.len() as f64 / t.elapsed().as_secs_f64())
 }
 
 fn measure(
@@ -127,36 +158,10 @@ fn measure(
         row.del
             .push(call(node, p, "DEL", &format!("seq{i}"), ns, cni_path)?);
     }
-    let t = Instant::now();
-    std::thread::scope(|s| -> anyhow::Result<()> {
-        let chunks: Vec<Vec<(usize, &String)>> = (0..parallel)
-            .map(|w| {
-                nss.iter()
-                    .enumerate()
-                    .filter(|(i, _)| i % parallel == w)
-                    .collect()
-            })
-            .collect();
-        let hs: Vec<_> = chunks
-            .into_iter()
-            .map(|chunk| {
-                s.spawn(move || -> anyhow::Result<()> {
-                    for (i, ns) in chunk {
-                        call(node, p, "ADD", &format!("par{i}"), ns, cni_path)?;
-                    }
-                    Ok(())
-                })
-            })
-            .collect();
-        for h in hs {
-            h.join().map_err(|_| anyhow::anyhow!("caller panicked"))??;
-        }
-        Ok(())
-    })?;
-    row.rate.push(pods as f64 / t.elapsed().as_secs_f64());
-    for (i, ns) in nss.iter().enumerate() {
-        call(node, p, "DEL", &format!("par{i}"), ns, cni_path)?;
-    }
+    row.rate
+        .push(in_parallel(node, p, "ADD", &nss, parallel, cni_path)?);
+    row.del_rate
+        .push(in_parallel(node, p, "DEL", &nss, parallel, cni_path)?);
     Ok(())
 }
 
@@ -213,12 +218,14 @@ fn run(a: &Args, bin: &Path) -> anyhow::Result<()> {
             add: vec![],
             del: vec![],
             rate: vec![],
+            del_rate: vec![],
         },
         Row {
             plugin: reference.name,
             add: vec![],
             del: vec![],
             rate: vec![],
+            del_rate: vec![],
         },
     ];
     for round in 1..=a.rounds {
@@ -231,7 +238,7 @@ fn run(a: &Args, bin: &Path) -> anyhow::Result<()> {
         }
     }
     println!(
-        "{:<18} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>16}",
+        "{:<18} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>14} {:>14}",
         "plugin",
         "ADD p50",
         "ADD p90",
@@ -239,7 +246,8 @@ fn run(a: &Args, bin: &Path) -> anyhow::Result<()> {
         "DEL p50",
         "DEL p90",
         "DEL p99",
-        "pods/s (8 par)"
+        "ADD pods/s",
+        "DEL pods/s"
     );
     let mut out = Vec::new();
     for r in rows.iter_mut() {
@@ -257,15 +265,18 @@ fn run(a: &Args, bin: &Path) -> anyhow::Result<()> {
             pct(&mut r.del, 0.99),
         );
         r.rate.sort_by(f64::total_cmp);
+        r.del_rate.sort_by(f64::total_cmp);
         let rate = r.rate[r.rate.len() / 2];
+        let del_rate = r.del_rate[r.del_rate.len() / 2];
         println!(
-            "{:<18} {a50:>7.1}ms {a90:>7.1}ms {a99:>7.1}ms {d50:>7.1}ms {d90:>7.1}ms {d99:>7.1}ms {rate:>16.1}",
+            "{:<18} {a50:>7.1}ms {a90:>7.1}ms {a99:>7.1}ms {d50:>7.1}ms {d90:>7.1}ms {d99:>7.1}ms {rate:>14.1} {del_rate:>14.1}",
             r.plugin
         );
         out.push(
             json!({"plugin": r.plugin, "add_p50_ms": a50, "add_p90_ms": a90, "add_p99_ms": a99,
             "del_p50_ms": d50, "del_p90_ms": d90, "del_p99_ms": d99, "pods_per_s": rate,
-            "pods_per_s_rounds": r.rate, "calls": r.add.len(), "add_ms": add_ms, "del_ms": del_ms}),
+            "pods_per_s_rounds": r.rate, "del_pods_per_s": del_rate,
+            "del_pods_per_s_rounds": r.del_rate, "calls": r.add.len(), "add_ms": add_ms, "del_ms": del_ms}),
         );
     }
     if let Some(p) = &a.json {
