@@ -128,6 +128,21 @@ fn port_count(lab: &Lab) -> usize {
     lab.pod_ports().len()
 }
 
+/// A 1.0.0 config whose stromd socket nobody listens on.
+fn conf_without_stromd(lab: &Lab) -> Value {
+    let mut c = conf(lab, "1.0.0");
+    c["socket"] = json!(lab.dir.join("nobody-listens.sock").display().to_string());
+    c
+}
+
+/// Does the pod namespace at `netns` (a /run/netns path) have an eth0?
+fn pod_has_eth0(netns: &str) -> bool {
+    let pod = netns.trim_start_matches("/run/netns/");
+    sh(Command::new("ip").args(["-n", pod, "link", "show", "eth0"]))
+        .status
+        .success()
+}
+
 fn nothing_left(lab: &Lab) {
     assert!(
         host_links(lab).is_empty(),
@@ -171,9 +186,7 @@ fn add_check_del_in_every_supported_version() {
         del.conf["prevResult"] = r;
         assert!(del.run("DEL", &id, &ns, &[]).0);
         nothing_left(&lab);
-        let pod = ns.trim_start_matches("/run/netns/");
-        let eth0 = sh(Command::new("ip").args(["-n", pod, "link", "show", "eth0"]));
-        assert!(!eth0.status.success(), "no eth0 left in the pod after DEL");
+        assert!(!pod_has_eth0(&ns), "no eth0 left in the pod after DEL");
         assert!(call.run("DEL", &id, &ns, &[]).0, "DEL again succeeds");
         assert!(
             call.run("DEL", &id, "", &[]).0,
@@ -266,23 +279,12 @@ fn stromd_down_gives_try_again_later_and_leaves_nothing() {
     let _g = net_lock();
     let lab = Lab::up("", &[]);
     let ns = netns(&lab, "d");
-    let mut c = conf(&lab, "1.0.0");
-    c["socket"] = json!(lab.dir.join("nobody-listens.sock").display().to_string());
-    let call = Call::new(&lab, c);
+    let call = Call::new(&lab, conf_without_stromd(&lab));
     let (ok, e) = call.run("ADD", "cdown", &ns, &[]);
     assert!(!ok);
     assert_eq!(e["code"], 11, "{e}");
     nothing_left(&lab);
-    let o = sh(Command::new("ip").args([
-        "netns",
-        "exec",
-        ns.trim_start_matches("/run/netns/"),
-        "ip",
-        "link",
-        "show",
-        "eth0",
-    ]));
-    assert!(!o.status.success(), "no eth0 left in the pod");
+    assert!(!pod_has_eth0(&ns), "no eth0 left in the pod");
     let (ok, e) = call.run("STATUS", "", "", &[]);
     assert!(!ok);
     assert_eq!(e["code"], 50);
@@ -309,9 +311,7 @@ fn del_without_stromd_deletes_the_veth_itself_and_a_later_del_unregisters() {
         (host_links(&lab).len(), leases(&lab), port_count(&lab)),
         (1, 1, 1)
     );
-    let mut c = conf(&lab, "1.0.0");
-    c["socket"] = json!(lab.dir.join("nobody-listens.sock").display().to_string());
-    let (ok, r) = Call::new(&lab, c).run("DEL", "cunreach", &ns, &[]);
+    let (ok, r) = Call::new(&lab, conf_without_stromd(&lab)).run("DEL", "cunreach", &ns, &[]);
     assert!(ok, "DEL without stromd: {r}");
     assert!(host_links(&lab).is_empty(), "{:?}", host_links(&lab));
     assert_eq!(leases(&lab), 0, "the address is released");
