@@ -68,7 +68,7 @@ pub enum PortInterface {
     /// stromd deletes it (a veth: both ends), as for `CallerDeletes`, and answers once the
     /// kernel has unlisted it: its name and index are free and it is gone from every
     /// namespace. The rest of the kernel's teardown (`rcu_barrier()` and the wait for the
-    /// last references, 15-40 ms here) runs on in stromd, not in the caller (CNI DEL). An
+    /// last references, tens of milliseconds) runs on in stromd, not in the caller (CNI DEL). An
     /// interface that is not the port's any more (another index under its name) is left alone.
     Delete,
 }
