@@ -330,7 +330,8 @@ fn cmd_add(c: &NetConf, env: &Env, stdin: &[u8]) -> Result<CniResult, CniError> 
         Ok(r) => Ok(r),
         Err(e) if e.msg == ALREADY_WIRED => Err(e),
         Err(e) => {
-            // Undo in reverse: registration, interfaces, address. Best effort; DEL/GC finish.
+            // Undo in reverse: registration and interfaces (stromd deletes the veth of a port it
+            // has; the rest is deleted here), address. Best effort; DEL/GC finish.
             if let Ok(mut cl) = client(c) {
                 let _ = cl.call(&Request::RemovePort {
                     key: PortKey::Ifname(host.clone()),
@@ -665,7 +666,8 @@ fn cmd_gc(c: &NetConf, env: &Env, notes: &mut Vec<String>) -> Result<(), CniErro
         Ok((mut cl, Response::Ports { ports })) => {
             for p in ports {
                 if link::is_host_ifname(&p.spec.ifname) && !valid_hosts.contains(&p.spec.ifname) {
-                    // Its interface, not among the valid ones either, is deleted below.
+                    // stromd deletes its interface, not among the valid ones either; what it
+                    // does not delete is deleted below.
                     if let Err(e) = cl.call(&Request::RemovePort {
                         key: PortKey::Ifname(p.spec.ifname.clone()),
                         interface: PortInterface::Delete,
