@@ -79,6 +79,13 @@ pub fn sh(cmd: &mut Command) -> Output {
         .unwrap_or_else(|e| panic!("{cmd:?}: {e}"))
 }
 
+/// Does network namespace `ns` (a name under /run/netns) have an interface called `dev`?
+pub fn link_exists(ns: &str, dev: &str) -> bool {
+    sh(Command::new("ip").args(["-n", ns, "link", "show", dev]))
+        .status
+        .success()
+}
+
 /// A lab node with pods, brought down on drop.
 pub struct Lab {
     pub dir: PathBuf,

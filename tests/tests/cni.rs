@@ -11,7 +11,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use serde_json::{json, Value};
-use strom_tests::{bin_dir, net_lock, sh, Lab};
+use strom_tests::{bin_dir, link_exists, net_lock, sh, Lab};
 
 struct Call<'a> {
     lab: &'a Lab,
@@ -137,10 +137,7 @@ fn conf_without_stromd(lab: &Lab) -> Value {
 
 /// Does the pod namespace at `netns` (a /run/netns path) have an eth0?
 fn pod_has_eth0(netns: &str) -> bool {
-    let pod = netns.trim_start_matches("/run/netns/");
-    sh(Command::new("ip").args(["-n", pod, "link", "show", "eth0"]))
-        .status
-        .success()
+    link_exists(netns.trim_start_matches("/run/netns/"), "eth0")
 }
 
 fn nothing_left(lab: &Lab) {

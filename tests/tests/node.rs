@@ -12,7 +12,7 @@
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use strom_tests::{namespaces_with, net_lock, pod, sh, Lab};
+use strom_tests::{link_exists, namespaces_with, net_lock, pod, sh, Lab};
 
 /// The host interface, first address and MAC stromd registered for a port (`Lab::port_of`):
 /// what `stromctl add-port` needs to register it again.
@@ -22,6 +22,20 @@ fn registration(port: &serde_json::Value) -> (&str, &str, &str) {
         port["spec"]["ips"][0].as_str().unwrap(),
         port["spec"]["mac"].as_str().unwrap(),
     )
+}
+
+/// stromd's frame counts (free, in fill rings, total) once every frame is either free or in a
+/// fill ring, or as they are when `within` has passed. An idle worker samples its fill rings
+/// before it sleeps, so the two numbers agree within a moment.
+fn frames_settled(lab: &Lab, within: Duration) -> (u64, u64, u64) {
+    let deadline = Instant::now() + within;
+    loop {
+        let (free, in_fill, total) = lab.frames();
+        if free + in_fill == total || Instant::now() > deadline {
+            return (free, in_fill, total);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 fn two_pods() -> String {
@@ -558,19 +572,7 @@ fn a_long_tcp_stream_loses_no_frame_for_want_of_fill_frames() {
 fn a_port_removed_and_registered_again_at_once_works_and_gives_its_frames_back() {
     let _g = net_lock();
     let lab = Lab::up(&two_pods(), &[]);
-    // Idle, every frame is either free or in a fill ring (the worker samples the fill rings
-    // before it sleeps, so the two numbers agree within a moment).
-    let settled = || {
-        let deadline = Instant::now() + Duration::from_secs(3);
-        loop {
-            let (free, in_fill, total) = lab.frames();
-            if free + in_fill == total || Instant::now() > deadline {
-                return (free, in_fill, total);
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    };
-    let (free, in_fill, total) = settled();
+    let (free, in_fill, total) = frames_settled(&lab, Duration::from_secs(3));
     assert!(
         total > 0 && free > 0 && in_fill > 0 && free + in_fill == total,
         "free {free} + in fill rings {in_fill} = {total}"
@@ -588,7 +590,7 @@ fn a_port_removed_and_registered_again_at_once_works_and_gives_its_frames_back()
     assert!(lab.probe("t/a", "t/b", 80, "tcp"));
     // Each of the 8 closed sockets had a filled fill ring: without reclaim those frames would
     // be neither free nor in a live fill ring.
-    let (free, in_fill, total) = settled();
+    let (free, in_fill, total) = frames_settled(&lab, Duration::from_secs(3));
     assert_eq!(
         free + in_fill,
         total,
@@ -671,11 +673,12 @@ fn a_port_removed_with_its_interface_is_gone_from_both_namespaces_when_stromd_an
         .ctl()
         .args(["remove-port", &ifname, "--delete-interface"]));
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let host = sh(Command::new("ip").args(["-n", &lab.node_ns(), "link", "show", &ifname]));
-    assert!(!host.status.success(), "{ifname} is gone at the answer");
-    let eth0 = sh(Command::new("ip").args(["-n", &lab.pod_ns("t/a"), "link", "show", "eth0"]));
     assert!(
-        !eth0.status.success(),
+        !link_exists(&lab.node_ns(), &ifname),
+        "{ifname} is gone at the answer"
+    );
+    assert!(
+        !link_exists(&lab.pod_ns("t/a"), "eth0"),
         "the pod's eth0 is gone at the answer"
     );
     assert!(
@@ -693,18 +696,12 @@ fn a_port_removed_with_its_interface_is_gone_from_both_namespaces_when_stromd_an
         String::from_utf8_lossy(&again.stderr)
     );
     // The socket, unbound by the deletion, is closed; its frames come back.
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        let (free, in_fill, total) = lab.frames();
-        if free + in_fill == total {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "free {free} + in fill rings {in_fill} of {total} frames"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let (free, in_fill, total) = frames_settled(&lab, Duration::from_secs(5));
+    assert_eq!(
+        free + in_fill,
+        total,
+        "free {free} + in fill rings {in_fill} of {total} frames"
+    );
     assert!(lab.probe("t/b", "t/c", 80, "tcp"));
     assert!(lab.probe("t/c", "t/b", 53, "udp"));
 }
