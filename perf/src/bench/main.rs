@@ -2,8 +2,8 @@
 //!
 //! Paths (stromd and its peers) × traffic (60-byte UDP over 1, 256 and 65536 flows, iperf3 TCP
 //! with 1 and 4 streams, UDP request/response round trips), in interleaved rounds: round 1
-//! measures every path with every traffic, then round 2, and so on, so that the noise of this
-//! shared machine falls on every path alike. Shows progress, prints the medians with
+//! measures every path with every traffic, then round 2, and so on, each round starting one
+//! path further on, so that the noise of this shared machine falls on every path alike. Shows progress, prints the medians with
 //! stromd/peer ratios, writes the samples as JSON, draws an SVG chart and regenerates its block
 //! of BENCHMARKS.md. `strom-bench report FILE` redoes the table, chart and block from a JSON.
 
@@ -266,6 +266,7 @@ fn run(a: RunArgs) -> Result<()> {
             machine: machine(cores),
             commit: sh(&["git", "describe", "--always", "--dirty"]),
             tools: tools(&paths),
+            rotated: true,
         },
         samples: Vec::new(),
         failures: Vec::new(),
@@ -305,7 +306,7 @@ fn measure_all(
     let (mut done, t0) = (0usize, Instant::now());
     let interrupted = || stop.load(Ordering::Relaxed);
     for round in 1..=a.rounds {
-        for &path in paths {
+        for path in round_order(paths, round) {
             if interrupted() {
                 bail!("interrupted");
             }
@@ -380,6 +381,19 @@ fn measure_all(
     }
     drop(topo);
     Ok(())
+}
+
+/// The paths in the order round `round` (from 1) measures them: each round starts one path
+/// further on, so that no path is always the first after a path's teardown, or always
+/// measured at the same distance from it. With a fixed order stromd always came first,
+/// right after testpmd had gone.
+fn round_order(paths: &[Path], round: u32) -> Vec<Path> {
+    let mut order = paths.to_vec();
+    if !order.is_empty() {
+        let k = (round.saturating_sub(1) as usize) % order.len();
+        order.rotate_left(k);
+    }
+    order
 }
 
 /// Installs the Debian packages that are missing (or names them with `--no-install`).
@@ -475,4 +489,27 @@ fn tools(paths: &[Path]) -> BTreeMap<String, String> {
             ))
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::round_order;
+    use crate::paths::Path;
+
+    #[test]
+    fn each_round_starts_one_path_further_on() {
+        let p = [Path::Stromd, Path::Kernel, Path::Testpmd];
+        assert_eq!(round_order(&p, 1), p);
+        assert_eq!(
+            round_order(&p, 2),
+            [Path::Kernel, Path::Testpmd, Path::Stromd]
+        );
+        assert_eq!(
+            round_order(&p, 3),
+            [Path::Testpmd, Path::Stromd, Path::Kernel]
+        );
+        assert_eq!(round_order(&p, 4), p);
+        assert_eq!(round_order(&p[..1], 2), [Path::Stromd]);
+        assert!(round_order(&[], 1).is_empty());
+    }
 }

@@ -42,7 +42,8 @@ pub struct Meta {
     pub command: String,
     pub secs: u32,
     pub rounds: u32,
-    /// Paths and traffic in the order they ran in each round.
+    /// Paths in the order the first round ran them, and the traffic in the order every path
+    /// ran it.
     pub paths: Vec<PathInfo>,
     pub traffic: Vec<String>,
     pub sender_core: usize,
@@ -52,6 +53,10 @@ pub struct Meta {
     pub commit: Option<String>,
     /// Versions of the tools the run used.
     pub tools: BTreeMap<String, String>,
+    /// Each round started one path further on than the one before. Runs before 2026-11-27
+    /// 21:00 measured the paths in the same order every round.
+    #[serde(default)]
+    pub rotated: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -350,7 +355,7 @@ impl Results {
         let _ = writeln!(
             s,
             "Run of {} on {} ({} cores, {:.0} GiB), {}, kernel {}{}. {} interleaved rounds \
-             (every path once per round), {} s per measurement; the sender is pinned to core \
+             (every path once per round{}), {} s per measurement; the sender is pinned to core \
              {}, the path under test to core {}. Tools: {}.\n",
             m.started,
             m.machine.cpu,
@@ -363,6 +368,11 @@ impl Results {
                 .map(|c| format!(", strom {c}"))
                 .unwrap_or_default(),
             m.rounds,
+            if m.rotated {
+                ", each round starting one path further on"
+            } else {
+                ""
+            },
             m.secs,
             m.sender_core,
             m.dut_core,
@@ -528,6 +538,7 @@ mod tests {
                 },
                 commit: None,
                 tools: BTreeMap::new(),
+                rotated: true,
             },
             samples: samples
                 .iter()
@@ -707,6 +718,24 @@ mod tests {
             r.table()
         );
         assert!(r.ratios("stromd")[0].1.is_empty());
+    }
+
+    #[test]
+    fn the_run_says_whether_its_rounds_rotated_the_paths() {
+        let mut r = results(&[("stromd", "rtt_p50_us", 20.0, None)]);
+        let rotated = "3 interleaved rounds (every path once per round, each round starting \
+                       one path further on)";
+        assert!(r.markdown("r.json", None).contains(rotated));
+        // A run recorded before the field existed kept one order.
+        let mut json = serde_json::to_value(&r).unwrap();
+        json["meta"].as_object_mut().unwrap().remove("rotated");
+        r = serde_json::from_value(json).unwrap();
+        let md = r.markdown("r.json", None);
+        assert!(!r.meta.rotated);
+        assert!(
+            md.contains("3 interleaved rounds (every path once per round),"),
+            "{md}"
+        );
     }
 
     #[test]
