@@ -155,6 +155,11 @@ pub struct WorkerStats {
     /// before an adaptive worker sleeps). Idle, free + in fill = total: no frame is lost.
     #[serde(default)]
     pub frames_in_fill: u64,
+    /// How deep each of the worker's ports' fill rings is topped up now: `fill_per_port`, or
+    /// with many ports an equal share of half the frames. A port registered when the worker
+    /// had fewer may hold more until it first receives that many.
+    #[serde(default)]
+    pub fill_depth: u64,
 }
 
 /// One forwarding entry.

@@ -667,6 +667,7 @@ impl Controller {
                         frames_free: w.counters.frames_free.load(Ordering::Relaxed),
                         frames_total: w.counters.frames_total.load(Ordering::Relaxed),
                         frames_in_fill: w.counters.frames_in_fill.load(Ordering::Relaxed),
+                        fill_depth: w.counters.fill_depth.load(Ordering::Relaxed),
                         counters: w.counters.packets.read(),
                         drops: w.counters.drops(),
                         loops: w.counters.loops.load(Ordering::Relaxed),

@@ -73,6 +73,8 @@ pub struct WorkerCounters {
     pub frames_total: AtomicU64,
     /// Frames in its ports' fill rings (stored when the kernel's drop counters are read).
     pub frames_in_fill: AtomicU64,
+    /// How deep each of its ports' fill rings is topped up now (stored with frames_in_fill).
+    pub fill_depth: AtomicU64,
 }
 
 /// Plain per-reason drop counts a worker accumulates during one loop.

@@ -362,6 +362,10 @@ impl Worker {
                     .counters
                     .frames_in_fill
                     .store(in_fill, Ordering::Relaxed);
+                self.me
+                    .counters
+                    .fill_depth
+                    .store(u64::from(self.umem.fill_depth()), Ordering::Relaxed);
             }
             self.me.counters.publish_drops(&mut self.drops);
             self.me.counters.packets.publish(&mut self.totals);

@@ -372,6 +372,11 @@ impl WorkerUmem {
         n
     }
 
+    /// How deep each port's fill ring is topped up now (`fill_share`).
+    pub fn fill_depth(&self) -> u32 {
+        self.fill_cap
+    }
+
     /// Frames in the free pool right now.
     pub fn free_frames(&self) -> usize {
         self.free.len()

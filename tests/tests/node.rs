@@ -521,9 +521,12 @@ fn a_long_tcp_stream_loses_no_frame_for_want_of_fill_frames() {
     }
     let lab = Lab::up(&two_pods(), &args);
     let worker = worker_thread(lab.stromd_pid(), "strom-worker-0");
-    // Both ports' fill rings are topped up to the same depth.
-    let (_, in_fill, _) = frames_settled(&lab, Duration::from_secs(3));
-    let depth = in_fill as f64 / 2.0;
+    // How deep stromd tops pod a's fill ring up (the lab's uplink is a third port).
+    frames_settled(&lab, Duration::from_secs(3));
+    let depth = lab.stromctl(&["stats"])["workers"][0]["fill_depth"]
+        .as_f64()
+        .expect("the workers' fill depth");
+    assert!(depth > 0.0, "a fill depth is reported");
     for attempt in 1..=3 {
         let before = lab.drops("xsk_no_fill_frame") + lab.drops("xsk_rx_ring_full");
         let mut server = Command::new("ip")
@@ -568,7 +571,9 @@ fn a_long_tcp_stream_loses_no_frame_for_want_of_fill_frames() {
         if dropped == 0 {
             return;
         }
-        // Segments of at most 1448 bytes: the ring lasts at least this long at this rate.
+        // A segment carries at most 1448 bytes, so at least this many frames a second came
+        // in: at the stream's average rate the ring lasts at most this long (a burst empties
+        // it sooner), and only a wait at least that long excuses a drop.
         let covers = Duration::from_secs_f64(depth / (bytes / 1448.0 / secs));
         let reasons: Vec<serde_json::Value> = lab.stromctl(&["stats"])["workers"]
             .as_array()
@@ -660,6 +665,18 @@ fn a_port_removed_and_registered_again_at_once_works_and_gives_its_frames_back()
         free + in_fill,
         total,
         "free {free} + in fill rings {in_fill} after 8 re-registrations"
+    );
+    // Every port's ring is topped up to the reported depth, and the rings share half the
+    // frames at most.
+    let stats = lab.stromctl(&["stats"]);
+    let w = &stats["workers"][0];
+    let (depth, ports) = (
+        w["fill_depth"].as_u64().unwrap_or(0),
+        w["ports"].as_u64().unwrap_or(0),
+    );
+    assert!(
+        depth > 0 && depth * ports <= total / 2 && in_fill >= depth * ports,
+        "{ports} ports' fill rings topped up to {depth} each: {in_fill} in fill of {total}"
     );
 }
 

@@ -188,6 +188,7 @@ fn main() -> anyhow::Result<()> {
                     "sleeps",
                     "frames free",
                     "in fill",
+                    "fill depth",
                 ],
                 workers
                     .iter()
@@ -203,6 +204,7 @@ fn main() -> anyhow::Result<()> {
                             w.sleeps.to_string(),
                             format!("{}/{}", w.frames_free, w.frames_total),
                             w.frames_in_fill.to_string(),
+                            w.fill_depth.to_string(),
                         ]
                     })
                     .collect(),

@@ -3,9 +3,10 @@
 //! Paths (stromd and its peers) × traffic (60-byte UDP over 1, 256 and 65536 flows, iperf3 TCP
 //! with 1 and 4 streams, UDP request/response round trips), in interleaved rounds: round 1
 //! measures every path with every traffic, then round 2, and so on, each round starting one
-//! path further on, so that the noise of this shared machine falls on every path alike. Shows progress, prints the medians with
-//! stromd/peer ratios, writes the samples as JSON, draws an SVG chart and regenerates its block
-//! of BENCHMARKS.md. `strom-bench report FILE` redoes the table, chart and block from a JSON.
+//! path further on, so that the noise of this shared machine falls on every path alike. Shows
+//! progress, prints the medians with stromd/peer ratios, writes the samples as JSON, draws an
+//! SVG chart and regenerates its block of BENCHMARKS.md. `strom-bench report FILE` redoes the
+//! table, chart and block from a JSON.
 
 use std::collections::BTreeMap;
 use std::path::{Path as FsPath, PathBuf};
