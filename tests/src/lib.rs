@@ -86,6 +86,18 @@ pub fn link_exists(ns: &str, dev: &str) -> bool {
         .success()
 }
 
+/// The drops counted under any of `reasons` in a `stromctl stats` answer, all workers.
+fn drops_in(stats: &Value, reasons: &[&str]) -> u64 {
+    stats["workers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|w| w["drops"].as_array().cloned().unwrap_or_default())
+        .filter(|d| reasons.iter().any(|r| d[0] == *r))
+        .map(|d| d[1].as_u64().unwrap_or(0))
+        .sum()
+}
+
 /// A lab node with pods, brought down on drop.
 pub struct Lab {
     pub dir: PathBuf,
@@ -244,15 +256,16 @@ impl Lab {
 
     /// Sum of a drop reason over all workers.
     pub fn drops(&self, reason: &str) -> u64 {
-        let s = self.stromctl(&["stats"]);
-        s["workers"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .flat_map(|w| w["drops"].as_array().cloned().unwrap_or_default())
-            .filter(|d| d[0] == reason)
-            .map(|d| d[1].as_u64().unwrap_or(0))
-            .sum()
+        drops_in(&self.stromctl(&["stats"]), &[reason])
+    }
+
+    /// Frames the kernel dropped on stromd's sockets, all workers (no fill frame, rx ring
+    /// full), from one read of the counters.
+    pub fn kernel_drops(&self) -> u64 {
+        drops_in(
+            &self.stromctl(&["stats"]),
+            &["xsk_no_fill_frame", "xsk_rx_ring_full"],
+        )
     }
 
     /// Asserts that every worker received frames.

@@ -453,8 +453,7 @@ fn frames_the_kernel_drops_on_a_socket_are_counted_by_reason_and_every_frame_is_
     let (pod_mac, host_mac, a_ip, b_ip) = a_to_b(&lab);
     let frame = hex(&ipv4_udp(&pod_mac, &host_mac, a_ip, b_ip));
     let rx_before = lab.port_of("a")["counters"]["rx_packets"].as_u64().unwrap();
-    let kernel_drops = || lab.drops("xsk_no_fill_frame") + lab.drops("xsk_rx_ring_full");
-    let drops_before = kernel_drops();
+    let drops_before = lab.kernel_drops();
     // With the worker stopped, the fill ring holds what it held: the rest of the burst finds
     // no frame to land in.
     let pid = lab.stromd_pid().to_string();
@@ -476,7 +475,7 @@ fn frames_the_kernel_drops_on_a_socket_are_counted_by_reason_and_every_frame_is_
     let (mut rx, mut dropped);
     loop {
         rx = lab.port_of("a")["counters"]["rx_packets"].as_u64().unwrap() - rx_before;
-        dropped = kernel_drops() - drops_before;
+        dropped = lab.kernel_drops() - drops_before;
         if rx + dropped >= 3000 || Instant::now() > deadline {
             break;
         }
@@ -528,7 +527,7 @@ fn a_long_tcp_stream_loses_no_frame_for_want_of_fill_frames() {
         .expect("the workers' fill depth");
     assert!(depth > 0.0, "a fill depth is reported");
     for attempt in 1..=3 {
-        let before = lab.drops("xsk_no_fill_frame") + lab.drops("xsk_rx_ring_full");
+        let before = lab.kernel_drops();
         let mut server = Command::new("ip")
             .args(["netns", "exec", &lab.pod_ns("t/b")])
             .args(["iperf3", "-s", "-1", "-p", "5201", "-A", "0"])
@@ -567,7 +566,7 @@ fn a_long_tcp_stream_loses_no_frame_for_want_of_fill_frames() {
         assert!(bytes > 0.0, "the stream ran: {report}");
         // The worker reads the kernel's counters every few thousand loops.
         std::thread::sleep(Duration::from_millis(300));
-        let dropped = lab.drops("xsk_no_fill_frame") + lab.drops("xsk_rx_ring_full") - before;
+        let dropped = lab.kernel_drops() - before;
         if dropped == 0 {
             return;
         }
