@@ -160,6 +160,15 @@ pub struct WorkerStats {
     /// had fewer may hold more until it first receives that many.
     #[serde(default)]
     pub fill_depth: u64,
+    /// How long the worker thread has waited for its core since it started, in ns: time it
+    /// was runnable while another task held the core (the kernel's schedstat run_delay). A
+    /// port's fill ring lasts only so long without the worker: drops for want of fill frames
+    /// follow long waits. 0 where the kernel keeps no schedstats.
+    #[serde(default)]
+    pub core_wait_ns: u64,
+    /// Times another task took the worker's core from it (involuntary context switches).
+    #[serde(default)]
+    pub preemptions: u64,
 }
 
 /// One forwarding entry.

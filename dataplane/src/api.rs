@@ -660,18 +660,27 @@ impl Controller {
                 workers: self
                     .workers
                     .iter()
-                    .map(|w| WorkerStats {
-                        id: w.id,
-                        core: w.core,
-                        ports: self.ports_on(w.id),
-                        frames_free: w.counters.frames_free.load(Ordering::Relaxed),
-                        frames_total: w.counters.frames_total.load(Ordering::Relaxed),
-                        frames_in_fill: w.counters.frames_in_fill.load(Ordering::Relaxed),
-                        fill_depth: w.counters.fill_depth.load(Ordering::Relaxed),
-                        counters: w.counters.packets.read(),
-                        drops: w.counters.drops(),
-                        loops: w.counters.loops.load(Ordering::Relaxed),
-                        sleeps: w.counters.sleeps.load(Ordering::Relaxed),
+                    .map(|w| {
+                        let wait = match w.counters.tid.load(Ordering::Relaxed) {
+                            0 => None,
+                            tid => crate::stats::core_wait(tid),
+                        }
+                        .unwrap_or_default();
+                        WorkerStats {
+                            id: w.id,
+                            core: w.core,
+                            ports: self.ports_on(w.id),
+                            frames_free: w.counters.frames_free.load(Ordering::Relaxed),
+                            frames_total: w.counters.frames_total.load(Ordering::Relaxed),
+                            frames_in_fill: w.counters.frames_in_fill.load(Ordering::Relaxed),
+                            fill_depth: w.counters.fill_depth.load(Ordering::Relaxed),
+                            counters: w.counters.packets.read(),
+                            drops: w.counters.drops(),
+                            loops: w.counters.loops.load(Ordering::Relaxed),
+                            sleeps: w.counters.sleeps.load(Ordering::Relaxed),
+                            core_wait_ns: wait.wait_ns,
+                            preemptions: wait.preemptions,
+                        }
                     })
                     .collect(),
             },

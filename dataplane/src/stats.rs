@@ -75,6 +75,9 @@ pub struct WorkerCounters {
     pub frames_in_fill: AtomicU64,
     /// How deep each of its ports' fill rings is topped up now (stored with frames_in_fill).
     pub fill_depth: AtomicU64,
+    /// The worker thread's id, stored when it starts (0 before): the API thread reads the
+    /// kernel's accounting of that thread ([`core_wait`]) when asked for stats.
+    pub tid: AtomicU64,
 }
 
 /// Plain per-reason drop counts a worker accumulates during one loop.
@@ -100,17 +103,21 @@ impl LocalDrops {
 }
 
 impl WorkerCounters {
-    /// Adds and resets the local drop counts.
+    /// Adds and resets the local drop counts: by reason, and their sum to the worker's
+    /// packet counters (every drop has a reason, so the two always agree).
     #[inline]
     pub fn publish_drops(&self, l: &mut LocalDrops) {
         if !l.any {
             return;
         }
+        let mut all = 0;
         for (a, v) in self.drops.iter().zip(l.by_reason.iter()) {
             if *v != 0 {
                 a.fetch_add(*v, Relaxed);
+                all += *v;
             }
         }
+        self.packets.drops.fetch_add(all, Relaxed);
         *l = LocalDrops::default();
     }
 
@@ -123,5 +130,68 @@ impl WorkerCounters {
                 (v != 0).then(|| (r.name().to_string(), v))
             })
             .collect()
+    }
+}
+
+/// How long a thread waited for its core, from the kernel's own accounting of it.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct CoreWait {
+    /// Time it was runnable but another task held the core (schedstat's run_delay), in ns.
+    pub wait_ns: u64,
+    /// Times another task took the core from it (involuntary context switches).
+    pub preemptions: u64,
+}
+
+/// Reads thread `tid` of this process from /proc: two small files, read when stats are asked
+/// for, never by the worker. None when the thread is gone or the kernel lacks schedstats.
+pub fn core_wait(tid: u64) -> Option<CoreWait> {
+    let dir = format!("/proc/self/task/{tid}");
+    let sched = std::fs::read_to_string(format!("{dir}/schedstat")).ok()?;
+    let status = std::fs::read_to_string(format!("{dir}/status")).ok()?;
+    parse_core_wait(&sched, &status)
+}
+
+fn parse_core_wait(schedstat: &str, status: &str) -> Option<CoreWait> {
+    // schedstat: time on the core, time waiting for it (ns), timeslices.
+    let wait_ns = schedstat.split_whitespace().nth(1)?.parse().ok()?;
+    let preemptions = status
+        .lines()
+        .find_map(|l| l.strip_prefix("nonvoluntary_ctxt_switches:"))?
+        .trim()
+        .parse()
+        .ok()?;
+    Some(CoreWait {
+        wait_ns,
+        preemptions,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn core_wait_is_read_from_schedstat_and_status() {
+        let status = "Name:\tstrom-worker-0\nvoluntary_ctxt_switches:\t3\n\
+                      nonvoluntary_ctxt_switches:\t274\n";
+        assert_eq!(
+            parse_core_wait("5993000000 9600000 1277\n", status),
+            Some(CoreWait {
+                wait_ns: 9_600_000,
+                preemptions: 274
+            })
+        );
+        assert_eq!(parse_core_wait("", status), None);
+        assert_eq!(parse_core_wait("1 2 3\n", "Name:\tx\n"), None);
+    }
+
+    #[test]
+    fn this_thread_has_a_core_wait() {
+        let tid = nix::unistd::gettid().as_raw() as u64;
+        assert!(
+            core_wait(tid).is_some(),
+            "schedstat and status of this thread"
+        );
+        assert_eq!(core_wait(u64::from(u32::MAX)), None);
     }
 }

@@ -211,13 +211,12 @@ impl Port {
         if f.dropped > 0 {
             drops.count_n(DropReason::TxFull, f.dropped);
             self.local.drops += f.dropped;
-            totals.drops += f.dropped;
         }
         self.counters.publish(&mut self.local);
     }
 
     /// Counts what the kernel dropped on the port's socket since the last look.
-    fn kernel_drops(&mut self, totals: &mut Local, drops: &mut LocalDrops) {
+    fn kernel_drops(&mut self, drops: &mut LocalDrops) {
         let k = self.xsk.kernel_drops();
         if k.total() == 0 {
             return;
@@ -226,7 +225,6 @@ impl Port {
         drops.count_n(DropReason::XskRxRingFull, k.rx_ring_full);
         drops.count_n(DropReason::XskInvalidDesc, k.invalid_desc);
         self.local.drops += k.total();
-        totals.drops += k.total();
         self.counters.publish(&mut self.local);
     }
 }
@@ -310,6 +308,10 @@ impl Worker {
                 tracing::warn!(worker = self.me.id, core, "cannot pin worker");
             }
         }
+        self.me
+            .counters
+            .tid
+            .store(nix::unistd::gettid().as_raw() as u64, Ordering::Relaxed);
         self.rebuild_poll();
         self.me
             .counters
@@ -354,7 +356,7 @@ impl Worker {
                 for i in 0..self.active.len() {
                     let id = self.active[i] as usize;
                     if let Some(p) = self.ports[id].as_mut() {
-                        p.kernel_drops(&mut self.totals, &mut self.drops);
+                        p.kernel_drops(&mut self.drops);
                         in_fill += u64::from(p.xsk.fill_queued());
                     }
                 }
@@ -441,7 +443,7 @@ impl Worker {
                 }
                 Command::RemovePort { id, linger, reply } => {
                     if let Some(mut p) = self.ports.get_mut(id as usize).and_then(Option::take) {
-                        p.kernel_drops(&mut self.totals, &mut self.drops);
+                        p.kernel_drops(&mut self.drops);
                         self.me.counters.publish_drops(&mut self.drops);
                         p.counters.publish(&mut p.local);
                         p.xsk.abandon_batch(&mut self.umem);
@@ -487,6 +489,7 @@ impl Worker {
             let len = d.len as usize;
             port.local.rx_packets += 1;
             port.local.rx_bytes += len as u64;
+            self.totals.rx_bytes += len as u64;
             let action = {
                 let Port {
                     kind,
@@ -603,7 +606,6 @@ impl Worker {
     fn account_tx(&mut self, r: Result<(), DropReason>) {
         if let Err(reason) = r {
             self.drops.count(reason);
-            self.totals.drops += 1;
         }
     }
 

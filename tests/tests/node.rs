@@ -435,6 +435,52 @@ fn malformed_and_spoofed_frames_are_dropped_by_reason_and_forwarding_goes_on() {
         "bad IHL and truncated header"
     );
     assert!(lab.probe("t/a", "t/b", 80, "tcp"), "forwarding goes on");
+    counters_agree(&lab);
+}
+
+/// Asserts that the worker's counters are the sums of its ports' (packets and bytes each
+/// way), and that its drop count is the sum of its drops by reason. One worker; the three
+/// reads are retried until no frame arrived between them.
+fn counters_agree(lab: &Lab) {
+    let sum = |ports: &serde_json::Value, field: &str| -> u64 {
+        ports["ports"]
+            .as_array()
+            .expect("ports")
+            .iter()
+            .map(|p| p["counters"][field].as_u64().unwrap_or(0))
+            .sum()
+    };
+    for _ in 0..20 {
+        let before = lab.stromctl(&["stats"]);
+        let ports = lab.stromctl(&["ports"]);
+        let after = lab.stromctl(&["stats"]);
+        let w = &after["workers"][0];
+        if before["workers"][0]["counters"] != w["counters"] {
+            std::thread::sleep(Duration::from_millis(100));
+            continue;
+        }
+        for field in ["rx_packets", "rx_bytes", "tx_packets", "tx_bytes"] {
+            assert_eq!(
+                w["counters"][field].as_u64(),
+                Some(sum(&ports, field)),
+                "the worker's {field} is its ports' sum: {after} {ports}"
+            );
+        }
+        let by_reason: u64 = w["drops"]
+            .as_array()
+            .expect("drops by reason")
+            .iter()
+            .map(|d| d[1].as_u64().unwrap_or(0))
+            .sum();
+        assert!(by_reason > 0, "drops were counted: {after}");
+        assert_eq!(
+            w["counters"]["drops"].as_u64(),
+            Some(by_reason),
+            "the worker's drops are the sum of its drops by reason: {after}"
+        );
+        return;
+    }
+    panic!("frames kept arriving between two reads of stromd's counters");
 }
 
 /// ```text
@@ -592,6 +638,73 @@ fn a_long_tcp_stream_loses_no_frame_for_want_of_fill_frames() {
         eprintln!("stream {attempt} does not count: {what}");
     }
     panic!("the worker lost its core for longer than its fill rings last in three streams");
+}
+
+/// stromd reports how long each worker waited for its core, from the kernel's own accounting
+/// of the thread: what it reports lies between the test's own reads before and after, and a
+/// process spinning on the worker's core for a second shows as a good part of that second
+/// (the scheduler shares the core between the two).
+///
+/// ```text
+///  last core: stromd's worker (busy) ◀── shares it ──▶ sh -c 'while :; do :; done' (1 s)
+/// ```
+#[test]
+fn a_worker_reports_how_long_other_tasks_held_its_core() {
+    let _g = net_lock();
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let last = (cores - 1).to_string();
+    let lab = Lab::up(&two_pods(), &["--poll-mode", "busy", "--cores", &last]);
+    let worker = worker_thread(lab.stromd_pid(), "strom-worker-0");
+    let kernel = || {
+        let sched = std::fs::read_to_string(worker.join("schedstat")).expect("schedstat");
+        let status = std::fs::read_to_string(worker.join("status")).expect("status");
+        let wait: u64 = sched.split_whitespace().nth(1).unwrap().parse().unwrap();
+        let preempted: u64 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("nonvoluntary_ctxt_switches:"))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        (wait, preempted)
+    };
+    let reported = || {
+        let w = &lab.stromctl(&["stats"])["workers"][0];
+        (
+            w["core_wait_ns"].as_u64().expect("core_wait_ns"),
+            w["preemptions"].as_u64().expect("preemptions"),
+        )
+    };
+    let before = kernel();
+    let (wait0, preempted0) = reported();
+    let after = kernel();
+    assert!(
+        (before.0..=after.0).contains(&wait0) && (before.1..=after.1).contains(&preempted0),
+        "stromd reports {wait0} ns and {preempted0} preemptions; the kernel said {before:?} \
+         before and {after:?} after"
+    );
+
+    struct Hog(std::process::Child);
+    impl Drop for Hog {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let hog = Hog(Command::new("taskset")
+        .args(["-c", &last, "sh", "-c", "while :; do :; done"])
+        .spawn()
+        .expect("a spinning process on the worker's core"));
+    std::thread::sleep(Duration::from_secs(1));
+    drop(hog);
+    let (wait1, preempted1) = reported();
+    let waited = Duration::from_nanos(wait1 - wait0);
+    assert!(
+        waited >= Duration::from_millis(200) && preempted1 > preempted0,
+        "a process spun on the worker's core for 1 s; stromd reports {waited:?} of waiting \
+         and {} preemptions meanwhile",
+        preempted1 - preempted0
+    );
 }
 
 /// The thread of process `pid` named `name`, as its /proc directory.

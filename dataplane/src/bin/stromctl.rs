@@ -189,6 +189,8 @@ fn main() -> anyhow::Result<()> {
                     "frames free",
                     "in fill",
                     "fill depth",
+                    "core wait",
+                    "preempted",
                 ],
                 workers
                     .iter()
@@ -205,6 +207,8 @@ fn main() -> anyhow::Result<()> {
                             format!("{}/{}", w.frames_free, w.frames_total),
                             w.frames_in_fill.to_string(),
                             w.fill_depth.to_string(),
+                            format!("{:.1} ms", w.core_wait_ns as f64 / 1e6),
+                            w.preemptions.to_string(),
                         ]
                     })
                     .collect(),
