@@ -656,17 +656,16 @@ fn a_worker_reports_how_long_other_tasks_held_its_core() {
     let lab = Lab::up(&two_pods(), &["--poll-mode", "busy", "--cores", &last]);
     let worker = worker_thread(lab.stromd_pid(), "strom-worker-0");
     let kernel = || {
-        let sched = std::fs::read_to_string(worker.join("schedstat")).expect("schedstat");
         let status = std::fs::read_to_string(worker.join("status")).expect("status");
-        let wait: u64 = sched.split_whitespace().nth(1).unwrap().parse().unwrap();
         let preempted: u64 = status
             .lines()
             .find_map(|l| l.strip_prefix("nonvoluntary_ctxt_switches:"))
-            .unwrap()
-            .trim()
-            .parse()
-            .unwrap();
-        (wait, preempted)
+            .and_then(|n| n.trim().parse().ok())
+            .expect("the worker's involuntary context switches");
+        (
+            run_delay(&worker).expect("the worker's run delay"),
+            preempted,
+        )
     };
     let reported = || {
         let w = &lab.stromctl(&["stats"])["workers"][0];
@@ -717,17 +716,21 @@ fn worker_thread(pid: u32, name: &str) -> std::path::PathBuf {
         .unwrap_or_else(|| panic!("stromd has no thread {name}"))
 }
 
+/// How long the thread at `task` (a /proc directory) has waited for a core, in ns: the
+/// second field of its schedstat (run_delay).
+fn run_delay(task: &std::path::Path) -> Option<u64> {
+    std::fs::read_to_string(task.join("schedstat"))
+        .ok()
+        .and_then(|s| s.split_whitespace().nth(1)?.parse().ok())
+}
+
 /// Runs `f`, and returns with its result the longest the thread at `task` (a /proc
 /// directory) waited for a core meanwhile: the kernel adds each wait to the thread's
 /// run_delay (schedstat's second field) when the thread gets the core back, so the largest
 /// growth between two reads a millisecond apart is the longest wait, give or take the
 /// waits that ended in the same millisecond.
 fn longest_wait_for_core<T>(task: &std::path::Path, f: impl FnOnce() -> T) -> (T, Duration) {
-    let run_delay = || {
-        std::fs::read_to_string(task.join("schedstat"))
-            .ok()
-            .and_then(|s| s.split_whitespace().nth(1)?.parse::<u64>().ok())
-    };
+    let run_delay = || run_delay(task);
     let done = std::sync::atomic::AtomicBool::new(false);
     std::thread::scope(|s| {
         let sampler = s.spawn(|| {
