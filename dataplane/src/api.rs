@@ -661,11 +661,8 @@ impl Controller {
                     .workers
                     .iter()
                     .map(|w| {
-                        let wait = match w.counters.tid.load(Ordering::Relaxed) {
-                            0 => None,
-                            tid => crate::stats::core_wait(tid),
-                        }
-                        .unwrap_or_default();
+                        let wait = crate::stats::core_wait(w.counters.tid.load(Ordering::Relaxed))
+                            .unwrap_or_default();
                         WorkerStats {
                             id: w.id,
                             core: w.core,

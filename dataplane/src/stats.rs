@@ -143,7 +143,8 @@ pub struct CoreWait {
 }
 
 /// Reads thread `tid` of this process from /proc: two small files, read when stats are asked
-/// for, never by the worker. None when the thread is gone or the kernel lacks schedstats.
+/// for, never by the worker. None when the thread is gone or not started yet (`tid` 0: no
+/// task has that id), or the kernel lacks schedstats.
 pub fn core_wait(tid: u64) -> Option<CoreWait> {
     let dir = format!("/proc/self/task/{tid}");
     let sched = std::fs::read_to_string(format!("{dir}/schedstat")).ok()?;
@@ -193,5 +194,6 @@ mod tests {
             "schedstat and status of this thread"
         );
         assert_eq!(core_wait(u64::from(u32::MAX)), None);
+        assert_eq!(core_wait(0), None, "a worker not started yet");
     }
 }
