@@ -95,6 +95,14 @@ struct RunArgs {
     /// Core the path under test runs on [default: the last core].
     #[arg(long)]
     dut_core: Option<usize>,
+    /// Move the node veths' receive work (the NAPI instances an XDP program gives them: the
+    /// copy of every frame into the AF_XDP path's memory) off the sender's core, into kernel
+    /// threads pinned to this core. Without it that work runs on the sending pod's core and
+    /// bounds both AF_XDP paths alike; on a machine with a core to spare for it (not the
+    /// sender's, not the path's), each AF_XDP path is then bound by its own core. The kernel
+    /// paths have no NAPI on these veths and are not affected.
+    #[arg(long)]
+    napi_core: Option<usize>,
     /// Prefix of the namespaces (PREFIX-a, PREFIX-b, PREFIX-n).
     #[arg(long, default_value = "sbench")]
     prefix: String,
@@ -205,8 +213,19 @@ fn run(a: RunArgs) -> Result<()> {
     }
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let dut_core = a.dut_core.unwrap_or(cores - 1);
-    if a.sender_core >= cores || dut_core >= cores {
+    if a.sender_core >= cores || dut_core >= cores || a.napi_core.is_some_and(|c| c >= cores) {
         bail!("this machine has cores 0-{}", cores - 1);
+    }
+    if let Some(c) = a.napi_core.filter(|&c| c == a.sender_core || c == dut_core) {
+        eprintln!(
+            "note: --napi-core {c} shares a core with the {}: the veths' receive work competes \
+             with it there",
+            if c == dut_core {
+                "path under test"
+            } else {
+                "sender"
+            }
+        );
     }
     let bin = match &a.bin {
         Some(b) => b.clone(),
@@ -245,6 +264,7 @@ fn run(a: RunArgs) -> Result<()> {
         work: work.clone(),
         dut_core,
         sender_core: a.sender_core,
+        napi_core: a.napi_core,
         stromd_args: a.stromd_args.split_whitespace().map(String::from).collect(),
     };
     let mut results = Results {
@@ -264,6 +284,7 @@ fn run(a: RunArgs) -> Result<()> {
             traffic: traffic.iter().map(|t| t.name()).collect(),
             sender_core: a.sender_core,
             dut_core,
+            napi_core: a.napi_core,
             machine: machine(cores),
             commit: sh(&["git", "describe", "--always", "--dirty"]),
             tools: tools(&paths),
@@ -324,6 +345,16 @@ fn measure_all(
                     continue;
                 }
             };
+            if let (Some(core), true) = (env.napi_core, path.attaches_xdp()) {
+                let threads = topo.pin_napi(core).context("moving the veths' NAPI")?;
+                if threads == 0 {
+                    bail!(
+                        "--napi-core: {} attached XDP to the node's veths, but no NAPI thread \
+                         of theirs was found (does this kernel thread veth's NAPI?)",
+                        path.name()
+                    );
+                }
+            }
             // Let the path settle (XDP attached, rings filled, first neighbour lookups done).
             std::thread::sleep(Duration::from_millis(500));
             for &t in traffic {

@@ -68,6 +68,12 @@ impl Path {
         }
     }
 
+    /// Whether the path attaches XDP programs to the node's veths (which gives them NAPI
+    /// instances: their receive work then runs in NAPI polls, see `--napi-core`).
+    pub fn attaches_xdp(self) -> bool {
+        matches!(self, Path::Stromd | Path::Testpmd)
+    }
+
     /// Debian packages the path needs beyond the common ones.
     pub fn packages(self) -> &'static [&'static str] {
         match self {
@@ -83,6 +89,8 @@ pub struct Env {
     pub work: PathBuf,
     pub dut_core: usize,
     pub sender_core: usize,
+    /// Where the node veths' NAPI threads go (`--napi-core`), if anywhere.
+    pub napi_core: Option<usize>,
     /// Extra flags for stromd.
     pub stromd_args: Vec<String>,
 }

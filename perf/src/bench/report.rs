@@ -48,6 +48,10 @@ pub struct Meta {
     pub traffic: Vec<String>,
     pub sender_core: usize,
     pub dut_core: usize,
+    /// The core the node veths' NAPI threads were pinned to (`--napi-core`); none: their
+    /// receive work ran on the sender's core, in its softirq.
+    #[serde(default)]
+    pub napi_core: Option<usize>,
     pub machine: Machine,
     /// `git describe` of the tree the binaries were built from, when known.
     pub commit: Option<String>,
@@ -304,8 +308,24 @@ impl Results {
                  not by itself. For the AF_XDP paths (stromd, testpmd) the kernel bounds both \
                  sides: veth supports AF_XDP only in copy mode, so every frame is copied into \
                  the UMEM on receive and back into an skb on transmit, and the transmit call \
-                 runs pod B's receive path inline (veth delivers in the sender's context). \
-                 The flow count matters only to paths with per-flow state (conntrack in \
+                 runs pod B's receive path inline (veth delivers in the sender's context). ",
+            );
+            match self.meta.napi_core {
+                None => out.push_str(
+                    "The copy into the UMEM, with the XDP program, runs in the node veth's NAPI \
+                     poll on the sending pod's core, so that core's time is shared between the \
+                     sender and the receive work of the path under test. ",
+                ),
+                Some(c) => {
+                    let _ = write!(
+                        out,
+                        "The copy into the UMEM, with the XDP program, runs in the node veths' \
+                         NAPI threads, pinned to core {c} (`--napi-core`). "
+                    );
+                }
+            }
+            out.push_str(
+                "The flow count matters only to paths with per-flow state (conntrack in \
                  kernel-nat).\n",
             );
         }
@@ -356,7 +376,7 @@ impl Results {
             s,
             "Run of {} on {} ({} cores, {:.0} GiB), {}, kernel {}{}. {} interleaved rounds \
              (every path once per round{}), {} s per measurement; the sender is pinned to core \
-             {}, the path under test to core {}. Tools: {}.\n",
+             {}, the path under test to core {}{}. Tools: {}.\n",
             m.started,
             m.machine.cpu,
             m.machine.cores,
@@ -376,6 +396,12 @@ impl Results {
             m.secs,
             m.sender_core,
             m.dut_core,
+            m.napi_core
+                .map(|c| format!(
+                    ", the node veths' receive work for the AF_XDP paths (threaded NAPI) to \
+                     core {c}"
+                ))
+                .unwrap_or_default(),
             m.tools
                 .iter()
                 .map(|(k, v)| format!("{k} {v}"))
@@ -529,6 +555,7 @@ mod tests {
                 traffic: vec!["udp256".into(), "latency".into()],
                 sender_core: 0,
                 dut_core: 1,
+                napi_core: None,
                 machine: Machine {
                     cpu: "cpu".into(),
                     cores: 2,
@@ -599,6 +626,24 @@ mod tests {
             "{}",
             r.limits()
         );
+    }
+
+    #[test]
+    fn the_report_says_on_which_core_the_veths_receive_work_ran() {
+        let mut r = results(&[("stromd", "udp_mpps_1_flows", 0.50, Some(0.5))]);
+        assert!(r.limits().contains("NAPI poll on the sending pod's core"));
+        assert!(!r.markdown("x.json", None).contains("threaded NAPI"));
+        r.meta.napi_core = Some(2);
+        assert!(r.limits().contains("NAPI threads, pinned to core 2"));
+        assert!(r.markdown("x.json", None).contains(
+            "the path under test to core 1, the node veths' receive work for the \
+                       AF_XDP paths (threaded NAPI) to core 2."
+        ));
+        // Runs written before the option existed read as without it.
+        let mut v = serde_json::to_value(&r).unwrap();
+        v["meta"].as_object_mut().unwrap().remove("napi_core");
+        let old: Results = serde_json::from_value(v).unwrap();
+        assert_eq!(old.meta.napi_core, None);
     }
 
     #[test]

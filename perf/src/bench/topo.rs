@@ -219,6 +219,45 @@ impl Topology {
         s.trim().parse().context("rx_packets of pod B")
     }
 
+    /// Runs the NAPI instances of the node's veths in kernel threads (`threaded`) pinned to
+    /// `core`, and returns how many threads it pinned. A veth has NAPI instances only while an
+    /// XDP program is attached, so this is called after the path has started; they go with
+    /// the program, and the next path's are pinned anew. The threads are named
+    /// `napi/<interface>-<id>`; the interface names are this topology's own.
+    pub fn pin_napi(&self, core: usize) -> Result<usize> {
+        for dev in ["ha", "hb"] {
+            ns_run(
+                &self.n,
+                &[
+                    "sh",
+                    "-c",
+                    &format!("echo 1 > /sys/class/net/{dev}/threaded"),
+                ],
+            )?;
+        }
+        let mut pinned = 0;
+        for entry in std::fs::read_dir("/proc")?.flatten() {
+            let Some(pid) = entry
+                .file_name()
+                .to_str()
+                .and_then(|s| s.parse::<u32>().ok())
+            else {
+                continue;
+            };
+            let Ok(comm) = std::fs::read_to_string(format!("/proc/{pid}/comm")) else {
+                continue;
+            };
+            if ["napi/ha-", "napi/hb-"]
+                .iter()
+                .any(|p| comm.trim().starts_with(p))
+            {
+                run(&["taskset", "-pc", &core.to_string(), &pid.to_string()])?;
+                pinned += 1;
+            }
+        }
+        Ok(pinned)
+    }
+
     /// Checksum offload, TSO and GSO in both pods: on for the kernel paths, off for the
     /// AF_XDP paths (AF_XDP copies frames without the offload metadata; DESIGN.md).
     pub fn offloads(&self, on: bool) -> Result<()> {
