@@ -355,8 +355,17 @@ impl Results {
         {
             out.push_str(
                 "- **RTT** is sockperf's UDP ping-pong round trip (`--full-rtt`). The AF_XDP \
-                 paths spin on their core (busy polling), so a request is picked up at once; \
-                 the kernel paths forward in softirq context of the sending pod. p99 is \
+                 paths spin on their core (busy polling), so a request is picked up at once",
+            );
+            if let Some(c) = self.meta.napi_core {
+                let _ = write!(
+                    out,
+                    " (here, once the node veth's NAPI thread on core {c} has been woken \
+                     and has copied it into the ring)"
+                );
+            }
+            out.push_str(
+                "; the kernel paths forward in softirq context of the sending pod. p99 is \
                  dominated by the scheduler on a shared 2-core machine.\n",
             );
         }
@@ -630,11 +639,18 @@ mod tests {
 
     #[test]
     fn the_report_says_on_which_core_the_veths_receive_work_ran() {
-        let mut r = results(&[("stromd", "udp_mpps_1_flows", 0.50, Some(0.5))]);
+        let mut r = results(&[
+            ("stromd", "udp_mpps_1_flows", 0.50, Some(0.5)),
+            ("stromd", "rtt_p50_us", 20.0, None),
+        ]);
         assert!(r.limits().contains("NAPI poll on the sending pod's core"));
+        assert!(r.limits().contains("picked up at once; the kernel paths"));
         assert!(!r.markdown("x.json", None).contains("threaded NAPI"));
         r.meta.napi_core = Some(2);
         assert!(r.limits().contains("NAPI threads, pinned to core 2"));
+        assert!(r.limits().contains(
+            "picked up at once (here, once the node veth's NAPI thread on core 2 has been woken"
+        ));
         assert!(r.markdown("x.json", None).contains(
             "the path under test to core 1, the node veths' receive work for the \
                        AF_XDP paths (threaded NAPI) to core 2."
