@@ -87,7 +87,7 @@ pub fn link_exists(ns: &str, dev: &str) -> bool {
 }
 
 /// The drops counted under any of `reasons` in a `stromctl stats` answer, all workers.
-fn drops_in(stats: &Value, reasons: &[&str]) -> u64 {
+pub fn drops_in(stats: &Value, reasons: &[&str]) -> u64 {
     stats["workers"]
         .as_array()
         .unwrap()

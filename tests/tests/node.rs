@@ -12,7 +12,7 @@
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use strom_tests::{link_exists, namespaces_with, net_lock, pod, sh, Lab};
+use strom_tests::{drops_in, link_exists, namespaces_with, net_lock, pod, sh, Lab};
 
 /// The host interface, first address and MAC stromd registered for a port (`Lab::port_of`):
 /// what `stromctl add-port` needs to register it again.
@@ -578,8 +578,9 @@ fn a_long_tcp_stream_loses_no_frame_for_want_of_fill_frames() {
         .expect("the workers' fill depth");
     assert!(depth > 0.0, "a fill depth is reported");
     for attempt in 1..=3 {
-        let before = lab.drops("xsk_no_fill_frame");
-        let ring_full_before = lab.drops("xsk_rx_ring_full");
+        let stats = lab.stromctl(&["stats"]);
+        let before = drops_in(&stats, &["xsk_no_fill_frame"]);
+        let ring_full_before = drops_in(&stats, &["xsk_rx_ring_full"]);
         let mut server = Command::new("ip")
             .args(["netns", "exec", &lab.pod_ns("t/b")])
             .args(["iperf3", "-s", "-1", "-p", "5201", "-A", "0"])
@@ -618,8 +619,9 @@ fn a_long_tcp_stream_loses_no_frame_for_want_of_fill_frames() {
         assert!(bytes > 0.0, "the stream ran: {report}");
         // The worker reads the kernel's counters every few thousand loops.
         std::thread::sleep(Duration::from_millis(300));
-        let dropped = lab.drops("xsk_no_fill_frame") - before;
-        let ring_full = lab.drops("xsk_rx_ring_full") - ring_full_before;
+        let stats = lab.stromctl(&["stats"]);
+        let dropped = drops_in(&stats, &["xsk_no_fill_frame"]) - before;
+        let ring_full = drops_in(&stats, &["xsk_rx_ring_full"]) - ring_full_before;
         if ring_full > 0 {
             eprintln!("stream {attempt}: {ring_full} frames found pod a's rx ring full");
         }
@@ -630,7 +632,7 @@ fn a_long_tcp_stream_loses_no_frame_for_want_of_fill_frames() {
         // in: at the stream's average rate the ring lasts at most this long (a burst empties
         // it sooner), and only a wait at least that long excuses a drop.
         let covers = Duration::from_secs_f64(depth / (bytes / 1448.0 / secs));
-        let reasons: Vec<serde_json::Value> = lab.stromctl(&["stats"])["workers"]
+        let reasons: Vec<serde_json::Value> = stats["workers"]
             .as_array()
             .into_iter()
             .flatten()
