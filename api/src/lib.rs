@@ -99,7 +99,11 @@ pub enum Request {
 /// Dataplane readiness.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StatusInfo {
+    /// True only while every worker's loop is moving.
     pub ready: bool,
+    /// Why stromd is not ready (a worker that ended, panicked or stopped moving).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
     pub version: String,
     pub workers: usize,
     pub ports: usize,
@@ -132,6 +136,10 @@ pub struct PortStatus {
     pub host_mac: String,
     pub xdp_mode: String,
     pub counters: Counters,
+    /// How deep the port's fill ring is kept now: the worker's floor, or deeper (up to
+    /// `fill_per_port`) while the port receives in bursts.
+    #[serde(default)]
+    pub fill_depth: u64,
 }
 
 /// One worker's counters.
@@ -155,11 +163,17 @@ pub struct WorkerStats {
     /// before an adaptive worker sleeps). Idle, free + in fill = total: no frame is lost.
     #[serde(default)]
     pub frames_in_fill: u64,
-    /// How deep each of the worker's ports' fill rings is topped up now: `fill_per_port`, or
-    /// with many ports an equal share of half the frames. A port registered when the worker
-    /// had fewer may hold more until it first receives that many.
+    /// The depth every port's fill ring keeps at least (`fill_min`): what each port has from
+    /// the moment it is registered.
     #[serde(default)]
-    pub fill_depth: u64,
+    pub fill_floor: u64,
+    /// The most the worker's fill rings may hold together (three quarters of its frames less
+    /// a reserve), and what their depths add up to now: the floor for each port, more for
+    /// ports receiving in bursts. Memory is the worker's frames whatever the number of ports.
+    #[serde(default)]
+    pub fill_budget: u64,
+    #[serde(default)]
+    pub fill_reserved: u64,
     /// How long the worker thread has waited for its core since it started, in ns: time it
     /// was runnable while another task held the core (the kernel's schedstat run_delay). A
     /// port's fill ring lasts only so long without the worker: drops for want of fill frames

@@ -6,6 +6,7 @@
 
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
@@ -14,6 +15,9 @@ use crate::error::{code, CniError};
 
 /// Versions whose configs we accept and whose results we emit.
 pub const SUPPORTED: &[&str] = &["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"];
+
+/// The largest `stromdTimeoutMs`: 5 minutes.
+const MAX_STROMD_TIMEOUT_MS: u64 = 300_000;
 
 /// The plugin's network configuration (one entry of a conflist, with name and cniVersion).
 #[derive(Debug, Clone, Deserialize)]
@@ -33,6 +37,11 @@ pub struct NetConf {
     /// stromd's API socket.
     #[serde(default)]
     pub socket: Option<PathBuf>,
+    /// How long to wait for stromd, in milliseconds: the deadline of every read and write on
+    /// its socket (default: 10 s, 3 s for STATUS). A stromd that has not answered by then
+    /// fails the call with 11, "try again later" (STATUS: 50).
+    #[serde(default)]
+    pub stromd_timeout_ms: Option<u64>,
     /// Where each call is logged.
     #[serde(default)]
     pub log_file: Option<PathBuf>,
@@ -121,7 +130,25 @@ impl NetConf {
                 ));
             }
         }
+        if let Some(t) = c.stromd_timeout_ms {
+            // Zero would mean no deadline to the socket (and is refused by it); more than the
+            // maximum outlasts any runtime's own deadline for the call.
+            if !(1..=MAX_STROMD_TIMEOUT_MS).contains(&t) {
+                return Err(CniError::new(
+                    code::INVALID_CONFIG,
+                    "invalid network configuration",
+                    format!("stromdTimeoutMs {t} (1..={MAX_STROMD_TIMEOUT_MS})"),
+                ));
+            }
+        }
         Ok(c)
+    }
+
+    /// How long to wait for stromd: `stromdTimeoutMs`, or `default`.
+    pub fn stromd_timeout(&self, default: Duration) -> Duration {
+        self.stromd_timeout_ms
+            .map(Duration::from_millis)
+            .unwrap_or(default)
     }
 
     /// The IPAM plugin type.
@@ -247,6 +274,32 @@ mod tests {
             NetConf::parse(br#"{"cniVersion":"1.0.0","name":"n","type":"strom-cni","mtu":"x"}"#)
                 .unwrap_err();
         assert_eq!(e.code, code::INVALID_CONFIG);
+    }
+
+    #[test]
+    fn stromd_timeout_is_configurable_within_bounds() {
+        let parse = |t: &str| {
+            NetConf::parse(
+                format!(r#"{{"cniVersion":"1.1.0","name":"n","type":"strom-cni"{t}}}"#).as_bytes(),
+            )
+        };
+        let default = Duration::from_secs(10);
+        assert_eq!(parse("").unwrap().stromd_timeout(default), default);
+        assert_eq!(
+            parse(r#","stromdTimeoutMs":250"#)
+                .unwrap()
+                .stromd_timeout(default),
+            Duration::from_millis(250)
+        );
+        for bad in ["0", "300001", "-1", "\"1s\""] {
+            assert_eq!(
+                parse(&format!(r#","stromdTimeoutMs":{bad}"#))
+                    .unwrap_err()
+                    .code,
+                code::INVALID_CONFIG,
+                "{bad}"
+            );
+        }
     }
 
     #[test]

@@ -15,7 +15,7 @@ mod nl;
 use std::collections::HashSet;
 use std::io::{Read, Write};
 use std::net::Ipv4Addr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -31,6 +31,10 @@ const LATEST: &str = "1.1.0";
 /// The message of the error for an ADD of a container that is wired already (nothing is
 /// undone: it belongs to the earlier ADD).
 const ALREADY_WIRED: &str = "container is already wired";
+/// How long stromd has to answer each request, unless `stromdTimeoutMs` says otherwise.
+const STROMD_TIMEOUT: Duration = Duration::from_secs(10);
+/// The same for STATUS, which only asks and should not hold the runtime up.
+const STATUS_TIMEOUT: Duration = Duration::from_secs(3);
 /// VXLAN over IPv4: outer Ethernet 14 + IP 20 + UDP 8 + VXLAN 8.
 const OVERLAY_HEADER: u32 = 50;
 
@@ -140,14 +144,11 @@ fn io_err(msg: &str) -> impl Fn(String) -> CniError + '_ {
     move |e| CniError::new(code::WIRING, msg, e)
 }
 
+/// A connection to stromd. Failing to connect is always "try again later" (11): a runtime
+/// retries, and stromd (re)starting is what it waits for.
 fn client(c: &NetConf) -> Result<Client, CniError> {
-    Client::connect(c.socket(), Duration::from_secs(10)).map_err(|e| {
-        CniError::new(
-            code::TRY_AGAIN_LATER,
-            "stromd is not reachable",
-            e.to_string(),
-        )
-    })
+    Client::connect(c.socket(), c.stromd_timeout(STROMD_TIMEOUT))
+        .map_err(|e| error::from_stromd(&e, "stromd refused the connection"))
 }
 
 fn mac_for(ip: Ipv4Addr) -> String {
@@ -387,8 +388,9 @@ fn wire(c: &NetConf, env: &Env, host: &str, ip: Ipv4Addr) -> Result<CniResult, C
     };
     // Registration runs while the pod side is configured; both must succeed.
     let registered = client(c).and_then(|mut cl| {
+        // 102 only when stromd answered no; busy or gone is 11, and the runtime retries.
         cl.call(&Request::AddPort { spec })
-            .map_err(|e| CniError::new(code::DATAPLANE, "stromd refused the port", e.to_string()))
+            .map_err(|e| error::from_stromd(&e, "stromd refused the port"))
     });
     nl::join(pod_side).map_err(io_err("wiring the pod side"))?;
     let host_mac = match registered {
@@ -464,7 +466,7 @@ fn cmd_del(c: &NetConf, env: &Env, stdin: &[u8], notes: &mut Vec<String>) -> Res
                 },
                 interface: PortInterface::Delete,
             })
-            .map_err(|e| CniError::new(code::DATAPLANE, "unregister", e.to_string()))
+            .map_err(|e| error::from_stromd(&e, "stromd refused to unregister the port"))
         }) {
             notes.push(format!("stromd: {e}"));
         }
@@ -617,24 +619,29 @@ fn cmd_check(c: &NetConf, env: &Env, stdin: &[u8]) -> Result<(), CniError> {
                 format!("{other:?}"),
             ))
         }
-        Err(e) => {
-            return Err(CniError::new(
-                code::TRY_AGAIN_LATER,
-                "stromd is not reachable",
-                e.to_string(),
-            ))
-        }
+        Err(e) => return Err(error::from_stromd(&e, "stromd refused to list its ports")),
     }
     Ok(())
 }
 
+/// STATUS: every way of not being able to wire pods is the spec's 50, "not available" (the
+/// runtime then holds ADDs back): stromd unreachable, busy, gone mid-call, refusing, or
+/// answering that it is not ready, with the reason it gives.
 fn cmd_status(c: &NetConf) -> Result<(), CniError> {
     let not = |e: String| CniError::new(code::NOT_AVAILABLE, "strom cannot wire pods now", e);
-    let mut cl =
-        Client::connect(c.socket(), Duration::from_secs(3)).map_err(|e| not(e.to_string()))?;
+    let mut cl = Client::connect(c.socket(), c.stromd_timeout(STATUS_TIMEOUT))
+        .map_err(|e| not(e.to_string()))?;
     match cl.call(&Request::Status) {
         Ok(Response::Status(s)) if s.ready => Ok(()),
-        Ok(other) => Err(not(format!("stromd is not ready: {other:?}"))),
+        Ok(Response::Status(s)) => Err(not(format!(
+            "stromd is not ready: {} ({} workers, {} ports, poll mode {}, stromd {})",
+            s.reason.as_deref().unwrap_or("it gives no reason"),
+            s.workers,
+            s.ports,
+            s.poll_mode,
+            s.version
+        ))),
+        Ok(other) => Err(not(format!("unexpected answer from stromd: {other:?}"))),
         Err(e) => Err(not(e.to_string())),
     }
 }
@@ -661,7 +668,7 @@ fn cmd_gc(c: &NetConf, env: &Env, notes: &mut Vec<String>) -> Result<(), CniErro
     match client(c).and_then(|mut cl| {
         cl.call(&Request::Ports)
             .map(|r| (cl, r))
-            .map_err(|e| CniError::new(code::DATAPLANE, "ports", e.to_string()))
+            .map_err(|e| error::from_stromd(&e, "stromd refused to list its ports"))
     }) {
         Ok((mut cl, Response::Ports { ports })) => {
             for p in ports {
@@ -695,10 +702,23 @@ fn cmd_gc(c: &NetConf, env: &Env, notes: &mut Vec<String>) -> Result<(), CniErro
     Ok(())
 }
 
+/// Appends the call's line to `logFile`. Calls run concurrently (a runtime wires many pods at
+/// once) and share the file, so each line goes in whole: built in a buffer first, written with
+/// O_APPEND in one write(2) (one write to a regular file is not interleaved with another, and
+/// O_APPEND puts it at the end), and under an exclusive flock, so that a short write's rest
+/// (a full disk, a signal) or a writer that does not append cannot tear a line either. Logging
+/// is best effort: a log that cannot be written never fails the call.
 fn log_call(c: Option<&NetConf>, env: &Env, outcome: &str, started: Instant) {
     let Some(path) = c.and_then(|c| c.log_file.as_ref()) else {
         return;
     };
+    if let Err(e) = append_line(path, &log_line(env, outcome, started)) {
+        eprintln!("strom-cni: logging to {}: {e}", path.display());
+    }
+}
+
+/// The call's log line, newline included.
+fn log_line(env: &Env, outcome: &str, started: Instant) -> Vec<u8> {
     let line = json!({
         "time": std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0),
         "verb": env.command,
@@ -707,16 +727,33 @@ fn log_call(c: Option<&NetConf>, env: &Env, outcome: &str, started: Instant) {
         "outcome": outcome,
         "ms": started.elapsed().as_secs_f64() * 1000.0,
     });
-    if let Some(d) = path.parent() {
-        let _ = std::fs::create_dir_all(d);
+    // A Value always serializes; an empty line is never written (see `append_line`).
+    let mut buf = serde_json::to_vec(&line).unwrap_or_default();
+    if !buf.is_empty() {
+        buf.push(b'\n');
     }
-    if let Ok(mut f) = std::fs::OpenOptions::new()
+    buf
+}
+
+/// Appends `line` (a whole line, newline included) to `path` in one write(2), under an
+/// exclusive flock of the file.
+fn append_line(path: &Path, line: &[u8]) -> std::io::Result<()> {
+    if line.is_empty() {
+        return Ok(());
+    }
+    if let Some(d) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(d)?;
+    }
+    let mut f = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
-        .open(path)
-    {
-        let _ = writeln!(f, "{line}");
-    }
+        .open(path)?;
+    // Released when `f` closes.
+    f.lock()?;
+    // One write(2) for the whole line; should the kernel take only part of it, the rest
+    // follows under the same lock, so no other call's line comes between.
+    let n = f.write(line)?;
+    f.write_all(&line[n..])
 }
 
 fn main() {
@@ -800,5 +837,43 @@ fn main() {
             );
             std::process::exit(1);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn appended_lines_from_concurrent_writers_stay_whole() {
+        let dir = std::env::temp_dir().join(format!("strom-cni-append-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let path = dir.join("sub/cni.log");
+        // Longer than a pipe buffer and than one page: still one line each.
+        std::thread::scope(|s| {
+            for t in 0..8u8 {
+                let path = &path;
+                s.spawn(move || {
+                    for i in 0..50 {
+                        let mut line = serde_json::to_vec(&json!({
+                            "t": t, "i": i, "pad": "x".repeat(9000)
+                        }))
+                        .unwrap();
+                        line.push(b'\n');
+                        append_line(path, &line).unwrap();
+                    }
+                });
+            }
+        });
+        let text = std::fs::read_to_string(&path).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 8 * 50);
+        for l in lines {
+            let v: Value = serde_json::from_str(l).unwrap();
+            assert_eq!(v["pad"].as_str().map(str::len), Some(9000));
+        }
+        append_line(&path, b"").unwrap();
+        assert_eq!(std::fs::read_to_string(&path).unwrap().len(), text.len());
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

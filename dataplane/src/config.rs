@@ -67,11 +67,15 @@ pub struct DataplaneSection {
     /// Size of each AF_XDP ring (power of two).
     #[serde(default = "default_ring")]
     pub ring_size: u32,
-    /// The deepest a port's fill ring gets (at most ring_size; with many ports, at most an
-    /// equal share of half the worker's frames, never under 16). Every port is kept that
-    /// deep, so that a burst fits.
+    /// The deepest a port's fill ring gets (at most ring_size), once the port has shown
+    /// that it receives in bursts, as far as the worker's fill budget allows.
     #[serde(default = "default_fill")]
     pub fill_per_port: u32,
+    /// The depth every port's fill ring keeps from the moment it is registered (at most
+    /// fill_per_port). A worker serves as many ports as three quarters of its frames keep
+    /// this deep.
+    #[serde(default = "default_fill_min")]
+    pub fill_min: u32,
     /// Unix socket of the API.
     #[serde(default = "default_socket")]
     pub api_socket: PathBuf,
@@ -104,6 +108,9 @@ fn default_frames() -> u32 {
 fn default_fill() -> u32 {
     2048
 }
+fn default_fill_min() -> u32 {
+    32
+}
 fn default_ring() -> u32 {
     2048
 }
@@ -121,6 +128,7 @@ fn default_dataplane() -> DataplaneSection {
         umem_frames: default_frames(),
         ring_size: default_ring(),
         fill_per_port: default_fill(),
+        fill_min: default_fill_min(),
         api_socket: default_socket(),
         state_dir: default_state(),
     }
@@ -187,6 +195,12 @@ impl Config {
             return inv(
                 "dataplane.fill_per_port",
                 format!("{} (1..=ring_size)", d.fill_per_port),
+            );
+        }
+        if d.fill_min == 0 || d.fill_min > d.fill_per_port {
+            return inv(
+                "dataplane.fill_min",
+                format!("{} (1..=fill_per_port)", d.fill_min),
             );
         }
         if self.node.pod_cidr.contains(&self.node.pod_gateway) {

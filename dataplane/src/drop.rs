@@ -47,11 +47,15 @@ pub enum DropReason {
     XskRxRingFull,
     /// The kernel refused a fill or tx descriptor (a stromd bug if ever non-zero).
     XskInvalidDesc,
+    /// The kernel dropped a received frame for another reason it counts as `rx_dropped`: a
+    /// frame larger than a UMEM frame's room (2048 bytes less the kernel's 256 of headroom),
+    /// e.g. from a pod whose MTU is above what stromd carries.
+    XskRxTooLarge,
 }
 
 impl DropReason {
     /// Every reason, in counter-index order.
-    pub const ALL: [DropReason; 21] = [
+    pub const ALL: [DropReason; 22] = [
         DropReason::Runt,
         DropReason::VlanTagged,
         DropReason::UnknownEthertype,
@@ -73,6 +77,7 @@ impl DropReason {
         DropReason::XskNoFillFrame,
         DropReason::XskRxRingFull,
         DropReason::XskInvalidDesc,
+        DropReason::XskRxTooLarge,
     ];
     /// Number of reasons (size of counter arrays).
     pub const COUNT: usize = Self::ALL.len();
@@ -101,6 +106,7 @@ impl DropReason {
             DropReason::XskNoFillFrame => "xsk_no_fill_frame",
             DropReason::XskRxRingFull => "xsk_rx_ring_full",
             DropReason::XskInvalidDesc => "xsk_invalid_desc",
+            DropReason::XskRxTooLarge => "xsk_rx_too_large",
         }
     }
 

@@ -15,6 +15,8 @@ pub struct SharedCounters {
     tx_packets: AtomicU64,
     tx_bytes: AtomicU64,
     drops: AtomicU64,
+    /// How deep the port's fill ring is kept now (stored about once a second).
+    fill_depth: AtomicU64,
 }
 
 /// Plain counters a worker accumulates during one loop.
@@ -49,6 +51,16 @@ impl SharedCounters {
         *l = Local::default();
     }
 
+    /// Stores the port's fill depth (a gauge, not a count).
+    pub fn set_fill_depth(&self, depth: u32) {
+        self.fill_depth.store(u64::from(depth), Relaxed);
+    }
+
+    /// The port's fill depth as last stored.
+    pub fn fill_depth(&self) -> u64 {
+        self.fill_depth.load(Relaxed)
+    }
+
     /// A consistent-enough copy for display.
     pub fn read(&self) -> Counters {
         Counters {
@@ -73,8 +85,17 @@ pub struct WorkerCounters {
     pub frames_total: AtomicU64,
     /// Frames in its ports' fill rings (stored when the kernel's drop counters are read).
     pub frames_in_fill: AtomicU64,
-    /// How deep each of its ports' fill rings is topped up now (stored with frames_in_fill).
-    pub fill_depth: AtomicU64,
+    /// The depth every port's fill ring keeps at least, the most the worker's fill rings may
+    /// hold together, and what their depths add up to now (stored with frames_in_fill).
+    pub fill_floor: AtomicU64,
+    pub fill_budget: AtomicU64,
+    pub fill_reserved: AtomicU64,
+    /// Milliseconds on the monotonic clock when the worker last went through its upkeep
+    /// (every few thousand loops, and at least once a second while it sleeps): a worker whose
+    /// heartbeat stops is stuck. 0 before it starts.
+    pub heartbeat_ms: AtomicU64,
+    /// Set when the worker thread ends, normally or by a panic (with the panic's message).
+    pub ended: std::sync::OnceLock<String>,
     /// The worker thread's id, stored when it starts (0 before): the API thread reads the
     /// kernel's accounting of that thread ([`core_wait`]) when asked for stats.
     pub tid: AtomicU64,
@@ -102,7 +123,21 @@ impl LocalDrops {
     }
 }
 
+/// Milliseconds on the monotonic clock (CLOCK_MONOTONIC, the same for every thread).
+pub fn monotonic_ms() -> u64 {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+        .map(|t| t.tv_sec() as u64 * 1000 + t.tv_nsec() as u64 / 1_000_000)
+        .unwrap_or(0)
+}
+
 impl WorkerCounters {
+    /// Stores and returns the worker's heartbeat (called in its upkeep, never per packet).
+    pub fn heartbeat(&self) -> u64 {
+        let now = monotonic_ms();
+        self.heartbeat_ms.store(now, Relaxed);
+        now
+    }
+
     /// Adds and resets the local drop counts: by reason, and their sum to the worker's
     /// packet counters (every drop has a reason, so the two always agree).
     #[inline]

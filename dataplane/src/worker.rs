@@ -47,6 +47,8 @@ const SLEEP_MS: i32 = 1000;
 const KERNEL_STATS_LOOPS: u32 = 4096;
 /// Entries in each worker's cross-worker hand-off queue.
 const HANDOFF_CAP: usize = 2048;
+/// Milliseconds between two reviews of the ports' fill depths (`XskPort::review`).
+const REVIEW_MS: u64 = 1000;
 
 /// A frame copied to another worker: each worker has its own slice of the UMEM.
 pub struct Handoff {
@@ -222,6 +224,7 @@ impl Port {
             return;
         }
         drops.count_n(DropReason::XskNoFillFrame, k.no_fill_frame);
+        drops.count_n(DropReason::XskRxTooLarge, k.too_large);
         drops.count_n(DropReason::XskRxRingFull, k.rx_ring_full);
         drops.count_n(DropReason::XskInvalidDesc, k.invalid_desc);
         self.local.drops += k.total();
@@ -317,8 +320,17 @@ impl Worker {
             .counters
             .frames_total
             .store(self.umem.total_frames() as u64, Ordering::Relaxed);
+        self.me
+            .counters
+            .fill_floor
+            .store(u64::from(self.umem.fill_floor()), Ordering::Relaxed);
+        self.me
+            .counters
+            .fill_budget
+            .store(u64::from(self.umem.fill_budget()), Ordering::Relaxed);
         let mut idle = 0u32;
         let mut since_stats = 0u32;
+        let mut last_review = self.me.counters.heartbeat();
         let mut descs = [XdpDesc {
             addr: 0,
             len: 0,
@@ -366,8 +378,19 @@ impl Worker {
                     .store(in_fill, Ordering::Relaxed);
                 self.me
                     .counters
-                    .fill_depth
-                    .store(u64::from(self.umem.fill_depth()), Ordering::Relaxed);
+                    .fill_reserved
+                    .store(u64::from(self.umem.fill_reserved()), Ordering::Relaxed);
+                let now = self.me.counters.heartbeat();
+                if now.saturating_sub(last_review) >= REVIEW_MS {
+                    last_review = now;
+                    for i in 0..self.active.len() {
+                        let id = self.active[i] as usize;
+                        if let Some(p) = self.ports[id].as_mut() {
+                            p.xsk.review(&mut self.umem);
+                            p.counters.set_fill_depth(p.xsk.fill_depth());
+                        }
+                    }
+                }
             }
             self.me.counters.publish_drops(&mut self.drops);
             self.me.counters.packets.publish(&mut self.totals);
@@ -417,6 +440,7 @@ impl Worker {
                 Command::AddPort(s, reply) => {
                     let r = self.umem.open(s.ifindex, s.queue).map(|xsk| {
                         let fd = xsk.fd();
+                        s.counters.set_fill_depth(xsk.fill_depth());
                         let id = s.id;
                         self.ports[id as usize] = Some(Box::new(Port {
                             kind: s.kind,
@@ -446,7 +470,7 @@ impl Worker {
                         p.kernel_drops(&mut self.drops);
                         self.me.counters.publish_drops(&mut self.drops);
                         p.counters.publish(&mut p.local);
-                        p.xsk.abandon_batch(&mut self.umem);
+                        p.xsk.retire(&mut self.umem);
                         // The frames lent to the socket come back once the reaper closed it.
                         let closing = Closing {
                             xsk: p.xsk,
@@ -653,15 +677,52 @@ pub fn spawn(
                 mode,
                 umem.worker(i as u32),
             );
+            let me = all[i].clone();
             std::thread::Builder::new()
                 .name(format!("strom-worker-{i}"))
-                .spawn(move || w.run())
+                .spawn(move || run_guarded(&me.counters, || w.run()))
                 .map_err(XskError::EventFd)
         })
         .collect()
 }
 
+/// Runs a worker's body and records how it ended, a panic with its message, so that
+/// `status` turns not-ready with the reason (the thread is gone either way).
+fn run_guarded(counters: &WorkerCounters, body: impl FnOnce()) {
+    let how = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(body)) {
+        Ok(()) => "stopped".to_string(),
+        Err(p) => {
+            let msg = p
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| p.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "unknown panic".into());
+            tracing::error!(error = %msg, "worker panicked");
+            format!("panicked: {msg}")
+        }
+    };
+    let _ = counters.ended.set(how);
+}
+
 /// Waits for a reply from a worker, bounded.
 pub fn wait_reply<T>(rx: &Receiver<T>) -> Option<T> {
     rx.recv_timeout(Duration::from_secs(5)).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_worker_that_panics_is_recorded_with_its_message() {
+        let c = WorkerCounters::default();
+        run_guarded(&c, || panic!("ring went away"));
+        assert_eq!(
+            c.ended.get().map(String::as_str),
+            Some("panicked: ring went away")
+        );
+        let c = WorkerCounters::default();
+        run_guarded(&c, || ());
+        assert_eq!(c.ended.get().map(String::as_str), Some("stopped"));
+    }
 }

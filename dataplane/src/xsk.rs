@@ -45,13 +45,26 @@ pub const FRAME_SIZE: u32 = 2048;
 pub const PREFETCH_AHEAD: usize = 8;
 /// Most sendto kicks per port per loop.
 const MAX_KICKS: u32 = 8;
+/// Frames the kernel sends per kick in copy mode (its TX_BATCH_SIZE).
+const KERNEL_TX_BATCH: u32 = 32;
 /// `lent` value of a frame userspace holds (free pool, or being processed).
 const HELD: u32 = 0;
 /// Frames the fill rings never take from the pool: frames copied in from other workers
 /// need free frames even when every port's fill ring is as full as the pool allows.
 const RESERVE: usize = 256;
-/// The fill depth every port keeps at least.
-const MIN_FILL: u32 = 16;
+/// How long, at most, the anchor's bind waits for the kernel to release a killed stromd's
+/// socket on the loopback queue, and how often it tries.
+const ANCHOR_BUSY_MAX: std::time::Duration = std::time::Duration::from_secs(10);
+const ANCHOR_BUSY_WAIT: std::time::Duration = std::time::Duration::from_millis(50);
+/// Frames drained from a port's fill ring between two refills that deepen it to
+/// `fill_per_port` at once, as a fraction of the floor: a burst that large means the port
+/// receives faster than one loop refills it (a TCP stream's burst, or the worker off its
+/// core), and the next burst, twice as large in slow start, must fit.
+const GROW_AT_FLOOR_DIV: u32 = 4;
+/// Quiet reviews (about a second each, [`WorkerUmem::review`]) after which a deepened port
+/// goes back to the floor: long enough that a TCP stream's pauses keep their depth, short
+/// enough that the budget comes back to other ports soon after a stream ends.
+const QUIET_REVIEWS: u8 = 10;
 
 /// A received descriptor's address as an offset into the UMEM. With unaligned chunks the
 /// kernel returns the chunk's address in the low 48 bits and the data's offset in it in the
@@ -76,6 +89,12 @@ pub enum XskError {
     },
     #[error("eventfd or thread: {0}")]
     EventFd(std::io::Error),
+    #[error(
+        "the worker serves {ports} ports, as many as its {frames} frames keep {floor}-frame fill \
+         rings for: raise dataplane.umem_frames or dataplane.workers, or lower \
+         dataplane.fill_min"
+    )]
+    Full { ports: u32, frames: u32, floor: u32 },
 }
 
 impl XskError {
@@ -93,9 +112,12 @@ pub struct XskSizes {
     pub frames: u32,
     /// Entries in each of a port's fill, completion, rx and tx rings (a power of two).
     pub ring: u32,
-    /// The deepest a port's fill ring gets (at most `ring`; with many ports, an equal share of
-    /// half the worker's pool): how many frames a port can receive before stromd reads them.
+    /// The deepest a port's fill ring gets (at most `ring`), once it has shown it receives in
+    /// bursts: how many frames a port can receive before stromd reads them.
     pub fill: u32,
+    /// The depth every port's fill ring keeps from the moment it opens (the floor): what a
+    /// quiet pod needs to be reached at once.
+    pub fill_min: u32,
 }
 
 impl Default for XskSizes {
@@ -104,7 +126,21 @@ impl Default for XskSizes {
             frames: 8192,
             ring: 2048,
             fill: 2048,
+            fill_min: 32,
         }
+    }
+}
+
+impl XskSizes {
+    /// Frames a worker's fill rings may hold together: three quarters of its pool less the
+    /// reserve (the rest covers frames in rx and tx rings, hand-offs and being processed).
+    pub fn fill_budget(&self) -> u32 {
+        (self.frames as usize).saturating_sub(RESERVE) as u32 / 4 * 3
+    }
+
+    /// Ports one worker can serve: each keeps its floor within the budget.
+    pub fn ports_per_worker(&self) -> u32 {
+        self.fill_budget() / self.fill_min.max(1)
     }
 }
 
@@ -231,7 +267,23 @@ impl SharedUmem {
                 },
             )
             .map_err(xdp_err("anchor rx ring", lo))?;
-        umem.bind(&user).map_err(xdp_err("anchor bind", lo))?;
+        // After a stromd with many sockets was killed, the kernel releases the anchor's queue
+        // in deferred work, a socket at a time: the bind is refused with EBUSY for a while
+        // (about 2 s with 110 ports). The same bind succeeds once that is over.
+        let mut waited = std::time::Duration::ZERO;
+        loop {
+            match umem.bind(&user) {
+                Ok(()) => break,
+                Err(e) if e.get_raw() == libc::EBUSY && waited < ANCHOR_BUSY_MAX => {
+                    if waited.is_zero() {
+                        tracing::info!("loopback queue still held by a previous socket: waiting");
+                    }
+                    std::thread::sleep(ANCHOR_BUSY_WAIT);
+                    waited += ANCHOR_BUSY_WAIT;
+                }
+                Err(e) => return Err(xdp_err("anchor bind", lo)(e)),
+            }
+        }
         Ok(Arc::new(SharedUmem {
             _anchor_user: user,
             _anchor_dev: dev,
@@ -261,7 +313,7 @@ impl SharedUmem {
             lent: vec![HELD; self.sizes.frames as usize],
             next_serial: HELD + 1,
             sockets: 0,
-            fill_cap: fill_share(self.sizes.frames as usize, 0, self.sizes.fill),
+            fill_reserved: 0,
         }
     }
 }
@@ -276,10 +328,12 @@ pub struct WorkerUmem {
     /// Per frame of the slice: `HELD`, or the serial of the socket it is lent to.
     lent: Vec<u32>,
     next_serial: u32,
-    /// Open sockets of this worker, and the deepest each one's fill ring may get now
-    /// (`fill_share`).
+    /// Open sockets of this worker.
     sockets: u32,
-    fill_cap: u32,
+    /// Frames its open sockets' fill rings may hold together: the sum of their depths (or of
+    /// what they still hold, where that is more). Never above the budget except by the
+    /// floors of ports opened while deepened ports held it (see [`XskPort::refill`]).
+    fill_reserved: u32,
 }
 
 impl WorkerUmem {
@@ -312,18 +366,23 @@ impl WorkerUmem {
         let _ = addr;
     }
 
-    /// The bytes of the frame holding `addr`, from `addr` to the end of its frame.
-    /// The caller must hold `addr` (taken from the pool or read from an rx ring).
+    /// The bytes of the frame holding `addr`, from `addr` to the end of its frame: a frame
+    /// userspace holds (in the free pool, or taken from it or from an rx ring). A frame lent
+    /// to a socket (its fill, rx, tx or completion ring), which the kernel may be writing or
+    /// reading, and an address outside this worker's slice give an empty slice.
     #[inline]
     pub fn frame_mut(&mut self, addr: u64) -> &mut [u8] {
-        let addr = addr.clamp(self.base, self.end);
+        if addr < self.base || addr >= self.end || self.lent_to(addr) != HELD {
+            return &mut [];
+        }
         let frame = addr & !u64::from(FRAME_SIZE - 1);
         let end = (frame + u64::from(FRAME_SIZE)).min(self.end);
-        let start = addr.min(end);
-        // SAFETY: start..end lies within this worker's slice (clamped to it), which lies within
-        // the mapping, and inside one frame that userspace currently holds (`lent` is HELD), so
-        // neither the kernel nor another worker writes it concurrently; `&mut self` makes this
-        // the only live reference into the slice.
+        let start = addr;
+        // SAFETY: base <= start < end <= self.end: the range lies within this worker's slice,
+        // which lies within the mapping, and inside one frame that userspace holds (`lent` is
+        // HELD, checked above), so neither the kernel nor another worker (each only ever
+        // touches its own slice) writes it concurrently; `&mut self` makes this the only live
+        // reference into the slice.
         unsafe {
             std::slice::from_raw_parts_mut(
                 self.shared.area.ptr.as_ptr().add(start as usize),
@@ -344,6 +403,13 @@ impl WorkerUmem {
         self.free.pop()
     }
 
+    /// Who holds the frame at `addr` (`HELD`: userspace). The caller checks the range.
+    #[inline]
+    fn lent_to(&self, addr: u64) -> u32 {
+        let i = ((addr - self.base) / u64::from(FRAME_SIZE)) as usize;
+        self.lent.get(i).copied().unwrap_or(u32::MAX)
+    }
+
     #[inline]
     fn lend(&mut self, addr: u64, serial: u32) {
         let i = (addr.wrapping_sub(self.base) / u64::from(FRAME_SIZE)) as usize;
@@ -352,15 +418,9 @@ impl WorkerUmem {
         }
     }
 
-    fn sockets_changed(&mut self, sockets: u32) {
-        self.sockets = sockets;
-        self.fill_cap = fill_share(self.lent.len(), sockets, self.shared.sizes.fill);
-    }
-
     /// Returns to the pool every frame lent to the socket `serial`, which the kernel has
     /// closed (so nothing writes them any more). Not per packet: a scan of the frame table.
     pub fn reclaim(&mut self, serial: u32) -> usize {
-        self.sockets_changed(self.sockets.saturating_sub(1));
         let mut n = 0;
         for (i, l) in self.lent.iter_mut().enumerate() {
             if *l == serial {
@@ -372,9 +432,19 @@ impl WorkerUmem {
         n
     }
 
-    /// How deep each port's fill ring is topped up now (`fill_share`).
-    pub fn fill_depth(&self) -> u32 {
-        self.fill_cap
+    /// The depth every port's fill ring keeps at least.
+    pub fn fill_floor(&self) -> u32 {
+        self.shared.sizes.fill_min
+    }
+
+    /// Frames this worker's fill rings may hold together now (the sum of their depths).
+    pub fn fill_reserved(&self) -> u32 {
+        self.fill_reserved
+    }
+
+    /// The most its fill rings may hold together.
+    pub fn fill_budget(&self) -> u32 {
+        self.shared.sizes.fill_budget()
     }
 
     /// Frames in the free pool right now.
@@ -390,13 +460,20 @@ impl WorkerUmem {
     /// Opens a socket on `ifindex`'s queue `queue` sharing this UMEM, with its own
     /// fill/completion and rx/tx rings, and tops up its fill ring.
     pub fn open(&mut self, ifindex: u32, queue: u32) -> Result<XskPort, XskError> {
+        let sizes = self.shared.sizes;
+        if self.sockets >= sizes.ports_per_worker() {
+            return Err(XskError::Full {
+                ports: self.sockets,
+                frames: sizes.frames,
+                floor: sizes.fill_min,
+            });
+        }
         let err = |what| xdp_err(what, ifindex);
         let mut info = IfInfo::invalid();
         info.from_ifindex(ifindex)
             .map_err(err("interface lookup"))?;
         info.set_queue(queue);
         let sock = Socket::new(&info).map_err(err("socket"))?;
-        let sizes = self.shared.sizes;
         let dev = self.shared.umem.fq_cq(&sock).map_err(|e| {
             // xdpilone refuses a second fill/completion pair for a (netns, ifindex, queue)
             // still registered: the previous socket is being closed by the reaper.
@@ -430,7 +507,8 @@ impl WorkerUmem {
         let fd = user.as_raw_fd();
         let serial = self.next_serial;
         self.next_serial = self.next_serial.wrapping_add(1).max(HELD + 1);
-        self.sockets_changed(self.sockets + 1);
+        self.sockets += 1;
+        self.fill_reserved += sizes.fill_min;
         let mut port = XskPort {
             rx,
             tx,
@@ -443,30 +521,15 @@ impl WorkerUmem {
             ring: sizes.ring,
             tx_batch: Vec::with_capacity(sizes.ring as usize),
             kernel: XdpStatisticsV2::default(),
+            depth: sizes.fill_min,
+            reserved: sizes.fill_min,
+            level: 0,
+            drained: false,
+            quiet: 0,
         };
-        port.refill(self);
+        port.refill(self, 0);
         Ok(port)
     }
-}
-
-/// The deepest each of `sockets` ports' fill rings may get from a pool of `frames`: the
-/// configured `fill`, or an equal share of half the pool less the reserve when that is
-/// smaller (the other half covers frames in rx and tx rings and being processed), never under
-/// `MIN_FILL`. Frames in an idle port's fill ring stay there until it receives, so the shares
-/// are what keeps the first ports from starving the later ones.
-///
-/// Every port's fill ring is kept at its share, however little it receives. A pod's TCP
-/// stack answers the ACKs stromd delivers at once, inside stromd's own transmit call (veth
-/// runs the receiver inline), so a burst of segments lands in the port's rx ring before
-/// stromd can refill: the ring must hold a whole burst, or the kernel drops (counted as
-/// `xsk_no_fill_frame`). An earlier version refilled a port that stayed lightly used for a
-/// while to twice its largest burst seen: the next larger burst of a single TCP stream was
-/// then dropped (19 frames in 12 s, each a retransmit and a halved window), so the frames it
-/// handed back were not worth it.
-fn fill_share(frames: usize, sockets: u32, fill: u32) -> u32 {
-    let pool = frames.saturating_sub(RESERVE) as u32;
-    let share = pool / (2 * sockets.max(1));
-    share.max(MIN_FILL).min(fill)
 }
 
 /// Frames the kernel dropped on a socket (from `XDP_STATISTICS`), since the last look.
@@ -474,6 +537,9 @@ fn fill_share(frames: usize, sockets: u32, fill: u32) -> u32 {
 pub struct KernelDrops {
     /// No frame in the fill ring for a received packet.
     pub no_fill_frame: u64,
+    /// Dropped for another reason the kernel counts as `rx_dropped`: a frame larger than
+    /// the room a UMEM frame has for it (`FRAME_SIZE` less the kernel's 256-byte headroom).
+    pub too_large: u64,
     /// The rx ring was full.
     pub rx_ring_full: u64,
     /// Descriptors the kernel refused (invalid address or length): a bug if ever non-zero.
@@ -482,7 +548,7 @@ pub struct KernelDrops {
 
 impl KernelDrops {
     pub fn total(&self) -> u64 {
-        self.no_fill_frame + self.rx_ring_full + self.invalid_desc
+        self.no_fill_frame + self.too_large + self.rx_ring_full + self.invalid_desc
     }
 }
 
@@ -501,6 +567,18 @@ pub struct XskPort {
     tx_batch: Vec<XdpDesc>,
     /// The kernel's statistics of this socket at the last look.
     kernel: XdpStatisticsV2,
+    /// How deep the fill ring is kept: the floor, or `fill_per_port` (as far as the budget
+    /// allows) once a burst drained it (see `refill`).
+    depth: u32,
+    /// What this port counts against its worker's fill budget: its depth, or the frames its
+    /// fill ring still holds where that is more (after it went back to the floor).
+    reserved: u32,
+    /// Frames in the fill ring right after the last refill.
+    level: u32,
+    /// Whether a burst drained the ring since the last review, and how many reviews in a row
+    /// found none.
+    drained: bool,
+    quiet: u8,
 }
 
 // SAFETY: the rings are !Send only because they hold raw pointers to their own mmap'd
@@ -613,6 +691,13 @@ impl XskPort {
             }
             self.tx_batch.clear();
         }
+        // The pod answers what this kick delivers inside the kick itself (veth runs the
+        // receiver inline): ACKs for data, or the segments that ACKs release. Room for twice
+        // what goes out is put in the fill ring first, as far as the budget allows.
+        let out_now = self.tx.pending().min(MAX_KICKS * KERNEL_TX_BATCH);
+        if out_now > 0 {
+            self.refill(umem, 2 * out_now);
+        }
         let mut kicks = 0;
         while kicks < MAX_KICKS && self.tx.pending() > 0 && self.tx.needs_wakeup() {
             self.tx.wake();
@@ -626,16 +711,53 @@ impl XskPort {
             }
             c.release();
         }
-        self.refill(umem);
+        self.refill(umem, 0);
         out
     }
 
-    fn refill(&mut self, umem: &mut WorkerUmem) {
-        let fill = umem.fill_cap;
-        let queued = self.dev.pending().min(fill);
+    /// Tops the fill ring up to its depth. Every port keeps the floor however little it
+    /// receives, and no more until it shows that it receives in bursts: a pod's TCP stack
+    /// answers the ACKs stromd delivers at once, inside stromd's own transmit call (veth runs
+    /// the receiver inline), so a burst of segments lands before stromd can refill. When half
+    /// the floor or more drained since the last refill, the port is deepened at once to
+    /// `fill_per_port` (or what the budget has left): slow start's next burst, twice as large,
+    /// then fits. It goes back to the floor after `QUIET_REVIEWS` reviews without such a
+    /// burst ([`XskPort::review`]); the frames above the floor then come back as it receives.
+    ///
+    /// Frames in an idle port's fill ring stay there until the pod sends, so the depths are
+    /// what keeps frames for every port: the floor is counted for every open port, the budget
+    /// bounds the deepened ones, and a port opened while the budget is taken still gets its
+    /// floor from the part of the pool the budget leaves out.
+    fn refill(&mut self, umem: &mut WorkerUmem, ahead: u32) {
+        let queued = self.dev.pending();
+        let drained = self.level.saturating_sub(queued);
+        let floor = umem.shared.sizes.fill_min;
+        let max = umem.shared.sizes.fill;
+        if drained >= (floor / GROW_AT_FLOOR_DIV).max(1) {
+            self.drained = true;
+            if self.depth < max {
+                let depth = max.min(self.room(umem)).max(self.depth);
+                self.set_reserved(umem, depth.max(queued));
+                self.depth = depth;
+            }
+        } else if self.reserved > self.depth && queued < self.reserved {
+            // Back at the floor, or past a kick's room: what was drained no longer counts
+            // against the budget.
+            self.set_reserved(umem, self.depth.max(queued));
+        }
+        let mut target = self.depth;
+        if ahead > 0 {
+            let want = (queued + ahead).min(max).max(self.depth);
+            if want > self.reserved {
+                let r = want.min(self.room(umem)).max(self.reserved);
+                self.set_reserved(umem, r);
+            }
+            target = want.min(self.reserved);
+        }
         let spare = umem.free.len().saturating_sub(RESERVE) as u32;
-        let want = (fill - queued).min(spare);
+        let want = target.saturating_sub(queued).min(spare);
         if want == 0 {
+            self.level = queued;
             return;
         }
         // Two reservations at most, for the same reason as in `flush`.
@@ -656,9 +778,42 @@ impl XskPort {
                 break;
             }
         }
+        self.level = queued + given;
         if self.dev.needs_wakeup() {
             self.dev.wake();
         }
+    }
+
+    /// The most this port may count against the budget, the others' share left as it is.
+    fn room(&self, umem: &WorkerUmem) -> u32 {
+        let others = umem.fill_reserved - self.reserved;
+        umem.fill_budget().saturating_sub(others)
+    }
+
+    fn set_reserved(&mut self, umem: &mut WorkerUmem, reserved: u32) {
+        umem.fill_reserved = umem.fill_reserved - self.reserved + reserved;
+        self.reserved = reserved;
+    }
+
+    /// Called about once a second: a port deepened for bursts that has seen none for
+    /// `QUIET_REVIEWS` reviews goes back to the floor.
+    pub fn review(&mut self, umem: &mut WorkerUmem) {
+        if std::mem::take(&mut self.drained) {
+            self.quiet = 0;
+            return;
+        }
+        self.quiet = self.quiet.saturating_add(1);
+        let floor = umem.shared.sizes.fill_min;
+        if self.quiet >= QUIET_REVIEWS && self.depth > floor {
+            self.depth = floor;
+            let queued = self.dev.pending();
+            self.set_reserved(umem, floor.max(queued));
+        }
+    }
+
+    /// How deep the fill ring is kept now.
+    pub fn fill_depth(&self) -> u32 {
+        self.depth
     }
 
     /// Frames in the fill ring the kernel has not used yet.
@@ -674,20 +829,32 @@ impl XskPort {
         };
         let was = self.kernel;
         self.kernel = now;
+        // rx_dropped counts both a frame with no fill frame to take it and one too large for
+        // a frame; the fill ring's own count of empty looks tells the first apart.
+        let dropped = now.rx_dropped.saturating_sub(was.rx_dropped);
+        let no_fill = now
+            .rx_fill_ring_empty_descs
+            .saturating_sub(was.rx_fill_ring_empty_descs)
+            .min(dropped);
         KernelDrops {
-            no_fill_frame: now.rx_dropped.saturating_sub(was.rx_dropped),
+            no_fill_frame: no_fill,
+            too_large: dropped - no_fill,
             rx_ring_full: now.rx_ring_full.saturating_sub(was.rx_ring_full),
             invalid_desc: (now.rx_invalid_descs + now.tx_invalid_descs)
                 .saturating_sub(was.rx_invalid_descs + was.tx_invalid_descs),
         }
     }
 
-    /// Hands the frames of this loop's unsent batch back to the pool (before the port is
-    /// closed: those frames are held by userspace, not lent to the socket).
-    pub fn abandon_batch(&mut self, umem: &mut WorkerUmem) {
+    /// Before the port is closed: hands the frames of this loop's unsent batch back to the
+    /// pool (they are held by userspace, not lent to the socket) and the port's share of the
+    /// fill budget back to the worker (the frames lent to the socket come back once the kernel
+    /// has closed it, [`WorkerUmem::reclaim`]).
+    pub fn retire(&mut self, umem: &mut WorkerUmem) {
         for d in self.tx_batch.drain(..) {
             umem.recycle(d.addr);
         }
+        self.set_reserved(umem, 0);
+        umem.sockets = umem.sockets.saturating_sub(1);
     }
 }
 
@@ -766,7 +933,7 @@ impl PollSet {
 
 #[cfg(test)]
 mod tests {
-    use super::{fill_share, MIN_FILL};
+    use super::XskSizes;
 
     #[test]
     fn a_received_address_becomes_a_plain_umem_offset() {
@@ -776,21 +943,15 @@ mod tests {
     }
 
     #[test]
-    fn few_ports_may_deepen_to_the_configured_depth_or_half_the_pool() {
-        assert_eq!(fill_share(4096, 1, 2048), (4096 - 256) / 2);
-        assert_eq!(fill_share(16384, 2, 2048), 2048);
-        assert_eq!(fill_share(8192, 2, 2048), (8192 - 256) / 4);
-        assert_eq!(fill_share(4096, 7, 256), 256);
-    }
-
-    #[test]
-    fn many_ports_share_half_the_pool_equally_and_never_starve() {
-        // 110 pods on one worker: (8192 - 256) / 220 = 36 frames each at most.
-        assert_eq!(fill_share(8192, 110, 2048), 36);
-        assert!(110 * fill_share(8192, 110, 2048) as usize <= (8192 - 256) / 2);
-        // Far more ports than frames: each still keeps the minimum.
-        assert_eq!(fill_share(1024, 4000, 2048), MIN_FILL);
-        // A configured depth below the minimum is kept as is.
-        assert_eq!(fill_share(8192, 1, 8), 8);
+    fn the_default_pool_keeps_a_floor_for_110_pods_and_deepens_one_to_the_ring() {
+        let s = XskSizes::default();
+        // (8192 - 256) / 4 * 3 = 5952 frames for the fill rings together.
+        assert_eq!(s.fill_budget(), 5952);
+        assert!(s.ports_per_worker() >= 110, "{}", s.ports_per_worker());
+        // 110 floors leave room for one port deepened to fill_per_port.
+        assert!(110 * s.fill_min + (s.fill - s.fill_min) <= s.fill_budget());
+        // A pool too small for even one floor serves no port.
+        let tiny = XskSizes { frames: 256, ..s };
+        assert_eq!(tiny.ports_per_worker(), 0);
     }
 }

@@ -5,6 +5,7 @@ mod lab;
 mod manifest;
 mod net;
 
+use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::path::PathBuf;
 use std::process::Command;
@@ -130,8 +131,10 @@ enum Cmd {
     },
     #[command(hide = true)]
     Connect {
-        #[arg(long)]
-        ip: IpAddr,
+        /// One target, or several: then all are probed at once and each gets a line,
+        /// "allow ANSWER" or "deny REASON", in the order given.
+        #[arg(long, required = true)]
+        ip: Vec<IpAddr>,
         #[arg(long)]
         port: u16,
         #[arg(long)]
@@ -276,6 +279,50 @@ fn probed(protocol: &str, sctp: bool) -> bool {
     protocol != "sctp" || sctp
 }
 
+/// Probes from `from` to every `(key, ip)` in `targets` on one port and protocol at once: one
+/// process in `from`'s namespace, one connection per target in parallel.
+fn probe_many(
+    st: &State,
+    from: &str,
+    targets: &[(String, IpAddr)],
+    port: u16,
+    protocol: &str,
+    timeout: Duration,
+) -> anyhow::Result<Vec<(String, Result<String, String>)>> {
+    let ns = place_ns(st, from)?;
+    let mut cmd = in_ns(&ns, std::env::current_exe()?);
+    cmd.args([
+        "connect",
+        "--port",
+        &port.to_string(),
+        "--protocol",
+        protocol,
+    ])
+    .args(["--timeout-ms", &timeout.as_millis().to_string()]);
+    for (_, ip) in targets {
+        cmd.args(["--ip", &ip.to_string()]);
+    }
+    let out = cmd.output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    // One line per target, in order: "allow ANSWER" or "deny REASON".
+    let lines: Vec<&str> = text.lines().collect();
+    Ok(targets
+        .iter()
+        .enumerate()
+        .map(|(i, (key, _))| {
+            let answer = match lines.get(i).map(|l| l.split_once(' ').unwrap_or((l, ""))) {
+                Some(("allow", a)) => Ok(a.to_string()),
+                Some((_, r)) => Err(r.to_string()),
+                None => Err(format!(
+                    "no answer from the prober: {}",
+                    String::from_utf8_lossy(&out.stderr).trim()
+                )),
+            };
+            (key.clone(), answer)
+        })
+        .collect())
+}
+
 fn matrix(st: &State) -> anyhow::Result<Vec<Cell>> {
     let sctp = net::sctp_supported();
     let declared = st
@@ -285,26 +332,34 @@ fn matrix(st: &State) -> anyhow::Result<Vec<Cell>> {
     if declared && !sctp {
         eprintln!("SCTP ports left out: {}", net::NO_SCTP);
     }
+    // Every (port, protocol) some pod serves, and the pods that serve it.
+    let mut served: BTreeMap<(u16, String), Vec<(String, IpAddr)>> = BTreeMap::new();
+    for (to, p) in &st.pods {
+        for d in &p.decl.ports {
+            if probed(&d.protocol, sctp) {
+                served
+                    .entry((d.port, d.protocol.clone()))
+                    .or_default()
+                    .push((to.clone(), place_ip(st, to)?));
+            }
+        }
+    }
     let mut cells = Vec::new();
     for from in st.pods.keys() {
-        for (to, p) in &st.pods {
-            for d in &p.decl.ports {
-                if !probed(&d.protocol, sctp) {
-                    continue;
-                }
-                let answer = probe(
-                    st,
-                    from,
-                    to,
-                    d.port,
-                    &d.protocol,
-                    Duration::from_millis(1000),
-                )?;
+        for ((port, protocol), targets) in &served {
+            for (to, answer) in probe_many(
+                st,
+                from,
+                targets,
+                *port,
+                protocol,
+                Duration::from_millis(1000),
+            )? {
                 cells.push(Cell {
                     from: from.clone(),
-                    to: to.clone(),
-                    port: d.port,
-                    protocol: d.protocol.clone(),
+                    to,
+                    port: *port,
+                    protocol: protocol.to_string(),
                     answer,
                 });
             }
@@ -665,14 +720,39 @@ fn main() -> anyhow::Result<()> {
             port,
             protocol,
             timeout_ms,
-        } => match net::connect(ip, port, &protocol, Duration::from_millis(timeout_ms)) {
-            Ok(s) => println!("{s}"),
-            Err(e) => {
-                eprintln!("{e}");
-                // Neither allow nor deny: the probe cannot be made here.
-                std::process::exit(if e == net::NO_SCTP { 2 } else { 1 });
+        } => {
+            let timeout = Duration::from_millis(timeout_ms);
+            if let [one] = ip[..] {
+                match net::connect(one, port, &protocol, timeout) {
+                    Ok(s) => println!("{s}"),
+                    Err(e) => {
+                        eprintln!("{e}");
+                        // Neither allow nor deny: the probe cannot be made here.
+                        std::process::exit(if e == net::NO_SCTP { 2 } else { 1 });
+                    }
+                }
+            } else {
+                let answers: Vec<Result<String, String>> = std::thread::scope(|sc| {
+                    let handles: Vec<_> = ip
+                        .iter()
+                        .map(|&a| {
+                            let protocol = protocol.as_str();
+                            sc.spawn(move || net::connect(a, port, protocol, timeout))
+                        })
+                        .collect();
+                    handles
+                        .into_iter()
+                        .map(|h| h.join().unwrap_or_else(|_| Err("prober panicked".into())))
+                        .collect()
+                });
+                for a in answers {
+                    match a {
+                        Ok(s) => println!("allow {}", s.replace('\n', " ")),
+                        Err(e) => println!("deny {}", e.replace('\n', " ")),
+                    }
+                }
             }
-        },
+        }
     }
     Ok(())
 }

@@ -6,9 +6,14 @@
 //!                                        └──── unix socket ──▶ stromd (node netns)
 //! ```
 
-use std::io::Write;
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 use strom_tests::{bin_dir, link_exists, net_lock, sh, Lab};
@@ -547,5 +552,222 @@ fn install_step_puts_binary_and_conflist_in_place() {
         .as_array()
         .unwrap()
         .contains(&json!("1.0.0")));
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// How a fake stromd treats every connection it accepts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Fake {
+    /// Reads the request and closes without answering: stromd died mid-request.
+    Closes,
+    /// Closes at once, the request unread: the caller sees the connection reset.
+    Resets,
+    /// Holds the connection and never answers: stromd busy past the caller's deadline.
+    Silent,
+    /// Sends half an answer line and closes: stromd died while answering.
+    CutShort,
+    /// Answers every request with an error: a real refusal.
+    Refuses,
+    /// Answers every request with a status that says not ready.
+    NotReady,
+}
+
+/// What `Fake::NotReady` gives as its reason.
+const NOT_READY_REASON: &str = "uplink zz9 has no carrier";
+
+/// A stand-in for stromd on a Unix socket of the test's own: it accepts on a thread until
+/// dropped, and treats each connection as its `Fake` says.
+struct FakeStromd {
+    path: PathBuf,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl FakeStromd {
+    fn start(path: &Path, mode: Fake) -> FakeStromd {
+        let _ = std::fs::remove_file(path);
+        let listener = UnixListener::bind(path).unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let stopping = stop.clone();
+        let thread = std::thread::spawn(move || {
+            // Silent connections stay open until the fake goes.
+            let mut held = Vec::new();
+            for conn in listener.incoming() {
+                if stopping.load(Ordering::SeqCst) {
+                    break;
+                }
+                let Ok(mut s) = conn else { continue };
+                if mode == Fake::Resets {
+                    continue;
+                }
+                if mode == Fake::Silent {
+                    held.push(s);
+                    continue;
+                }
+                let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+                let mut line = String::new();
+                let _ = BufReader::new(&s).read_line(&mut line);
+                let answer: Vec<u8> = match mode {
+                    Fake::CutShort => br#"{"result":"po"#.to_vec(),
+                    Fake::Refuses => {
+                        b"{\"result\":\"error\",\"message\":\"no room for the port\"}\n".to_vec()
+                    }
+                    Fake::NotReady => format!(
+                        "{}\n",
+                        json!({"result": "status", "ready": false, "version": "fake",
+                               "workers": 0, "ports": 0, "poll_mode": "busy",
+                               "uplink": null, "reason": NOT_READY_REASON})
+                    )
+                    .into_bytes(),
+                    Fake::Closes | Fake::Resets | Fake::Silent => Vec::new(),
+                };
+                let _ = s.write_all(&answer);
+            }
+        });
+        FakeStromd {
+            path: path.to_path_buf(),
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for FakeStromd {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        // Wakes the accept.
+        let _ = UnixStream::connect(&self.path);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// Runs strom-cni directly (no namespace: STATUS and the log need none), as `Call::run` does.
+fn run_plain(command: &str, conf: &Value, env: &[(&str, &str)]) -> (bool, Value) {
+    let mut c = Command::new(bin_dir().join("strom-cni"));
+    c.env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("CNI_COMMAND", command);
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    let out = feed(c.stderr(Stdio::null()), conf.to_string().as_bytes());
+    let v = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+    (out.status.success(), v)
+}
+
+/// A stromd that is busy past the deadline, goes away mid-request or cannot be connected to is
+/// a transient failure: ADD says 11, "try again later", and the runtime retries. Only an answer
+/// from stromd refusing the port is 102. Every failed ADD leaves nothing behind, and DEL
+/// succeeds whatever stromd does.
+#[test]
+fn stromd_busy_or_gone_mid_call_is_try_again_later_and_only_a_refusal_is_102() {
+    let _g = net_lock();
+    let lab = Lab::up("", &[]);
+    let sock = lab.dir.join("fake-stromd.sock");
+    let mut c = conf(&lab, "1.0.0");
+    c["socket"] = json!(sock.display().to_string());
+    // The deadline for stromd's answer: short, so that the silent fake costs little.
+    c["stromdTimeoutMs"] = json!(300);
+    let call = Call::new(&lab, c);
+    let gone = "stromd went away before answering";
+    let cases = [
+        (Some(Fake::Closes), 11, gone),
+        (Some(Fake::Resets), 11, gone),
+        (Some(Fake::Silent), 11, "stromd did not answer in time"),
+        (Some(Fake::CutShort), 11, gone),
+        (None, 11, "stromd is not reachable"),
+        (Some(Fake::Refuses), 102, "stromd refused the port"),
+    ];
+    for (i, (mode, want, msg)) in cases.into_iter().enumerate() {
+        let ns = netns(&lab, &format!("f{i}"));
+        let id = format!("fake{i}");
+        let fake = match mode {
+            Some(m) => Some(FakeStromd::start(&sock, m)),
+            None => {
+                // The socket is there, nobody listens on it: connection refused.
+                let _ = std::fs::remove_file(&sock);
+                drop(UnixListener::bind(&sock).unwrap());
+                None
+            }
+        };
+        let t = Instant::now();
+        let (ok, e) = call.run("ADD", &id, &ns, &[]);
+        let took = t.elapsed();
+        assert!(!ok, "{mode:?}: {e}");
+        assert_eq!(e["code"], want, "{mode:?}: {e}");
+        assert_eq!(e["msg"], msg, "{mode:?}: {e}");
+        // ADD waits for stromd's answer at most the deadline, and its undo once more.
+        assert!(took < Duration::from_secs(5), "{mode:?}: ADD took {took:?}");
+        nothing_left(&lab);
+        assert!(!pod_has_eth0(&ns), "{mode:?}: no eth0 left in the pod");
+        let (ok, r) = call.run("DEL", &id, &ns, &[]);
+        assert!(ok, "{mode:?}: DEL: {r}");
+        drop(fake);
+    }
+}
+
+/// STATUS fails (50, not available) when stromd answers that it is not ready, and says why.
+#[test]
+fn status_fails_with_stromds_reason_when_it_is_not_ready() {
+    let dir = std::env::temp_dir().join(format!("strom-cni-status-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let sock = dir.join("fake-stromd.sock");
+    let c = json!({"cniVersion": "1.1.0", "name": "strom-test", "type": "strom-cni",
+                   "socket": sock.display().to_string(), "stromdTimeoutMs": 300});
+    let fake = FakeStromd::start(&sock, Fake::NotReady);
+    let (ok, e) = run_plain("STATUS", &c, &[]);
+    assert!(!ok, "{e}");
+    assert_eq!(e["code"], 50, "{e}");
+    let details = e["details"].as_str().unwrap_or_default();
+    assert!(details.contains("not ready"), "{e}");
+    assert!(details.contains(NOT_READY_REASON), "{e}");
+    drop(fake);
+    for (mode, what) in [(Fake::Silent, "busy"), (Fake::Closes, "gone mid-call")] {
+        let fake = FakeStromd::start(&sock, mode);
+        let (ok, e) = run_plain("STATUS", &c, &[]);
+        assert!(!ok, "{what}: {e}");
+        assert_eq!(e["code"], 50, "{what}: {e}");
+        drop(fake);
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// Concurrent calls sharing a logFile each append one whole JSON line: none is torn or
+/// interleaved with another's. The container ids are long and full of characters JSON escapes,
+/// so that a line written piecemeal would be written in many pieces.
+#[test]
+fn parallel_calls_append_whole_json_lines_to_a_shared_log() {
+    const CALLS: usize = 50;
+    let dir = std::env::temp_dir().join(format!("strom-cni-log-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let log = dir.join("cni.log");
+    let c = json!({"cniVersion": "1.1.0", "name": "strom-test", "type": "strom-cni",
+                   "socket": dir.join("nobody-listens.sock").display().to_string(),
+                   "logFile": log.display().to_string()});
+    std::thread::scope(|s| {
+        for i in 0..CALLS {
+            let c = &c;
+            s.spawn(move || {
+                let id = format!("{i}:{}", "\"\\\t".repeat(1500));
+                let (ok, e) = run_plain("STATUS", c, &[("CNI_CONTAINERID", &id)]);
+                assert!(!ok, "STATUS without stromd fails: {e}");
+            });
+        }
+    });
+    let text = std::fs::read_to_string(&log).unwrap();
+    let mut seen = Vec::new();
+    for (n, line) in text.lines().enumerate() {
+        let v: Value = serde_json::from_str(line)
+            .unwrap_or_else(|e| panic!("line {n} is not JSON ({e}): {line:.200}"));
+        assert_eq!(v["verb"], "STATUS", "{line:.200}");
+        let id = v["container_id"].as_str().unwrap();
+        seen.push(id.split(':').next().unwrap().parse::<usize>().unwrap());
+    }
+    seen.sort();
+    assert_eq!(seen, (0..CALLS).collect::<Vec<_>>(), "one line per call");
     std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -128,6 +128,9 @@ fn main() -> anyhow::Result<()> {
         Response::Ok => println!("ok"),
         Response::Status(s) => {
             println!("ready:     {}", s.ready);
+            if let Some(r) = &s.reason {
+                println!("reason:    {r}");
+            }
             println!("version:   {}", s.version);
             println!("workers:   {} ({})", s.workers, s.poll_mode);
             println!("ports:     {}", s.ports);
@@ -135,7 +138,7 @@ fn main() -> anyhow::Result<()> {
         Response::Ports { ports } => table(
             &[
                 "id", "kind", "ifname", "pod", "ips", "worker", "xdp", "rx pkts", "rx bytes",
-                "tx pkts", "tx bytes", "drops",
+                "tx pkts", "tx bytes", "drops", "fill",
             ],
             ports
                 .iter()
@@ -171,6 +174,7 @@ fn main() -> anyhow::Result<()> {
                         p.counters.tx_packets.to_string(),
                         p.counters.tx_bytes.to_string(),
                         p.counters.drops.to_string(),
+                        p.fill_depth.to_string(),
                     ]
                 })
                 .collect(),
@@ -188,7 +192,8 @@ fn main() -> anyhow::Result<()> {
                     "sleeps",
                     "frames free",
                     "in fill",
-                    "fill depth",
+                    "fill floor",
+                    "fill depths/budget",
                     "core wait",
                     "preempted",
                 ],
@@ -206,7 +211,8 @@ fn main() -> anyhow::Result<()> {
                             w.sleeps.to_string(),
                             format!("{}/{}", w.frames_free, w.frames_total),
                             w.frames_in_fill.to_string(),
-                            w.fill_depth.to_string(),
+                            w.fill_floor.to_string(),
+                            format!("{}/{}", w.fill_reserved, w.fill_budget),
                             format!("{:.1} ms", w.core_wait_ns as f64 / 1e6),
                             w.preemptions.to_string(),
                         ]

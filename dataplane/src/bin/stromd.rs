@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use clap::Parser;
-use strom_dataplane::api::{serve, Controller};
+use strom_dataplane::api::{bind, serve, Controller};
 use strom_dataplane::bpf::XdpPrograms;
 use strom_dataplane::config::{Config, PollMode};
 use strom_dataplane::tables::{TableHandle, Tables};
@@ -63,6 +63,9 @@ struct Args {
     /// The deepest a port's fill ring gets (dataplane.fill_per_port).
     #[arg(long)]
     fill_per_port: Option<u32>,
+    /// The depth every port's fill ring keeps from its registration (dataplane.fill_min).
+    #[arg(long)]
+    fill_min: Option<u32>,
     /// API socket path (dataplane.api_socket).
     #[arg(long)]
     api_socket: Option<PathBuf>,
@@ -114,6 +117,9 @@ fn main() -> anyhow::Result<()> {
     if let Some(v) = args.fill_per_port {
         cfg.dataplane.fill_per_port = v;
     }
+    if let Some(v) = args.fill_min {
+        cfg.dataplane.fill_min = v;
+    }
     if let Some(v) = args.api_socket.clone() {
         cfg.dataplane.api_socket = v;
     }
@@ -121,6 +127,14 @@ fn main() -> anyhow::Result<()> {
         cfg.dataplane.state_dir = v;
     }
     cfg.validate()?;
+    // A second stromd must not take the node's interfaces from a live one: refuse before
+    // loading anything. (A socket file left by a killed stromd is taken over.)
+    if strom_dataplane::api::is_live(&cfg.dataplane.api_socket) {
+        anyhow::bail!(
+            "another stromd is serving {}; stop it first",
+            cfg.dataplane.api_socket.display()
+        );
+    }
 
     let mut xdp =
         XdpPrograms::load().context("loading XDP programs (is this root, with bpf available?)")?;
@@ -144,6 +158,7 @@ fn main() -> anyhow::Result<()> {
         frames: cfg.dataplane.umem_frames,
         ring: cfg.dataplane.ring_size,
         fill: cfg.dataplane.fill_per_port,
+        fill_min: cfg.dataplane.fill_min,
     };
     let handles = worker::spawn(&shared, receivers, &tables, cfg.dataplane.poll_mode, sizes)?;
 
@@ -184,7 +199,12 @@ fn main() -> anyhow::Result<()> {
         }
     }
     ctl.restore();
-    let served = serve(&socket, &mut ctl, &stop, &wake);
+    let served = match bind(&socket) {
+        Ok(listener) => {
+            serve(listener, &socket, &mut ctl, &stop, wake).map_err(anyhow::Error::from)
+        }
+        Err(e) => Err(e.into()),
+    };
     tracing::info!("stromd stopping: detaching XDP programs, closing sockets");
     ctl.shutdown(handles);
     drop(ctl);

@@ -116,6 +116,8 @@ const SIZES: XskSizes = XskSizes {
     frames: 4096,
     ring: 2048,
     fill: 1024,
+    // A generator's sink receives at line rate from its first frame: kept deep throughout.
+    fill_min: 1024,
 };
 
 /// Frames built per batch.

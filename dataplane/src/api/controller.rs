@@ -1,22 +1,16 @@
-//! The API thread: owns the XDP programs, the tables' next version and the port registry, and
-//! answers `strom-api` requests on a Unix socket. All table changes happen here, one at a time,
-//! and reach the workers by an atomic snapshot swap.
+//! The controller: owns the XDP programs, the tables' next version and the port registry, and
+//! answers `strom-api` requests one at a time (the server hands them over). All table changes
+//! happen here and reach the workers by an atomic snapshot swap.
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader, Write};
 use std::net::{IpAddr, Ipv4Addr};
-use std::os::fd::AsFd;
-use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use nix::errno::Errno;
-use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use strom_api::{
-    encode_line, PortInterface, PortKey, PortSpec, PortStatus, Request, Response, RouteEntry,
-    StatusInfo, WorkerStats,
+    PortInterface, PortKey, PortSpec, PortStatus, Request, Response, RouteEntry, StatusInfo,
+    WorkerStats,
 };
 
 use crate::bpf::{Role, XdpPrograms};
@@ -132,6 +126,18 @@ fn read_sys(ifname: &str, what: &str) -> Result<String, String> {
         .map_err(|e| format!("interface {ifname}: {e}"))
 }
 
+/// The largest MTU stromd carries: a UMEM frame's room for a received frame (`FRAME_SIZE`
+/// less the kernel's 256 bytes of XDP headroom) less the Ethernet header. The kernel drops a
+/// larger frame (counted as `xsk_rx_too_large`).
+pub const MAX_MTU: u32 = crate::xsk::FRAME_SIZE - 256 - 14;
+
+/// An interface's MTU.
+fn port_mtu(ifname: &str) -> Result<u32, String> {
+    read_sys(ifname, "mtu")?
+        .parse()
+        .map_err(|e| format!("{ifname}: mtu: {e}"))
+}
+
 /// Most receive queues of an uplink stromd serves (one AF_XDP socket each).
 const MAX_UPLINK_QUEUES: usize = 64;
 
@@ -234,6 +240,7 @@ impl Controller {
             host_mac: fmt_mac(&p.host_mac),
             xdp_mode: p.xdp_mode.into(),
             counters: p.counters.read(),
+            fill_depth: p.counters.fill_depth(),
         }
     }
 
@@ -265,7 +272,53 @@ impl Controller {
             }
         }
         let (ifindex, host_mac, rx_queues) = port_interface(&spec.ifname)?;
+        if let Some(u) = self.uplink.as_ref() {
+            if u.ifindex == ifindex || u.ifname == spec.ifname {
+                return Err(format!(
+                    "{} is the node's uplink, not a pod's interface",
+                    spec.ifname
+                ));
+            }
+        }
+        if let Some(other) = self
+            .ports
+            .values()
+            .find(|p| p.ifindex == ifindex && p.spec.ifname != spec.ifname)
+        {
+            return Err(format!(
+                "{} is the interface of port {} (renamed?)",
+                spec.ifname, other.spec.ifname
+            ));
+        }
+        if let Some(p) = self.ports.values().find(|p| p.spec.ifname == spec.ifname) {
+            // The same registration again is a no-op; a different one for an interface that
+            // is still the port's is a conflict (the runtime's ADD and DEL pair up: a new
+            // registration follows the old one's removal). A new interface under the old
+            // name (the old one is gone) replaces the port.
+            if p.ifindex == ifindex && p.spec != *spec {
+                return Err(format!(
+                    "{} is registered already with {} (container {}); remove that port first",
+                    spec.ifname,
+                    p.spec
+                        .ips
+                        .iter()
+                        .map(|i| i.to_string())
+                        .collect::<Vec<_>>()
+                        .join(","),
+                    p.spec.container_id
+                ));
+            }
+        }
         single_queue(&spec.ifname, rx_queues)?;
+        let mtu = port_mtu(&spec.ifname)?;
+        if mtu > MAX_MTU {
+            return Err(format!(
+                "{} has MTU {mtu}; stromd carries frames of at most {MAX_MTU} bytes of IP \
+                 (2 KiB UMEM frames less the kernel's headroom): set the pod MTU to {MAX_MTU} \
+                 or less",
+                spec.ifname
+            ));
+        }
         Ok((pod_mac, ifindex, host_mac))
     }
 
@@ -383,6 +436,17 @@ impl Controller {
     /// through it to `gateway`.
     pub fn add_uplink(&mut self, ifname: &str, gateway: Option<Ipv4Addr>) -> Result<(), String> {
         let (ifindex, mac, rx_queues) = port_interface(ifname)?;
+        if let Ok(mtu) = port_mtu(ifname) {
+            if mtu > MAX_MTU {
+                tracing::warn!(
+                    ifname,
+                    mtu,
+                    max = MAX_MTU,
+                    "uplink MTU above what stromd carries: larger frames for pods are dropped \
+                     (xsk_rx_too_large)"
+                );
+            }
+        }
         if rx_queues > MAX_UPLINK_QUEUES {
             return Err(format!(
                 "{ifname} has {rx_queues} receive queues; stromd serves at most \
@@ -501,6 +565,7 @@ impl Controller {
             host_mac: fmt_mac(&u.mac),
             xdp_mode: u.xdp_mode.into(),
             counters: u.counters.read(),
+            fill_depth: u.counters.fill_depth(),
         })
     }
 
@@ -633,13 +698,17 @@ impl Controller {
     /// Answers one request.
     pub fn handle(&mut self, req: Request) -> Response {
         match req {
-            Request::Status => Response::Status(StatusInfo {
-                ready: true,
-                version: env!("CARGO_PKG_VERSION").into(),
-                workers: self.workers.len(),
-                ports: self.ports.len(),
-                poll_mode: self.cfg.dataplane.poll_mode.name().into(),
-                uplink: self.uplink.as_ref().map(|u| u.ifname.clone()),
+            Request::Status => Response::Status({
+                let reason = super::health::not_ready(&self.workers);
+                StatusInfo {
+                    ready: reason.is_none(),
+                    reason,
+                    version: env!("CARGO_PKG_VERSION").into(),
+                    workers: self.workers.len(),
+                    ports: self.ports.len(),
+                    poll_mode: self.cfg.dataplane.poll_mode.name().into(),
+                    uplink: self.uplink.as_ref().map(|u| u.ifname.clone()),
+                }
             }),
             Request::AddPort { spec } => match self.add_port(spec) {
                 Ok(s) => Response::Port(Box::new(s)),
@@ -670,7 +739,9 @@ impl Controller {
                             frames_free: w.counters.frames_free.load(Ordering::Relaxed),
                             frames_total: w.counters.frames_total.load(Ordering::Relaxed),
                             frames_in_fill: w.counters.frames_in_fill.load(Ordering::Relaxed),
-                            fill_depth: w.counters.fill_depth.load(Ordering::Relaxed),
+                            fill_floor: w.counters.fill_floor.load(Ordering::Relaxed),
+                            fill_budget: w.counters.fill_budget.load(Ordering::Relaxed),
+                            fill_reserved: w.counters.fill_reserved.load(Ordering::Relaxed),
                             counters: w.counters.packets.read(),
                             drops: w.counters.drops(),
                             loops: w.counters.loops.load(Ordering::Relaxed),
@@ -738,82 +809,3 @@ impl Controller {
         }
     }
 }
-
-/// Serves the API until `stop` is set. One connection at a time: requests are short and the
-/// controller is single-threaded by design (no locks around the registry).
-///
-/// Between connections it sleeps in poll(2) on the listener and on `wake` (written to by the
-/// signal handlers that set `stop`), waking only for a client, a signal or the uplink check:
-/// an idle node's stromd costs its pods' cores nothing.
-pub fn serve(
-    path: &Path,
-    ctl: &mut Controller,
-    stop: &AtomicBool,
-    wake: &UnixStream,
-) -> std::io::Result<()> {
-    if let Some(d) = path.parent() {
-        std::fs::create_dir_all(d)?;
-    }
-    let _ = std::fs::remove_file(path);
-    let listener = UnixListener::bind(path)?;
-    listener.set_nonblocking(true)?;
-    tracing::info!(socket = %path.display(), "API listening");
-    let mut next_refresh = Instant::now();
-    while !stop.load(Ordering::SeqCst) {
-        if Instant::now() >= next_refresh {
-            next_refresh = ctl.tick();
-        }
-        match listener.accept() {
-            Ok((s, _)) => {
-                if let Err(e) = serve_conn(s, ctl, stop) {
-                    tracing::debug!(error = %e, "API connection ended");
-                }
-                next_refresh = ctl.upkeep_by(next_refresh);
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                let wait = next_refresh.saturating_duration_since(Instant::now());
-                let mut fds = [
-                    PollFd::new(listener.as_fd(), PollFlags::POLLIN),
-                    PollFd::new(wake.as_fd(), PollFlags::POLLIN),
-                ];
-                match poll(
-                    &mut fds,
-                    PollTimeout::try_from(wait).unwrap_or(PollTimeout::MAX),
-                ) {
-                    Ok(_) | Err(Errno::EINTR) => {}
-                    Err(e) => return Err(e.into()),
-                }
-            }
-            Err(e) => return Err(e),
-        }
-    }
-    let _ = std::fs::remove_file(path);
-    Ok(())
-}
-
-fn serve_conn(s: UnixStream, ctl: &mut Controller, stop: &AtomicBool) -> std::io::Result<()> {
-    s.set_nonblocking(false)?;
-    s.set_read_timeout(Some(Duration::from_secs(2)))?;
-    s.set_write_timeout(Some(Duration::from_secs(2)))?;
-    let mut w = s.try_clone()?;
-    let mut r = BufReader::new(s).take(1 << 20);
-    let mut line = String::new();
-    while !stop.load(Ordering::SeqCst) {
-        line.clear();
-        if r.read_line(&mut line)? == 0 {
-            break;
-        }
-        let resp = match serde_json::from_str::<Request>(&line) {
-            Ok(req) => ctl.handle(req),
-            Err(e) => Response::Error {
-                message: format!("malformed request: {e}"),
-            },
-        };
-        w.write_all(&encode_line(&resp))?;
-        ctl.after_reply();
-        r.set_limit(1 << 20);
-    }
-    Ok(())
-}
-
-use std::io::Read as _;

@@ -1,0 +1,13 @@
+//! stromd's API: the controller that owns the registry (ports, XDP programs, the tables'
+//! next version), its readiness, and the socket that serves `strom-api` requests.
+//!
+//! - [`controller`]: the registry and every change to it, one request at a time.
+//! - [`health`]: whether every worker's loop is moving (`status`).
+//! - [`server`]: the Unix socket, many clients at once, each in its own thread.
+
+mod controller;
+pub mod health;
+pub mod server;
+
+pub use controller::{Controller, MAX_PORTS};
+pub use server::{bind, is_live, serve, BindError};

@@ -1,0 +1,356 @@
+//! The API socket: many clients at once, one controller.
+//!
+//! ```text
+//!   acceptor thread ─▶ one thread per connection (reads a line within its deadline, parses it)
+//!                            │  (request, reply channel)
+//!                            ▼
+//!   controller (the caller's thread): handles requests one at a time, in arrival order
+//! ```
+//!
+//! The registry stays single-threaded (no locks around it), and no client can hold another
+//! up: a connection's reading, parsing and writing happen in its own thread, with deadlines,
+//! so a silent, slow or malicious client only ever occupies that thread. What a request waits
+//! for is the requests ahead of it at the controller, each short.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+use strom_api::{encode_line, Request, Response};
+
+use super::Controller;
+
+/// The longest request line taken (a port spec is a few hundred bytes).
+pub const MAX_LINE: usize = 1 << 20;
+/// Connections served at once; one more is answered with an error and closed.
+pub const MAX_CONNECTIONS: usize = 1024;
+/// How long a request line may take to arrive once its first byte has.
+pub const LINE_DEADLINE: Duration = Duration::from_secs(10);
+/// How long a connection may stay silent between requests before it is closed.
+pub const IDLE_DEADLINE: Duration = Duration::from_secs(300);
+/// How long a connection waits for the controller's answer.
+pub const REPLY_DEADLINE: Duration = Duration::from_secs(30);
+/// How long writing an answer may take (a client that does not read loses its answer).
+const WRITE_DEADLINE: Duration = Duration::from_secs(2);
+
+/// Errors of binding the API socket.
+#[derive(Debug, thiserror::Error)]
+pub enum BindError {
+    #[error("another stromd is serving {0} (a connection to it succeeded); stop it first")]
+    InUse(PathBuf),
+    #[error("{0}: {1}")]
+    Io(PathBuf, std::io::Error),
+}
+
+/// Whether a stromd answers on `path` (a live socket), as opposed to a stale file left by one
+/// that was killed.
+pub fn is_live(path: &Path) -> bool {
+    UnixStream::connect(path).is_ok()
+}
+
+/// Binds the API socket at `path`, readable and writable by its owner only (0600). A socket
+/// file left by a stromd that died is replaced; a live one is refused ([`BindError::InUse`]).
+pub fn bind(path: &Path) -> Result<UnixListener, BindError> {
+    let io = |e| BindError::Io(path.to_path_buf(), e);
+    if let Some(d) = path.parent() {
+        std::fs::create_dir_all(d).map_err(io)?;
+    }
+    if is_live(path) {
+        return Err(BindError::InUse(path.to_path_buf()));
+    }
+    match std::fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io(e)),
+    }
+    // Created 0600 (umask 0177 for the bind alone), so no other user can connect even for
+    // the moment before a chmod would have run; the chmod is kept for filesystems that
+    // ignore the umask on sockets.
+    let old = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o177));
+    let bound = UnixListener::bind(path);
+    nix::sys::stat::umask(old);
+    let listener = bound.map_err(io)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(io)?;
+    Ok(listener)
+}
+
+/// What reaches the controller.
+enum Msg {
+    Request(Request, Sender<Response>),
+    Stop,
+}
+
+/// Serves the API on `listener` until `stop` is set (and `wake` becomes readable: the signal
+/// handlers write to it). The controller runs on this thread; requests come from the
+/// connection threads. Between requests it sleeps until one comes or its upkeep is due.
+pub fn serve(
+    listener: UnixListener,
+    path: &Path,
+    ctl: &mut Controller,
+    stop: &AtomicBool,
+    wake: UnixStream,
+) -> std::io::Result<()> {
+    let (tx, rx) = crossbeam_channel::unbounded::<Msg>();
+    {
+        let tx = tx.clone();
+        std::thread::Builder::new()
+            .name("strom-api-stop".into())
+            .spawn(move || {
+                let mut b = [0u8; 1];
+                let _ = std::io::Read::read(&mut &wake, &mut b);
+                let _ = tx.send(Msg::Stop);
+            })?;
+    }
+    let conns = Arc::new(AtomicUsize::new(0));
+    std::thread::Builder::new()
+        .name("strom-api-accept".into())
+        .spawn(move || accept(listener, tx, conns))?;
+    tracing::info!(socket = %path.display(), "API listening");
+    controller_loop(&rx, ctl, stop);
+    let _ = std::fs::remove_file(path);
+    Ok(())
+}
+
+fn controller_loop(rx: &Receiver<Msg>, ctl: &mut Controller, stop: &AtomicBool) {
+    let mut next_refresh = Instant::now();
+    while !stop.load(Ordering::SeqCst) {
+        if Instant::now() >= next_refresh {
+            next_refresh = ctl.tick();
+        }
+        let wait = next_refresh.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(wait) {
+            Ok(Msg::Request(req, reply)) => {
+                let resp = ctl.handle(req);
+                // The connection may have given up waiting: nothing to do then.
+                let _ = reply.send(resp);
+                ctl.after_reply();
+                next_refresh = ctl.upkeep_by(next_refresh);
+            }
+            Ok(Msg::Stop) | Err(RecvTimeoutError::Disconnected) => break,
+            Err(RecvTimeoutError::Timeout) => {}
+        }
+    }
+}
+
+fn accept(listener: UnixListener, tx: Sender<Msg>, conns: Arc<AtomicUsize>) {
+    for s in listener.incoming() {
+        let Ok(s) = s else { continue };
+        if conns.fetch_add(1, Ordering::SeqCst) >= MAX_CONNECTIONS {
+            conns.fetch_sub(1, Ordering::SeqCst);
+            let _ = s.set_write_timeout(Some(WRITE_DEADLINE));
+            let _ = (&s).write_all(&encode_line(&Response::Error {
+                message: format!("too many connections (at most {MAX_CONNECTIONS})"),
+            }));
+            continue;
+        }
+        let tx = tx.clone();
+        let conns2 = conns.clone();
+        let spawned = std::thread::Builder::new()
+            .name("strom-api-conn".into())
+            .spawn(move || {
+                if let Err(e) = connection(s, &tx) {
+                    tracing::debug!(error = %e, "API connection ended");
+                }
+                conns2.fetch_sub(1, Ordering::SeqCst);
+            });
+        if spawned.is_err() {
+            conns.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+}
+
+/// Why reading a request line ended without one.
+#[derive(Debug)]
+enum LineEnd {
+    /// The client closed the connection (between requests).
+    Closed,
+    /// The line was longer than `MAX_LINE`.
+    TooLong,
+    /// No complete line within its deadline.
+    TimedOut,
+    Io(std::io::Error),
+}
+
+/// Reads one line (without its newline) into `line`: within `IDLE_DEADLINE` for its first
+/// byte and `LINE_DEADLINE` for the rest, never more than `MAX_LINE` bytes.
+fn read_line(r: &mut BufReader<UnixStream>, line: &mut Vec<u8>) -> Result<(), LineEnd> {
+    line.clear();
+    let mut deadline = Instant::now() + IDLE_DEADLINE;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(LineEnd::TimedOut);
+        }
+        r.get_ref()
+            .set_read_timeout(Some(left))
+            .map_err(LineEnd::Io)?;
+        let buf = match r.fill_buf() {
+            Ok(b) => b,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                return Err(LineEnd::TimedOut)
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(LineEnd::Io(e)),
+        };
+        if buf.is_empty() {
+            return Err(LineEnd::Closed);
+        }
+        if line.is_empty() {
+            deadline = Instant::now() + LINE_DEADLINE;
+        }
+        let (take, done) = match buf.iter().position(|&b| b == b'\n') {
+            Some(i) => (i, true),
+            None => (buf.len(), false),
+        };
+        if line.len() + take > MAX_LINE {
+            return Err(LineEnd::TooLong);
+        }
+        line.extend_from_slice(&buf[..take]);
+        r.consume(take + usize::from(done));
+        if done {
+            return Ok(());
+        }
+    }
+}
+
+/// Parses one request line; what is wrong with it, in words, otherwise.
+fn parse(line: &[u8]) -> Result<Request, String> {
+    let text = std::str::from_utf8(line).map_err(|e| format!("request is not UTF-8: {e}"))?;
+    let text = text.trim();
+    if text.is_empty() {
+        return Err("empty request".into());
+    }
+    serde_json::from_str::<Request>(text).map_err(|e| format!("malformed request: {e}"))
+}
+
+/// Serves one connection: a line in, an answer out, until the client closes, stays silent
+/// too long, or sends a line too long.
+fn connection(s: UnixStream, tx: &Sender<Msg>) -> std::io::Result<()> {
+    s.set_write_timeout(Some(WRITE_DEADLINE))?;
+    let mut w = s.try_clone()?;
+    let mut r = BufReader::with_capacity(64 * 1024, s);
+    let mut line = Vec::new();
+    loop {
+        let resp = match read_line(&mut r, &mut line) {
+            Ok(()) => match parse(&line) {
+                Ok(req) => ask(tx, req),
+                Err(message) => Response::Error { message },
+            },
+            Err(LineEnd::TooLong) => {
+                w.write_all(&encode_line(&Response::Error {
+                    message: format!("request longer than {MAX_LINE} bytes"),
+                }))?;
+                return Ok(());
+            }
+            Err(LineEnd::Closed) | Err(LineEnd::TimedOut) => return Ok(()),
+            Err(LineEnd::Io(e)) => return Err(e),
+        };
+        w.write_all(&encode_line(&resp))?;
+    }
+}
+
+/// Hands a request to the controller and waits for its answer, bounded.
+fn ask(tx: &Sender<Msg>, req: Request) -> Response {
+    let (reply, answer) = crossbeam_channel::bounded(1);
+    if tx.send(Msg::Request(req, reply)).is_err() {
+        return Response::Error {
+            message: "stromd is stopping".into(),
+        };
+    }
+    answer
+        .recv_timeout(REPLY_DEADLINE)
+        .unwrap_or_else(|_| Response::Error {
+            message: format!(
+                "stromd did not answer within {} s",
+                REPLY_DEADLINE.as_secs()
+            ),
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pair_with(bytes: &[u8]) -> BufReader<UnixStream> {
+        let (a, mut b) = UnixStream::pair().unwrap();
+        b.write_all(bytes).unwrap();
+        drop(b);
+        BufReader::new(a)
+    }
+
+    #[test]
+    fn lines_are_read_one_by_one_and_the_end_is_told_apart() {
+        let mut r = pair_with(b"{\"op\":\"status\"}\n\n\xff\xfe\n");
+        let mut line = Vec::new();
+        read_line(&mut r, &mut line).unwrap();
+        assert_eq!(parse(&line), Ok(Request::Status));
+        read_line(&mut r, &mut line).unwrap();
+        assert_eq!(parse(&line), Err("empty request".into()));
+        read_line(&mut r, &mut line).unwrap();
+        assert!(parse(&line).unwrap_err().contains("not UTF-8"));
+        assert!(matches!(read_line(&mut r, &mut line), Err(LineEnd::Closed)));
+    }
+
+    #[test]
+    fn a_line_longer_than_the_limit_is_refused_without_reading_it_all() {
+        let (a, b) = UnixStream::pair().unwrap();
+        let writer = std::thread::spawn(move || {
+            let chunk = vec![b'x'; 64 * 1024];
+            let mut b = b;
+            // 4 MiB without a newline; the reader stops after 1 MiB and closes.
+            for _ in 0..64 {
+                if b.write_all(&chunk).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut r = BufReader::new(a);
+        let mut line = Vec::new();
+        assert!(matches!(
+            read_line(&mut r, &mut line),
+            Err(LineEnd::TooLong)
+        ));
+        assert!(line.len() <= MAX_LINE);
+        drop(r);
+        writer.join().unwrap();
+    }
+
+    #[test]
+    fn valid_json_of_the_wrong_shape_is_a_malformed_request() {
+        assert!(parse(br#"{"op":"add_port"}"#)
+            .unwrap_err()
+            .starts_with("malformed request"));
+        assert!(parse(b"[1,2,3]")
+            .unwrap_err()
+            .starts_with("malformed request"));
+        assert!(parse(b"garbage")
+            .unwrap_err()
+            .starts_with("malformed request"));
+    }
+
+    #[test]
+    fn a_live_socket_is_refused_and_a_stale_one_replaced() {
+        let dir = std::env::temp_dir().join(format!("strom-bind-{}", std::process::id()));
+        let path = dir.join("stromd.sock");
+        let first = bind(&path).unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        assert!(matches!(bind(&path), Err(BindError::InUse(_))));
+        drop(first);
+        // The file is left behind, as by a stromd killed with SIGKILL: taken over.
+        assert!(path.exists());
+        let second = bind(&path).unwrap();
+        drop(second);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
