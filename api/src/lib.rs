@@ -204,6 +204,10 @@ pub enum Response {
     },
     Stats {
         workers: Vec<WorkerStats>,
+        /// What the XDP programs dropped before stromd saw it, by reason (only non-zero
+        /// reasons): a pod's spoofed frames for the node, frames for a socket not bound yet.
+        #[serde(default)]
+        xdp_drops: Vec<(String, u64)>,
     },
     Tables {
         gateway: String,

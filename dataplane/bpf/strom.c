@@ -3,12 +3,16 @@
 //   clang -O2 -g -target bpf -I/usr/include/x86_64-linux-gnu
 // and loaded by stromd (aya).
 //   strom_pod     on every pod host-side veth: traffic for the node's own addresses (and ARP
-//                 that is not for the pod gateway) goes to the kernel, everything else to the
-//                 port's AF_XDP socket. With no socket bound the frame is dropped (fail closed):
-//                 a pod never reaches another pod around stromd.
+//                 that is not for the pod gateway) goes to the kernel once its source MAC and
+//                 address are the pod's (`pod_src`; anti-spoofing for what stromd never sees),
+//                 everything else to the port's AF_XDP socket. With no socket bound the frame
+//                 is dropped (fail closed): a pod never reaches another pod around stromd.
 //   strom_uplink  on the uplink: only IPv4 for the prefixes stromd owns (`owned`: the pod CIDR)
 //                 goes to the socket; everything else (ARP, the node's own traffic) goes to the
-//                 kernel, so the node keeps its own connectivity. With no socket: kernel.
+//                 kernel, so the node keeps its own connectivity. With no socket bound what
+//                 stromd owns is dropped (fail closed), never forwarded by the kernel.
+// stromd pins the programs' links, so they stay attached, and fail closed, while stromd is
+// stopped or restarting; a new stromd swaps its own programs in atomically.
 // A port has one AF_XDP socket per receive queue: frames go to the socket of the queue they
 // arrived on (`port_slot` is keyed by interface and queue). The programs run on the sending
 // pod's core for every frame, so the common case takes no hash lookup: queue 0 of an interface
@@ -95,6 +99,42 @@ struct {
 	__type(value, __u8);
 } owned SEC(".maps");
 
+#define POD_SRC_IPS 4
+
+/* What a pod may send from: its MAC and up to POD_SRC_IPS IPv4 addresses (network order). */
+struct pod_src {
+	__u8 mac[6];
+	__u16 n_ips;
+	__u32 ips[POD_SRC_IPS];
+};
+
+/* ifindex of a pod's host-side veth -> what the pod may send from */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, MAX_PORTS);
+	__type(key, __u32);
+	__type(value, struct pod_src);
+} pod_src SEC(".maps");
+
+/* Frames the programs dropped, by reason (index: enum xdp_drop in bpf.rs's order). */
+#define XDP_DROP_SPOOFED 0
+#define XDP_DROP_NO_SOCKET 1
+#define XDP_DROP_REASONS 2
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, XDP_DROP_REASONS);
+	__type(key, __u32);
+	__type(value, __u64);
+} xdp_drops SEC(".maps");
+
+static __always_inline int drop(__u32 reason)
+{
+	__u64 *c = bpf_map_lookup_elem(&xdp_drops, &reason);
+	if (c)
+		*c += 1;
+	return XDP_DROP;
+}
+
 struct arp_ipv4 {
 	__be16 htype;
 	__be16 ptype;
@@ -124,8 +164,32 @@ static __always_inline int to_socket(struct xdp_md *ctx)
 {
 	long slot = slot_of(ctx);
 	if (slot < 0)
-		return XDP_DROP;
+		return drop(XDP_DROP_NO_SOCKET);
+	/* An empty XSKMAP entry (the socket closed: stromd stopped) drops, uncounted. */
 	return bpf_redirect_map(&xsks, (__u32)slot, XDP_DROP);
+}
+
+/* Whether two MACs are equal (no memcmp in BPF: clang would call it). */
+static __always_inline int mac_eq(const __u8 *a, const __u8 *b)
+{
+	return a[0] == b[0] && a[1] == b[1] && a[2] == b[2] && a[3] == b[3] && a[4] == b[4] &&
+	       a[5] == b[5];
+}
+
+/* Whether the frame's source MAC is the pod's and `saddr` one of its addresses. */
+static __always_inline int from_pod(struct xdp_md *ctx, struct ethhdr *eth, __u32 saddr)
+{
+	__u32 ifindex = ctx->ingress_ifindex;
+	struct pod_src *src = bpf_map_lookup_elem(&pod_src, &ifindex);
+	if (!src)
+		return 0;
+	if (!mac_eq(eth->h_source, src->mac))
+		return 0;
+#pragma unroll
+	for (int i = 0; i < POD_SRC_IPS; i++)
+		if (i < src->n_ips && src->ips[i] == saddr)
+			return 1;
+	return 0;
 }
 
 /* True when `daddr` may be one of the node's own addresses. */
@@ -153,7 +217,7 @@ int strom_pod(struct xdp_md *ctx)
 		if ((void *)(ip + 1) > end)
 			return to_socket(ctx);
 		if (maybe_node_addr(ip->daddr))
-			return XDP_PASS;
+			return from_pod(ctx, eth, ip->saddr) ? XDP_PASS : drop(XDP_DROP_SPOOFED);
 	} else if (eth->h_proto == bpf_htons(ETH_P_ARP)) {
 		struct arp_ipv4 *arp = (void *)(eth + 1);
 		if ((void *)(arp + 1) > end)
@@ -162,9 +226,22 @@ int strom_pod(struct xdp_md *ctx)
 		__u32 *gw = bpf_map_lookup_elem(&gateway, &zero);
 		__u32 tpa;
 		__builtin_memcpy(&tpa, arp->tpa, 4);
-		/* answers to the node's own ARP requests, probes of the node: kernel */
-		if (!gw || tpa != *gw)
-			return XDP_PASS;
+		/* answers to the node's own ARP requests, probes of the node: kernel, from the
+		 * pod's own MAC and address (an address probe's sender address is 0) */
+		if (!gw || tpa != *gw) {
+			__u32 spa;
+			__builtin_memcpy(&spa, arp->spa, 4);
+			if (!mac_eq(arp->sha, eth->h_source))
+				return drop(XDP_DROP_SPOOFED);
+			if (spa == 0) {
+				__u32 ifindex = ctx->ingress_ifindex;
+				struct pod_src *src = bpf_map_lookup_elem(&pod_src, &ifindex);
+				if (!src || !mac_eq(eth->h_source, src->mac))
+					return drop(XDP_DROP_SPOOFED);
+				return XDP_PASS;
+			}
+			return from_pod(ctx, eth, spa) ? XDP_PASS : drop(XDP_DROP_SPOOFED);
+		}
 	}
 	return to_socket(ctx);
 }
@@ -188,8 +265,8 @@ int strom_uplink(struct xdp_md *ctx)
 		return XDP_PASS;
 	long slot = slot_of(ctx);
 	if (slot < 0)
-		return XDP_PASS;
-	return bpf_redirect_map(&xsks, (__u32)slot, XDP_PASS);
+		return drop(XDP_DROP_NO_SOCKET);
+	return bpf_redirect_map(&xsks, (__u32)slot, XDP_DROP);
 }
 
 char LICENSE[] SEC("license") = "Dual BSD/GPL";

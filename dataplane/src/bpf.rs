@@ -1,5 +1,13 @@
 //! Loads strom's XDP programs (bpf/strom.c, compiled by build.rs) with aya, attaches them, and
-//! keeps their maps in sync. Dropping [`XdpPrograms`] detaches every program it attached.
+//! keeps their maps in sync.
+//!
+//! Fail closed across restarts: with a pin directory (on bpffs), each attachment's link is
+//! pinned there as `IFINDEX-MODE`, so the program stays attached while stromd is stopped or
+//! killed: a pod's frames for other pods or the outside then find no socket and are dropped,
+//! whatever the node's `ip_forward`. A starting stromd takes each pinned link back and swaps
+//! its own program in atomically (`bpf_link_update`); [`XdpPrograms::detach`] unpins (the
+//! program comes off), and pins of interfaces that are gone are removed at load. Without a pin
+//! directory, a link lives as long as stromd's file descriptor.
 //!
 //! aya is used rather than libbpf-rs: xsk-rs pins an older libbpf-sys, aya is pure Rust and
 //! builds without a C toolchain beyond the clang that compiles the program (DESIGN.md).
@@ -8,10 +16,12 @@
 use std::collections::HashMap;
 use std::net::Ipv4Addr;
 use std::os::fd::{BorrowedFd, RawFd};
+use std::path::{Path, PathBuf};
 
 use aya::maps::lpm_trie::{Key, LpmTrie};
-use aya::maps::{Array, HashMap as BpfHashMap, XskMap};
-use aya::programs::xdp::XdpLinkId;
+use aya::maps::{Array, HashMap as BpfHashMap, PerCpuArray, XskMap};
+use aya::programs::links::{FdLink, PinnedLink};
+use aya::programs::xdp::{XdpLink, XdpLinkId};
 use aya::programs::{Xdp, XdpMode};
 use aya::Ebpf;
 
@@ -52,7 +62,47 @@ pub enum BpfError {
         native: String,
         generic: String,
     },
+    #[error("pinning the link of ifindex {0} at {1}: {2}")]
+    Pin(u32, PathBuf, String),
+    #[error("bpffs at {0}: {1}")]
+    Bpffs(PathBuf, String),
 }
+
+/// Drop reasons counted by the XDP programs (`xdp_drops` in strom.c, same order).
+pub const XDP_DROP_REASONS: [&str; 2] = [
+    // A pod's frame for the node (or an ARP for it) from a MAC or address not the pod's.
+    "xdp_spoofed_to_node",
+    // A frame for stromd on an interface whose socket stromd has not bound yet.
+    "xdp_no_socket",
+];
+
+/// Most IPv4 addresses per pod the programs check a pod's node-bound frames against.
+pub const POD_SRC_IPS: usize = 4;
+
+/// Value of `pod_src`: `struct pod_src` in strom.c.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+struct PodSrc {
+    mac: [u8; 6],
+    n_ips: u16,
+    ips: [u32; POD_SRC_IPS],
+}
+
+// SAFETY: `PodSrc` is `repr(C)`: 6 bytes, a u16 and four u32s, 24 bytes with no padding,
+// valid for any bit pattern.
+unsafe impl aya::Pod for PodSrc {}
+
+/// An attachment stromd made: the role, aya's id of the link, the mode, and where it is
+/// pinned (if it is).
+struct Attached {
+    role: Role,
+    id: XdpLinkId,
+    mode: &'static str,
+    pin: Option<PathBuf>,
+}
+
+/// The magic number of bpffs (`statfs`).
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 
 /// Key of `port_slot`: `struct port_key` in strom.c.
 #[repr(C)]
@@ -81,25 +131,132 @@ struct V4Net {
 // SAFETY: `V4Net` is `repr(C)`, two `u32`s with no padding, valid for any bit pattern.
 unsafe impl aya::Pod for V4Net {}
 
-/// The loaded object and the attachments stromd made: ifindex → (link, mode).
+/// The loaded object and the attachments stromd made, by ifindex.
 pub struct XdpPrograms {
     ebpf: Ebpf,
-    links: HashMap<u32, (Role, XdpLinkId, &'static str)>,
+    links: HashMap<u32, Attached>,
+    pin_dir: Option<PathBuf>,
+}
+
+/// Makes sure `dir` is a directory on bpffs: mounts bpffs on `/sys/fs/bpf` when `dir` lies
+/// under it and nothing is mounted there yet (as systemd does on most distributions).
+fn ensure_bpffs(dir: &Path) -> Result<(), BpfError> {
+    let err = |e: String| BpfError::Bpffs(dir.to_path_buf(), e);
+    // The magic's C type (`__fsword_t`) differs between architectures.
+    #[allow(clippy::unnecessary_cast)]
+    let is_bpffs = |p: &Path| {
+        nix::sys::statfs::statfs(p).is_ok_and(|s| s.filesystem_type().0 as i64 == BPF_FS_MAGIC)
+    };
+    let root = Path::new("/sys/fs/bpf");
+    if dir.starts_with(root) && !is_bpffs(root) {
+        std::fs::create_dir_all(root).map_err(|e| err(e.to_string()))?;
+        nix::mount::mount(
+            Some("bpf"),
+            root,
+            Some("bpf"),
+            nix::mount::MsFlags::empty(),
+            None::<&str>,
+        )
+        .map_err(|e| err(format!("mounting bpffs on {}: {e}", root.display())))?;
+        tracing::info!("mounted bpffs on /sys/fs/bpf");
+    }
+    std::fs::create_dir_all(dir).map_err(|e| err(e.to_string()))?;
+    if !is_bpffs(dir) {
+        return Err(err("not on a bpf filesystem".into()));
+    }
+    Ok(())
+}
+
+/// The pin of ifindex `ifindex`'s link in `dir` for `mode`.
+fn pin_path(dir: &Path, ifindex: u32, mode: &str) -> PathBuf {
+    dir.join(format!("{ifindex}-{mode}"))
+}
+
+/// Whether an interface with this index exists in stromd's network namespace.
+fn ifindex_exists(ifindex: u32) -> bool {
+    std::fs::read_dir("/sys/class/net").is_ok_and(|d| {
+        d.flatten().any(|e| {
+            std::fs::read_to_string(e.path().join("ifindex"))
+                .is_ok_and(|s| s.trim().parse::<u32>() == Ok(ifindex))
+        })
+    })
 }
 
 impl XdpPrograms {
-    /// Loads and verifies both programs.
-    pub fn load() -> Result<Self, BpfError> {
+    /// Loads and verifies both programs. With `pin_dir`, links are pinned there (see the
+    /// module's doc); pins of interfaces that no longer exist are removed.
+    pub fn load(pin_dir: Option<&Path>) -> Result<Self, BpfError> {
         let mut ebpf = Ebpf::load(OBJECT)?;
         for role in [Role::Pod, Role::Uplink] {
             Self::program(&mut ebpf, role)?
                 .load()
                 .map_err(|e| BpfError::Program(role.program(), e))?;
         }
+        if let Some(dir) = pin_dir {
+            ensure_bpffs(dir)?;
+            for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+                let name = e.file_name().to_string_lossy().to_string();
+                let ifindex = name.split('-').next().and_then(|i| i.parse::<u32>().ok());
+                if ifindex.is_none_or(|i| !ifindex_exists(i)) {
+                    tracing::info!(pin = %e.path().display(), "removing the pin of a gone interface");
+                    let _ = std::fs::remove_file(e.path());
+                }
+            }
+        }
         Ok(XdpPrograms {
             ebpf,
             links: HashMap::new(),
+            pin_dir: pin_dir.map(Path::to_path_buf),
         })
+    }
+
+    /// The program's drop counts by reason (`XDP_DROP_REASONS`), summed over CPUs.
+    pub fn drops(&mut self) -> Vec<(String, u64)> {
+        let Ok(m) = self.map_mut("xdp_drops") else {
+            return Vec::new();
+        };
+        let Ok(a) = PerCpuArray::<_, u64>::try_from(m) else {
+            return Vec::new();
+        };
+        XDP_DROP_REASONS
+            .iter()
+            .enumerate()
+            .filter_map(|(i, name)| {
+                let v: u64 = a.get(&(i as u32), 0).ok()?.iter().sum();
+                (v > 0).then(|| (name.to_string(), v))
+            })
+            .collect()
+    }
+
+    /// Records what the pod behind `ifindex` may send from (its MAC and IPv4 addresses, at
+    /// most `POD_SRC_IPS`): the pod program passes node-bound frames only from those.
+    pub fn set_pod_src(
+        &mut self,
+        ifindex: u32,
+        mac: [u8; 6],
+        ips: &[Ipv4Addr],
+    ) -> Result<(), BpfError> {
+        let mut v = PodSrc {
+            mac,
+            n_ips: ips.len().min(POD_SRC_IPS) as u16,
+            ips: [0; POD_SRC_IPS],
+        };
+        for (slot, ip) in v.ips.iter_mut().zip(ips) {
+            *slot = u32::from_ne_bytes(ip.octets());
+        }
+        let mut m: BpfHashMap<_, u32, PodSrc> = BpfHashMap::try_from(self.map_mut("pod_src")?)
+            .map_err(|e| BpfError::Map("pod_src", e))?;
+        m.insert(ifindex, v, 0)
+            .map_err(|e| BpfError::Map("pod_src", e))
+    }
+
+    /// Forgets the pod behind `ifindex`.
+    pub fn remove_pod_src(&mut self, ifindex: u32) {
+        if let Ok(m) = self.map_mut("pod_src") {
+            if let Ok(mut m) = BpfHashMap::<_, u32, PodSrc>::try_from(m) {
+                let _ = m.remove(&ifindex);
+            }
+        }
     }
 
     fn program(ebpf: &mut Ebpf, role: Role) -> Result<&mut Xdp, BpfError> {
@@ -160,11 +317,40 @@ impl XdpPrograms {
         .map_err(|e| BpfError::Map("owned", e))
     }
 
-    /// Attaches the role's program to `ifindex`: native mode, or generic as a logged fallback.
-    /// Returns the mode used.
+    /// Attaches the role's program to `ifindex`: the pinned link a previous stromd left, with
+    /// this program swapped in; or a new link, native mode, or generic as a logged fallback
+    /// (pinned where there is a pin directory). Returns the mode used.
     pub fn attach(&mut self, ifindex: u32, role: Role) -> Result<&'static str, BpfError> {
-        if let Some((_, _, mode)) = self.links.get(&ifindex) {
-            return Ok(mode);
+        if let Some(a) = self.links.get(&ifindex) {
+            return Ok(a.mode);
+        }
+        if let Some(dir) = self.pin_dir.clone() {
+            for mode in ["native", "generic"] {
+                let path = pin_path(&dir, ifindex, mode);
+                if !path.exists() {
+                    continue;
+                }
+                match self.take_over(ifindex, role, &path) {
+                    Ok(id) => {
+                        self.links.insert(
+                            ifindex,
+                            Attached {
+                                role,
+                                id,
+                                mode,
+                                pin: Some(path),
+                            },
+                        );
+                        tracing::debug!(ifindex, mode, "took over the pinned XDP link");
+                        return Ok(mode);
+                    }
+                    Err(e) => {
+                        // A link whose interface went (and whose index came back) is defunct.
+                        tracing::info!(ifindex, error = %e, "stale XDP link pin removed");
+                        let _ = std::fs::remove_file(&path);
+                    }
+                }
+            }
         }
         let prog = Self::program(&mut self.ebpf, role)?;
         let (id, mode) = match prog.attach_to_if_index(ifindex, XdpMode::Driver) {
@@ -183,19 +369,87 @@ impl XdpPrograms {
                 }
             },
         };
-        self.links.insert(ifindex, (role, id, mode));
+        let pin = match self.pin_dir.clone() {
+            Some(dir) => {
+                let path = pin_path(&dir, ifindex, mode);
+                match self.pin(ifindex, role, id, &path) {
+                    Ok(id) => {
+                        self.links.insert(
+                            ifindex,
+                            Attached {
+                                role,
+                                id,
+                                mode,
+                                pin: Some(path),
+                            },
+                        );
+                        return Ok(mode);
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+            None => None,
+        };
+        self.links.insert(
+            ifindex,
+            Attached {
+                role,
+                id,
+                mode,
+                pin,
+            },
+        );
         Ok(mode)
     }
 
-    /// Detaches what stromd attached to `ifindex` (nothing if the interface is gone).
+    /// Swaps the role's program into the link pinned at `path`. The pin stays: the link is
+    /// never without a holder.
+    fn take_over(&mut self, ifindex: u32, role: Role, path: &Path) -> Result<XdpLinkId, BpfError> {
+        let perr = |e: String| BpfError::Pin(ifindex, path.to_path_buf(), e);
+        let pinned = PinnedLink::from_pin(path).map_err(|e| perr(e.to_string()))?;
+        let fd: FdLink = pinned.into();
+        let link = XdpLink::try_from(fd).map_err(|e| perr(e.to_string()))?;
+        Self::program(&mut self.ebpf, role)?
+            .attach_to_link(link)
+            .map_err(|e| perr(e.to_string()))
+    }
+
+    /// Pins the new link `id` at `path`. On failure the link is detached.
+    fn pin(
+        &mut self,
+        ifindex: u32,
+        role: Role,
+        id: XdpLinkId,
+        path: &Path,
+    ) -> Result<XdpLinkId, BpfError> {
+        let perr = |e: String| BpfError::Pin(ifindex, path.to_path_buf(), e);
+        let prog = Self::program(&mut self.ebpf, role)?;
+        let link = prog.take_link(id).map_err(|e| perr(e.to_string()))?;
+        let fd = FdLink::try_from(link).map_err(|e| perr(e.to_string()))?;
+        let _ = std::fs::remove_file(path);
+        let pinned = fd.pin(path).map_err(|e| perr(e.to_string()))?;
+        // The program keeps the link's fd (its id is what `detach` gives back); the pin keeps
+        // the link itself.
+        let fd: FdLink = pinned.into();
+        let link = XdpLink::try_from(fd).map_err(|e| perr(e.to_string()))?;
+        let prog = Self::program(&mut self.ebpf, role)?;
+        prog.attach_to_link(link).map_err(|e| perr(e.to_string()))
+    }
+
+    /// Takes the program off `ifindex` (nothing if the interface is gone): unpins its link
+    /// and closes it.
     pub fn detach(&mut self, ifindex: u32) {
-        if let Some((role, id, _)) = self.links.remove(&ifindex) {
-            if let Ok(prog) = Self::program(&mut self.ebpf, role) {
-                if let Err(e) = prog.detach(id) {
+        if let Some(a) = self.links.remove(&ifindex) {
+            if let Some(pin) = &a.pin {
+                let _ = std::fs::remove_file(pin);
+            }
+            if let Ok(prog) = Self::program(&mut self.ebpf, a.role) {
+                if let Err(e) = prog.detach(a.id) {
                     tracing::debug!(ifindex, error = %e, "detach (interface probably gone)");
                 }
             }
         }
+        self.remove_pod_src(ifindex);
     }
 
     /// Points the traffic of `ifindex`'s receive queue `queue` at socket `fd` in XSKMAP slot
@@ -254,5 +508,10 @@ impl XdpPrograms {
     /// Interfaces with the program attached.
     pub fn attached(&self) -> Vec<u32> {
         self.links.keys().copied().collect()
+    }
+
+    /// Whether links are pinned (and so outlive stromd).
+    pub fn pinned(&self) -> bool {
+        self.pin_dir.is_some()
     }
 }

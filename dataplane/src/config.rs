@@ -82,6 +82,12 @@ pub struct DataplaneSection {
     /// Where ports are recorded for restarts.
     #[serde(default = "default_state")]
     pub state_dir: PathBuf,
+    /// Where the XDP programs' links are pinned (on bpffs; mounted on /sys/fs/bpf if need
+    /// be), so that they stay attached, failing closed, while stromd is stopped or
+    /// restarting. One directory per stromd. Empty: not pinned (programs come off when
+    /// stromd stops, and the node's kernel then sees the pods' frames).
+    #[serde(default = "default_pin_dir")]
+    pub bpf_pin_dir: PathBuf,
 }
 
 /// The whole file.
@@ -117,6 +123,9 @@ fn default_ring() -> u32 {
 fn default_socket() -> PathBuf {
     PathBuf::from(strom_api::DEFAULT_SOCKET)
 }
+fn default_pin_dir() -> PathBuf {
+    PathBuf::from("/sys/fs/bpf/strom")
+}
 fn default_state() -> PathBuf {
     PathBuf::from("/run/strom")
 }
@@ -131,6 +140,7 @@ fn default_dataplane() -> DataplaneSection {
         fill_min: default_fill_min(),
         api_socket: default_socket(),
         state_dir: default_state(),
+        bpf_pin_dir: default_pin_dir(),
     }
 }
 

@@ -315,23 +315,27 @@ impl State {
         ])?;
         ip(&["-n", &node, "link", "set", "uplink", "up"])?;
         ip(&["-n", &ext, "link", "set", "eth0", "up"])?;
-        // The node never forwards in the kernel: pod traffic is stromd's alone.
-        run(in_ns(&node, "sysctl").args(["-qw", "net.ipv4.ip_forward=0"]))?;
+        // The node forwards in the kernel, as a Kubernetes node does: pod traffic is still
+        // stromd's alone, because its XDP programs hand the kernel only what is for the
+        // node itself, and stay attached (pinned) while stromd is stopped.
+        run(in_ns(&node, "sysctl").args(["-qw", "net.ipv4.ip_forward=1"]))?;
         // The outside world routes the pod CIDR to the node (as a top-of-rack router would),
         // and, like a real wire, hands the node complete frames: no checksum offload state
         // crosses into AF_XDP (DESIGN.md).
         ip(&["-n", &ext, "route", "add", &s.pod_cidr, "via", NODE_ADDR])?;
         run(in_ns(&ext, "ethtool").args(["-K", "eth0", "tx", "off", "tso", "off", "gso", "off"]))?;
         let cfg = format!(
-            "[node]\naddresses = [\"{NODE_ADDR}\"]\npod_cidr = \"{}\"\nuplink = \"uplink\"\nuplink_gateway = \"{EXT_ADDR}\"\n\n[dataplane]\nworkers = {}\ncores = {:?}\npoll_mode = \"{}\"\napi_socket = \"{}\"\nstate_dir = \"{}\"\n",
+            "[node]\naddresses = [\"{NODE_ADDR}\"]\npod_cidr = \"{}\"\nuplink = \"uplink\"\nuplink_gateway = \"{EXT_ADDR}\"\n\n[dataplane]\nworkers = {}\ncores = {:?}\npoll_mode = \"{}\"\napi_socket = \"{}\"\nstate_dir = \"{}\"\nbpf_pin_dir = \"{}\"\n",
             s.pod_cidr,
             s.workers,
             s.cores,
             s.poll_mode,
             s.socket().display(),
-            s.dir.join("stromd-state").display()
+            s.dir.join("stromd-state").display(),
+            pin_dir(&s.prefix).display()
         );
         std::fs::write(s.dir.join("stromd.toml"), cfg)?;
+        mount_bpffs()?;
         st.start_stromd()?;
         Ok(st)
     }
@@ -359,7 +363,8 @@ impl State {
         }
     }
 
-    /// Stops stromd (SIGTERM: it detaches its programs and exits).
+    /// Stops stromd (SIGTERM). Its XDP programs stay attached (pinned), dropping what the
+    /// pods send to each other or the outside until it starts again.
     pub fn stop_stromd(&mut self) {
         if let Some(pid) = self.stromd.take() {
             stop_pid(pid, Duration::from_secs(5));
@@ -487,7 +492,34 @@ fn stop_ns_processes(ns: &str) {
     }
 }
 
-/// Deletes every namespace named `<prefix>-*` (and kills what runs inside).
+/// The bpffs every lab's stromd pins its XDP links on. Not /sys/fs/bpf: `ip netns exec`
+/// mounts a sysfs of its own over /sys for the command it runs, so a bpffs mounted there by
+/// stromd would live and die with that one process's mount namespace, and its pins with it.
+/// A bpffs mounted by strom-lab here, in its own mount namespace, is seen by every stromd it
+/// starts and outlives them.
+pub const BPFFS: &str = "/run/strom-lab-bpf";
+
+/// Where the lab's stromd pins its XDP links (one directory per lab, on [`BPFFS`]).
+pub fn pin_dir(prefix: &str) -> PathBuf {
+    Path::new(BPFFS).join(prefix)
+}
+
+/// Mounts [`BPFFS`] unless a bpffs is mounted there already.
+fn mount_bpffs() -> anyhow::Result<()> {
+    let mounted = std::fs::read_to_string("/proc/self/mounts")?
+        .lines()
+        .any(|l| {
+            l.split_whitespace().nth(1) == Some(BPFFS) && l.split_whitespace().nth(2) == Some("bpf")
+        });
+    if !mounted {
+        std::fs::create_dir_all(BPFFS)?;
+        run(Command::new("mount").args(["-t", "bpf", "bpf", BPFFS]))?;
+    }
+    Ok(())
+}
+
+/// Deletes every namespace named `<prefix>-*` (and kills what runs inside), then the pins of
+/// the lab's XDP links (their interfaces are gone with the namespaces).
 pub fn sweep(prefix: &str) {
     for ns in netns_list() {
         if ns.starts_with(&format!("{prefix}-")) {
@@ -495,4 +527,5 @@ pub fn sweep(prefix: &str) {
             let _ = ip(&["netns", "del", &ns]);
         }
     }
+    let _ = std::fs::remove_dir_all(pin_dir(prefix));
 }

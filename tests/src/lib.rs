@@ -47,6 +47,21 @@ pub fn net_lock() -> MutexGuard<'static, ()> {
                 let _ = Command::new("ip").args(["netns", "del", ns]).status();
             }
         }
+        // The pins of crashed runs' labs (strom-lab's pin directory is named by its prefix).
+        for e in std::fs::read_dir("/run/strom-lab-bpf")
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let name = e.file_name().to_string_lossy().to_string();
+            let owner = name
+                .strip_prefix(NS_PREFIX)
+                .and_then(|r| r.split('x').next())
+                .and_then(|p| p.parse::<u32>().ok());
+            if owner.is_some_and(|p| !live.contains(&p)) {
+                let _ = std::fs::remove_dir_all(e.path());
+            }
+        }
     });
     NET.lock().unwrap_or_else(|p| p.into_inner())
 }

@@ -250,9 +250,10 @@ fn stromd_restart_under_traffic_resumes_within_two_seconds() {
         .unwrap();
     std::thread::sleep(Duration::from_millis(500));
     assert!(sh(lab.cmd().args(["stromd", "stop"])).status.success());
-    assert!(
-        lab.xdp_links().is_empty(),
-        "programs detached while stromd is down"
+    assert_eq!(
+        lab.xdp_links().len(),
+        3,
+        "programs stay attached (pinned) while stromd is down"
     );
     let t = Instant::now();
     let o = sh(lab.cmd().args(["stromd", "start"]));
@@ -290,10 +291,18 @@ fn stromd_restart_under_traffic_resumes_within_two_seconds() {
     );
 }
 
+/// stromd stopped (SIGTERM) or killed (SIGKILL) leaves its programs attached, pinned: on a
+/// node that forwards IPv4 (`ip_forward=1`, the lab's default, as on every Kubernetes node),
+/// a pod that had talked to another (its gateway's MAC in its neighbour cache) reaches neither
+/// that pod nor the outside through the kernel; the node still reaches the pods and they
+/// answer it (the kubelet's probes). The next stromd takes the programs back, and `down`
+/// removes programs, pins, processes and namespaces.
 #[test]
-fn clean_shutdown_leaves_no_program_process_or_namespace() {
+fn a_stopped_or_killed_stromd_fails_closed_on_a_forwarding_node_and_down_leaves_nothing() {
     let _g = net_lock();
     let lab = Lab::up(&two_pods(), &[]);
+    let node_fwd = lab.exec("node", &["sysctl", "-n", "net.ipv4.ip_forward"]);
+    assert_eq!(String::from_utf8_lossy(&node_fwd.stdout).trim(), "1");
     let links = lab.xdp_links();
     assert_eq!(
         links.len(),
@@ -301,23 +310,69 @@ fn clean_shutdown_leaves_no_program_process_or_namespace() {
         "one program per pod port and the uplink's: {links:?}"
     );
     assert!(links.contains(&"uplink".to_string()));
-    let pid: u32 = {
-        let st: serde_json::Value =
-            serde_json::from_slice(&std::fs::read(lab.dir.join("state.json")).unwrap()).unwrap();
-        st["stromd"].as_u64().unwrap() as u32
-    };
-    assert!(sh(lab.cmd().args(["stromd", "stop"])).status.success());
-    assert!(lab.xdp_links().is_empty());
-    // Gone, or a zombie waiting for a parent that is not ours to reap.
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    assert!(
-        stat.is_empty() || stat.contains(") Z "),
-        "stromd exited: {stat}"
-    );
-    assert!(!lab.socket().exists(), "API socket removed");
+    let pin_dir = std::path::Path::new("/run/strom-lab-bpf").join(&lab.prefix);
+    for how in ["stop", "kill"] {
+        assert!(
+            lab.probe("t/a", "t/b", 80, "tcp"),
+            "{how}: a reaches b first"
+        );
+        let ping_ext = || {
+            lab.exec(
+                "t/a",
+                &["ping", "-c", "2", "-i", "0.2", "-W", "1", "198.18.0.2"],
+            )
+            .status
+            .success()
+        };
+        assert!(ping_ext(), "{how}: a reaches the outside first");
+        let pid = lab.stromd_pid();
+        if how == "stop" {
+            assert!(sh(lab.cmd().args(["stromd", "stop"])).status.success());
+            // Gone, or a zombie waiting for a parent that is not ours to reap.
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            assert!(
+                stat.is_empty() || stat.contains(") Z "),
+                "stromd exited: {stat}"
+            );
+            assert!(!lab.socket().exists(), "API socket removed");
+        } else {
+            assert!(sh(Command::new("kill").args(["-9", &pid.to_string()]))
+                .status
+                .success());
+            std::thread::sleep(Duration::from_millis(300));
+        }
+        assert_eq!(lab.xdp_links().len(), 3, "{how}: programs stay attached");
+        assert!(
+            std::fs::read_dir(&pin_dir).map_or(0, |d| d.count()) == 3,
+            "{how}: the links are pinned in {}",
+            pin_dir.display()
+        );
+        for (proto, port) in [("tcp", 80), ("udp", 53)] {
+            assert!(
+                !lab.probe("t/a", "t/b", port, proto),
+                "{how}: a reached b over {proto} through the kernel"
+            );
+        }
+        assert!(!ping_ext(), "{how}: a reached the outside");
+        assert!(
+            lab.probe("node", "t/b", 80, "tcp"),
+            "{how}: the node still reaches a pod, and the pod answers it"
+        );
+        let o = sh(lab.cmd().args(["stromd", "start"]));
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let t = Instant::now();
+        while !lab.probe("t/a", "t/b", 80, "tcp") {
+            assert!(
+                t.elapsed() < Duration::from_secs(2),
+                "{how}: traffic resumed within 2 s of the restart"
+            );
+        }
+        assert_eq!(lab.xdp_links().len(), 3, "{how}: the programs taken back");
+    }
     let prefix = format!("{}-", lab.prefix);
     drop(lab);
     assert!(namespaces_with(&prefix).is_empty());
+    assert!(!pin_dir.exists(), "down removes the lab's pins");
 }
 
 /// Sends raw frames (hex) out of the pod's eth0 with an AF_PACKET socket.
@@ -356,6 +411,58 @@ fn ipv4_udp(src_mac: &[u8], dst_mac: &[u8], src: [u8; 4], dst: [u8; 4]) -> Vec<u
     f.extend_from_slice(&ip);
     f.extend_from_slice(&[0x10, 0x00, 0x00, 0x35, 0, 8, 0, 0]);
     f
+}
+
+/// The node's kernel gets from a pod only what the pod sends from its own MAC and address:
+/// the XDP program checks frames it hands to the kernel (for the node's addresses, and ARP
+/// not for the gateway), which stromd never sees, and counts what it drops.
+#[test]
+fn a_pod_cannot_reach_the_node_from_an_address_or_mac_not_its_own() {
+    let _g = net_lock();
+    let lab = Lab::up(&two_pods(), &[]);
+    let (a_mac, gw_mac, a_ip, b_ip) = a_to_b(&lab);
+    let node = [198, 18, 0, 1];
+    let listener = Command::new("ip")
+        .args(["netns", "exec", &lab.node_ns(), "python3", "-c"])
+        .arg(
+            "import socket\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\n\
+             s.bind(('0.0.0.0',53))\ns.settimeout(2)\ntry:\n  while True:\n    \
+             d,a=s.recvfrom(100)\n    print(a[0],flush=True)\nexcept Exception:\n  pass\n",
+        )
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(400));
+    let spoofed_mac = [0x02, 0, 0, 0, 0, 0x99];
+    let frames = [
+        // Another pod's address, the pod's MAC.
+        ipv4_udp(&a_mac, &gw_mac, b_ip, node),
+        // The pod's address, another MAC.
+        ipv4_udp(&spoofed_mac, &gw_mac, a_ip, node),
+        // The pod itself.
+        ipv4_udp(&a_mac, &gw_mac, a_ip, node),
+    ];
+    send_raw(
+        &lab,
+        "t/a",
+        &frames.iter().map(|f| hex(f)).collect::<Vec<_>>(),
+    );
+    let out = listener.wait_with_output().unwrap();
+    let got: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_string)
+        .collect();
+    let a = a_ip.map(|o| o.to_string()).join(".");
+    assert_eq!(got, vec![a], "only the pod's own datagram reached the node");
+    let stats = lab.stromctl(&["stats"]);
+    let spoofed = stats["xdp_drops"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|d| d[0] == "xdp_spoofed_to_node")
+        .and_then(|d| d[1].as_u64())
+        .unwrap_or(0);
+    assert_eq!(spoofed, 2, "both spoofed frames counted: {stats}");
 }
 
 fn mac_bytes(s: &str) -> Vec<u8> {

@@ -249,6 +249,12 @@ impl Controller {
         if spec.ips.is_empty() {
             return Err("a port needs at least one IP".into());
         }
+        if spec.ips.len() > crate::bpf::POD_SRC_IPS {
+            return Err(format!(
+                "a pod port has at most {} addresses",
+                crate::bpf::POD_SRC_IPS
+            ));
+        }
         for ip in &spec.ips {
             match ip {
                 IpAddr::V4(v4) if self.cfg.node.pod_cidr.contains(v4) => {}
@@ -387,10 +393,26 @@ impl Controller {
             PortKind::Pod => Role::Pod,
             PortKind::Uplink => Role::Uplink,
         };
-        let xdp_mode = self
-            .xdp
-            .attach(o.ifindex, role)
-            .map_err(|e| e.to_string())?;
+        if o.kind == PortKind::Pod {
+            let v4: Vec<Ipv4Addr> = o
+                .ips
+                .iter()
+                .filter_map(|ip| match ip {
+                    IpAddr::V4(v4) => Some(*v4),
+                    IpAddr::V6(_) => None,
+                })
+                .collect();
+            self.xdp
+                .set_pod_src(o.ifindex, o.pod_mac, &v4)
+                .map_err(|e| e.to_string())?;
+        }
+        let xdp_mode = match self.xdp.attach(o.ifindex, role) {
+            Ok(m) => m,
+            Err(e) => {
+                self.xdp.remove_pod_src(o.ifindex);
+                return Err(e.to_string());
+            }
+        };
         let fail = |me: &mut Self, e: String| {
             me.xdp.detach(o.ifindex);
             Err(e)
@@ -726,6 +748,7 @@ impl Controller {
                     .collect(),
             },
             Request::Stats => Response::Stats {
+                xdp_drops: self.xdp.drops(),
                 workers: self
                     .workers
                     .iter()
@@ -803,9 +826,12 @@ impl Controller {
         for t in self.deleting.drain(..) {
             let _ = t.join();
         }
-        let ifs = self.xdp.attached();
-        for i in ifs {
-            self.xdp.detach(i);
+        // Pinned programs stay: the pods stay cut off from each other and the outside until
+        // the next stromd takes them back (fail closed). Unpinned ones come off.
+        if !self.xdp.pinned() {
+            for i in self.xdp.attached() {
+                self.xdp.detach(i);
+            }
         }
     }
 }

@@ -179,7 +179,7 @@ fn main() -> anyhow::Result<()> {
                 })
                 .collect(),
         ),
-        Response::Stats { workers } => {
+        Response::Stats { workers, xdp_drops } => {
             table(
                 &[
                     "worker",
@@ -227,6 +227,14 @@ fn main() -> anyhow::Result<()> {
                         .iter()
                         .map(move |(r, n)| vec![w.id.to_string(), r.clone(), n.to_string()])
                 })
+                .collect();
+            let rows: Vec<Vec<String>> = rows
+                .into_iter()
+                .chain(
+                    xdp_drops
+                        .iter()
+                        .map(|(r, n)| vec!["xdp".into(), r.clone(), n.to_string()]),
+                )
                 .collect();
             if rows.is_empty() {
                 println!("no drops");

@@ -72,6 +72,9 @@ struct Args {
     /// Directory where registered ports are recorded for restarts (dataplane.state_dir).
     #[arg(long)]
     state_dir: Option<PathBuf>,
+    /// Where the XDP links are pinned; empty: not pinned (dataplane.bpf_pin_dir).
+    #[arg(long)]
+    bpf_pin_dir: Option<PathBuf>,
     /// Log filter (tracing EnvFilter syntax), e.g. info or strom_dataplane=debug.
     #[arg(long, default_value = "info", env = "STROM_LOG")]
     log: String,
@@ -126,6 +129,9 @@ fn main() -> anyhow::Result<()> {
     if let Some(v) = args.state_dir.clone() {
         cfg.dataplane.state_dir = v;
     }
+    if let Some(v) = args.bpf_pin_dir.clone() {
+        cfg.dataplane.bpf_pin_dir = v;
+    }
     cfg.validate()?;
     // A second stromd must not take the node's interfaces from a live one: refuse before
     // loading anything. (A socket file left by a killed stromd is taken over.)
@@ -136,8 +142,9 @@ fn main() -> anyhow::Result<()> {
         );
     }
 
-    let mut xdp =
-        XdpPrograms::load().context("loading XDP programs (is this root, with bpf available?)")?;
+    let pin_dir = &cfg.dataplane.bpf_pin_dir;
+    let mut xdp = XdpPrograms::load((!pin_dir.as_os_str().is_empty()).then_some(pin_dir.as_path()))
+        .context("loading XDP programs (is this root, with bpf available?)")?;
     xdp.set_gateway(cfg.node.pod_gateway)?;
     let mut tables = Tables::new(cfg.node.pod_gateway);
     for a in &cfg.node.addresses {

@@ -61,7 +61,7 @@ fn histogram() -> Histogram<u64> {
 pub fn run(c: &Common, top: usize) -> anyhow::Result<()> {
     let (ifindex, queues, run) = setup(c)?;
     let start = run.start;
-    let mut xdp = XdpPrograms::load().context("loading the XDP program (root?)")?;
+    let mut xdp = XdpPrograms::load(None).context("loading the XDP program (root?)")?;
     let mode = xdp.attach(ifindex, Role::Pod)?;
     let received: Vec<Arc<AtomicU64>> = (0..c.queues).map(|_| Arc::default()).collect();
     let mut threads = Vec::new();
