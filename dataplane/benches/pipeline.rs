@@ -30,6 +30,7 @@ fn tables() -> Tables {
                 worker: 0,
                 dst_mac: [2, 0, 0, 0, 0, i + 1],
                 src_mac: [2, 0, 0, 0, 1, i + 1],
+                mtu: 1500,
             },
         );
     }
@@ -126,6 +127,7 @@ fn whole(c: &mut Criterion) {
             f
         })
         .collect();
+    let mut ctx = pipeline::Context::default();
     let mut g = c.benchmark_group("pipeline");
     g.throughput(Throughput::Elements(64));
     g.bench_function("pod_to_pod_batch_64", |b| {
@@ -133,7 +135,7 @@ fn whole(c: &mut Criterion) {
             || batch.clone(),
             |frames| {
                 for f in frames.iter_mut() {
-                    black_box(pipeline::process(f, 60, &port, &t));
+                    black_box(pipeline::process(f, 60, &port, &t, &mut ctx));
                 }
             },
             BatchSize::SmallInput,

@@ -51,11 +51,22 @@ pub enum DropReason {
     /// frame larger than a UMEM frame's room (2048 bytes less the kernel's 256 of headroom),
     /// e.g. from a pod whose MTU is above what stromd carries.
     XskRxTooLarge,
+    /// Destination MAC not the receiving port's (broadcast, multicast or another host's):
+    /// only frames addressed to the gateway are routed.
+    ForeignDstMac,
+    /// A destination no router forwards: this host (0/8, 127/8), reserved (240/4),
+    /// link-local other than the gateway, a directed broadcast of the node's subnets.
+    MartianDst,
+    /// Larger than the egress MTU with Don't Fragment set: an ICMP fragmentation-needed
+    /// with the next-hop MTU goes back to the sender (PMTU discovery).
+    FragNeeded,
+    /// Larger than the egress MTU without Don't Fragment: stromd does not fragment.
+    TooBigNoDf,
 }
 
 impl DropReason {
     /// Every reason, in counter-index order.
-    pub const ALL: [DropReason; 22] = [
+    pub const ALL: [DropReason; 26] = [
         DropReason::Runt,
         DropReason::VlanTagged,
         DropReason::UnknownEthertype,
@@ -78,6 +89,10 @@ impl DropReason {
         DropReason::XskRxRingFull,
         DropReason::XskInvalidDesc,
         DropReason::XskRxTooLarge,
+        DropReason::ForeignDstMac,
+        DropReason::MartianDst,
+        DropReason::FragNeeded,
+        DropReason::TooBigNoDf,
     ];
     /// Number of reasons (size of counter arrays).
     pub const COUNT: usize = Self::ALL.len();
@@ -107,6 +122,10 @@ impl DropReason {
             DropReason::XskRxRingFull => "xsk_rx_ring_full",
             DropReason::XskInvalidDesc => "xsk_invalid_desc",
             DropReason::XskRxTooLarge => "xsk_rx_too_large",
+            DropReason::ForeignDstMac => "foreign_dst_mac",
+            DropReason::MartianDst => "martian_destination",
+            DropReason::FragNeeded => "fragmentation_needed",
+            DropReason::TooBigNoDf => "too_big_not_fragmented",
         }
     }
 

@@ -130,6 +130,14 @@ pub fn monotonic_ms() -> u64 {
         .unwrap_or(0)
 }
 
+/// Milliseconds on the coarse monotonic clock (CLOCK_MONOTONIC_COARSE: a few ns from the vDSO,
+/// a tick's resolution): cheap enough for once per worker loop.
+pub fn coarse_ms() -> u64 {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC_COARSE)
+        .map(|t| t.tv_sec() as u64 * 1000 + t.tv_nsec() as u64 / 1_000_000)
+        .unwrap_or(0)
+}
+
 impl WorkerCounters {
     /// Stores and returns the worker's heartbeat (called in its upkeep, never per packet).
     pub fn heartbeat(&self) -> u64 {

@@ -23,6 +23,8 @@ pub struct Next {
     pub dst_mac: Mac,
     /// Source MAC (the host side of that pod's veth, i.e. the gateway MAC the pod knows).
     pub src_mac: Mac,
+    /// The egress interface's MTU: the largest IP packet it carries.
+    pub mtu: u16,
 }
 
 /// Everything the pipeline reads.
@@ -32,6 +34,11 @@ pub struct Tables {
     pub gateway_v4: Ipv4Addr,
     /// The node's own addresses (traffic to them belongs to the kernel).
     pub node_addrs: HashSet<IpAddr>,
+    /// The node's address that ICMP errors to senders beyond the uplink come from (a
+    /// link-local gateway address would not be routed back to them).
+    pub node_v4: Option<Ipv4Addr>,
+    /// Broadcast addresses of the node's own subnets (the uplink's): never routed.
+    pub node_broadcasts: HashSet<Ipv4Addr>,
     /// Host routes to local pods, keyed by address (IPv4 and IPv6 alike).
     pub local: HashMap<IpAddr, Next>,
     /// The node's pod CIDR: an address in it that is not a local pod has no route.
@@ -49,6 +56,8 @@ impl Tables {
         Tables {
             gateway_v4,
             node_addrs: HashSet::new(),
+            node_v4: None,
+            node_broadcasts: HashSet::new(),
             local: HashMap::new(),
             pod_cidr: None,
             uplink: None,

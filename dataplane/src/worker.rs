@@ -276,6 +276,8 @@ pub struct Worker {
     poll: PollSet,
     drops: LocalDrops,
     totals: Local,
+    /// What the pipeline keeps per worker (the ICMP rate, later conntrack).
+    ctx: pipeline::Context,
 }
 
 impl Worker {
@@ -301,6 +303,7 @@ impl Worker {
             poll: PollSet::default(),
             drops: LocalDrops::default(),
             totals: Local::default(),
+            ctx: pipeline::Context::default(),
         }
     }
 
@@ -345,6 +348,7 @@ impl Worker {
                 tracing::debug!(worker = self.me.id, serial, frames = n, "frames reclaimed");
             }
             let tables = self.tables.load();
+            self.ctx.now_ms = crate::stats::coarse_ms();
             let mut work = 0usize;
             for i in 0..self.active.len() {
                 let id = self.active[i];
@@ -529,7 +533,13 @@ impl Worker {
                     pod_mac: *pod_mac,
                     ips,
                 };
-                pipeline::process(self.umem.frame_mut(d.addr), len, &inp, tables)
+                pipeline::process(
+                    self.umem.frame_mut(d.addr),
+                    len,
+                    &inp,
+                    tables,
+                    &mut self.ctx,
+                )
             };
             match action {
                 Action::Drop(r) => {

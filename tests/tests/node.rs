@@ -1032,6 +1032,87 @@ fn a_port_removed_with_its_interface_is_gone_from_both_namespaces_when_stromd_an
     assert!(lab.probe("t/c", "t/b", 53, "udp"));
 }
 
+/// A datagram too large for the pod it is for (the pods' MTU is the uplink's less 50) with
+/// Don't Fragment set gets an ICMP fragmentation-needed carrying the pod's MTU, from the node's
+/// address, so the sender's path-MTU discovery works; none reaches the pod.
+#[test]
+fn a_packet_larger_than_the_pods_mtu_gets_fragmentation_needed_with_the_mtu() {
+    let _g = net_lock();
+    let lab = Lab::up(&two_pods(), &[]);
+    let a = lab.pod_ip("t/a");
+    let mtu = String::from_utf8_lossy(&lab.exec("t/a", &["cat", "/sys/class/net/eth0/mtu"]).stdout)
+        .trim()
+        .to_string();
+    assert_eq!(mtu, "1450", "the lab's pods: the uplink's 1500 less 50");
+    // 1472 bytes of ICMP payload: a 1500-byte packet, 50 more than the pod takes.
+    let o = lab.exec(
+        "external",
+        &["ping", "-c", "1", "-M", "do", "-s", "1472", "-W", "1", &a],
+    );
+    let text = String::from_utf8_lossy(&o.stdout).to_string() + &String::from_utf8_lossy(&o.stderr);
+    assert!(
+        text.contains("mtu = 1450") || text.contains("mtu=1450"),
+        "the sender learns the pod's MTU: {text}"
+    );
+    let stats = lab.stromctl(&["stats"]);
+    assert!(drops_in(&stats, &["fragmentation_needed"]) >= 1, "{stats}");
+    // What fits still goes through.
+    let o = lab.exec(
+        "external",
+        &["ping", "-c", "1", "-M", "do", "-s", "1422", "-W", "1", &a],
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stdout));
+}
+
+/// What no router forwards is dropped by name, never sent out of the uplink: destinations
+/// 127/8, 0/8, 240/4, link-local other than the gateway and the uplink subnet's broadcast,
+/// and frames not addressed to the gateway's MAC (broadcast, multicast, another host's).
+#[test]
+fn martian_destinations_and_foreign_macs_from_a_pod_are_dropped_by_name() {
+    let _g = net_lock();
+    let lab = Lab::up(&two_pods(), &[]);
+    let (a_mac, gw_mac, a_ip, b_ip) = a_to_b(&lab);
+    let before = lab.stromctl(&["stats"]);
+    let up_tx = lab.port_of_kind("uplink")["counters"]["tx_packets"]
+        .as_u64()
+        .unwrap_or(0);
+    let martians: Vec<String> = [
+        [127, 0, 0, 1],
+        [0, 0, 0, 7],
+        [240, 1, 2, 3],
+        [169, 254, 9, 9],
+        [198, 18, 0, 255],
+    ]
+    .iter()
+    .map(|d| hex(&ipv4_udp(&a_mac, &gw_mac, a_ip, *d)))
+    .collect();
+    let foreign: Vec<String> = [[0xff; 6], [0x01, 0, 0x5e, 0, 0, 1], [2, 9, 9, 9, 9, 9]]
+        .iter()
+        .map(|m| hex(&ipv4_udp(&a_mac, m, a_ip, b_ip)))
+        .collect();
+    send_raw(&lab, "t/a", &martians);
+    send_raw(&lab, "t/a", &foreign);
+    let t = Instant::now();
+    loop {
+        let stats = lab.stromctl(&["stats"]);
+        let m = drops_in(&stats, &["martian_destination"])
+            - drops_in(&before, &["martian_destination"]);
+        let f = drops_in(&stats, &["foreign_dst_mac"]) - drops_in(&before, &["foreign_dst_mac"]);
+        if (m, f) == (5, 3) {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(3),
+            "martians {m} of 5, foreign MACs {f} of 3: {stats}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let up_tx_after = lab.port_of_kind("uplink")["counters"]["tx_packets"]
+        .as_u64()
+        .unwrap_or(0);
+    assert_eq!(up_tx, up_tx_after, "nothing left through the uplink");
+}
+
 #[test]
 fn external_reaches_pods_and_pods_reach_the_outside_through_the_uplink() {
     let _g = net_lock();

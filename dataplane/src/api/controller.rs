@@ -96,6 +96,8 @@ struct Uplink {
     counters: Arc<SharedCounters>,
     gateway: Option<Ipv4Addr>,
     gateway_mac: Option<Mac>,
+    /// Its MTU: what leaves through it is at most this large.
+    mtu: u16,
 }
 
 /// The gateway's MAC from the kernel's ARP table (/proc/net/arp of stromd's namespace), if the
@@ -244,7 +246,8 @@ impl Controller {
         }
     }
 
-    fn validate(&self, spec: &PortSpec) -> Result<(Mac, u32, Mac), String> {
+    /// Checks a registration: the pod's MAC, its interface's index and MAC, and its MTU.
+    fn validate(&self, spec: &PortSpec) -> Result<(Mac, u32, Mac, u16), String> {
         let pod_mac = parse_mac(&spec.mac).ok_or_else(|| format!("invalid mac {:?}", spec.mac))?;
         if spec.ips.is_empty() {
             return Err("a port needs at least one IP".into());
@@ -325,12 +328,12 @@ impl Controller {
                 spec.ifname
             ));
         }
-        Ok((pod_mac, ifindex, host_mac))
+        Ok((pod_mac, ifindex, host_mac, mtu as u16))
     }
 
     /// Registers a pod port. The same spec again is a no-op; a changed one replaces the port.
     pub fn add_port(&mut self, spec: PortSpec) -> Result<PortStatus, String> {
-        let (pod_mac, ifindex, host_mac) = self.validate(&spec)?;
+        let (pod_mac, ifindex, host_mac, mtu) = self.validate(&spec)?;
         if let Some(p) = self.ports.values().find(|p| p.spec.ifname == spec.ifname) {
             if p.spec == spec && p.ifindex == ifindex {
                 return Ok(self.status_of(p));
@@ -365,6 +368,7 @@ impl Controller {
                     worker: worker as u16,
                     dst_mac: pod_mac,
                     src_mac: host_mac,
+                    mtu,
                 },
             );
         }
@@ -458,7 +462,8 @@ impl Controller {
     /// through it to `gateway`.
     pub fn add_uplink(&mut self, ifname: &str, gateway: Option<Ipv4Addr>) -> Result<(), String> {
         let (ifindex, mac, rx_queues) = port_interface(ifname)?;
-        if let Ok(mtu) = port_mtu(ifname) {
+        let mtu = port_mtu(ifname)?;
+        {
             if mtu > MAX_MTU {
                 tracing::warn!(
                     ifname,
@@ -530,6 +535,7 @@ impl Controller {
             counters,
             gateway,
             gateway_mac: None,
+            mtu: mtu.min(u32::from(u16::MAX)) as u16,
         });
         Ok(())
     }
@@ -550,6 +556,7 @@ impl Controller {
                     worker: u.queues[0].worker as u16,
                     dst_mac: mac,
                     src_mac: u.mac,
+                    mtu: u.mtu,
                 };
                 tracing::info!(gateway = %gw, mac = %fmt_mac(&mac), "uplink gateway resolved");
                 let mut t = (*self.tables.snapshot()).clone();

@@ -153,6 +153,28 @@ fn main() -> anyhow::Result<()> {
             xdp.add_node_addr(*v4)?;
         }
     }
+    tables.node_v4 = cfg.node.addresses.iter().find_map(|a| match a {
+        IpAddr::V4(v4) => Some(*v4),
+        IpAddr::V6(_) => None,
+    });
+    // The directed broadcast addresses of the node's subnets (from each address and its
+    // netmask: an address added without `brd` has none recorded): never routed.
+    if let Ok(addrs) = nix::ifaddrs::getifaddrs() {
+        for a in addrs {
+            let v4 = |s: Option<&nix::sys::socket::SockaddrStorage>| {
+                s.and_then(|s| s.as_sockaddr_in())
+                    .map(|s| u32::from(s.ip()))
+            };
+            if let (Some(ip), Some(mask)) = (v4(a.address.as_ref()), v4(a.netmask.as_ref())) {
+                // /31 and /32 have no broadcast address (RFC 3021).
+                if mask.count_ones() < 31 {
+                    tables
+                        .node_broadcasts
+                        .insert(std::net::Ipv4Addr::from(ip | !mask));
+                }
+            }
+        }
+    }
     tables.pod_cidr = Some(cfg.node.pod_cidr);
     xdp.set_pod_net(cfg.node.pod_cidr.network(), cfg.node.pod_cidr.prefix_len())?;
     if cfg.node.uplink.is_some() {

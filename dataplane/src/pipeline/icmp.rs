@@ -10,16 +10,46 @@ use crate::mac::Mac;
 const IP_HDR: usize = 20;
 const ICMP_HDR: usize = 8;
 const ICMP_TIME_EXCEEDED: u8 = 11;
+const ICMP_DEST_UNREACHABLE: u8 = 3;
+const CODE_FRAG_NEEDED: u8 = 4;
 
 /// Rewrites the frame in `buf[..len]` into an ICMP time-exceeded (TTL exceeded in transit) from
-/// `gateway` back to the sender, quoting the original header and 8 bytes of its payload.
+/// `from` back to the sender, quoting the original header and 8 bytes of its payload.
 /// Returns the new length, or None when RFC 1812 forbids an error (the original is an ICMP
 /// error, a non-first fragment, or the buffer has no room).
-pub fn time_exceeded(
+pub fn time_exceeded(buf: &mut [u8], len: usize, host_mac: Mac, from: Ipv4Addr) -> Option<usize> {
+    error(buf, len, host_mac, from, ICMP_TIME_EXCEEDED, 0, 0)
+}
+
+/// Rewrites the frame into an ICMP destination-unreachable, fragmentation needed and DF set
+/// (RFC 1191), telling the sender the next hop's MTU. As [`time_exceeded`] otherwise.
+pub fn frag_needed(
     buf: &mut [u8],
     len: usize,
     host_mac: Mac,
-    gateway: Ipv4Addr,
+    from: Ipv4Addr,
+    mtu: u16,
+) -> Option<usize> {
+    error(
+        buf,
+        len,
+        host_mac,
+        from,
+        ICMP_DEST_UNREACHABLE,
+        CODE_FRAG_NEEDED,
+        u32::from(mtu),
+    )
+}
+
+/// An ICMP error of `msg_type`/`code` whose second header word is `rest`.
+fn error(
+    buf: &mut [u8],
+    len: usize,
+    host_mac: Mac,
+    from: Ipv4Addr,
+    msg_type: u8,
+    code: u8,
+    rest: u32,
 ) -> Option<usize> {
     let (src, quote_len) = {
         let ip = Ipv4Packet::new_checked(&buf[HEADER_LEN..len]).ok()?;
@@ -52,11 +82,11 @@ pub fn time_exceeded(
     buf[12..14].copy_from_slice(&0x0800u16.to_be_bytes());
     {
         let mut icmp = Icmpv4Packet::new_unchecked(&mut buf[HEADER_LEN + IP_HDR..new_len]);
-        icmp.set_msg_type(ICMP_TIME_EXCEEDED.into());
-        icmp.set_msg_code(0);
-        // The 4 "unused" bytes of a time-exceeded message.
-        icmp.set_echo_ident(0);
-        icmp.set_echo_seq_no(0);
+        icmp.set_msg_type(msg_type.into());
+        icmp.set_msg_code(code);
+        // The second word: unused (time exceeded), or unused and the next-hop MTU.
+        icmp.set_echo_ident((rest >> 16) as u16);
+        icmp.set_echo_seq_no(rest as u16);
         icmp.fill_checksum();
     }
     let mut ip = Ipv4Packet::new_unchecked(&mut buf[HEADER_LEN..new_len]);
@@ -70,7 +100,7 @@ pub fn time_exceeded(
     ip.set_frag_offset(0);
     ip.set_hop_limit(64);
     ip.set_next_header(IpProtocol::Icmp);
-    ip.set_src_addr(gateway);
+    ip.set_src_addr(from);
     ip.set_dst_addr(src);
     ip.fill_checksum();
     Some(new_len)

@@ -17,6 +17,8 @@ pub struct Header {
     pub dst: Ipv4Addr,
     pub header_len: usize,
     pub total_len: usize,
+    /// The Don't Fragment flag.
+    pub dont_frag: bool,
 }
 
 /// Checks version, IHL, total length against the frame, and the header checksum. Options and
@@ -35,6 +37,7 @@ pub fn validate(pkt: &[u8]) -> Result<Header, DropReason> {
         dst: ip.dst_addr(),
         header_len: usize::from(ip.header_len()),
         total_len: usize::from(ip.total_len()),
+        dont_frag: ip.dont_frag(),
     })
 }
 
@@ -53,4 +56,34 @@ pub fn decrement_ttl(pkt: &mut [u8]) -> bool {
     pkt[TTL] = ttl - 1;
     pkt[CHECKSUM..CHECKSUM + 2].copy_from_slice(&csum::update16(check, old, new).to_be_bytes());
     true
+}
+
+/// Whether no router forwards to `dst` (RFC 1812 §5.3.7, RFC 3927): "this network" 0/8,
+/// loopback 127/8, reserved 240/4 (the limited broadcast included) and link-local 169.254/16
+/// (the gateway, which is link-local too, is handled before this).
+#[inline]
+pub fn martian_destination(dst: Ipv4Addr) -> bool {
+    let o = dst.octets();
+    o[0] == 0 || o[0] == 127 || o[0] >= 240 || (o[0] == 169 && o[1] == 254)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn martian_destinations_are_named() {
+        for m in [
+            "0.1.2.3",
+            "127.0.0.1",
+            "240.0.0.1",
+            "255.255.255.255",
+            "169.254.9.9",
+        ] {
+            assert!(martian_destination(m.parse().unwrap()), "{m}");
+        }
+        for ok in ["198.18.16.2", "10.0.0.1", "1.1.1.1", "223.255.255.254"] {
+            assert!(!martian_destination(ok.parse().unwrap()), "{ok}");
+        }
+    }
 }

@@ -2,11 +2,13 @@
 //!
 //! ```text
 //! frame ─▶ eth::classify ─▶ arp::answer_gateway ──────────────────────────▶ Hairpin (ARP reply)
-//!                       └─▶ spoof::check ─▶ ipv4::validate ─▶ route ─▶ ipv4::decrement_ttl
-//!                                                              │            └─ expired ─▶ icmp::time_exceeded ─▶ IcmpError
-//!                                                              └─▶ rewrite::macs ─▶ Forward
+//!                       └─▶ dst MAC ─▶ ipv4::validate ─▶ spoof::check ─▶ martians ─▶ route
+//!        ─▶ MTU ─▶ ipv4::decrement_ttl ─▶ rewrite::macs ─▶ Forward
+//!            │        └─ expired ─▶ icmp::time_exceeded ─▶ IcmpError
+//!            └─ too big, DF ─▶ icmp::frag_needed ─▶ IcmpError
 //! ```
 //! Later stages (conntrack, Services, policy, overlay) slot in between `validate` and `route`.
+//! A worker's own state the stages may change lives in its [`Context`].
 
 pub mod arp;
 pub mod csum;
@@ -58,10 +60,59 @@ pub enum Action {
     Forward { next: Next, len: usize },
 }
 
+/// ICMP errors a worker sends per second at most, and in one burst (as Linux's
+/// `icmp_msgs_per_sec` and `icmp_msgs_burst`).
+pub const ICMP_PER_SEC: u64 = 1000;
+pub const ICMP_BURST: u64 = 50;
+
+/// A worker's own state, changed by the pipeline (one per worker: never shared).
+#[derive(Debug, Clone)]
+pub struct Context {
+    /// The coarse monotonic clock in ms, set by the worker once per loop.
+    pub now_ms: u64,
+    /// ICMP errors that may still be sent (a token bucket), and when it was last filled.
+    icmp_tokens: u64,
+    icmp_filled_ms: u64,
+}
+
+impl Default for Context {
+    fn default() -> Self {
+        Context {
+            now_ms: 0,
+            icmp_tokens: ICMP_BURST,
+            icmp_filled_ms: 0,
+        }
+    }
+}
+
+impl Context {
+    /// Takes a token for one ICMP error, if the rate allows one now.
+    #[inline]
+    fn icmp_allowed(&mut self) -> bool {
+        let elapsed = self.now_ms.saturating_sub(self.icmp_filled_ms);
+        let earned = elapsed * ICMP_PER_SEC / 1000;
+        if earned > 0 {
+            self.icmp_tokens = (self.icmp_tokens + earned).min(ICMP_BURST);
+            self.icmp_filled_ms = self.now_ms;
+        }
+        if self.icmp_tokens == 0 {
+            return false;
+        }
+        self.icmp_tokens -= 1;
+        true
+    }
+}
+
 /// Runs the pipeline over `buf[..len]`. `buf` is the whole frame buffer: stages that grow the
 /// packet (ICMP errors) use the room behind `len`.
 #[inline]
-pub fn process(buf: &mut [u8], len: usize, port: &InPort<'_>, t: &Tables) -> Action {
+pub fn process(
+    buf: &mut [u8],
+    len: usize,
+    port: &InPort<'_>,
+    t: &Tables,
+    ctx: &mut Context,
+) -> Action {
     let len = len.min(buf.len());
     match eth::classify(&buf[..len]) {
         Err(r) => Action::Drop(r),
@@ -74,12 +125,39 @@ pub fn process(buf: &mut [u8], len: usize, port: &InPort<'_>, t: &Tables) -> Act
                 Err(r) => Action::Drop(r),
             }
         }
-        Ok(eth::L3::Ipv4) => forward_ipv4(buf, len, port, t),
+        Ok(eth::L3::Ipv4) => forward_ipv4(buf, len, port, t, ctx),
+    }
+}
+
+/// An ICMP error in place of the frame, if the worker's rate allows one; the frame is
+/// counted as dropped for `reason` either way.
+#[inline]
+fn icmp_error(
+    ctx: &mut Context,
+    reason: DropReason,
+    make: impl FnOnce() -> Option<usize>,
+) -> Action {
+    if !ctx.icmp_allowed() {
+        return Action::Drop(reason);
+    }
+    match make() {
+        Some(len) => Action::IcmpError { reason, len },
+        None => Action::Drop(reason),
     }
 }
 
 #[inline]
-fn forward_ipv4(buf: &mut [u8], len: usize, port: &InPort<'_>, t: &Tables) -> Action {
+fn forward_ipv4(
+    buf: &mut [u8],
+    len: usize,
+    port: &InPort<'_>,
+    t: &Tables,
+    ctx: &mut Context,
+) -> Action {
+    // Only frames addressed to the gateway (the port's own MAC) are routed.
+    if buf[..6] != port.host_mac {
+        return Action::Drop(DropReason::ForeignDstMac);
+    }
     let hdr = match ipv4::validate(&buf[eth::HEADER_LEN..len]) {
         Ok(h) => h,
         Err(r) => return Action::Drop(r),
@@ -93,6 +171,9 @@ fn forward_ipv4(buf: &mut [u8], len: usize, port: &InPort<'_>, t: &Tables) -> Ac
     if hdr.dst.is_broadcast() || hdr.dst.is_multicast() || hdr.dst.is_unspecified() {
         return Action::Drop(DropReason::NotUnicast);
     }
+    if ipv4::martian_destination(hdr.dst) || t.node_broadcasts.contains(&hdr.dst) {
+        return Action::Drop(DropReason::MartianDst);
+    }
     let Some(next) = t.route(IpAddr::V4(hdr.dst)).copied() else {
         return Action::Drop(DropReason::NoRoute);
     };
@@ -101,14 +182,23 @@ fn forward_ipv4(buf: &mut [u8], len: usize, port: &InPort<'_>, t: &Tables) -> Ac
         // routing loops).
         return Action::Drop(DropReason::NoRoute);
     }
+    // ICMP errors come from the gateway to pods, from the node to senders beyond the uplink.
+    let from = match port.kind {
+        PortKind::Pod => t.gateway_v4,
+        PortKind::Uplink => t.node_v4.unwrap_or(t.gateway_v4),
+    };
+    if hdr.total_len > usize::from(next.mtu) {
+        if !hdr.dont_frag {
+            return Action::Drop(DropReason::TooBigNoDf);
+        }
+        return icmp_error(ctx, DropReason::FragNeeded, || {
+            icmp::frag_needed(buf, len, port.host_mac, from, next.mtu)
+        });
+    }
     if !ipv4::decrement_ttl(&mut buf[eth::HEADER_LEN..len]) {
-        return match icmp::time_exceeded(buf, len, port.host_mac, t.gateway_v4) {
-            Some(n) => Action::IcmpError {
-                reason: DropReason::TtlExpired,
-                len: n,
-            },
-            None => Action::Drop(DropReason::TtlExpired),
-        };
+        return icmp_error(ctx, DropReason::TtlExpired, || {
+            icmp::time_exceeded(buf, len, port.host_mac, from)
+        });
     }
     rewrite::macs(&mut buf[..len], &next);
     Action::Forward { next, len }

@@ -32,6 +32,7 @@ fn tables() -> Tables {
             worker: 0,
             dst_mac: A_MAC,
             src_mac: HA_MAC,
+            mtu: 1500,
         },
     );
     t.local.insert(
@@ -41,6 +42,7 @@ fn tables() -> Tables {
             worker: 1,
             dst_mac: B_MAC,
             src_mac: HB_MAC,
+            mtu: 1500,
         },
     );
     t.node_addrs.insert(IpAddr::from([198, 18, 0, 1]));
@@ -111,7 +113,7 @@ fn arp(op: u16, sha: Mac, spa: [u8; 4], tpa: [u8; 4]) -> Vec<u8> {
 
 fn run(pkt: &[u8]) -> (Action, Vec<u8>) {
     let (mut buf, len) = frame(pkt);
-    let a = process(&mut buf, len, &port_a(), &tables());
+    let a = process(&mut buf, len, &port_a(), &tables(), &mut Context::default());
     (a, buf)
 }
 
@@ -238,7 +240,13 @@ fn a_pod_sends_only_as_itself() {
 #[test]
 fn uplink_frames_for_pods_are_routed_without_spoofing_checks() {
     let (mut buf, len) = frame(&udp([9; 6], [198, 18, 0, 2], B_IP, 64));
-    let a = process(&mut buf, len, &uplink_port(9, HA_MAC), &tables());
+    let a = process(
+        &mut buf,
+        len,
+        &uplink_port(9, HA_MAC),
+        &tables(),
+        &mut Context::default(),
+    );
     assert!(
         matches!(a, Action::Forward { next, .. } if next.port == 1),
         "{a:?}"
@@ -251,7 +259,7 @@ fn outside_destinations_leave_through_the_uplink_once_its_gateway_is_known() {
     t.pod_cidr = Some("198.18.16.0/20".parse().unwrap());
     let (mut buf, len) = frame(&udp(A_MAC, A_IP, [198, 18, 0, 2], 64));
     assert_eq!(
-        process(&mut buf, len, &port_a(), &t),
+        process(&mut buf, len, &port_a(), &t, &mut Context::default()),
         Action::Drop(DropReason::NoRoute),
         "gateway unknown"
     );
@@ -260,16 +268,17 @@ fn outside_destinations_leave_through_the_uplink_once_its_gateway_is_known() {
         worker: 0,
         dst_mac: [7; 6],
         src_mac: [8; 6],
+        mtu: 1500,
     };
     t.uplink = Some(up);
     let (mut buf, len) = frame(&udp(A_MAC, A_IP, [198, 18, 0, 2], 64));
-    let a = process(&mut buf, len, &port_a(), &t);
+    let a = process(&mut buf, len, &port_a(), &t, &mut Context::default());
     assert_eq!(a, Action::Forward { next: up, len });
     assert_eq!(&buf[0..6], &[7; 6]);
     assert_eq!(&buf[6..12], &[8; 6]);
     let (mut buf, len) = frame(&udp(A_MAC, A_IP, [198, 18, 16, 99], 64));
     assert_eq!(
-        process(&mut buf, len, &port_a(), &t),
+        process(&mut buf, len, &port_a(), &t, &mut Context::default()),
         Action::Drop(DropReason::NoRoute),
         "an unknown pod is not sent out"
     );
@@ -278,7 +287,13 @@ fn outside_destinations_leave_through_the_uplink_once_its_gateway_is_known() {
     for id in [9, 10] {
         let (mut buf, len) = frame(&udp([9; 6], [198, 18, 0, 2], [198, 18, 0, 3], 64));
         assert_eq!(
-            process(&mut buf, len, &uplink_port(id, [8; 6]), &t),
+            process(
+                &mut buf,
+                len,
+                &uplink_port(id, HA_MAC),
+                &t,
+                &mut Context::default()
+            ),
             Action::Drop(DropReason::NoRoute),
             "from uplink socket {id}"
         );
@@ -289,7 +304,13 @@ fn outside_destinations_leave_through_the_uplink_once_its_gateway_is_known() {
 fn arp_on_the_uplink_is_never_answered() {
     let (mut buf, len) = frame(&arp(1, [9; 6], [198, 18, 0, 2], GW));
     assert_eq!(
-        process(&mut buf, len, &uplink_port(9, HA_MAC), &tables()),
+        process(
+            &mut buf,
+            len,
+            &uplink_port(9, HA_MAC),
+            &tables(),
+            &mut Context::default()
+        ),
         Action::Drop(DropReason::ArpNotForGateway)
     );
 }
@@ -311,6 +332,131 @@ fn unroutable_gateway_and_broadcast_destinations_are_dropped() {
     assert_eq!(
         run(&udp(A_MAC, A_IP, [224, 0, 0, 251], 64)).0,
         Action::Drop(DropReason::NotUnicast)
+    );
+}
+
+#[test]
+fn martian_destinations_never_leave_even_with_an_uplink() {
+    let mut t = tables();
+    t.uplink = Some(Next {
+        port: 9,
+        worker: 0,
+        dst_mac: [7; 6],
+        src_mac: [8; 6],
+        mtu: 1500,
+    });
+    t.node_broadcasts.insert(Ipv4Addr::new(198, 18, 0, 255));
+    for dst in [
+        [127, 0, 0, 1],
+        [0, 1, 2, 3],
+        [240, 0, 0, 1],
+        [169, 254, 1, 2],
+        [198, 18, 0, 255],
+    ] {
+        let (mut buf, len) = frame(&udp(A_MAC, A_IP, dst, 64));
+        assert_eq!(
+            process(&mut buf, len, &port_a(), &t, &mut Context::default()),
+            Action::Drop(DropReason::MartianDst),
+            "{dst:?}"
+        );
+    }
+    let (mut buf, len) = frame(&udp(A_MAC, A_IP, [198, 18, 0, 2], 64));
+    assert!(matches!(
+        process(&mut buf, len, &port_a(), &t, &mut Context::default()),
+        Action::Forward { .. }
+    ));
+}
+
+#[test]
+fn frames_not_addressed_to_the_gateway_are_not_routed() {
+    for dst_mac in [[0xff; 6], [0x01, 0, 0x5e, 0, 0, 1], [2, 0, 0, 0, 0, 0x77]] {
+        let mut p = udp(A_MAC, A_IP, B_IP, 64);
+        p[..6].copy_from_slice(&dst_mac);
+        assert_eq!(
+            run(&p).0,
+            Action::Drop(DropReason::ForeignDstMac),
+            "{dst_mac:?}"
+        );
+    }
+}
+
+/// A UDP datagram of `total` IP bytes from A to B, with Don't Fragment as given.
+fn big_udp(total: usize, df: bool) -> Vec<u8> {
+    let mut h = etherparse::Ipv4Header::new(0, 64, etherparse::IpNumber::UDP, A_IP, B_IP).unwrap();
+    h.dont_fragment = df;
+    let b = PacketBuilder::ethernet2(A_MAC, HA_MAC)
+        .ip(etherparse::IpHeaders::Ipv4(h, Default::default()))
+        .udp(4000, 53);
+    let payload = vec![0x61; total - 28];
+    let mut v = Vec::new();
+    b.write(&mut v, &payload).unwrap();
+    v
+}
+
+#[test]
+fn larger_than_the_egress_mtu_with_df_gets_fragmentation_needed_with_the_mtu() {
+    let mut t = tables();
+    t.local.get_mut(&IpAddr::from(B_IP)).unwrap().mtu = 1400;
+    let (mut buf, len) = frame(&big_udp(1400, true));
+    assert!(matches!(
+        process(&mut buf, len, &port_a(), &t, &mut Context::default()),
+        Action::Forward { .. }
+    ));
+    let (mut buf, len) = frame(&big_udp(1401, true));
+    let a = process(&mut buf, len, &port_a(), &t, &mut Context::default());
+    let Action::IcmpError { reason, len } = a else {
+        panic!("{a:?}")
+    };
+    assert_eq!(reason, DropReason::FragNeeded);
+    let sliced = etherparse::SlicedPacket::from_ethernet(&buf[..len]).unwrap();
+    let Some(etherparse::NetSlice::Ipv4(ip)) = sliced.net else {
+        panic!("not IPv4")
+    };
+    assert_eq!(ip.header().source(), GW);
+    assert_eq!(ip.header().destination(), A_IP);
+    assert_eq!(&buf[0..6], &A_MAC, "back to the sender");
+    let icmp = &buf[34..len];
+    assert_eq!(
+        (icmp[0], icmp[1]),
+        (3, 4),
+        "destination unreachable, frag needed"
+    );
+    assert_eq!(u16::from_be_bytes([icmp[6], icmp[7]]), 1400, "next-hop MTU");
+    assert_eq!(smoltcp::wire::checksum::data(icmp), 0xffff, "ICMP checksum");
+    let (mut buf, len) = frame(&big_udp(1401, false));
+    assert_eq!(
+        process(&mut buf, len, &port_a(), &t, &mut Context::default()),
+        Action::Drop(DropReason::TooBigNoDf)
+    );
+}
+
+#[test]
+fn icmp_errors_are_rate_limited_per_worker() {
+    let mut ctx = Context {
+        now_ms: 1_000,
+        ..Context::default()
+    };
+    let mut sent = 0;
+    for _ in 0..200 {
+        let (mut buf, len) = frame(&udp(A_MAC, A_IP, B_IP, 1));
+        match process(&mut buf, len, &port_a(), &tables(), &mut ctx) {
+            Action::IcmpError { .. } => sent += 1,
+            Action::Drop(DropReason::TtlExpired) => {}
+            a => panic!("{a:?}"),
+        }
+    }
+    assert_eq!(
+        sent, ICMP_BURST,
+        "a burst, then nothing within the same millisecond"
+    );
+    ctx.now_ms += 10;
+    let (mut buf, len) = frame(&udp(A_MAC, A_IP, B_IP, 1));
+    assert!(
+        matches!(
+            process(&mut buf, len, &port_a(), &tables(), &mut ctx),
+            Action::IcmpError { .. }
+        ),
+        "10 ms later, 10 more"
     );
 }
 
@@ -400,7 +546,7 @@ proptest! {
     fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..200), claimed in 0usize..300) {
         let (mut buf, len) = frame(&bytes);
         let len = claimed.min(len.max(claimed.min(2048)));
-        let a = process(&mut buf, len, &port_a(), &tables());
+        let a = process(&mut buf, len, &port_a(), &tables(), &mut Context::default());
         match a {
             Action::Hairpin { len: n } | Action::IcmpError { len: n, .. } | Action::Forward { len: n, .. } => prop_assert!(n <= 2048),
             Action::Drop(_) => {}
