@@ -7,7 +7,7 @@
 //!                                            per flow: received, lost, reordered, latency
 //! ```
 //!
-//! Each thread owns one AF_XDP socket on its queue and a slice of one UMEM (strom-dataplane's
+//! Each thread owns one AF_XDP socket on its queue and a slice of one UMEM (strom-xdp's
 //! `xsk` module, the same I/O layer as stromd), builds frames in place and commits them in
 //! batches with one `sendto` per batch of the kernel's.
 
@@ -24,8 +24,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
-use strom_dataplane::mac::parse_mac;
-use strom_dataplane::xsk::{SharedUmem, WorkerUmem, XskPort, XskSizes};
+use strom_api::mac::parse_mac;
+use strom_xdp::xsk::{SharedUmem, WorkerUmem, XskPort, XskSizes};
 
 use flows::{Flows, IpRange, PortRange};
 use packet::{Fields, Proto, Template, IMIX, MAX_FRAME};

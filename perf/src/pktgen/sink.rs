@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use hdrhistogram::Histogram;
-use strom_dataplane::bpf::{Role, XdpPrograms};
+use strom_xdp::bpf::{Role, XdpPrograms};
 use xdpilone::xdp::XdpDesc;
 
 use crate::packet::read_stamp;

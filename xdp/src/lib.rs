@@ -1,0 +1,13 @@
+//! strom's I/O layer, in a crate of its own so that every user of AF_XDP (stromd, and
+//! strom-pktgen, which does not link the dataplane) shares one implementation:
+//!
+//! - [`xsk`]: AF_XDP sockets sharing one UMEM (a slice of frames per worker), their rings,
+//!   fill-ring depths and the kernel's drop counters;
+//! - [`bpf`]: the XDP programs (`bpf/strom.c`, compiled by `build.rs` with clang), loaded and
+//!   attached with aya, their maps, and the links pinned so that they outlive stromd.
+//!
+//! These two modules are the only places in the workspace where `unsafe` is allowed; each
+//! unsafe block says why it is sound.
+
+pub mod bpf;
+pub mod xsk;
