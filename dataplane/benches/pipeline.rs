@@ -1,5 +1,6 @@
 //! Per-stage and whole-pipeline cost on one core (criterion). Tables at a realistic size:
-//! 110 pods on the node (the kubelet default maximum).
+//! 110 pods on the node (the kubelet default maximum). Also what one route change costs the
+//! reconciler: building and publishing the next route table with 110 pods and with 10k routes.
 //!
 //!   cargo bench -p strom-dataplane --bench pipeline
 
@@ -9,7 +10,8 @@ use std::net::{IpAddr, Ipv4Addr};
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 use etherparse::PacketBuilder;
 use strom_dataplane::pipeline::{self, arp, eth, ipv4, rewrite, spoof, InPort, PortKind};
-use strom_dataplane::tables::{Next, Tables};
+use strom_dataplane::tables::routes::{port_routes, DesiredRoutes};
+use strom_dataplane::tables::{Next, NodeTable, RouteTable, TableHandle, Tables};
 
 const PODS: u8 = 110;
 const A_MAC: [u8; 6] = [2, 0, 0, 0, 0, 1];
@@ -21,9 +23,12 @@ fn pod_ip(i: u8) -> Ipv4Addr {
 }
 
 fn tables() -> Tables {
-    let mut t = Tables::new(GW);
+    let mut t = Tables {
+        node: NodeTable::new(GW),
+        routes: RouteTable::default(),
+    };
     for i in 0..PODS {
-        t.local.insert(
+        t.routes.local.insert(
             IpAddr::V4(pod_ip(i)),
             Next {
                 port: u32::from(i),
@@ -87,9 +92,9 @@ fn stages(c: &mut Criterion) {
         b.iter(|| spoof::check(black_box(&pkt), &port, IpAddr::V4(pod_ip(0))))
     });
     g.bench_function("route_lookup_110_pods", |b| {
-        b.iter(|| t.route(black_box(IpAddr::V4(pod_ip(57)))).copied())
+        b.iter(|| t.view().route(black_box(IpAddr::V4(pod_ip(57)))).copied())
     });
-    let next = *t.route(IpAddr::V4(pod_ip(57))).unwrap();
+    let next = *t.view().route(IpAddr::V4(pod_ip(57))).unwrap();
     g.bench_function("ttl_decrement_rfc1624", |b| {
         b.iter_batched_ref(
             || pkt.clone(),
@@ -135,7 +140,7 @@ fn whole(c: &mut Criterion) {
             || batch.clone(),
             |frames| {
                 for f in frames.iter_mut() {
-                    black_box(pipeline::process(f, 60, &port, &t, &mut ctx));
+                    black_box(pipeline::process(f, 60, &port, &t.view(), &mut ctx));
                 }
             },
             BatchSize::SmallInput,
@@ -144,5 +149,53 @@ fn whole(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, stages, whole);
+/// Desired routes of `n` pods (one address each, spread over 2 workers).
+fn desired(n: u32) -> DesiredRoutes {
+    let mut d = DesiredRoutes::default();
+    for i in 0..n {
+        let ip = IpAddr::V4(Ipv4Addr::from(u32::from(Ipv4Addr::new(198, 18, 0, 0)) + i));
+        let next = Next {
+            port: i,
+            worker: (i % 2) as u16,
+            dst_mac: [2, 0, 0, 0, 0, i as u8],
+            src_mac: [2, 0, 0, 0, 1, i as u8],
+            mtu: 1450,
+        };
+        d.ports.insert(i, port_routes(&[ip], next));
+    }
+    d
+}
+
+/// One route change: the reconciler builds the next route table from the desired state and
+/// publishes it (the old version is dropped here, as the reconciler does once the workers
+/// have moved past it). The node table is not copied.
+fn table_change(c: &mut Criterion) {
+    let mut g = c.benchmark_group("route_change");
+    for n in [110u32, 10_000] {
+        let mut d = desired(n);
+        let handle = TableHandle::new(NodeTable::new(GW));
+        handle.publish_routes(RouteTable::build(&d));
+        let t = RouteTable::build(&d);
+        let bytes =
+            t.local.capacity() * (std::mem::size_of::<IpAddr>() + std::mem::size_of::<Next>() + 1);
+        println!("route table with {n} routes: about {} KiB", bytes / 1024);
+        let extra = IpAddr::V4(Ipv4Addr::new(198, 19, 255, 1));
+        let mut flip = false;
+        g.bench_function(format!("publish_one_change_{n}_routes"), |b| {
+            b.iter(|| {
+                flip = !flip;
+                if flip {
+                    d.ports
+                        .insert(u32::MAX, port_routes(&[extra], d.ports[&0][0].1));
+                } else {
+                    d.ports.remove(&u32::MAX);
+                }
+                drop(handle.publish_routes(RouteTable::build(&d)));
+            })
+        });
+    }
+    g.finish();
+}
+
+criterion_group!(benches, stages, whole, table_change);
 criterion_main!(benches);

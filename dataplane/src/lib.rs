@@ -14,6 +14,7 @@ pub mod drop;
 pub use strom_api::mac;
 pub mod netlink;
 pub mod pipeline;
+pub mod reconcile;
 pub mod state;
 pub mod stats;
 pub mod tables;

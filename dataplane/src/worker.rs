@@ -267,9 +267,6 @@ pub struct Worker {
     tables: TableHandle,
     mode: PollMode,
     umem: WorkerUmem,
-    /// This worker's socket on one of the uplink's queues, if it has one: what it transmits
-    /// frames for the uplink on.
-    uplink_tx: Option<u32>,
     /// Ports by id (id = XSKMAP slot); `active` lists the ids present.
     ports: Vec<Option<Box<Port>>>,
     active: Vec<u32>,
@@ -290,6 +287,7 @@ impl Worker {
         mode: PollMode,
         umem: WorkerUmem,
     ) -> Self {
+        let id = me.id;
         Worker {
             me,
             all,
@@ -297,13 +295,12 @@ impl Worker {
             tables,
             mode,
             umem,
-            uplink_tx: None,
             ports: (0..crate::api::MAX_PORTS).map(|_| None).collect(),
             active: Vec::new(),
             poll: PollSet::default(),
             drops: LocalDrops::default(),
             totals: Local::default(),
-            ctx: pipeline::Context::default(),
+            ctx: pipeline::Context::new(id as u16),
         }
     }
 
@@ -347,7 +344,8 @@ impl Worker {
                 let n = self.umem.reclaim(serial);
                 tracing::debug!(worker = self.me.id, serial, frames = n, "frames reclaimed");
             }
-            let tables = self.tables.load();
+            let loaded = self.tables.load();
+            let tables = loaded.view();
             self.ctx.now_ms = crate::stats::coarse_ms();
             let mut work = 0usize;
             for i in 0..self.active.len() {
@@ -361,7 +359,7 @@ impl Worker {
                     p.flush(&mut self.umem, &mut self.totals, &mut self.drops);
                 }
             }
-            drop(tables);
+            drop(loaded);
             since_stats += 1;
             // Also just before an adaptive worker goes to sleep, so that what was dropped
             // shows while it sleeps.
@@ -458,8 +456,8 @@ impl Worker {
                         if !self.active.contains(&id) {
                             self.active.push(id);
                         }
-                        if s.kind == PortKind::Uplink && self.uplink_tx.is_none() {
-                            self.uplink_tx = Some(id);
+                        if s.kind == PortKind::Uplink && self.ctx.uplink_tx.is_none() {
+                            self.ctx.uplink_tx = Some(id);
                         }
                         fd
                     });
@@ -486,8 +484,8 @@ impl Worker {
                         }
                     }
                     self.active.retain(|&a| a != id);
-                    if self.uplink_tx == Some(id) {
-                        self.uplink_tx = None;
+                    if self.ctx.uplink_tx == Some(id) {
+                        self.ctx.uplink_tx = None;
                     }
                     self.rebuild_poll();
                     let _ = reply.send(());
@@ -503,7 +501,7 @@ impl Worker {
         &mut self,
         id: u32,
         descs: &mut [XdpDesc; BATCH],
-        tables: &crate::tables::Tables,
+        tables: &crate::tables::View<'_>,
     ) -> usize {
         let Some(mut port) = self.ports[id as usize].take() else {
             return 0;
@@ -553,56 +551,53 @@ impl Worker {
                     port.local.drops += 1;
                     self.hairpin(&mut port, d.addr, len);
                 }
-                Action::Forward { next, len } => {
-                    // The uplink has a socket per receive queue: a worker serving one of them
-                    // transmits on its own instead of handing the frame to queue 0's worker.
-                    let (out_port, out_worker) = match self.uplink_tx {
-                        Some(local) if tables.uplink.is_some_and(|u| u.port == next.port) => {
-                            (local, self.me.id)
+                Action::Tx {
+                    port: out_port,
+                    len,
+                } => {
+                    // The worker's ports share its UMEM slice: the frame itself goes out.
+                    let r = match self.ports[out_port as usize].as_deref_mut() {
+                        Some(out) => {
+                            if out.xsk.send(&mut self.umem, d.addr, len) {
+                                Ok(())
+                            } else {
+                                Err(DropReason::TxFull)
+                            }
                         }
-                        _ => (next.port, usize::from(next.worker)),
+                        None => {
+                            self.umem.recycle(d.addr);
+                            Err(DropReason::PortGone)
+                        }
                     };
-                    if out_port == id {
-                        self.hairpin(&mut port, d.addr, len);
-                    } else if out_worker == self.me.id {
-                        // The worker's ports share its UMEM slice: the frame itself goes out.
-                        let r = match self.ports[out_port as usize].as_deref_mut() {
-                            Some(out) => {
-                                if out.xsk.send(&mut self.umem, d.addr, len) {
-                                    Ok(())
-                                } else {
-                                    Err(DropReason::TxFull)
-                                }
+                    self.account_tx(r);
+                }
+                Action::Handoff {
+                    worker,
+                    port: out_port,
+                    len,
+                } => {
+                    let frame = self.umem.frame_mut(d.addr);
+                    let r = match (self.all.get(usize::from(worker)), frame.get(..len)) {
+                        (Some(w), Some(bytes)) => {
+                            let mut h = Handoff {
+                                port: out_port,
+                                len: len as u16,
+                                data: [0; FRAME_SIZE as usize],
+                            };
+                            h.data[..len].copy_from_slice(bytes);
+                            if w.push_handoff(h) {
+                                Ok(())
+                            } else {
+                                Err(DropReason::HandoffFull)
                             }
-                            None => {
-                                self.umem.recycle(d.addr);
-                                Err(DropReason::PortGone)
-                            }
-                        };
-                        self.account_tx(r);
-                    } else {
-                        let r = match self.all.get(out_worker) {
-                            Some(w) => {
-                                let mut h = Handoff {
-                                    port: out_port,
-                                    len: len as u16,
-                                    data: [0; FRAME_SIZE as usize],
-                                };
-                                h.data[..len].copy_from_slice(&self.umem.frame_mut(d.addr)[..len]);
-                                if w.push_handoff(h) {
-                                    Ok(())
-                                } else {
-                                    Err(DropReason::HandoffFull)
-                                }
-                            }
-                            None => Err(DropReason::PortGone),
-                        };
-                        if let Err(r) = r {
-                            self.drops.count(r);
-                            port.local.drops += 1;
                         }
-                        self.umem.recycle(d.addr);
+                        _ => Err(DropReason::PortGone),
+                    };
+                    if let Err(r) = r {
+                        self.drops.count(r);
+                        port.local.drops += 1;
                     }
+                    self.umem.recycle(d.addr);
                 }
             }
         }
@@ -629,7 +624,13 @@ impl Worker {
     ) -> Result<(), DropReason> {
         let out = out.ok_or(DropReason::PortGone)?;
         let addr = umem.take_free().ok_or(DropReason::NoFrame)?;
-        umem.frame_mut(addr)[..frame.len()].copy_from_slice(frame);
+        match umem.frame_mut(addr).get_mut(..frame.len()) {
+            Some(dst) => dst.copy_from_slice(frame),
+            None => {
+                umem.recycle(addr);
+                return Err(DropReason::NoFrame);
+            }
+        }
         if !out.xsk.send(umem, addr, frame.len()) {
             return Err(DropReason::TxFull);
         }

@@ -18,6 +18,7 @@ use crate::config::Config;
 use crate::mac::{fmt_mac, parse_mac, Mac};
 use crate::netlink::Deletion;
 use crate::pipeline::PortKind;
+use crate::reconcile::Reconciler;
 use crate::state::StateFile;
 use crate::stats::SharedCounters;
 use crate::tables::{Next, TableHandle};
@@ -50,7 +51,8 @@ struct PortRecord {
 pub struct Controller {
     cfg: Config,
     xdp: XdpPrograms,
-    tables: TableHandle,
+    /// The desired state and the tables built from it.
+    desired: Reconciler,
     workers: Vec<Arc<WorkerShared>>,
     ports: BTreeMap<u32, PortRecord>,
     next_id: u32,
@@ -184,7 +186,7 @@ impl Controller {
         Controller {
             cfg,
             xdp,
-            tables,
+            desired: Reconciler::new(tables, workers.clone()),
             workers,
             ports: BTreeMap::new(),
             next_id: 0,
@@ -359,20 +361,17 @@ impl Controller {
             },
             &spec.ifname,
         )?;
-        let mut t = (*self.tables.snapshot()).clone();
-        for ip in &spec.ips {
-            t.local.insert(
-                *ip,
-                Next {
-                    port: id,
-                    worker: worker as u16,
-                    dst_mac: pod_mac,
-                    src_mac: host_mac,
-                    mtu,
-                },
-            );
-        }
-        self.tables.publish(t);
+        self.desired.set_port(
+            id,
+            &spec.ips,
+            Next {
+                port: id,
+                worker: worker as u16,
+                dst_mac: pod_mac,
+                src_mac: host_mac,
+                mtu,
+            },
+        );
         tracing::info!(port = id, worker, ifname = %spec.ifname, ips = ?spec.ips, xdp_mode, "port added");
         let rec = PortRecord {
             id,
@@ -559,9 +558,7 @@ impl Controller {
                     mtu: u.mtu,
                 };
                 tracing::info!(gateway = %gw, mac = %fmt_mac(&mac), "uplink gateway resolved");
-                let mut t = (*self.tables.snapshot()).clone();
-                t.uplink = Some(next);
-                self.tables.publish(t);
+                self.desired.set_uplink(Some(next));
                 true
             }
             None => {
@@ -647,9 +644,7 @@ impl Controller {
             PortInterface::Delete => Some(Deletion::start(p.ifindex, &p.spec.ifname)),
             _ => None,
         };
-        let mut t = (*self.tables.snapshot()).clone();
-        t.local.retain(|_, n| n.port != p.id);
-        self.tables.publish(t);
+        self.desired.remove_port(p.id);
         let deleted = interface != PortInterface::Keep;
         self.stop_on_worker(p.worker, p.id, deleted);
         // Detaching waits for the kernel too; nothing reaches the port any more, so the
@@ -709,6 +704,7 @@ impl Controller {
     /// Periodic upkeep between requests: the uplink's gateway, late detaches. Returns when
     /// it wants to run next.
     pub fn tick(&mut self) -> Instant {
+        self.desired.collect();
         self.detach_due(Some(Instant::now()));
         self.reap_deletions();
         let known = self.refresh_uplink();
@@ -783,12 +779,13 @@ impl Controller {
                     .collect(),
             },
             Request::Tables => {
-                let t = self.tables.snapshot();
+                let t = self.desired.tables().routes();
+                let node = self.desired.tables().node();
                 let mut routes: Vec<RouteEntry> = t
                     .local
                     .iter()
                     .map(|(ip, n)| RouteEntry {
-                        prefix: format!("{ip}/{}", if ip.is_ipv4() { 32 } else { 128 }),
+                        prefix: crate::tables::routes::host_prefix(ip),
                         target: format!(
                             "port {} (worker {}) via {} → {}",
                             n.port,
@@ -811,10 +808,10 @@ impl Controller {
                     });
                 }
                 let mut node_addrs: Vec<String> =
-                    t.node_addrs.iter().map(|a| a.to_string()).collect();
+                    node.addrs.iter().map(|a| a.to_string()).collect();
                 node_addrs.sort();
                 Response::Tables {
-                    gateway: t.gateway_v4.to_string(),
+                    gateway: node.gateway_v4.to_string(),
                     node_addrs,
                     routes,
                 }

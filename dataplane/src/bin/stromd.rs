@@ -11,7 +11,7 @@ use clap::Parser;
 use strom_dataplane::api::{bind, serve, Controller};
 use strom_dataplane::bpf::XdpPrograms;
 use strom_dataplane::config::{Config, PollMode};
-use strom_dataplane::tables::{TableHandle, Tables};
+use strom_dataplane::tables::{NodeTable, TableHandle};
 use strom_dataplane::worker;
 use strom_dataplane::xsk::XskSizes;
 
@@ -146,14 +146,14 @@ fn main() -> anyhow::Result<()> {
     let mut xdp = XdpPrograms::load((!pin_dir.as_os_str().is_empty()).then_some(pin_dir.as_path()))
         .context("loading XDP programs (is this root, with bpf available?)")?;
     xdp.set_gateway(cfg.node.pod_gateway)?;
-    let mut tables = Tables::new(cfg.node.pod_gateway);
+    let mut tables = NodeTable::new(cfg.node.pod_gateway);
     for a in &cfg.node.addresses {
-        tables.node_addrs.insert(*a);
+        tables.addrs.insert(*a);
         if let IpAddr::V4(v4) = a {
             xdp.add_node_addr(*v4)?;
         }
     }
-    tables.node_v4 = cfg.node.addresses.iter().find_map(|a| match a {
+    tables.v4 = cfg.node.addresses.iter().find_map(|a| match a {
         IpAddr::V4(v4) => Some(*v4),
         IpAddr::V6(_) => None,
     });
@@ -169,7 +169,7 @@ fn main() -> anyhow::Result<()> {
                 // /31 and /32 have no broadcast address (RFC 3021).
                 if mask.count_ones() < 31 {
                     tables
-                        .node_broadcasts
+                        .broadcasts
                         .insert(std::net::Ipv4Addr::from(ip | !mask));
                 }
             }

@@ -22,7 +22,7 @@ use std::net::IpAddr;
 
 use crate::drop::DropReason;
 use crate::mac::Mac;
-use crate::tables::{Next, Tables};
+use crate::tables::{Next, View};
 
 /// What kind of port a frame came in on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -46,18 +46,24 @@ pub struct InPort<'a> {
     pub ips: &'a [IpAddr],
 }
 
-/// The outcome for one frame. The frame buffer may have been rewritten in place.
+/// The outcome for one frame, final: the worker only carries it out. The frame buffer may
+/// have been rewritten in place.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Action {
     /// Drop and count.
     Drop(DropReason),
-    /// Send `len` bytes back out of the port it came in on (ARP reply).
+    /// Send `len` bytes back out of the port it came in on (ARP reply, or a frame routed
+    /// back to where it came from).
     Hairpin { len: usize },
     /// The original is dropped for `reason`; `len` bytes of ICMP error go back out of the
     /// port it came in on.
     IcmpError { reason: DropReason, len: usize },
-    /// Send `len` bytes out of `next.port`.
-    Forward { next: Next, len: usize },
+    /// Send `len` bytes out of this worker's port `port` (the frame itself: a worker's ports
+    /// share its UMEM slice).
+    Tx { port: u32, len: usize },
+    /// Hand `len` bytes to worker `worker`, which sends them out of its port `port` (a copy:
+    /// each worker has its own UMEM slice).
+    Handoff { worker: u16, port: u32, len: usize },
 }
 
 /// ICMP errors a worker sends per second at most, and in one burst (as Linux's
@@ -68,6 +74,11 @@ pub const ICMP_BURST: u64 = 50;
 /// A worker's own state, changed by the pipeline (one per worker: never shared).
 #[derive(Debug, Clone)]
 pub struct Context {
+    /// The worker this context belongs to.
+    pub worker: u16,
+    /// This worker's socket on one of the uplink's receive queues, if it has one: what it
+    /// sends frames for the uplink out of (the others hand them to the uplink route's worker).
+    pub uplink_tx: Option<u32>,
     /// The coarse monotonic clock in ms, set by the worker once per loop.
     pub now_ms: u64,
     /// ICMP errors that may still be sent (a token bucket), and when it was last filled.
@@ -78,6 +89,8 @@ pub struct Context {
 impl Default for Context {
     fn default() -> Self {
         Context {
+            worker: 0,
+            uplink_tx: None,
             now_ms: 0,
             icmp_tokens: ICMP_BURST,
             icmp_filled_ms: 0,
@@ -86,6 +99,14 @@ impl Default for Context {
 }
 
 impl Context {
+    /// Worker `worker`'s context.
+    pub fn new(worker: u16) -> Self {
+        Context {
+            worker,
+            ..Context::default()
+        }
+    }
+
     /// Takes a token for one ICMP error, if the rate allows one now.
     #[inline]
     fn icmp_allowed(&mut self) -> bool {
@@ -110,7 +131,7 @@ pub fn process(
     buf: &mut [u8],
     len: usize,
     port: &InPort<'_>,
-    t: &Tables,
+    t: &View<'_>,
     ctx: &mut Context,
 ) -> Action {
     let len = len.min(buf.len());
@@ -120,7 +141,7 @@ pub fn process(
             if let Err(r) = spoof::check_mac(&buf[..len], port) {
                 return Action::Drop(r);
             }
-            match arp::answer_gateway(&mut buf[..len], port, t.gateway_v4) {
+            match arp::answer_gateway(&mut buf[..len], port, t.node.gateway_v4) {
                 Ok(n) => Action::Hairpin { len: n },
                 Err(r) => Action::Drop(r),
             }
@@ -151,7 +172,7 @@ fn forward_ipv4(
     buf: &mut [u8],
     len: usize,
     port: &InPort<'_>,
-    t: &Tables,
+    t: &View<'_>,
     ctx: &mut Context,
 ) -> Action {
     // Only frames addressed to the gateway (the port's own MAC) are routed.
@@ -165,27 +186,28 @@ fn forward_ipv4(
     if let Err(r) = spoof::check(&buf[..len], port, IpAddr::V4(hdr.src)) {
         return Action::Drop(r);
     }
-    if hdr.dst == t.gateway_v4 {
+    if hdr.dst == t.node.gateway_v4 {
         return Action::Drop(DropReason::ToGateway);
     }
     if hdr.dst.is_broadcast() || hdr.dst.is_multicast() || hdr.dst.is_unspecified() {
         return Action::Drop(DropReason::NotUnicast);
     }
-    if ipv4::martian_destination(hdr.dst) || t.node_broadcasts.contains(&hdr.dst) {
+    if ipv4::martian_destination(hdr.dst) || t.node.broadcasts.contains(&hdr.dst) {
         return Action::Drop(DropReason::MartianDst);
     }
     let Some(next) = t.route(IpAddr::V4(hdr.dst)).copied() else {
         return Action::Drop(DropReason::NoRoute);
     };
-    if port.kind == PortKind::Uplink && t.uplink.is_some_and(|u| u.port == next.port) {
+    let to_uplink = t.routes.is_uplink(&next);
+    if port.kind == PortKind::Uplink && to_uplink {
         // Never send a frame back out of the uplink it came in on, whatever its queue (no
         // routing loops).
         return Action::Drop(DropReason::NoRoute);
     }
     // ICMP errors come from the gateway to pods, from the node to senders beyond the uplink.
     let from = match port.kind {
-        PortKind::Pod => t.gateway_v4,
-        PortKind::Uplink => t.node_v4.unwrap_or(t.gateway_v4),
+        PortKind::Pod => t.node.gateway_v4,
+        PortKind::Uplink => t.node.v4.unwrap_or(t.node.gateway_v4),
     };
     if hdr.total_len > usize::from(next.mtu) {
         if !hdr.dont_frag {
@@ -201,7 +223,32 @@ fn forward_ipv4(
         });
     }
     rewrite::macs(&mut buf[..len], &next);
-    Action::Forward { next, len }
+    out(next, to_uplink, port, ctx, len)
+}
+
+/// Where a routed frame leaves: the uplink has a socket per receive queue, and a worker
+/// serving one of them sends on its own; a port of this worker gets the frame itself; the
+/// port it came in on, a hairpin; any other, a hand-off to its worker.
+#[inline]
+fn out(next: Next, to_uplink: bool, port: &InPort<'_>, ctx: &Context, len: usize) -> Action {
+    let (out_port, worker) = match ctx.uplink_tx {
+        Some(local) if to_uplink => (local, ctx.worker),
+        _ => (next.port, next.worker),
+    };
+    if out_port == port.id {
+        Action::Hairpin { len }
+    } else if worker == ctx.worker {
+        Action::Tx {
+            port: out_port,
+            len,
+        }
+    } else {
+        Action::Handoff {
+            worker,
+            port: out_port,
+            len,
+        }
+    }
 }
 
 #[cfg(test)]

@@ -13,7 +13,7 @@ use etherparse::{Ipv4Header, PacketBuilder};
 use proptest::prelude::*;
 
 use super::*;
-use crate::tables::{Next, Tables};
+use crate::tables::{Next, NodeTable, RouteTable, Tables};
 
 const A_MAC: Mac = [2, 0, 0, 0, 0, 0x0a];
 const B_MAC: Mac = [2, 0, 0, 0, 0, 0x0b];
@@ -24,8 +24,11 @@ const B_IP: [u8; 4] = [198, 18, 16, 3];
 const GW: [u8; 4] = [169, 254, 1, 1];
 
 fn tables() -> Tables {
-    let mut t = Tables::new(Ipv4Addr::from(GW));
-    t.local.insert(
+    let mut t = Tables {
+        node: NodeTable::new(Ipv4Addr::from(GW)),
+        routes: RouteTable::default(),
+    };
+    t.routes.local.insert(
         IpAddr::from(A_IP),
         Next {
             port: 0,
@@ -35,7 +38,7 @@ fn tables() -> Tables {
             mtu: 1500,
         },
     );
-    t.local.insert(
+    t.routes.local.insert(
         IpAddr::from(B_IP),
         Next {
             port: 1,
@@ -45,7 +48,7 @@ fn tables() -> Tables {
             mtu: 1500,
         },
     );
-    t.node_addrs.insert(IpAddr::from([198, 18, 0, 1]));
+    t.node.addrs.insert(IpAddr::from([198, 18, 0, 1]));
     t
 }
 
@@ -113,7 +116,13 @@ fn arp(op: u16, sha: Mac, spa: [u8; 4], tpa: [u8; 4]) -> Vec<u8> {
 
 fn run(pkt: &[u8]) -> (Action, Vec<u8>) {
     let (mut buf, len) = frame(pkt);
-    let a = process(&mut buf, len, &port_a(), &tables(), &mut Context::default());
+    let a = process(
+        &mut buf,
+        len,
+        &port_a(),
+        &tables().view(),
+        &mut Context::default(),
+    );
     (a, buf)
 }
 
@@ -172,10 +181,10 @@ fn truncated_arp_is_malformed() {
 #[test]
 fn pod_to_pod_is_forwarded_with_new_macs_and_ttl() {
     let (a, out) = run(&udp(A_MAC, A_IP, B_IP, 64));
-    let Action::Forward { next, len } = a else {
+    let Action::Handoff { worker, port, len } = a else {
         panic!("{a:?}")
     };
-    assert_eq!(next.port, 1);
+    assert_eq!((worker, port), (1, 1), "B's port, on B's worker");
     assert_eq!(&out[0..6], &B_MAC);
     assert_eq!(&out[6..12], &HB_MAC);
     let (h, _) = Ipv4Header::from_slice(&out[14..len]).unwrap();
@@ -244,22 +253,19 @@ fn uplink_frames_for_pods_are_routed_without_spoofing_checks() {
         &mut buf,
         len,
         &uplink_port(9, HA_MAC),
-        &tables(),
+        &tables().view(),
         &mut Context::default(),
     );
-    assert!(
-        matches!(a, Action::Forward { next, .. } if next.port == 1),
-        "{a:?}"
-    );
+    assert!(matches!(a, Action::Handoff { port: 1, .. }), "{a:?}");
 }
 
 #[test]
 fn outside_destinations_leave_through_the_uplink_once_its_gateway_is_known() {
     let mut t = tables();
-    t.pod_cidr = Some("198.18.16.0/20".parse().unwrap());
+    t.node.pod_cidr = Some("198.18.16.0/20".parse().unwrap());
     let (mut buf, len) = frame(&udp(A_MAC, A_IP, [198, 18, 0, 2], 64));
     assert_eq!(
-        process(&mut buf, len, &port_a(), &t, &mut Context::default()),
+        process(&mut buf, len, &port_a(), &t.view(), &mut Context::default()),
         Action::Drop(DropReason::NoRoute),
         "gateway unknown"
     );
@@ -270,15 +276,19 @@ fn outside_destinations_leave_through_the_uplink_once_its_gateway_is_known() {
         src_mac: [8; 6],
         mtu: 1500,
     };
-    t.uplink = Some(up);
+    t.routes.uplink = Some(up);
     let (mut buf, len) = frame(&udp(A_MAC, A_IP, [198, 18, 0, 2], 64));
-    let a = process(&mut buf, len, &port_a(), &t, &mut Context::default());
-    assert_eq!(a, Action::Forward { next: up, len });
+    let a = process(&mut buf, len, &port_a(), &t.view(), &mut Context::default());
+    assert_eq!(
+        a,
+        Action::Tx { port: up.port, len },
+        "the uplink's port, on this worker"
+    );
     assert_eq!(&buf[0..6], &[7; 6]);
     assert_eq!(&buf[6..12], &[8; 6]);
     let (mut buf, len) = frame(&udp(A_MAC, A_IP, [198, 18, 16, 99], 64));
     assert_eq!(
-        process(&mut buf, len, &port_a(), &t, &mut Context::default()),
+        process(&mut buf, len, &port_a(), &t.view(), &mut Context::default()),
         Action::Drop(DropReason::NoRoute),
         "an unknown pod is not sent out"
     );
@@ -291,7 +301,7 @@ fn outside_destinations_leave_through_the_uplink_once_its_gateway_is_known() {
                 &mut buf,
                 len,
                 &uplink_port(id, HA_MAC),
-                &t,
+                &t.view(),
                 &mut Context::default()
             ),
             Action::Drop(DropReason::NoRoute),
@@ -308,7 +318,7 @@ fn arp_on_the_uplink_is_never_answered() {
             &mut buf,
             len,
             &uplink_port(9, HA_MAC),
-            &tables(),
+            &tables().view(),
             &mut Context::default()
         ),
         Action::Drop(DropReason::ArpNotForGateway)
@@ -338,14 +348,14 @@ fn unroutable_gateway_and_broadcast_destinations_are_dropped() {
 #[test]
 fn martian_destinations_never_leave_even_with_an_uplink() {
     let mut t = tables();
-    t.uplink = Some(Next {
+    t.routes.uplink = Some(Next {
         port: 9,
         worker: 0,
         dst_mac: [7; 6],
         src_mac: [8; 6],
         mtu: 1500,
     });
-    t.node_broadcasts.insert(Ipv4Addr::new(198, 18, 0, 255));
+    t.node.broadcasts.insert(Ipv4Addr::new(198, 18, 0, 255));
     for dst in [
         [127, 0, 0, 1],
         [0, 1, 2, 3],
@@ -355,15 +365,15 @@ fn martian_destinations_never_leave_even_with_an_uplink() {
     ] {
         let (mut buf, len) = frame(&udp(A_MAC, A_IP, dst, 64));
         assert_eq!(
-            process(&mut buf, len, &port_a(), &t, &mut Context::default()),
+            process(&mut buf, len, &port_a(), &t.view(), &mut Context::default()),
             Action::Drop(DropReason::MartianDst),
             "{dst:?}"
         );
     }
     let (mut buf, len) = frame(&udp(A_MAC, A_IP, [198, 18, 0, 2], 64));
     assert!(matches!(
-        process(&mut buf, len, &port_a(), &t, &mut Context::default()),
-        Action::Forward { .. }
+        process(&mut buf, len, &port_a(), &t.view(), &mut Context::default()),
+        Action::Tx { .. } | Action::Handoff { .. }
     ));
 }
 
@@ -396,14 +406,14 @@ fn big_udp(total: usize, df: bool) -> Vec<u8> {
 #[test]
 fn larger_than_the_egress_mtu_with_df_gets_fragmentation_needed_with_the_mtu() {
     let mut t = tables();
-    t.local.get_mut(&IpAddr::from(B_IP)).unwrap().mtu = 1400;
+    t.routes.local.get_mut(&IpAddr::from(B_IP)).unwrap().mtu = 1400;
     let (mut buf, len) = frame(&big_udp(1400, true));
     assert!(matches!(
-        process(&mut buf, len, &port_a(), &t, &mut Context::default()),
-        Action::Forward { .. }
+        process(&mut buf, len, &port_a(), &t.view(), &mut Context::default()),
+        Action::Tx { .. } | Action::Handoff { .. }
     ));
     let (mut buf, len) = frame(&big_udp(1401, true));
-    let a = process(&mut buf, len, &port_a(), &t, &mut Context::default());
+    let a = process(&mut buf, len, &port_a(), &t.view(), &mut Context::default());
     let Action::IcmpError { reason, len } = a else {
         panic!("{a:?}")
     };
@@ -425,7 +435,7 @@ fn larger_than_the_egress_mtu_with_df_gets_fragmentation_needed_with_the_mtu() {
     assert_eq!(smoltcp::wire::checksum::data(icmp), 0xffff, "ICMP checksum");
     let (mut buf, len) = frame(&big_udp(1401, false));
     assert_eq!(
-        process(&mut buf, len, &port_a(), &t, &mut Context::default()),
+        process(&mut buf, len, &port_a(), &t.view(), &mut Context::default()),
         Action::Drop(DropReason::TooBigNoDf)
     );
 }
@@ -439,7 +449,7 @@ fn icmp_errors_are_rate_limited_per_worker() {
     let mut sent = 0;
     for _ in 0..200 {
         let (mut buf, len) = frame(&udp(A_MAC, A_IP, B_IP, 1));
-        match process(&mut buf, len, &port_a(), &tables(), &mut ctx) {
+        match process(&mut buf, len, &port_a(), &tables().view(), &mut ctx) {
             Action::IcmpError { .. } => sent += 1,
             Action::Drop(DropReason::TtlExpired) => {}
             a => panic!("{a:?}"),
@@ -453,7 +463,7 @@ fn icmp_errors_are_rate_limited_per_worker() {
     let (mut buf, len) = frame(&udp(A_MAC, A_IP, B_IP, 1));
     assert!(
         matches!(
-            process(&mut buf, len, &port_a(), &tables(), &mut ctx),
+            process(&mut buf, len, &port_a(), &tables().view(), &mut ctx),
             Action::IcmpError { .. }
         ),
         "10 ms later, 10 more"
@@ -521,7 +531,10 @@ fn ipv4_options_and_fragments_are_forwarded() {
     let c = !smoltcp::wire::checksum::data(&o[14..38]);
     o[24..26].copy_from_slice(&c.to_be_bytes());
     let (a, out) = run(&o);
-    assert!(matches!(a, Action::Forward { .. }), "{a:?}");
+    assert!(
+        matches!(a, Action::Tx { .. } | Action::Handoff { .. }),
+        "{a:?}"
+    );
     assert!(ip_checksum_ok(&out[14..o.len()]));
     // A middle fragment (offset 8 bytes, more fragments).
     let mut f = udp(A_MAC, A_IP, B_IP, 64);
@@ -530,7 +543,10 @@ fn ipv4_options_and_fragments_are_forwarded() {
     let c = !smoltcp::wire::checksum::data(&f[14..34]);
     f[24..26].copy_from_slice(&c.to_be_bytes());
     let (a, out) = run(&f);
-    assert!(matches!(a, Action::Forward { .. }), "{a:?}");
+    assert!(
+        matches!(a, Action::Tx { .. } | Action::Handoff { .. }),
+        "{a:?}"
+    );
     assert!(ip_checksum_ok(&out[14..f.len()]));
     // An expired middle fragment gets no ICMP error.
     f[22] = 1;
@@ -546,9 +562,9 @@ proptest! {
     fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..200), claimed in 0usize..300) {
         let (mut buf, len) = frame(&bytes);
         let len = claimed.min(len.max(claimed.min(2048)));
-        let a = process(&mut buf, len, &port_a(), &tables(), &mut Context::default());
+        let a = process(&mut buf, len, &port_a(), &tables().view(), &mut Context::default());
         match a {
-            Action::Hairpin { len: n } | Action::IcmpError { len: n, .. } | Action::Forward { len: n, .. } => prop_assert!(n <= 2048),
+            Action::Hairpin { len: n } | Action::IcmpError { len: n, .. } | Action::Tx { len: n, .. } | Action::Handoff { len: n, .. } => prop_assert!(n <= 2048),
             Action::Drop(_) => {}
         }
     }
@@ -563,7 +579,7 @@ proptest! {
         let mut v = Vec::new();
         b.write(&mut v, &payload).unwrap();
         let (a, out) = run(&v);
-        prop_assert!(matches!(a, Action::Forward { .. }), "{:?}", a);
+        prop_assert!(matches!(a, Action::Tx { .. } | Action::Handoff { .. }), "{:?}", a);
         prop_assert!(ip_checksum_ok(&out[14..v.len()]));
         prop_assert_eq!(out[22], ttl - 1);
     }

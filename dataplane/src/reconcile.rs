@@ -1,0 +1,114 @@
+//! The reconciler: stromd's desired state (today the pods' ports and the uplink's route;
+//! Services and policies join here), fed by the API (and by strom-control through the same
+//! API). Each change has the table's own module build the next version of that table, which
+//! is published on its own; the version it replaces is kept here until every worker has
+//! moved past it, and freed here, off the workers' path.
+
+use std::any::Any;
+use std::net::IpAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use crate::tables::routes::{port_routes, DesiredRoutes};
+use crate::tables::{Next, RouteTable, TableHandle};
+use crate::worker::WorkerShared;
+
+/// A replaced table version and each worker's loop count when it was replaced.
+struct Retired {
+    /// Held only to be dropped here, once no worker can read it.
+    _table: Arc<dyn Any + Send + Sync>,
+    loops: Vec<u64>,
+}
+
+/// The desired state and the tables built from it.
+pub struct Reconciler {
+    tables: TableHandle,
+    workers: Vec<Arc<WorkerShared>>,
+    routes: DesiredRoutes,
+    retired: Vec<Retired>,
+}
+
+impl Reconciler {
+    pub fn new(tables: TableHandle, workers: Vec<Arc<WorkerShared>>) -> Self {
+        Reconciler {
+            tables,
+            workers,
+            routes: DesiredRoutes::default(),
+            retired: Vec::new(),
+        }
+    }
+
+    /// The tables (for reading what is published).
+    pub fn tables(&self) -> &TableHandle {
+        &self.tables
+    }
+
+    /// Routes port `port`'s addresses to it (replacing what it had).
+    pub fn set_port(&mut self, port: u32, ips: &[IpAddr], next: Next) {
+        self.routes.ports.insert(port, port_routes(ips, next));
+        self.publish_routes();
+    }
+
+    /// Removes port `port`'s routes.
+    pub fn remove_port(&mut self, port: u32) {
+        if self.routes.ports.remove(&port).is_some() {
+            self.publish_routes();
+        }
+    }
+
+    /// Sets the default route through the uplink (None: no way out yet).
+    pub fn set_uplink(&mut self, next: Option<Next>) {
+        if self.routes.uplink != next {
+            self.routes.uplink = next;
+            self.publish_routes();
+        }
+    }
+
+    fn publish_routes(&mut self) {
+        let old = self.tables.publish_routes(RouteTable::build(&self.routes));
+        self.retire(old);
+    }
+
+    /// Keeps a replaced version until every worker has finished the loop it may be using it
+    /// in (a worker loads the tables at the start of a loop and lets go at its end).
+    fn retire(&mut self, table: Arc<dyn Any + Send + Sync>) {
+        let loops = self.loops();
+        self.retired.push(Retired {
+            _table: table,
+            loops,
+        });
+        self.collect();
+    }
+
+    fn loops(&self) -> Vec<u64> {
+        self.workers
+            .iter()
+            .map(|w| w.counters.loops.load(Ordering::Acquire))
+            .collect()
+    }
+
+    /// Frees the replaced versions no worker can hold any more: each worker has completed a
+    /// loop since (or has ended). Called on every publish and from the API's upkeep.
+    pub fn collect(&mut self) -> usize {
+        let now = self.loops();
+        let ended: Vec<bool> = self
+            .workers
+            .iter()
+            .map(|w| w.counters.ended.get().is_some())
+            .collect();
+        let before = self.retired.len();
+        self.retired.retain(|r| {
+            !r.loops
+                .iter()
+                .zip(&now)
+                .zip(&ended)
+                .all(|((then, now), ended)| *ended || now > then)
+        });
+        before - self.retired.len()
+    }
+
+    /// Versions waiting to be freed.
+    pub fn retired(&self) -> usize {
+        self.retired.len()
+    }
+}
