@@ -1,4 +1,4 @@
-//! Compiles the XDP programs in bpf/ with clang (see DESIGN.md: clang 14 matches llc 14).
+//! Compiles the XDP programs in bpf/ with clang (docs/design.md: Debian's clang 14, matching its llc 14).
 use std::env;
 use std::path::PathBuf;
 use std::process::Command;

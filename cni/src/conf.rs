@@ -2,7 +2,7 @@
 //!
 //! Hand-written with serde rather than taken from a CNI crate: the plugin must return results
 //! in three spec versions (0.4.0's `version` field on ips, 1.0.0, 1.1.0) and its own error
-//! codes, and the crates that exist either stop at 1.0.0 or are too young to pin (DESIGN.md).
+//! codes, and the crates that exist either stop at 1.0.0 or are too young to pin (docs/design.md).
 
 use std::net::Ipv4Addr;
 use std::path::PathBuf;

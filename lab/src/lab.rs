@@ -321,7 +321,7 @@ impl State {
         run(in_ns(&node, "sysctl").args(["-qw", "net.ipv4.ip_forward=1"]))?;
         // The outside world routes the pod CIDR to the node (as a top-of-rack router would),
         // and, like a real wire, hands the node complete frames: no checksum offload state
-        // crosses into AF_XDP (DESIGN.md).
+        // crosses into AF_XDP (docs/design.md).
         ip(&["-n", &ext, "route", "add", &s.pod_cidr, "via", NODE_ADDR])?;
         run(in_ns(&ext, "ethtool").args(["-K", "eth0", "tx", "off", "tso", "off", "gso", "off"]))?;
         let cfg = format!(

@@ -10,7 +10,7 @@
 //! directory, a link lives as long as stromd's file descriptor.
 //!
 //! aya is used rather than libbpf-rs: xsk-rs pins an older libbpf-sys, aya is pure Rust and
-//! builds without a C toolchain beyond the clang that compiles the program (DESIGN.md).
+//! builds without a C toolchain beyond the clang that compiles the program (docs/design.md).
 #![allow(unsafe_code)]
 
 use std::collections::HashMap;

@@ -337,7 +337,7 @@ impl Results {
         if !tcp.is_empty() {
             out.push_str(
                 "- **TCP Gbit/s** through an AF_XDP path has no TSO, GSO or checksum offload \
-                 (they must be off in the pods, DESIGN.md), so every 1448-byte segment crosses \
+                 (they must be off in the pods, docs/design.md), so every 1448-byte segment crosses \
                  the path on its own, while the kernel paths move 64 KB super-packets; more \
                  streams share the same two cores. Segments retransmitted in a measurement \
                  (medians; a path that drops shows here):",

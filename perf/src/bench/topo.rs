@@ -7,7 +7,7 @@
 //!                                   between ha and hb                nftables drops UDP to the
 //!                                                                    sink ports before the sockets
 //! ```
-//! The project's own equivalent of `../shared/bench/peers.sh` (same addresses, same static
+//! The project's own benchmark topology (fixed addresses and static
 //! neighbours, so no path depends on ARP), with a sink that covers the port ranges of the flow
 //! counts strom-bench sends. Everything lives in namespaces this module creates and removes
 //! (also when a run fails: [`Topology`] removes them when dropped).
@@ -259,7 +259,7 @@ impl Topology {
     }
 
     /// Checksum offload, TSO and GSO in both pods: on for the kernel paths, off for the
-    /// AF_XDP paths (AF_XDP copies frames without the offload metadata; DESIGN.md).
+    /// AF_XDP paths (AF_XDP copies frames without the offload metadata; docs/design.md).
     pub fn offloads(&self, on: bool) -> Result<()> {
         let v = if on { "on" } else { "off" };
         for ns in [&self.a, &self.b] {
