@@ -77,7 +77,9 @@ struct RunArgs {
     )]
     paths: Vec<String>,
     /// Traffic, comma separated: udp1, udp256, udp65536 (60-byte UDP over that many flows),
-    /// tcp1, tcp4 (iperf3 streams), latency (sockperf UDP ping-pong).
+    /// tcp1, tcp4 (iperf3 streams), latency (sockperf UDP ping-pong), pods100 (60-byte UDP
+    /// from pod A to 100 other pods, one flow each, with 110 pods on the node; stromd and
+    /// kernel only).
     #[arg(
         long,
         value_delimiter = ',',
@@ -322,8 +324,10 @@ fn measure_all(
     stop: &AtomicBool,
     results: &mut Results,
 ) -> Result<()> {
-    let topo = topo::Topology::create(&a.prefix).context("building the topology")?;
-    let total = a.rounds as usize * paths.len() * traffic.len();
+    let extra = traffic.iter().map(|t| t.extra_pods()).max().unwrap_or(0);
+    let topo = topo::Topology::create(&a.prefix, extra).context("building the topology")?;
+    let served = |p: paths::Path| traffic.iter().filter(|t| p.serves(**t)).count();
+    let total = a.rounds as usize * paths.iter().map(|p| served(*p)).sum::<usize>();
     let width = traffic.iter().map(|t| t.name().len()).max().unwrap_or(0);
     let (mut done, t0) = (0usize, Instant::now());
     let interrupted = || stop.load(Ordering::Relaxed);
@@ -336,12 +340,12 @@ fn measure_all(
                 Ok(r) => r,
                 Err(e) => {
                     eprintln!("round {round}: {} did not start: {e:#}", path.name());
-                    for &t in traffic {
+                    for &t in traffic.iter().filter(|t| path.serves(**t)) {
                         results
                             .failures
                             .push(Failure::new(round, path.name(), &t.name(), &e));
                     }
-                    done += traffic.len();
+                    done += served(path);
                     continue;
                 }
             };
@@ -357,7 +361,7 @@ fn measure_all(
             }
             // Let the path settle (XDP attached, rings filled, first neighbour lookups done).
             std::thread::sleep(Duration::from_millis(500));
-            for &t in traffic {
+            for &t in traffic.iter().filter(|t| path.serves(**t)) {
                 if interrupted() {
                     bail!("interrupted");
                 }

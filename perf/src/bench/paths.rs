@@ -68,6 +68,14 @@ impl Path {
         }
     }
 
+    /// Whether the path carries `traffic`: the `pods` traffic needs a path that serves many
+    /// ports (stromd, Linux forwarding); testpmd forwards between two ports only, and the
+    /// Service VIP of kernel-nat leads to pod B alone.
+    pub fn serves(self, traffic: super::traffic::Traffic) -> bool {
+        !matches!(traffic, super::traffic::Traffic::Pods(_))
+            || matches!(self, Path::Stromd | Path::Kernel)
+    }
+
     /// Whether the path attaches XDP programs to the node's veths (which gives them NAPI
     /// instances: their receive work then runs in NAPI polls, see `--napi-core`).
     pub fn attaches_xdp(self) -> bool {
@@ -274,10 +282,16 @@ state_dir = "{state}"
         &mut r,
         "stromd's API socket (see stromd.log)",
     )?;
-    for (ifname, ip, mac, id) in [
-        ("ha", IP_A, &t.mac_a, "pod-a"),
-        ("hb", IP_B, &t.mac_b, "pod-b"),
-    ] {
+    let mut ports = vec![
+        ("ha".to_string(), IP_A, t.mac_a.clone(), "pod-a".to_string()),
+        ("hb".to_string(), IP_B, t.mac_b.clone(), "pod-b".to_string()),
+    ];
+    for (ifname, ip, mac) in t.extra_ports() {
+        let id = format!("pod-{ifname}");
+        ports.push((ifname, ip, mac, id));
+    }
+    for (ifname, ip, mac, id) in &ports {
+        let (ifname, mac, id) = (ifname.as_str(), mac.as_str(), id.as_str());
         stromctl(
             env,
             &sock,

@@ -24,6 +24,21 @@ pub const IP_A: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 2);
 pub const GW_A: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 1);
 pub const IP_B: Ipv4Addr = Ipv4Addr::new(198, 18, 2, 2);
 pub const GW_B: Ipv4Addr = Ipv4Addr::new(198, 18, 2, 1);
+/// Pods beyond A and B (the `pods` traffic): pod i (1-based) is `<prefix>-p<i>`, address
+/// 198.18.3.i, MAC 02:00:00:00:03:ii, joined to the node by veth `h<i>`; the node routes its
+/// /32 to that veth with a static neighbour. They only receive.
+pub const EXTRA_NET: [u8; 3] = [198, 18, 3];
+
+/// The address of extra pod `i` (1-based).
+pub fn extra_ip(i: usize) -> Ipv4Addr {
+    Ipv4Addr::new(EXTRA_NET[0], EXTRA_NET[1], EXTRA_NET[2], i as u8)
+}
+
+/// The MAC of extra pod `i`.
+pub fn extra_mac(i: usize) -> String {
+    format!("02:00:00:00:03:{i:02x}")
+}
+
 /// The Service address the kernel-nat path translates to pod B.
 pub const VIP: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 10);
 
@@ -118,11 +133,17 @@ pub struct Topology {
     pub mac_b: String,
     pub mac_ha: String,
     pub mac_hb: String,
+    /// Namespaces of the extra pods (index i-1 for pod i).
+    pub extra: Vec<String>,
 }
 
 impl Topology {
-    /// Removes namespaces left by an earlier run with the same prefix, then builds the topology.
-    pub fn create(prefix: &str) -> Result<Topology> {
+    /// Removes namespaces left by an earlier run with the same prefix, then builds the topology
+    /// with `extra` more pods (at most 200).
+    pub fn create(prefix: &str, extra: usize) -> Result<Topology> {
+        if extra > 200 {
+            bail!("{extra} extra pods: at most 200");
+        }
         let mut t = Topology {
             a: format!("{prefix}-a"),
             b: format!("{prefix}-b"),
@@ -131,6 +152,7 @@ impl Topology {
             mac_b: String::new(),
             mac_ha: String::new(),
             mac_hb: String::new(),
+            extra: (1..=extra).map(|i| format!("{prefix}-p{i}")).collect(),
         };
         t.remove();
         // From here on, a failure drops `t`, which removes what was made.
@@ -207,7 +229,86 @@ impl Topology {
                  udp dport {SINK_PORT_FIRST}-{SINK_PORT_LAST} drop; }}\n}}\n"
             ),
         )?;
+        for i in 1..=extra {
+            t.add_extra(i)?;
+        }
         Ok(t)
+    }
+
+    /// Extra pod `i`: namespace, veth, address, the node's route and neighbour, the sink rule.
+    fn add_extra(&self, i: usize) -> Result<()> {
+        let ns = &self.extra[i - 1];
+        let host = format!("h{i}");
+        let (ip, mac) = (extra_ip(i).to_string(), extra_mac(i));
+        run(&["ip", "netns", "add", ns])?;
+        run(&[
+            "ip", "link", "add", &host, "netns", &self.n, "type", "veth", "peer", "name", "eth0",
+            "address", &mac, "netns", ns,
+        ])?;
+        run(&[
+            "ip",
+            "-n",
+            ns,
+            "addr",
+            "add",
+            &format!("{ip}/32"),
+            "dev",
+            "eth0",
+        ])?;
+        run(&["ip", "-n", ns, "link", "set", "eth0", "up"])?;
+        run(&["ip", "-n", &self.n, "link", "set", &host, "up"])?;
+        run(&[
+            "ip",
+            "-n",
+            &self.n,
+            "route",
+            "add",
+            &format!("{ip}/32"),
+            "dev",
+            &host,
+        ])?;
+        run(&[
+            "ip",
+            "-n",
+            &self.n,
+            "neigh",
+            "replace",
+            &ip,
+            "lladdr",
+            &mac,
+            "dev",
+            &host,
+            "nud",
+            "permanent",
+        ])?;
+        ns_run_input(
+            ns,
+            &["nft", "-f", "-"],
+            &format!(
+                "table inet sink {{\n  chain pre {{ type filter hook prerouting priority -300; \
+                 udp dport {SINK_PORT_FIRST}-{SINK_PORT_LAST} drop; }}\n}}\n"
+            ),
+        )
+    }
+
+    /// Packets the first `n` extra pods' interfaces have received, together.
+    pub fn rx_extra(&self, n: usize) -> Result<u64> {
+        let mut sum = 0;
+        for ns in self.extra.iter().take(n) {
+            let s = ns_run(ns, &["cat", "/sys/class/net/eth0/statistics/rx_packets"])?;
+            sum += s
+                .trim()
+                .parse::<u64>()
+                .context("rx_packets of an extra pod")?;
+        }
+        Ok(sum)
+    }
+
+    /// The node-side interfaces of the extra pods, with their addresses and MACs.
+    pub fn extra_ports(&self) -> Vec<(String, Ipv4Addr, String)> {
+        (1..=self.extra.len())
+            .map(|i| (format!("h{i}"), extra_ip(i), extra_mac(i)))
+            .collect()
     }
 
     /// Packets pod B's interface has received.
@@ -258,7 +359,7 @@ impl Topology {
         Ok(pinned)
     }
 
-    /// Checksum offload, TSO and GSO in both pods: on for the kernel paths, off for the
+    /// Checksum offload, TSO and GSO in the sending pods: on for the kernel paths, off for the
     /// AF_XDP paths (AF_XDP copies frames without the offload metadata; docs/design.md).
     pub fn offloads(&self, on: bool) -> Result<()> {
         let v = if on { "on" } else { "off" };
@@ -269,7 +370,10 @@ impl Topology {
     }
 
     fn remove(&self) {
-        for ns in [&self.a, &self.b, &self.n] {
+        for ns in [&self.a, &self.b, &self.n]
+            .into_iter()
+            .chain(self.extra.iter())
+        {
             let _ = Command::new("ip")
                 .args(["netns", "del", ns])
                 .stderr(Stdio::null())

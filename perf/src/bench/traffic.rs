@@ -19,15 +19,22 @@ pub enum Traffic {
     Tcp(u32),
     /// UDP request/response (sockperf ping-pong), round trip percentiles.
     Latency,
+    /// 60-byte UDP from pod A to this many other pods, one flow each, with 110 pods on the
+    /// node (the kubelet's default maximum): what many ports and their routes cost a path.
+    Pods(u32),
 }
 
-pub const ALL: [Traffic; 6] = [
+/// Pods on the node for the `pods` traffic: A, B and the extra ones.
+pub const PODS_ON_NODE: usize = 110;
+
+pub const ALL: [Traffic; 7] = [
     Traffic::Udp(1),
     Traffic::Udp(256),
     Traffic::Udp(65536),
     Traffic::Tcp(1),
     Traffic::Tcp(4),
     Traffic::Latency,
+    Traffic::Pods(100),
 ];
 
 impl Traffic {
@@ -36,6 +43,15 @@ impl Traffic {
             Traffic::Udp(n) => format!("udp{n}"),
             Traffic::Tcp(n) => format!("tcp{n}"),
             Traffic::Latency => "latency".into(),
+            Traffic::Pods(n) => format!("pods{n}"),
+        }
+    }
+
+    /// Extra pods the topology needs for this traffic.
+    pub fn extra_pods(self) -> usize {
+        match self {
+            Traffic::Pods(_) => PODS_ON_NODE - 2,
+            _ => 0,
         }
     }
 
@@ -51,6 +67,8 @@ impl Traffic {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Metric {
     UdpMpps(u32),
+    /// UDP Mpps delivered to this many pods, with 110 on the node.
+    UdpMppsPods(u32),
     TcpGbps(u32),
     RttP50,
     RttP99,
@@ -60,6 +78,7 @@ impl Metric {
     pub fn key(self) -> String {
         match self {
             Metric::UdpMpps(n) => format!("udp_mpps_{n}_flows"),
+            Metric::UdpMppsPods(n) => format!("udp_mpps_{n}_pods"),
             Metric::TcpGbps(n) => format!("tcp_gbps_{n}_streams"),
             Metric::RttP50 => "rtt_p50_us".into(),
             Metric::RttP99 => "rtt_p99_us".into(),
@@ -72,6 +91,12 @@ impl Metric {
             .and_then(|r| r.strip_suffix("_flows"))
         {
             return n.parse().ok().map(Metric::UdpMpps);
+        }
+        if let Some(n) = k
+            .strip_prefix("udp_mpps_")
+            .and_then(|r| r.strip_suffix("_pods"))
+        {
+            return n.parse().ok().map(Metric::UdpMppsPods);
         }
         if let Some(n) = k
             .strip_prefix("tcp_gbps_")
@@ -91,6 +116,7 @@ impl Metric {
         match self {
             Metric::UdpMpps(1) => "UDP Mpps, 1 flow".into(),
             Metric::UdpMpps(n) => format!("UDP Mpps, {n} flows"),
+            Metric::UdpMppsPods(n) => format!("UDP Mpps, to {n} of {PODS_ON_NODE} pods"),
             Metric::TcpGbps(1) => "TCP Gbit/s, 1 stream".into(),
             Metric::TcpGbps(n) => format!("TCP Gbit/s, {n} streams"),
             Metric::RttP50 => "RTT p50 µs".into(),
@@ -118,6 +144,7 @@ pub fn measure(
     let dst = path.destination();
     match traffic {
         Traffic::Udp(flows) => udp(flows, t, env, secs, &dst.to_string()),
+        Traffic::Pods(n) => pods(n, t, env, secs),
         Traffic::Tcp(streams) => {
             let (g, r) = tcp(streams, t, secs, &dst.to_string())?;
             Ok(Measured {
@@ -158,11 +185,46 @@ pub fn port_ranges(flows: u32) -> Result<(String, String)> {
     ))
 }
 
-fn udp(flows: u32, t: &Topology, env: &Env, secs: u32, dst: &str) -> Result<Measured> {
-    let (sports, dports) = port_ranges(flows)?;
+/// 60-byte UDP from pod A to `n` extra pods, one flow each; delivered is what their
+/// interfaces received together.
+fn pods(n: u32, t: &Topology, env: &Env, secs: u32) -> Result<Measured> {
+    let n = n as usize;
+    if t.extra.len() < n {
+        bail!("pods{n}: the topology has {} extra pods", t.extra.len());
+    }
+    let dst = format!("{}-{}", super::topo::extra_ip(1), super::topo::extra_ip(n));
+    let before = t.rx_extra(n)?;
+    let (seconds, pps) = pktgen(
+        t,
+        env,
+        secs,
+        &dst,
+        &SRC_PORT_FIRST.to_string(),
+        &SINK_PORT_FIRST.to_string(),
+    )?;
+    let after = t.rx_extra(n)?;
+    Ok(Measured {
+        values: vec![(
+            Metric::UdpMppsPods(n as u32),
+            after.saturating_sub(before) as f64 / seconds / 1e6,
+        )],
+        offered_mpps: Some(pps / 1e6),
+        retransmits: None,
+    })
+}
+
+/// Runs strom-pktgen in pod A for `secs` seconds (60-byte frames as fast as it goes), waits
+/// for what is in flight, and returns its seconds and packets per second.
+fn pktgen(
+    t: &Topology,
+    env: &Env,
+    secs: u32,
+    dst: &str,
+    sports: &str,
+    dports: &str,
+) -> Result<(f64, f64)> {
     let json = env.work.join("pktgen.json");
     let _ = std::fs::remove_file(&json);
-    let before = t.rx_b()?;
     ns_run(
         &t.a,
         &[
@@ -183,21 +245,28 @@ fn udp(flows: u32, t: &Topology, env: &Env, secs: u32, dst: &str) -> Result<Meas
             "--dst-ip",
             dst,
             "--src-port",
-            &sports,
+            sports,
             "--dst-port",
-            &dports,
+            dports,
             "--size",
             "60",
             "--json",
             &json.to_string_lossy(),
         ],
     )?;
-    // What is still in flight reaches pod B in well under this.
+    // What is still in flight reaches the pods in well under this.
     std::thread::sleep(Duration::from_millis(500));
-    let after = t.rx_b()?;
     let sent: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json)?)?;
     let seconds = sent["seconds"].as_f64().context("strom-pktgen's seconds")?;
     let pps = sent["pps"].as_f64().context("strom-pktgen's pps")?;
+    Ok((seconds, pps))
+}
+
+fn udp(flows: u32, t: &Topology, env: &Env, secs: u32, dst: &str) -> Result<Measured> {
+    let (sports, dports) = port_ranges(flows)?;
+    let before = t.rx_b()?;
+    let (seconds, pps) = pktgen(t, env, secs, dst, &sports, &dports)?;
+    let after = t.rx_b()?;
     Ok(Measured {
         values: vec![(
             Metric::UdpMpps(flows),
