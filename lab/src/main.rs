@@ -135,6 +135,10 @@ enum Cmd {
         /// "allow ANSWER" or "deny REASON", in the order given.
         #[arg(long, required = true)]
         ip: Vec<IpAddr>,
+        /// Answer in lines ("allow ANSWER" or "deny REASON", one per target) even for one
+        /// target, exiting 0 (the matrix reads these).
+        #[arg(long)]
+        lines: bool,
         #[arg(long)]
         port: u16,
         #[arg(long)]
@@ -293,6 +297,7 @@ fn probe_many(
     let mut cmd = in_ns(&ns, std::env::current_exe()?);
     cmd.args([
         "connect",
+        "--lines",
         "--port",
         &port.to_string(),
         "--protocol",
@@ -717,12 +722,14 @@ fn main() -> anyhow::Result<()> {
         } => net::respond(&name, &tcp, &udp, &sctp)?,
         Cmd::Connect {
             ip,
+            lines,
             port,
             protocol,
             timeout_ms,
         } => {
             let timeout = Duration::from_millis(timeout_ms);
-            if let [one] = ip[..] {
+            if let ([one], false) = (&ip[..], lines) {
+                let one = *one;
                 match net::connect(one, port, &protocol, timeout) {
                     Ok(s) => println!("{s}"),
                     Err(e) => {
