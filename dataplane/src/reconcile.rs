@@ -112,3 +112,40 @@ impl Reconciler {
         self.retired.len()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tables::NodeTable;
+
+    #[test]
+    fn a_replaced_table_is_freed_only_once_every_worker_has_finished_a_loop() {
+        let (workers, _rx) = crate::worker::create(2, &[]).unwrap();
+        let tables = TableHandle::new(NodeTable::new("169.254.1.1".parse().unwrap()));
+        let mut r = Reconciler::new(tables.clone(), workers.clone());
+        let next = Next {
+            port: 1,
+            worker: 0,
+            dst_mac: [2; 6],
+            src_mac: [3; 6],
+            mtu: 1500,
+        };
+        // A worker holding the first version, as one does during a loop.
+        let held = tables.load();
+        r.set_port(1, &["198.18.16.2".parse().unwrap()], next);
+        r.set_port(2, &["198.18.16.3".parse().unwrap()], next);
+        assert_eq!(tables.routes().local.len(), 2);
+        assert_eq!(r.retired(), 2, "kept: no worker has finished a loop");
+        workers[0].counters.loops.fetch_add(1, Ordering::Relaxed);
+        assert_eq!(r.collect(), 0, "worker 1 may still hold them");
+        drop(held);
+        workers[1].counters.loops.fetch_add(1, Ordering::Relaxed);
+        assert_eq!(r.collect(), 2);
+        assert_eq!(r.retired(), 0);
+        // An ended worker holds nothing.
+        let _ = workers[1].counters.ended.set("stopped".into());
+        r.remove_port(1);
+        workers[0].counters.loops.fetch_add(1, Ordering::Relaxed);
+        assert_eq!(r.collect(), 1);
+    }
+}

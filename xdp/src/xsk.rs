@@ -933,7 +933,38 @@ impl PollSet {
 
 #[cfg(test)]
 mod tests {
-    use super::XskSizes;
+    use super::{SharedUmem, XskSizes, FRAME_SIZE};
+
+    /// `frame_mut` gives the bytes of a frame userspace holds, and nothing for a frame lent to
+    /// a socket (the kernel may be writing it) or an address outside the worker's slice. Runs
+    /// in a network namespace of its own (needs root): the UMEM's anchor binds to its `lo`.
+    #[test]
+    fn frame_mut_gives_only_frames_userspace_holds() {
+        nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)
+            .expect("a network namespace of the test's own (run the tests as root)");
+        let sizes = XskSizes {
+            frames: 1024,
+            ring: 256,
+            fill: 256,
+            fill_min: 32,
+        };
+        let shared = SharedUmem::new(sizes, 2).expect("UMEM on lo");
+        let mut w0 = shared.worker(0);
+        let mut w1 = shared.worker(1);
+        let a = w0.take_free().expect("a free frame");
+        assert_eq!(w0.frame_mut(a).len(), FRAME_SIZE as usize);
+        assert_eq!(w0.frame_mut(a + 100).len(), FRAME_SIZE as usize - 100);
+        // Lent to a socket (as the fill and tx rings do): no bytes.
+        w0.lend(a, 7);
+        assert!(w0.frame_mut(a).is_empty());
+        w0.lend(a, super::HELD);
+        assert!(!w0.frame_mut(a).is_empty());
+        // Another worker's frame, or beyond the UMEM: no bytes.
+        let b = w1.take_free().expect("a free frame of worker 1");
+        assert!(w0.frame_mut(b).is_empty());
+        assert!(w1.frame_mut(a).is_empty());
+        assert!(w0.frame_mut(u64::MAX).is_empty());
+    }
 
     #[test]
     fn a_received_address_becomes_a_plain_umem_offset() {
