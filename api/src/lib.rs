@@ -14,6 +14,14 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+/// Addresses as a comma-separated list, for messages and tables.
+pub fn ips_text(ips: &[IpAddr]) -> String {
+    ips.iter()
+        .map(|i| i.to_string())
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
 /// Where stromd listens unless configured otherwise.
 pub const DEFAULT_SOCKET: &str = "/run/strom/stromd.sock";
 

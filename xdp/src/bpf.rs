@@ -332,17 +332,8 @@ impl XdpPrograms {
                 }
                 match self.take_over(ifindex, role, &path) {
                     Ok(id) => {
-                        self.links.insert(
-                            ifindex,
-                            Attached {
-                                role,
-                                id,
-                                mode,
-                                pin: Some(path),
-                            },
-                        );
                         tracing::debug!(ifindex, mode, "took over the pinned XDP link");
-                        return Ok(mode);
+                        return Ok(self.record(ifindex, role, id, mode, Some(path)));
                     }
                     Err(e) => {
                         // A link whose interface went (and whose index came back) is defunct.
@@ -369,27 +360,25 @@ impl XdpPrograms {
                 }
             },
         };
-        let pin = match self.pin_dir.clone() {
+        Ok(match self.pin_dir.clone() {
             Some(dir) => {
                 let path = pin_path(&dir, ifindex, mode);
-                match self.pin(ifindex, role, id, &path) {
-                    Ok(id) => {
-                        self.links.insert(
-                            ifindex,
-                            Attached {
-                                role,
-                                id,
-                                mode,
-                                pin: Some(path),
-                            },
-                        );
-                        return Ok(mode);
-                    }
-                    Err(e) => return Err(e),
-                }
+                let id = self.pin(ifindex, role, id, &path)?;
+                self.record(ifindex, role, id, mode, Some(path))
             }
-            None => None,
-        };
+            None => self.record(ifindex, role, id, mode, None),
+        })
+    }
+
+    /// Records an attachment; returns its mode.
+    fn record(
+        &mut self,
+        ifindex: u32,
+        role: Role,
+        id: XdpLinkId,
+        mode: &'static str,
+        pin: Option<PathBuf>,
+    ) -> &'static str {
         self.links.insert(
             ifindex,
             Attached {
@@ -399,7 +388,7 @@ impl XdpPrograms {
                 pin,
             },
         );
-        Ok(mode)
+        mode
     }
 
     /// Swaps the role's program into the link pinned at `path`. The pin stays: the link is

@@ -310,12 +310,7 @@ impl Controller {
                 return Err(format!(
                     "{} is registered already with {} (container {}); remove that port first",
                     spec.ifname,
-                    p.spec
-                        .ips
-                        .iter()
-                        .map(|i| i.to_string())
-                        .collect::<Vec<_>>()
-                        .join(","),
+                    strom_api::ips_text(&p.spec.ips),
                     p.spec.container_id
                 ));
             }

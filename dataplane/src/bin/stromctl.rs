@@ -152,12 +152,7 @@ fn main() -> anyhow::Result<()> {
                             ("", name) => name.to_string(),
                             (ns, name) => format!("{ns}/{name}"),
                         },
-                        p.spec
-                            .ips
-                            .iter()
-                            .map(|i| i.to_string())
-                            .collect::<Vec<_>>()
-                            .join(","),
+                        strom_api::ips_text(&p.spec.ips),
                         // One socket per receive queue: "q0 worker,q1 worker,…".
                         if p.queue_workers.len() > 1 {
                             p.queue_workers
