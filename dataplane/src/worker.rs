@@ -15,6 +15,7 @@
 //! ```
 
 use std::net::IpAddr;
+use std::os::fd::{AsFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -30,7 +31,8 @@ use crate::pipeline::{self, Action, InPort, PortKind};
 use crate::stats::{Local, LocalDrops, SharedCounters, WorkerCounters};
 use crate::tables::TableHandle;
 use crate::xsk::{
-    PollSet, SharedUmem, Waker, WorkerUmem, XskError, XskPort, XskSizes, FRAME_SIZE, PREFETCH_AHEAD,
+    Closed, PollSet, SharedUmem, Waker, WorkerUmem, XskError, XskPort, XskSizes, FRAME_SIZE,
+    PREFETCH_AHEAD,
 };
 
 /// Frames read from one rx ring per loop.
@@ -43,8 +45,12 @@ const SPIN_BEFORE_SLEEP: u32 = 2000;
 /// `SPIN_BEFORE_SLEEP` loops over every port (with 100 ports, 50 ms timeouts kept 12% of a
 /// core busy; BENCHMARKS.md section 5).
 const SLEEP_MS: i32 = 1000;
-/// Loops between two reads of the kernel's drop counters of every socket.
+/// Loops between two reads of the kernel's drop counters of every socket, at most (and at
+/// least every `UPKEEP_MS`).
 const KERNEL_STATS_LOOPS: u32 = 4096;
+/// Milliseconds between two heartbeats of a busy worker (and reads of the kernel's drop
+/// counters, at least): far below `api::health::STUCK_AFTER_MS`, whatever a loop costs.
+const UPKEEP_MS: u64 = 100;
 /// Entries in each worker's cross-worker hand-off queue.
 const HANDOFF_CAP: usize = 2048;
 /// Milliseconds between two reviews of the ports' fill depths (`XskPort::review`).
@@ -81,7 +87,9 @@ pub struct OpenFailure {
 /// Commands from the API thread.
 pub enum Command {
     /// Open the socket and start serving; replies with the socket fd for the XSKMAP.
-    AddPort(PortSetup, Sender<Result<i32, OpenFailure>>),
+    /// Opens the port's socket; the reply carries a duplicate of its fd (for the XSKMAP),
+    /// which keeps the socket open only as long as the controller holds it.
+    AddPort(PortSetup, Sender<Result<OwnedFd, OpenFailure>>),
     /// Stop serving the port and hand its socket to the reaper, which closes it and gives its
     /// frames back; replies once the worker has let go. With `linger`, the interface is being
     /// deleted: the reaper waits for the kernel to unbind the socket first (see [`Closing`]).
@@ -104,8 +112,8 @@ pub struct WorkerShared {
     sleeping: AtomicBool,
     commands: Sender<Command>,
     reaper: Sender<Closing>,
-    /// Serials of this worker's sockets the reaper has closed: their frames can come back.
-    closed: SegQueue<u32>,
+    /// This worker's sockets the reaper has closed: their frames can come back.
+    closed: SegQueue<Closed>,
 }
 
 /// Longest an AF_XDP socket waits for its interface's deletion before it is closed anyway
@@ -136,9 +144,7 @@ impl Closing {
     }
 
     fn close(self) {
-        let serial = self.xsk.serial();
-        drop(self.xsk);
-        self.worker.closed.push(serial);
+        self.worker.closed.push(self.xsk.close());
         self.worker.waker.wake();
     }
 }
@@ -331,6 +337,7 @@ impl Worker {
         let mut idle = 0u32;
         let mut since_stats = 0u32;
         let mut last_review = self.me.counters.heartbeat();
+        let mut last_upkeep = last_review;
         let mut descs = [XdpDesc {
             addr: 0,
             len: 0,
@@ -340,9 +347,9 @@ impl Worker {
             if !self.commands.is_empty() && !self.handle_commands() {
                 break;
             }
-            while let Some(serial) = self.me.closed.pop() {
-                let n = self.umem.reclaim(serial);
-                tracing::debug!(worker = self.me.id, serial, frames = n, "frames reclaimed");
+            while let Some(closed) = self.me.closed.pop() {
+                let n = self.umem.reclaim(closed);
+                tracing::debug!(worker = self.me.id, frames = n, "frames reclaimed");
             }
             let loaded = self.tables.load();
             let tables = loaded.view();
@@ -364,7 +371,10 @@ impl Worker {
             // Also just before an adaptive worker goes to sleep, so that what was dropped
             // shows while it sleeps.
             let sleeps_next = self.mode == PollMode::Adaptive && idle == SPIN_BEFORE_SLEEP;
-            if since_stats >= KERNEL_STATS_LOOPS || sleeps_next {
+            if since_stats >= KERNEL_STATS_LOOPS
+                || sleeps_next
+                || self.ctx.now_ms.saturating_sub(last_upkeep) >= UPKEEP_MS
+            {
                 since_stats = 0;
                 let mut in_fill = 0u64;
                 for i in 0..self.active.len() {
@@ -383,6 +393,7 @@ impl Worker {
                     .fill_reserved
                     .store(u64::from(self.umem.fill_reserved()), Ordering::Relaxed);
                 let now = self.me.counters.heartbeat();
+                last_upkeep = self.ctx.now_ms;
                 if now.saturating_sub(last_review) >= REVIEW_MS {
                     last_review = now;
                     for i in 0..self.active.len() {
@@ -396,7 +407,9 @@ impl Worker {
             }
             self.me.counters.publish_drops(&mut self.drops);
             self.me.counters.packets.publish(&mut self.totals);
-            self.me.counters.loops.fetch_add(1, Ordering::Relaxed);
+            // Release: the reconciler frees a replaced table once every worker's count moved
+            // on (Acquire there), so this loop's reads of the old table come before it.
+            self.me.counters.loops.fetch_add(1, Ordering::Release);
             self.me
                 .counters
                 .frames_free
@@ -440,12 +453,16 @@ impl Worker {
             match c {
                 Command::Stop => return false,
                 Command::AddPort(s, reply) => {
-                    let r = self.umem.open(s.ifindex, s.queue).map(|xsk| {
-                        let fd = xsk.fd();
+                    let id = s.id;
+                    // A port the controller gave up on (its removal timed out) and whose id
+                    // it now reuses: closed first, so that its frames and budget come back.
+                    self.remove_port(id, false);
+                    let r = self.umem.open(s.ifindex, s.queue).and_then(|xsk| {
+                        let fd = xsk.as_fd().try_clone_to_owned().map_err(XskError::Dup);
                         s.counters.set_fill_depth(xsk.fill_depth());
-                        let id = s.id;
+                        let kind = s.kind;
                         self.ports[id as usize] = Some(Box::new(Port {
-                            kind: s.kind,
+                            kind,
                             host_mac: s.host_mac,
                             pod_mac: s.pod_mac,
                             ips: s.ips,
@@ -453,11 +470,12 @@ impl Worker {
                             counters: s.counters,
                             local: Local::default(),
                         }));
-                        if !self.active.contains(&id) {
-                            self.active.push(id);
-                        }
-                        if s.kind == PortKind::Uplink && self.ctx.uplink_tx.is_none() {
+                        self.active.push(id);
+                        if kind == PortKind::Uplink && self.ctx.uplink_tx.is_none() {
                             self.ctx.uplink_tx = Some(id);
+                        }
+                        if fd.is_err() {
+                            self.remove_port(id, false);
                         }
                         fd
                     });
@@ -468,31 +486,37 @@ impl Worker {
                     self.rebuild_poll();
                 }
                 Command::RemovePort { id, linger, reply } => {
-                    if let Some(mut p) = self.ports.get_mut(id as usize).and_then(Option::take) {
-                        p.kernel_drops(&mut self.drops);
-                        self.me.counters.publish_drops(&mut self.drops);
-                        p.counters.publish(&mut p.local);
-                        p.xsk.retire(&mut self.umem);
-                        // The frames lent to the socket come back once the reaper closed it.
-                        let closing = Closing {
-                            xsk: p.xsk,
-                            worker: self.me.clone(),
-                            linger_until: linger.then(|| std::time::Instant::now() + LINGER_MAX),
-                        };
-                        if let Err(e) = self.me.reaper.send(closing) {
-                            e.into_inner().close();
-                        }
-                    }
-                    self.active.retain(|&a| a != id);
-                    if self.ctx.uplink_tx == Some(id) {
-                        self.ctx.uplink_tx = None;
-                    }
+                    self.remove_port(id, linger);
                     self.rebuild_poll();
                     let _ = reply.send(());
                 }
             }
         }
         true
+    }
+
+    /// Takes port `id` out of the loop and hands its socket to the reaper (`linger`: its
+    /// interface is being deleted). Nothing when there is no such port.
+    fn remove_port(&mut self, id: u32, linger: bool) {
+        if let Some(mut p) = self.ports.get_mut(id as usize).and_then(Option::take) {
+            p.kernel_drops(&mut self.drops);
+            self.me.counters.publish_drops(&mut self.drops);
+            p.counters.publish(&mut p.local);
+            p.xsk.retire(&mut self.umem);
+            // The frames lent to the socket come back once the reaper closed it.
+            let closing = Closing {
+                xsk: p.xsk,
+                worker: self.me.clone(),
+                linger_until: linger.then(|| std::time::Instant::now() + LINGER_MAX),
+            };
+            if let Err(e) = self.me.reaper.send(closing) {
+                e.into_inner().close();
+            }
+        }
+        self.active.retain(|&a| a != id);
+        if self.ctx.uplink_tx == Some(id) {
+            self.ctx.uplink_tx = None;
+        }
     }
 
     /// Receives and processes one batch of port `id`. Returns the number of frames.
@@ -686,7 +710,7 @@ pub fn spawn(
                 rx,
                 tables.clone(),
                 mode,
-                umem.worker(i as u32),
+                umem.worker(i as u32)?,
             );
             let me = all[i].clone();
             std::thread::Builder::new()

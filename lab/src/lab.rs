@@ -102,10 +102,35 @@ fn ip(args: &[&str]) -> anyhow::Result<String> {
     run(Command::new("ip").args(args))
 }
 
-/// `ip netns exec NS CMD...`
+/// The cores the pods' processes (and the lab's probes) run on when stromd's workers are
+/// pinned: every core but theirs, as a node keeps its dataplane's cores to it (kubelet's
+/// reserved CPUs). Unset: anywhere.
+static POD_CPUS: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
+/// Keeps what the lab starts in pods off `cores` (stromd's workers' cores), if any core is
+/// left for them.
+pub fn keep_pods_off(cores: &[usize]) {
+    if cores.is_empty() {
+        return;
+    }
+    let n = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let rest: Vec<String> = (0..n)
+        .filter(|c| !cores.contains(c))
+        .map(|c| c.to_string())
+        .collect();
+    if !rest.is_empty() {
+        let _ = POD_CPUS.set(rest.join(","));
+    }
+}
+
+/// `ip netns exec NS CMD...`, on the pods' cores (`keep_pods_off`).
 pub fn in_ns(ns: &str, prog: impl AsRef<std::ffi::OsStr>) -> Command {
     let mut c = Command::new("ip");
-    c.args(["netns", "exec", ns]).arg(prog);
+    c.args(["netns", "exec", ns]);
+    if let Some(cpus) = POD_CPUS.get() {
+        c.args(["taskset", "-c", cpus]);
+    }
+    c.arg(prog);
     c
 }
 
@@ -165,7 +190,9 @@ impl State {
         let p = Self::path(dir);
         let b = std::fs::read(&p)
             .with_context(|| format!("no lab at {} (strom-lab up first)", dir.display()))?;
-        Ok(serde_json::from_slice(&b)?)
+        let state: Self = serde_json::from_slice(&b)?;
+        keep_pods_off(&state.settings.cores);
+        Ok(state)
     }
 
     pub fn save(&self) -> anyhow::Result<()> {
@@ -239,6 +266,7 @@ impl State {
 
     /// Creates the node: namespaces, uplink, stromd.
     pub fn up_node(settings: Settings) -> anyhow::Result<Self> {
+        keep_pods_off(&settings.cores);
         if Self::path(&settings.dir).exists() {
             bail!(
                 "a lab already runs from {} (strom-lab down first)",
@@ -343,7 +371,10 @@ impl State {
     /// Starts stromd in the node namespace and waits until it answers.
     pub fn start_stromd(&mut self) -> anyhow::Result<()> {
         let s = self.settings.clone();
-        let mut cmd = in_ns(&s.node_ns(), s.bin("stromd"));
+        // Not `in_ns`: stromd pins its workers to their cores itself.
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &s.node_ns()])
+            .arg(s.bin("stromd"));
         cmd.arg("--config").arg(s.dir.join("stromd.toml"));
         let pid = spawn_detached(cmd, &s.dir.join("stromd.log"))?;
         self.stromd = Some(pid);

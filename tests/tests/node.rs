@@ -656,7 +656,7 @@ fn frames_the_kernel_drops_on_a_socket_are_counted_by_reason_and_every_frame_is_
 /// A full rx ring is another matter, and the test only reports it: the worker, which also
 /// runs both pods' TCP inside its sends, is the stream's bottleneck, so the stream's
 /// congestion window queues in pod a's rx ring (700-1750 frames at the peak of a 6 s
-/// stream, README "Fill rings as deep as a burst"), and a window larger than the ring
+/// stream; docs/design.md, "Fill rings"), and a window larger than the ring
 /// overflows it as it would any router's queue; TCP takes that loss as congestion.
 /// The worker gets a core of its own, as the benchmarks give it: sharing one with the two
 /// iperf3 processes, it can wait for the core longer than any ring covers (BENCHMARKS.md §5).

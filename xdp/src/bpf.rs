@@ -15,7 +15,7 @@
 
 use std::collections::HashMap;
 use std::net::Ipv4Addr;
-use std::os::fd::{BorrowedFd, RawFd};
+use std::os::fd::BorrowedFd;
 use std::path::{Path, PathBuf};
 
 use aya::maps::lpm_trie::{Key, LpmTrie};
@@ -172,6 +172,16 @@ fn pin_path(dir: &Path, ifindex: u32, mode: &str) -> PathBuf {
     dir.join(format!("{ifindex}-{mode}"))
 }
 
+/// The interface index of a link pin's name ("<ifindex>-native" or "<ifindex>-generic"), or
+/// None for a name stromd does not give its pins.
+fn pin_ifindex(name: &str) -> Option<u32> {
+    let (index, mode) = name.split_once('-')?;
+    if mode != "native" && mode != "generic" || !index.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    index.parse().ok()
+}
+
 /// Whether an interface with this index exists in stromd's network namespace.
 fn ifindex_exists(ifindex: u32) -> bool {
     std::fs::read_dir("/sys/class/net").is_ok_and(|d| {
@@ -196,8 +206,12 @@ impl XdpPrograms {
             ensure_bpffs(dir)?;
             for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
                 let name = e.file_name().to_string_lossy().to_string();
-                let ifindex = name.split('-').next().and_then(|i| i.parse::<u32>().ok());
-                if ifindex.is_none_or(|i| !ifindex_exists(i)) {
+                // Only stromd's own pins ("<ifindex>-native", "<ifindex>-generic"): anything
+                // else in the directory is not stromd's to remove.
+                let Some(ifindex) = pin_ifindex(&name) else {
+                    continue;
+                };
+                if !ifindex_exists(ifindex) {
                     tracing::info!(pin = %e.path().display(), "removing the pin of a gone interface");
                     let _ = std::fs::remove_file(e.path());
                 }
@@ -448,16 +462,13 @@ impl XdpPrograms {
         ifindex: u32,
         queue: u32,
         slot: u32,
-        fd: RawFd,
+        fd: BorrowedFd<'_>,
     ) -> Result<(), BpfError> {
         {
             let mut x: XskMap<_> =
                 XskMap::try_from(self.map_mut("xsks")?).map_err(|e| BpfError::Map("xsks", e))?;
-            // SAFETY: `fd` is the open AF_XDP socket of a live `XskPort`; the kernel takes its
-            // own reference when the map update returns, and the borrow ends with this call.
-            let borrowed = unsafe { BorrowedFd::borrow_raw(fd) };
-            x.set(slot, borrowed, 0)
-                .map_err(|e| BpfError::Map("xsks", e))?;
+            // The kernel refuses anything but an AF_XDP socket, and takes its own reference.
+            x.set(slot, fd, 0).map_err(|e| BpfError::Map("xsks", e))?;
         }
         if queue == 0 && ifindex < SLOT0_ENTRIES {
             let mut a: Array<_, u32> =
@@ -502,5 +513,25 @@ impl XdpPrograms {
     /// Whether links are pinned (and so outlive stromd).
     pub fn pinned(&self) -> bool {
         self.pin_dir.is_some()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn only_stromds_own_pin_names_give_an_interface() {
+        assert_eq!(super::pin_ifindex("12-native"), Some(12));
+        assert_eq!(super::pin_ifindex("3-generic"), Some(3));
+        for other in [
+            "12",
+            "12-other",
+            "x-native",
+            "-native",
+            "+1-native",
+            "notes.txt",
+            "a-b-c",
+        ] {
+            assert_eq!(super::pin_ifindex(other), None, "{other}");
+        }
     }
 }

@@ -22,14 +22,17 @@
 //!
 //! Frames move between the ports of a worker without a copy: a frame received on port A is
 //! put on port B's tx ring as it is. Each frame is in exactly one place at a time: its
-//! worker's free pool, or lent to one socket (its fill, rx, tx or completion ring). `lent`
-//! records which socket, so that the frames of a closed socket come back to the pool once the
-//! kernel is done with them ([`WorkerUmem::reclaim`]).
+//! worker's free pool, held by userspace (taken from the pool or received), or lent to one
+//! socket (its fill, rx, tx or completion ring, or queued for its tx ring). `lent` records
+//! which, and every call checks it: only a held frame gives bytes, is sent or goes back to the
+//! pool, so no frame is ever in two places. The frames of a closed socket come back to the
+//! pool only with the proof that it is closed ([`XskPort::close`], [`WorkerUmem::reclaim`]).
 #![allow(unsafe_code)]
 
 use std::num::NonZeroU32;
-use std::os::fd::RawFd;
+use std::os::fd::{AsFd, BorrowedFd, RawFd};
 use std::ptr::NonNull;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use nix::sys::socket::{getsockopt, sockopt};
@@ -47,8 +50,10 @@ pub const PREFETCH_AHEAD: usize = 8;
 const MAX_KICKS: u32 = 8;
 /// Frames the kernel sends per kick in copy mode (its TX_BATCH_SIZE).
 const KERNEL_TX_BATCH: u32 = 32;
-/// `lent` value of a frame userspace holds (free pool, or being processed).
+/// `lent` value of a frame userspace holds (taken from the pool or received, being processed).
 const HELD: u32 = 0;
+/// `lent` value of a frame in its worker's free pool. Socket serials start above it.
+const FREE: u32 = 1;
 /// Frames the fill rings never take from the pool: frames copied in from other workers
 /// need free frames even when every port's fill ring is as full as the pool allows.
 const RESERVE: usize = 256;
@@ -87,6 +92,10 @@ pub enum XskError {
         errno: String,
         raw: i32,
     },
+    #[error("worker slice {0} of the UMEM does not exist or was already handed out")]
+    Slice(u32),
+    #[error("duplicating a socket's fd: {0}")]
+    Dup(std::io::Error),
     #[error("eventfd or thread: {0}")]
     EventFd(std::io::Error),
     #[error(
@@ -202,7 +211,8 @@ pub struct SharedUmem {
     _anchor_sock: Socket,
     umem: Umem,
     sizes: XskSizes,
-    slices: u32,
+    /// Per worker slice: whether it was handed out (each is, once, for the UMEM's life).
+    taken: Vec<AtomicBool>,
     area: Area,
 }
 
@@ -291,13 +301,21 @@ impl SharedUmem {
             umem,
             area,
             sizes,
-            slices,
+            taken: (0..slices).map(|_| AtomicBool::new(false)).collect(),
         }))
     }
 
-    /// Worker `index`'s slice of the frames.
-    pub fn worker(self: &Arc<Self>, index: u32) -> WorkerUmem {
-        assert!(index < self.slices, "worker slice out of range");
+    /// Worker `index`'s slice of the frames: handed out once for the life of the UMEM (a
+    /// second owner of a slice could give the kernel a frame the first is writing, and a
+    /// slice given back could not tell which of its frames sockets still hold).
+    pub fn worker(self: &Arc<Self>, index: u32) -> Result<WorkerUmem, XskError> {
+        let taken = self
+            .taken
+            .get(index as usize)
+            .ok_or(XskError::Slice(index))?;
+        if taken.swap(true, Ordering::AcqRel) {
+            return Err(XskError::Slice(index));
+        }
         let frames = u64::from(self.sizes.frames);
         let first = u64::from(index) * frames;
         let base = first * u64::from(FRAME_SIZE);
@@ -305,16 +323,16 @@ impl SharedUmem {
             .rev()
             .map(|i| i * u64::from(FRAME_SIZE))
             .collect();
-        WorkerUmem {
+        Ok(WorkerUmem {
             shared: self.clone(),
             base,
             end: base + frames * u64::from(FRAME_SIZE),
             free,
-            lent: vec![HELD; self.sizes.frames as usize],
-            next_serial: HELD + 1,
+            lent: vec![FREE; self.sizes.frames as usize],
+            next_serial: FREE + 1,
             sockets: 0,
             fill_reserved: 0,
-        }
+        })
     }
 }
 
@@ -325,7 +343,7 @@ pub struct WorkerUmem {
     base: u64,
     end: u64,
     free: Vec<u64>,
-    /// Per frame of the slice: `HELD`, or the serial of the socket it is lent to.
+    /// Per frame of the slice: `HELD`, `FREE`, or the serial of the socket it is lent to.
     lent: Vec<u32>,
     next_serial: u32,
     /// Open sockets of this worker.
@@ -367,9 +385,9 @@ impl WorkerUmem {
     }
 
     /// The bytes of the frame holding `addr`, from `addr` to the end of its frame: a frame
-    /// userspace holds (in the free pool, or taken from it or from an rx ring). A frame lent
-    /// to a socket (its fill, rx, tx or completion ring), which the kernel may be writing or
-    /// reading, and an address outside this worker's slice give an empty slice.
+    /// userspace holds (taken from the pool or from an rx ring). A frame lent to a socket
+    /// (its fill, rx, tx or completion ring), which the kernel may be writing or reading, a
+    /// frame in the free pool and an address outside this worker's slice give an empty slice.
     #[inline]
     pub fn frame_mut(&mut self, addr: u64) -> &mut [u8] {
         if addr < self.base || addr >= self.end || self.lent_to(addr) != HELD {
@@ -380,8 +398,9 @@ impl WorkerUmem {
         let start = addr;
         // SAFETY: base <= start < end <= self.end: the range lies within this worker's slice,
         // which lies within the mapping, and inside one frame that userspace holds (`lent` is
-        // HELD, checked above), so neither the kernel nor another worker (each only ever
-        // touches its own slice) writes it concurrently; `&mut self` makes this the only live
+        // HELD, checked above), so neither the kernel (a held frame is in no ring: every move
+        // into a ring checks and changes `lent`) nor another worker (a slice has one owner,
+        // `SharedUmem::worker`) writes it concurrently; `&mut self` makes this the only live
         // reference into the slice.
         unsafe {
             std::slice::from_raw_parts_mut(
@@ -391,19 +410,34 @@ impl WorkerUmem {
         }
     }
 
-    /// Gives a held frame back to the pool.
+    /// Gives a held frame back to the pool. Anything else (a frame already free or lent to
+    /// a socket, an address outside the slice) is left where it is, and false returned.
     #[inline]
-    pub fn recycle(&mut self, addr: u64) {
+    pub fn recycle(&mut self, addr: u64) -> bool {
+        if !self.is_held(addr) {
+            return false;
+        }
+        self.lend(addr, FREE);
         self.free.push(addr & !u64::from(FRAME_SIZE - 1));
+        true
     }
 
-    /// Takes a free frame, if any.
+    /// Takes a free frame, if any: userspace holds it from now on.
     #[inline]
     pub fn take_free(&mut self) -> Option<u64> {
-        self.free.pop()
+        let addr = self.free.pop()?;
+        self.lend(addr, HELD);
+        Some(addr)
     }
 
-    /// Who holds the frame at `addr` (`HELD`: userspace). The caller checks the range.
+    /// Whether `addr` lies in a frame of this slice that userspace holds.
+    #[inline]
+    fn is_held(&self, addr: u64) -> bool {
+        addr >= self.base && addr < self.end && self.lent_to(addr) == HELD
+    }
+
+    /// Who holds the frame at `addr` (`HELD`: userspace, `FREE`: the pool). The caller
+    /// checks the range.
     #[inline]
     fn lent_to(&self, addr: u64) -> u32 {
         let i = ((addr - self.base) / u64::from(FRAME_SIZE)) as usize;
@@ -418,13 +452,17 @@ impl WorkerUmem {
         }
     }
 
-    /// Returns to the pool every frame lent to the socket `serial`, which the kernel has
-    /// closed (so nothing writes them any more). Not per packet: a scan of the frame table.
-    pub fn reclaim(&mut self, serial: u32) -> usize {
+    /// Returns to the pool every frame lent to the socket `closed` was, which is closed (so
+    /// the kernel no longer writes them). Not per packet: a scan of the frame table. A socket
+    /// of another worker's slice (or of another UMEM) reclaims nothing.
+    pub fn reclaim(&mut self, closed: Closed) -> usize {
+        if !Arc::ptr_eq(&closed.umem, &self.shared) || closed.base != self.base {
+            return 0;
+        }
         let mut n = 0;
         for (i, l) in self.lent.iter_mut().enumerate() {
-            if *l == serial {
-                *l = HELD;
+            if *l == closed.serial {
+                *l = FREE;
                 self.free.push(self.base + i as u64 * u64::from(FRAME_SIZE));
                 n += 1;
             }
@@ -506,7 +544,7 @@ impl WorkerUmem {
         self.shared.umem.bind(&user).map_err(err("bind"))?;
         let fd = user.as_raw_fd();
         let serial = self.next_serial;
-        self.next_serial = self.next_serial.wrapping_add(1).max(HELD + 1);
+        self.next_serial = self.next_serial.wrapping_add(1).max(FREE + 1);
         self.sockets += 1;
         self.fill_reserved += sizes.fill_min;
         let mut port = XskPort {
@@ -517,6 +555,7 @@ impl WorkerUmem {
             _sock: sock,
             _umem: self.shared.clone(),
             serial,
+            base: self.base,
             fd,
             ring: sizes.ring,
             tx_batch: Vec::with_capacity(sizes.ring as usize),
@@ -562,6 +601,8 @@ pub struct XskPort {
     _sock: Socket,
     _umem: Arc<SharedUmem>,
     serial: u32,
+    /// Its worker's slice (`WorkerUmem::base`).
+    base: u64,
     fd: RawFd,
     ring: u32,
     tx_batch: Vec<XdpDesc>,
@@ -581,6 +622,28 @@ pub struct XskPort {
     quiet: u8,
 }
 
+/// Proof that a socket is closed: what [`WorkerUmem::reclaim`] needs to take its frames back.
+#[must_use = "the closed socket's frames come back only through WorkerUmem::reclaim"]
+pub struct Closed {
+    umem: Arc<SharedUmem>,
+    serial: u32,
+    base: u64,
+}
+
+impl std::fmt::Debug for Closed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Closed(socket {})", self.serial)
+    }
+}
+
+impl AsFd for XskPort {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        // SAFETY: `self.fd` is the socket `_user` owns, open for as long as `self` lives; the
+        // borrow cannot outlive `self`.
+        unsafe { BorrowedFd::borrow_raw(self.fd) }
+    }
+}
+
 // SAFETY: the rings are !Send only because they hold raw pointers to their own mmap'd
 // regions; a port is used by its worker thread, and handed once to the reaper thread only to
 // be dropped (closed) there.
@@ -595,15 +658,30 @@ impl XskPort {
     /// Whether the kernel has unbound the socket from its interface (the interface was
     /// deleted: the kernel then reports `ENETDOWN` on the socket). One getsockopt.
     pub fn unbound(&self) -> bool {
-        // SAFETY: `self.fd` is the socket `_user` owns, open for as long as `self` lives, and
-        // the borrow ends with this call.
-        let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(self.fd) };
-        matches!(getsockopt(&fd, sockopt::SocketError), Ok(e) if e != 0)
+        matches!(getsockopt(&self.as_fd(), sockopt::SocketError), Ok(e) if e != 0)
     }
 
-    /// This socket's serial in its UMEM (for [`WorkerUmem::reclaim`] after it is closed).
-    pub fn serial(&self) -> u32 {
-        self.serial
+    /// Closes the socket (the kernel unbinds it and stops using its rings before `close`
+    /// returns; it may wait for an RCU grace period, so not on a forwarding thread). The
+    /// frames still lent to it come back with [`WorkerUmem::reclaim`] of what this returns.
+    pub fn close(self) -> Closed {
+        let XskPort {
+            rx,
+            tx,
+            dev,
+            _user,
+            _sock,
+            _umem,
+            serial,
+            base,
+            ..
+        } = self;
+        drop((rx, tx, dev, _user, _sock));
+        Closed {
+            umem: _umem,
+            serial,
+            base,
+        }
     }
 
     /// Receives up to `out.len()` descriptors. Returns how many were written; their frames
@@ -642,15 +720,21 @@ impl XskPort {
             .saturating_sub(self.tx_batch.len() as u32)
     }
 
-    /// Queues one held frame for transmission in this loop's batch (committed by `flush`).
-    /// When the batch is as large as the ring the frame goes back to the pool and false is
-    /// returned.
+    /// Queues one held frame for transmission in this loop's batch (committed by `flush`);
+    /// the frame is the socket's from now on. When the batch is as large as the ring the
+    /// frame goes back to the pool and false is returned; a frame userspace does not hold
+    /// (free, lent to a socket, outside the slice) is not sent either.
     #[inline]
     pub fn send(&mut self, umem: &mut WorkerUmem, addr: u64, len: usize) -> bool {
-        if self.tx_batch.len() >= self.ring as usize {
+        if !umem.is_held(addr) {
+            return false;
+        }
+        let room = u64::from(FRAME_SIZE) - addr % u64::from(FRAME_SIZE);
+        if self.tx_batch.len() >= self.ring as usize || len as u64 > room {
             umem.recycle(addr);
             return false;
         }
+        umem.lend(addr, self.serial);
         self.tx_batch.push(XdpDesc {
             addr,
             len: len as u32,
@@ -684,9 +768,9 @@ impl XskPort {
             out.dropped = u64::from(n - sent);
             for d in &self.tx_batch[..sent as usize] {
                 out.bytes += u64::from(d.len);
-                umem.lend(d.addr, self.serial);
             }
             for d in &self.tx_batch[sent as usize..] {
+                umem.lend(d.addr, HELD);
                 umem.recycle(d.addr);
             }
             self.tx_batch.clear();
@@ -718,8 +802,8 @@ impl XskPort {
     /// Tops the fill ring up to its depth. Every port keeps the floor however little it
     /// receives, and no more until it shows that it receives in bursts: a pod's TCP stack
     /// answers the ACKs stromd delivers at once, inside stromd's own transmit call (veth runs
-    /// the receiver inline), so a burst of segments lands before stromd can refill. When half
-    /// the floor or more drained since the last refill, the port is deepened at once to
+    /// the receiver inline), so a burst of segments lands before stromd can refill. When a
+    /// quarter of the floor or more drained since the last refill, the port is deepened at once to
     /// `fill_per_port` (or what the budget has left): slow start's next burst, twice as large,
     /// then fits. It goes back to the floor after `QUIET_REVIEWS` reviews without such a
     /// burst ([`XskPort::review`]); the frames above the floor then come back as it receives.
@@ -747,7 +831,10 @@ impl XskPort {
         }
         let mut target = self.depth;
         if ahead > 0 {
-            let want = (queued + ahead).min(max).max(self.depth);
+            // Room for `ahead` frames in all, not on top of what the ring holds: a port that
+            // only receives (its frames stay in the ring until its pod sends) must not grow
+            // its ring by every kick.
+            let want = ahead.min(max).max(self.depth);
             if want > self.reserved {
                 let r = want.min(self.room(umem)).max(self.reserved);
                 self.set_reserved(umem, r);
@@ -851,6 +938,7 @@ impl XskPort {
     /// has closed it, [`WorkerUmem::reclaim`]).
     pub fn retire(&mut self, umem: &mut WorkerUmem) {
         for d in self.tx_batch.drain(..) {
+            umem.lend(d.addr, HELD);
             umem.recycle(d.addr);
         }
         self.set_reserved(umem, 0);
@@ -936,10 +1024,11 @@ mod tests {
     use super::{SharedUmem, XskSizes, FRAME_SIZE};
 
     /// `frame_mut` gives the bytes of a frame userspace holds, and nothing for a frame lent to
-    /// a socket (the kernel may be writing it) or an address outside the worker's slice. Runs
-    /// in a network namespace of its own (needs root): the UMEM's anchor binds to its `lo`.
+    /// a socket (the kernel may be writing it), a free one, or an address outside the worker's
+    /// slice; a frame goes back to the pool once, and a slice has one owner. Runs in a network
+    /// namespace of its own (needs root): the UMEM's anchor binds to its `lo`.
     #[test]
-    fn frame_mut_gives_only_frames_userspace_holds() {
+    fn only_a_held_frame_gives_bytes_and_each_frame_is_in_one_place() {
         nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)
             .expect("a network namespace of the test's own (run the tests as root)");
         let sizes = XskSizes {
@@ -949,21 +1038,32 @@ mod tests {
             fill_min: 32,
         };
         let shared = SharedUmem::new(sizes, 2).expect("UMEM on lo");
-        let mut w0 = shared.worker(0);
-        let mut w1 = shared.worker(1);
+        let mut w0 = shared.worker(0).expect("slice 0");
+        let mut w1 = shared.worker(1).expect("slice 1");
+        assert!(shared.worker(0).is_err(), "slice 0 handed out twice");
+        assert!(shared.worker(2).is_err(), "a slice beyond the UMEM");
         let a = w0.take_free().expect("a free frame");
         assert_eq!(w0.frame_mut(a).len(), FRAME_SIZE as usize);
         assert_eq!(w0.frame_mut(a + 100).len(), FRAME_SIZE as usize - 100);
-        // Lent to a socket (as the fill and tx rings do): no bytes.
+        // Lent to a socket (as the fill and tx rings do): no bytes, and not recycled.
         w0.lend(a, 7);
         assert!(w0.frame_mut(a).is_empty());
+        assert!(!w0.recycle(a));
         w0.lend(a, super::HELD);
         assert!(!w0.frame_mut(a).is_empty());
-        // Another worker's frame, or beyond the UMEM: no bytes.
+        // Back in the pool: no bytes, and a second recycle is refused.
+        let free = w0.free_frames();
+        assert!(w0.recycle(a));
+        assert!(w0.frame_mut(a).is_empty());
+        assert!(!w0.recycle(a));
+        assert_eq!(w0.free_frames(), free + 1);
+        // Another worker's frame, or beyond the UMEM: no bytes, not recycled.
         let b = w1.take_free().expect("a free frame of worker 1");
         assert!(w0.frame_mut(b).is_empty());
+        assert!(!w0.recycle(b));
         assert!(w1.frame_mut(a).is_empty());
         assert!(w0.frame_mut(u64::MAX).is_empty());
+        assert!(!w0.recycle(u64::MAX));
     }
 
     #[test]

@@ -4,6 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr};
+use std::os::fd::AsFd;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -65,6 +66,11 @@ pub struct Controller {
     /// the kernel's teardown is over, after its caller was answered.
     deleting: Vec<std::thread::JoinHandle<()>>,
     uplink: Option<Uplink>,
+    /// Recorded ports whose interface exists but which could not be registered again yet
+    /// (their previous socket still closing after a `kill -9`, say): kept in the record and
+    /// tried again at every upkeep, their interfaces' programs left attached meanwhile (a
+    /// pod program without a socket drops: fail closed).
+    unrestored: Vec<PortSpec>,
 }
 
 /// What `open_port` needs to know.
@@ -194,23 +200,47 @@ impl Controller {
             pending_detach: Vec::new(),
             deleting: Vec::new(),
             uplink: None,
+            unrestored: Vec::new(),
         }
     }
 
-    /// Re-registers the ports recorded by a previous run whose interfaces still exist.
+    /// Re-registers the ports recorded by a previous run whose interfaces still exist; those
+    /// that fail while their interface is there are kept and tried again at every upkeep.
     pub fn restore(&mut self) {
-        for spec in self.state.load() {
+        self.unrestored = self.state.load();
+        self.retry_unrestored();
+    }
+
+    /// Tries the recorded ports not registered yet once more. A port whose interface is gone
+    /// is forgotten.
+    fn retry_unrestored(&mut self) {
+        if self.unrestored.is_empty() {
+            return;
+        }
+        for spec in std::mem::take(&mut self.unrestored) {
             let name = spec.ifname.clone();
-            match self.add_port(spec) {
+            if let Err(gone) = port_interface(&name) {
+                tracing::warn!(ifname = %name, error = %gone, "recorded port's interface is gone");
+                continue;
+            }
+            match self.add_port(spec.clone()) {
                 Ok(p) => tracing::info!(port = p.id, ifname = %name, "restored port"),
-                Err(e) => tracing::warn!(ifname = %name, error = %e, "recorded port not restored"),
+                Err(e) => {
+                    tracing::warn!(ifname = %name, error = %e, "recorded port not restored yet");
+                    self.unrestored.push(spec);
+                }
             }
         }
         self.save();
     }
 
     fn save(&self) {
-        let specs: Vec<PortSpec> = self.ports.values().map(|p| p.spec.clone()).collect();
+        let specs: Vec<PortSpec> = self
+            .ports
+            .values()
+            .map(|p| p.spec.clone())
+            .chain(self.unrestored.iter().cloned())
+            .collect();
         if let Err(e) = self.state.save(&specs) {
             tracing::warn!(error = %e, "cannot record ports");
         }
@@ -378,6 +408,7 @@ impl Controller {
             counters,
         };
         let status = self.status_of(&rec);
+        self.unrestored.retain(|s| s.ifname != rec.spec.ifname);
         self.ports.insert(id, rec);
         self.save();
         Ok(status)
@@ -411,10 +442,10 @@ impl Controller {
                 return Err(e.to_string());
             }
         };
-        let fail = |me: &mut Self, e: String| {
-            me.xdp.detach(o.ifindex);
-            Err(e)
-        };
+        // On failure the program stays attached: without a socket in its slot, a pod's
+        // program drops what the pod sends and the uplink's keeps the pods' traffic from the
+        // kernel (fail closed). Detaching would let the kernel forward them.
+        let fail = |_: &mut Self, e: String| Err(e);
         let mut attempt = 0;
         let fd = loop {
             let (tx, rx) = crossbeam_channel::bounded(1);
@@ -440,10 +471,19 @@ impl Controller {
                 Some(Err(e)) => {
                     return fail(self, format!("AF_XDP socket on {ifname}: {}", e.message))
                 }
-                None => return fail(self, "worker did not answer".into()),
+                None => {
+                    // It may still open the socket: have it closed when it gets to it.
+                    let (tx, _) = crossbeam_channel::bounded(1);
+                    self.workers[o.worker].command(Command::RemovePort {
+                        id: o.id,
+                        linger: false,
+                        reply: tx,
+                    });
+                    return fail(self, "worker did not answer".into());
+                }
             }
         };
-        if let Err(e) = self.xdp.bind_slot(o.ifindex, o.queue, o.id, fd) {
+        if let Err(e) = self.xdp.bind_slot(o.ifindex, o.queue, o.id, fd.as_fd()) {
             self.stop_on_worker(o.worker, o.id, false);
             return fail(self, e.to_string());
         }
@@ -504,11 +544,11 @@ impl Controller {
                     queues.push(UplinkQueue { id, worker });
                 }
                 Err(e) => {
+                    // The program stays (see `open_port`): pods' traffic is not the kernel's.
                     for (q, u) in queues.iter().enumerate() {
                         self.xdp.unbind_slot(ifindex, q as u32, u.id);
                         self.stop_on_worker(u.worker, u.id, false);
                     }
-                    self.xdp.detach(ifindex);
                     return Err(format!("queue {queue}: {e}"));
                 }
             }
@@ -598,6 +638,37 @@ impl Controller {
             })
     }
 
+    /// Removes a recorded port not registered again from the record, and its interface's
+    /// program (left attached to keep the pod fenced while it waited).
+    fn forget_unrestored(&mut self, key: &PortKey) {
+        let before = self.unrestored.len();
+        let mut gone = Vec::new();
+        self.unrestored.retain(|s| {
+            let hit = match key {
+                PortKey::Ifname(n) => &s.ifname == n,
+                PortKey::Container {
+                    container_id,
+                    pod_ifname,
+                } => {
+                    &s.container_id == container_id
+                        && (pod_ifname.is_empty() || &s.pod_ifname == pod_ifname)
+                }
+            };
+            if hit {
+                gone.push(s.ifname.clone());
+            }
+            !hit
+        });
+        for name in gone {
+            if let Ok((ifindex, _, _)) = port_interface(&name) {
+                self.xdp.detach(ifindex);
+            }
+        }
+        if self.unrestored.len() != before {
+            self.save();
+        }
+    }
+
     fn stop_on_worker(&self, worker: usize, id: u32, linger: bool) {
         let (tx, rx) = crossbeam_channel::bounded(1);
         let c = Command::RemovePort {
@@ -625,6 +696,7 @@ impl Controller {
             }
         });
         let Some(id) = found.map(|p| p.id) else {
+            self.forget_unrestored(key);
             return Ok(());
         };
         let Some(p) = self.ports.remove(&id) else {
@@ -702,6 +774,7 @@ impl Controller {
         self.desired.collect();
         self.detach_due(Some(Instant::now()));
         self.reap_deletions();
+        self.retry_unrestored();
         let known = self.refresh_uplink();
         // Until the uplink gateway is known, ask every 200 ms; then watch it for changes.
         self.upkeep_by(Instant::now() + Duration::from_millis(if known { 2000 } else { 200 }))

@@ -1,10 +1,10 @@
 //! Readiness: stromd is ready only while every worker's loop is moving.
 //!
-//! A worker stores a heartbeat (the monotonic clock, in ms) in its upkeep: every few
-//! thousand loops when busy, and at least once a second when it sleeps (its poll times out
-//! after a second). A worker whose heartbeat is older than [`STUCK_AFTER`] is stuck (spinning
-//! outside its loop, blocked, or stopped by a debugger); one whose thread ended, by a panic
-//! or otherwise, is dead. Either makes `status` not-ready with the reason, and CNI STATUS
+//! A worker stores a heartbeat (the monotonic clock, in ms) in its upkeep: every 100 ms when
+//! busy (however long its loops take), and at least once a second when it sleeps (its poll
+//! times out after a second). A worker whose heartbeat is older than [`STUCK_AFTER_MS`] is
+//! stuck (spinning outside its loop, blocked, or stopped by a debugger); one whose thread
+//! ended, by a panic or otherwise, is dead. Either makes `status` not-ready with the reason, and CNI STATUS
 //! reports it.
 
 use std::sync::atomic::Ordering;

@@ -10,4 +10,4 @@ pub mod health;
 pub mod server;
 
 pub use controller::{Controller, MAX_PORTS};
-pub use server::{bind, is_live, serve, BindError};
+pub use server::{bind, lock, serve, ApiLock, BindError};

@@ -13,7 +13,7 @@
 //! for is the requests ahead of it at the controller, each short.
 
 use std::io::{BufRead, BufReader, Write};
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -35,33 +35,62 @@ pub const LINE_DEADLINE: Duration = Duration::from_secs(10);
 pub const IDLE_DEADLINE: Duration = Duration::from_secs(300);
 /// How long a connection waits for the controller's answer.
 pub const REPLY_DEADLINE: Duration = Duration::from_secs(30);
+/// How long the acceptor waits after a failed accept (EMFILE, ENOMEM) before the next.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
 /// How long writing an answer may take (a client that does not read loses its answer).
 const WRITE_DEADLINE: Duration = Duration::from_secs(2);
 
 /// Errors of binding the API socket.
 #[derive(Debug, thiserror::Error)]
 pub enum BindError {
-    #[error("another stromd is serving {0} (a connection to it succeeded); stop it first")]
-    InUse(PathBuf),
+    #[error("another stromd is serving {0} (it holds {1}); stop it first")]
+    InUse(PathBuf, PathBuf),
     #[error("{0}: {1}")]
     Io(PathBuf, std::io::Error),
 }
 
-/// Whether a stromd answers on `path` (a live socket), as opposed to a stale file left by one
-/// that was killed.
-pub fn is_live(path: &Path) -> bool {
-    UnixStream::connect(path).is_ok()
+/// Proof that this process is the one stromd of an API socket: an exclusive `flock` on
+/// `<socket>.lock`, held for the life of the process. The kernel drops it the moment the
+/// holder exits, even by SIGKILL, and before that process's AF_XDP sockets are torn down
+/// (the lock is taken first, so its fd is closed first): a restart is neither refused by a
+/// dying stromd nor let in beside a live one. (Connecting to the socket cannot tell the two
+/// apart: a killed stromd's listener still accepts while its sockets close.)
+#[derive(Debug)]
+pub struct ApiLock {
+    _file: nix::fcntl::Flock<std::fs::File>,
 }
 
-/// Binds the API socket at `path`, readable and writable by its owner only (0600). A socket
-/// file left by a stromd that died is replaced; a live one is refused ([`BindError::InUse`]).
-pub fn bind(path: &Path) -> Result<UnixListener, BindError> {
+/// Takes the API socket's lock ([`ApiLock`]), or says that another stromd holds it.
+pub fn lock(socket: &Path) -> Result<ApiLock, BindError> {
+    let mut name = socket.as_os_str().to_owned();
+    name.push(".lock");
+    let lock_path = PathBuf::from(name);
+    let io = |e| BindError::Io(lock_path.clone(), e);
+    if let Some(d) = socket.parent() {
+        std::fs::create_dir_all(d).map_err(io)?;
+    }
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(0o600)
+        .open(&lock_path)
+        .map_err(io)?;
+    match nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock) {
+        Ok(f) => Ok(ApiLock { _file: f }),
+        Err((_, nix::errno::Errno::EWOULDBLOCK)) => {
+            Err(BindError::InUse(socket.to_path_buf(), lock_path))
+        }
+        Err((_, e)) => Err(io(e.into())),
+    }
+}
+
+/// Binds the API socket at `path`, readable and writable by its owner only (0600), for the
+/// holder of its lock: a socket file left by a stromd that died is replaced.
+pub fn bind(path: &Path, _lock: &ApiLock) -> Result<UnixListener, BindError> {
     let io = |e| BindError::Io(path.to_path_buf(), e);
     if let Some(d) = path.parent() {
         std::fs::create_dir_all(d).map_err(io)?;
-    }
-    if is_live(path) {
-        return Err(BindError::InUse(path.to_path_buf()));
     }
     match std::fs::remove_file(path) {
         Ok(()) => {}
@@ -139,7 +168,16 @@ fn controller_loop(rx: &Receiver<Msg>, ctl: &mut Controller, stop: &AtomicBool) 
 
 fn accept(listener: UnixListener, tx: Sender<Msg>, conns: Arc<AtomicUsize>) {
     for s in listener.incoming() {
-        let Ok(s) = s else { continue };
+        let s = match s {
+            Ok(s) => s,
+            Err(e) => {
+                // Out of descriptors or memory: the pending connection stays queued, so
+                // retrying at once would spin. Connections ending free what is needed.
+                tracing::warn!(error = %e, "accepting an API connection failed");
+                std::thread::sleep(ACCEPT_BACKOFF);
+                continue;
+            }
+        };
         if conns.fetch_add(1, Ordering::SeqCst) >= MAX_CONNECTIONS {
             conns.fetch_sub(1, Ordering::SeqCst);
             let _ = s.set_write_timeout(Some(WRITE_DEADLINE));
@@ -339,17 +377,22 @@ mod tests {
     }
 
     #[test]
-    fn a_live_socket_is_refused_and_a_stale_one_replaced() {
+    fn a_held_socket_is_refused_and_a_stale_one_replaced() {
         let dir = std::env::temp_dir().join(format!("strom-bind-{}", std::process::id()));
         let path = dir.join("stromd.sock");
-        let first = bind(&path).unwrap();
+        let held = lock(&path).unwrap();
+        let first = bind(&path, &held).unwrap();
         let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600);
-        assert!(matches!(bind(&path), Err(BindError::InUse(_))));
+        // A second stromd (another open file description: flock conflicts even within one
+        // process) is refused while the first holds the lock.
+        assert!(matches!(lock(&path), Err(BindError::InUse(..))));
         drop(first);
+        drop(held);
         // The file is left behind, as by a stromd killed with SIGKILL: taken over.
         assert!(path.exists());
-        let second = bind(&path).unwrap();
+        let held = lock(&path).unwrap();
+        let second = bind(&path, &held).unwrap();
         drop(second);
         let _ = std::fs::remove_dir_all(&dir);
     }

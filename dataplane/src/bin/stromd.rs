@@ -134,13 +134,10 @@ fn main() -> anyhow::Result<()> {
     }
     cfg.validate()?;
     // A second stromd must not take the node's interfaces from a live one: refuse before
-    // loading anything. (A socket file left by a killed stromd is taken over.)
-    if strom_dataplane::api::is_live(&cfg.dataplane.api_socket) {
-        anyhow::bail!(
-            "another stromd is serving {}; stop it first",
-            cfg.dataplane.api_socket.display()
-        );
-    }
+    // loading anything. Taken first, so that its fd is the first closed when this process
+    // exits (see `ApiLock`). A socket file left by a killed stromd is taken over.
+    let api_lock = strom_dataplane::api::lock(&cfg.dataplane.api_socket)?;
+    raise_fd_limit();
 
     let pin_dir = &cfg.dataplane.bpf_pin_dir;
     let mut xdp = XdpPrograms::load((!pin_dir.as_os_str().is_empty()).then_some(pin_dir.as_path()))
@@ -228,7 +225,7 @@ fn main() -> anyhow::Result<()> {
         }
     }
     ctl.restore();
-    let served = match bind(&socket) {
+    let served = match bind(&socket, &api_lock) {
         Ok(listener) => {
             serve(listener, &socket, &mut ctl, &stop, wake).map_err(anyhow::Error::from)
         }
@@ -240,4 +237,19 @@ fn main() -> anyhow::Result<()> {
     served.context("API socket")?;
     tracing::info!("stromd stopped");
     Ok(())
+}
+
+/// Raises the soft limit of open files to the hard one: every port takes a socket and every
+/// API client a connection (up to `MAX_CONNECTIONS`), beyond the usual soft limit of 1024.
+fn raise_fd_limit() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => {
+            if let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+                tracing::warn!(error = %e, soft, hard, "cannot raise the open files limit");
+            }
+        }
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "cannot read the open files limit"),
+    }
 }

@@ -260,7 +260,7 @@ fn setup(c: &Common) -> anyhow::Result<(u32, Vec<Queue>, Run)> {
         .context("UMEM (root, and no other AF_XDP user of lo in this namespace)")?;
     let queues = (0..c.queues)
         .map(|q| {
-            let mut umem = umem.worker(q);
+            let mut umem = umem.worker(q)?;
             let port = umem
                 .open(ifindex, q)
                 .with_context(|| format!("AF_XDP socket on {} queue {q}", c.dev))?;

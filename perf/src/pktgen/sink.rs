@@ -3,6 +3,7 @@
 //! per queue; each thread reads the stamps and keeps per-flow records.
 
 use std::collections::HashMap;
+use std::os::fd::AsFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -71,7 +72,7 @@ pub fn run(c: &Common, top: usize) -> anyhow::Result<()> {
         mut port,
     } in queues
     {
-        xdp.bind_slot(ifindex, q, q, port.fd())?;
+        xdp.bind_slot(ifindex, q, q, port.as_fd())?;
         let (run, cnt, cores) = (run.clone(), received[q as usize].clone(), c.cores.clone());
         threads.push(std::thread::spawn(move || {
             pin(&cores, q as usize);
