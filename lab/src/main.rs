@@ -131,8 +131,8 @@ enum Cmd {
     },
     #[command(hide = true)]
     Connect {
-        /// One target, or several: then all are probed at once and each gets a line,
-        /// "allow ANSWER" or "deny REASON", in the order given.
+        /// One target, or several: then they are probed in parallel (16 at a time) and each
+        /// gets a line, "allow ANSWER" or "deny REASON", in the order given.
         #[arg(long, required = true)]
         ip: Vec<IpAddr>,
         /// Answer in lines ("allow ANSWER" or "deny REASON", one per target) even for one
@@ -278,12 +278,19 @@ struct Cell {
     answer: Result<String, String>,
 }
 
+/// Connections one `connect --lines` keeps open at once. Its SYNs then leave the pod in
+/// bursts of at most this many, within what a quiet port's fill ring holds (`fill_min`, 32):
+/// a pod that opens a hundred connections in the same instant loses the excess of that burst
+/// until stromd deepens its ring (docs/design.md, "What the floor does not cover"), and TCP
+/// sends those SYNs again only after a second, past the matrix's timeout.
+const PROBES_IN_FLIGHT: usize = 16;
+
 /// Whether the matrix probes `protocol` here (SCTP only where the kernel has it).
 fn probed(protocol: &str, sctp: bool) -> bool {
     protocol != "sctp" || sctp
 }
 
-/// Probes from `from` to every `(key, ip)` in `targets` on one port and protocol at once: one
+/// Probes from `from` to every `(key, ip)` in `targets` on one port and protocol in parallel: one
 /// process in `from`'s namespace, one connection per target in parallel.
 fn probe_many(
     st: &State,
@@ -739,18 +746,23 @@ fn main() -> anyhow::Result<()> {
                     }
                 }
             } else {
-                let answers: Vec<Result<String, String>> = std::thread::scope(|sc| {
-                    let handles: Vec<_> = ip
-                        .iter()
-                        .map(|&a| {
-                            let protocol = protocol.as_str();
-                            sc.spawn(move || net::connect(a, port, protocol, timeout))
-                        })
-                        .collect();
-                    handles
-                        .into_iter()
-                        .map(|h| h.join().unwrap_or_else(|_| Err("prober panicked".into())))
-                        .collect()
+                // At most PROBES_IN_FLIGHT connections at once, each thread taking the next
+                // target as it finishes one, as a client's connection pool would.
+                let next = std::sync::atomic::AtomicUsize::new(0);
+                let answers: Vec<std::sync::OnceLock<Result<String, String>>> =
+                    ip.iter().map(|_| std::sync::OnceLock::new()).collect();
+                std::thread::scope(|sc| {
+                    for _ in 0..PROBES_IN_FLIGHT.min(ip.len()) {
+                        sc.spawn(|| loop {
+                            let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            let Some(&a) = ip.get(i) else { break };
+                            let _ = answers[i].set(net::connect(a, port, &protocol, timeout));
+                        });
+                    }
+                });
+                let answers = answers.into_iter().map(|a| {
+                    a.into_inner()
+                        .unwrap_or_else(|| Err("prober thread failed".into()))
                 });
                 for a in answers {
                     match a {
