@@ -143,6 +143,10 @@ pub struct PortStatus {
     pub spec: PortSpec,
     pub host_mac: String,
     pub xdp_mode: String,
+    /// How its AF_XDP sockets bound: "copy", or "zero-copy" (the uplink, on a NIC whose
+    /// driver supports it).
+    #[serde(default)]
+    pub xsk_mode: String,
     pub counters: Counters,
     /// How deep the port's fill ring is kept now: the worker's floor, or deeper (up to
     /// `fill_per_port`) while the port receives in bursts.

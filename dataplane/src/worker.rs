@@ -31,8 +31,8 @@ use crate::pipeline::{self, Action, InPort, PortKind};
 use crate::stats::{Local, LocalDrops, SharedCounters, WorkerCounters};
 use crate::tables::TableHandle;
 use crate::xsk::{
-    Closed, PollSet, SharedUmem, Waker, WorkerUmem, XskError, XskPort, XskSizes, FRAME_SIZE,
-    PREFETCH_AHEAD,
+    BindMode, Closed, PollSet, SharedUmem, Waker, WorkerUmem, XskError, XskPort, XskSizes,
+    FRAME_SIZE, PREFETCH_AHEAD,
 };
 
 /// Frames read from one rx ring per loop.
@@ -63,6 +63,14 @@ pub struct Handoff {
     data: [u8; FRAME_SIZE as usize],
 }
 
+/// A socket a worker opened: a duplicate of its fd (for the XSKMAP; it keeps the socket open
+/// only as long as it is held) and whether it bound in zero-copy mode.
+#[derive(Debug)]
+pub struct Opened {
+    pub fd: OwnedFd,
+    pub zero_copy: bool,
+}
+
 /// Port details a worker needs.
 pub struct PortSetup {
     pub id: u32,
@@ -89,7 +97,7 @@ pub enum Command {
     /// Open the socket and start serving; replies with the socket fd for the XSKMAP.
     /// Opens the port's socket; the reply carries a duplicate of its fd (for the XSKMAP),
     /// which keeps the socket open only as long as the controller holds it.
-    AddPort(PortSetup, Sender<Result<OwnedFd, OpenFailure>>),
+    AddPort(PortSetup, Sender<Result<Opened, OpenFailure>>),
     /// Stop serving the port and hand its socket to the reaper, which closes it and gives its
     /// frames back; replies once the worker has let go. With `linger`, the interface is being
     /// deleted: the reaper waits for the kernel to unbind the socket first (see [`Closing`]).
@@ -457,8 +465,19 @@ impl Worker {
                     // A port the controller gave up on (its removal timed out) and whose id
                     // it now reuses: closed first, so that its frames and budget come back.
                     self.remove_port(id, false);
-                    let r = self.umem.open(s.ifindex, s.queue).and_then(|xsk| {
-                        let fd = xsk.as_fd().try_clone_to_owned().map_err(XskError::Dup);
+                    // The uplink binds zero-copy where its driver has it; a pod's veth has no
+                    // zero-copy, and copy is asked for outright.
+                    let mode = match s.kind {
+                        PortKind::Uplink => BindMode::Auto,
+                        PortKind::Pod => BindMode::Copy,
+                    };
+                    let r = self.umem.open(s.ifindex, s.queue, mode).and_then(|xsk| {
+                        let zero_copy = xsk.zero_copy();
+                        let fd = xsk
+                            .as_fd()
+                            .try_clone_to_owned()
+                            .map(|fd| Opened { fd, zero_copy })
+                            .map_err(XskError::Dup);
                         s.counters.set_fill_depth(xsk.fill_depth());
                         let kind = s.kind;
                         self.ports[id as usize] = Some(Box::new(Port {

@@ -1,7 +1,7 @@
 //! strom's I/O layer, in a crate of its own so that every user of AF_XDP (stromd, and
 //! strom-pktgen, which does not link the dataplane) shares one implementation:
 //!
-//! - [`xsk`]: AF_XDP sockets sharing one UMEM (a slice of frames per worker), their rings,
+//! - [`xsk`]: AF_XDP sockets, each registering its worker's slice of the frames, their rings,
 //!   fill-ring depths and the kernel's drop counters;
 //! - [`bpf`]: the XDP programs (`bpf/strom.c`, compiled by `build.rs` with clang), loaded and
 //!   attached with aya, their maps, and the links pinned so that they outlive stromd.

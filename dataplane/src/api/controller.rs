@@ -45,6 +45,7 @@ struct PortRecord {
     spec: PortSpec,
     host_mac: Mac,
     xdp_mode: &'static str,
+    zero_copy: bool,
     counters: Arc<SharedCounters>,
 }
 
@@ -101,6 +102,7 @@ struct Uplink {
     ifname: String,
     mac: Mac,
     xdp_mode: &'static str,
+    zero_copy: bool,
     counters: Arc<SharedCounters>,
     gateway: Option<Ipv4Addr>,
     gateway_mac: Option<Mac>,
@@ -273,6 +275,7 @@ impl Controller {
             spec: p.spec.clone(),
             host_mac: fmt_mac(&p.host_mac),
             xdp_mode: p.xdp_mode.into(),
+            xsk_mode: xsk_mode(p.zero_copy).into(),
             counters: p.counters.read(),
             fill_depth: p.counters.fill_depth(),
         }
@@ -372,7 +375,7 @@ impl Controller {
             .min_by_key(|&w| self.ports_on(w))
             .unwrap_or(0);
         let counters = Arc::new(SharedCounters::default());
-        let xdp_mode = self.open_port(
+        let (xdp_mode, zero_copy) = self.open_port(
             OpenPort {
                 id,
                 worker,
@@ -405,6 +408,7 @@ impl Controller {
             spec,
             host_mac,
             xdp_mode,
+            zero_copy,
             counters,
         };
         let status = self.status_of(&rec);
@@ -416,8 +420,8 @@ impl Controller {
 
     /// Attaches the port's program, has the worker open its socket (waiting for the kernel
     /// to release the queue's previous socket if need be) and points the XSKMAP slot at it.
-    /// Undoes what it did on failure. Returns the XDP mode.
-    fn open_port(&mut self, o: OpenPort<'_>, ifname: &str) -> Result<&'static str, String> {
+    /// Undoes what it did on failure. Returns the XDP mode and whether the socket is zero-copy.
+    fn open_port(&mut self, o: OpenPort<'_>, ifname: &str) -> Result<(&'static str, bool), String> {
         let role = match o.kind {
             PortKind::Pod => Role::Pod,
             PortKind::Uplink => Role::Uplink,
@@ -447,7 +451,7 @@ impl Controller {
         // kernel (fail closed). Detaching would let the kernel forward them.
         let fail = |_: &mut Self, e: String| Err(e);
         let mut attempt = 0;
-        let fd = loop {
+        let opened = loop {
             let (tx, rx) = crossbeam_channel::bounded(1);
             let setup = PortSetup {
                 id: o.id,
@@ -463,7 +467,7 @@ impl Controller {
                 return fail(self, "worker is gone".into());
             }
             match wait_reply(&rx) {
-                Some(Ok(fd)) => break fd,
+                Some(Ok(opened)) => break opened,
                 Some(Err(e)) if e.busy && attempt < BUSY_RETRIES => {
                     attempt += 1;
                     std::thread::sleep(BUSY_WAIT);
@@ -483,11 +487,14 @@ impl Controller {
                 }
             }
         };
-        if let Err(e) = self.xdp.bind_slot(o.ifindex, o.queue, o.id, fd.as_fd()) {
+        if let Err(e) = self
+            .xdp
+            .bind_slot(o.ifindex, o.queue, o.id, opened.fd.as_fd())
+        {
             self.stop_on_worker(o.worker, o.id, false);
             return fail(self, e.to_string());
         }
-        Ok(xdp_mode)
+        Ok((xdp_mode, opened.zero_copy))
     }
 
     /// Serves the uplink: its program passes the node's own traffic to the kernel and sends
@@ -517,6 +524,7 @@ impl Controller {
         let counters = Arc::new(SharedCounters::default());
         let mut queues: Vec<UplinkQueue> = Vec::with_capacity(rx_queues);
         let mut xdp_mode = "";
+        let mut zero_copy = true;
         for queue in 0..rx_queues {
             let worker = queue % self.workers.len();
             let opened = match self.alloc_id() {
@@ -539,8 +547,9 @@ impl Controller {
                 None => Err("no free port slot".to_string()),
             };
             match opened {
-                Ok((id, mode)) => {
+                Ok((id, (mode, zc))) => {
                     xdp_mode = mode;
+                    zero_copy &= zc;
                     queues.push(UplinkQueue { id, worker });
                 }
                 Err(e) => {
@@ -557,6 +566,7 @@ impl Controller {
             ifname,
             queues = rx_queues,
             xdp_mode,
+            xsk_mode = xsk_mode(zero_copy),
             ?gateway,
             "uplink added"
         );
@@ -566,6 +576,7 @@ impl Controller {
             ifname: ifname.to_string(),
             mac,
             xdp_mode,
+            zero_copy,
             counters,
             gateway,
             gateway_mac: None,
@@ -625,6 +636,7 @@ impl Controller {
             },
             host_mac: fmt_mac(&u.mac),
             xdp_mode: u.xdp_mode.into(),
+            xsk_mode: xsk_mode(u.zero_copy).into(),
             counters: u.counters.read(),
             fill_depth: u.counters.fill_depth(),
         })
@@ -905,5 +917,14 @@ impl Controller {
                 self.xdp.detach(i);
             }
         }
+    }
+}
+
+/// How a port's sockets bound, as `PortStatus::xsk_mode` names it.
+fn xsk_mode(zero_copy: bool) -> &'static str {
+    if zero_copy {
+        "zero-copy"
+    } else {
+        "copy"
     }
 }

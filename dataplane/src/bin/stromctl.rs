@@ -137,7 +137,7 @@ fn main() -> anyhow::Result<()> {
         }
         Response::Ports { ports } => table(
             &[
-                "id", "kind", "ifname", "pod", "ips", "worker", "xdp", "rx pkts", "rx bytes",
+                "id", "kind", "ifname", "pod", "ips", "worker", "xdp/xsk", "rx pkts", "rx bytes",
                 "tx pkts", "tx bytes", "drops", "fill",
             ],
             ports
@@ -163,7 +163,7 @@ fn main() -> anyhow::Result<()> {
                         } else {
                             p.worker.to_string()
                         },
-                        p.xdp_mode.clone(),
+                        format!("{}/{}", p.xdp_mode, p.xsk_mode),
                         p.counters.rx_packets.to_string(),
                         p.counters.rx_bytes.to_string(),
                         p.counters.tx_packets.to_string(),

@@ -7,7 +7,7 @@
 //!                                            per flow: received, lost, reordered, latency
 //! ```
 //!
-//! Each thread owns one AF_XDP socket on its queue and a slice of one UMEM (strom-xdp's
+//! Each thread owns one AF_XDP socket on its queue and a slice of the frames (strom-xdp's
 //! `xsk` module, the same I/O layer as stromd), builds frames in place and commits them in
 //! batches with one `sendto` per batch of the kernel's.
 
@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
 use strom_api::mac::parse_mac;
-use strom_xdp::xsk::{SharedUmem, WorkerUmem, XskPort, XskSizes};
+use strom_xdp::xsk::{BindMode, SharedUmem, WorkerUmem, XskPort, XskSizes};
 
 use flows::{Flows, IpRange, PortRange};
 use packet::{Fields, Proto, Template, IMIX, MAX_FRAME};
@@ -249,20 +249,19 @@ pub struct Queue {
     pub port: XskPort,
 }
 
-/// What both ends set up: a socket per queue of `c.dev` sharing one UMEM, and the clock.
+/// What both ends set up: a socket per queue of `c.dev`, each over its slice of the frames, and the clock.
 fn setup(c: &Common) -> anyhow::Result<(u32, Vec<Queue>, Run)> {
     let ifindex = nix::net::if_::if_nametoindex(c.dev.as_str())
         .with_context(|| format!("interface {}", c.dev))?;
     if c.queues == 0 {
         bail!("--queues must be at least 1");
     }
-    let umem = SharedUmem::new(SIZES, c.queues)
-        .context("UMEM (root, and no other AF_XDP user of lo in this namespace)")?;
+    let umem = SharedUmem::new(SIZES, c.queues).context("UMEM (mapping the frames)")?;
     let queues = (0..c.queues)
         .map(|q| {
             let mut umem = umem.worker(q)?;
             let port = umem
-                .open(ifindex, q)
+                .open(ifindex, q, BindMode::Copy)
                 .with_context(|| format!("AF_XDP socket on {} queue {q}", c.dev))?;
             Ok(Queue { q, umem, port })
         })
