@@ -80,13 +80,13 @@ pub struct WorkerCounters {
     drops: [AtomicU64; DropReason::COUNT],
     pub loops: AtomicU64,
     pub sleeps: AtomicU64,
-    /// The worker's UMEM slice: frames in its free pool (stored once per loop), and in all.
-    pub frames_free: AtomicU64,
+    /// The worker's UMEM slice in all.
     pub frames_total: AtomicU64,
-    /// Frames in its ports' fill rings (stored when the kernel's drop counters are read).
-    pub frames_in_fill: AtomicU64,
+    /// Frames in its free pool and in its ports' fill rings, from the same moment (stored
+    /// together when the kernel's drop counters are read): see [`WorkerCounters::frames`].
+    frames: AtomicU64,
     /// The depth every port's fill ring keeps at least, the most the worker's fill rings may
-    /// hold together, and what their depths add up to now (stored with frames_in_fill).
+    /// hold together, and what their depths add up to now (stored with `frames`).
     pub fill_floor: AtomicU64,
     pub fill_budget: AtomicU64,
     pub fill_reserved: AtomicU64,
@@ -139,6 +139,20 @@ pub fn coarse_ms() -> u64 {
 }
 
 impl WorkerCounters {
+    /// Stores the frames in the free pool and in the fill rings as one word, so that a reader
+    /// never adds a fresh count to a stale one (the two together never exceed the slice). A
+    /// worker's slice is far below 2^32 frames.
+    pub fn store_frames(&self, free: u64, in_fill: u64) {
+        let word = (free.min(u64::from(u32::MAX)) << 32) | in_fill.min(u64::from(u32::MAX));
+        self.frames.store(word, Relaxed);
+    }
+
+    /// Frames in the free pool and in the fill rings, as last stored together.
+    pub fn frames(&self) -> (u64, u64) {
+        let word = self.frames.load(Relaxed);
+        (word >> 32, word & u64::from(u32::MAX))
+    }
+
     /// Stores and returns the worker's heartbeat (called in its upkeep, never per packet).
     pub fn heartbeat(&self) -> u64 {
         let now = monotonic_ms();
@@ -213,6 +227,16 @@ fn parse_core_wait(schedstat: &str, status: &str) -> Option<CoreWait> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn free_and_in_fill_frames_are_read_as_stored_together() {
+        let c = WorkerCounters::default();
+        assert_eq!(c.frames(), (0, 0));
+        c.store_frames(8192 - 5952, 5952);
+        assert_eq!(c.frames(), (2240, 5952));
+        c.store_frames(u64::MAX, 7);
+        assert_eq!(c.frames(), (u64::from(u32::MAX), 7));
+    }
 
     #[test]
     fn core_wait_is_read_from_schedstat_and_status() {

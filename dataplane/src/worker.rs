@@ -336,6 +336,9 @@ impl Worker {
             .store(self.umem.total_frames() as u64, Ordering::Relaxed);
         self.me
             .counters
+            .store_frames(self.umem.free_frames() as u64, 0);
+        self.me
+            .counters
             .fill_floor
             .store(u64::from(self.umem.fill_floor()), Ordering::Relaxed);
         self.me
@@ -392,10 +395,11 @@ impl Worker {
                         in_fill += u64::from(p.xsk.fill_queued());
                     }
                 }
+                // The free pool does not change while the rings are read: the kernel takes
+                // frames out of fill rings meanwhile, never puts any into the pool.
                 self.me
                     .counters
-                    .frames_in_fill
-                    .store(in_fill, Ordering::Relaxed);
+                    .store_frames(self.umem.free_frames() as u64, in_fill);
                 self.me
                     .counters
                     .fill_reserved
@@ -418,10 +422,6 @@ impl Worker {
             // Release: the reconciler frees a replaced table once every worker's count moved
             // on (Acquire there), so this loop's reads of the old table come before it.
             self.me.counters.loops.fetch_add(1, Ordering::Release);
-            self.me
-                .counters
-                .frames_free
-                .store(self.umem.free_frames() as u64, Ordering::Relaxed);
             if work == 0 {
                 idle = idle.saturating_add(1);
                 if self.mode == PollMode::Adaptive && idle > SPIN_BEFORE_SLEEP {

@@ -70,11 +70,19 @@ const FREE: u32 = 1;
 /// Frames the fill rings never take from the pool: frames copied in from other workers
 /// need free frames even when every port's fill ring is as full as the pool allows.
 const RESERVE: usize = 256;
-/// Frames drained from a port's fill ring between two refills that deepen it to
-/// `fill_per_port` at once, as a fraction of the floor: a burst that large means the port
-/// receives faster than one loop refills it (a TCP stream's burst, or the worker off its
-/// core), and the next burst, twice as large in slow start, must fit.
+/// Frames drained from a port's fill ring between two refills that deepen it, as a fraction
+/// of the floor: a burst that large means the port receives faster than one loop refills it
+/// (a TCP stream's burst, or the worker off its core), and the next burst, twice as large in
+/// slow start, must fit.
 const GROW_AT_FLOOR_DIV: u32 = 4;
+/// How many times the burst that deepens a port its new depth holds (rounded up to a power
+/// of two, at most `fill_per_port`): slow start at most doubles a burst from one round trip to
+/// the next, so the next fits with room to spare, and a ring that keeps draining this far
+/// keeps growing. A port that drained to nothing is at least doubled: it may have dropped what
+/// did not fit, and the drain then undercounts the burst. A burst of a few connections' SYNs,
+/// or the worker off its core for a moment, thus parks tens or hundreds of frames in a ring,
+/// not `fill_per_port`, and a TCP stream reaches `fill_per_port` within its first few bursts.
+const GROW_MARGIN: u32 = 4;
 /// Quiet reviews (about a second each, [`WorkerUmem::review`]) after which a deepened port
 /// goes back to the floor: long enough that a TCP stream's pauses keep their depth, short
 /// enough that the budget comes back to other ports soon after a stream ends.
@@ -794,9 +802,10 @@ impl XskPort {
     /// receives, and no more until it shows that it receives in bursts: a pod's TCP stack
     /// answers the ACKs stromd delivers at once, inside stromd's own transmit call (veth runs
     /// the receiver inline), so a burst of segments lands before stromd can refill. When a
-    /// quarter of the floor or more drained since the last refill, the port is deepened at once to
-    /// `fill_per_port` (or what the budget has left): slow start's next burst, twice as large,
-    /// then fits. It goes back to the floor after `QUIET_REVIEWS` reviews without such a
+    /// quarter of the floor or more drained since the last refill, the port is deepened at once
+    /// to [`GROW_MARGIN`] times that burst, at least twice as deep if it drained to nothing
+    /// (at most `fill_per_port`, and what the budget has left): slow start's next burst, twice
+    /// as large, then fits. It goes back to the floor after `QUIET_REVIEWS` reviews without such a
     /// burst ([`XskPort::review`]); the frames above the floor then come back as it receives.
     ///
     /// Frames in an idle port's fill ring stay there until the pod sends, so the depths are
@@ -810,8 +819,15 @@ impl XskPort {
         let max = umem.shared.sizes.fill;
         if drained >= (floor / GROW_AT_FLOOR_DIV).max(1) {
             self.drained = true;
-            if self.depth < max {
-                let depth = max.min(self.room(umem)).max(self.depth);
+            // Four times the burst; a ring that drained to nothing may have dropped what did
+            // not fit (the drain undercounts the burst): at least twice its depth.
+            let mut want = drained.saturating_mul(GROW_MARGIN).next_power_of_two();
+            if queued == 0 {
+                want = want.max(self.depth.saturating_mul(2));
+            }
+            let want = want.min(max);
+            if want > self.depth {
+                let depth = want.min(self.room(umem)).max(self.depth);
                 self.set_reserved(umem, depth.max(queued));
                 self.depth = depth;
             }

@@ -838,13 +838,14 @@ impl Controller {
                     .map(|w| {
                         let wait = crate::stats::core_wait(w.counters.tid.load(Ordering::Relaxed))
                             .unwrap_or_default();
+                        let (frames_free, frames_in_fill) = w.counters.frames();
                         WorkerStats {
                             id: w.id,
                             core: w.core,
                             ports: self.ports_on(w.id),
-                            frames_free: w.counters.frames_free.load(Ordering::Relaxed),
+                            frames_free,
                             frames_total: w.counters.frames_total.load(Ordering::Relaxed),
-                            frames_in_fill: w.counters.frames_in_fill.load(Ordering::Relaxed),
+                            frames_in_fill,
                             fill_floor: w.counters.fill_floor.load(Ordering::Relaxed),
                             fill_budget: w.counters.fill_budget.load(Ordering::Relaxed),
                             fill_reserved: w.counters.fill_reserved.load(Ordering::Relaxed),

@@ -45,16 +45,21 @@ const WRITE_DEADLINE: Duration = Duration::from_secs(2);
 pub enum BindError {
     #[error("another stromd is serving {0} (it holds {1}); stop it first")]
     InUse(PathBuf, PathBuf),
+    #[error(
+        "another process holds {1} and has not answered on {0} for {2:?} (a stromd that is \
+         stuck, or still exiting); stop it first"
+    )]
+    Unanswered(PathBuf, PathBuf, Duration),
     #[error("{0}: {1}")]
     Io(PathBuf, std::io::Error),
 }
 
 /// Proof that this process is the one stromd of an API socket: an exclusive `flock` on
-/// `<socket>.lock`, held for the life of the process. The kernel drops it the moment the
-/// holder exits, even by SIGKILL, and before that process's AF_XDP sockets are torn down
-/// (the lock is taken first, so its fd is closed first): a restart is neither refused by a
-/// dying stromd nor let in beside a live one. (Connecting to the socket cannot tell the two
-/// apart: a killed stromd's listener still accepts while its sockets close.)
+/// `<socket>.lock`, held for the life of the process. The kernel drops it when the holder's
+/// files are released, even after SIGKILL; that is after the process's AF_XDP sockets are
+/// closed, which for a hundred ports takes the kernel a second or two after the kill. A
+/// stromd started meanwhile waits for it ([`lock_waiting`]) rather than being refused by a
+/// dying one, and is never let in beside a live one.
 #[derive(Debug)]
 pub struct ApiLock {
     _file: nix::fcntl::Flock<std::fs::File>,
@@ -83,6 +88,54 @@ pub fn lock(socket: &Path) -> Result<ApiLock, BindError> {
         }
         Err((_, e)) => Err(io(e.into())),
     }
+}
+
+/// How long a starting stromd waits for the API lock ([`lock_waiting`]) while its holder does
+/// not answer: a killed stromd with a few hundred ports is released by the kernel within a
+/// few seconds.
+pub const LOCK_PATIENCE: Duration = Duration::from_secs(10);
+/// How long a status request to the lock's holder may take before it counts as unanswered.
+const HOLDER_ANSWER: Duration = Duration::from_millis(250);
+/// How often the lock is tried again while waiting.
+const LOCK_RETRY: Duration = Duration::from_millis(10);
+
+/// Takes the API socket's lock, waiting for it while its holder is not serving: a stromd
+/// restarted right after `kill -9` finds the lock still held by the killed one until the
+/// kernel has closed that one's sockets. A holder that answers a status request on the socket
+/// is a live stromd: refused at once ([`BindError::InUse`]). One that has not answered for
+/// `patience` (stuck, or a process that is not stromd) is refused with
+/// [`BindError::Unanswered`]. (Connecting alone cannot tell live from dying: a killed
+/// stromd's listener still accepts until its files are released.)
+pub fn lock_waiting(socket: &Path, patience: Duration) -> Result<ApiLock, BindError> {
+    let start = Instant::now();
+    let mut next_ask = start;
+    loop {
+        let lock_path = match lock(socket) {
+            Err(BindError::InUse(_, lock_path)) => lock_path,
+            taken_or_failed => return taken_or_failed,
+        };
+        if Instant::now() >= next_ask {
+            if holder_answers(socket) {
+                return Err(BindError::InUse(socket.to_path_buf(), lock_path));
+            }
+            next_ask = Instant::now() + HOLDER_ANSWER;
+        }
+        if start.elapsed() >= patience {
+            return Err(BindError::Unanswered(
+                socket.to_path_buf(),
+                lock_path,
+                patience,
+            ));
+        }
+        std::thread::sleep(LOCK_RETRY);
+    }
+}
+
+/// Whether a stromd answers a status request on `socket` within [`HOLDER_ANSWER`].
+fn holder_answers(socket: &Path) -> bool {
+    strom_api::Client::connect(socket, HOLDER_ANSWER)
+        .and_then(|mut c| c.call(&Request::Status))
+        .is_ok_and(|r| matches!(r, Response::Status(_)))
 }
 
 /// Binds the API socket at `path`, readable and writable by its owner only (0600), for the
@@ -394,6 +447,66 @@ mod tests {
         let held = lock(&path).unwrap();
         let second = bind(&path, &held).unwrap();
         drop(second);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_starting_stromd_waits_for_a_silent_holder_and_is_refused_by_one_that_answers() {
+        let dir = std::env::temp_dir().join(format!("strom-wait-{}", std::process::id()));
+        let path = dir.join("stromd.sock");
+        // A holder that does not answer (a killed stromd being torn down): waited for, and
+        // the lock is taken once it lets go.
+        let held = lock(&path).unwrap();
+        let listener = bind(&path, &held).unwrap();
+        let release = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(300));
+            drop(listener);
+            drop(held);
+        });
+        let t = Instant::now();
+        let taken = lock_waiting(&path, Duration::from_secs(5)).unwrap();
+        assert!(
+            t.elapsed() >= Duration::from_millis(250),
+            "{:?}",
+            t.elapsed()
+        );
+        release.join().unwrap();
+        drop(taken);
+        // One that never lets go nor answers: refused after the patience.
+        let held = lock(&path).unwrap();
+        let listener = bind(&path, &held).unwrap();
+        let t = Instant::now();
+        let e = lock_waiting(&path, Duration::from_millis(400)).unwrap_err();
+        assert!(matches!(e, BindError::Unanswered(..)), "{e}");
+        assert!(t.elapsed() >= Duration::from_millis(400));
+        // One that answers status (a live stromd): refused at once. (A fresh listener: the
+        // one above has the unanswered probes queued.)
+        drop(listener);
+        let listener = bind(&path, &held).unwrap();
+        let server = std::thread::spawn(move || {
+            let (s, _) = listener.accept().unwrap();
+            let mut r = BufReader::new(s.try_clone().unwrap());
+            let mut line = String::new();
+            r.read_line(&mut line).unwrap();
+            assert_eq!(parse(line.as_bytes()).unwrap(), Request::Status);
+            let info = strom_api::StatusInfo {
+                ready: true,
+                reason: None,
+                version: "test".into(),
+                workers: 1,
+                ports: 0,
+                poll_mode: "busy".into(),
+                uplink: None,
+            };
+            (&s).write_all(&encode_line(&Response::Status(info)))
+                .unwrap();
+        });
+        let t = Instant::now();
+        let e = lock_waiting(&path, Duration::from_secs(5)).unwrap_err();
+        assert!(matches!(e, BindError::InUse(..)), "{e}");
+        assert!(t.elapsed() < Duration::from_secs(1), "{:?}", t.elapsed());
+        server.join().unwrap();
+        drop(held);
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

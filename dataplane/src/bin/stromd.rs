@@ -134,9 +134,12 @@ fn main() -> anyhow::Result<()> {
     }
     cfg.validate()?;
     // A second stromd must not take the node's interfaces from a live one: refuse before
-    // loading anything. Taken first, so that its fd is the first closed when this process
-    // exits (see `ApiLock`). A socket file left by a killed stromd is taken over.
-    let api_lock = strom_dataplane::api::lock(&cfg.dataplane.api_socket)?;
+    // loading anything; wait for one that was killed and is still being torn down (see
+    // `lock_waiting`). A socket file left by a killed stromd is taken over.
+    let api_lock = strom_dataplane::api::lock_waiting(
+        &cfg.dataplane.api_socket,
+        strom_dataplane::api::LOCK_PATIENCE,
+    )?;
     raise_fd_limit();
 
     let pin_dir = &cfg.dataplane.bpf_pin_dir;
