@@ -139,8 +139,27 @@ impl std::fmt::Display for Probe {
     }
 }
 
-/// The cores the lab's pods run on: every core but stromd's pinned ones (`--cores`), or every
-/// core when stromd is not pinned.
+/// The cores this test may run on (its affinity), lowest first.
+fn allowed_cores() -> Vec<usize> {
+    let set = nix::sched::sched_getaffinity(nix::unistd::Pid::from_raw(0))
+        .expect("the test's CPU affinity");
+    (0..nix::sched::CpuSet::count())
+        .filter(|&c| set.is_set(c).unwrap_or(false))
+        .collect()
+}
+
+/// stromd's flags that pin its workers to the last core this test may use, the pods keeping
+/// the others (as a node gives its dataplane cores of its own); none on a single core.
+fn pinned_to_last_core() -> Vec<String> {
+    let cores = allowed_cores();
+    match cores.as_slice() {
+        [_, .., last] => vec!["--cores".into(), last.to_string()],
+        _ => Vec::new(),
+    }
+}
+
+/// The cores the lab's pods run on: every core the test may use but stromd's pinned ones
+/// (`--cores`), or all of them when stromd is not pinned.
 fn pod_cores(lab: &Lab) -> Vec<usize> {
     let st: Value =
         serde_json::from_slice(&std::fs::read(lab.dir.join("state.json")).unwrap()).unwrap();
@@ -150,10 +169,14 @@ fn pod_cores(lab: &Lab) -> Vec<usize> {
         .flatten()
         .filter_map(Value::as_u64)
         .collect();
-    let n = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let rest: Vec<usize> = (0..n).filter(|&c| !pinned.contains(&(c as u64))).collect();
+    let allowed = allowed_cores();
+    let rest: Vec<usize> = allowed
+        .iter()
+        .copied()
+        .filter(|&c| !pinned.contains(&(c as u64)))
+        .collect();
     if rest.is_empty() {
-        (0..n).collect()
+        allowed
     } else {
         rest
     }
@@ -417,12 +440,11 @@ fn assert_memory_bounded_and_shown(before: &Value, after: &Value) {
 ///
 /// No frame is dropped for want of a fill frame, and memory stays bounded and shown. The TCP
 /// matrix stops after 8 pods with failures (enough to tell what goes wrong, and quick).
-fn every_pod_reaches_the_others_at_the_first_try(n: usize, workers: usize, flags: &[&str]) {
-    let workers_flag = workers.to_string();
-    let lab = Lab::up(
-        &pods(n),
-        &[&["--workers", &workers_flag][..], flags].concat(),
-    );
+fn every_pod_reaches_the_others_at_the_first_try(n: usize, workers: usize, flags: &[String]) {
+    let mut all = vec!["--workers".to_string(), workers.to_string()];
+    all.extend_from_slice(flags);
+    let all: Vec<&str> = all.iter().map(String::as_str).collect();
+    let lab = Lab::up(&pods(n), &all);
     wait_until_serving(&lab);
     let ports = lab.pod_ports();
     assert_eq!(ports.len(), n, "every pod has its port");
@@ -511,8 +533,8 @@ fn every_pod_reaches_the_others_at_the_first_try(n: usize, workers: usize, flags
 /// Bug 1 (pods beyond the first few on a worker lose traffic: the first ports' fill rings
 /// took the pool, the later pods' rings starved): 110 pods on one worker (kubelet's default
 /// maximum), each reaching the others at the first try, 16 at once; `stromctl stats` shows
-/// the worker's frames and no `xsk_no_fill_frame` drop. The worker is pinned to core 1 and the
-/// pods run on core 0, as a node gives its dataplane cores of its own.
+/// the worker's frames and no `xsk_no_fill_frame` drop. The worker is pinned to the last core
+/// and the pods run on the others, as a node gives its dataplane cores of its own.
 ///
 /// ```text
 ///  p000 … p108 ══ 16 SYNs at once, 7 times ══▶ p109 (added last)
@@ -522,18 +544,18 @@ fn every_pod_reaches_the_others_at_the_first_try(n: usize, workers: usize, flags
 #[test]
 fn a_hundred_and_ten_pods_on_one_worker_reach_each_other_at_the_first_try() {
     let _g = net_lock();
-    every_pod_reaches_the_others_at_the_first_try(110, 1, &["--cores", "1"]);
+    every_pod_reaches_the_others_at_the_first_try(110, 1, &pinned_to_last_core());
 }
 
 /// Bug 1, on two workers: 220 pods, 110 on each worker's UMEM slice; half the probes cross
 /// from one worker to the other (consecutive pods alternate between the workers). A pod's
-/// probes to the 219 others start 16 at a time. Both workers are pinned to core 1 and the pods
-/// run on core 0 (this machine has two cores: the workers share theirs with each other, not
-/// with the pods).
+/// probes to the 219 others start 16 at a time. Both workers are pinned to the last core and
+/// the pods run on the others (on a 2-core machine the workers share theirs with each other,
+/// not with the pods).
 #[test]
 fn two_hundred_and_twenty_pods_on_two_workers_reach_each_other_at_the_first_try() {
     let _g = net_lock();
-    every_pod_reaches_the_others_at_the_first_try(220, 2, &["--cores", "1"]);
+    every_pod_reaches_the_others_at_the_first_try(220, 2, &pinned_to_last_core());
 }
 
 /// Runs `cmd` with its output captured; kills it and fails when it runs longer than `limit`.
@@ -564,8 +586,8 @@ fn wait_within(child: &mut Child, limit: Duration, what: &str) {
 /// Bug 1, the issue's own case: a pod added last, after an iperf3 stream between others has
 /// deepened their fill rings (frames parked in fill rings must not starve the newcomer), works
 /// at once: its first probes to and from six others, all at once, succeed, and no frame is
-/// dropped meanwhile for want of a fill frame. 110 pods on one worker, pinned to core 1, the
-/// pods on core 0; a 10-second TCP stream. The stream itself keeps the fill rings' TCP-burst
+/// dropped meanwhile for want of a fill frame. 110 pods on one worker, pinned to the last
+/// core, the pods on the others; a 10-second TCP stream. The stream itself keeps the fill rings' TCP-burst
 /// behaviour with 110 pods on the worker (issue 16: "no drops for want of a fill frame under
 /// one stream" still holds): at most 1% of the frames stromd receives meanwhile is dropped for
 /// want of a fill frame. (110 floors leave the budget room for one port at full depth: a second
@@ -578,7 +600,11 @@ fn wait_within(child: &mut Child, limit: Duration, what: &str) {
 #[test]
 fn a_pod_added_last_after_iperf3_between_others_works_at_once() {
     let _g = net_lock();
-    let lab = Lab::up(&pods(109), &["--cores", "1"]);
+    let pinned = pinned_to_last_core();
+    let lab = Lab::up(
+        &pods(109),
+        &pinned.iter().map(String::as_str).collect::<Vec<_>>(),
+    );
     wait_until_serving(&lab);
     let ips = pod_ips(&lab);
     let streams = [(0, 1, false)];

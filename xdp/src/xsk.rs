@@ -821,7 +821,10 @@ impl XskPort {
             self.drained = true;
             // Four times the burst; a ring that drained to nothing may have dropped what did
             // not fit (the drain undercounts the burst): at least twice its depth.
-            let mut want = drained.saturating_mul(GROW_MARGIN).next_power_of_two();
+            let mut want = drained
+                .saturating_mul(GROW_MARGIN)
+                .checked_next_power_of_two()
+                .unwrap_or(max);
             if queued == 0 {
                 want = want.max(self.depth.saturating_mul(2));
             }
