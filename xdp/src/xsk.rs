@@ -12,12 +12,13 @@
 //!        └─ port C socket: UMEM = slice 1, …
 //! ```
 //!
-//! Why a registration per socket rather than one UMEM shared (`XDP_SHARED_UMEM`): sharing
-//! needs the socket that registered the UMEM bound for as long as the others live, on a device
-//! that outlives every pod (loopback, whose one queue then takes the process's one UMEM); every
-//! sharing socket inherits that socket's mode, copy on loopback, so the uplink could never bind
-//! zero-copy; and the kernel keeps per socket a buffer head for every frame of the UMEM, all
-//! workers' frames at once. Registered per socket over its worker's slice, a socket binds in
+//! Why a registration per socket rather than one UMEM shared (`XDP_SHARED_UMEM`): a socket
+//! joins a shared UMEM through a bound socket of it (xsk-rs: only the registering one, so that
+//! one must outlive every pod: an anchor on loopback, whose one queue then takes the UMEM);
+//! every sharing socket binds in the UMEM's mode, copy on loopback, so the uplink could never
+//! bind zero-copy; and the kernel keeps per socket a buffer head for every frame of the UMEM,
+//! all workers' frames at once. What it costs: with a hundred destination pods, about a fifth
+//! of stromd's rate (BENCHMARKS.md, "110 pods on the node"). Registered per socket over its worker's slice, a socket binds in
 //! the mode it asks for (the uplink: zero-copy where the driver has it), and costs the kernel
 //! heads for its worker's frames only. Every socket of a worker sees the same frames at the
 //! same offsets (UMEM offset 0 is the slice's first frame), so a frame received on one port
