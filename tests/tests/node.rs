@@ -71,6 +71,32 @@ fn pod_to_pod_icmp_tcp_and_udp_pass_through_stromd() {
     assert!(lab.rx_packets() >= 6, "stromd saw the traffic");
 }
 
+/// `stromctl ports | head` and the like: a reader that closes the pipe before stromctl writes
+/// ends stromctl quietly (exit 0, no panic), in table and in JSON form.
+#[test]
+fn stromctl_ends_quietly_when_its_reader_has_gone() {
+    let _g = net_lock();
+    let lab = Lab::up(&two_pods(), &[]);
+    for args in [&["ports"][..], &["stats"], &["-o", "json", "ports"]] {
+        let mut child = lab
+            .ctl()
+            .args(args)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("stromctl");
+        // The reader goes before stromctl has its answer (it still has to connect and ask).
+        drop(child.stdout.take());
+        let o = child.wait_with_output().expect("stromctl ends");
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            o.status.success() && !err.contains("panicked"),
+            "stromctl {args:?} with its reader gone: {:?}: {err}",
+            o.status
+        );
+    }
+}
+
 #[test]
 fn a_closed_port_is_denied_not_answered() {
     let _g = net_lock();

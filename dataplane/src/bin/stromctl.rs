@@ -62,20 +62,43 @@ enum Cmd {
     },
 }
 
-fn table(headers: &[&str], rows: Vec<Vec<String>>) {
+/// Appends a line to `$out`. stromctl writes its whole output at once at the end ([`emit`]),
+/// so that a reader that stops early (`stromctl ports | head`) ends it quietly instead of a
+/// `println!` panicking on the closed pipe.
+macro_rules! say {
+    ($out:expr) => {
+        $out.push('\n')
+    };
+    ($out:expr, $($arg:tt)*) => {{
+        $out.push_str(&format!($($arg)*));
+        $out.push('\n');
+    }};
+}
+
+/// Writes `out` to stdout; a reader that has gone (a closed pipe) is not an error.
+fn emit(out: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut o = std::io::stdout().lock();
+    match o.write_all(out.as_bytes()).and_then(|()| o.flush()) {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        r => r.context("writing to stdout"),
+    }
+}
+
+fn table(out: &mut String, headers: &[&str], rows: Vec<Vec<String>>) {
     let mut w: Vec<usize> = headers.iter().map(|h| h.len()).collect();
     for r in &rows {
         for (i, c) in r.iter().enumerate() {
             w[i] = w[i].max(c.len());
         }
     }
-    let line = |cells: Vec<String>| {
+    let mut line = |cells: Vec<String>| {
         let s: Vec<String> = cells
             .iter()
             .enumerate()
             .map(|(i, c)| format!("{:<width$}", c, width = w[i]))
             .collect();
-        println!("{}", s.join("  ").trim_end());
+        say!(out, "{}", s.join("  ").trim_end());
     };
     line(headers.iter().map(|s| s.to_uppercase()).collect());
     for r in rows {
@@ -120,22 +143,24 @@ fn main() -> anyhow::Result<()> {
         },
     };
     let resp = c.call(&req).context("stromd")?;
+    let mut out = String::new();
     if let Output::Json = a.output {
-        println!("{}", serde_json::to_string_pretty(&resp)?);
-        return Ok(());
+        say!(out, "{}", serde_json::to_string_pretty(&resp)?);
+        return emit(&out);
     }
     match resp {
-        Response::Ok => println!("ok"),
+        Response::Ok => say!(out, "ok"),
         Response::Status(s) => {
-            println!("ready:     {}", s.ready);
+            say!(out, "ready:     {}", s.ready);
             if let Some(r) = &s.reason {
-                println!("reason:    {r}");
+                say!(out, "reason:    {r}");
             }
-            println!("version:   {}", s.version);
-            println!("workers:   {} ({})", s.workers, s.poll_mode);
-            println!("ports:     {}", s.ports);
+            say!(out, "version:   {}", s.version);
+            say!(out, "workers:   {} ({})", s.workers, s.poll_mode);
+            say!(out, "ports:     {}", s.ports);
         }
         Response::Ports { ports } => table(
+            &mut out,
             &[
                 "id", "kind", "ifname", "pod", "ips", "worker", "xdp/xsk", "rx pkts", "rx bytes",
                 "tx pkts", "tx bytes", "drops", "fill",
@@ -176,6 +201,7 @@ fn main() -> anyhow::Result<()> {
         ),
         Response::Stats { workers, xdp_drops } => {
             table(
+                &mut out,
                 &[
                     "worker",
                     "core",
@@ -214,7 +240,7 @@ fn main() -> anyhow::Result<()> {
                     })
                     .collect(),
             );
-            println!();
+            say!(out);
             let rows: Vec<Vec<String>> = workers
                 .iter()
                 .flat_map(|w| {
@@ -232,9 +258,9 @@ fn main() -> anyhow::Result<()> {
                 )
                 .collect();
             if rows.is_empty() {
-                println!("no drops");
+                say!(out, "no drops");
             } else {
-                table(&["worker", "drop reason", "count"], rows);
+                table(&mut out, &["worker", "drop reason", "count"], rows);
             }
         }
         Response::Tables {
@@ -242,10 +268,11 @@ fn main() -> anyhow::Result<()> {
             node_addrs,
             routes,
         } => {
-            println!("pod gateway:    {gateway}");
-            println!("node addresses: {}", node_addrs.join(", "));
-            println!();
+            say!(out, "pod gateway:    {gateway}");
+            say!(out, "node addresses: {}", node_addrs.join(", "));
+            say!(out);
             table(
+                &mut out,
                 &["prefix", "target"],
                 routes
                     .into_iter()
@@ -253,8 +280,8 @@ fn main() -> anyhow::Result<()> {
                     .collect(),
             );
         }
-        Response::Port(p) => println!("port {} on {}", p.id, p.spec.ifname),
+        Response::Port(p) => say!(out, "port {} on {}", p.id, p.spec.ifname),
         Response::Error { message } => anyhow::bail!(message),
     }
-    Ok(())
+    emit(&out)
 }
