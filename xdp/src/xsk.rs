@@ -18,9 +18,9 @@
 //! every sharing socket binds in the UMEM's mode, copy on loopback, so the uplink could never
 //! bind zero-copy; and the kernel keeps per socket a buffer head for every frame of the UMEM,
 //! all workers' frames at once. What it costs: with a hundred destination pods, about a fifth
-//! of stromd's rate (BENCHMARKS.md, "110 pods on the node"). Registered per socket over its worker's slice, a socket binds in
-//! the mode it asks for (the uplink: zero-copy where the driver has it), and costs the kernel
-//! heads for its worker's frames only. Every socket of a worker sees the same frames at the
+//! of stromd's rate (BENCHMARKS.md, "110 pods on the node"). Registered per socket over its
+//! worker's slice, a socket binds in the mode it asks for (the uplink: zero-copy where the
+//! driver has it), and costs the kernel heads for its worker's frames only. Every socket of a worker sees the same frames at the
 //! same offsets (UMEM offset 0 is the slice's first frame), so a frame received on one port
 //! goes out of another as it is.
 //!
