@@ -190,6 +190,27 @@ impl Lab {
         sh(self.cmd().args(["exec", target, "--"]).args(argv))
     }
 
+    /// strom-cni in the node's namespace as a runtime calls it: a clean environment with
+    /// `CNI_COMMAND` `command` for `container` in `netns`, interface eth0, and the pod's name
+    /// `pod` in namespace t in `CNI_ARGS`. The caller sets `CNI_PATH`, anything else, and the
+    /// config on stdin.
+    pub fn cni(&self, command: &str, container: &str, netns: &str, pod: &str) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.node_ns()])
+            .arg(bin_dir().join("strom-cni"))
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("CNI_COMMAND", command)
+            .env("CNI_CONTAINERID", container)
+            .env("CNI_NETNS", netns)
+            .env("CNI_IFNAME", "eth0")
+            .env(
+                "CNI_ARGS",
+                format!("IgnoreUnknown=1;K8S_POD_NAMESPACE=t;K8S_POD_NAME={pod}"),
+            );
+        c
+    }
+
     /// `stromctl --socket <this lab's>`, to be given its arguments.
     pub fn ctl(&self) -> Command {
         let mut c = Command::new(bin_dir().join("stromctl"));

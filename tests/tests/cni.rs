@@ -54,20 +54,8 @@ impl<'a> Call<'a> {
         netns: &str,
         env: &[(&str, &str)],
     ) -> (bool, Value) {
-        let mut c = Command::new("ip");
-        c.args(["netns", "exec", &self.lab.node_ns()])
-            .arg(bin_dir().join("strom-cni"))
-            .env_clear()
-            .env("PATH", std::env::var("PATH").unwrap_or_default())
-            .env("CNI_COMMAND", command)
-            .env("CNI_CONTAINERID", container)
-            .env("CNI_NETNS", netns)
-            .env("CNI_IFNAME", "eth0")
-            .env("CNI_PATH", format!("{}:/usr/lib/cni", bin_dir().display()))
-            .env(
-                "CNI_ARGS",
-                "IgnoreUnknown=1;K8S_POD_NAMESPACE=t;K8S_POD_NAME=p",
-            );
+        let mut c = self.lab.cni(command, container, netns, "p");
+        c.env("CNI_PATH", format!("{}:/usr/lib/cni", bin_dir().display()));
         for (k, v) in env {
             c.env(k, v);
         }

@@ -942,20 +942,8 @@ fn cni_conf(lab: &Lab) -> Value {
 /// strom-cni `command` in the node's namespace, as a runtime calls it, killed after 30 s:
 /// (succeeded, its JSON, how long it took).
 fn cni(lab: &Lab, command: &str, id: &str, netns: &str) -> (bool, Value, Duration) {
-    let mut c = Command::new("ip");
-    c.args(["netns", "exec", &lab.node_ns()])
-        .arg(bin_dir().join("strom-cni"))
-        .env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .env("CNI_COMMAND", command)
-        .env("CNI_CONTAINERID", id)
-        .env("CNI_NETNS", netns)
-        .env("CNI_IFNAME", "eth0")
-        .env("CNI_PATH", bin_dir())
-        .env(
-            "CNI_ARGS",
-            format!("IgnoreUnknown=1;K8S_POD_NAMESPACE=t;K8S_POD_NAME={id}"),
-        )
+    let mut c = lab.cni(command, id, netns, id);
+    c.env("CNI_PATH", bin_dir())
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
@@ -1236,6 +1224,29 @@ fn a_stuck_worker_makes_status_and_cni_status_not_ready_naming_it_until_it_moves
 }
 
 /// `stromctl add-port`, its failure: (succeeded, stderr).
+/// A veth pair `a`–`b` in the lab's node namespace, both ends up, each with `link_args`
+/// (e.g. `["mtu", "9000"]`).
+fn veth_pair_up(lab: &Lab, a: &str, b: &str, link_args: &[&str]) {
+    let node = lab.node_ns();
+    let o = sh(Command::new("ip")
+        .args(["-n", &node, "link", "add", a])
+        .args(link_args)
+        .args(["type", "veth", "peer", "name", b])
+        .args(link_args));
+    assert!(
+        o.status.success(),
+        "veth {a}-{b}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    for dev in [a, b] {
+        assert!(
+            sh(Command::new("ip").args(["-n", &node, "link", "set", dev, "up"]))
+                .status
+                .success()
+        );
+    }
+}
+
 fn add_port(lab: &Lab, ifname: &str, ip: &str, mac: &str) -> (bool, String) {
     let o = sh(lab
         .ctl()
@@ -1291,18 +1302,7 @@ fn registrations_of_the_uplink_of_another_pods_address_and_of_a_pods_interface_a
     );
     assert_eq!(lab.stromctl(&["status"])["ready"], true);
 
-    let node = lab.node_ns();
-    assert!(sh(Command::new("ip")
-        .args(["-n", &node, "link", "add", "xa0", "type", "veth", "peer", "name", "xa1"]))
-    .status
-    .success());
-    for dev in ["xa0", "xa1"] {
-        assert!(
-            sh(Command::new("ip").args(["-n", &node, "link", "set", dev, "up"]))
-                .status
-                .success()
-        );
-    }
+    veth_pair_up(&lab, "xa0", "xa1", &[]);
     let (ok, err) = add_port(&lab, "xa0", &a_ip, "02:00:00:00:02:01");
     assert!(!ok, "a new port took pod a's address {a_ip}");
     assert!(
@@ -1496,19 +1496,7 @@ fn frames_too_large_for_a_umem_frame_are_counted_by_their_own_reason_and_a_9000_
         String::from_utf8_lossy(&o.stdout)
     );
 
-    assert!(sh(Command::new("ip").args([
-        "-n", &node, "link", "add", "jumbo0", "mtu", "9000", "type", "veth", "peer", "name",
-        "jumbo1", "mtu", "9000"
-    ]))
-    .status
-    .success());
-    for dev in ["jumbo0", "jumbo1"] {
-        assert!(
-            sh(Command::new("ip").args(["-n", &node, "link", "set", dev, "up"]))
-                .status
-                .success()
-        );
-    }
+    veth_pair_up(&lab, "jumbo0", "jumbo1", &["mtu", "9000"]);
     let (ok, err) = add_port(&lab, "jumbo0", "198.18.16.202", "02:00:00:00:02:02");
     assert!(!ok, "a port with MTU 9000 registered");
     assert!(

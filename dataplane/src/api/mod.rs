@@ -10,4 +10,4 @@ pub mod health;
 pub mod server;
 
 pub use controller::{Controller, MAX_PORTS};
-pub use server::{bind, lock, lock_waiting, serve, ApiLock, BindError, LOCK_PATIENCE};
+pub use server::{bind, lock_waiting, serve, ApiLock, BindError, LOCK_PATIENCE};

@@ -66,7 +66,7 @@ pub struct ApiLock {
 }
 
 /// Takes the API socket's lock ([`ApiLock`]), or says that another stromd holds it.
-pub fn lock(socket: &Path) -> Result<ApiLock, BindError> {
+fn lock(socket: &Path) -> Result<ApiLock, BindError> {
     let mut name = socket.as_os_str().to_owned();
     name.push(".lock");
     let lock_path = PathBuf::from(name);
