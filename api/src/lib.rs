@@ -5,6 +5,12 @@
 //! plane link only this crate, never the dataplane.
 
 pub mod mac;
+pub mod service;
+
+pub use service::{
+    BackendStatus, ConntrackEntry, ConntrackFilter, EndpointSpec, Protocol, ServicePortSpec,
+    ServicePortStatus, ServiceSpec, Tuple,
+};
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::IpAddr;
@@ -102,6 +108,27 @@ pub enum Request {
     Stats,
     /// The forwarding tables as the workers see them.
     Tables,
+    /// Programs a Service (replacing what stromd had under its namespace and name, all of
+    /// its ports at once). A Service without ClusterIPs (headless) is removed.
+    SetService { service: ServiceSpec },
+    /// Removes a Service; succeeds when it is already gone.
+    RemoveService { namespace: String, name: String },
+    /// Every Service port with its frontends, backends and counters.
+    Services,
+    /// Tracked flows matching the filter (`count_only`: just how many).
+    Conntrack {
+        #[serde(default)]
+        filter: ConntrackFilter,
+        #[serde(default)]
+        count_only: bool,
+    },
+    /// Forgets the tracked flows matching the filter (their next packet is balanced anew).
+    FlushConntrack {
+        #[serde(default)]
+        filter: ConntrackFilter,
+    },
+    /// What stromd would do with a packet of this 5-tuple arriving from a pod.
+    Trace { tuple: Tuple },
 }
 
 /// Dataplane readiness.
@@ -225,6 +252,23 @@ pub enum Response {
         gateway: String,
         node_addrs: Vec<String>,
         routes: Vec<RouteEntry>,
+    },
+    Services {
+        services: Vec<ServicePortStatus>,
+    },
+    Conntrack {
+        /// Matching entries on every worker (all of them, also with `count_only`).
+        total: u64,
+        /// The matching entries (none with `count_only`).
+        entries: Vec<ConntrackEntry>,
+    },
+    /// How many entries a flush removed.
+    Flushed {
+        entries: u64,
+    },
+    Trace {
+        /// One line per decision, in order.
+        steps: Vec<String>,
     },
     Error {
         message: String,
