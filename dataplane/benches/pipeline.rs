@@ -26,6 +26,7 @@ fn tables() -> Tables {
     let mut t = Tables {
         node: NodeTable::new(GW),
         routes: RouteTable::default(),
+        services: Default::default(),
     };
     for i in 0..PODS {
         t.routes.local.insert(

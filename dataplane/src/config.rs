@@ -76,6 +76,12 @@ pub struct DataplaneSection {
     /// this deep.
     #[serde(default = "default_fill_min")]
     pub fill_min: u32,
+    /// Flows each worker tracks at most (connection tracking for Services), and ClientIP
+    /// affinities likewise. Allocated when the worker starts: about 170 bytes a flow (21 MiB
+    /// per worker at the default). A new flow finding the table full fails, counted as
+    /// `conntrack_full`.
+    #[serde(default = "default_conntrack_max")]
+    pub conntrack_max: usize,
     /// Unix socket of the API.
     #[serde(default = "default_socket")]
     pub api_socket: PathBuf,
@@ -117,6 +123,9 @@ fn default_fill() -> u32 {
 fn default_fill_min() -> u32 {
     32
 }
+fn default_conntrack_max() -> usize {
+    crate::pipeline::CONNTRACK_MAX
+}
 fn default_ring() -> u32 {
     2048
 }
@@ -138,6 +147,7 @@ fn default_dataplane() -> DataplaneSection {
         ring_size: default_ring(),
         fill_per_port: default_fill(),
         fill_min: default_fill_min(),
+        conntrack_max: default_conntrack_max(),
         api_socket: default_socket(),
         state_dir: default_state(),
         bpf_pin_dir: default_pin_dir(),
@@ -205,6 +215,12 @@ impl Config {
             return inv(
                 "dataplane.fill_per_port",
                 format!("{} (1..=ring_size)", d.fill_per_port),
+            );
+        }
+        if d.conntrack_max == 0 || d.conntrack_max > 1 << 24 {
+            return inv(
+                "dataplane.conntrack_max",
+                format!("{} (1..=16777216)", d.conntrack_max),
             );
         }
         if d.fill_min == 0 || d.fill_min > d.fill_per_port {

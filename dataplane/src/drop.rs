@@ -62,11 +62,23 @@ pub enum DropReason {
     FragNeeded,
     /// Larger than the egress MTU without Don't Fragment: stromd does not fragment.
     TooBigNoDf,
+    /// To a Service's address on a port or protocol it does not serve (or a fragment or an
+    /// ICMP message to it: stromd translates whole TCP, UDP and SCTP packets).
+    ServiceUnknownPort,
+    /// A new connection to a Service port without a usable endpoint: rejected (TCP RST, ICMP
+    /// port unreachable otherwise), never black-holed.
+    ServiceNoEndpoints,
+    /// A TCP segment of a connection whose backend has left its Service: answered with a RST.
+    BackendGone,
+    /// A new flow found the worker's conntrack table full (`conntrack_max`).
+    ConntrackFull,
+    /// A new flow's answers would come on a tuple another flow already answers on.
+    ConntrackClash,
 }
 
 impl DropReason {
     /// Every reason, in counter-index order.
-    pub const ALL: [DropReason; 26] = [
+    pub const ALL: [DropReason; 31] = [
         DropReason::Runt,
         DropReason::VlanTagged,
         DropReason::UnknownEthertype,
@@ -93,6 +105,11 @@ impl DropReason {
         DropReason::MartianDst,
         DropReason::FragNeeded,
         DropReason::TooBigNoDf,
+        DropReason::ServiceUnknownPort,
+        DropReason::ServiceNoEndpoints,
+        DropReason::BackendGone,
+        DropReason::ConntrackFull,
+        DropReason::ConntrackClash,
     ];
     /// Number of reasons (size of counter arrays).
     pub const COUNT: usize = Self::ALL.len();
@@ -126,6 +143,11 @@ impl DropReason {
             DropReason::MartianDst => "martian_destination",
             DropReason::FragNeeded => "fragmentation_needed",
             DropReason::TooBigNoDf => "too_big_not_fragmented",
+            DropReason::ServiceUnknownPort => "service_unknown_port",
+            DropReason::ServiceNoEndpoints => "service_no_endpoints",
+            DropReason::BackendGone => "service_backend_gone",
+            DropReason::ConntrackFull => "conntrack_full",
+            DropReason::ConntrackClash => "conntrack_clash",
         }
     }
 

@@ -10,6 +10,7 @@
 pub mod api;
 pub use strom_xdp::bpf;
 pub mod config;
+pub mod conntrack;
 pub mod drop;
 pub use strom_api::mac;
 pub mod netlink;

@@ -10,6 +10,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use crate::tables::routes::{port_routes, DesiredRoutes};
+use crate::tables::services::DesiredServices;
 use crate::tables::{Next, RouteTable, TableHandle};
 use crate::worker::WorkerShared;
 
@@ -25,6 +26,7 @@ pub struct Reconciler {
     tables: TableHandle,
     workers: Vec<Arc<WorkerShared>>,
     routes: DesiredRoutes,
+    services: DesiredServices,
     retired: Vec<Retired>,
 }
 
@@ -34,6 +36,7 @@ impl Reconciler {
             tables,
             workers,
             routes: DesiredRoutes::default(),
+            services: DesiredServices::default(),
             retired: Vec::new(),
         }
     }
@@ -62,6 +65,47 @@ impl Reconciler {
             self.routes.uplink = next;
             self.publish_routes();
         }
+    }
+
+    /// Programs a Service (all its ports at once); a refused one keeps what it had.
+    pub fn set_service(&mut self, spec: strom_api::ServiceSpec) -> Result<(), String> {
+        let nodes = self.node_v4();
+        self.services.set(spec, &nodes)?;
+        self.publish_services();
+        Ok(())
+    }
+
+    /// Removes a Service (nothing when it is not there).
+    pub fn remove_service(&mut self, key: &str) {
+        if self.services.remove(key) {
+            self.publish_services();
+        }
+    }
+
+    /// Services programmed.
+    pub fn services(&self) -> usize {
+        self.services.len()
+    }
+
+    /// The node's IPv4 addresses, where NodePorts listen.
+    fn node_v4(&self) -> Vec<std::net::Ipv4Addr> {
+        let mut v: Vec<std::net::Ipv4Addr> = self
+            .tables
+            .node()
+            .addrs
+            .iter()
+            .filter_map(|a| match a {
+                IpAddr::V4(v4) => Some(*v4),
+                IpAddr::V6(_) => None,
+            })
+            .collect();
+        v.sort_unstable();
+        v
+    }
+
+    fn publish_services(&mut self) {
+        let old = self.tables.publish_services(self.services.table());
+        self.retire(old);
     }
 
     fn publish_routes(&mut self) {

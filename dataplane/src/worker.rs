@@ -35,6 +35,8 @@ use crate::xsk::{
     FRAME_SIZE, PREFETCH_AHEAD,
 };
 
+/// Conntrack entries one worker lists at most in an answer (all are counted).
+const CONNTRACK_LIST_MAX: usize = 10_000;
 /// Frames read from one rx ring per loop.
 pub const BATCH: usize = 64;
 /// Idle loops before an adaptive worker sleeps.
@@ -106,8 +108,24 @@ pub enum Command {
         linger: bool,
         reply: Sender<()>,
     },
+    /// The tracked flows matching a filter, or just how many (`count_only`); with `flush`
+    /// they are forgotten instead (with their clients' affinities when the filter names a
+    /// Service), and the answer is how many went.
+    Conntrack {
+        query: ConntrackQuery,
+        reply: Sender<(u64, Vec<strom_api::ConntrackEntry>)>,
+    },
+    /// The worker's counters per Service port slot.
+    ServiceCounts(Sender<Vec<crate::pipeline::service::SvcCount>>),
     /// Leave the loop.
     Stop,
+}
+
+/// What a [`Command::Conntrack`] asks.
+pub struct ConntrackQuery {
+    pub filter: strom_api::ConntrackFilter,
+    pub count_only: bool,
+    pub flush: bool,
 }
 
 /// What other threads share with a worker.
@@ -287,7 +305,7 @@ pub struct Worker {
     poll: PollSet,
     drops: LocalDrops,
     totals: Local,
-    /// What the pipeline keeps per worker (the ICMP rate, later conntrack).
+    /// What the pipeline keeps per worker (the ICMP rate, conntrack, affinity).
     ctx: pipeline::Context,
 }
 
@@ -300,6 +318,7 @@ impl Worker {
         tables: TableHandle,
         mode: PollMode,
         umem: WorkerUmem,
+        conntrack_max: usize,
     ) -> Self {
         let id = me.id;
         Worker {
@@ -314,7 +333,7 @@ impl Worker {
             poll: PollSet::default(),
             drops: LocalDrops::default(),
             totals: Local::default(),
-            ctx: pipeline::Context::new(id as u16),
+            ctx: pipeline::Context::new(id as u16, conntrack_max),
         }
     }
 
@@ -365,6 +384,13 @@ impl Worker {
             let loaded = self.tables.load();
             let tables = loaded.view();
             self.ctx.now_ms = crate::stats::coarse_ms();
+            self.ctx.size_counters(tables.services.slot_count());
+            self.ctx
+                .ct
+                .sweep(self.ctx.now_ms, crate::conntrack::SWEEP_PER_LOOP);
+            self.ctx
+                .affinity
+                .sweep(self.ctx.now_ms, crate::conntrack::SWEEP_PER_LOOP);
             let mut work = 0usize;
             for i in 0..self.active.len() {
                 let id = self.active[i];
@@ -509,9 +535,80 @@ impl Worker {
                     self.rebuild_poll();
                     let _ = reply.send(());
                 }
+                Command::Conntrack { query, reply } => {
+                    let _ = reply.send(self.conntrack(&query));
+                }
+                Command::ServiceCounts(reply) => {
+                    let _ = reply.send(self.ctx.svc_counts.clone());
+                }
             }
         }
         true
+    }
+
+    /// Answers a conntrack query (between batches).
+    fn conntrack(&mut self, q: &ConntrackQuery) -> (u64, Vec<strom_api::ConntrackEntry>) {
+        let tables = self.tables.load();
+        let services = tables.view().services;
+        let now = crate::stats::coarse_ms();
+        let f = &q.filter;
+        let service_of = |e: &crate::conntrack::Entry| {
+            services
+                .port(e.svc)
+                .map(|p| p.service.as_str())
+                .unwrap_or("")
+                .to_string()
+        };
+        let matches = |e: &crate::conntrack::Entry| {
+            let keys = [e.orig, e.reply];
+            f.addr.is_none_or(|a| {
+                keys.iter()
+                    .any(|k| IpAddr::V4(k.src) == a || IpAddr::V4(k.dst) == a)
+            }) && f
+                .port
+                .is_none_or(|p| keys.iter().any(|k| k.sport == p || k.dport == p))
+                && f.service.as_ref().is_none_or(|s| *s == service_of(e))
+        };
+        if q.flush {
+            let n = self.ctx.ct.remove_where(|e| matches(e));
+            if let Some(name) = &f.service {
+                let slots: Vec<crate::tables::services::SvcRef> = services
+                    .ports()
+                    .filter(|p| p.service == *name)
+                    .map(|p| p.id)
+                    .collect();
+                self.ctx.affinity.forget(|s| slots.contains(&s));
+            }
+            return (n as u64, Vec::new());
+        }
+        let mut total = 0u64;
+        let mut out = Vec::new();
+        for (_, e) in self.ctx.ct.iter().filter(|(_, e)| matches(e)) {
+            total += 1;
+            if q.count_only || out.len() >= CONNTRACK_LIST_MAX {
+                continue;
+            }
+            let translated = crate::conntrack::FlowKey {
+                src: e.reply.dst,
+                dst: e.reply.src,
+                sport: e.reply.dport,
+                dport: e.reply.sport,
+                proto: e.reply.proto,
+            };
+            out.push(strom_api::ConntrackEntry {
+                worker: self.me.id,
+                protocol: strom_api::Protocol::from_number(e.orig.proto)
+                    .map_or("other", |p| p.name())
+                    .to_string(),
+                original: e.orig.to_string(),
+                translated: translated.to_string(),
+                state: e.state.name().to_string(),
+                expires_in_s: e.expires_ms.saturating_sub(now) / 1000,
+                service: service_of(e),
+                packets: e.packets,
+            });
+        }
+        (total, out)
     }
 
     /// Takes port `id` out of the loop and hands its socket to the reaper (`linger`: its
@@ -690,11 +787,14 @@ impl Worker {
     fn drain_handoff(&mut self) -> usize {
         let mut n = 0;
         while n < HANDOFF_CAP / 2 {
-            let Some(h) = self.me.handoff.pop() else {
+            let Some(mut h) = self.me.handoff.pop() else {
                 break;
             };
             n += 1;
             let len = usize::from(h.len);
+            // This worker owns the flows of its ports: a reply another worker routed here is
+            // translated back before it leaves.
+            pipeline::service::deliver(&mut h.data, len, &mut self.ctx);
             let r = Self::transmit_copy(
                 &mut self.umem,
                 self.ports
@@ -716,6 +816,7 @@ pub fn spawn(
     tables: &TableHandle,
     mode: PollMode,
     sizes: XskSizes,
+    conntrack_max: usize,
 ) -> Result<Vec<std::thread::JoinHandle<()>>, XskError> {
     let umem = SharedUmem::new(sizes, shared.len() as u32)?;
     let all: Arc<[Arc<WorkerShared>]> = shared.to_vec().into();
@@ -730,6 +831,7 @@ pub fn spawn(
                 tables.clone(),
                 mode,
                 umem.worker(i as u32)?,
+                conntrack_max,
             );
             let me = all[i].clone();
             std::thread::Builder::new()

@@ -25,6 +25,8 @@ use crate::stats::SharedCounters;
 use crate::tables::{Next, TableHandle};
 use crate::worker::{wait_reply, Command, PortSetup, WorkerShared};
 
+mod services;
+
 /// How long, at most, to wait for the kernel to release a queue's previous socket.
 const BUSY_RETRIES: u32 = 100;
 const BUSY_WAIT: Duration = Duration::from_millis(10);
@@ -72,6 +74,8 @@ pub struct Controller {
     /// tried again at every upkeep, their interfaces' programs left attached meanwhile (a
     /// pod program without a socket drops: fail closed).
     unrestored: Vec<PortSpec>,
+    /// Services refused since start (malformed, or a frontend another Service holds).
+    services_refused: u64,
 }
 
 /// What `open_port` needs to know.
@@ -203,6 +207,7 @@ impl Controller {
             deleting: Vec::new(),
             uplink: None,
             unrestored: Vec::new(),
+            services_refused: 0,
         }
     }
 
@@ -897,6 +902,12 @@ impl Controller {
                     routes,
                 }
             }
+            Request::SetService { service } => self.set_service(service),
+            Request::RemoveService { namespace, name } => self.remove_service(&namespace, &name),
+            Request::Services => self.services(),
+            Request::Conntrack { filter, count_only } => self.conntrack(&filter, count_only),
+            Request::FlushConntrack { filter } => self.flush_conntrack(&filter),
+            Request::Trace { tuple } => self.trace(&tuple),
         }
     }
 

@@ -1,4 +1,4 @@
-//! stromctl: shows stromd's ports, tables, counters and drop reasons.
+//! stromctl: shows stromd's ports, tables, Services, conntrack, counters and drop reasons.
 #![deny(unsafe_code)]
 
 use std::path::PathBuf;
@@ -52,6 +52,37 @@ enum Cmd {
         #[arg(long, default_value = "manual")]
         container_id: String,
     },
+    /// Service ports: frontends, backends (which serve traffic from inside and from outside
+    /// the node, and their tracked flows), flows, packets and rejections.
+    Services,
+    /// Program a Service from a JSON `ServiceSpec` file (`-` for stdin); strom-control and
+    /// strom-lab do this from Kubernetes objects.
+    SetService { file: PathBuf },
+    /// Remove a Service (NAMESPACE/NAME).
+    RemoveService { service: String },
+    /// Tracked flows (all workers), filtered by address, port or Service.
+    Conntrack {
+        #[command(flatten)]
+        filter: CtFilter,
+        /// Only how many.
+        #[arg(long)]
+        count: bool,
+        /// Forget the matching flows instead (their next packet is balanced anew).
+        #[arg(long)]
+        flush: bool,
+    },
+    /// What stromd does with the first packet of a 5-tuple from a pod: the Service it
+    /// reaches, the backend Maglev picks, the translation.
+    Trace {
+        #[arg(long, default_value = "tcp")]
+        protocol: strom_api::Protocol,
+        /// Source ADDRESS:PORT.
+        #[arg(long)]
+        src: std::net::SocketAddr,
+        /// Destination ADDRESS:PORT.
+        #[arg(long)]
+        dst: std::net::SocketAddr,
+    },
     /// Unregister a port by host interface name.
     RemovePort {
         ifname: String,
@@ -60,6 +91,29 @@ enum Cmd {
         #[arg(long)]
         delete_interface: bool,
     },
+}
+
+#[derive(clap::Args)]
+struct CtFilter {
+    /// An address of the flow (original or translated).
+    #[arg(long)]
+    addr: Option<std::net::IpAddr>,
+    /// A port of the flow.
+    #[arg(long)]
+    port: Option<u16>,
+    /// The Service (NAMESPACE/NAME) the flow was balanced for.
+    #[arg(long)]
+    service: Option<String>,
+}
+
+impl CtFilter {
+    fn api(&self) -> strom_api::ConntrackFilter {
+        strom_api::ConntrackFilter {
+            addr: self.addr,
+            port: self.port,
+            service: self.service.clone(),
+        }
+    }
 }
 
 /// Appends a line to `$out`. stromctl writes its whole output at once at the end ([`emit`]),
@@ -128,6 +182,52 @@ fn main() -> anyhow::Result<()> {
                 pod_ifname: String::new(),
                 pod_namespace: String::new(),
                 pod_name: String::new(),
+            },
+        },
+        Cmd::Services => Request::Services,
+        Cmd::SetService { file } => {
+            let text = if file.as_os_str() == "-" {
+                std::io::read_to_string(std::io::stdin())?
+            } else {
+                std::fs::read_to_string(file)
+                    .with_context(|| format!("reading {}", file.display()))?
+            };
+            Request::SetService {
+                service: serde_json::from_str(&text).context("a ServiceSpec in JSON")?,
+            }
+        }
+        Cmd::RemoveService { service } => {
+            let (namespace, name) = service
+                .split_once('/')
+                .context("a Service is NAMESPACE/NAME")?;
+            Request::RemoveService {
+                namespace: namespace.into(),
+                name: name.into(),
+            }
+        }
+        Cmd::Conntrack {
+            filter,
+            count,
+            flush,
+        } => {
+            if *flush {
+                Request::FlushConntrack {
+                    filter: filter.api(),
+                }
+            } else {
+                Request::Conntrack {
+                    filter: filter.api(),
+                    count_only: *count,
+                }
+            }
+        }
+        Cmd::Trace { protocol, src, dst } => Request::Trace {
+            tuple: strom_api::Tuple {
+                protocol: *protocol,
+                src: src.ip(),
+                src_port: src.port(),
+                dst: dst.ip(),
+                dst_port: dst.port(),
             },
         },
         Cmd::RemovePort {
@@ -281,6 +381,82 @@ fn main() -> anyhow::Result<()> {
             );
         }
         Response::Port(p) => say!(out, "port {} on {}", p.id, p.spec.ifname),
+        Response::Services { services } => {
+            if services.is_empty() {
+                say!(out, "no services");
+            }
+            for s in services {
+                say!(
+                    out,
+                    "{} {}  flows {}  packets {}  rejected {}",
+                    s.key,
+                    s.protocol.name(),
+                    s.flows,
+                    s.packets,
+                    s.rejected
+                );
+                for (addr, kind) in &s.frontends {
+                    say!(out, "  frontend {addr} ({kind})");
+                }
+                if s.backends.is_empty() {
+                    say!(out, "  no endpoints: new connections are rejected");
+                }
+                for b in &s.backends {
+                    let serves = match (b.internal, b.external) {
+                        (true, true) => "serving",
+                        (true, false) => "serving from inside only",
+                        (false, true) => "serving from outside only",
+                        (false, false) => "not serving (keeps its flows)",
+                    };
+                    say!(
+                        out,
+                        "  backend {} {}  {serves}  flows {}",
+                        b.addr,
+                        if b.target.is_empty() { "-" } else { &b.target },
+                        b.flows
+                    );
+                }
+            }
+        }
+        Response::Conntrack { total, entries } => {
+            if !entries.is_empty() {
+                table(
+                    &mut out,
+                    &[
+                        "worker",
+                        "proto",
+                        "original",
+                        "translated",
+                        "state",
+                        "expires",
+                        "service",
+                        "packets",
+                    ],
+                    entries
+                        .into_iter()
+                        .map(|e| {
+                            vec![
+                                e.worker.to_string(),
+                                e.protocol,
+                                e.original,
+                                e.translated,
+                                e.state,
+                                format!("{}s", e.expires_in_s),
+                                e.service,
+                                e.packets.to_string(),
+                            ]
+                        })
+                        .collect(),
+                );
+            }
+            say!(out, "{total} flow(s)");
+        }
+        Response::Flushed { entries } => say!(out, "{entries} flow(s) flushed"),
+        Response::Trace { steps } => {
+            for s in steps {
+                say!(out, "{s}");
+            }
+        }
         Response::Error { message } => anyhow::bail!(message),
     }
     emit(&out)

@@ -189,7 +189,14 @@ fn main() -> anyhow::Result<()> {
         fill: cfg.dataplane.fill_per_port,
         fill_min: cfg.dataplane.fill_min,
     };
-    let handles = worker::spawn(&shared, receivers, &tables, cfg.dataplane.poll_mode, sizes)?;
+    let handles = worker::spawn(
+        &shared,
+        receivers,
+        &tables,
+        cfg.dataplane.poll_mode,
+        sizes,
+        cfg.dataplane.conntrack_max,
+    )?;
 
     let stop = Arc::new(AtomicBool::new(false));
     // The flag first, then a byte down the pipe that wakes the API loop's poll(2): whoever

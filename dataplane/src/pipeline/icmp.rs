@@ -12,6 +12,7 @@ const ICMP_HDR: usize = 8;
 const ICMP_TIME_EXCEEDED: u8 = 11;
 const ICMP_DEST_UNREACHABLE: u8 = 3;
 const CODE_FRAG_NEEDED: u8 = 4;
+const CODE_PORT_UNREACHABLE: u8 = 3;
 
 /// Rewrites the frame in `buf[..len]` into an ICMP time-exceeded (TTL exceeded in transit) from
 /// `from` back to the sender, quoting the original header and 8 bytes of its payload.
@@ -38,6 +39,25 @@ pub fn frag_needed(
         ICMP_DEST_UNREACHABLE,
         CODE_FRAG_NEEDED,
         u32::from(mtu),
+    )
+}
+
+/// Rewrites the frame into an ICMP port-unreachable from `from` (a Service's address that
+/// has no endpoint for it: kube-proxy's reject). As [`time_exceeded`] otherwise.
+pub fn port_unreachable(
+    buf: &mut [u8],
+    len: usize,
+    host_mac: Mac,
+    from: Ipv4Addr,
+) -> Option<usize> {
+    error(
+        buf,
+        len,
+        host_mac,
+        from,
+        ICMP_DEST_UNREACHABLE,
+        CODE_PORT_UNREACHABLE,
+        0,
     )
 }
 

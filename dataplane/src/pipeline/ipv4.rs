@@ -19,6 +19,12 @@ pub struct Header {
     pub total_len: usize,
     /// The Don't Fragment flag.
     pub dont_frag: bool,
+    /// The protocol number of the payload.
+    pub proto: u8,
+    /// Fragment offset (in 8-byte units) and the More Fragments flag: a fragment other than
+    /// a whole datagram carries no complete transport header to translate.
+    pub frag_offset: u16,
+    pub more_frags: bool,
 }
 
 /// Checks version, IHL, total length against the frame, and the header checksum. Options and
@@ -38,6 +44,9 @@ pub fn validate(pkt: &[u8]) -> Result<Header, DropReason> {
         header_len: usize::from(ip.header_len()),
         total_len: usize::from(ip.total_len()),
         dont_frag: ip.dont_frag(),
+        proto: ip.next_header().into(),
+        frag_offset: ip.frag_offset(),
+        more_frags: ip.more_frags(),
     })
 }
 

@@ -2,20 +2,26 @@
 //!
 //! ```text
 //! frame ─▶ eth::classify ─▶ arp::answer_gateway ──────────────────────────▶ Hairpin (ARP reply)
-//!                       └─▶ dst MAC ─▶ ipv4::validate ─▶ spoof::check ─▶ martians ─▶ route
-//!        ─▶ MTU ─▶ ipv4::decrement_ttl ─▶ rewrite::macs ─▶ Forward
-//!            │        └─ expired ─▶ icmp::time_exceeded ─▶ IcmpError
-//!            └─ too big, DF ─▶ icmp::frag_needed ─▶ IcmpError
+//!                       └─▶ dst MAC ─▶ ipv4::validate ─▶ spoof::check ─▶ service::stage
+//!        ─▶ martians ─▶ route ─▶ MTU ─▶ ipv4::decrement_ttl ─▶ rewrite::macs ─▶ Forward
+//!                                  │        └─ expired ─▶ icmp::time_exceeded ─▶ IcmpError
+//!                                  └─ too big, DF ─▶ icmp::frag_needed ─▶ IcmpError
 //! ```
-//! Later stages (conntrack, Services, policy, overlay) slot in between `validate` and `route`.
-//! A worker's own state the stages may change lives in its [`Context`].
+//! `service::stage` (conntrack, Service DNAT, reverse NAT) runs before the checks on the
+//! destination, which then see the translated packet; policy slots in beside it. A worker's
+//! own state the stages may change (conntrack, affinity, the ICMP rate) lives in its
+//! [`Context`].
 
 pub mod arp;
 pub mod csum;
 pub mod eth;
 pub mod icmp;
 pub mod ipv4;
+pub mod l4;
+pub mod nat;
+pub mod reject;
 pub mod rewrite;
+pub mod service;
 pub mod spoof;
 
 use std::net::IpAddr;
@@ -71,8 +77,13 @@ pub enum Action {
 pub const ICMP_PER_SEC: u64 = 1000;
 pub const ICMP_BURST: u64 = 50;
 
+/// Flows a worker tracks unless configured otherwise (`dataplane.conntrack_max`).
+pub const CONNTRACK_MAX: usize = 131_072;
+/// Flows the default context (tests, benchmarks) tracks.
+const CONNTRACK_DEFAULT_TEST: usize = 4096;
+
 /// A worker's own state, changed by the pipeline (one per worker: never shared).
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Context {
     /// The worker this context belongs to.
     pub worker: u16,
@@ -84,26 +95,51 @@ pub struct Context {
     /// ICMP errors that may still be sent (a token bucket), and when it was last filled.
     icmp_tokens: u64,
     icmp_filled_ms: u64,
+    /// The flows that started on this worker's ports.
+    pub ct: crate::conntrack::Conntrack,
+    /// ClientIP affinity of the clients on this worker's ports.
+    pub affinity: crate::conntrack::affinity::Affinity,
+    /// Clients balanced without being remembered: the affinity table was full.
+    pub affinity_full: u64,
+    /// Counters per Service port slot (grown by the worker between loops when the Service
+    /// table gains slots, never on a packet's path).
+    pub svc_counts: Vec<service::SvcCount>,
 }
 
 impl Default for Context {
     fn default() -> Self {
-        Context {
-            worker: 0,
-            uplink_tx: None,
-            now_ms: 0,
-            icmp_tokens: ICMP_BURST,
-            icmp_filled_ms: 0,
-        }
+        Context::new(0, CONNTRACK_DEFAULT_TEST)
     }
 }
 
 impl Context {
-    /// Worker `worker`'s context.
-    pub fn new(worker: u16) -> Self {
+    /// Worker `worker`'s context, tracking at most `conntrack_max` flows.
+    pub fn new(worker: u16, conntrack_max: usize) -> Self {
         Context {
             worker,
-            ..Context::default()
+            uplink_tx: None,
+            now_ms: 0,
+            icmp_tokens: ICMP_BURST,
+            icmp_filled_ms: 0,
+            ct: crate::conntrack::Conntrack::new(conntrack_max),
+            affinity: crate::conntrack::affinity::Affinity::new(conntrack_max),
+            affinity_full: 0,
+            svc_counts: Vec::new(),
+        }
+    }
+
+    /// Makes room for the counters of `slots` Service ports (between loops).
+    pub fn size_counters(&mut self, slots: usize) {
+        if self.svc_counts.len() < slots {
+            self.svc_counts.resize(slots, service::SvcCount::default());
+        }
+    }
+
+    /// Counts for Service port slot `slot` (nothing if the worker has not grown to it yet).
+    #[inline]
+    fn count(&mut self, slot: u32, f: impl FnOnce(&mut service::SvcCount)) {
+        if let Some(c) = self.svc_counts.get_mut(slot as usize) {
+            f(c);
         }
     }
 
@@ -179,12 +215,15 @@ fn forward_ipv4(
     if buf[..6] != port.host_mac {
         return Action::Drop(DropReason::ForeignDstMac);
     }
-    let hdr = match ipv4::validate(&buf[eth::HEADER_LEN..len]) {
+    let mut hdr = match ipv4::validate(&buf[eth::HEADER_LEN..len]) {
         Ok(h) => h,
         Err(r) => return Action::Drop(r),
     };
     if let Err(r) = spoof::check(&buf[..len], port, IpAddr::V4(hdr.src)) {
         return Action::Drop(r);
+    }
+    if let Some(a) = service::stage(buf, len, &mut hdr, port, t, ctx) {
+        return a;
     }
     if hdr.dst == t.node.gateway_v4 {
         return Action::Drop(DropReason::ToGateway);

@@ -27,6 +27,7 @@ fn tables() -> Tables {
     let mut t = Tables {
         node: NodeTable::new(Ipv4Addr::from(GW)),
         routes: RouteTable::default(),
+        services: Default::default(),
     };
     t.routes.local.insert(
         IpAddr::from(A_IP),

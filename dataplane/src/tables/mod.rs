@@ -1,5 +1,5 @@
-//! The tables the workers read, without locks: one module per table ([`node`], [`routes`];
-//! Services and policy join as one module each), each published on its own.
+//! The tables the workers read, without locks: one module per table ([`node`], [`routes`],
+//! [`services`]; policy joins as one more), each published on its own.
 //!
 //! The reconciler ([`crate::reconcile`]) builds the next version of a table from the desired
 //! state and publishes it with one atomic pointer swap; a change to one table does not copy
@@ -7,8 +7,10 @@
 //! is never seen half-applied. The version a swap replaces goes back to the reconciler, which
 //! frees it once every worker has moved past it: never on a worker's path.
 
+pub mod maglev;
 pub mod node;
 pub mod routes;
+pub mod services;
 
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -18,11 +20,13 @@ use arc_swap::{ArcSwap, Guard};
 
 pub use node::NodeTable;
 pub use routes::{Next, RouteTable};
+pub use services::ServiceTable;
 
 /// Every table, each behind its own atomic pointer.
 struct Inner {
     node: ArcSwap<NodeTable>,
     routes: ArcSwap<RouteTable>,
+    services: ArcSwap<ServiceTable>,
     /// Bumped on every publish of any table (for `stromctl tables`).
     generation: AtomicU64,
 }
@@ -35,6 +39,7 @@ pub struct TableHandle(Arc<Inner>);
 pub struct Loaded {
     node: Guard<Arc<NodeTable>>,
     routes: Guard<Arc<RouteTable>>,
+    services: Guard<Arc<ServiceTable>>,
 }
 
 impl Loaded {
@@ -44,6 +49,7 @@ impl Loaded {
         View {
             node: &self.node,
             routes: &self.routes,
+            services: &self.services,
         }
     }
 }
@@ -53,6 +59,7 @@ impl Loaded {
 pub struct View<'a> {
     pub node: &'a NodeTable,
     pub routes: &'a RouteTable,
+    pub services: &'a ServiceTable,
 }
 
 impl View<'_> {
@@ -68,6 +75,7 @@ impl View<'_> {
 pub struct Tables {
     pub node: NodeTable,
     pub routes: RouteTable,
+    pub services: ServiceTable,
 }
 
 impl Tables {
@@ -75,6 +83,7 @@ impl Tables {
         View {
             node: &self.node,
             routes: &self.routes,
+            services: &self.services,
         }
     }
 }
@@ -85,6 +94,7 @@ impl TableHandle {
         TableHandle(Arc::new(Inner {
             node: ArcSwap::from_pointee(node),
             routes: ArcSwap::from_pointee(RouteTable::default()),
+            services: ArcSwap::from_pointee(ServiceTable::default()),
             generation: AtomicU64::new(0),
         }))
     }
@@ -95,6 +105,7 @@ impl TableHandle {
         Loaded {
             node: self.0.node.load(),
             routes: self.0.routes.load(),
+            services: self.0.services.load(),
         }
     }
 
@@ -112,6 +123,17 @@ impl TableHandle {
     pub fn publish_routes(&self, t: RouteTable) -> Arc<RouteTable> {
         self.0.generation.fetch_add(1, Ordering::Relaxed);
         self.0.routes.swap(Arc::new(t))
+    }
+
+    /// The current Service table.
+    pub fn services(&self) -> Arc<ServiceTable> {
+        self.0.services.load_full()
+    }
+
+    /// Publishes the next Service table; returns the one it replaces, to be retired.
+    pub fn publish_services(&self, t: ServiceTable) -> Arc<ServiceTable> {
+        self.0.generation.fetch_add(1, Ordering::Relaxed);
+        self.0.services.swap(Arc::new(t))
     }
 
     /// Publishes the next node table; returns the one it replaces, to be retired.

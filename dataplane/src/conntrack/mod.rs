@@ -1,0 +1,507 @@
+//! Connection tracking: one table per worker, holding the flows that started on the ports it
+//! serves (docs/design.md, "Where a flow's state lives"), so no entry is ever shared between
+//! cores and nothing is locked.
+//!
+//! An entry is found by its original tuple (as the first packet came) and by its reply tuple
+//! (as the answer comes back, translated), and says what each direction is rewritten to. The
+//! table is bounded: entries, the index and the free list are allocated once, when the worker
+//! starts, for `max` flows; a new flow finding it full fails with a counted reason and memory
+//! never grows. Expired entries go in a sweep of a few slots per loop and on lookup, so
+//! expiry never stalls a worker.
+
+pub mod affinity;
+pub mod tcp;
+
+use std::net::Ipv4Addr;
+
+use hashbrown::HashMap;
+
+use crate::tables::services::{Backend, SvcRef};
+pub use tcp::TcpState;
+
+/// IP protocol numbers.
+pub const TCP: u8 = 6;
+pub const UDP: u8 = 17;
+pub const ICMP: u8 = 1;
+pub const SCTP: u8 = 132;
+
+/// Linux's defaults (`nf_conntrack_udp_timeout`, `_udp_timeout_stream`, `_icmp_timeout`).
+pub const UDP_UNREPLIED_MS: u64 = 30_000;
+pub const UDP_REPLIED_MS: u64 = 120_000;
+pub const ICMP_MS: u64 = 30_000;
+/// SCTP: until answered as UDP; answered, as an established TCP connection; after ABORT or
+/// SHUTDOWN COMPLETE, as a reset one.
+pub const SCTP_UNREPLIED_MS: u64 = 30_000;
+
+/// Slots the sweep looks at per worker loop: a million entries are gone over in about 16k
+/// loops (well under a second busy; an idle worker's lookups expire what they find).
+pub const SWEEP_PER_LOOP: usize = 64;
+/// Slots a new flow finding the table full looks at for an expired entry to take.
+const SWEEP_WHEN_FULL: usize = 256;
+
+/// A flow's 5-tuple (for ICMP queries, both ports are the identifier).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct FlowKey {
+    pub src: Ipv4Addr,
+    pub dst: Ipv4Addr,
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: u8,
+}
+
+impl FlowKey {
+    /// The same flow seen from the other end.
+    #[inline]
+    pub fn reversed(&self) -> FlowKey {
+        FlowKey {
+            src: self.dst,
+            dst: self.src,
+            sport: self.dport,
+            dport: self.sport,
+            proto: self.proto,
+        }
+    }
+}
+
+impl std::fmt::Display for FlowKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{}:{} -> {}:{}",
+            self.src, self.sport, self.dst, self.dport
+        )
+    }
+}
+
+/// Where a flow is, per protocol.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FlowState {
+    Tcp(TcpState),
+    /// UDP, SCTP and ICMP: whether an answer has come; SCTP also whether it was ended.
+    Datagram {
+        replied: bool,
+        closed: bool,
+    },
+}
+
+impl FlowState {
+    fn timeout_ms(self, proto: u8) -> u64 {
+        match (self, proto) {
+            (FlowState::Tcp(s), _) => s.timeout_ms(),
+            (FlowState::Datagram { closed: true, .. }, _) => tcp::CLOSE_MS,
+            (FlowState::Datagram { replied, .. }, UDP) => {
+                if replied {
+                    UDP_REPLIED_MS
+                } else {
+                    UDP_UNREPLIED_MS
+                }
+            }
+            (FlowState::Datagram { replied, .. }, SCTP) => {
+                if replied {
+                    tcp::ESTABLISHED_MS
+                } else {
+                    SCTP_UNREPLIED_MS
+                }
+            }
+            _ => ICMP_MS,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            FlowState::Tcp(s) => s.name(),
+            FlowState::Datagram { closed: true, .. } => "closed",
+            FlowState::Datagram { replied: true, .. } => "replied",
+            FlowState::Datagram { replied: false, .. } => "unreplied",
+        }
+    }
+}
+
+/// What a packet tells the state machine: TCP flags, or that an SCTP association ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Seen {
+    pub tcp_flags: u8,
+    pub sctp_end: bool,
+}
+
+/// One tracked flow.
+#[derive(Debug, Clone)]
+pub struct Entry {
+    /// The flow as its first packet came.
+    pub orig: FlowKey,
+    /// The flow as its answers come (the translated original, reversed).
+    pub reply: FlowKey,
+    /// The Service port it was balanced for, and the backend chosen.
+    pub svc: SvcRef,
+    pub backend: Backend,
+    pub state: FlowState,
+    fins: u8,
+    pub expires_ms: u64,
+    pub packets: u64,
+    /// The Service table generation at which the backend was last found listed.
+    pub checked: u64,
+    live: bool,
+}
+
+impl Entry {
+    /// Takes a packet of the flow into account: state and expiry.
+    #[inline]
+    pub fn seen(&mut self, reply: bool, s: Seen, now_ms: u64) {
+        self.packets += 1;
+        self.state = match self.state {
+            FlowState::Tcp(t) => FlowState::Tcp(t.next(s.tcp_flags, reply, &mut self.fins)),
+            FlowState::Datagram { replied, closed } => FlowState::Datagram {
+                replied: replied || reply,
+                closed: closed || s.sctp_end,
+            },
+        };
+        self.expires_ms = now_ms + self.state.timeout_ms(self.orig.proto);
+    }
+
+    /// Whether a new connection on the same tuple replaces this one (a SYN after the old one
+    /// closed).
+    pub fn reopened_by(&self, s: Seen) -> bool {
+        matches!(self.state, FlowState::Tcp(t) if t.reopens())
+            && s.tcp_flags & tcp::SYN != 0
+            && s.tcp_flags & tcp::ACK == 0
+    }
+}
+
+/// Why a flow could not be tracked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refused {
+    /// The table holds `max` live flows.
+    Full,
+    /// Another flow already answers on the reply tuple.
+    Clash,
+}
+
+/// A hit: the entry's slot and whether the packet goes in the reply direction.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Hit {
+    pub slot: u32,
+    pub reply: bool,
+}
+
+/// A worker's conntrack table.
+pub struct Conntrack {
+    /// Original and reply tuples → slot << 1 | reply.
+    index: HashMap<FlowKey, u32>,
+    entries: Vec<Entry>,
+    free: Vec<u32>,
+    max: usize,
+    live: usize,
+    sweep_at: usize,
+}
+
+impl std::fmt::Debug for Conntrack {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Conntrack({}/{})", self.live, self.max)
+    }
+}
+
+impl Conntrack {
+    /// A table for at most `max` flows, allocated now. The index gets twice the room its two
+    /// keys per flow need: at half load hashbrown's removals leave empty slots rather than
+    /// tombstones, and it never grows (so never allocates) on a worker's path.
+    pub fn new(max: usize) -> Self {
+        let max = max.min(u32::MAX as usize / 2);
+        Conntrack {
+            index: HashMap::with_capacity(max * 4),
+            entries: Vec::with_capacity(max),
+            free: Vec::with_capacity(max),
+            max,
+            live: 0,
+            sweep_at: 0,
+        }
+    }
+
+    /// The flow `key` belongs to, if tracked and not expired (an expired one is removed).
+    #[inline]
+    pub fn lookup(&mut self, key: &FlowKey, now_ms: u64) -> Option<Hit> {
+        let v = *self.index.get(key)?;
+        let slot = v >> 1;
+        if self.entries[slot as usize].expires_ms <= now_ms {
+            self.remove(slot);
+            return None;
+        }
+        Some(Hit {
+            slot,
+            reply: v & 1 == 1,
+        })
+    }
+
+    #[inline]
+    pub fn entry(&self, slot: u32) -> &Entry {
+        &self.entries[slot as usize]
+    }
+
+    #[inline]
+    pub fn entry_mut(&mut self, slot: u32) -> &mut Entry {
+        &mut self.entries[slot as usize]
+    }
+
+    /// Tracks a new flow. `reply` is the tuple its answers will come on.
+    #[allow(clippy::too_many_arguments)] // one flow's fields, each its own type
+    pub fn insert(
+        &mut self,
+        orig: FlowKey,
+        reply: FlowKey,
+        svc: SvcRef,
+        backend: Backend,
+        first: Seen,
+        checked: u64,
+        now_ms: u64,
+    ) -> Result<u32, Refused> {
+        if self.index.contains_key(&orig) || (reply != orig && self.index.contains_key(&reply)) {
+            return Err(Refused::Clash);
+        }
+        if self.live >= self.max && self.sweep(now_ms, SWEEP_WHEN_FULL) == 0 {
+            return Err(Refused::Full);
+        }
+        let state = if orig.proto == TCP {
+            FlowState::Tcp(TcpState::first(first.tcp_flags))
+        } else {
+            FlowState::Datagram {
+                replied: false,
+                closed: first.sctp_end,
+            }
+        };
+        let e = Entry {
+            orig,
+            reply,
+            svc,
+            backend,
+            state,
+            fins: 0,
+            expires_ms: now_ms + state.timeout_ms(orig.proto),
+            packets: 1,
+            checked,
+            live: true,
+        };
+        let slot = match self.free.pop() {
+            Some(s) => {
+                self.entries[s as usize] = e;
+                s
+            }
+            None if self.entries.len() < self.max => {
+                self.entries.push(e);
+                (self.entries.len() - 1) as u32
+            }
+            None => return Err(Refused::Full),
+        };
+        self.index.insert(orig, slot << 1);
+        self.index.insert(reply, slot << 1 | 1);
+        self.live += 1;
+        Ok(slot)
+    }
+
+    /// Forgets the flow in `slot`.
+    pub fn remove(&mut self, slot: u32) {
+        let e = &mut self.entries[slot as usize];
+        if !e.live {
+            return;
+        }
+        e.live = false;
+        let (o, r) = (e.orig, e.reply);
+        self.index.remove(&o);
+        self.index.remove(&r);
+        self.free.push(slot);
+        self.live -= 1;
+    }
+
+    /// Looks at the next `n` slots and removes the expired flows; returns how many went.
+    pub fn sweep(&mut self, now_ms: u64, n: usize) -> usize {
+        let len = self.entries.len();
+        if len == 0 {
+            return 0;
+        }
+        let mut gone = 0;
+        for _ in 0..n.min(len) {
+            if self.sweep_at >= len {
+                self.sweep_at = 0;
+            }
+            let slot = self.sweep_at as u32;
+            self.sweep_at += 1;
+            let e = &self.entries[slot as usize];
+            if e.live && e.expires_ms <= now_ms {
+                self.remove(slot);
+                gone += 1;
+            }
+        }
+        gone
+    }
+
+    /// Live flows.
+    pub fn len(&self) -> usize {
+        self.live
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.live == 0
+    }
+
+    pub fn max(&self) -> usize {
+        self.max
+    }
+
+    /// Every live flow with its slot.
+    pub fn iter(&self) -> impl Iterator<Item = (u32, &Entry)> {
+        self.entries
+            .iter()
+            .enumerate()
+            .filter(|(_, e)| e.live)
+            .map(|(i, e)| (i as u32, e))
+    }
+
+    /// Removes every live flow `f` picks; returns how many.
+    pub fn remove_where(&mut self, mut f: impl FnMut(&Entry) -> bool) -> usize {
+        let slots: Vec<u32> = self.iter().filter(|(_, e)| f(e)).map(|(s, _)| s).collect();
+        for s in &slots {
+            self.remove(*s);
+        }
+        slots.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(sport: u16) -> FlowKey {
+        FlowKey {
+            src: "198.18.16.2".parse().unwrap(),
+            dst: "198.19.0.10".parse().unwrap(),
+            sport,
+            dport: 80,
+            proto: TCP,
+        }
+    }
+
+    fn reply_of(k: FlowKey) -> FlowKey {
+        FlowKey {
+            src: "198.18.16.3".parse().unwrap(),
+            sport: 8080,
+            ..k.reversed()
+        }
+    }
+
+    fn backend() -> Backend {
+        Backend {
+            ip: "198.18.16.3".parse().unwrap(),
+            port: 8080,
+        }
+    }
+
+    const SYN: Seen = Seen {
+        tcp_flags: tcp::SYN,
+        sctp_end: false,
+    };
+
+    #[test]
+    fn a_flow_is_found_both_ways_and_expires_by_its_state() {
+        let mut ct = Conntrack::new(4);
+        let k = key(40000);
+        let s = ct
+            .insert(k, reply_of(k), SvcRef::default(), backend(), SYN, 0, 1000)
+            .unwrap();
+        assert_eq!(
+            ct.lookup(&k, 1000),
+            Some(Hit {
+                slot: s,
+                reply: false
+            })
+        );
+        assert_eq!(
+            ct.lookup(&reply_of(k), 1000),
+            Some(Hit {
+                slot: s,
+                reply: true
+            })
+        );
+        // SYN_SENT lives 120 s.
+        assert!(ct.lookup(&k, 1000 + tcp::SYN_SENT_MS - 1).is_some());
+        assert!(ct.lookup(&k, 1000 + tcp::SYN_SENT_MS).is_none());
+        assert!(ct.lookup(&reply_of(k), 1000).is_none(), "removed whole");
+        assert!(ct.is_empty());
+    }
+
+    #[test]
+    fn a_full_table_refuses_new_flows_until_one_expires_and_never_grows() {
+        let mut ct = Conntrack::new(3);
+        let cap = (ct.index.capacity(), ct.entries.capacity());
+        for p in 0..3 {
+            let k = key(p);
+            ct.insert(k, reply_of(k), SvcRef::default(), backend(), SYN, 0, 0)
+                .unwrap();
+        }
+        let k = key(9);
+        assert_eq!(
+            ct.insert(k, reply_of(k), SvcRef::default(), backend(), SYN, 0, 1),
+            Err(Refused::Full)
+        );
+        // Once they have expired, the new flow takes a slot without waiting for the sweep.
+        assert!(ct
+            .insert(
+                k,
+                reply_of(k),
+                SvcRef::default(),
+                backend(),
+                SYN,
+                0,
+                tcp::SYN_SENT_MS + 1
+            )
+            .is_ok());
+        assert_eq!(ct.len(), 1);
+        for round in 0..1000u64 {
+            let now = tcp::SYN_SENT_MS * (round + 2);
+            let k = key(100 + (round % 50) as u16);
+            let _ = ct.insert(k, reply_of(k), SvcRef::default(), backend(), SYN, 0, now);
+            ct.sweep(now, SWEEP_PER_LOOP);
+        }
+        assert_eq!(
+            (ct.index.capacity(), ct.entries.capacity()),
+            cap,
+            "memory never grows"
+        );
+        assert!(ct.len() <= 3);
+    }
+
+    #[test]
+    fn a_clashing_reply_tuple_is_refused() {
+        let mut ct = Conntrack::new(8);
+        let (a, b) = (key(1), key(2));
+        ct.insert(a, reply_of(a), SvcRef::default(), backend(), SYN, 0, 0)
+            .unwrap();
+        // b's answers would come on a's reply tuple.
+        assert_eq!(
+            ct.insert(b, reply_of(a), SvcRef::default(), backend(), SYN, 0, 0),
+            Err(Refused::Clash)
+        );
+        let _ = b;
+    }
+
+    #[test]
+    fn udp_lives_longer_once_answered_and_the_sweep_removes_the_expired() {
+        let mut ct = Conntrack::new(8);
+        let mut k = key(5);
+        k.proto = UDP;
+        let s = ct
+            .insert(
+                k,
+                reply_of(k),
+                SvcRef::default(),
+                backend(),
+                Seen::default(),
+                0,
+                0,
+            )
+            .unwrap();
+        assert_eq!(ct.entry(s).expires_ms, UDP_UNREPLIED_MS);
+        ct.entry_mut(s).seen(true, Seen::default(), 10);
+        assert_eq!(ct.entry(s).expires_ms, 10 + UDP_REPLIED_MS);
+        assert_eq!(ct.sweep(10 + UDP_REPLIED_MS - 1, 8), 0);
+        assert_eq!(ct.sweep(10 + UDP_REPLIED_MS, 8), 1);
+        assert!(ct.is_empty());
+    }
+}

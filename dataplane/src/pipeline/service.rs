@@ -1,0 +1,378 @@
+//! The Service stage: conntrack, then Service DNAT for a flow's first packet.
+//!
+//! ```text
+//! packet ─▶ l4::parse ─▶ conntrack hit, original direction ─▶ backend still listed? ─▶ DNAT
+//!                    │                                      └─ no: TCP RST (UDP: balanced anew)
+//!                    ├─▶ conntrack hit, reply direction ─▶ reverse NAT (source back to the VIP)
+//!                    ├─▶ ICMP error quoting a tracked flow ─▶ quote and addresses translated back
+//!                    └─▶ miss ─▶ frontend? ─▶ affinity │ Maglev ─▶ track ─▶ DNAT (+ hairpin SNAT)
+//!                                         └─ no endpoint: TCP RST, ICMP port unreachable
+//! ```
+//!
+//! Runs on the worker of the port the packet came in on, before routing, which then routes
+//! the translated packet. A reply received on another worker is routed statelessly to the
+//! client's port, whose worker owns the flow and translates it in [`deliver`].
+
+use std::net::Ipv4Addr;
+
+use super::eth::HEADER_LEN;
+use super::ipv4::Header;
+use super::l4::{self, L4};
+use super::nat::{self, End};
+use super::{icmp, reject, Action, Context, InPort, PortKind};
+use crate::conntrack::{FlowKey, Hit, Refused, Seen, TCP};
+use crate::drop::DropReason;
+use crate::tables::maglev::mix64;
+use crate::tables::services::{Backend, FrontKind, SvcPort};
+use crate::tables::View;
+
+/// Per-Service-port counters a worker keeps (indexed by slot).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SvcCount {
+    pub flows: u64,
+    pub packets: u64,
+    pub rejected: u64,
+    /// The incarnation these counts belong to: a reused slot starts from zero.
+    pub incarnation: u32,
+}
+
+/// The flow hash that picks a backend: every field of the 5-tuple, so a client's
+/// connections spread over the backends.
+#[inline]
+pub fn flow_hash(k: &FlowKey) -> u64 {
+    let a = (u64::from(u32::from(k.src)) << 32) | u64::from(u32::from(k.dst));
+    let b = (u64::from(k.sport) << 32) | (u64::from(k.dport) << 8) | u64::from(k.proto);
+    mix64(a ^ mix64(b))
+}
+
+/// The Service stage for a packet from `port`. Returns an action when the packet goes no
+/// further (rejected, dropped); otherwise the packet may have been translated and `hdr`
+/// says where it goes now.
+#[inline]
+pub fn stage(
+    buf: &mut [u8],
+    len: usize,
+    hdr: &mut Header,
+    port: &InPort<'_>,
+    t: &View<'_>,
+    ctx: &mut Context,
+) -> Option<Action> {
+    if t.services.is_empty() && ctx.ct.is_empty() {
+        return None;
+    }
+    let end = HEADER_LEN + hdr.total_len.min(len - HEADER_LEN);
+    let parsed = l4::parse(&buf[HEADER_LEN..end], hdr);
+    match parsed {
+        L4::None => t
+            .services
+            .is_vip(hdr.dst)
+            .then_some(Action::Drop(DropReason::ServiceUnknownPort)),
+        L4::IcmpError { inner, inner_at } => {
+            icmp_error(&mut buf[HEADER_LEN..end], hdr, inner, inner_at, ctx);
+            None
+        }
+        L4::Flow {
+            key,
+            tcp_flags,
+            sctp_end,
+        } => {
+            let seen = Seen {
+                tcp_flags,
+                sctp_end,
+            };
+            flow(buf, len, end, hdr, key, seen, port, t, ctx)
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+#[inline]
+fn flow(
+    buf: &mut [u8],
+    len: usize,
+    end: usize,
+    hdr: &mut Header,
+    key: FlowKey,
+    seen: Seen,
+    port: &InPort<'_>,
+    t: &View<'_>,
+    ctx: &mut Context,
+) -> Option<Action> {
+    let now = ctx.now_ms;
+    if let Some(Hit { slot, reply }) = ctx.ct.lookup(&key, now) {
+        let e = ctx.ct.entry(slot);
+        if reply {
+            let (to_src, to_dst) = ((e.orig.dst, e.orig.dport), (e.orig.src, e.orig.sport));
+            ctx.ct.entry_mut(slot).seen(true, seen, now);
+            translate(&mut buf[HEADER_LEN..end], hdr, to_src, to_dst);
+            return None;
+        }
+        if !e.reopened_by(seen) {
+            let gen = t.services.generation();
+            let (svc, backend) = (e.svc, e.backend);
+            let listed = e.checked == gen || t.services.port(svc).is_some_and(|p| p.lists(backend));
+            if listed {
+                let e = ctx.ct.entry_mut(slot);
+                e.checked = gen;
+                e.seen(false, seen, now);
+                let (to_src, to_dst) = ((e.reply.dst, e.reply.dport), (e.reply.src, e.reply.sport));
+                ctx.count(svc.slot, |c| c.packets += 1);
+                translate(&mut buf[HEADER_LEN..end], hdr, to_src, to_dst);
+                return None;
+            }
+            // The backend has left the Service: a TCP connection is reset at once, from
+            // the address the client used; other flows are balanced anew.
+            ctx.ct.remove(slot);
+            if key.proto == TCP {
+                return Some(reject_tcp(buf, len, port, key.dst, DropReason::BackendGone));
+            }
+        } else {
+            ctx.ct.remove(slot);
+        }
+    }
+    let Some((svc, kind)) = t.services.frontend(key.dst, key.dport, key.proto) else {
+        return t
+            .services
+            .is_vip(key.dst)
+            .then_some(Action::Drop(DropReason::ServiceUnknownPort));
+    };
+    new_flow(buf, len, end, hdr, key, seen, port, t, ctx, svc, kind)
+}
+
+#[allow(clippy::too_many_arguments)]
+#[inline]
+fn new_flow(
+    buf: &mut [u8],
+    len: usize,
+    end: usize,
+    hdr: &mut Header,
+    key: FlowKey,
+    seen: Seen,
+    port: &InPort<'_>,
+    t: &View<'_>,
+    ctx: &mut Context,
+    svc: &SvcPort,
+    kind: FrontKind,
+) -> Option<Action> {
+    let now = ctx.now_ms;
+    // From pods: internalTrafficPolicy for ClusterIPs, every serving endpoint for the
+    // Service's external addresses (kube-proxy short-circuits those inside the cluster);
+    // from outside: externalTrafficPolicy.
+    let pool = match (port.kind, kind) {
+        (PortKind::Pod, FrontKind::ClusterIp) => &svc.internal,
+        (PortKind::Pod, _) => &svc.cluster,
+        (PortKind::Uplink, _) => &svc.external,
+    };
+    let remembered = svc.affinity_ms.and_then(|_| {
+        ctx.affinity
+            .get(svc.id, key.src, now)
+            .filter(|b| pool.serves(*b))
+    });
+    let Some(backend) = remembered.or_else(|| pool.pick(flow_hash(&key))) else {
+        ctx.count(svc.id.slot, |c| c.rejected += 1);
+        return Some(if key.proto == TCP {
+            reject_tcp(buf, len, port, key.dst, DropReason::ServiceNoEndpoints)
+        } else {
+            super::icmp_error(ctx, DropReason::ServiceNoEndpoints, || {
+                icmp::port_unreachable(buf, len, port.host_mac, key.dst)
+            })
+        });
+    };
+    if let Some(ms) = svc.affinity_ms {
+        if !ctx.affinity.set(svc.id, key.src, backend, ms, now) {
+            ctx.affinity_full += 1;
+        }
+    }
+    // Hairpin: a pod reaching itself through its Service would get a packet from its own
+    // address, which its kernel drops as a martian; it comes from the gateway instead.
+    let src = if backend.ip == key.src {
+        t.node.gateway_v4
+    } else {
+        key.src
+    };
+    let reply = FlowKey {
+        src: backend.ip,
+        dst: src,
+        sport: backend.port,
+        dport: key.sport,
+        proto: key.proto,
+    };
+    let gen = t.services.generation();
+    match ctx.ct.insert(key, reply, svc.id, backend, seen, gen, now) {
+        Ok(_) => {}
+        Err(Refused::Full) => return Some(Action::Drop(DropReason::ConntrackFull)),
+        Err(Refused::Clash) => return Some(Action::Drop(DropReason::ConntrackClash)),
+    }
+    ctx.count(svc.id.slot, |c| {
+        c.flows += 1;
+        c.packets += 1;
+    });
+    translate(
+        &mut buf[HEADER_LEN..end],
+        hdr,
+        (src, key.sport),
+        (backend.ip, backend.port),
+    );
+    None
+}
+
+/// Rewrites the packet's source and destination (each only if it changes).
+#[inline]
+fn translate(ip: &mut [u8], hdr: &mut Header, src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16)) {
+    nat::rewrite(ip, hdr.header_len, hdr.proto, End::Dst, dst.0, dst.1);
+    nat::rewrite(ip, hdr.header_len, hdr.proto, End::Src, src.0, src.1);
+    hdr.src = src.0;
+    hdr.dst = dst.0;
+}
+
+/// A RST back to the client from `from`, out of the port the segment came in on.
+fn reject_tcp(
+    buf: &mut [u8],
+    len: usize,
+    port: &InPort<'_>,
+    from: Ipv4Addr,
+    reason: DropReason,
+) -> Action {
+    match reject::tcp_rst(buf, len, port.host_mac, from) {
+        Some(len) => Action::IcmpError { reason, len },
+        None => Action::Drop(reason),
+    }
+}
+
+/// Translates an ICMP error about a tracked flow back to what the other end knows: the
+/// quoted packet and the outer addresses (Linux's `nf_nat_icmp_reply_translation`). An error
+/// about no tracked flow is left as it is.
+fn icmp_error(ip: &mut [u8], hdr: &mut Header, inner: FlowKey, inner_at: usize, ctx: &mut Context) {
+    // The quoted packet went from inner.src to inner.dst; the flow it belongs to is tracked
+    // under the tuple that packet's answer (this error) would have.
+    let Some(Hit { slot, reply }) = ctx.ct.lookup(&inner.reversed(), ctx.now_ms) else {
+        return;
+    };
+    let e = ctx.ct.entry(slot);
+    let icmp_at = hdr.header_len;
+    if reply {
+        // The error answers a packet of the original direction, as translated: the quote
+        // is restored to what the client sent, and the error comes from the address it used.
+        let (orig, replyk) = (e.orig, e.reply);
+        nat::rewrite_quoted(ip, icmp_at, inner_at, End::Dst, orig.dst, orig.dport);
+        nat::rewrite_quoted(ip, icmp_at, inner_at, End::Src, orig.src, orig.sport);
+        if replyk.src != orig.dst {
+            nat::rewrite_addr(ip, End::Src, orig.dst);
+            hdr.src = orig.dst;
+        }
+        if replyk.dst != orig.src {
+            nat::rewrite_addr(ip, End::Dst, orig.src);
+            hdr.dst = orig.src;
+        }
+    } else {
+        // The error answers a reply as the client saw it: the quote becomes the reply as the
+        // backend sent it, and the error goes to the backend.
+        let (orig, replyk) = (e.orig, e.reply);
+        nat::rewrite_quoted(ip, icmp_at, inner_at, End::Src, replyk.src, replyk.sport);
+        nat::rewrite_quoted(ip, icmp_at, inner_at, End::Dst, replyk.dst, replyk.dport);
+        if replyk.src != orig.dst {
+            nat::rewrite_addr(ip, End::Dst, replyk.src);
+            hdr.dst = replyk.src;
+        }
+        if replyk.dst != orig.src {
+            nat::rewrite_addr(ip, End::Src, replyk.dst);
+            hdr.src = replyk.dst;
+        }
+    }
+}
+
+/// The owner's part for a frame another worker routed to one of this worker's ports: a reply
+/// (or an ICMP error) of a flow this worker tracks is translated back before it leaves.
+/// Frames of no tracked flow, or not IPv4, are left as they are.
+#[inline]
+pub fn deliver(buf: &mut [u8], len: usize, ctx: &mut Context) {
+    if ctx.ct.is_empty() || len <= HEADER_LEN || buf[12..14] != [0x08, 0x00] {
+        return;
+    }
+    let Ok(mut hdr) = super::ipv4::validate(&buf[HEADER_LEN..len]) else {
+        return;
+    };
+    let end = HEADER_LEN + hdr.total_len;
+    match l4::parse(&buf[HEADER_LEN..end], &hdr) {
+        L4::Flow {
+            key,
+            tcp_flags,
+            sctp_end,
+        } => {
+            let now = ctx.now_ms;
+            if let Some(Hit { slot, reply: true }) = ctx.ct.lookup(&key, now) {
+                let e = ctx.ct.entry_mut(slot);
+                e.seen(
+                    true,
+                    Seen {
+                        tcp_flags,
+                        sctp_end,
+                    },
+                    now,
+                );
+                let (to_src, to_dst) = ((e.orig.dst, e.orig.dport), (e.orig.src, e.orig.sport));
+                translate(&mut buf[HEADER_LEN..end], &mut hdr, to_src, to_dst);
+            }
+        }
+        L4::IcmpError { inner, inner_at } => {
+            icmp_error(&mut buf[HEADER_LEN..end], &mut hdr, inner, inner_at, ctx)
+        }
+        L4::None => {}
+    }
+}
+
+/// What stromd would do with the first packet of `key` arriving from a pod, in words
+/// (`stromctl trace`): the frontend, the pool, the backend Maglev picks, the translation.
+pub fn trace(key: &FlowKey, t: &View<'_>, gateway: Ipv4Addr) -> Vec<String> {
+    let mut steps = vec![format!("packet {key} proto {}", key.proto)];
+    let Some((svc, kind)) = t.services.frontend(key.dst, key.dport, key.proto) else {
+        if t.services.is_vip(key.dst) {
+            steps.push(format!(
+                "{} is a Service address but not on this port and protocol: dropped (service_unknown_port)",
+                key.dst
+            ));
+        } else {
+            steps.push("no Service frontend: routed as it is".into());
+        }
+        return steps;
+    };
+    steps.push(format!("frontend {} of {}", kind.name(), svc.key));
+    let pool = match kind {
+        FrontKind::ClusterIp => &svc.internal,
+        _ => &svc.cluster,
+    };
+    steps.push(format!(
+        "{} serving endpoint(s) for traffic from pods{}",
+        pool.backends.len(),
+        if svc.affinity_ms.is_some() {
+            " (ClientIP affinity: a client's earlier choice comes first)"
+        } else {
+            ""
+        }
+    ));
+    match pool.pick(flow_hash(key)) {
+        None => steps.push(if key.proto == TCP {
+            "no endpoint: rejected with a TCP RST".into()
+        } else {
+            "no endpoint: rejected with ICMP port unreachable".into()
+        }),
+        Some(Backend { ip, port }) => {
+            let src = if ip == key.src { gateway } else { key.src };
+            steps.push(format!("Maglev picks {ip}:{port}"));
+            steps.push(format!(
+                "translated to {src}:{} -> {ip}:{port}{}",
+                key.sport,
+                if src != key.src {
+                    " (hairpin: from the gateway)"
+                } else {
+                    ""
+                }
+            ));
+        }
+    }
+    steps
+}
+
+#[cfg(test)]
+#[path = "service_tests.rs"]
+mod tests;

@@ -1,0 +1,569 @@
+//! The Service stage over whole frames, on the pipeline tests' topology (pod A 198.18.16.2,
+//! pod B 198.18.16.3) plus a Service `t/web` on 198.19.0.10:80 (TCP and UDP 53), backends
+//! B:8080 (and A:8080 where a test adds it). Packets are built with etherparse and checked
+//! with smoltcp's full checksum computations, independent of the incremental updates.
+
+use std::net::{IpAddr, Ipv4Addr};
+
+use etherparse::PacketBuilder;
+use proptest::prelude::*;
+use smoltcp::wire::{IpAddress, Ipv4Packet, TcpPacket, UdpPacket};
+use strom_api::{EndpointSpec, Protocol, ServicePortSpec, ServiceSpec};
+
+use crate::drop::DropReason;
+use crate::mac::Mac;
+use crate::pipeline::{process, Action, Context, InPort, PortKind};
+use crate::tables::services::DesiredServices;
+use crate::tables::{Next, NodeTable, RouteTable, Tables};
+
+const A_MAC: Mac = [2, 0, 0, 0, 0, 0x0a];
+const B_MAC: Mac = [2, 0, 0, 0, 0, 0x0b];
+const HA_MAC: Mac = [2, 0, 0, 0, 0, 0xa0];
+const HB_MAC: Mac = [2, 0, 0, 0, 0, 0xb0];
+const A: [u8; 4] = [198, 18, 16, 2];
+const B: [u8; 4] = [198, 18, 16, 3];
+const VIP: [u8; 4] = [198, 19, 0, 10];
+const GW: [u8; 4] = [169, 254, 1, 1];
+
+const A_IPS: [IpAddr; 1] = [IpAddr::V4(Ipv4Addr::new(198, 18, 16, 2))];
+const B_IPS: [IpAddr; 1] = [IpAddr::V4(Ipv4Addr::new(198, 18, 16, 3))];
+
+fn port_a() -> InPort<'static> {
+    InPort {
+        id: 0,
+        kind: PortKind::Pod,
+        host_mac: HA_MAC,
+        pod_mac: A_MAC,
+        ips: &A_IPS,
+    }
+}
+
+fn port_b() -> InPort<'static> {
+    InPort {
+        id: 1,
+        kind: PortKind::Pod,
+        host_mac: HB_MAC,
+        pod_mac: B_MAC,
+        ips: &B_IPS,
+    }
+}
+
+fn endpoint(ip: [u8; 4], port: u16) -> EndpointSpec {
+    EndpointSpec {
+        ip: IpAddr::from(ip),
+        port,
+        ready: true,
+        serving: true,
+        terminating: false,
+        local: true,
+        target: String::new(),
+    }
+}
+
+fn web(endpoints: Vec<EndpointSpec>) -> ServiceSpec {
+    ServiceSpec {
+        namespace: "t".into(),
+        name: "web".into(),
+        cluster_ips: vec![IpAddr::from(VIP)],
+        external_ips: vec![],
+        load_balancer_ips: vec![],
+        ports: vec![
+            ServicePortSpec {
+                name: "http".into(),
+                protocol: Protocol::Tcp,
+                port: 80,
+                node_port: None,
+                endpoints: endpoints.clone(),
+            },
+            ServicePortSpec {
+                name: "dns".into(),
+                protocol: Protocol::Udp,
+                port: 53,
+                node_port: None,
+                endpoints: endpoints
+                    .iter()
+                    .map(|e| EndpointSpec {
+                        port: 5353,
+                        ..e.clone()
+                    })
+                    .collect(),
+            },
+        ],
+        affinity_timeout_s: None,
+        external_local: false,
+        internal_local: false,
+        health_check_node_port: None,
+    }
+}
+
+fn tables(d: &mut DesiredServices) -> Tables {
+    let mut t = Tables {
+        node: NodeTable::new(Ipv4Addr::from(GW)),
+        routes: RouteTable::default(),
+        services: d.table(),
+    };
+    for (ip, port, mac, host) in [(A, 0, A_MAC, HA_MAC), (B, 1, B_MAC, HB_MAC)] {
+        t.routes.local.insert(
+            IpAddr::from(ip),
+            Next {
+                port,
+                worker: 0,
+                dst_mac: mac,
+                src_mac: host,
+                mtu: 1500,
+            },
+        );
+    }
+    t
+}
+
+fn with(spec: ServiceSpec) -> (DesiredServices, Tables) {
+    let mut d = DesiredServices::default();
+    d.set(spec, &[]).unwrap();
+    let t = tables(&mut d);
+    (d, t)
+}
+
+fn tcp(src_mac: Mac, src: ([u8; 4], u16), dst: ([u8; 4], u16), syn: bool) -> Vec<u8> {
+    let host = if src_mac == A_MAC { HA_MAC } else { HB_MAC };
+    let mut b = PacketBuilder::ethernet2(src_mac, host)
+        .ipv4(src.0, dst.0, 64)
+        .tcp(src.1, dst.1, 1000, 65535);
+    if syn {
+        b = b.syn();
+    } else {
+        b = b.ack(5000);
+    }
+    let mut v = Vec::new();
+    b.write(&mut v, if syn { b"" } else { b"data" }).unwrap();
+    v
+}
+
+fn udp(src_mac: Mac, src: ([u8; 4], u16), dst: ([u8; 4], u16), payload: &[u8]) -> Vec<u8> {
+    let host = if src_mac == A_MAC { HA_MAC } else { HB_MAC };
+    let b = PacketBuilder::ethernet2(src_mac, host)
+        .ipv4(src.0, dst.0, 64)
+        .udp(src.1, dst.1);
+    let mut v = Vec::new();
+    b.write(&mut v, payload).unwrap();
+    v
+}
+
+/// Runs a frame through the pipeline: the action, and the frame as it leaves.
+fn run(pkt: &[u8], port: &InPort<'_>, t: &Tables, ctx: &mut Context) -> (Action, Vec<u8>) {
+    let mut buf = vec![0u8; 2048];
+    buf[..pkt.len()].copy_from_slice(pkt);
+    let a = process(&mut buf, pkt.len(), port, &t.view(), ctx);
+    let len = match a {
+        Action::Tx { len, .. }
+        | Action::Hairpin { len }
+        | Action::Handoff { len, .. }
+        | Action::IcmpError { len, .. } => len,
+        Action::Drop(_) => pkt.len(),
+    };
+    buf.truncate(len);
+    (a, buf)
+}
+
+/// The addresses and ports of a TCP or UDP frame, after checking every checksum in full.
+fn endpoints(frame: &[u8]) -> (([u8; 4], u16), ([u8; 4], u16)) {
+    let ip = Ipv4Packet::new_checked(&frame[14..]).unwrap();
+    assert!(ip.verify_checksum(), "IP checksum");
+    let (s, d) = (ip.src_addr(), ip.dst_addr());
+    let (sa, da) = (IpAddress::Ipv4(s), IpAddress::Ipv4(d));
+    let ports = match ip.next_header() {
+        smoltcp::wire::IpProtocol::Tcp => {
+            let t = TcpPacket::new_checked(ip.payload()).unwrap();
+            assert!(t.verify_checksum(&sa, &da), "TCP checksum");
+            (t.src_port(), t.dst_port())
+        }
+        smoltcp::wire::IpProtocol::Udp => {
+            let u = UdpPacket::new_checked(ip.payload()).unwrap();
+            assert!(
+                u.checksum() == 0 || u.verify_checksum(&sa, &da),
+                "UDP checksum"
+            );
+            (u.src_port(), u.dst_port())
+        }
+        p => panic!("{p}"),
+    };
+    ((s.octets(), ports.0), (d.octets(), ports.1))
+}
+
+#[test]
+fn a_connection_to_a_cluster_ip_reaches_the_backend_and_the_answer_comes_from_the_cluster_ip() {
+    let (_d, t) = with(web(vec![endpoint(B, 8080)]));
+    let mut ctx = Context::default();
+    let (a, out) = run(
+        &tcp(A_MAC, (A, 40000), (VIP, 80), true),
+        &port_a(),
+        &t,
+        &mut ctx,
+    );
+    assert!(matches!(a, Action::Tx { port: 1, .. }), "{a:?}");
+    assert_eq!(endpoints(&out), ((A, 40000), (B, 8080)));
+    let (a, out) = run(
+        &tcp(B_MAC, (B, 8080), (A, 40000), false),
+        &port_b(),
+        &t,
+        &mut ctx,
+    );
+    assert!(matches!(a, Action::Tx { port: 0, .. }), "{a:?}");
+    assert_eq!(endpoints(&out), ((VIP, 80), (A, 40000)));
+    // The next packet of the flow finds its entry.
+    let (_, out) = run(
+        &tcp(A_MAC, (A, 40000), (VIP, 80), false),
+        &port_a(),
+        &t,
+        &mut ctx,
+    );
+    assert_eq!(endpoints(&out), ((A, 40000), (B, 8080)));
+    assert_eq!(ctx.ct.len(), 1);
+    assert_eq!(
+        ctx.svc_counts.len(),
+        0,
+        "the worker sizes counters, not the stage"
+    );
+}
+
+#[test]
+fn a_reply_handed_over_from_another_worker_is_translated_by_the_owner() {
+    let (_d, t) = with(web(vec![endpoint(B, 8080)]));
+    let mut owner = Context::default();
+    let mut other = Context::new(1, 16);
+    run(
+        &tcp(A_MAC, (A, 40001), (VIP, 80), true),
+        &port_a(),
+        &t,
+        &mut owner,
+    );
+    // B's worker routes the answer statelessly...
+    let (_, mut out) = run(
+        &tcp(B_MAC, (B, 8080), (A, 40001), false),
+        &port_b(),
+        &t,
+        &mut other,
+    );
+    assert_eq!(endpoints(&out), ((B, 8080), (A, 40001)));
+    // ...and A's worker, which owns the flow, translates it before sending.
+    let len = out.len();
+    out.resize(2048, 0);
+    super::deliver(&mut out, len, &mut owner);
+    out.truncate(len);
+    assert_eq!(endpoints(&out), ((VIP, 80), (A, 40001)));
+}
+
+#[test]
+fn a_service_without_endpoints_rejects_tcp_with_a_reset_and_udp_with_port_unreachable() {
+    let (_d, t) = with(web(vec![]));
+    let mut ctx = Context::default();
+    let (a, out) = run(
+        &tcp(A_MAC, (A, 40000), (VIP, 80), true),
+        &port_a(),
+        &t,
+        &mut ctx,
+    );
+    assert!(
+        matches!(
+            a,
+            Action::IcmpError {
+                reason: DropReason::ServiceNoEndpoints,
+                ..
+            }
+        ),
+        "{a:?}"
+    );
+    assert_eq!(endpoints(&out), ((VIP, 80), (A, 40000)));
+    let ip = Ipv4Packet::new_checked(&out[14..]).unwrap();
+    let rst = TcpPacket::new_checked(ip.payload()).unwrap();
+    assert!(rst.rst() && rst.ack());
+    assert_eq!(
+        rst.ack_number(),
+        smoltcp::wire::TcpSeqNumber(1001),
+        "SYN counts one"
+    );
+    assert_eq!(&out[..6], &A_MAC);
+    let (a, out) = run(
+        &udp(A_MAC, (A, 4000), (VIP, 53), b"q"),
+        &port_a(),
+        &t,
+        &mut ctx,
+    );
+    assert!(
+        matches!(
+            a,
+            Action::IcmpError {
+                reason: DropReason::ServiceNoEndpoints,
+                ..
+            }
+        ),
+        "{a:?}"
+    );
+    let ip = Ipv4Packet::new_checked(&out[14..]).unwrap();
+    assert!(ip.verify_checksum());
+    assert_eq!(ip.src_addr().octets(), VIP);
+    assert_eq!(&ip.payload()[..2], &[3, 3], "port unreachable");
+    assert!(ctx.ct.is_empty());
+}
+
+#[test]
+fn a_service_address_on_a_port_it_does_not_serve_is_dropped_by_name() {
+    let (_d, t) = with(web(vec![endpoint(B, 8080)]));
+    let (a, _) = run(
+        &tcp(A_MAC, (A, 40000), (VIP, 81), true),
+        &port_a(),
+        &t,
+        &mut Context::default(),
+    );
+    assert_eq!(a, Action::Drop(DropReason::ServiceUnknownPort));
+}
+
+#[test]
+fn a_pod_reaching_itself_through_its_service_gets_through_from_the_gateway() {
+    let (_d, t) = with(web(vec![endpoint(A, 8080)]));
+    let mut ctx = Context::default();
+    let (a, out) = run(
+        &tcp(A_MAC, (A, 40000), (VIP, 80), true),
+        &port_a(),
+        &t,
+        &mut ctx,
+    );
+    assert!(matches!(a, Action::Hairpin { .. }), "{a:?}");
+    assert_eq!(endpoints(&out), ((GW, 40000), (A, 8080)));
+    // A answers the gateway; the answer goes back to A as from the Service.
+    let (a, out) = run(
+        &tcp(A_MAC, (A, 8080), (GW, 40000), false),
+        &port_a(),
+        &t,
+        &mut ctx,
+    );
+    assert!(matches!(a, Action::Hairpin { .. }), "{a:?}");
+    assert_eq!(endpoints(&out), ((VIP, 80), (A, 40000)));
+}
+
+#[test]
+fn a_flow_whose_backend_left_is_reset_and_udp_is_balanced_anew() {
+    let (mut d, t) = with(web(vec![endpoint(B, 8080)]));
+    let mut ctx = Context::default();
+    run(
+        &tcp(A_MAC, (A, 40000), (VIP, 80), true),
+        &port_a(),
+        &t,
+        &mut ctx,
+    );
+    run(
+        &udp(A_MAC, (A, 4000), (VIP, 53), b"q"),
+        &port_a(),
+        &t,
+        &mut ctx,
+    );
+    assert_eq!(ctx.ct.len(), 2);
+    d.set(web(vec![endpoint(A, 8080)]), &[]).unwrap();
+    let t = tables(&mut d);
+    let (a, out) = run(
+        &tcp(A_MAC, (A, 40000), (VIP, 80), false),
+        &port_a(),
+        &t,
+        &mut ctx,
+    );
+    assert!(
+        matches!(
+            a,
+            Action::IcmpError {
+                reason: DropReason::BackendGone,
+                ..
+            }
+        ),
+        "{a:?}"
+    );
+    let ip = Ipv4Packet::new_checked(&out[14..]).unwrap();
+    assert!(TcpPacket::new_checked(ip.payload()).unwrap().rst());
+    let (_, out) = run(
+        &udp(A_MAC, (A, 4000), (VIP, 53), b"q"),
+        &port_a(),
+        &t,
+        &mut ctx,
+    );
+    assert_eq!(endpoints(&out).1, (A, 5353), "the remaining backend");
+}
+
+#[test]
+fn a_udp_datagram_without_a_checksum_keeps_none() {
+    let (_d, t) = with(web(vec![endpoint(B, 8080)]));
+    let mut pkt = udp(A_MAC, (A, 4000), (VIP, 53), b"q");
+    pkt[14 + 20 + 6] = 0;
+    pkt[14 + 20 + 7] = 0;
+    let (_, out) = run(&pkt, &port_a(), &t, &mut Context::default());
+    assert_eq!(endpoints(&out), ((A, 4000), (B, 5353)));
+    assert_eq!(&out[14 + 20 + 6..14 + 20 + 8], &[0, 0]);
+}
+
+#[test]
+fn an_icmp_error_from_the_backend_reaches_the_client_about_the_service() {
+    let (_d, t) = with(web(vec![endpoint(B, 8080)]));
+    let mut ctx = Context::default();
+    let (_, sent) = run(
+        &udp(A_MAC, (A, 4000), (VIP, 53), b"query"),
+        &port_a(),
+        &t,
+        &mut ctx,
+    );
+    // B has nothing on 5353: port unreachable quoting what it got.
+    let quote = &sent[14..14 + 28];
+    let b = PacketBuilder::ethernet2(B_MAC, HB_MAC)
+        .ipv4(B, A, 64)
+        .icmpv4(etherparse::Icmpv4Type::DestinationUnreachable(
+            etherparse::icmpv4::DestUnreachableHeader::Port,
+        ));
+    let mut pkt = Vec::new();
+    b.write(&mut pkt, quote).unwrap();
+    let (a, out) = run(&pkt, &port_b(), &t, &mut ctx);
+    assert!(matches!(a, Action::Tx { port: 0, .. }), "{a:?}");
+    let ip = Ipv4Packet::new_checked(&out[14..]).unwrap();
+    assert!(ip.verify_checksum());
+    assert_eq!(ip.src_addr().octets(), VIP, "from the address A used");
+    let icmp = smoltcp::wire::Icmpv4Packet::new_checked(ip.payload()).unwrap();
+    assert!(icmp.verify_checksum());
+    let inner = Ipv4Packet::new_unchecked(icmp.data());
+    assert!(inner.verify_checksum());
+    assert_eq!(inner.dst_addr().octets(), VIP);
+    assert_eq!(
+        &icmp.data()[20..24],
+        &[0x0f, 0xa0, 0, 53],
+        "ports 4000 -> 53"
+    );
+}
+
+#[test]
+fn a_full_conntrack_table_refuses_new_flows_by_name() {
+    let (_d, t) = with(web(vec![endpoint(B, 8080)]));
+    let mut ctx = Context::new(0, 2);
+    for p in 0..2 {
+        run(
+            &tcp(A_MAC, (A, 100 + p), (VIP, 80), true),
+            &port_a(),
+            &t,
+            &mut ctx,
+        );
+    }
+    let (a, _) = run(
+        &tcp(A_MAC, (A, 999), (VIP, 80), true),
+        &port_a(),
+        &t,
+        &mut ctx,
+    );
+    assert_eq!(a, Action::Drop(DropReason::ConntrackFull));
+    // Traffic that is no Service's still flows.
+    let (a, _) = run(
+        &tcp(A_MAC, (A, 999), (B, 80), true),
+        &port_a(),
+        &t,
+        &mut ctx,
+    );
+    assert!(matches!(a, Action::Tx { port: 1, .. }));
+}
+
+#[test]
+fn new_connections_spread_evenly_and_a_removed_backend_moves_only_its_own() {
+    let c: [u8; 4] = [198, 18, 16, 4];
+    let eps = vec![endpoint(A, 8080), endpoint(B, 8080), endpoint(c, 8080)];
+    let (mut d, t) = with(web(eps.clone()));
+    let pick = |t: &Tables, sport: u16| {
+        let (_, out) = run(
+            &tcp(A_MAC, (A, sport), (VIP, 80), true),
+            &port_a(),
+            t,
+            &mut Context::default(),
+        );
+        endpoints(&out).1 .0
+    };
+    let before: Vec<[u8; 4]> = (0..1000).map(|p| pick(&t, 20000 + p)).collect();
+    for b in [A, B, c] {
+        let n = before.iter().filter(|x| **x == b).count();
+        assert!((283..=383).contains(&n), "{b:?}: {n} of 1000 (±15% of 333)");
+    }
+    d.set(web(vec![eps[0].clone(), eps[2].clone()]), &[])
+        .unwrap();
+    let t = tables(&mut d);
+    let after: Vec<[u8; 4]> = (0..1000).map(|p| pick(&t, 20000 + p)).collect();
+    let moved = before
+        .iter()
+        .zip(&after)
+        .filter(|(x, y)| x != y && **x != B)
+        .count();
+    assert!(moved < 50, "{moved} flows of the remaining backends moved");
+}
+
+#[test]
+fn client_ip_affinity_keeps_a_client_on_its_backend() {
+    let c: [u8; 4] = [198, 18, 16, 4];
+    let mut spec = web(vec![endpoint(B, 8080), endpoint(c, 8080)]);
+    spec.affinity_timeout_s = Some(10);
+    let (_d, t) = with(spec);
+    let mut ctx = Context::default();
+    let mut seen = std::collections::BTreeSet::new();
+    for p in 0..100 {
+        let (_, out) = run(
+            &tcp(A_MAC, (A, 30000 + p), (VIP, 80), true),
+            &port_a(),
+            &t,
+            &mut ctx,
+        );
+        seen.insert(endpoints(&out).1 .0);
+    }
+    assert_eq!(seen.len(), 1, "{seen:?}");
+    // Past the timeout, the client is balanced anew (over many, both backends come up).
+    let mut later = std::collections::BTreeSet::new();
+    for p in 0..100u16 {
+        ctx.now_ms = 11_000 + u64::from(p) * 11_000;
+        let (_, out) = run(
+            &tcp(A_MAC, (A, 31000 + p), (VIP, 80), true),
+            &port_a(),
+            &t,
+            &mut ctx,
+        );
+        later.insert(endpoints(&out).1 .0);
+    }
+    assert_eq!(later.len(), 2, "{later:?}");
+}
+
+proptest! {
+    /// Any packets of a flow and its answers, through DNAT and back, carry the original
+    /// addresses and valid checksums.
+    #[test]
+    fn dnat_and_back_restore_the_addresses_with_valid_checksums(
+        sport in 1u16..,
+        udp_proto in any::<bool>(),
+        payloads in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..200), 1..6),
+        from_client in proptest::collection::vec(any::<bool>(), 1..6),
+    ) {
+        let (_d, t) = with(web(vec![endpoint(B, 8080)]));
+        let mut ctx = Context::default();
+        let (vport, bport) = if udp_proto { (53, 5353) } else { (80, 8080) };
+        for (i, payload) in payloads.iter().enumerate() {
+            let client = i == 0 || from_client[i % from_client.len()];
+            let pkt = match (client, udp_proto) {
+                (true, true) => udp(A_MAC, (A, sport), (VIP, vport), payload),
+                (false, true) => udp(B_MAC, (B, bport), (A, sport), payload),
+                (true, false) => {
+                    let b = PacketBuilder::ethernet2(A_MAC, HA_MAC).ipv4(A, VIP, 64).tcp(sport, vport, 7, 100);
+                    let b = if i == 0 { b.syn() } else { b.ack(9) };
+                    let mut v = Vec::new();
+                    b.write(&mut v, payload).unwrap();
+                    v
+                }
+                (false, false) => {
+                    let b = PacketBuilder::ethernet2(B_MAC, HB_MAC).ipv4(B, A, 64).tcp(bport, sport, 9, 100).ack(8);
+                    let mut v = Vec::new();
+                    b.write(&mut v, payload).unwrap();
+                    v
+                }
+            };
+            let port = if client { port_a() } else { port_b() };
+            let (a, out) = run(&pkt, &port, &t, &mut ctx);
+            prop_assert!(matches!(a, Action::Tx { .. }), "{:?}", a);
+            let want = if client { ((A, sport), (B, bport)) } else { ((VIP, vport), (A, sport)) };
+            prop_assert_eq!(endpoints(&out), want);
+        }
+    }
+}
