@@ -107,9 +107,9 @@ pub fn allocate(
     }
     let mut now = Allocations::default();
     for (i, svc) in services.iter().enumerate() {
-        if !failed.contains_key(&i) {
-            now.services
-                .insert(object_key(&svc.metadata), recorded(svc));
+        let values = recorded(svc);
+        if !failed.contains_key(&i) && values != ServiceAllocation::default() {
+            now.services.insert(object_key(&svc.metadata), values);
         }
     }
     (now, failed)

@@ -16,3 +16,6 @@ mod resolve;
 pub use allocate::{Allocations, ServiceAllocation};
 pub use load::{ManifestError, Objects};
 pub use resolve::{resolve, Resolved, Settings};
+
+#[cfg(test)]
+mod tests;
