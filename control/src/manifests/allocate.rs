@@ -302,7 +302,7 @@ fn fill(
             }
         }
     }
-    if health && !spec.health_check_node_port.is_some_and(|n| n != 0) {
+    if health && spec.health_check_node_port.is_none_or(|n| n == 0) {
         if let Some(n) = take_port(
             before.health_check_node_port,
             &format!("{key}:health"),

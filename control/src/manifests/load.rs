@@ -121,9 +121,11 @@ impl Objects {
         };
         let object = match kind {
             "Namespace" => typed(doc).map(Object::Namespace),
-            "Pod" => typed(doc).map(|p| Object::Pod(namespaced(p, |p: &mut Pod| &mut p.metadata))),
-            "Service" => typed(doc)
-                .map(|s| Object::Service(namespaced(s, |s: &mut Service| &mut s.metadata))),
+            "Pod" => typed(doc)
+                .map(|p| Object::Pod(Box::new(namespaced(p, |p: &mut Pod| &mut p.metadata)))),
+            "Service" => typed(doc).map(|s| {
+                Object::Service(Box::new(namespaced(s, |s: &mut Service| &mut s.metadata)))
+            }),
             "EndpointSlice" => typed(doc).map(|s| {
                 Object::EndpointSlice(namespaced(s, |s: &mut EndpointSlice| &mut s.metadata))
             }),
@@ -139,8 +141,8 @@ impl Objects {
                 self.invalid.push(invalid("declared twice".into()))
             }
             Ok(Object::Namespace(n)) => self.namespaces.push(n),
-            Ok(Object::Pod(p)) => self.pods.push(p),
-            Ok(Object::Service(s)) => self.services.push(s),
+            Ok(Object::Pod(p)) => self.pods.push(*p),
+            Ok(Object::Service(s)) => self.services.push(*s),
             Ok(Object::EndpointSlice(s)) => self.endpoint_slices.push(s),
         }
     }
@@ -149,8 +151,8 @@ impl Objects {
 /// One object of a kind read here.
 enum Object {
     Namespace(Namespace),
-    Pod(Pod),
-    Service(Service),
+    Pod(Box<Pod>),
+    Service(Box<Service>),
     EndpointSlice(EndpointSlice),
 }
 

@@ -64,7 +64,7 @@ pub fn service_spec(
         (_, Some(ip)) if !ip.is_empty() => vec![ip.as_str()],
         _ => Vec::new(),
     };
-    if written.iter().any(|ip| *ip == "None") {
+    if written.contains(&"None") {
         return Ok(None);
     }
     let cluster_ips = ipv4s(&written, &object, "spec.clusterIPs")?;
