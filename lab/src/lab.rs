@@ -39,7 +39,7 @@ fn one() -> u16 {
     1
 }
 
-/// What `apply` changed (pods by `namespace/name`).
+/// What `apply` changed (pods by `namespace/name`; relabelled: labels or readiness).
 #[derive(Debug, Default)]
 pub struct Applied {
     pub added: Vec<String>,
@@ -63,6 +63,13 @@ pub struct State {
     pub settings: Settings,
     pub stromd: Option<u32>,
     pub pods: BTreeMap<String, PodState>,
+    /// The Services stromd was given, by `namespace/name` (services.rs).
+    #[serde(default)]
+    pub services: BTreeMap<String, strom_api::ServiceSpec>,
+    /// The ClusterIPs and NodePorts the lab allocated, kept so that they stay the same
+    /// across applies.
+    #[serde(default)]
+    pub allocations: strom_control::manifests::Allocations,
 }
 
 impl Settings {
@@ -286,6 +293,8 @@ impl State {
             settings,
             stromd: None,
             pods: BTreeMap::new(),
+            services: BTreeMap::new(),
+            allocations: Default::default(),
         };
         st.save()?;
         let s = st.settings.clone();
@@ -476,9 +485,10 @@ impl State {
             };
             match want.get(&k) {
                 Some(d) if *d == have.decl => {}
-                // Labels change on the running pod, as in Kubernetes.
-                Some(d) if d.same_but_labels(&have.decl) => {
-                    have.decl.labels = d.labels.clone();
+                // Labels (and the lab's readiness) change on the running pod, as in
+                // Kubernetes.
+                Some(d) if d.same_wiring(&have.decl) => {
+                    have.decl = d.clone();
                     done.relabelled.push(k);
                 }
                 _ => {

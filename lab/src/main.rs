@@ -4,6 +4,7 @@
 mod lab;
 mod manifest;
 mod net;
+mod services;
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -64,14 +65,16 @@ struct UpOpts {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Create the node, stromd and every Pod of PATH (a manifest file or a directory).
+    /// Create the node, stromd, every Pod of PATH (a manifest file or a directory), and its
+    /// Services in stromd (ClusterIPs from 198.19.0.0/16).
     Up {
         path: PathBuf,
         #[command(flatten)]
         opts: UpOpts,
     },
     /// Apply PATH again: pods added or removed are wired or unwired, pods whose ports or
-    /// address changed are rewired, label changes are applied to the running pod.
+    /// address changed are rewired, label changes are applied to the running pod; Services
+    /// are set again (their endpoints from the pods' labels now), those gone are removed.
     Apply { path: PathBuf },
     /// Pods, addresses and the dataplane's state.
     Status,
@@ -81,17 +84,31 @@ enum Cmd {
         #[arg(last = true, required = true)]
         cmd: Vec<String>,
     },
-    /// Connect from one place to another: prints allow (and who answered) or deny; exits 0 on
-    /// allow, 1 on deny, 2 when the probe cannot be made here (SCTP on a kernel without it).
+    /// Connect from one place to another: prints allow (and who answered, and the client
+    /// address it saw) or deny; exits 0 on allow, 1 on deny, 2 when the probe cannot be made
+    /// here (SCTP on a kernel without it).
+    ///
+    /// --to is a pod (NS/POD), node, external or an address, with --port; or a Service
+    /// (NS/SERVICE, or svc/NS/SERVICE when a pod has the same name): from a pod or the node
+    /// its ClusterIP, from external its NodePort on the node's address (--lb: its first
+    /// load-balancer address), on the Service port picked by --port-name, --port (the
+    /// Service port's number) and --protocol, or its first port.
     Probe {
         #[arg(long)]
         from: String,
         #[arg(long)]
         to: String,
         #[arg(long)]
-        port: u16,
-        #[arg(long, default_value = "tcp")]
-        protocol: String,
+        port: Option<u16>,
+        /// A Service port's name.
+        #[arg(long)]
+        port_name: Option<String>,
+        /// To a Service from external: its first load-balancer address, not its NodePort.
+        #[arg(long)]
+        lb: bool,
+        /// tcp (the default for a pod), udp or sctp; for a Service, the port's own.
+        #[arg(long)]
+        protocol: Option<String>,
         #[arg(long, default_value_t = 1000)]
         timeout_ms: u64,
     },
@@ -186,9 +203,37 @@ fn report(m: &Manifests) {
     }
 }
 
+/// Says what a Services sync did.
+fn report_services(done: &services::ServicesApplied) {
+    for r in &done.refused {
+        eprintln!("Service skipped: {r}");
+    }
+    if !done.programmed.is_empty() || !done.removed.is_empty() {
+        println!(
+            "services set: {}; removed: {}",
+            done.programmed.join(", "),
+            done.removed.join(", ")
+        );
+    }
+}
+
 fn up(dir: &std::path::Path, path: &std::path::Path, o: &UpOpts) -> anyhow::Result<State> {
     let m = Manifests::load(path)?;
     report(&m);
+    let mut st = up_pods(dir, &m, o)?;
+    if !m.services.is_empty() {
+        match st.sync_services(&m) {
+            Ok(done) => report_services(&done),
+            Err(e) => {
+                let errs = st.down();
+                bail!("services: {e:#} (teardown: {})", errs.join("; "));
+            }
+        }
+    }
+    Ok(st)
+}
+
+fn up_pods(dir: &std::path::Path, m: &Manifests, o: &UpOpts) -> anyhow::Result<State> {
     let mut st = State::up_node(settings(dir, o)?)?;
     for p in m.pods.clone() {
         let key = p.key();
@@ -232,7 +277,7 @@ fn place_ip(st: &State, place: &str) -> anyhow::Result<IpAddr> {
             .pods
             .get(key)
             .and_then(|p| p.ip.as_deref())
-            .with_context(|| format!("no pod {key} (Services come with strom-control)"))?
+            .with_context(|| format!("no pod {key}"))?
             .parse()
             .map_err(Into::into),
     }
@@ -247,8 +292,49 @@ fn probe(
     protocol: &str,
     timeout: Duration,
 ) -> anyhow::Result<Result<String, String>> {
+    probe_ip(st, from, place_ip(st, to)?, port, protocol, timeout)
+}
+
+/// Where `strom-lab probe` goes: (address, port, protocol).
+fn probe_target(
+    st: &State,
+    from: &str,
+    to: &str,
+    port: Option<u16>,
+    choice: services::PortChoice,
+    lb: bool,
+) -> anyhow::Result<(IpAddr, u16, String)> {
+    let (key, forced) = match to.strip_prefix("svc/") {
+        Some(k) => (k, true),
+        None => (to, false),
+    };
+    let plain = !forced
+        && (st.pods.contains_key(key)
+            || matches!(key, "node" | "external")
+            || key.parse::<IpAddr>().is_ok());
+    if plain {
+        if choice.name.is_some() || lb {
+            bail!("--port-name and --lb are for Services; {to} is not one");
+        }
+        let port = port.context("--port is needed for a pod, the node or an address")?;
+        let protocol = choice.protocol.map_or("tcp", |p| p.name());
+        return Ok((place_ip(st, key)?, port, protocol.to_string()));
+    }
+    let choice = services::PortChoice { port, ..choice };
+    let (ip, port, protocol) = st.service_target(key, from == "external", lb, &choice)?;
+    Ok((ip, port, protocol.name().to_string()))
+}
+
+/// Ok(answer) or Err(reason), to an address.
+fn probe_ip(
+    st: &State,
+    from: &str,
+    ip: IpAddr,
+    port: u16,
+    protocol: &str,
+    timeout: Duration,
+) -> anyhow::Result<Result<String, String>> {
     let ns = place_ns(st, from)?;
-    let ip = place_ip(st, to)?;
     let out = in_ns(&ns, std::env::current_exe()?)
         .args([
             "connect",
@@ -613,6 +699,9 @@ fn main() -> anyhow::Result<()> {
                 done.removed.join(", "),
                 done.relabelled.join(", ")
             );
+            if !m.services.is_empty() || !st.services.is_empty() {
+                report_services(&st.sync_services(&m)?);
+            }
         }
         Cmd::Status => {
             let st = State::load(&a.dir)?;
@@ -649,6 +738,12 @@ fn main() -> anyhow::Result<()> {
                     labels.join(",")
                 );
             }
+            if !st.services.is_empty() {
+                println!("services (ClusterIPs from {}):", services::SERVICE_CIDR);
+                for l in services::status_lines(&st.services) {
+                    println!("{l}");
+                }
+            }
         }
         Cmd::Exec { target, cmd } => {
             let st = State::load(&a.dir)?;
@@ -658,19 +753,33 @@ fn main() -> anyhow::Result<()> {
             from,
             to,
             port,
+            port_name,
+            lb,
             protocol,
             timeout_ms,
         } => {
             let st = State::load(&a.dir)?;
-            let protocol = protocol.to_ascii_lowercase();
+            let protocol = match protocol {
+                Some(p) => Some(
+                    p.parse::<strom_api::Protocol>()
+                        .map_err(anyhow::Error::msg)?,
+                ),
+                None => None,
+            };
+            let choice = services::PortChoice {
+                name: port_name,
+                port: None,
+                protocol,
+            };
+            let (ip, port, protocol) = probe_target(&st, &from, &to, port, choice, lb)?;
             if protocol == "sctp" && !net::sctp_supported() {
                 eprintln!("error: {}", net::NO_SCTP);
                 std::process::exit(2);
             }
-            match probe(
+            match probe_ip(
                 &st,
                 &from,
-                &to,
+                ip,
                 port,
                 &protocol,
                 Duration::from_millis(timeout_ms),
@@ -702,6 +811,11 @@ fn main() -> anyhow::Result<()> {
             }
             if action != "stop" {
                 st.start_stromd()?;
+                // stromd keeps its ports across a restart, not what it was told about
+                // Services: the lab gives them again.
+                for e in st.reprogram_services() {
+                    eprintln!("Service not set again: {e}");
+                }
             }
         }
         Cmd::Down { prefix } => match State::load(&a.dir) {

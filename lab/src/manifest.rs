@@ -1,19 +1,27 @@
-//! Reading Kubernetes manifests (YAML, several documents per file, or a directory of files).
-//!
-//! The lab needs only a few fields, so it reads them from a generic value instead of linking
-//! k8s-openapi (that typed model belongs to strom-control). A malformed object is reported and
-//! skipped; the rest is used.
+//! Reading Kubernetes manifests (YAML, several documents per file, or a directory of files)
+//! through strom-control's reader, the one the control plane uses: Pods become the lab's
+//! [`PodDecl`]s, Services and EndpointSlices are kept as objects for the translation. A
+//! malformed object is reported and skipped; the rest is used.
 
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use serde_json::Value;
+use strom_control::k8s_openapi::api::core::v1::{Pod, Service};
+use strom_control::k8s_openapi::api::discovery::v1::EndpointSlice;
+use strom_control::manifests::Objects;
 
 /// A declared container port.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct PortDecl {
     pub port: u16,
     pub protocol: String,
+    /// The containerPort's name, which a Service's named targetPort refers to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// The parts of a Pod the lab uses.
@@ -26,6 +34,13 @@ pub struct PodDecl {
     /// `metadata.labels`: changed live by `apply` (the pod is not rewired for them).
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
+    /// The lab has no kubelet: a pod is ready unless its manifest has a `Ready` condition
+    /// other than "True". Changed live, like the labels.
+    #[serde(default = "yes")]
+    pub ready: bool,
+    /// `metadata.deletionTimestamp` is set: the pod is terminating (its endpoints say so).
+    #[serde(default)]
+    pub terminating: bool,
 }
 
 impl PodDecl {
@@ -34,8 +49,9 @@ impl PodDecl {
         format!("{}/{}", self.namespace, self.name)
     }
 
-    /// The same pod but for its labels: what needs no rewiring to change.
-    pub fn same_but_labels(&self, other: &PodDecl) -> bool {
+    /// The same wiring (namespace, name, ports, address): what differs otherwise (labels,
+    /// readiness) changes on the running pod.
+    pub fn same_wiring(&self, other: &PodDecl) -> bool {
         self.namespace == other.namespace
             && self.name == other.name
             && self.ports == other.ports
@@ -46,8 +62,9 @@ impl PodDecl {
 /// What a set of manifests declares.
 #[derive(Debug, Default)]
 pub struct Manifests {
-    pub namespaces: Vec<String>,
     pub pods: Vec<PodDecl>,
+    pub services: Vec<Service>,
+    pub endpoint_slices: Vec<EndpointSlice>,
     /// Objects the lab does not act on yet (kind/name), reported to the user.
     pub ignored: Vec<String>,
     /// Objects that could not be read, with the reason.
@@ -63,145 +80,83 @@ fn dns_label(s: &str) -> bool {
         && !s.ends_with('-')
 }
 
-fn pod(doc: &Value) -> Result<PodDecl, String> {
-    let meta = doc.get("metadata").ok_or("no metadata")?;
-    let name = meta
-        .get("name")
-        .and_then(Value::as_str)
-        .ok_or("no metadata.name")?;
-    let namespace = meta
-        .get("namespace")
-        .and_then(Value::as_str)
-        .unwrap_or("default");
+/// The lab's reading of a Pod: names must be DNS labels (they name network namespaces),
+/// ports in range, the address (if given) IPv4.
+fn pod(p: &Pod) -> Result<PodDecl, String> {
+    let name = p.metadata.name.as_deref().ok_or("no metadata.name")?;
+    let namespace = p.metadata.namespace.as_deref().unwrap_or("default");
     if !dns_label(name) || !dns_label(namespace) {
         return Err(format!("{namespace}/{name}: names must be DNS labels"));
     }
     let mut ports = Vec::new();
-    for c in doc
-        .pointer("/spec/containers")
-        .and_then(Value::as_array)
-        .into_iter()
-        .flatten()
-    {
-        for p in c
-            .get("ports")
-            .and_then(Value::as_array)
-            .into_iter()
-            .flatten()
-        {
-            let port = p
-                .get("containerPort")
-                .and_then(Value::as_u64)
-                .ok_or("containerPort missing")?;
-            let port = u16::try_from(port)
+    for c in p.spec.iter().flat_map(|s| &s.containers) {
+        for cp in c.ports.iter().flatten() {
+            let port = u16::try_from(cp.container_port)
                 .ok()
                 .filter(|p| *p > 0)
-                .ok_or(format!("containerPort {port} out of range"))?;
-            let protocol = p
-                .get("protocol")
-                .and_then(Value::as_str)
-                .unwrap_or("TCP")
-                .to_ascii_lowercase();
+                .ok_or(format!("containerPort {} out of range", cp.container_port))?;
+            let protocol = cp.protocol.as_deref().unwrap_or("TCP").to_ascii_lowercase();
             if !matches!(protocol.as_str(), "tcp" | "udp" | "sctp") {
                 return Err(format!("protocol {protocol}"));
             }
-            ports.push(PortDecl { port, protocol });
+            ports.push(PortDecl {
+                port,
+                protocol,
+                name: cp.name.clone(),
+            });
         }
     }
-    let ip = doc
-        .pointer("/status/podIP")
-        .and_then(Value::as_str)
-        .map(str::to_string);
+    let status = p.status.as_ref();
+    let ip = status.and_then(|s| s.pod_ip.clone());
     if let Some(ip) = &ip {
         ip.parse::<std::net::Ipv4Addr>()
             .map_err(|e| format!("status.podIP {ip}: {e}"))?;
-    }
-    let mut labels = BTreeMap::new();
-    if let Some(l) = meta.get("labels").filter(|l| !l.is_null()) {
-        let l = l
-            .as_object()
-            .ok_or("metadata.labels must map names to values")?;
-        for (k, v) in l {
-            let v = v
-                .as_str()
-                .ok_or(format!("label {k}: the value must be a string"))?;
-            labels.insert(k.clone(), v.to_string());
-        }
     }
     Ok(PodDecl {
         namespace: namespace.into(),
         name: name.into(),
         ports,
         ip,
-        labels,
+        labels: p.metadata.labels.clone().unwrap_or_default(),
+        ready: strom_control::manifests::endpointslices::ready(p),
+        terminating: p.metadata.deletion_timestamp.is_some(),
     })
 }
 
 impl Manifests {
     /// Reads a file or every *.yaml/*.yml/*.json file of a directory (sorted by name).
     pub fn load(path: &Path) -> anyhow::Result<Self> {
-        let mut files = Vec::new();
-        if path.is_dir() {
-            for e in std::fs::read_dir(path)? {
-                let p = e?.path();
-                if matches!(
-                    p.extension().and_then(|e| e.to_str()),
-                    Some("yaml" | "yml" | "json")
-                ) {
-                    files.push(p);
-                }
-            }
-            files.sort();
-        } else {
-            files.push(path.to_path_buf());
-        }
-        let mut m = Manifests::default();
-        for f in files {
-            let text =
-                std::fs::read_to_string(&f).map_err(|e| anyhow::anyhow!("{}: {e}", f.display()))?;
-            m.add_text(&text, &f.display().to_string());
-        }
-        Ok(m)
+        Ok(Self::from_objects(Objects::load(path)?))
     }
 
-    /// Adds the documents of one file.
-    pub fn add_text(&mut self, text: &str, origin: &str) {
-        for (i, de) in serde_yaml::Deserializer::from_str(text).enumerate() {
-            let doc = match <Value as serde::Deserialize>::deserialize(de) {
-                Ok(Value::Null) => continue,
-                Ok(d) => d,
-                Err(e) => {
-                    // A syntax error ends the stream: the parser cannot find the next document.
-                    self.invalid
-                        .push(format!("{origin} document {}: {e}", i + 1));
-                    break;
-                }
-            };
-            let kind = doc
-                .get("kind")
-                .and_then(Value::as_str)
-                .unwrap_or("")
-                .to_string();
-            let name = doc
-                .pointer("/metadata/name")
-                .and_then(Value::as_str)
-                .unwrap_or("?")
-                .to_string();
-            match kind.as_str() {
-                "Namespace" => self.namespaces.push(name),
-                "Pod" => match pod(&doc) {
-                    Ok(p) if self.pods.iter().any(|q| q.key() == p.key()) => self
-                        .invalid
-                        .push(format!("{origin}: Pod {} declared twice", p.key())),
-                    Ok(p) => self.pods.push(p),
-                    Err(e) => self.invalid.push(format!("{origin}: Pod {name}: {e}")),
-                },
-                "" => self
-                    .invalid
-                    .push(format!("{origin} document {}: no kind", i + 1)),
-                other => self.ignored.push(format!("{other}/{name}")),
+    /// The lab's view of the objects read.
+    fn from_objects(o: Objects) -> Self {
+        // Namespaces need nothing in the lab: a pod's namespace is part of its name.
+        let mut m = Manifests {
+            services: o.services,
+            endpoint_slices: o.endpoint_slices,
+            ignored: o.other,
+            invalid: o.invalid.iter().map(ToString::to_string).collect(),
+            ..Default::default()
+        };
+        for p in &o.pods {
+            match pod(p) {
+                Ok(d) => m.pods.push(d),
+                Err(e) => m.invalid.push(format!(
+                    "Pod {}: {e}",
+                    strom_control::object_key(&p.metadata)
+                )),
             }
         }
+        m
+    }
+
+    /// The documents of one file.
+    #[cfg(test)]
+    pub fn from_text(text: &str, origin: &str) -> Self {
+        let mut o = Objects::default();
+        o.add_text(text, origin);
+        Self::from_objects(o)
     }
 }
 
@@ -211,9 +166,8 @@ mod tests {
 
     #[test]
     fn reads_pods_and_skips_bad_ones() {
-        let mut m = Manifests::default();
-        m.add_text(
-            "kind: Pod\nmetadata: {name: a, namespace: x}\nspec: {containers: [{name: c, ports: [{containerPort: 80}, {containerPort: 53, protocol: UDP}]}]}\nstatus: {podIP: 198.18.16.9}\n---\nkind: Pod\nmetadata: {name: Bad_Name}\n---\nkind: Service\nmetadata: {name: s}\n---\n: : :\n",
+        let m = Manifests::from_text(
+            "kind: Pod\nmetadata: {name: a, namespace: x}\nspec: {containers: [{name: c, ports: [{containerPort: 80, name: http}, {containerPort: 53, protocol: UDP}]}]}\nstatus: {podIP: 198.18.16.9}\n---\nkind: Pod\nmetadata: {name: Bad_Name}\n---\nkind: Service\nmetadata: {name: s}\n---\nkind: NetworkPolicy\nmetadata: {name: n}\n---\n: : :\n",
             "t",
         );
         assert_eq!(m.pods.len(), 1);
@@ -222,23 +176,27 @@ mod tests {
             vec![
                 PortDecl {
                     port: 80,
-                    protocol: "tcp".into()
+                    protocol: "tcp".into(),
+                    name: Some("http".into()),
                 },
                 PortDecl {
                     port: 53,
-                    protocol: "udp".into()
+                    protocol: "udp".into(),
+                    name: None,
                 }
             ]
         );
         assert_eq!(m.pods[0].ip.as_deref(), Some("198.18.16.9"));
-        assert_eq!(m.ignored, vec!["Service/s".to_string()]);
+        assert!(m.pods[0].ready && !m.pods[0].terminating);
+        assert_eq!(m.services.len(), 1);
+        assert_eq!(m.ignored, vec!["NetworkPolicy/n".to_string()]);
         assert_eq!(m.invalid.len(), 2, "{:?}", m.invalid);
+        assert!(m.invalid.iter().any(|i| i.contains("DNS labels")));
     }
 
     #[test]
     fn labels_are_read_and_a_label_change_needs_no_rewiring() {
-        let mut m = Manifests::default();
-        m.add_text(
+        let m = Manifests::from_text(
             "kind: Pod\nmetadata: {name: a, labels: {app: web, tier: front}}\n---\nkind: Pod\nmetadata: {name: b, labels: {app: 3}}\n---\nkind: Pod\nmetadata: {name: c, labels: [x]}\n",
             "t",
         );
@@ -247,12 +205,26 @@ mod tests {
         assert_eq!(a.labels.get("app").map(String::as_str), Some("web"));
         assert_eq!(a.labels.len(), 2);
         assert_eq!(m.invalid.len(), 2, "{:?}", m.invalid);
-        assert!(m.invalid[0].contains("label app"), "{:?}", m.invalid);
+        assert!(
+            m.invalid[0].contains("metadata.labels.app"),
+            "{:?}",
+            m.invalid
+        );
         let mut relabelled = a.clone();
         relabelled.labels.insert("app".into(), "api".into());
-        assert!(a.same_but_labels(&relabelled) && *a != relabelled);
+        relabelled.ready = false;
+        assert!(a.same_wiring(&relabelled) && *a != relabelled);
         let mut moved = a.clone();
         moved.ip = Some("198.18.16.9".into());
-        assert!(!a.same_but_labels(&moved));
+        assert!(!a.same_wiring(&moved));
+    }
+
+    #[test]
+    fn readiness_and_termination_come_from_the_manifest() {
+        let m = Manifests::from_text(
+            "kind: Pod\nmetadata: {name: a, deletionTimestamp: '2026-01-01T00:00:00Z'}\nstatus: {conditions: [{type: Ready, status: 'False'}]}\n",
+            "t",
+        );
+        assert!(!m.pods[0].ready && m.pods[0].terminating, "{:?}", m.invalid);
     }
 }

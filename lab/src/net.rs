@@ -1,5 +1,5 @@
-//! The lab's responders and probes: tiny TCP/UDP/SCTP servers that answer with the pod's name,
-//! and the client side that says who answered.
+//! The lab's responders and probes: tiny TCP/UDP/SCTP servers that answer with the pod's name
+//! and the client address they saw, and the client side that says who answered.
 
 use std::io::{Read, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
@@ -41,8 +41,18 @@ fn sctp_listener(port: u16) -> std::io::Result<TcpListener> {
     Ok(s.into())
 }
 
+/// The answer to one connection or datagram: `name client-address:port`, so that a probe
+/// sees who answered (its first word) and from where the connection reached it (what a
+/// Service's NAT left of the client's address).
+fn answer(name: &str, peer: Option<SocketAddr>) -> String {
+    match peer {
+        Some(p) => format!("{name} {p}\n"),
+        None => format!("{name}\n"),
+    }
+}
+
 /// Serves every port until killed. Each TCP or SCTP connection and UDP datagram gets
-/// `name\n`. SCTP ports are left out, with a warning, when the kernel has no SCTP.
+/// [`answer`]. SCTP ports are left out, with a warning, when the kernel has no SCTP.
 pub fn respond(name: &str, tcp: &[u16], udp: &[u16], sctp: &[u16]) -> anyhow::Result<()> {
     let mut listeners = Vec::new();
     for &p in tcp {
@@ -57,21 +67,21 @@ pub fn respond(name: &str, tcp: &[u16], udp: &[u16], sctp: &[u16]) -> anyhow::Re
     }
     let mut threads = Vec::new();
     for l in listeners {
-        let reply = format!("{name}\n");
+        let name = name.to_string();
         threads.push(std::thread::spawn(move || {
             for mut s in l.incoming().flatten() {
                 let _ = s.set_write_timeout(Some(Duration::from_secs(1)));
-                let _ = s.write_all(reply.as_bytes());
+                let _ = s.write_all(answer(&name, s.peer_addr().ok()).as_bytes());
             }
         }));
     }
     for &p in udp {
         let s = UdpSocket::bind(("0.0.0.0", p))?;
-        let reply = format!("{name}\n");
+        let name = name.to_string();
         threads.push(std::thread::spawn(move || {
             let mut buf = [0u8; 2048];
             while let Ok((_, from)) = s.recv_from(&mut buf) {
-                let _ = s.send_to(reply.as_bytes(), from);
+                let _ = s.send_to(answer(&name, Some(from)).as_bytes(), from);
             }
         }));
     }
@@ -139,5 +149,17 @@ pub fn connect(ip: IpAddr, port: u16, protocol: &str, timeout: Duration) -> Resu
         Err("connection closed without an answer".into())
     } else {
         Ok(s)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_answer_names_the_pod_first_then_the_client() {
+        let peer: SocketAddr = "198.18.16.2:40312".parse().unwrap();
+        assert_eq!(answer("ns/pod", Some(peer)), "ns/pod 198.18.16.2:40312\n");
+        assert_eq!(answer("ns/pod", None), "ns/pod\n");
     }
 }

@@ -109,7 +109,7 @@ fn wait_until_serving(lab: &Lab) {
     }
 }
 
-/// One probe: from a pod to another pod's port; the answer must name the target.
+/// One probe: from a pod to another pod's port; the answer must name the target first.
 #[derive(Clone, Debug)]
 struct Probe {
     from: String,
@@ -217,7 +217,8 @@ fn probe_at_once(lab: &Lab, probes: &[Probe]) -> Vec<String> {
                     .join()
                     .unwrap_or_else(|_| Err("the prober panicked".into()))
                 {
-                    Ok(a) if a == p.to => None,
+                    // The responder answers "ns/pod client-address:port".
+                    Ok(a) if a.split_whitespace().next() == Some(p.to.as_str()) => None,
                     Ok(a) => Some(format!("{p}: answered by {a:?}")),
                     Err(e) => Some(format!("{p}: {e}")),
                 }

@@ -1,0 +1,178 @@
+//! Reading manifests: YAML or JSON, several documents a file, or a directory of files.
+//!
+//! Each document becomes a k8s-openapi object of its kind; what cannot be read is reported
+//! with where it is and why (the field path serde stopped at), and the rest is used, as
+//! `kubectl apply` goes on past a bad object.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+
+use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+
+/// An object that could not be used.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{origin}: {what}: {reason}")]
+pub struct ManifestError {
+    /// The file (and document number) it came from.
+    pub origin: String,
+    /// `Kind namespace/name`, or `document N` when the document has no readable kind.
+    pub what: String,
+    pub reason: String,
+}
+
+/// A manifest that could not be read at all.
+#[derive(Debug, thiserror::Error)]
+#[error("{}: {source}", path.display())]
+pub struct LoadError {
+    pub path: PathBuf,
+    pub source: std::io::Error,
+}
+
+/// The objects of a set of manifests, by kind, in the order given. Namespaced objects
+/// without a namespace are in "default", as `kubectl apply` puts them.
+#[derive(Debug, Default, Clone)]
+pub struct Objects {
+    pub namespaces: Vec<Namespace>,
+    pub pods: Vec<Pod>,
+    pub services: Vec<Service>,
+    pub endpoint_slices: Vec<EndpointSlice>,
+    /// Objects of other kinds (`Kind/name`), which nothing here acts on.
+    pub other: Vec<String>,
+    /// Objects that could not be read, with the reason.
+    pub invalid: Vec<ManifestError>,
+    /// `Kind namespace/name` of every object taken, to refuse one declared twice.
+    seen: BTreeSet<String>,
+}
+
+impl Objects {
+    /// Reads a file, or every `*.yaml`, `*.yml` and `*.json` file of a directory (sorted by
+    /// name).
+    pub fn load(path: &Path) -> Result<Self, LoadError> {
+        let err = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| LoadError { path, source }
+        };
+        let mut files = Vec::new();
+        if path.is_dir() {
+            for e in std::fs::read_dir(path).map_err(err(path))? {
+                let p = e.map_err(err(path))?.path();
+                if matches!(
+                    p.extension().and_then(|e| e.to_str()),
+                    Some("yaml" | "yml" | "json")
+                ) {
+                    files.push(p);
+                }
+            }
+            files.sort();
+        } else {
+            files.push(path.to_path_buf());
+        }
+        let mut objects = Objects::default();
+        for f in files {
+            let text = std::fs::read_to_string(&f).map_err(err(&f))?;
+            objects.add_text(&text, &f.display().to_string());
+        }
+        Ok(objects)
+    }
+
+    /// Adds the documents of one file (JSON is YAML too).
+    pub fn add_text(&mut self, text: &str, origin: &str) {
+        for (i, de) in serde_yaml::Deserializer::from_str(text).enumerate() {
+            let origin = format!("{origin} document {}", i + 1);
+            let doc = match <Value as serde::Deserialize>::deserialize(de) {
+                Ok(Value::Null) => continue,
+                Ok(d) => d,
+                Err(e) => {
+                    // A syntax error ends the stream: the parser cannot find the next document.
+                    self.invalid.push(ManifestError {
+                        origin,
+                        what: "YAML".into(),
+                        reason: e.to_string(),
+                    });
+                    break;
+                }
+            };
+            self.add_document(doc, origin);
+        }
+    }
+
+    fn add_document(&mut self, doc: Value, origin: String) {
+        let kind = doc.get("kind").and_then(Value::as_str).unwrap_or("");
+        let name = doc
+            .pointer("/metadata/name")
+            .and_then(Value::as_str)
+            .unwrap_or("?");
+        let namespace = doc
+            .pointer("/metadata/namespace")
+            .and_then(Value::as_str)
+            .unwrap_or("default");
+        let what = match kind {
+            "Namespace" => format!("Namespace {name}"),
+            _ => format!("{kind} {namespace}/{name}"),
+        };
+        let invalid = |reason: String| ManifestError {
+            origin: origin.clone(),
+            what: what.clone(),
+            reason,
+        };
+        let object = match kind {
+            "Namespace" => typed(doc).map(Object::Namespace),
+            "Pod" => typed(doc)
+                .map(|p| Object::Pod(Box::new(namespaced(p, |p: &mut Pod| &mut p.metadata)))),
+            "Service" => typed(doc).map(|s| {
+                Object::Service(Box::new(namespaced(s, |s: &mut Service| &mut s.metadata)))
+            }),
+            "EndpointSlice" => typed(doc).map(|s| {
+                Object::EndpointSlice(namespaced(s, |s: &mut EndpointSlice| &mut s.metadata))
+            }),
+            "" => Err("no kind".into()),
+            other => {
+                self.other.push(format!("{other}/{name}"));
+                return;
+            }
+        };
+        match object {
+            Err(reason) => self.invalid.push(invalid(reason)),
+            Ok(_) if !self.seen.insert(what.clone()) => {
+                self.invalid.push(invalid("declared twice".into()))
+            }
+            Ok(Object::Namespace(n)) => self.namespaces.push(n),
+            Ok(Object::Pod(p)) => self.pods.push(*p),
+            Ok(Object::Service(s)) => self.services.push(*s),
+            Ok(Object::EndpointSlice(s)) => self.endpoint_slices.push(s),
+        }
+    }
+}
+
+/// One object of a kind read here.
+enum Object {
+    Namespace(Namespace),
+    Pod(Box<Pod>),
+    Service(Box<Service>),
+    EndpointSlice(EndpointSlice),
+}
+
+/// The document as a `T`, or the field path and problem.
+fn typed<T: DeserializeOwned>(doc: Value) -> Result<T, String> {
+    serde_path_to_error::deserialize(doc).map_err(|e| {
+        let path = e.path().to_string();
+        if path == "." {
+            e.inner().to_string()
+        } else {
+            format!("{path}: {}", e.inner())
+        }
+    })
+}
+
+/// `o` with its namespace set ("default" when the manifest gives none).
+fn namespaced<T>(mut o: T, meta: impl Fn(&mut T) -> &mut ObjectMeta) -> T {
+    let m = meta(&mut o);
+    if m.namespace.as_deref().unwrap_or("").is_empty() {
+        m.namespace = Some("default".into());
+    }
+    o
+}
