@@ -255,6 +255,9 @@ pub enum Response {
     },
     Services {
         services: Vec<ServicePortStatus>,
+        /// `SetService` requests refused since stromd started (each answered with why).
+        #[serde(default)]
+        refused: u64,
     },
     Conntrack {
         /// Matching entries on every worker (all of them, also with `count_only`).

@@ -46,6 +46,20 @@ pub struct NodeSection {
     /// must route the pod CIDR to the node's address).
     #[serde(default)]
     pub uplink_gateway: Option<Ipv4Addr>,
+    /// Whether pods' TCP, UDP and SCTP connections to destinations outside the cluster are
+    /// masqueraded to the node's address (as kube-proxy's `--cluster-cidr` rule and the
+    /// ip-masq-agent do).
+    #[serde(default = "yes")]
+    pub masquerade: bool,
+    /// Destinations never masqueraded: the cluster's own CIDRs (the pod CIDR is always among
+    /// them; add the other nodes' pod CIDRs and the service CIDR) and any network that routes
+    /// pod addresses back to the node.
+    #[serde(default)]
+    pub no_masquerade: Vec<Ipv4Net>,
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// `[dataplane]`
@@ -82,6 +96,12 @@ pub struct DataplaneSection {
     /// `conntrack_full`.
     #[serde(default = "default_conntrack_max")]
     pub conntrack_max: usize,
+    /// Source ports on the node's addresses that stromd translates to (SNAT of external
+    /// traffic to Services under `externalTrafficPolicy: Cluster`, masquerade), first and
+    /// last: answers to them are stromd's, so the kernel must not use them (the default lies
+    /// above Linux's `ip_local_port_range`, 32768-60999). Split evenly between the workers.
+    #[serde(default = "default_snat_ports")]
+    pub snat_ports: [u16; 2],
     /// Unix socket of the API.
     #[serde(default = "default_socket")]
     pub api_socket: PathBuf,
@@ -123,6 +143,9 @@ fn default_fill() -> u32 {
 fn default_fill_min() -> u32 {
     32
 }
+fn default_snat_ports() -> [u16; 2] {
+    [61000, 65535]
+}
 fn default_conntrack_max() -> usize {
     crate::pipeline::CONNTRACK_MAX
 }
@@ -148,6 +171,7 @@ fn default_dataplane() -> DataplaneSection {
         fill_per_port: default_fill(),
         fill_min: default_fill_min(),
         conntrack_max: default_conntrack_max(),
+        snat_ports: default_snat_ports(),
         api_socket: default_socket(),
         state_dir: default_state(),
         bpf_pin_dir: default_pin_dir(),
@@ -215,6 +239,13 @@ impl Config {
             return inv(
                 "dataplane.fill_per_port",
                 format!("{} (1..=ring_size)", d.fill_per_port),
+            );
+        }
+        let [lo, hi] = d.snat_ports;
+        if lo == 0 || hi < lo || usize::from(hi - lo) + 1 < d.workers * 64 {
+            return inv(
+                "dataplane.snat_ports",
+                format!("[{lo}, {hi}] (first <= last, 64 ports a worker at least)"),
             );
         }
         if d.conntrack_max == 0 || d.conntrack_max > 1 << 24 {

@@ -74,11 +74,16 @@ pub enum DropReason {
     ConntrackFull,
     /// A new flow's answers would come on a tuple another flow already answers on.
     ConntrackClash,
+    /// To a node address on a NodePort no Service has (any more), or on an SNAT port no
+    /// tracked flow answers on.
+    NodePortUnknown,
+    /// No free SNAT port on the worker for a new masqueraded or SNATed flow.
+    SnatPortsExhausted,
 }
 
 impl DropReason {
     /// Every reason, in counter-index order.
-    pub const ALL: [DropReason; 31] = [
+    pub const ALL: [DropReason; 33] = [
         DropReason::Runt,
         DropReason::VlanTagged,
         DropReason::UnknownEthertype,
@@ -110,6 +115,8 @@ impl DropReason {
         DropReason::BackendGone,
         DropReason::ConntrackFull,
         DropReason::ConntrackClash,
+        DropReason::NodePortUnknown,
+        DropReason::SnatPortsExhausted,
     ];
     /// Number of reasons (size of counter arrays).
     pub const COUNT: usize = Self::ALL.len();
@@ -148,6 +155,8 @@ impl DropReason {
             DropReason::BackendGone => "service_backend_gone",
             DropReason::ConntrackFull => "conntrack_full",
             DropReason::ConntrackClash => "conntrack_clash",
+            DropReason::NodePortUnknown => "node_port_unknown",
+            DropReason::SnatPortsExhausted => "snat_ports_exhausted",
         }
     }
 

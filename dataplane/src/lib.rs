@@ -12,6 +12,7 @@ pub use strom_xdp::bpf;
 pub mod config;
 pub mod conntrack;
 pub mod drop;
+pub mod healthcheck;
 pub use strom_api::mac;
 pub mod netlink;
 pub mod pipeline;

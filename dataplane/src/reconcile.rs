@@ -87,6 +87,11 @@ impl Reconciler {
         self.services.len()
     }
 
+    /// The health-check servers the Services want ([`DesiredServices::health_checks`]).
+    pub fn health_checks(&self) -> Vec<(u16, String, u64)> {
+        self.services.health_checks()
+    }
+
     /// The node's IPv4 addresses, where NodePorts listen.
     fn node_v4(&self) -> Vec<std::net::Ipv4Addr> {
         let mut v: Vec<std::net::Ipv4Addr> = self

@@ -74,7 +74,7 @@ impl SharedCounters {
 }
 
 /// Per-worker drop counters by reason, plus loop accounting.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct WorkerCounters {
     pub packets: SharedCounters,
     drops: [AtomicU64; DropReason::COUNT],
@@ -101,11 +101,39 @@ pub struct WorkerCounters {
     pub tid: AtomicU64,
 }
 
+impl Default for WorkerCounters {
+    fn default() -> Self {
+        WorkerCounters {
+            packets: SharedCounters::default(),
+            drops: std::array::from_fn(|_| AtomicU64::new(0)),
+            loops: AtomicU64::default(),
+            sleeps: AtomicU64::default(),
+            frames_total: AtomicU64::default(),
+            frames: AtomicU64::default(),
+            fill_floor: AtomicU64::default(),
+            fill_budget: AtomicU64::default(),
+            fill_reserved: AtomicU64::default(),
+            heartbeat_ms: AtomicU64::default(),
+            ended: std::sync::OnceLock::new(),
+            tid: AtomicU64::default(),
+        }
+    }
+}
+
 /// Plain per-reason drop counts a worker accumulates during one loop.
-#[derive(Debug, Default, Clone, Copy)]
+#[derive(Debug, Clone, Copy)]
 pub struct LocalDrops {
     pub by_reason: [u64; DropReason::COUNT],
     pub any: bool,
+}
+
+impl Default for LocalDrops {
+    fn default() -> Self {
+        LocalDrops {
+            by_reason: [0; DropReason::COUNT],
+            any: false,
+        }
+    }
 }
 
 impl LocalDrops {

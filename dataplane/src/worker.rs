@@ -396,7 +396,7 @@ impl Worker {
                 let id = self.active[i];
                 work += self.rx_batch(id, &mut descs, &tables);
             }
-            work += self.drain_handoff();
+            work += self.drain_handoff(&tables);
             for i in 0..self.active.len() {
                 let id = self.active[i] as usize;
                 if let Some(p) = self.ports[id].as_mut() {
@@ -544,6 +544,41 @@ impl Worker {
             }
         }
         true
+    }
+
+    /// A frame handed here because this worker owns its flow (an answer to one of its SNAT
+    /// ports): translated and routed from here.
+    fn rerouted(&mut self, h: &mut Handoff, len: usize, tables: &crate::tables::View<'_>) {
+        let r = match pipeline::reroute(&mut h.data, len, tables, &mut self.ctx) {
+            Action::Tx { port, len } => Self::transmit_copy(
+                &mut self.umem,
+                self.ports
+                    .get_mut(port as usize)
+                    .and_then(|p| p.as_deref_mut()),
+                &h.data[..len],
+            ),
+            Action::Handoff { worker, port, len } if port != pipeline::REROUTE => {
+                match self.all.get(usize::from(worker)) {
+                    Some(w) => {
+                        let mut next = Handoff {
+                            port,
+                            len: len as u16,
+                            data: [0; FRAME_SIZE as usize],
+                        };
+                        next.data[..len].copy_from_slice(&h.data[..len]);
+                        if w.push_handoff(next) {
+                            Ok(())
+                        } else {
+                            Err(DropReason::HandoffFull)
+                        }
+                    }
+                    None => Err(DropReason::PortGone),
+                }
+            }
+            Action::Drop(r) | Action::IcmpError { reason: r, .. } => Err(r),
+            Action::Handoff { .. } | Action::Hairpin { .. } => Err(DropReason::NoRoute),
+        };
+        self.account_tx(r);
     }
 
     /// Answers a conntrack query (between batches).
@@ -784,7 +819,7 @@ impl Worker {
         }
     }
 
-    fn drain_handoff(&mut self) -> usize {
+    fn drain_handoff(&mut self, tables: &crate::tables::View<'_>) -> usize {
         let mut n = 0;
         while n < HANDOFF_CAP / 2 {
             let Some(mut h) = self.me.handoff.pop() else {
@@ -792,6 +827,10 @@ impl Worker {
             };
             n += 1;
             let len = usize::from(h.len);
+            if h.port == pipeline::REROUTE {
+                self.rerouted(&mut h, len, tables);
+                continue;
+            }
             // This worker owns the flows of its ports: a reply another worker routed here is
             // translated back before it leaves.
             pipeline::service::deliver(&mut h.data, len, &mut self.ctx);

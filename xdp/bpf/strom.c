@@ -2,13 +2,16 @@
 // strom's XDP programs. Built by dataplane/build.rs with
 //   clang -O2 -g -target bpf -I/usr/include/x86_64-linux-gnu
 // and loaded by stromd (aya).
-//   strom_pod     on every pod host-side veth: traffic for the node's own addresses (and ARP
+//   strom_pod     on every pod host-side veth: traffic for the node's own addresses but for
+//                 NodePorts and stromd's SNAT ports (and ARP
 //                 that is not for the pod gateway) goes to the kernel once its source MAC and
 //                 address are the pod's (`pod_src`; anti-spoofing for what stromd never sees),
 //                 everything else to the port's AF_XDP socket. With no socket bound the frame
 //                 is dropped (fail closed): a pod never reaches another pod around stromd.
-//   strom_uplink  on the uplink: only IPv4 for the prefixes stromd owns (`owned`: the pod CIDR)
-//                 goes to the socket; everything else (ARP, the node's own traffic) goes to the
+//   strom_uplink  on the uplink: only IPv4 for the prefixes stromd owns (`owned`: the pod CIDR,
+//                 Services' external and load-balancer IPs) and for the node's addresses on
+//                 NodePorts and stromd's SNAT ports (`node_ports`, `snat_ports`) goes to the
+//                 socket; everything else (ARP, the node's own traffic) goes to the
 //                 kernel, so the node keeps its own connectivity. With no socket bound what
 //                 stromd owns is dropped (fail closed), never forwarded by the kernel.
 // stromd pins the programs' links, so they stay attached, and fail closed, while stromd is
@@ -20,6 +23,7 @@
 // the pod CIDR (`pod_net`) cannot be one of the node's own addresses.
 #include <linux/bpf.h>
 #include <linux/if_ether.h>
+#include <linux/in.h>
 #include <linux/ip.h>
 #include <bpf/bpf_helpers.h>
 #include <bpf/bpf_endian.h>
@@ -90,7 +94,8 @@ struct lpm_v4 {
 	__u32 addr;
 };
 
-/* IPv4 prefixes stromd owns on the uplink (the pod CIDR; later Service VIPs, ...) */
+/* IPv4 prefixes stromd owns on the uplink (the pod CIDR; Services' external and
+ * load-balancer IPs as /32s) */
 struct {
 	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
 	__uint(max_entries, 1024);
@@ -98,6 +103,35 @@ struct {
 	__type(key, struct lpm_v4);
 	__type(value, __u8);
 } owned SEC(".maps");
+
+struct l4_port {
+	__u16 port; /* network byte order */
+	__u8 proto;
+	__u8 pad;
+};
+
+/* (protocol, port) on the node's own addresses that are stromd's: NodePorts */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 65536);
+	__type(key, struct l4_port);
+	__type(value, __u8);
+} node_ports SEC(".maps");
+
+struct port_range {
+	__u16 lo; /* host byte order, inclusive; lo > hi: none */
+	__u16 hi;
+};
+
+/* Source ports stromd translates to on the node's addresses (SNAT for external traffic to
+ * Services, masquerade of pods' traffic to the outside): the answers, addressed to the node,
+ * are stromd's (key 0). */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct port_range);
+} snat_ports SEC(".maps");
 
 #define POD_SRC_IPS 4
 
@@ -202,6 +236,32 @@ static __always_inline int maybe_node_addr(__u32 daddr)
 	return bpf_map_lookup_elem(&node_addrs, &daddr) != 0;
 }
 
+/* Whether a TCP, UDP or SCTP packet to one of the node's addresses is for stromd: to a
+ * NodePort, or an answer to a port stromd translated to. Fragments after the first carry no
+ * ports: they stay the kernel's. */
+static __always_inline int stromd_port(struct iphdr *ip, void *end)
+{
+	if (ip->protocol != IPPROTO_TCP && ip->protocol != IPPROTO_UDP && ip->protocol != IPPROTO_SCTP)
+		return 0;
+	if (ip->frag_off & bpf_htons(0x1fff))
+		return 0;
+	__u32 ihl = ip->ihl * 4;
+	if (ihl < sizeof(*ip))
+		return 0;
+	__u8 *l4 = (void *)ip + ihl;
+	if ((void *)(l4 + 4) > end)
+		return 0;
+	__u16 dport;
+	__builtin_memcpy(&dport, l4 + 2, 2);
+	__u32 zero = 0;
+	struct port_range *r = bpf_map_lookup_elem(&snat_ports, &zero);
+	__u16 host = bpf_ntohs(dport);
+	if (r && r->lo <= r->hi && host >= r->lo && host <= r->hi)
+		return 1;
+	struct l4_port key = { .port = dport, .proto = ip->protocol, .pad = 0 };
+	return bpf_map_lookup_elem(&node_ports, &key) != 0;
+}
+
 SEC("xdp")
 int strom_pod(struct xdp_md *ctx)
 {
@@ -216,8 +276,13 @@ int strom_pod(struct xdp_md *ctx)
 		struct iphdr *ip = (void *)(eth + 1);
 		if ((void *)(ip + 1) > end)
 			return to_socket(ctx);
-		if (maybe_node_addr(ip->daddr))
+		if (maybe_node_addr(ip->daddr)) {
+			/* a NodePort, or a backend's answer to a translated port: stromd's (it
+			 * checks the source itself) */
+			if (stromd_port(ip, end))
+				return to_socket(ctx);
 			return from_pod(ctx, eth, ip->saddr) ? XDP_PASS : drop(XDP_DROP_SPOOFED);
+		}
 	} else if (eth->h_proto == bpf_htons(ETH_P_ARP)) {
 		struct arp_ipv4 *arp = (void *)(eth + 1);
 		if ((void *)(arp + 1) > end)
@@ -261,7 +326,8 @@ int strom_uplink(struct xdp_md *ctx)
 	if ((void *)(ip + 1) > end)
 		return XDP_PASS;
 	struct lpm_v4 key = { .prefixlen = 32, .addr = ip->daddr };
-	if (!bpf_map_lookup_elem(&owned, &key))
+	if (!bpf_map_lookup_elem(&owned, &key) &&
+	    !(bpf_map_lookup_elem(&node_addrs, &ip->daddr) && stromd_port(ip, end)))
 		return XDP_PASS;
 	long slot = slot_of(ctx);
 	if (slot < 0)

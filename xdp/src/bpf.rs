@@ -131,6 +131,30 @@ struct V4Net {
 // SAFETY: `V4Net` is `repr(C)`, two `u32`s with no padding, valid for any bit pattern.
 unsafe impl aya::Pod for V4Net {}
 
+/// Key of `node_ports`: `struct l4_port` in strom.c (port in network byte order).
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+struct L4Port {
+    port: u16,
+    proto: u8,
+    pad: u8,
+}
+
+// SAFETY: `L4Port` is `repr(C)`, a `u16` and two `u8`s with no padding, valid for any bit
+// pattern.
+unsafe impl aya::Pod for L4Port {}
+
+/// Value of `snat_ports`: `struct port_range` in strom.c (host byte order).
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+struct PortRange {
+    lo: u16,
+    hi: u16,
+}
+
+// SAFETY: `PortRange` is `repr(C)`, two `u16`s with no padding, valid for any bit pattern.
+unsafe impl aya::Pod for PortRange {}
+
 /// The loaded object and the attachments stromd made, by ifindex.
 pub struct XdpPrograms {
     ebpf: Ebpf,
@@ -329,6 +353,46 @@ impl XdpPrograms {
             0,
         )
         .map_err(|e| BpfError::Map("owned", e))
+    }
+
+    /// Removes a prefix stromd owned on the uplink (nothing if it was not there).
+    pub fn remove_owned(&mut self, net: Ipv4Addr, len: u8) -> Result<(), BpfError> {
+        let mut m: LpmTrie<_, u32, u8> =
+            LpmTrie::try_from(self.map_mut("owned")?).map_err(|e| BpfError::Map("owned", e))?;
+        match m.remove(&Key::new(u32::from(len), u32::from_ne_bytes(net.octets()))) {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Err(e) => Err(BpfError::Map("owned", e)),
+        }
+    }
+
+    /// Makes `port` over IP protocol `proto` on the node's addresses stromd's (a NodePort),
+    /// or the kernel's again (`on` false).
+    pub fn set_node_port(&mut self, proto: u8, port: u16, on: bool) -> Result<(), BpfError> {
+        let mut m: BpfHashMap<_, L4Port, u8> = BpfHashMap::try_from(self.map_mut("node_ports")?)
+            .map_err(|e| BpfError::Map("node_ports", e))?;
+        let key = L4Port {
+            port: port.to_be(),
+            proto,
+            pad: 0,
+        };
+        let r = if on {
+            m.insert(key, 1, 0)
+        } else {
+            m.remove(&key)
+        };
+        match r {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Err(e) => Err(BpfError::Map("node_ports", e)),
+        }
+    }
+
+    /// Sets the source ports stromd translates to on the node's addresses: answers to them
+    /// are stromd's.
+    pub fn set_snat_ports(&mut self, lo: u16, hi: u16) -> Result<(), BpfError> {
+        let mut a: Array<_, PortRange> = Array::try_from(self.map_mut("snat_ports")?)
+            .map_err(|e| BpfError::Map("snat_ports", e))?;
+        a.set(0, PortRange { lo, hi }, 0)
+            .map_err(|e| BpfError::Map("snat_ports", e))
     }
 
     /// Attaches the role's program to `ifindex`: the pinned link a previous stromd left, with

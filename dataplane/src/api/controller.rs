@@ -76,6 +76,12 @@ pub struct Controller {
     unrestored: Vec<PortSpec>,
     /// Services refused since start (malformed, or a frontend another Service holds).
     services_refused: u64,
+    /// NodePorts (protocol, port) and external/load-balancer IPs the XDP programs hand
+    /// stromd now.
+    bpf_node_ports: std::collections::BTreeSet<(u8, u16)>,
+    bpf_vips: std::collections::BTreeSet<Ipv4Addr>,
+    /// The Services' `healthCheckNodePort` servers.
+    health_checks: crate::healthcheck::HealthChecks,
 }
 
 /// What `open_port` needs to know.
@@ -208,6 +214,9 @@ impl Controller {
             uplink: None,
             unrestored: Vec::new(),
             services_refused: 0,
+            bpf_node_ports: Default::default(),
+            bpf_vips: Default::default(),
+            health_checks: Default::default(),
         }
     }
 

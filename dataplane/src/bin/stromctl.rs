@@ -381,9 +381,12 @@ fn main() -> anyhow::Result<()> {
             );
         }
         Response::Port(p) => say!(out, "port {} on {}", p.id, p.spec.ifname),
-        Response::Services { services } => {
+        Response::Services { services, refused } => {
             if services.is_empty() {
                 say!(out, "no services");
+            }
+            if refused > 0 {
+                say!(out, "{refused} service update(s) refused since start (see stromd's log)");
             }
             for s in services {
                 say!(

@@ -176,6 +176,15 @@ fn main() -> anyhow::Result<()> {
         }
     }
     tables.pod_cidr = Some(cfg.node.pod_cidr);
+    let [snat_lo, snat_hi] = cfg.dataplane.snat_ports;
+    tables.snat = strom_dataplane::tables::node::SnatPorts {
+        lo: snat_lo,
+        hi: snat_hi,
+        workers: cfg.dataplane.workers as u16,
+    };
+    xdp.set_snat_ports(snat_lo, snat_hi)?;
+    tables.masquerade = cfg.node.masquerade && tables.v4.is_some();
+    tables.no_masquerade = cfg.node.no_masquerade.clone();
     xdp.set_pod_net(cfg.node.pod_cidr.network(), cfg.node.pod_cidr.prefix_len())?;
     if cfg.node.uplink.is_some() {
         xdp.add_owned(cfg.node.pod_cidr.network(), cfg.node.pod_cidr.prefix_len())?;

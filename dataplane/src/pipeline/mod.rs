@@ -101,6 +101,8 @@ pub struct Context {
     pub affinity: crate::conntrack::affinity::Affinity,
     /// Clients balanced without being remembered: the affinity table was full.
     pub affinity_full: u64,
+    /// Where the next SNAT port is looked for in this worker's share.
+    pub snat_next: u32,
     /// Counters per Service port slot (grown by the worker between loops when the Service
     /// table gains slots, never on a packet's path).
     pub svc_counts: Vec<service::SvcCount>,
@@ -124,6 +126,7 @@ impl Context {
             ct: crate::conntrack::Conntrack::new(conntrack_max),
             affinity: crate::conntrack::affinity::Affinity::new(conntrack_max),
             affinity_full: 0,
+            snat_next: 0,
             svc_counts: Vec::new(),
         }
     }
@@ -225,6 +228,47 @@ fn forward_ipv4(
     if let Some(a) = service::stage(buf, len, &mut hdr, port, t, ctx) {
         return a;
     }
+    route_out(buf, len, &hdr, port, t, ctx)
+}
+
+/// The port a [`Action::Handoff`] names for a frame the receiving worker must route itself:
+/// an answer to an SNAT port it owns, translated there first ([`reroute`]).
+pub const REROUTE: u32 = u32::MAX;
+
+/// A frame another worker handed over because this worker owns its flow (an answer to one of
+/// its SNAT ports): translated, then routed from here. Errors about it are dropped (counted):
+/// it has no port to go back out of.
+#[inline]
+pub fn reroute(buf: &mut [u8], len: usize, t: &View<'_>, ctx: &mut Context) -> Action {
+    let len = len.min(buf.len());
+    let mut hdr = match ipv4::validate(&buf[eth::HEADER_LEN..len]) {
+        Ok(h) => h,
+        Err(r) => return Action::Drop(r),
+    };
+    if !service::translate_answer(buf, &mut hdr, ctx) {
+        return Action::Drop(DropReason::NodePortUnknown);
+    }
+    let from = InPort {
+        id: REROUTE,
+        kind: PortKind::Uplink,
+        host_mac: [0; 6],
+        pod_mac: [0; 6],
+        ips: &[],
+    };
+    route_out(buf, len, &hdr, &from, t, ctx)
+}
+
+/// Routes a packet (translated, if a stage did): checks on the destination, the route, MTU,
+/// TTL, MACs, and the port it leaves by.
+#[inline]
+fn route_out(
+    buf: &mut [u8],
+    len: usize,
+    hdr: &ipv4::Header,
+    port: &InPort<'_>,
+    t: &View<'_>,
+    ctx: &mut Context,
+) -> Action {
     if hdr.dst == t.node.gateway_v4 {
         return Action::Drop(DropReason::ToGateway);
     }

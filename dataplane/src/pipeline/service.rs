@@ -23,7 +23,7 @@ use super::{icmp, reject, Action, Context, InPort, PortKind};
 use crate::conntrack::{FlowKey, Hit, Refused, Seen, TCP};
 use crate::drop::DropReason;
 use crate::tables::maglev::mix64;
-use crate::tables::services::{Backend, FrontKind, SvcPort};
+use crate::tables::services::{Backend, FrontKind, SvcPort, SvcRef};
 use crate::tables::View;
 
 /// Per-Service-port counters a worker keeps (indexed by slot).
@@ -57,7 +57,7 @@ pub fn stage(
     t: &View<'_>,
     ctx: &mut Context,
 ) -> Option<Action> {
-    if t.services.is_empty() && ctx.ct.is_empty() {
+    if t.services.is_empty() && ctx.ct.is_empty() && !t.node.masquerade {
         return None;
     }
     let end = HEADER_LEN + hdr.total_len.min(len - HEADER_LEN);
@@ -131,13 +131,93 @@ fn flow(
         }
     }
     let Some((svc, kind)) = t.services.frontend(key.dst, key.dport, key.proto) else {
-        return t
-            .services
-            .is_vip(key.dst)
-            .then_some(Action::Drop(DropReason::ServiceUnknownPort));
+        return no_service(buf, len, end, hdr, key, seen, port, t, ctx);
     };
     new_flow(buf, len, end, hdr, key, seen, port, t, ctx, svc, kind)
 }
+
+/// A flow's first packet to no Service: an answer to an SNAT port another worker tracks
+/// (handed to it), a node port nobody serves, a Service address on a port it lacks, or a
+/// pod's connection leaving the cluster (masqueraded); anything else is routed as it is.
+#[allow(clippy::too_many_arguments)]
+#[inline]
+fn no_service(
+    buf: &mut [u8],
+    len: usize,
+    end: usize,
+    hdr: &mut Header,
+    key: FlowKey,
+    seen: Seen,
+    port: &InPort<'_>,
+    t: &View<'_>,
+    ctx: &mut Context,
+) -> Option<Action> {
+    if t.node.addrs.contains(&std::net::IpAddr::V4(key.dst)) {
+        // The XDP programs hand stromd only NodePorts and SNAT ports of node addresses.
+        return Some(match t.node.snat.owner(key.dport) {
+            Some(w) if w != ctx.worker => Action::Handoff {
+                worker: w,
+                port: super::REROUTE,
+                len,
+            },
+            _ => Action::Drop(DropReason::NodePortUnknown),
+        });
+    }
+    if t.services.is_vip(key.dst) {
+        return Some(Action::Drop(DropReason::ServiceUnknownPort));
+    }
+    if port.kind != PortKind::Pod || !t.node.masquerades(key.dst) {
+        return None;
+    }
+    let node = t.node.v4?;
+    let backend = Backend {
+        ip: key.dst,
+        port: key.dport,
+    };
+    match track_snat(ctx, t, key, node, backend, SvcRef::NONE, seen) {
+        Ok(p) => {
+            translate(&mut buf[HEADER_LEN..end], hdr, (node, p), (key.dst, key.dport));
+            None
+        }
+        Err(r) => Some(Action::Drop(r)),
+    }
+}
+
+/// Tracks a new flow whose source becomes `node:PORT`, PORT taken from this worker's share of
+/// the SNAT range (one whose answer tuple no flow uses); returns the port.
+fn track_snat(
+    ctx: &mut Context,
+    t: &View<'_>,
+    key: FlowKey,
+    node: Ipv4Addr,
+    backend: Backend,
+    svc: SvcRef,
+    seen: Seen,
+) -> Result<u16, DropReason> {
+    let (lo, hi) = t.node.snat.share(ctx.worker);
+    let n = u32::from(hi - lo) + 1;
+    let gen = t.services.generation();
+    for _ in 0..SNAT_TRIES {
+        let p = lo + (ctx.snat_next % n) as u16;
+        ctx.snat_next = ctx.snat_next.wrapping_add(1);
+        let reply = FlowKey {
+            src: backend.ip,
+            dst: node,
+            sport: backend.port,
+            dport: p,
+            proto: key.proto,
+        };
+        match ctx.ct.insert(key, reply, svc, backend, seen, gen, ctx.now_ms) {
+            Ok(_) => return Ok(p),
+            Err(Refused::Clash) => continue,
+            Err(Refused::Full) => return Err(DropReason::ConntrackFull),
+        }
+    }
+    Err(DropReason::SnatPortsExhausted)
+}
+
+/// Ports a new flow tries before it is refused for want of one.
+const SNAT_TRIES: usize = 64;
 
 #[allow(clippy::too_many_arguments)]
 #[inline]
@@ -181,6 +261,28 @@ fn new_flow(
     if let Some(ms) = svc.affinity_ms {
         if !ctx.affinity.set(svc.id, key.src, backend, ms, now) {
             ctx.affinity_full += 1;
+        }
+    }
+    // From outside under `externalTrafficPolicy: Cluster`: from the node, so that the
+    // backend's answer comes back through it wherever the backend runs.
+    if port.kind == PortKind::Uplink && svc.snat_external {
+        if let Some(node) = t.node.v4 {
+            return match track_snat(ctx, t, key, node, backend, svc.id, seen) {
+                Ok(p) => {
+                    ctx.count(svc.id.slot, |c| {
+                        c.flows += 1;
+                        c.packets += 1;
+                    });
+                    translate(
+                        &mut buf[HEADER_LEN..end],
+                        hdr,
+                        (node, p),
+                        (backend.ip, backend.port),
+                    );
+                    None
+                }
+                Err(r) => Some(Action::Drop(r)),
+            };
         }
     }
     // Hairpin: a pod reaching itself through its Service would get a packet from its own
@@ -242,11 +344,17 @@ fn reject_tcp(
 /// Translates an ICMP error about a tracked flow back to what the other end knows: the
 /// quoted packet and the outer addresses (Linux's `nf_nat_icmp_reply_translation`). An error
 /// about no tracked flow is left as it is.
-fn icmp_error(ip: &mut [u8], hdr: &mut Header, inner: FlowKey, inner_at: usize, ctx: &mut Context) {
+fn icmp_error(
+    ip: &mut [u8],
+    hdr: &mut Header,
+    inner: FlowKey,
+    inner_at: usize,
+    ctx: &mut Context,
+) -> bool {
     // The quoted packet went from inner.src to inner.dst; the flow it belongs to is tracked
     // under the tuple that packet's answer (this error) would have.
     let Some(Hit { slot, reply }) = ctx.ct.lookup(&inner.reversed(), ctx.now_ms) else {
-        return;
+        return false;
     };
     let e = ctx.ct.entry(slot);
     let icmp_at = hdr.header_len;
@@ -279,6 +387,7 @@ fn icmp_error(ip: &mut [u8], hdr: &mut Header, inner: FlowKey, inner_at: usize, 
             hdr.src = replyk.dst;
         }
     }
+    true
 }
 
 /// The owner's part for a frame another worker routed to one of this worker's ports: a reply
@@ -292,8 +401,15 @@ pub fn deliver(buf: &mut [u8], len: usize, ctx: &mut Context) {
     let Ok(mut hdr) = super::ipv4::validate(&buf[HEADER_LEN..len]) else {
         return;
     };
+    translate_answer(buf, &mut hdr, ctx);
+}
+
+/// Translates an answer (or an ICMP error) of a flow this worker tracks; false when it is
+/// none of its flows'.
+#[inline]
+pub fn translate_answer(buf: &mut [u8], hdr: &mut Header, ctx: &mut Context) -> bool {
     let end = HEADER_LEN + hdr.total_len;
-    match l4::parse(&buf[HEADER_LEN..end], &hdr) {
+    match l4::parse(&buf[HEADER_LEN..end], hdr) {
         L4::Flow {
             key,
             tcp_flags,
@@ -311,13 +427,15 @@ pub fn deliver(buf: &mut [u8], len: usize, ctx: &mut Context) {
                     now,
                 );
                 let (to_src, to_dst) = ((e.orig.dst, e.orig.dport), (e.orig.src, e.orig.sport));
-                translate(&mut buf[HEADER_LEN..end], &mut hdr, to_src, to_dst);
+                translate(&mut buf[HEADER_LEN..end], hdr, to_src, to_dst);
+                return true;
             }
+            false
         }
         L4::IcmpError { inner, inner_at } => {
-            icmp_error(&mut buf[HEADER_LEN..end], &mut hdr, inner, inner_at, ctx)
+            icmp_error(&mut buf[HEADER_LEN..end], hdr, inner, inner_at, ctx)
         }
-        L4::None => {}
+        L4::None => false,
     }
 }
 

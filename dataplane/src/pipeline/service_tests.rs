@@ -567,3 +567,138 @@ proptest! {
         }
     }
 }
+
+const NODE: [u8; 4] = [198, 18, 0, 1];
+const EXT: [u8; 4] = [198, 18, 0, 2];
+const UP_MAC: Mac = [2, 0, 0, 0, 0, 0xee];
+const GW_MAC: Mac = [2, 0, 0, 0, 0, 0xef];
+
+/// The tables with a node address, an uplink (port 9) to the outside, masquerade on, and
+/// SNAT ports shared by `workers`.
+fn node_tables(d: &mut DesiredServices, workers: u16) -> Tables {
+    let mut t = tables(d);
+    t.node.addrs.insert(IpAddr::from(NODE));
+    t.node.v4 = Some(Ipv4Addr::from(NODE));
+    t.node.pod_cidr = Some("198.18.16.0/20".parse().unwrap());
+    t.node.masquerade = true;
+    t.node.snat.workers = workers;
+    t.routes.uplink = Some(Next {
+        port: 9,
+        worker: 0,
+        dst_mac: GW_MAC,
+        src_mac: UP_MAC,
+        mtu: 1500,
+    });
+    t
+}
+
+fn uplink() -> InPort<'static> {
+    InPort {
+        id: 9,
+        kind: PortKind::Uplink,
+        host_mac: UP_MAC,
+        pod_mac: [0; 6],
+        ips: &[],
+    }
+}
+
+fn from_outside(src: ([u8; 4], u16), dst: ([u8; 4], u16)) -> Vec<u8> {
+    let b = PacketBuilder::ethernet2(GW_MAC, UP_MAC)
+        .ipv4(src.0, dst.0, 64)
+        .tcp(src.1, dst.1, 1, 100)
+        .syn();
+    let mut v = Vec::new();
+    b.write(&mut v, b"").unwrap();
+    v
+}
+
+#[test]
+fn a_pods_connection_leaving_the_cluster_is_masqueraded_and_its_answer_comes_back() {
+    let mut d = DesiredServices::default();
+    let t = node_tables(&mut d, 1);
+    let mut ctx = Context::default();
+    let (a, out) = run(&tcp(A_MAC, (A, 40000), (EXT, 80), true), &port_a(), &t, &mut ctx);
+    assert!(matches!(a, Action::Tx { port: 9, .. }), "{a:?}");
+    let ((src, p), dst) = endpoints(&out);
+    assert_eq!((src, dst), (NODE, (EXT, 80)));
+    assert!((61000..=65535).contains(&p), "{p}");
+    let mut answer = from_outside((EXT, 80), (NODE, p));
+    answer[14 + 20 + 13] = 0x12; // SYN-ACK
+    let tcp_at = 14 + 20;
+    answer[tcp_at + 16] = 0;
+    answer[tcp_at + 17] = 0;
+    let (a, out) = {
+        // Recompute the checksum the edit above broke, as the sender would have.
+        let ip = Ipv4Packet::new_unchecked(&answer[14..]);
+        let (s, dd) = (ip.src_addr(), ip.dst_addr());
+        let mut seg = TcpPacket::new_unchecked(&mut answer[tcp_at..]);
+        seg.fill_checksum(&IpAddress::Ipv4(s), &IpAddress::Ipv4(dd));
+        run(&answer, &uplink(), &t, &mut ctx)
+    };
+    assert!(matches!(a, Action::Tx { port: 0, .. }), "{a:?}");
+    assert_eq!(endpoints(&out), ((EXT, 80), (A, 40000)));
+    // Inside the cluster nothing is masqueraded.
+    let (_, out) = run(&tcp(A_MAC, (A, 40001), (B, 80), true), &port_a(), &t, &mut ctx);
+    assert_eq!(endpoints(&out).0, (A, 40001));
+}
+
+#[test]
+fn a_node_port_from_outside_is_snated_to_the_node_under_cluster_policy_and_not_under_local() {
+    let mut spec = web(vec![endpoint(B, 8080)]);
+    spec.ports[0].node_port = Some(30080);
+    let mut d = DesiredServices::default();
+    d.set(spec.clone(), &[Ipv4Addr::from(NODE)]).unwrap();
+    let t = node_tables(&mut d, 1);
+    let mut ctx = Context::default();
+    let (a, out) = run(&from_outside((EXT, 5555), (NODE, 30080)), &uplink(), &t, &mut ctx);
+    assert!(matches!(a, Action::Tx { port: 1, .. }), "{a:?}");
+    let ((src, p), dst) = endpoints(&out);
+    assert_eq!((src, dst), (NODE, (B, 8080)), "from the node: Cluster");
+    // B answers the node; the answer leaves as from the NodePort, to the client.
+    let (a, out) = run(&tcp(B_MAC, (B, 8080), (NODE, p), false), &port_b(), &t, &mut ctx);
+    assert!(matches!(a, Action::Tx { port: 9, .. }), "{a:?}");
+    assert_eq!(endpoints(&out), ((NODE, 30080), (EXT, 5555)));
+
+    spec.external_local = true;
+    d.set(spec, &[Ipv4Addr::from(NODE)]).unwrap();
+    let t = node_tables(&mut d, 1);
+    let (_, out) = run(&from_outside((EXT, 5556), (NODE, 30080)), &uplink(), &t, &mut ctx);
+    assert_eq!(endpoints(&out), ((EXT, 5556), (B, 8080)), "client kept: Local");
+}
+
+#[test]
+fn an_answer_to_another_workers_snat_port_is_handed_to_it_and_translated_there() {
+    let mut d = DesiredServices::default();
+    let t = node_tables(&mut d, 2);
+    let mut owner = Context::new(0, 64);
+    let mut other = Context::new(1, 64);
+    let (_, out) = run(&tcp(A_MAC, (A, 40000), (EXT, 80), true), &port_a(), &t, &mut owner);
+    let ((_, p), _) = endpoints(&out);
+    assert_eq!(t.node.snat.owner(p), Some(0));
+    let mut answer = from_outside((EXT, 80), (NODE, p));
+    answer[14 + 20 + 13] = 0x10;
+    {
+        let ip = Ipv4Packet::new_unchecked(&answer[14..]);
+        let (s, dd) = (ip.src_addr(), ip.dst_addr());
+        let mut seg = TcpPacket::new_unchecked(&mut answer[14 + 20..]);
+        seg.fill_checksum(&IpAddress::Ipv4(s), &IpAddress::Ipv4(dd));
+    }
+    let (a, mut out) = run(&answer, &uplink(), &t, &mut other);
+    assert_eq!(
+        a,
+        Action::Handoff {
+            worker: 0,
+            port: crate::pipeline::REROUTE,
+            len: answer.len()
+        }
+    );
+    let len = out.len();
+    out.resize(2048, 0);
+    let a = crate::pipeline::reroute(&mut out, len, &t.view(), &mut owner);
+    assert!(matches!(a, Action::Tx { port: 0, .. }), "{a:?}");
+    out.truncate(len);
+    assert_eq!(endpoints(&out), ((EXT, 80), (A, 40000)));
+    // An answer to a port no flow has is dropped by name, on the owner too.
+    let (a, _) = run(&from_outside((EXT, 81), (NODE, 61001)), &uplink(), &t, &mut owner);
+    assert_eq!(a, Action::Drop(DropReason::NodePortUnknown));
+}

@@ -104,6 +104,14 @@ pub struct SvcRef {
     pub incarnation: u32,
 }
 
+impl SvcRef {
+    /// A flow of no Service (masqueraded to the outside).
+    pub const NONE: SvcRef = SvcRef {
+        slot: u32::MAX,
+        incarnation: 0,
+    };
+}
+
 /// One Service port as the workers read it.
 #[derive(Debug, Clone)]
 pub struct SvcPort {
@@ -480,6 +488,27 @@ impl DesiredServices {
 
     pub fn is_empty(&self) -> bool {
         self.specs.is_empty()
+    }
+
+    /// The health checks the Services want: (healthCheckNodePort, Service, local serving
+    /// endpoints) for each with `externalTrafficPolicy: Local` and such a port.
+    pub fn health_checks(&self) -> Vec<(u16, String, u64)> {
+        self.specs
+            .values()
+            .filter(|(s, _)| s.external_local)
+            .filter_map(|(s, _)| {
+                let port = s.health_check_node_port?;
+                let mut local: Vec<Backend> = s
+                    .ports
+                    .iter()
+                    .flat_map(|p| serving(&p.endpoints, true))
+                    .map(|b| Backend { port: 0, ..b })
+                    .collect();
+                local.sort_unstable();
+                local.dedup();
+                Some((port, s.key(), local.len() as u64))
+            })
+            .collect()
     }
 }
 

@@ -6,6 +6,7 @@ use strom_api::{ConntrackFilter, Response, ServicePortStatus, ServiceSpec, Tuple
 use super::Controller;
 use crate::conntrack::FlowKey;
 use crate::pipeline::service::SvcCount;
+use crate::tables::services::FrontKind;
 use crate::worker::{wait_reply, Command, ConntrackQuery};
 
 impl Controller {
@@ -16,6 +17,7 @@ impl Controller {
         match self.desired.set_service(spec) {
             Ok(()) => {
                 tracing::info!(service = %key, "service programmed");
+                self.sync_frontends();
                 Response::Ok
             }
             Err(message) => {
@@ -28,7 +30,56 @@ impl Controller {
 
     pub(super) fn remove_service(&mut self, namespace: &str, name: &str) -> Response {
         self.desired.remove_service(&format!("{namespace}/{name}"));
+        self.sync_frontends();
         Response::Ok
+    }
+
+    /// Makes the XDP programs hand stromd what the Services now reach from outside:
+    /// NodePorts on the node's addresses, external and load-balancer IPs on the uplink; and
+    /// hand back to the kernel what they no longer do.
+    fn sync_frontends(&mut self) {
+        let table = self.desired.tables().services();
+        let mut ports = std::collections::BTreeSet::new();
+        let mut vips = std::collections::BTreeSet::new();
+        for p in table.ports() {
+            for (f, kind) in &p.frontends {
+                match kind {
+                    FrontKind::NodePort => {
+                        ports.insert((f.proto, f.port));
+                    }
+                    FrontKind::ExternalIp | FrontKind::LoadBalancer => {
+                        vips.insert(f.ip);
+                    }
+                    FrontKind::ClusterIp => {}
+                }
+            }
+        }
+        for &(proto, port) in ports.difference(&self.bpf_node_ports) {
+            if let Err(e) = self.xdp.set_node_port(proto, port, true) {
+                tracing::error!(port, error = %e, "cannot open a NodePort");
+            }
+        }
+        for &(proto, port) in self.bpf_node_ports.difference(&ports) {
+            if let Err(e) = self.xdp.set_node_port(proto, port, false) {
+                tracing::error!(port, error = %e, "cannot close a NodePort");
+            }
+        }
+        if self.cfg.node.uplink.is_some() {
+            for ip in vips.difference(&self.bpf_vips) {
+                if let Err(e) = self.xdp.add_owned(*ip, 32) {
+                    tracing::error!(%ip, error = %e, "cannot take a Service address");
+                }
+            }
+            for ip in self.bpf_vips.difference(&vips) {
+                if let Err(e) = self.xdp.remove_owned(*ip, 32) {
+                    tracing::error!(%ip, error = %e, "cannot give back a Service address");
+                }
+            }
+        }
+        self.bpf_node_ports = ports;
+        self.bpf_vips = vips;
+        let want = self.desired.health_checks();
+        self.health_checks.sync(&want);
     }
 
     /// Every worker's counters per Service port slot, added up.
@@ -77,7 +128,10 @@ impl Controller {
             })
             .collect();
         services.sort_by(|a, b| a.key.cmp(&b.key));
-        Response::Services { services }
+        Response::Services {
+            services,
+            refused: self.services_refused,
+        }
     }
 
     /// Asks every worker for its flows matching `filter` (or to forget them, `flush`).
