@@ -73,7 +73,7 @@ struct RunArgs {
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "stromd,kernel,kernel-nat,testpmd"
+        default_value = "stromd,stromd-svc,kernel,kernel-nat,testpmd"
     )]
     paths: Vec<String>,
     /// Traffic, comma separated: udp1, udp256, udp65536 (60-byte UDP over that many flows),

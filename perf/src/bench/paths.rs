@@ -19,17 +19,25 @@ use crate::topo::{
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Path {
     Stromd,
+    StromdSvc,
     Kernel,
     KernelNat,
     Testpmd,
 }
 
-pub const ALL: [Path; 4] = [Path::Stromd, Path::Kernel, Path::KernelNat, Path::Testpmd];
+pub const ALL: [Path; 5] = [
+    Path::Stromd,
+    Path::StromdSvc,
+    Path::Kernel,
+    Path::KernelNat,
+    Path::Testpmd,
+];
 
 impl Path {
     pub fn name(self) -> &'static str {
         match self {
             Path::Stromd => "stromd",
+            Path::StromdSvc => "stromd-svc",
             Path::Kernel => "kernel",
             Path::KernelNat => "kernel-nat",
             Path::Testpmd => "testpmd",
@@ -46,7 +54,7 @@ impl Path {
     /// What the row measures, in the words of the Kubernetes model.
     pub fn scenario(self) -> &'static str {
         match self {
-            Path::KernelNat => "pod → Service VIP (DNAT to pod B)",
+            Path::KernelNat | Path::StromdSvc => "pod → Service VIP (DNAT to pod B)",
             _ => "pod → pod",
         }
     }
@@ -54,6 +62,7 @@ impl Path {
     pub fn describe(self) -> &'static str {
         match self {
             Path::Stromd => "stromd (one worker, busy polling, AF_XDP)",
+            Path::StromdSvc => "stromd with the Service (DNAT, conntrack; as stromd)",
             Path::Kernel => "Linux IP forwarding",
             Path::KernelNat => "Linux + nftables DNAT (kube-proxy nftables style)",
             Path::Testpmd => "DPDK testpmd, MAC forwarding over AF_XDP",
@@ -63,7 +72,7 @@ impl Path {
     /// Where the pods send.
     pub fn destination(self) -> Ipv4Addr {
         match self {
-            Path::KernelNat => VIP,
+            Path::KernelNat | Path::StromdSvc => VIP,
             _ => IP_B,
         }
     }
@@ -79,7 +88,7 @@ impl Path {
     /// Whether the path attaches XDP programs to the node's veths (which gives them NAPI
     /// instances: their receive work then runs in NAPI polls, see `--napi-core`).
     pub fn attaches_xdp(self) -> bool {
-        matches!(self, Path::Stromd | Path::Testpmd)
+        matches!(self, Path::Stromd | Path::StromdSvc | Path::Testpmd)
     }
 
     /// Debian packages the path needs beyond the common ones.
@@ -214,12 +223,67 @@ pub fn start(path: Path, t: &Topology, env: &Env) -> Result<Running> {
             std::thread::sleep(Duration::from_secs(1));
             Ok(r)
         }
-        Path::Stromd => {
+        Path::Stromd | Path::StromdSvc => {
             t.offloads(false)?;
             ns_run(&t.n, &["sysctl", "-qw", "net.ipv4.ip_forward=0"])?;
-            start_stromd(t, env)
+            let r = start_stromd(t, env)?;
+            if path == Path::StromdSvc {
+                set_service(env, &r)?;
+            }
+            Ok(r)
         }
     }
+}
+
+/// The Service kernel-nat's rules make (`nat_rules`), programmed in stromd as strom-control
+/// would: the VIP on the iperf3 port, the sockperf port and each UDP sink port, each to pod B.
+fn service_spec() -> strom_api::ServiceSpec {
+    use strom_api::{EndpointSpec, Protocol, ServicePortSpec};
+    let port = |name: String, protocol, port| ServicePortSpec {
+        name,
+        protocol,
+        port,
+        node_port: None,
+        endpoints: vec![EndpointSpec {
+            ip: IP_B.into(),
+            port,
+            ready: true,
+            serving: true,
+            terminating: false,
+            local: true,
+            target: "pod-b".into(),
+        }],
+    };
+    let mut ports = vec![
+        port("iperf".into(), Protocol::Tcp, IPERF_PORT),
+        port("sockperf".into(), Protocol::Udp, SOCKPERF_PORT),
+    ];
+    ports.extend(
+        (SINK_PORT_FIRST..=SINK_PORT_LAST).map(|p| port(format!("sink{p}"), Protocol::Udp, p)),
+    );
+    strom_api::ServiceSpec {
+        namespace: "bench".into(),
+        name: "b".into(),
+        cluster_ips: vec![VIP.into()],
+        external_ips: vec![],
+        load_balancer_ips: vec![],
+        ports,
+        affinity_timeout_s: None,
+        external_local: false,
+        internal_local: false,
+        health_check_node_port: None,
+    }
+}
+
+fn set_service(env: &Env, r: &Running) -> Result<()> {
+    let dir = &r._dir.as_ref().context("stromd's directory")?.0;
+    let file = dir.join("service.json");
+    std::fs::write(&file, serde_json::to_vec(&service_spec())?)?;
+    stromctl(
+        env,
+        &dir.join("stromd.sock"),
+        &["set-service", &file.to_string_lossy()],
+    )
 }
 
 fn nat_rules() -> String {

@@ -184,7 +184,7 @@ impl Results {
         }
         t.push('\n');
         for p in &self.meta.paths {
-            let bold = p.name == "stromd";
+            let bold = p.name.starts_with("stromd");
             let _ = write!(t, "| {} | {} |", p.description, p.scenario);
             for m in &metrics {
                 match self.stat(&p.name, *m) {
@@ -199,13 +199,26 @@ impl Results {
             }
             t.push('\n');
         }
-        for (peer, ratios) in self.ratios("stromd") {
-            let _ = write!(t, "| stromd / {peer} | |");
+        // stromd against every peer; stromd with the Service against the kernel's DNAT.
+        let mut rows: Vec<(&str, String, BTreeMap<Metric, f64>)> = self
+            .ratios("stromd")
+            .into_iter()
+            .filter(|(peer, _)| peer != "stromd-svc")
+            .map(|(peer, r)| ("stromd", peer, r))
+            .collect();
+        rows.extend(
+            self.ratios("stromd-svc")
+                .into_iter()
+                .filter(|(peer, _)| peer == "kernel-nat")
+                .map(|(peer, r)| ("stromd-svc", peer, r)),
+        );
+        for (subject, peer, ratios) in rows {
+            let _ = write!(t, "| {subject} / {peer} | |");
             for m in &metrics {
                 match ratios.get(m) {
                     Some(r) => {
                         let _ = write!(t, " {r:.2}×");
-                        let mut rr = self.round_ratios("stromd", &peer, *m);
+                        let mut rr = self.round_ratios(subject, &peer, *m);
                         if rr.len() >= 2 {
                             rr.sort_by(f64::total_cmp);
                             let (k, _) = sign_test_k(rr.len() as u32, CONFIDENCE);
