@@ -188,7 +188,8 @@ fn conntrack_1m(c: &mut Criterion) {
             sport: backend.port,
             ..k.reversed()
         };
-        ct.insert(k, r, SvcRef::default(), backend, syn, 0, 0).unwrap();
+        ct.insert(k, r, SvcRef::default(), backend, syn, 0, 0)
+            .unwrap();
     }
     let fill = t0.elapsed();
     println!(
@@ -215,7 +216,9 @@ fn conntrack_1m(c: &mut Criterion) {
                 sport: backend.port,
                 ..k.reversed()
             };
-            let s = ct.insert(k, r, SvcRef::default(), backend, syn, 0, 0).unwrap();
+            let s = ct
+                .insert(k, r, SvcRef::default(), backend, syn, 0, 0)
+                .unwrap();
             ct.remove(s);
         })
     });

@@ -79,8 +79,10 @@ impl HealthChecks {
     /// Makes the servers match `want`: (port, Service, local endpoints). A port that cannot
     /// be bound is logged and tried again at the next change.
     pub fn sync(&mut self, want: &[(u16, String, u64)]) {
-        self.servers
-            .retain(|port, s| want.iter().any(|(p, svc, _)| p == port && *svc == s.service));
+        self.servers.retain(|port, s| {
+            want.iter()
+                .any(|(p, svc, _)| p == port && *svc == s.service)
+        });
         for (port, service, local) in want {
             if let Some(s) = self.servers.get(port) {
                 s.local.store(*local, Ordering::Relaxed);
@@ -148,6 +150,9 @@ mod tests {
         assert!(get(port).starts_with("HTTP/1.1 503"), "none local");
         h.sync(&[]);
         assert!(h.ports().is_empty());
-        assert!(std::net::TcpStream::connect(("127.0.0.1", port)).is_err(), "closed");
+        assert!(
+            std::net::TcpStream::connect(("127.0.0.1", port)).is_err(),
+            "closed"
+        );
     }
 }

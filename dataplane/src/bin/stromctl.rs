@@ -386,7 +386,10 @@ fn main() -> anyhow::Result<()> {
                 say!(out, "no services");
             }
             if refused > 0 {
-                say!(out, "{refused} service update(s) refused since start (see stromd's log)");
+                say!(
+                    out,
+                    "{refused} service update(s) refused since start (see stromd's log)"
+                );
             }
             for s in services {
                 say!(

@@ -176,7 +176,12 @@ fn no_service(
     };
     match track_snat(ctx, t, key, node, backend, SvcRef::NONE, seen) {
         Ok(p) => {
-            translate(&mut buf[HEADER_LEN..end], hdr, (node, p), (key.dst, key.dport));
+            translate(
+                &mut buf[HEADER_LEN..end],
+                hdr,
+                (node, p),
+                (key.dst, key.dport),
+            );
             None
         }
         Err(r) => Some(Action::Drop(r)),
@@ -207,7 +212,10 @@ fn track_snat(
             dport: p,
             proto: key.proto,
         };
-        match ctx.ct.insert(key, reply, svc, backend, seen, gen, ctx.now_ms) {
+        match ctx
+            .ct
+            .insert(key, reply, svc, backend, seen, gen, ctx.now_ms)
+        {
             Ok(_) => return Ok(p),
             Err(Refused::Clash) => continue,
             Err(Refused::Full) => return Err(DropReason::ConntrackFull),

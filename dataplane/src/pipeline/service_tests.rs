@@ -617,7 +617,12 @@ fn a_pods_connection_leaving_the_cluster_is_masqueraded_and_its_answer_comes_bac
     let mut d = DesiredServices::default();
     let t = node_tables(&mut d, 1);
     let mut ctx = Context::default();
-    let (a, out) = run(&tcp(A_MAC, (A, 40000), (EXT, 80), true), &port_a(), &t, &mut ctx);
+    let (a, out) = run(
+        &tcp(A_MAC, (A, 40000), (EXT, 80), true),
+        &port_a(),
+        &t,
+        &mut ctx,
+    );
     assert!(matches!(a, Action::Tx { port: 9, .. }), "{a:?}");
     let ((src, p), dst) = endpoints(&out);
     assert_eq!((src, dst), (NODE, (EXT, 80)));
@@ -638,7 +643,12 @@ fn a_pods_connection_leaving_the_cluster_is_masqueraded_and_its_answer_comes_bac
     assert!(matches!(a, Action::Tx { port: 0, .. }), "{a:?}");
     assert_eq!(endpoints(&out), ((EXT, 80), (A, 40000)));
     // Inside the cluster nothing is masqueraded.
-    let (_, out) = run(&tcp(A_MAC, (A, 40001), (B, 80), true), &port_a(), &t, &mut ctx);
+    let (_, out) = run(
+        &tcp(A_MAC, (A, 40001), (B, 80), true),
+        &port_a(),
+        &t,
+        &mut ctx,
+    );
     assert_eq!(endpoints(&out).0, (A, 40001));
 }
 
@@ -650,20 +660,39 @@ fn a_node_port_from_outside_is_snated_to_the_node_under_cluster_policy_and_not_u
     d.set(spec.clone(), &[Ipv4Addr::from(NODE)]).unwrap();
     let t = node_tables(&mut d, 1);
     let mut ctx = Context::default();
-    let (a, out) = run(&from_outside((EXT, 5555), (NODE, 30080)), &uplink(), &t, &mut ctx);
+    let (a, out) = run(
+        &from_outside((EXT, 5555), (NODE, 30080)),
+        &uplink(),
+        &t,
+        &mut ctx,
+    );
     assert!(matches!(a, Action::Tx { port: 1, .. }), "{a:?}");
     let ((src, p), dst) = endpoints(&out);
     assert_eq!((src, dst), (NODE, (B, 8080)), "from the node: Cluster");
     // B answers the node; the answer leaves as from the NodePort, to the client.
-    let (a, out) = run(&tcp(B_MAC, (B, 8080), (NODE, p), false), &port_b(), &t, &mut ctx);
+    let (a, out) = run(
+        &tcp(B_MAC, (B, 8080), (NODE, p), false),
+        &port_b(),
+        &t,
+        &mut ctx,
+    );
     assert!(matches!(a, Action::Tx { port: 9, .. }), "{a:?}");
     assert_eq!(endpoints(&out), ((NODE, 30080), (EXT, 5555)));
 
     spec.external_local = true;
     d.set(spec, &[Ipv4Addr::from(NODE)]).unwrap();
     let t = node_tables(&mut d, 1);
-    let (_, out) = run(&from_outside((EXT, 5556), (NODE, 30080)), &uplink(), &t, &mut ctx);
-    assert_eq!(endpoints(&out), ((EXT, 5556), (B, 8080)), "client kept: Local");
+    let (_, out) = run(
+        &from_outside((EXT, 5556), (NODE, 30080)),
+        &uplink(),
+        &t,
+        &mut ctx,
+    );
+    assert_eq!(
+        endpoints(&out),
+        ((EXT, 5556), (B, 8080)),
+        "client kept: Local"
+    );
 }
 
 #[test]
@@ -672,7 +701,12 @@ fn an_answer_to_another_workers_snat_port_is_handed_to_it_and_translated_there()
     let t = node_tables(&mut d, 2);
     let mut owner = Context::new(0, 64);
     let mut other = Context::new(1, 64);
-    let (_, out) = run(&tcp(A_MAC, (A, 40000), (EXT, 80), true), &port_a(), &t, &mut owner);
+    let (_, out) = run(
+        &tcp(A_MAC, (A, 40000), (EXT, 80), true),
+        &port_a(),
+        &t,
+        &mut owner,
+    );
     let ((_, p), _) = endpoints(&out);
     assert_eq!(t.node.snat.owner(p), Some(0));
     let mut answer = from_outside((EXT, 80), (NODE, p));
@@ -699,6 +733,11 @@ fn an_answer_to_another_workers_snat_port_is_handed_to_it_and_translated_there()
     out.truncate(len);
     assert_eq!(endpoints(&out), ((EXT, 80), (A, 40000)));
     // An answer to a port no flow has is dropped by name, on the owner too.
-    let (a, _) = run(&from_outside((EXT, 81), (NODE, 61001)), &uplink(), &t, &mut owner);
+    let (a, _) = run(
+        &from_outside((EXT, 81), (NODE, 61001)),
+        &uplink(),
+        &t,
+        &mut owner,
+    );
     assert_eq!(a, Action::Drop(DropReason::NodePortUnknown));
 }
