@@ -225,10 +225,22 @@ fn forward_ipv4(
     if let Err(r) = spoof::check(&buf[..len], port, IpAddr::V4(hdr.src)) {
         return Action::Drop(r);
     }
+    let (src, dst) = (hdr.src, hdr.dst);
     if let Some(a) = service::stage(buf, len, &mut hdr, port, t, ctx) {
         return a;
     }
-    route_out(buf, len, &hdr, port, t, ctx)
+    let a = route_out(buf, len, &hdr, port, t, ctx);
+    // An ICMP error about a translated packet (fragmentation needed toward a backend with a
+    // smaller MTU, say) quotes it as translated: it goes back as the sender knows the flow,
+    // as an error from the flow's far end would (PMTU discovery through a Service).
+    if let Action::IcmpError { len: n, .. } = a {
+        if (hdr.src, hdr.dst) != (src, dst) {
+            if let Ok(mut h) = ipv4::validate(&buf[eth::HEADER_LEN..n]) {
+                service::translate_answer(buf, &mut h, ctx);
+            }
+        }
+    }
+    a
 }
 
 /// The port a [`Action::Handoff`] names for a frame the receiving worker must route itself:
@@ -248,9 +260,11 @@ pub fn reroute(buf: &mut [u8], len: usize, t: &View<'_>, ctx: &mut Context) -> A
     if !service::translate_answer(buf, &mut hdr, ctx) {
         return Action::Drop(DropReason::NodePortUnknown);
     }
+    // Not the uplink's kind, whose frames never leave by the uplink: a backend's answer to a
+    // NodePort client outside, SNATed to this worker's port, leaves by it once translated.
     let from = InPort {
         id: REROUTE,
-        kind: PortKind::Uplink,
+        kind: PortKind::Pod,
         host_mac: [0; 6],
         pod_mac: [0; 6],
         ips: &[],

@@ -741,3 +741,95 @@ fn an_answer_to_another_workers_snat_port_is_handed_to_it_and_translated_there()
     );
     assert_eq!(a, Action::Drop(DropReason::NodePortUnknown));
 }
+
+#[test]
+fn a_backends_answer_to_a_node_port_client_is_rerouted_to_the_owner_and_leaves_by_the_uplink() {
+    let mut spec = web(vec![endpoint(B, 8080)]);
+    spec.ports[0].node_port = Some(30080);
+    let mut d = DesiredServices::default();
+    d.set(spec, &[Ipv4Addr::from(NODE)]).unwrap();
+    let t = node_tables(&mut d, 2);
+    let mut uplink_worker = Context::new(0, 64);
+    let mut backend_worker = Context::new(1, 64);
+    let (_, out) = run(
+        &from_outside((EXT, 5555), (NODE, 30080)),
+        &uplink(),
+        &t,
+        &mut uplink_worker,
+    );
+    let ((_, p), _) = endpoints(&out);
+    let (a, mut out) = run(
+        &tcp(B_MAC, (B, 8080), (NODE, p), false),
+        &port_b(),
+        &t,
+        &mut backend_worker,
+    );
+    assert!(
+        matches!(
+            a,
+            Action::Handoff {
+                worker: 0,
+                port: crate::pipeline::REROUTE,
+                ..
+            }
+        ),
+        "{a:?}"
+    );
+    let len = out.len();
+    out.resize(2048, 0);
+    let a = crate::pipeline::reroute(&mut out, len, &t.view(), &mut uplink_worker);
+    assert!(matches!(a, Action::Tx { port: 9, .. }), "{a:?}");
+    out.truncate(len);
+    assert_eq!(endpoints(&out), ((NODE, 30080), (EXT, 5555)));
+}
+
+#[test]
+fn fragmentation_needed_toward_a_backend_reaches_the_client_about_the_node_port() {
+    let mut spec = web(vec![endpoint(B, 8080)]);
+    spec.ports[0].node_port = Some(30080);
+    let mut d = DesiredServices::default();
+    d.set(spec, &[Ipv4Addr::from(NODE)]).unwrap();
+    let mut t = node_tables(&mut d, 1);
+    t.routes.local.get_mut(&IpAddr::from(B)).unwrap().mtu = 1000;
+    let b = PacketBuilder::ethernet2(GW_MAC, UP_MAC)
+        .ipv4(EXT, NODE, 64)
+        .tcp(5555, 30080, 1, 100)
+        .syn();
+    let mut big = Vec::new();
+    b.write(&mut big, &[0u8; 1200]).unwrap();
+    big[14 + 6] |= 0x40; // DF
+    big[14 + 10] = 0;
+    big[14 + 11] = 0;
+    let c = {
+        let ip = Ipv4Packet::new_unchecked(&big[14..]);
+        !smoltcp::wire::checksum::data(&ip.as_ref()[..20])
+    };
+    big[14 + 10..14 + 12].copy_from_slice(&c.to_be_bytes());
+    let (a, out) = run(&big, &uplink(), &t, &mut Context::default());
+    assert!(
+        matches!(
+            a,
+            Action::IcmpError {
+                reason: DropReason::FragNeeded,
+                ..
+            }
+        ),
+        "{a:?}"
+    );
+    let ip = Ipv4Packet::new_checked(&out[14..]).unwrap();
+    assert!(ip.verify_checksum());
+    assert_eq!(ip.dst_addr().octets(), EXT, "to the client");
+    let icmp = smoltcp::wire::Icmpv4Packet::new_checked(ip.payload()).unwrap();
+    assert!(icmp.verify_checksum());
+    let inner = Ipv4Packet::new_unchecked(icmp.data());
+    assert_eq!(
+        (inner.src_addr().octets(), inner.dst_addr().octets()),
+        (EXT, NODE),
+        "the quote as the client sent it"
+    );
+    assert_eq!(
+        &icmp.data()[20..24],
+        &[0x15, 0xb3, 0x75, 0x80],
+        "5555 -> 30080"
+    );
+}
