@@ -33,6 +33,9 @@ pub struct Settings {
     /// Cores stromd's workers are pinned to (empty: not pinned).
     #[serde(default)]
     pub cores: Vec<usize>,
+    /// `conntrack_max` in stromd's `[dataplane]` (unset: stromd's default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub conntrack_max: Option<usize>,
 }
 
 fn one() -> u16 {
@@ -371,6 +374,10 @@ impl State {
             s.dir.join("stromd-state").display(),
             pin_dir(&s.prefix).display()
         );
+        let cfg = match s.conntrack_max {
+            Some(n) => format!("{cfg}conntrack_max = {n}\n"),
+            None => cfg,
+        };
         std::fs::write(s.dir.join("stromd.toml"), cfg)?;
         mount_bpffs()?;
         st.start_stromd()?;

@@ -61,6 +61,10 @@ struct UpOpts {
     /// as on a multi-queue NIC).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
     uplink_queues: u16,
+    /// Flows each stromd worker tracks at most (`conntrack_max` in `[dataplane]`; default:
+    /// stromd's).
+    #[arg(long)]
+    conntrack_max: Option<usize>,
 }
 
 #[derive(Subcommand)]
@@ -145,6 +149,21 @@ enum Cmd {
         udp: Vec<u16>,
         #[arg(long)]
         sctp: Vec<u16>,
+        /// TCP ports whose connections are held open (answered again on every read).
+        #[arg(long)]
+        hold_tcp: Vec<u16>,
+    },
+    /// Holds TCP connections open across a change (net::hold).
+    #[command(hide = true)]
+    Hold {
+        #[arg(long)]
+        ip: IpAddr,
+        #[arg(long)]
+        port: u16,
+        #[arg(long, default_value_t = 1)]
+        count: usize,
+        #[arg(long, default_value_t = 3000)]
+        timeout_ms: u64,
     },
     #[command(hide = true)]
     Connect {
@@ -156,6 +175,9 @@ enum Cmd {
         /// target, exiting 0 (the matrix reads these).
         #[arg(long)]
         lines: bool,
+        /// Probe the targets this many times over (new connections each time), in lines.
+        #[arg(long, default_value_t = 1)]
+        count: usize,
         #[arg(long)]
         port: u16,
         #[arg(long)]
@@ -191,6 +213,7 @@ fn settings(dir: &std::path::Path, o: &UpOpts) -> anyhow::Result<Settings> {
         poll_mode: o.poll_mode.clone(),
         uplink_queues: o.uplink_queues,
         cores: o.cores.clone(),
+        conntrack_max: o.conntrack_max,
     })
 }
 
@@ -840,15 +863,25 @@ fn main() -> anyhow::Result<()> {
             tcp,
             udp,
             sctp,
-        } => net::respond(&name, &tcp, &udp, &sctp)?,
+            hold_tcp,
+        } => net::respond(&name, &tcp, &udp, &sctp, &hold_tcp)?,
+        Cmd::Hold {
+            ip,
+            port,
+            count,
+            timeout_ms,
+        } => net::hold(ip, port, count, Duration::from_millis(timeout_ms))?,
         Cmd::Connect {
             ip,
             lines,
+            count,
             port,
             protocol,
             timeout_ms,
         } => {
             let timeout = Duration::from_millis(timeout_ms);
+            let lines = lines || count > 1;
+            let ip: Vec<IpAddr> = (0..count).flat_map(|_| ip.iter().copied()).collect();
             if let ([one], false) = (&ip[..], lines) {
                 let one = *one;
                 match net::connect(one, port, &protocol, timeout) {

@@ -52,8 +52,28 @@ fn answer(name: &str, peer: Option<SocketAddr>) -> String {
 }
 
 /// Serves every port until killed. Each TCP or SCTP connection and UDP datagram gets
-/// [`answer`]. SCTP ports are left out, with a warning, when the kernel has no SCTP.
-pub fn respond(name: &str, tcp: &[u16], udp: &[u16], sctp: &[u16]) -> anyhow::Result<()> {
+/// [`answer`]. SCTP ports are left out, with a warning, when the kernel has no SCTP. The
+/// TCP ports in `hold` keep each connection open: [`answer`] at once, then again for
+/// every read, until the client closes (a long-lived connection, for the tests of flows
+/// that outlive a change of the Service's endpoints).
+pub fn respond(
+    name: &str,
+    tcp: &[u16],
+    udp: &[u16],
+    sctp: &[u16],
+    hold: &[u16],
+) -> anyhow::Result<()> {
+    let mut threads = Vec::new();
+    for &p in hold {
+        let l = TcpListener::bind(("0.0.0.0", p))?;
+        let name = name.to_string();
+        threads.push(std::thread::spawn(move || {
+            for s in l.incoming().flatten() {
+                let name = name.clone();
+                std::thread::spawn(move || hold_connection(&name, s));
+            }
+        }));
+    }
     let mut listeners = Vec::new();
     for &p in tcp {
         listeners.push(TcpListener::bind(("0.0.0.0", p))?);
@@ -65,7 +85,6 @@ pub fn respond(name: &str, tcp: &[u16], udp: &[u16], sctp: &[u16]) -> anyhow::Re
             Err(e) => return Err(anyhow::anyhow!("sctp port {p}: {e}")),
         }
     }
-    let mut threads = Vec::new();
     for l in listeners {
         let name = name.to_string();
         threads.push(std::thread::spawn(move || {
@@ -88,6 +107,92 @@ pub fn respond(name: &str, tcp: &[u16], udp: &[u16], sctp: &[u16]) -> anyhow::Re
     for t in threads {
         let _ = t.join();
     }
+    Ok(())
+}
+
+/// One held connection: the answer now and after every read, until EOF or an error.
+fn hold_connection(name: &str, mut s: TcpStream) {
+    let peer = s.peer_addr().ok();
+    let mut buf = [0u8; 512];
+    if s.write_all(answer(name, peer).as_bytes()).is_err() {
+        return;
+    }
+    while let Ok(n) = s.read(&mut buf) {
+        if n == 0 || s.write_all(answer(name, peer).as_bytes()).is_err() {
+            return;
+        }
+    }
+}
+
+/// One line from a held connection (up to the newline), or why there was none.
+fn read_line(s: &mut TcpStream) -> Result<String, String> {
+    let mut line = Vec::new();
+    let mut b = [0u8; 1];
+    loop {
+        match s.read(&mut b) {
+            Ok(0) => {
+                return Err(if line.is_empty() {
+                    "connection closed (EOF)".into()
+                } else {
+                    String::from_utf8_lossy(&line).into_owned()
+                })
+            }
+            Ok(_) if b[0] == b'\n' => return Ok(String::from_utf8_lossy(&line).into_owned()),
+            Ok(_) => line.push(b[0]),
+            Err(e) => return Err(e.to_string()),
+        }
+    }
+}
+
+/// Holds `count` TCP connections to `ip:port` (opened one after the other): prints
+/// `open ANSWER` for each (or `deny REASON`), then waits for a line on stdin, then writes
+/// on each connection and prints `again ANSWER` or `error REASON`, with the milliseconds
+/// the answer took, one line per connection in order. The connection's first answer says
+/// which backend it reached; the second whether it still reaches it.
+pub fn hold(ip: IpAddr, port: u16, count: usize, timeout: Duration) -> anyhow::Result<()> {
+    let addr = SocketAddr::new(ip, port);
+    let mut conns = Vec::new();
+    let mut out = std::io::stdout();
+    for _ in 0..count {
+        let opened = TcpStream::connect_timeout(&addr, timeout)
+            .map_err(|e| e.to_string())
+            .and_then(|mut s| {
+                s.set_read_timeout(Some(timeout))
+                    .map_err(|e| e.to_string())?;
+                let a = read_line(&mut s)?;
+                Ok((s, a))
+            });
+        match opened {
+            Ok((s, a)) => {
+                writeln!(out, "open {a}")?;
+                conns.push(Some(s));
+            }
+            Err(e) => {
+                writeln!(out, "deny {e}")?;
+                conns.push(None);
+            }
+        }
+    }
+    out.flush()?;
+    let mut go = String::new();
+    std::io::stdin().read_line(&mut go)?;
+    for c in &mut conns {
+        let Some(s) = c else {
+            writeln!(out, "error not open 0")?;
+            continue;
+        };
+        let t = std::time::Instant::now();
+        let r = s
+            .write_all(b"again\n")
+            .map_err(|e| e.to_string())
+            .and_then(|()| read_line(s));
+        let ms = t.elapsed().as_millis();
+        match r {
+            Ok(a) => writeln!(out, "again {a} {ms}")?,
+            Err(e) => writeln!(out, "error {e} {ms}")?,
+        }
+    }
+    out.flush()?;
     Ok(())
 }
 
@@ -118,18 +223,25 @@ pub fn connect(ip: IpAddr, port: u16, protocol: &str, timeout: Duration) -> Resu
             s.read_to_end(&mut buf).map_err(|e| e.to_string())?;
         }
         "udp" => {
+            // Connected: the answer must come from the address asked (a Service's reply
+            // translated back to it), and an ICMP port unreachable ends the probe at once
+            // as "Connection refused".
             let s = UdpSocket::bind(("0.0.0.0", 0)).map_err(|e| e.to_string())?;
+            s.connect(addr).map_err(|e| e.to_string())?;
             s.set_read_timeout(Some(timeout))
                 .map_err(|e| e.to_string())?;
             let mut b = [0u8; 2048];
             // Up to three tries: the first datagram may wait for ARP.
             let mut last = String::new();
             for _ in 0..3 {
-                s.send_to(b"probe", addr).map_err(|e| e.to_string())?;
-                match s.recv_from(&mut b) {
-                    Ok((n, _)) => {
+                s.send(b"probe").map_err(|e| e.to_string())?;
+                match s.recv(&mut b) {
+                    Ok(n) => {
                         buf.extend_from_slice(&b[..n]);
                         break;
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+                        return Err(e.to_string())
                     }
                     Err(e) => last = e.to_string(),
                 }

@@ -352,6 +352,7 @@ mod tests {
                 poll_mode: "adaptive".into(),
                 uplink_queues: 1,
                 cores: Vec::new(),
+                conntrack_max: None,
             },
             stromd: None,
             pods: BTreeMap::new(),
