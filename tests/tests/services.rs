@@ -1,0 +1,887 @@
+//! Kubernetes Services for traffic from pods, through strom-lab: each test writes Pods and
+//! Services (and EndpointSlices) as manifests, lets strom-lab program stromd, and checks what
+//! a user sees: who answers a connection to the ClusterIP, the client address the backend
+//! saw, how fast a refusal comes, and what `stromctl` reports. The expected values are
+//! Kubernetes' semantics (kube-proxy's), written here from the manifests.
+//!
+//! ```text
+//!  pod client ──▶ ClusterIP 198.19.0.x:port ──▶ stromd (conntrack, Maglev, DNAT) ──▶ pod a|b|c
+//!                                        ◀── reverse NAT (source back to the ClusterIP) ◀──
+//! ```
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::{BufRead, BufReader, Write};
+use std::path::PathBuf;
+use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use strom_tests::{bin_dir, net_lock, sh, Lab};
+
+/// The pod gateway: what a pod reaching itself through its Service sees as the client.
+const GATEWAY: &str = "169.254.1.1";
+
+fn strom_lab() -> PathBuf {
+    bin_dir().join("strom-lab")
+}
+
+/// `Lab::up`, then waits (at most 10 s) until every pod's responder listens on its TCP and
+/// UDP ports: strom-lab starts them without waiting (read from each responder's
+/// /proc/PID/net, its namespace's sockets).
+fn up(manifest: &str, flags: &[&str]) -> Lab {
+    let lab = Lab::up(manifest, flags);
+    wait_until_serving(&lab);
+    lab
+}
+
+fn wait_until_serving(lab: &Lab) {
+    let st: Value =
+        serde_json::from_slice(&std::fs::read(lab.dir.join("state.json")).unwrap()).unwrap();
+    let t = Instant::now();
+    for (k, p) in st["pods"].as_object().expect("pods in the lab state") {
+        let Some(pid) = p["responder"].as_u64() else {
+            continue;
+        };
+        let ports = p["decl"]["ports"].as_array().cloned().unwrap_or_default();
+        let listening = |file: &str, port: u64, state: &str| {
+            let want = format!(":{port:04X}");
+            std::fs::read_to_string(format!("/proc/{pid}/net/{file}"))
+                .unwrap_or_default()
+                .lines()
+                .skip(1)
+                .any(|l| {
+                    let f: Vec<&str> = l.split_whitespace().collect();
+                    f.len() > 3 && f[1].ends_with(&want) && f[3] == state
+                })
+        };
+        while !ports.iter().all(|d| {
+            let port = d["port"].as_u64().unwrap_or(0);
+            match d["protocol"].as_str() {
+                Some("tcp") => listening("tcp", port, "0A"),
+                Some("udp") => listening("udp", port, "07"),
+                _ => true,
+            }
+        }) {
+            assert!(
+                t.elapsed() < Duration::from_secs(10),
+                "{k}'s responder does not serve {ports:?}"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+/// A pod in namespace t with labels and container ports (`(name, port, protocol)`), and
+/// extra top-level YAML (status, a deletionTimestamp in metadata is given as `meta`).
+fn pod(name: &str, labels: &str, ports: &[(&str, u16, &str)], meta: &str, status: &str) -> String {
+    let ports: Vec<String> = ports
+        .iter()
+        .map(|(n, p, proto)| format!("{{name: {n}, containerPort: {p}, protocol: {proto}}}"))
+        .collect();
+    format!(
+        "---\nkind: Pod\nmetadata: {{name: {name}, namespace: t, labels: {{{labels}}}{meta}}}\nspec: {{containers: [{{name: c, ports: [{}]}}]}}\n{status}",
+        ports.join(", ")
+    )
+}
+
+/// A pod that only connects (no ports, no labels).
+fn client() -> String {
+    "---\nkind: Pod\nmetadata: {name: client, namespace: t}\n".into()
+}
+
+/// A Service in namespace t: `spec` is the YAML of its spec's fields (one per line, indented
+/// by two).
+fn service(name: &str, spec: &str) -> String {
+    format!("---\nkind: Service\nmetadata: {{name: {name}, namespace: t}}\nspec:\n{spec}")
+}
+
+/// One answer of the lab's responder: (who answered, the client address it saw).
+fn who(answer: &str) -> (String, String) {
+    let mut w = answer.split_whitespace();
+    let name = w.next().unwrap_or("").to_string();
+    let client = w
+        .next()
+        .and_then(|a| a.rsplit_once(':'))
+        .map(|(ip, _)| ip.to_string())
+        .unwrap_or_default();
+    (name, client)
+}
+
+/// `count` new connections (or UDP exchanges) from pod `from` to `ip:port`, 16 at a time:
+/// each answer, or why there was none.
+fn connect_many(
+    lab: &Lab,
+    from: &str,
+    ip: &str,
+    port: u16,
+    proto: &str,
+    count: usize,
+) -> Vec<Result<(String, String), String>> {
+    let o = lab.exec(
+        from,
+        &[
+            strom_lab().to_str().unwrap(),
+            "connect",
+            "--lines",
+            "--ip",
+            ip,
+            "--port",
+            &port.to_string(),
+            "--protocol",
+            proto,
+            "--timeout-ms",
+            "2000",
+            "--count",
+            &count.to_string(),
+        ],
+    );
+    let text = String::from_utf8_lossy(&o.stdout);
+    let lines: Vec<_> = text
+        .lines()
+        .map(|l| match l.split_once(' ') {
+            Some(("allow", a)) => Ok(who(a)),
+            _ => Err(l.to_string()),
+        })
+        .collect();
+    assert_eq!(
+        lines.len(),
+        count,
+        "one line per connection: {text}{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    lines
+}
+
+/// The backends that answered `count` connections, with how many each; panics on any failed
+/// connection or on a client address other than `client_ip`.
+fn answered_by(
+    lab: &Lab,
+    from: &str,
+    ip: &str,
+    port: u16,
+    proto: &str,
+    count: usize,
+    client_ip: &str,
+) -> BTreeMap<String, usize> {
+    let mut by = BTreeMap::new();
+    for r in connect_many(lab, from, ip, port, proto, count) {
+        let (name, client) = r.unwrap_or_else(|e| panic!("{proto} to {ip}:{port}: {e}"));
+        assert_eq!(
+            client, client_ip,
+            "{proto} {ip}:{port}: the backend sees the client's own address"
+        );
+        *by.entry(name).or_insert(0) += 1;
+    }
+    by
+}
+
+/// `strom-lab probe` with its arguments: the answer or the reason, how long it took, and its
+/// exit code (2: cannot be probed here).
+fn probe(lab: &Lab, args: &[&str]) -> (Result<String, String>, Duration, i32) {
+    let t = Instant::now();
+    let o = sh(lab.cmd().arg("probe").args(args));
+    let took = t.elapsed();
+    let out = String::from_utf8_lossy(&o.stdout).trim().to_string();
+    let code = o.status.code().unwrap_or(-1);
+    let r = match out.strip_prefix("allow: answered by ") {
+        Some(a) if o.status.success() => Ok(a.to_string()),
+        _ => Err(format!(
+            "{out}{}",
+            String::from_utf8_lossy(&o.stderr).trim()
+        )),
+    };
+    (r, took, code)
+}
+
+/// `strom-lab apply` of `manifest`: its stdout and stderr.
+fn apply(lab: &Lab, manifest: &str) -> (String, String) {
+    let m = std::env::temp_dir().join(format!("{}-apply.yaml", lab.prefix));
+    std::fs::write(&m, manifest).unwrap();
+    let o = sh(lab.cmd().arg("apply").arg(&m));
+    let _ = std::fs::remove_file(&m);
+    let (out, err) = (
+        String::from_utf8_lossy(&o.stdout).to_string(),
+        String::from_utf8_lossy(&o.stderr).to_string(),
+    );
+    assert!(o.status.success(), "strom-lab apply: {out}{err}");
+    (out, err)
+}
+
+/// stromd's Service ports (`stromctl services`), by key (`ns/name:port`).
+fn service_ports(lab: &Lab) -> BTreeMap<String, Value> {
+    lab.stromctl(&["services"])["services"]
+        .as_array()
+        .expect("services")
+        .iter()
+        .map(|s| (s["key"].as_str().unwrap().to_string(), s.clone()))
+        .collect()
+}
+
+/// The backends stromd lists for a Service port, as `ip:port`.
+fn backends(lab: &Lab, key: &str) -> BTreeSet<String> {
+    let ports = service_ports(lab);
+    let p = ports
+        .get(key)
+        .unwrap_or_else(|| panic!("no Service port {key}: {ports:?}"));
+    p["backends"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["addr"].as_str().unwrap().to_string())
+        .collect()
+}
+
+/// The backend `stromctl trace` says Maglev picks for a first packet (None: rejected).
+fn traced_backend(lab: &Lab, proto: &str, src: &str, dst: &str) -> Option<String> {
+    let o = sh(lab
+        .ctl()
+        .args(["trace", "--protocol", proto, "--src", src, "--dst", dst]));
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .find_map(|l| l.strip_prefix("Maglev picks "))
+        .map(|b| b.trim().to_string())
+}
+
+/// A process in a pod's namespace, stopped (by its id) on drop.
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A responder in `pod` holding its connections on TCP `port` (answering on every read).
+fn hold_responder(lab: &Lab, pod: &str, port: u16) -> Proc {
+    let p = Command::new("ip")
+        .args(["netns", "exec", &lab.pod_ns(pod)])
+        .arg(strom_lab())
+        .args(["responder", "--name", pod, "--hold-tcp", &port.to_string()])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    Proc(p)
+}
+
+/// TCP connections held open from a pod (`strom-lab hold`).
+struct Held {
+    proc: Proc,
+    stdin: ChildStdin,
+    out: BufReader<ChildStdout>,
+    count: usize,
+    /// Who answered each connection when it opened (None: it did not open).
+    first: Vec<Option<String>>,
+}
+
+impl Held {
+    fn open(lab: &Lab, from: &str, ip: &str, port: u16, count: usize) -> Held {
+        let mut c = Command::new("ip")
+            .args(["netns", "exec", &lab.pod_ns(from)])
+            .arg(strom_lab())
+            .args(["hold", "--ip", ip, "--port", &port.to_string()])
+            .args(["--count", &count.to_string(), "--timeout-ms", "3000"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let stdin = c.stdin.take().unwrap();
+        let mut out = BufReader::new(c.stdout.take().unwrap());
+        let mut first = Vec::new();
+        for _ in 0..count {
+            let mut l = String::new();
+            out.read_line(&mut l).unwrap();
+            first.push(l.strip_prefix("open ").map(|a| who(a).0));
+        }
+        Held {
+            proc: Proc(c),
+            stdin,
+            out,
+            count,
+            first,
+        }
+    }
+
+    /// Writes on every connection: for each, who answered (Ok) or the error, and how long
+    /// it took.
+    fn again(mut self) -> Vec<(Result<String, String>, Duration)> {
+        self.stdin.write_all(b"go\n").unwrap();
+        self.stdin.flush().unwrap();
+        let mut r = Vec::new();
+        for _ in 0..self.count {
+            let mut l = String::new();
+            self.out.read_line(&mut l).unwrap();
+            let l = l.trim();
+            let (head, ms) = l.rsplit_once(' ').unwrap_or((l, "0"));
+            let ms = Duration::from_millis(ms.parse().unwrap_or(0));
+            r.push(match head.strip_prefix("again ") {
+                Some(a) => (Ok(who(a).0), ms),
+                None => (Err(head.to_string()), ms),
+            });
+        }
+        let _ = self.proc.0.wait();
+        r
+    }
+}
+
+/// Waits until `pod` listens on TCP `port` (a responder just started).
+fn wait_listening(lab: &Lab, pod: &str, port: u16) {
+    let t = Instant::now();
+    loop {
+        let o = lab.exec(pod, &["ss", "-Hltn", &format!("sport = :{port}")]);
+        if !String::from_utf8_lossy(&o.stdout).trim().is_empty() {
+            return;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "{pod} listens on {port}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn cluster_ip_balances_tcp_udp_and_sctp_ports_with_named_target_ports_resolved_per_pod() {
+    let _g = net_lock();
+    // a and b serve the same named ports on different numbers: each is reached on its own.
+    let m = pod(
+        "a",
+        "app: web",
+        &[
+            ("http", 8080, "TCP"),
+            ("dns", 5353, "UDP"),
+            ("assoc", 9898, "SCTP"),
+        ],
+        "",
+        "",
+    ) + &pod(
+        "b",
+        "app: web",
+        &[
+            ("http", 9090, "TCP"),
+            ("dns", 5354, "UDP"),
+            ("assoc", 9899, "SCTP"),
+        ],
+        "",
+        "",
+    ) + &client()
+        + &service(
+            "web",
+            "  clusterIP: 198.19.0.10\n  selector: {app: web}\n  ports:\n    - {name: http, port: 80, targetPort: http}\n    - {name: alt, port: 8000, targetPort: http}\n    - {name: dns, port: 53, protocol: UDP, targetPort: dns}\n    - {name: assoc, port: 99, protocol: SCTP, targetPort: assoc}\n",
+        );
+    let lab = up(&m, &[]);
+    let (a, b, c) = (lab.pod_ip("t/a"), lab.pod_ip("t/b"), lab.pod_ip("t/client"));
+    let both: BTreeSet<String> = ["t/a".to_string(), "t/b".to_string()].into();
+    for (port, proto) in [(80, "tcp"), (8000, "tcp"), (53, "udp")] {
+        let by = answered_by(&lab, "t/client", "198.19.0.10", port, proto, 24, &c);
+        assert_eq!(
+            by.keys().cloned().collect::<BTreeSet<_>>(),
+            both,
+            "{port}/{proto}: both backends answer: {by:?}"
+        );
+    }
+    assert_eq!(
+        backends(&lab, "t/web:http"),
+        [format!("{a}:8080"), format!("{b}:9090")].into()
+    );
+    assert_eq!(
+        backends(&lab, "t/web:dns"),
+        [format!("{a}:5353"), format!("{b}:5354")].into()
+    );
+    let (r, _, code) = probe(
+        &lab,
+        &[
+            "--from",
+            "t/client",
+            "--to",
+            "t/web",
+            "--port-name",
+            "assoc",
+        ],
+    );
+    if code == 2 {
+        eprintln!("SCTP not checked: {}", r.unwrap_err());
+    } else {
+        let by = answered_by(&lab, "t/client", "198.19.0.10", 99, "sctp", 24, &c);
+        assert_eq!(
+            by.keys().cloned().collect::<BTreeSet<_>>(),
+            both,
+            "SCTP: {by:?}"
+        );
+    }
+}
+
+#[test]
+fn a_thousand_new_connections_spread_evenly_over_three_backends() {
+    let _g = net_lock();
+    let m = pod("a", "app: web", &[("http", 80, "TCP")], "", "")
+        + &pod("b", "app: web", &[("http", 80, "TCP")], "", "")
+        + &pod("c", "app: web", &[("http", 80, "TCP")], "", "")
+        + &client()
+        + &service(
+            "web",
+            "  clusterIP: 198.19.0.10\n  selector: {app: web}\n  ports: [{port: 80}]\n",
+        );
+    let lab = up(&m, &[]);
+    let c = lab.pod_ip("t/client");
+    let by = answered_by(&lab, "t/client", "198.19.0.10", 80, "tcp", 1000, &c);
+    assert_eq!(by.len(), 3, "{by:?}");
+    eprintln!("1000 connections: {by:?}");
+    for (who, n) in &by {
+        assert!(
+            (283..=383).contains(n),
+            "{who} got {n} of 1000 (even: 333 ± 15%): {by:?}"
+        );
+    }
+}
+
+#[test]
+fn removing_a_backend_resets_its_flows_and_moves_no_other() {
+    let _g = net_lock();
+    let pods = |c_label: &str| {
+        pod("a", "app: web", &[("http", 80, "TCP")], "", "")
+            + &pod("b", "app: web", &[("http", 80, "TCP")], "", "")
+            + &pod("c", c_label, &[("http", 80, "TCP")], "", "")
+            + &client()
+            + &service(
+                "web",
+                "  clusterIP: 198.19.0.10\n  selector: {app: web}\n  ports:\n    - {name: http, port: 80}\n    - {name: held, port: 9000}\n",
+            )
+    };
+    let lab = up(&pods("app: web"), &[]);
+    let ip = |k: &str| lab.pod_ip(k);
+    let (client_ip, c_ip) = (ip("t/client"), ip("t/c"));
+    let _responders: Vec<Proc> = ["t/a", "t/b", "t/c"]
+        .iter()
+        .map(|p| hold_responder(&lab, p, 9000))
+        .collect();
+    for p in ["t/a", "t/b", "t/c"] {
+        wait_listening(&lab, p, 9000);
+    }
+    // Where 300 new flows would go, before.
+    let tuples: Vec<String> = (0..300)
+        .map(|i| format!("{client_ip}:{}", 20000 + i))
+        .collect();
+    let picks = |lab: &Lab| -> Vec<String> {
+        tuples
+            .iter()
+            .map(|s| traced_backend(lab, "tcp", s, "198.19.0.10:80").expect("a backend"))
+            .collect()
+    };
+    let before = picks(&lab);
+    let held = Held::open(&lab, "t/client", "198.19.0.10", 9000, 24);
+    let first: Vec<String> = held
+        .first
+        .iter()
+        .map(|f| f.clone().expect("every held connection opens"))
+        .collect();
+    let on: BTreeSet<&str> = first.iter().map(String::as_str).collect();
+    assert_eq!(on.len(), 3, "held connections on every backend: {first:?}");
+
+    // c leaves the Service (its pod still runs: its label no longer matches).
+    apply(&lab, &pods("app: gone"));
+    let again = held.again();
+    for (f, (r, took)) in first.iter().zip(&again) {
+        eprintln!("held on {f}: then {r:?} after {took:?}");
+        if f == "t/c" {
+            let e = r
+                .as_ref()
+                .expect_err("a flow to the removed backend is not served");
+            assert!(
+                *took < Duration::from_millis(1000),
+                "reset at once, not after a timeout: {e} after {took:?}"
+            );
+            assert!(
+                e.contains("reset") || e.contains("EOF"),
+                "reset, not timed out: {e}"
+            );
+        } else {
+            assert_eq!(
+                r.as_deref(),
+                Ok(f.as_str()),
+                "an established flow to {f} stays on it"
+            );
+        }
+    }
+
+    // New flows: only those that went to c move (Maglev), about a third.
+    let after = picks(&lab);
+    let c_port = format!("{c_ip}:80");
+    let mut moved_from_c = 0;
+    let mut moved_others = 0;
+    for (b, a) in before.iter().zip(&after) {
+        assert_ne!(*a, c_port, "no new flow goes to the removed backend");
+        if *b == c_port {
+            moved_from_c += 1;
+        } else if b != a {
+            moved_others += 1;
+        }
+    }
+    eprintln!("of 300 traced flows: {moved_from_c} were c's, {moved_others} others moved");
+    assert!(
+        (60..=140).contains(&moved_from_c),
+        "about a third of 300 flows were c's: {moved_from_c}"
+    );
+    assert!(
+        moved_others <= 9,
+        "flows of the other backends stay (Maglev: at most a few %): {moved_others} of {} moved",
+        300 - moved_from_c
+    );
+    // Real new connections agree: a and b only.
+    let by = answered_by(&lab, "t/client", "198.19.0.10", 80, "tcp", 30, &client_ip);
+    assert_eq!(
+        by.keys().cloned().collect::<BTreeSet<_>>(),
+        ["t/a".to_string(), "t/b".to_string()].into(),
+        "{by:?}"
+    );
+}
+
+#[test]
+fn a_service_without_endpoints_refuses_tcp_and_udp_at_once() {
+    let _g = net_lock();
+    let m = client()
+        + &service(
+            "none",
+            "  clusterIP: 198.19.0.11\n  selector: {app: nothing}\n  ports:\n    - {name: http, port: 80}\n    - {name: dns, port: 53, protocol: UDP}\n",
+        );
+    let lab = up(&m, &[]);
+    for (name, proto) in [("http", "TCP"), ("dns", "UDP")] {
+        let (r, took, _) = probe(
+            &lab,
+            &[
+                "--from",
+                "t/client",
+                "--to",
+                "t/none",
+                "--port-name",
+                name,
+                "--timeout-ms",
+                "3000",
+            ],
+        );
+        let e = r.expect_err("no endpoints: refused");
+        assert!(e.contains("refused"), "{proto}: refused: {e}");
+        assert!(
+            took < Duration::from_millis(500),
+            "{proto}: refused at once, not after the timeout: {took:?}"
+        );
+    }
+    let ports = service_ports(&lab);
+    for key in ["t/none:http", "t/none:dns"] {
+        let p = &ports[key];
+        assert!(p["backends"].as_array().unwrap().is_empty(), "{p}");
+        assert!(p["rejected"].as_u64().unwrap() >= 1, "counted: {p}");
+        assert_eq!(p["flows"], 0, "{p}");
+    }
+}
+
+#[test]
+fn a_pod_reaching_itself_through_its_service_gets_its_own_answer_from_the_gateway() {
+    let _g = net_lock();
+    let m = pod(
+        "a",
+        "app: web",
+        &[("http", 80, "TCP"), ("dns", 53, "UDP")],
+        "",
+        "",
+    ) + &client()
+        + &service(
+            "web",
+            "  clusterIP: 198.19.0.10\n  selector: {app: web}\n  ports:\n    - {name: http, port: 80}\n    - {name: dns, port: 53, protocol: UDP}\n",
+        );
+    let lab = up(&m, &[]);
+    for proto in ["tcp", "udp"] {
+        let port = if proto == "tcp" { 80 } else { 53 };
+        let by = answered_by(&lab, "t/a", "198.19.0.10", port, proto, 5, GATEWAY);
+        assert_eq!(by.keys().collect::<Vec<_>>(), ["t/a"], "hairpin {proto}");
+        // From another pod, no SNAT.
+        let c = lab.pod_ip("t/client");
+        let by = answered_by(&lab, "t/client", "198.19.0.10", port, proto, 3, &c);
+        assert_eq!(by.keys().collect::<Vec<_>>(), ["t/a"], "{proto}");
+    }
+}
+
+#[test]
+fn client_ip_affinity_sticks_until_its_timeout_passes() {
+    let _g = net_lock();
+    let m = pod("a", "app: web", &[("http", 80, "TCP")], "", "")
+        + &pod("b", "app: web", &[("http", 80, "TCP")], "", "")
+        + &client()
+        + &service(
+            "web",
+            "  clusterIP: 198.19.0.10\n  selector: {app: web}\n  ports: [{port: 80}]\n  sessionAffinity: ClientIP\n  sessionAffinityConfig: {clientIP: {timeoutSeconds: 1}}\n",
+        );
+    let lab = up(&m, &[]);
+    let c = lab.pod_ip("t/client");
+    let by = answered_by(&lab, "t/client", "198.19.0.10", 80, "tcp", 100, &c);
+    assert_eq!(by.len(), 1, "100 connections, one backend: {by:?}");
+    // Past the timeout a client is balanced anew (then sticks again): over rounds, both.
+    let mut seen: BTreeSet<String> = by.keys().cloned().collect();
+    for _ in 0..12 {
+        if seen.len() == 2 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(1600));
+        let by = answered_by(&lab, "t/client", "198.19.0.10", 80, "tcp", 4, &c);
+        assert_eq!(by.len(), 1, "sticks again within the timeout: {by:?}");
+        seen.extend(by.into_keys());
+    }
+    assert_eq!(seen.len(), 2, "after the timeout both backends appear");
+}
+
+#[test]
+fn not_ready_pods_do_not_serve_and_terminating_ones_only_when_no_ready_one_is_left() {
+    let _g = net_lock();
+    const NOT_READY: &str = "status: {conditions: [{type: Ready, status: 'False'}]}\n";
+    const DELETING: &str = ", deletionTimestamp: '2026-01-01T00:00:00Z'";
+    let m = |a_ready: bool, c_ready: bool| {
+        let st = |r| if r { "" } else { NOT_READY };
+        pod("a", "app: web", &[("http", 80, "TCP")], "", st(a_ready))
+            + &pod("b", "app: web", &[("http", 80, "TCP")], "", NOT_READY)
+            + &pod(
+                "c",
+                "app: web",
+                &[("http", 80, "TCP")],
+                DELETING,
+                st(c_ready),
+            )
+            + &client()
+            + &service(
+                "web",
+                "  clusterIP: 198.19.0.10\n  selector: {app: web}\n  ports: [{port: 80}]\n",
+            )
+    };
+    let lab = up(&m(true, true), &[]);
+    let cl = lab.pod_ip("t/client");
+    let by = answered_by(&lab, "t/client", "198.19.0.10", 80, "tcp", 20, &cl);
+    assert_eq!(
+        by.keys().collect::<Vec<_>>(),
+        ["t/a"],
+        "only the ready pod serves (b not ready, c terminating)"
+    );
+    // a not ready: the terminating but still serving c takes over; b never.
+    apply(&lab, &m(false, true));
+    let by = answered_by(&lab, "t/client", "198.19.0.10", 80, "tcp", 20, &cl);
+    assert_eq!(by.keys().collect::<Vec<_>>(), ["t/c"], "{by:?}");
+    // c no longer serving either: nothing is left, connections are refused.
+    apply(&lab, &m(false, false));
+    let (r, took, _) = probe(&lab, &["--from", "t/client", "--to", "t/web"]);
+    assert!(
+        r.as_ref().is_err_and(|e| e.contains("refused")) && took < Duration::from_millis(500),
+        "{r:?} after {took:?}"
+    );
+}
+
+#[test]
+fn internal_traffic_policy_local_rejects_without_local_endpoints_and_headless_and_external_name_get_no_entries(
+) {
+    let _g = net_lock();
+    // a's address is fixed so that hand-written EndpointSlices can name it, on another node.
+    let slice = |svc: &str| {
+        format!(
+            "---\nkind: EndpointSlice\napiVersion: discovery.k8s.io/v1\nmetadata: {{name: {svc}-1, namespace: t, labels: {{kubernetes.io/service-name: {svc}}}}}\naddressType: IPv4\nendpoints: [{{addresses: [198.18.16.50], nodeName: other-node, conditions: {{ready: true}}}}]\nports: [{{name: http, port: 80, protocol: TCP}}]\n"
+        )
+    };
+    let m = pod(
+        "a",
+        "app: web",
+        &[("http", 80, "TCP")],
+        "",
+        "status: {podIP: 198.18.16.50}\n",
+    ) + &client()
+        + &service(
+            "local",
+            "  clusterIP: 198.19.0.20\n  internalTrafficPolicy: Local\n  ports: [{name: http, port: 80}]\n",
+        )
+        + &slice("local")
+        + &service(
+            "cluster",
+            "  clusterIP: 198.19.0.21\n  ports: [{name: http, port: 80}]\n",
+        )
+        + &slice("cluster")
+        + &service(
+            "headless",
+            "  clusterIP: None\n  selector: {app: web}\n  ports: [{name: http, port: 80}]\n",
+        )
+        + &service(
+            "elsewhere",
+            "  type: ExternalName\n  externalName: example.com\n",
+        );
+    let lab = up(&m, &[]);
+    assert_eq!(lab.pod_ip("t/a"), "198.18.16.50");
+    let c = lab.pod_ip("t/client");
+    // The same endpoint serves the Cluster-policy Service from this node...
+    let by = answered_by(&lab, "t/client", "198.19.0.21", 80, "tcp", 3, &c);
+    assert_eq!(by.keys().collect::<Vec<_>>(), ["t/a"]);
+    // ...but not the Local one: no endpoint on this node, refused.
+    let (r, took, _) = probe(&lab, &["--from", "t/client", "--to", "t/local"]);
+    assert!(
+        r.as_ref().is_err_and(|e| e.contains("refused")) && took < Duration::from_millis(500),
+        "{r:?} after {took:?}"
+    );
+    let keys: Vec<String> = service_ports(&lab).into_keys().collect();
+    assert!(keys.iter().any(|k| k.starts_with("t/cluster:")), "{keys:?}");
+    assert!(keys.iter().any(|k| k.starts_with("t/local:")), "{keys:?}");
+    assert!(
+        !keys
+            .iter()
+            .any(|k| k.starts_with("t/headless") || k.starts_with("t/elsewhere")),
+        "headless and ExternalName Services have no entries: {keys:?}"
+    );
+}
+
+#[test]
+fn a_full_conntrack_refuses_new_service_flows_but_not_pod_to_pod_traffic() {
+    let _g = net_lock();
+    let m = pod("a", "app: web", &[("http", 80, "TCP")], "", "")
+        + &client()
+        + &service(
+            "web",
+            "  clusterIP: 198.19.0.10\n  selector: {app: web}\n  ports: [{name: held, port: 9000}]\n",
+        );
+    let lab = up(&m, &["--conntrack-max", "4"]);
+    let _r = hold_responder(&lab, "t/a", 9000);
+    wait_listening(&lab, "t/a", 9000);
+    let held = Held::open(&lab, "t/client", "198.19.0.10", 9000, 4);
+    assert!(
+        held.first.iter().all(|f| f.as_deref() == Some("t/a")),
+        "4 flows fit: {:?}",
+        held.first
+    );
+    let (r, _, _) = probe(
+        &lab,
+        &[
+            "--from",
+            "t/client",
+            "--to",
+            "t/web",
+            "--timeout-ms",
+            "1000",
+        ],
+    );
+    assert!(r.is_err(), "a fifth flow does not fit: {r:?}");
+    assert!(
+        lab.drops("conntrack_full") >= 1,
+        "counted as conntrack_full"
+    );
+    assert!(
+        lab.probe("t/client", "t/a", 80, "tcp"),
+        "pod to pod without a Service is not tracked"
+    );
+    drop(held);
+}
+
+#[test]
+fn a_malformed_service_is_refused_alone_with_its_reason() {
+    let _g = net_lock();
+    let good = pod("a", "app: web", &[("http", 80, "TCP")], "", "")
+        + &client()
+        + &service(
+            "good",
+            "  clusterIP: 198.19.0.10\n  selector: {app: web}\n  ports: [{port: 80}]\n",
+        );
+    let lab = up(&good, &[]);
+    let bad = service(
+        "badport",
+        "  selector: {app: web}\n  ports: [{port: 70000}]\n",
+    ) + &service(
+        "badproto",
+        "  selector: {app: web}\n  ports: [{port: 80, protocol: QUIC}]\n",
+    ) + &service(
+        "badip",
+        "  clusterIP: 300.1.2.3\n  selector: {app: web}\n  ports: [{port: 80}]\n",
+    ) + &service(
+        "good2",
+        "  clusterIP: 198.19.0.12\n  selector: {app: web}\n  ports: [{port: 81, targetPort: 80}]\n",
+    );
+    let (out, err) = apply(&lab, &(good + &bad));
+    for name in ["badport", "badproto", "badip"] {
+        let line = err
+            .lines()
+            .find(|l| l.contains(&format!("t/{name}")))
+            .unwrap_or_else(|| panic!("{name} refused with a reason: {out}{err}"));
+        assert!(
+            line.len() > format!("t/{name}").len() + 20,
+            "a reason: {line}"
+        );
+    }
+    let keys: Vec<String> = service_ports(&lab).into_keys().collect();
+    assert!(
+        !keys.iter().any(|k| k.starts_with("t/bad")),
+        "refused ones are not programmed: {keys:?}"
+    );
+    let c = lab.pod_ip("t/client");
+    for (ip, port) in [("198.19.0.10", 80), ("198.19.0.12", 81)] {
+        let by = answered_by(&lab, "t/client", ip, port, "tcp", 2, &c);
+        assert_eq!(by.keys().collect::<Vec<_>>(), ["t/a"], "{ip}:{port}");
+    }
+}
+
+#[test]
+fn conntrack_lists_and_flushes_one_services_flows_and_trace_names_frontend_and_backend() {
+    let _g = net_lock();
+    let m = pod("a", "app: web", &[("http", 8080, "TCP")], "", "")
+        + &pod("b", "app: db", &[("sql", 5432, "TCP")], "", "")
+        + &client()
+        + &service(
+            "web",
+            "  clusterIP: 198.19.0.10\n  selector: {app: web}\n  ports: [{name: http, port: 80, targetPort: http}]\n",
+        )
+        + &service(
+            "db",
+            "  clusterIP: 198.19.0.11\n  selector: {app: db}\n  ports: [{name: sql, port: 5432, targetPort: sql}]\n",
+        );
+    let lab = up(&m, &[]);
+    let (a, b, c) = (lab.pod_ip("t/a"), lab.pod_ip("t/b"), lab.pod_ip("t/client"));
+    answered_by(&lab, "t/client", "198.19.0.10", 80, "tcp", 5, &c);
+    answered_by(&lab, "t/client", "198.19.0.11", 5432, "tcp", 3, &c);
+    let flows = |svc: &str| -> Vec<Value> {
+        let v = lab.stromctl(&["conntrack", "--service", svc]);
+        let e = v["entries"].as_array().unwrap().clone();
+        assert_eq!(v["total"].as_u64(), Some(e.len() as u64), "{v}");
+        e
+    };
+    let web = flows("t/web");
+    assert_eq!(web.len(), 5, "the 5 connections to t/web: {web:?}");
+    for e in &web {
+        assert_eq!(e["service"], "t/web", "{e}");
+        let t = e["translated"].as_str().unwrap();
+        assert!(
+            e["original"]
+                .as_str()
+                .unwrap()
+                .ends_with("-> 198.19.0.10:80")
+                && t.ends_with(&format!("-> {a}:8080"))
+                && t.starts_with(&c),
+            "{e}"
+        );
+    }
+    assert_eq!(flows("t/db").len(), 3);
+    let f = lab.stromctl(&["conntrack", "--service", "t/web", "--flush"]);
+    assert_eq!(f["entries"], 5, "{f}");
+    assert!(flows("t/web").is_empty(), "flushed");
+    assert_eq!(flows("t/db").len(), 3, "the other Service keeps its flows");
+
+    let o = sh(lab.ctl().args([
+        "trace",
+        "--src",
+        &format!("{c}:40000"),
+        "--dst",
+        "198.19.0.11:5432",
+    ]));
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{text}");
+    assert!(text.contains("t/db"), "names the Service: {text}");
+    assert!(
+        text.contains("198.19.0.11:5432") && text.contains(&format!("{b}:5432")),
+        "names the frontend and the backend: {text}"
+    );
+    assert!(
+        !text.contains(&format!("{a}:")),
+        "not the other Service's backend: {text}"
+    );
+}
