@@ -833,7 +833,7 @@ impl Worker {
             }
             // This worker owns the flows of its ports: a reply another worker routed here is
             // translated back before it leaves.
-            pipeline::service::deliver(&mut h.data, len, &mut self.ctx);
+            pipeline::service::deliver(&mut h.data, len, tables, &mut self.ctx);
             let r = Self::transmit_copy(
                 &mut self.umem,
                 self.ports

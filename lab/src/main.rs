@@ -622,6 +622,71 @@ fn demo_checks(st: &State) -> anyhow::Result<bool> {
             ),
         );
     }
+    println!("\n== Services through stromd (DNAT, conntrack, Maglev) ==");
+    for (what, from, svc, port_name, expect) in [
+        (
+            "pod -> Service ClusterIP",
+            "tools/client",
+            "shop/frontend",
+            None,
+            "shop/web 198.18.16.",
+        ),
+        (
+            "pod -> Service, named port, UDP",
+            "tools/client",
+            "shop/database",
+            Some("dns"),
+            "shop/db 198.18.16.",
+        ),
+        (
+            "external -> NodePort (SNAT to the node)",
+            "external",
+            "shop/frontend",
+            None,
+            "shop/web 198.18.0.1:",
+        ),
+    ] {
+        let choice = services::PortChoice {
+            name: port_name.map(str::to_string),
+            ..Default::default()
+        };
+        let (ip, port, proto) = probe_target(st, from, &format!("svc/{svc}"), None, choice, false)?;
+        let r = probe_ip(st, from, ip, port, &proto, Duration::from_secs(2))?;
+        check(
+            what,
+            r.as_ref().is_ok_and(|a| a.starts_with(expect)),
+            format!(
+                "{from} -> {svc} ({ip}:{port}/{proto}): {}",
+                match &r {
+                    Ok(a) => format!("answered by {a} (backend, and the client it saw)"),
+                    Err(e) => format!("no answer ({e})"),
+                }
+            ),
+        );
+    }
+    let (ip, port, proto) = probe_target(
+        st,
+        "tools/client",
+        "svc/shop/cache",
+        None,
+        services::PortChoice::default(),
+        false,
+    )?;
+    let t = Instant::now();
+    let r = probe_ip(st, "tools/client", ip, port, &proto, Duration::from_secs(2))?;
+    let took = t.elapsed();
+    check(
+        "Service without endpoints: rejected at once",
+        matches!(&r, Err(e) if e.contains("refused")) && took < Duration::from_secs(1),
+        format!(
+            "tools/client -> shop/cache ({ip}:{port}): {} in {} ms",
+            match &r {
+                Ok(a) => format!("answered by {a}"),
+                Err(e) => e.clone(),
+            },
+            took.as_millis()
+        ),
+    );
     let ping = |from: &str, to: &str, extra: &[&str]| -> anyhow::Result<std::process::Output> {
         let ip = place_ip(st, to)?.to_string();
         Ok(in_ns(&place_ns(st, from)?, "ping")
@@ -638,7 +703,7 @@ fn demo_checks(st: &State) -> anyhow::Result<bool> {
     );
     let o = ping("tools/client", "external", &[])?;
     check(
-        "pod -> outside, routed out through the uplink (no NAT)",
+        "pod -> outside, routed out through the uplink",
         o.status.success(),
         "tools/client pings 198.18.0.2 beyond the node".into(),
     );

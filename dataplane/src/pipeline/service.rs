@@ -166,7 +166,19 @@ fn no_service(
     if t.services.is_vip(key.dst) {
         return Some(Action::Drop(DropReason::ServiceUnknownPort));
     }
-    if port.kind != PortKind::Pod || !t.node.masquerades(key.dst) {
+    if port.kind == PortKind::Uplink {
+        // A connection from outside to a pod of this worker: tracked as it is, so that the
+        // pod's answers are not taken for new connections leaving the cluster (masquerade).
+        // For a pod of another worker, that worker tracks it when the frame reaches it.
+        if t.node.masquerade
+            && t.route(std::net::IpAddr::V4(key.dst))
+                .is_some_and(|n| n.worker == ctx.worker && !t.routes.is_uplink(n))
+        {
+            track_inbound(ctx, t, key, seen);
+        }
+        return None;
+    }
+    if !t.node.masquerades(key.dst) {
         return None;
     }
     let node = t.node.v4?;
@@ -186,6 +198,25 @@ fn no_service(
         }
         Err(r) => Some(Action::Drop(r)),
     }
+}
+
+/// Tracks a connection from outside the cluster to a pod, untranslated (a full table leaves
+/// it untracked: its answers would then be masqueraded, and the connection fail).
+fn track_inbound(ctx: &mut Context, t: &View<'_>, key: FlowKey, seen: Seen) {
+    let backend = Backend {
+        ip: key.dst,
+        port: key.dport,
+    };
+    let gen = t.services.generation();
+    let _ = ctx.ct.insert(
+        key,
+        key.reversed(),
+        SvcRef::NONE,
+        backend,
+        seen,
+        gen,
+        ctx.now_ms,
+    );
 }
 
 /// Tracks a new flow whose source becomes `node:PORT`, PORT taken from this worker's share of
@@ -402,14 +433,34 @@ fn icmp_error(
 /// (or an ICMP error) of a flow this worker tracks is translated back before it leaves.
 /// Frames of no tracked flow, or not IPv4, are left as they are.
 #[inline]
-pub fn deliver(buf: &mut [u8], len: usize, ctx: &mut Context) {
-    if ctx.ct.is_empty() || len <= HEADER_LEN || buf[12..14] != [0x08, 0x00] {
+pub fn deliver(buf: &mut [u8], len: usize, t: &View<'_>, ctx: &mut Context) {
+    if (ctx.ct.is_empty() && !t.node.masquerade) || len <= HEADER_LEN || buf[12..14] != [0x08, 0x00]
+    {
         return;
     }
     let Ok(mut hdr) = super::ipv4::validate(&buf[HEADER_LEN..len]) else {
         return;
     };
-    translate_answer(buf, &mut hdr, ctx);
+    if translate_answer(buf, &mut hdr, ctx) || !t.node.masquerade {
+        return;
+    }
+    // From outside the cluster to a pod of this worker and of no tracked flow: a connection
+    // from outside, tracked here, where the pod's answers come.
+    if t.node.masquerades(hdr.src) {
+        let end = HEADER_LEN + hdr.total_len;
+        if let L4::Flow {
+            key,
+            tcp_flags,
+            sctp_end,
+        } = l4::parse(&buf[HEADER_LEN..end], &hdr)
+        {
+            let seen = Seen {
+                tcp_flags,
+                sctp_end,
+            };
+            track_inbound(ctx, t, key, seen);
+        }
+    }
 }
 
 /// Translates an answer (or an ICMP error) of a flow this worker tracks; false when it is

@@ -248,7 +248,7 @@ fn a_reply_handed_over_from_another_worker_is_translated_by_the_owner() {
     // ...and A's worker, which owns the flow, translates it before sending.
     let len = out.len();
     out.resize(2048, 0);
-    super::deliver(&mut out, len, &mut owner);
+    super::deliver(&mut out, len, &t.view(), &mut owner);
     out.truncate(len);
     assert_eq!(endpoints(&out), ((VIP, 80), (A, 40001)));
 }
@@ -832,4 +832,56 @@ fn fragmentation_needed_toward_a_backend_reaches_the_client_about_the_node_port(
         &[0x15, 0xb3, 0x75, 0x80],
         "5555 -> 30080"
     );
+}
+
+#[test]
+fn a_pods_answer_to_a_connection_from_outside_is_not_masqueraded() {
+    let mut d = DesiredServices::default();
+    let mut t = node_tables(&mut d, 2);
+    // Pod A on worker 0 (the uplink's), pod B on worker 1.
+    t.routes.local.get_mut(&IpAddr::from(B)).unwrap().worker = 1;
+    let mut w0 = Context::new(0, 64);
+    let mut w1 = Context::new(1, 64);
+    // A: the uplink's worker tracks the connection as it comes in.
+    let (a, _) = run(&from_outside((EXT, 5555), (A, 80)), &uplink(), &t, &mut w0);
+    assert!(matches!(a, Action::Tx { port: 0, .. }), "{a:?}");
+    let (a, out) = run(
+        &tcp(A_MAC, (A, 80), (EXT, 5555), false),
+        &port_a(),
+        &t,
+        &mut w0,
+    );
+    assert!(matches!(a, Action::Tx { port: 9, .. }), "{a:?}");
+    assert_eq!(
+        endpoints(&out),
+        ((A, 80), (EXT, 5555)),
+        "A's answer as it is"
+    );
+    // B: handed to worker 1, which tracks it on delivery.
+    let (a, mut out) = run(&from_outside((EXT, 5556), (B, 80)), &uplink(), &t, &mut w0);
+    let Action::Handoff { worker: 1, len, .. } = a else {
+        panic!("{a:?}")
+    };
+    out.resize(2048, 0);
+    super::deliver(&mut out, len, &t.view(), &mut w1);
+    let (a, out) = run(
+        &tcp(B_MAC, (B, 80), (EXT, 5556), false),
+        &port_b(),
+        &t,
+        &mut w1,
+    );
+    assert!(matches!(a, Action::Handoff { port: 9, .. }), "{a:?}");
+    assert_eq!(
+        endpoints(&out),
+        ((B, 80), (EXT, 5556)),
+        "B's answer as it is"
+    );
+    // A connection B opens is masqueraded.
+    let (_, out) = run(
+        &tcp(B_MAC, (B, 81), (EXT, 5556), true),
+        &port_b(),
+        &t,
+        &mut w1,
+    );
+    assert_eq!(endpoints(&out).0 .0, NODE);
 }
