@@ -1,0 +1,295 @@
+//! Services reached from outside the node, and pods reaching the outside, through strom-lab:
+//! NodePorts under both external traffic policies (the client address the backend sees), a
+//! load-balancer IP and its `healthCheckNodePort`, PMTU discovery through a NodePort, and
+//! masquerade of a pod's connection to the outside (the address `external` sees).
+//!
+//! ```text
+//!  external 198.18.0.2 ──uplink──▶ node 198.18.0.1:NodePort ──▶ stromd (DNAT, SNAT) ──▶ pod
+//!  pod ──▶ stromd (masquerade to 198.18.0.1:61000+) ──uplink──▶ external
+//! ```
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use strom_tests::{bin_dir, drops_in, net_lock, sh, Lab};
+
+const NODE: &str = "198.18.0.1";
+const EXTERNAL: &str = "198.18.0.2";
+const LB_IP: &str = "198.19.255.1";
+
+/// Pods a (app=web, TCP 80 and UDP 53) and c (a client), and the Services given.
+fn manifest(services: &str) -> String {
+    format!(
+        "---
+kind: Pod
+metadata: {{name: a, namespace: t, labels: {{app: web}}}}
+spec: {{containers: [{{name: c, ports: [{{containerPort: 80}}, {{containerPort: 53, protocol: UDP}}]}}]}}
+---
+kind: Pod
+metadata: {{name: c, namespace: t}}
+{services}"
+    )
+}
+
+/// A Service of pod a's: type `ty`, NodePort `np` on port 80 (and UDP 53 on `np + 1`), and
+/// more spec fields.
+fn web(name: &str, ty: &str, np: u16, more: &str) -> String {
+    format!(
+        "---
+kind: Service
+metadata: {{name: {name}, namespace: t}}
+spec:
+  type: {ty}
+  selector: {{app: web}}
+  ports:
+    - {{name: http, port: 80, nodePort: {np}}}
+    - {{name: dns, port: 53, protocol: UDP, nodePort: {}}}
+{more}",
+        np + 1
+    )
+}
+
+/// Waits until pod `key`'s responder listens on TCP 80.
+fn wait_serving(lab: &Lab, key: &str) {
+    let t = Instant::now();
+    while !lab.probe("t/c", key, 80, "tcp") {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "{key} does not serve"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// `strom-lab probe` with its arguments: (who answered, the client address it saw).
+fn probe(lab: &Lab, args: &[&str]) -> Result<(String, String), String> {
+    let o = sh(lab.cmd().arg("probe").args(args));
+    let out = String::from_utf8_lossy(&o.stdout).trim().to_string();
+    match out.strip_prefix("allow: answered by ") {
+        Some(a) if o.status.success() => {
+            let mut w = a.split_whitespace();
+            let who = w.next().unwrap_or("").to_string();
+            let client = w
+                .next()
+                .and_then(|c| c.rsplit_once(':'))
+                .map(|(ip, _)| ip.to_string())
+                .unwrap_or_default();
+            Ok((who, client))
+        }
+        _ => Err(format!("{out}{}", String::from_utf8_lossy(&o.stderr))),
+    }
+}
+
+#[test]
+fn node_ports_from_outside_come_from_the_node_under_cluster_and_keep_the_client_under_local() {
+    let _g = net_lock();
+    let lab = Lab::up(
+        &manifest(&format!(
+            "{}{}",
+            web("cluster", "NodePort", 30080, ""),
+            web(
+                "local",
+                "NodePort",
+                30090,
+                "  externalTrafficPolicy: Local\n"
+            )
+        )),
+        &[],
+    );
+    wait_serving(&lab, "t/a");
+    for proto in ["tcp", "udp"] {
+        let port = if proto == "tcp" { "http" } else { "dns" };
+        assert_eq!(
+            probe(
+                &lab,
+                &[
+                    "--from",
+                    "external",
+                    "--to",
+                    "t/cluster",
+                    "--port-name",
+                    port
+                ]
+            ),
+            Ok(("t/a".to_string(), NODE.to_string())),
+            "{proto}, externalTrafficPolicy Cluster: from the node's address"
+        );
+        assert_eq!(
+            probe(
+                &lab,
+                &["--from", "external", "--to", "t/local", "--port-name", port]
+            ),
+            Ok(("t/a".to_string(), EXTERNAL.to_string())),
+            "{proto}, externalTrafficPolicy Local: the client's own address"
+        );
+    }
+    // From a pod, the NodePort on the node's address leads to the Service too, and the
+    // backend sees the pod.
+    let o = lab.exec(
+        "t/c",
+        &[
+            bin_dir().join("strom-lab").to_str().unwrap(),
+            "connect",
+            "--ip",
+            NODE,
+            "--port",
+            "30080",
+            "--protocol",
+            "tcp",
+            "--timeout-ms",
+            "2000",
+        ],
+    );
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        text.starts_with("t/a ") && text.contains(&lab.pod_ip("t/c")),
+        "pod -> NodePort: {text}{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    // A node port no Service has stays the kernel's: nothing listens there, so it refuses.
+    let o = sh(lab.cmd().args([
+        "probe", "--from", "external", "--to", "node", "--port", "30085",
+    ]));
+    assert!(!o.status.success());
+}
+
+/// An HTTP GET from `external` to `NODE:port`: the whole answer.
+fn http_get(lab: &Lab, port: u16) -> String {
+    let script = format!(
+        "exec 3<>/dev/tcp/{NODE}/{port} && printf 'GET / HTTP/1.1\\r\\nHost: n\\r\\n\\r\\n' >&3 && timeout 2 cat <&3"
+    );
+    let o = lab.exec("external", &["bash", "-c", &script]);
+    String::from_utf8_lossy(&o.stdout).to_string()
+}
+
+#[test]
+fn a_load_balancer_ip_leads_to_the_service_and_its_health_check_counts_local_endpoints() {
+    let _g = net_lock();
+    let lb = format!(
+        "  externalTrafficPolicy: Local\n  healthCheckNodePort: 32100\nstatus: {{loadBalancer: {{ingress: [{{ip: {LB_IP}}}]}}}}\n"
+    );
+    let m = manifest(&web("lb", "LoadBalancer", 30100, &lb));
+    let lab = Lab::up(&m, &[]);
+    wait_serving(&lab, "t/a");
+    // The outside routes the load balancer's address to the node, as a load balancer does.
+    let ext = format!("{}-ext", lab.prefix);
+    let o = sh(Command::new("ip").args(["-n", &ext, "route", "add", LB_IP, "via", NODE]));
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(
+        probe(&lab, &["--from", "external", "--to", "t/lb", "--lb"]),
+        Ok(("t/a".to_string(), EXTERNAL.to_string())),
+        "LB IP, Local: the client's own address"
+    );
+    let r = http_get(&lab, 32100);
+    assert!(
+        r.starts_with("HTTP/1.1 200") && r.contains(r#""localEndpoints":1"#),
+        "one local endpoint: {r}"
+    );
+    // Without the pod, no local endpoint: 503, and connections are refused.
+    let without = m.replace("labels: {app: web}", "labels: {app: gone}");
+    let path = std::env::temp_dir().join(format!("{}-lb.yaml", lab.prefix));
+    std::fs::write(&path, without).unwrap();
+    let o = sh(lab.cmd().arg("apply").arg(&path));
+    let _ = std::fs::remove_file(&path);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let r = http_get(&lab, 32100);
+    assert!(
+        r.starts_with("HTTP/1.1 503") && r.contains(r#""localEndpoints":0"#),
+        "no local endpoint: {r}"
+    );
+    let e = probe(&lab, &["--from", "external", "--to", "t/lb", "--lb"]).unwrap_err();
+    assert!(e.contains("refused"), "rejected, not black-holed: {e}");
+}
+
+#[test]
+fn a_pods_connection_to_the_outside_comes_from_the_node() {
+    let _g = net_lock();
+    let lab = Lab::up(&manifest(""), &[]);
+    wait_serving(&lab, "t/a");
+    let ext = format!("{}-ext", lab.prefix);
+    let mut responder = Command::new("ip")
+        .args(["netns", "exec", &ext])
+        .arg(bin_dir().join("strom-lab"))
+        .args([
+            "responder",
+            "--name",
+            "ext",
+            "--tcp",
+            "7000",
+            "--udp",
+            "7001",
+        ])
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let tcp = probe(
+        &lab,
+        &["--from", "t/c", "--to", "external", "--port", "7000"],
+    );
+    let udp = probe(
+        &lab,
+        &[
+            "--from",
+            "t/c",
+            "--to",
+            "external",
+            "--port",
+            "7001",
+            "--protocol",
+            "udp",
+        ],
+    );
+    // Connections from outside to a pod keep their addresses, and so do the pod's answers.
+    let inbound = probe(&lab, &["--from", "external", "--to", "t/a", "--port", "80"]);
+    let _ = responder.kill();
+    let _ = responder.wait();
+    for (what, r) in [("tcp", tcp), ("udp", udp)] {
+        assert_eq!(
+            r,
+            Ok(("ext".to_string(), NODE.to_string())),
+            "{what}: masqueraded to the node's address"
+        );
+    }
+    assert_eq!(inbound, Ok(("t/a".to_string(), EXTERNAL.to_string())));
+    let flows = lab.stromctl(&["conntrack", "--addr", EXTERNAL]);
+    assert!(
+        flows["entries"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["translated"].as_str().unwrap().starts_with(NODE)),
+        "{flows}"
+    );
+}
+
+#[test]
+fn pmtu_discovery_works_through_a_node_port() {
+    let _g = net_lock();
+    let lab = Lab::up(&manifest(&web("big", "NodePort", 30200, "")), &[]);
+    wait_serving(&lab, "t/a");
+    let before = drops_in(&lab.stromctl(&["stats"]), &["fragmentation_needed"]);
+    // 1472 bytes of UDP with DF: a 1500-byte packet, 50 more than the pods' MTU. The sender
+    // gets fragmentation-needed about the packet it sent (to the NodePort) and lowers its
+    // path MTU to the node.
+    let send = format!(
+        "import socket\ns = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\ns.setsockopt(socket.IPPROTO_IP, 10, 2)\ns.connect(('{NODE}', 30201))\ntry:\n    s.send(b'x' * 1472)\nexcept OSError:\n    pass\n"
+    );
+    let o = lab.exec("external", &["python3", "-c", &send]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let t = Instant::now();
+    let route = loop {
+        let o = lab.exec("external", &["ip", "route", "get", NODE]);
+        let r = String::from_utf8_lossy(&o.stdout).to_string();
+        if r.contains("mtu 1450") || t.elapsed() > Duration::from_secs(3) {
+            break r;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(
+        route.contains("mtu 1450"),
+        "the sender learnt the path's MTU: {route}"
+    );
+    let after = drops_in(&lab.stromctl(&["stats"]), &["fragmentation_needed"]);
+    assert!(after > before, "{before} -> {after}");
+}
