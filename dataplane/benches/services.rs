@@ -2,7 +2,7 @@
 //! ClusterIP, for a flow conntrack already has (DNAT from its entry) and for a new flow
 //! (frontend lookup, Maglev, conntrack insert, DNAT; the entry is removed again after each
 //! packet, which the figure includes), with 10, 1k and 100k Services of 10 endpoints each
-//! (100k: 1M endpoints). Also conntrack alone at 1M flows: memory, insert, lookup, and what
+//! (100k: 1M endpoints). Also conntrack alone at 1M flows: its memory, insert, lookup, and what
 //! the expiry sweep costs per loop; and building the Service table.
 //!
 //!   cargo bench -p strom-dataplane --bench services
@@ -179,6 +179,12 @@ fn conntrack_1m(c: &mut Criterion) {
         tcp_flags: 0x02,
         sctp_end: false,
     };
+    let d = pipeline::CONNTRACK_MAX;
+    println!(
+        "a worker at the default conntrack_max ({d}): conntrack {} MiB, affinity {} MiB",
+        Conntrack::new(d).memory_bytes() >> 20,
+        strom_dataplane::conntrack::affinity::Affinity::new(d).memory_bytes() >> 20
+    );
     let mut ct = Conntrack::new(N);
     let t0 = std::time::Instant::now();
     for i in 0..N - 1024 {
@@ -193,11 +199,12 @@ fn conntrack_1m(c: &mut Criterion) {
     }
     let fill = t0.elapsed();
     println!(
-        "conntrack: {} flows inserted in {:.0} ms ({:.0} ns each); resident memory now {} MiB",
+        "conntrack: {} flows inserted in {:.0} ms ({:.0} ns each); the table holds {} MiB ({} bytes a flow)",
         ct.len(),
         fill.as_secs_f64() * 1e3,
         fill.as_nanos() as f64 / ct.len() as f64,
-        rss_mib()
+        ct.memory_bytes() >> 20,
+        ct.memory_bytes() / N
     );
     let mut i = 0usize;
     g.bench_function("lookup_hit", |b| {
@@ -226,13 +233,6 @@ fn conntrack_1m(c: &mut Criterion) {
     // removal's cost is in insert_and_remove).
     g.bench_function("sweep_64_slots", |b| b.iter(|| black_box(ct.sweep(1, 64))));
     g.finish();
-}
-
-fn rss_mib() -> u64 {
-    std::fs::read_to_string("/proc/self/statm")
-        .ok()
-        .and_then(|s| s.split_whitespace().nth(1)?.parse::<u64>().ok())
-        .map_or(0, |pages| pages * 4096 / (1 << 20))
 }
 
 fn build(c: &mut Criterion) {

@@ -91,8 +91,8 @@ pub struct DataplaneSection {
     #[serde(default = "default_fill_min")]
     pub fill_min: u32,
     /// Flows each worker tracks at most (connection tracking for Services), and ClientIP
-    /// affinities likewise. Allocated when the worker starts: about 170 bytes a flow (21 MiB
-    /// per worker at the default). A new flow finding the table full fails, counted as
+    /// affinities likewise. Reserved when the worker starts (43 MiB per worker at the
+    /// default: conntrack 30, affinity 13; about 330 bytes a flow), touched as flows come. A new flow finding the table full fails, counted as
     /// `conntrack_full`.
     #[serde(default = "default_conntrack_max")]
     pub conntrack_max: usize,

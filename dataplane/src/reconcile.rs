@@ -69,6 +69,29 @@ impl Reconciler {
 
     /// Programs a Service (all its ports at once); a refused one keeps what it had.
     pub fn set_service(&mut self, spec: strom_api::ServiceSpec) -> Result<(), String> {
+        // A Service address must be the Service's alone: one of the node's own (its traffic
+        // would be taken from the kernel on the uplink), the gateway's or a pod's would cut
+        // them off.
+        let node = self.tables.node();
+        for ip in spec
+            .cluster_ips
+            .iter()
+            .chain(&spec.external_ips)
+            .chain(&spec.load_balancer_ips)
+        {
+            let in_pods = match ip {
+                IpAddr::V4(v4) => {
+                    *v4 == node.gateway_v4 || node.pod_cidr.is_some_and(|c| c.contains(v4))
+                }
+                IpAddr::V6(_) => false,
+            };
+            if in_pods || node.addrs.contains(ip) {
+                return Err(format!(
+                    "{}: {ip} is the node's, the pod gateway's or in the pod CIDR, not a Service's",
+                    spec.key()
+                ));
+            }
+        }
         let nodes = self.node_v4();
         self.services.set(spec, &nodes)?;
         self.publish_services();

@@ -134,6 +134,13 @@ impl Affinity {
         self.index.len()
     }
 
+    /// Bytes the table holds (allocated when it was made).
+    pub fn memory_bytes(&self) -> usize {
+        self.index.allocation_size()
+            + self.slots.capacity() * std::mem::size_of::<Slot>()
+            + self.free.capacity() * std::mem::size_of::<u32>()
+    }
+
     pub fn is_empty(&self) -> bool {
         self.index.is_empty()
     }

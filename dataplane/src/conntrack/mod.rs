@@ -201,9 +201,11 @@ impl std::fmt::Debug for Conntrack {
 }
 
 impl Conntrack {
-    /// A table for at most `max` flows, allocated now. The index gets twice the room its two
-    /// keys per flow need: at half load hashbrown's removals leave empty slots rather than
-    /// tombstones, and it never grows (so never allocates) on a worker's path.
+    /// A table for at most `max` flows, allocated now. The index gets room for twice its two
+    /// keys per flow: at a quarter load or less hashbrown's removals leave empty buckets
+    /// rather than tombstones, and should tombstones ever use up its room, it rehashes in
+    /// place instead of growing (it grows only past half its room): it never allocates on a
+    /// worker's path. About 244 bytes a flow in all (BENCHMARKS.md, "Services").
     pub fn new(max: usize) -> Self {
         let max = max.min(u32::MAX as usize / 2);
         Conntrack {
@@ -343,6 +345,13 @@ impl Conntrack {
 
     pub fn max(&self) -> usize {
         self.max
+    }
+
+    /// Bytes the table holds (allocated when it was made: the same whatever it tracks).
+    pub fn memory_bytes(&self) -> usize {
+        self.index.allocation_size()
+            + self.entries.capacity() * std::mem::size_of::<Entry>()
+            + self.free.capacity() * std::mem::size_of::<u32>()
     }
 
     /// Every live flow with its slot.

@@ -28,6 +28,7 @@ use std::net::IpAddr;
 
 use crate::drop::DropReason;
 use crate::mac::Mac;
+use crate::tables::services::SvcRef;
 use crate::tables::{Next, View};
 
 /// What kind of port a frame came in on.
@@ -138,10 +139,17 @@ impl Context {
         }
     }
 
-    /// Counts for Service port slot `slot` (nothing if the worker has not grown to it yet).
+    /// Counts for Service port `id` (nothing if the worker has not grown to its slot yet); a
+    /// slot's counts start again from zero for a new incarnation.
     #[inline]
-    fn count(&mut self, slot: u32, f: impl FnOnce(&mut service::SvcCount)) {
-        if let Some(c) = self.svc_counts.get_mut(slot as usize) {
+    fn count(&mut self, id: SvcRef, f: impl FnOnce(&mut service::SvcCount)) {
+        if let Some(c) = self.svc_counts.get_mut(id.slot as usize) {
+            if c.incarnation != id.incarnation {
+                *c = service::SvcCount {
+                    incarnation: id.incarnation,
+                    ..Default::default()
+                };
+            }
             f(c);
         }
     }

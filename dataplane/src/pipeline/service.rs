@@ -110,13 +110,16 @@ fn flow(
         if !e.reopened_by(seen) {
             let gen = t.services.generation();
             let (svc, backend) = (e.svc, e.backend);
-            let listed = e.checked == gen || t.services.port(svc).is_some_and(|p| p.lists(backend));
+            // Masqueraded and inbound flows belong to no Service: nothing can remove them.
+            let listed = svc == SvcRef::NONE
+                || e.checked == gen
+                || t.services.port(svc).is_some_and(|p| p.lists(backend));
             if listed {
                 let e = ctx.ct.entry_mut(slot);
                 e.checked = gen;
                 e.seen(false, seen, now);
                 let (to_src, to_dst) = ((e.reply.dst, e.reply.dport), (e.reply.src, e.reply.sport));
-                ctx.count(svc.slot, |c| c.packets += 1);
+                ctx.count(svc, |c| c.packets += 1);
                 translate(&mut buf[HEADER_LEN..end], hdr, to_src, to_dst);
                 return None;
             }
@@ -124,7 +127,14 @@ fn flow(
             // the address the client used; other flows are balanced anew.
             ctx.ct.remove(slot);
             if key.proto == TCP {
-                return Some(reject_tcp(buf, len, port, key.dst, DropReason::BackendGone));
+                return Some(reject_tcp(
+                    ctx,
+                    buf,
+                    len,
+                    port,
+                    key.dst,
+                    DropReason::BackendGone,
+                ));
             }
         } else {
             ctx.ct.remove(slot);
@@ -288,9 +298,9 @@ fn new_flow(
             .filter(|b| pool.serves(*b))
     });
     let Some(backend) = remembered.or_else(|| pool.pick(flow_hash(&key))) else {
-        ctx.count(svc.id.slot, |c| c.rejected += 1);
+        ctx.count(svc.id, |c| c.rejected += 1);
         return Some(if key.proto == TCP {
-            reject_tcp(buf, len, port, key.dst, DropReason::ServiceNoEndpoints)
+            reject_tcp(ctx, buf, len, port, key.dst, DropReason::ServiceNoEndpoints)
         } else {
             super::icmp_error(ctx, DropReason::ServiceNoEndpoints, || {
                 icmp::port_unreachable(buf, len, port.host_mac, key.dst)
@@ -308,7 +318,7 @@ fn new_flow(
         if let Some(node) = t.node.v4 {
             return match track_snat(ctx, t, key, node, backend, svc.id, seen) {
                 Ok(p) => {
-                    ctx.count(svc.id.slot, |c| {
+                    ctx.count(svc.id, |c| {
                         c.flows += 1;
                         c.packets += 1;
                     });
@@ -344,7 +354,7 @@ fn new_flow(
         Err(Refused::Full) => return Some(Action::Drop(DropReason::ConntrackFull)),
         Err(Refused::Clash) => return Some(Action::Drop(DropReason::ConntrackClash)),
     }
-    ctx.count(svc.id.slot, |c| {
+    ctx.count(svc.id, |c| {
         c.flows += 1;
         c.packets += 1;
     });
@@ -366,18 +376,20 @@ fn translate(ip: &mut [u8], hdr: &mut Header, src: (Ipv4Addr, u16), dst: (Ipv4Ad
     hdr.dst = dst.0;
 }
 
-/// A RST back to the client from `from`, out of the port the segment came in on.
+/// A RST back to the client from `from`, out of the port the segment came in on, at the
+/// worker's ICMP error rate (a flood of segments to a Service without endpoints must not
+/// make stromd a reflector).
 fn reject_tcp(
+    ctx: &mut Context,
     buf: &mut [u8],
     len: usize,
     port: &InPort<'_>,
     from: Ipv4Addr,
     reason: DropReason,
 ) -> Action {
-    match reject::tcp_rst(buf, len, port.host_mac, from) {
-        Some(len) => Action::IcmpError { reason, len },
-        None => Action::Drop(reason),
-    }
+    super::icmp_error(ctx, reason, || {
+        reject::tcp_rst(buf, len, port.host_mac, from)
+    })
 }
 
 /// Translates an ICMP error about a tracked flow back to what the other end knows: the
@@ -487,6 +499,19 @@ pub fn translate_answer(buf: &mut [u8], hdr: &mut Header, ctx: &mut Context) -> 
                 );
                 let (to_src, to_dst) = ((e.orig.dst, e.orig.dport), (e.orig.src, e.orig.sport));
                 translate(&mut buf[HEADER_LEN..end], hdr, to_src, to_dst);
+                return true;
+            }
+            // The original direction of a flow this worker tracks (a client outside, say,
+            // whose connection another worker handed here): it keeps the entry alive.
+            if let Some(Hit { slot, reply: false }) = ctx.ct.lookup(&key, now) {
+                ctx.ct.entry_mut(slot).seen(
+                    false,
+                    Seen {
+                        tcp_flags,
+                        sctp_end,
+                    },
+                    now,
+                );
                 return true;
             }
             false

@@ -885,3 +885,27 @@ fn a_pods_answer_to_a_connection_from_outside_is_not_masqueraded() {
     );
     assert_eq!(endpoints(&out).0 .0, NODE);
 }
+
+#[test]
+fn a_masqueraded_connection_survives_a_change_of_any_service() {
+    let mut d = DesiredServices::default();
+    let t = node_tables(&mut d, 1);
+    let mut ctx = Context::default();
+    let (_, out) = run(
+        &tcp(A_MAC, (A, 40000), (EXT, 80), true),
+        &port_a(),
+        &t,
+        &mut ctx,
+    );
+    let first = endpoints(&out).0;
+    d.set(web(vec![endpoint(B, 8080)]), &[]).unwrap();
+    let t = node_tables(&mut d, 1);
+    let (a, out) = run(
+        &tcp(A_MAC, (A, 40000), (EXT, 80), false),
+        &port_a(),
+        &t,
+        &mut ctx,
+    );
+    assert!(matches!(a, Action::Tx { port: 9, .. }), "{a:?}");
+    assert_eq!(endpoints(&out).0, first, "the same translation");
+}

@@ -68,8 +68,9 @@ struct RunArgs {
     /// Rounds; each measures every path with every traffic once.
     #[arg(short, long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=100))]
     rounds: u32,
-    /// Paths, comma separated: stromd, kernel (Linux forwarding), kernel-nat (Linux +
-    /// nftables DNAT to a Service VIP), testpmd (DPDK MAC forwarding over AF_XDP).
+    /// Paths, comma separated: stromd, stromd-svc (stromd with a Service: pod → VIP, DNAT
+    /// and conntrack), kernel (Linux forwarding), kernel-nat (Linux + nftables DNAT to a
+    /// Service VIP), testpmd (DPDK MAC forwarding over AF_XDP).
     #[arg(
         long,
         value_delimiter = ',',

@@ -323,6 +323,9 @@ state_dir = "{state}"
     );
     let cfg = dir.0.join("stromd.toml");
     std::fs::write(&cfg, config)?;
+    // The socket a previous stromd of this directory left (stromd and stromd-svc take turns
+    // in it) would pass for the new one's before it listens.
+    let _ = std::fs::remove_file(&sock);
     let log = File::create(env.work.join("stromd.log"))?;
     let child = ns_command(&t.n)
         .arg(env.bin.join("stromd"))
@@ -341,10 +344,14 @@ state_dir = "{state}"
         _dir: Some(dir),
     };
     wait_for(
-        || Ok(sock.exists()),
+        || {
+            Ok(strom_api::Client::connect(&sock, Duration::from_secs(1))
+                .and_then(|mut c| c.call(&strom_api::Request::Status))
+                .is_ok())
+        },
         Duration::from_secs(10),
         &mut r,
-        "stromd's API socket (see stromd.log)",
+        "stromd's API (see stromd.log)",
     )?;
     let mut ports = vec![
         ("ha".to_string(), IP_A, t.mac_a.clone(), "pod-a".to_string()),

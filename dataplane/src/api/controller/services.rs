@@ -82,26 +82,19 @@ impl Controller {
         self.health_checks.sync(&want);
     }
 
-    /// Every worker's counters per Service port slot, added up.
-    fn service_counts(&self) -> Vec<SvcCount> {
-        let mut total: Vec<SvcCount> = Vec::new();
+    /// Every worker's counters per Service port slot.
+    fn service_counts(&self) -> Vec<Vec<SvcCount>> {
+        let mut all = Vec::new();
         for w in &self.workers {
             let (tx, rx) = crossbeam_channel::bounded(1);
             if !w.command(Command::ServiceCounts(tx)) {
                 continue;
             }
             if let Some(counts) = wait_reply(&rx) {
-                if total.len() < counts.len() {
-                    total.resize(counts.len(), SvcCount::default());
-                }
-                for (t, c) in total.iter_mut().zip(&counts) {
-                    t.flows += c.flows;
-                    t.packets += c.packets;
-                    t.rejected += c.rejected;
-                }
+                all.push(counts);
             }
         }
-        total
+        all
     }
 
     /// `Services`: each Service port, its frontends, which endpoints serve, its counters and
@@ -113,7 +106,18 @@ impl Controller {
         let mut services: Vec<ServicePortStatus> = table
             .ports()
             .map(|p| {
-                let c = counts.get(p.id.slot as usize).copied().unwrap_or_default();
+                // The workers' counts of this port's incarnation of its slot, added up.
+                let mut c = SvcCount::default();
+                for w in &counts {
+                    if let Some(x) = w
+                        .get(p.id.slot as usize)
+                        .filter(|x| x.incarnation == p.id.incarnation)
+                    {
+                        c.flows += x.flows;
+                        c.packets += x.packets;
+                        c.rejected += x.rejected;
+                    }
+                }
                 let mut s = p.status(c.flows, c.packets, c.rejected);
                 for b in &mut s.backends {
                     b.flows = flows
