@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard, Once};
+use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
@@ -147,6 +148,50 @@ impl Lab {
             String::from_utf8_lossy(&out.stderr)
         );
         lab
+    }
+
+    /// Waits (at most 10 s) until every pod's responder listens on all its ports: `strom-lab up`
+    /// and `apply` start the responders without waiting for them. Read from each responder's
+    /// /proc/PID/net (its namespace's sockets).
+    pub fn wait_until_serving(&self) {
+        let st: Value =
+            serde_json::from_slice(&std::fs::read(self.dir.join("state.json")).unwrap()).unwrap();
+        let t = Instant::now();
+        for (k, p) in st["pods"].as_object().expect("pods in the lab state") {
+            let Some(pid) = p["responder"].as_u64() else {
+                continue;
+            };
+            let ports = p["decl"]["ports"].as_array().cloned().unwrap_or_default();
+            loop {
+                let listening = |file: &str, port: u64, state: &str| {
+                    let want = format!(":{port:04X}");
+                    std::fs::read_to_string(format!("/proc/{pid}/net/{file}"))
+                        .unwrap_or_default()
+                        .lines()
+                        .skip(1)
+                        .any(|l| {
+                            let f: Vec<&str> = l.split_whitespace().collect();
+                            f.len() > 3 && f[1].ends_with(&want) && f[3] == state
+                        })
+                };
+                let serving = ports.iter().all(|d| {
+                    let port = d["port"].as_u64().unwrap_or(0);
+                    match d["protocol"].as_str() {
+                        Some("tcp") => listening("tcp", port, "0A"),
+                        Some("udp") => listening("udp", port, "07"),
+                        _ => true,
+                    }
+                });
+                if serving {
+                    break;
+                }
+                assert!(
+                    t.elapsed() < Duration::from_secs(10),
+                    "{k}'s responder (pid {pid}) does not serve {ports:?} 10 s after the lab came up"
+                );
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
     }
 
     /// A strom-lab command on this lab.

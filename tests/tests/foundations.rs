@@ -65,50 +65,6 @@ fn pod_ips(lab: &Lab) -> BTreeMap<String, Ipv4Addr> {
         .collect()
 }
 
-/// Waits (at most 10 s) until every pod's responder listens on all its ports: `strom-lab up`
-/// and `apply` start the responders without waiting for them. Read from each responder's
-/// /proc/PID/net (its namespace's sockets).
-fn wait_until_serving(lab: &Lab) {
-    let st: Value =
-        serde_json::from_slice(&std::fs::read(lab.dir.join("state.json")).unwrap()).unwrap();
-    let t = Instant::now();
-    for (k, p) in st["pods"].as_object().expect("pods in the lab state") {
-        let Some(pid) = p["responder"].as_u64() else {
-            continue;
-        };
-        let ports = p["decl"]["ports"].as_array().cloned().unwrap_or_default();
-        loop {
-            let listening = |file: &str, port: u64, state: &str| {
-                let want = format!(":{port:04X}");
-                std::fs::read_to_string(format!("/proc/{pid}/net/{file}"))
-                    .unwrap_or_default()
-                    .lines()
-                    .skip(1)
-                    .any(|l| {
-                        let f: Vec<&str> = l.split_whitespace().collect();
-                        f.len() > 3 && f[1].ends_with(&want) && f[3] == state
-                    })
-            };
-            let serving = ports.iter().all(|d| {
-                let port = d["port"].as_u64().unwrap_or(0);
-                match d["protocol"].as_str() {
-                    Some("tcp") => listening("tcp", port, "0A"),
-                    Some("udp") => listening("udp", port, "07"),
-                    _ => true,
-                }
-            });
-            if serving {
-                break;
-            }
-            assert!(
-                t.elapsed() < Duration::from_secs(10),
-                "{k}'s responder (pid {pid}) does not serve {ports:?} 10 s after the lab came up"
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-}
-
 /// One probe: from a pod to another pod's port; the answer must name the target first.
 #[derive(Clone, Debug)]
 struct Probe {
@@ -446,7 +402,7 @@ fn every_pod_reaches_the_others_at_the_first_try(n: usize, workers: usize, flags
     all.extend_from_slice(flags);
     let all: Vec<&str> = all.iter().map(String::as_str).collect();
     let lab = Lab::up(&pods(n), &all);
-    wait_until_serving(&lab);
+    lab.wait_until_serving();
     let ports = lab.pod_ports();
     assert_eq!(ports.len(), n, "every pod has its port");
     for w in 0..workers {
@@ -606,7 +562,7 @@ fn a_pod_added_last_after_iperf3_between_others_works_at_once() {
         &pods(109),
         &pinned.iter().map(String::as_str).collect::<Vec<_>>(),
     );
-    wait_until_serving(&lab);
+    lab.wait_until_serving();
     let ips = pod_ips(&lab);
     let streams = [(0, 1, false)];
     // iperf3 on the pods' cores, as the lab runs its pods.
@@ -711,7 +667,7 @@ fn a_pod_added_last_after_iperf3_between_others_works_at_once() {
         "{out}{}",
         String::from_utf8_lossy(&o.stderr)
     );
-    wait_until_serving(&lab);
+    lab.wait_until_serving();
     let newcomer = key(109);
     let mut probes = Vec::new();
     for peer in [0, 1, 2, 3, 54, 108].map(key) {
@@ -1170,7 +1126,7 @@ fn cni_status(lab: &Lab) -> (bool, Value) {
 fn a_stuck_worker_makes_status_and_cni_status_not_ready_naming_it_until_it_moves_again() {
     let _g = net_lock();
     let lab = Lab::up(&two_pods(), &["--workers", "2"]);
-    wait_until_serving(&lab);
+    lab.wait_until_serving();
     assert!(lab.probe("t/a", "t/b", 80, "tcp"));
     let (ok, v) = cni_status(&lab);
     assert!(ok, "CNI STATUS while every worker moves: {v}");
@@ -1269,7 +1225,7 @@ fn add_port(lab: &Lab, ifname: &str, ip: &str, mac: &str) -> (bool, String) {
 fn registrations_of_the_uplink_of_another_pods_address_and_of_a_pods_interface_again_are_refused() {
     let _g = net_lock();
     let lab = Lab::up(&two_pods(), &[]);
-    wait_until_serving(&lab);
+    lab.wait_until_serving();
     let a = lab.port_of("a");
     let (a_if, a_ip, a_mac) = (
         a["spec"]["ifname"].as_str().unwrap().to_string(),
@@ -1376,7 +1332,7 @@ fn stromd_restarted_right_after_kill_9_with_a_hundred_and_ten_ports_comes_back()
     let _g = net_lock();
     let n = 110;
     let lab = Lab::up(&pods(n), &[]);
-    wait_until_serving(&lab);
+    lab.wait_until_serving();
     let ring = |offset: usize| -> Vec<Probe> {
         (0..n)
             .map(|i| Probe::new(key(i), key((i + offset) % n), 80, "tcp"))
@@ -1453,7 +1409,7 @@ fn frames_too_large_for_a_umem_frame_are_counted_by_their_own_reason_and_a_9000_
 ) {
     let _g = net_lock();
     let lab = Lab::up(&two_pods(), &[]);
-    wait_until_serving(&lab);
+    lab.wait_until_serving();
     let node = lab.node_ns();
     let ext = format!("{}-ext", lab.prefix);
     let a = lab.pod_ip("t/a");

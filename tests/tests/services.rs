@@ -30,45 +30,8 @@ fn strom_lab() -> PathBuf {
 /// /proc/PID/net, its namespace's sockets).
 fn up(manifest: &str, flags: &[&str]) -> Lab {
     let lab = Lab::up(manifest, flags);
-    wait_until_serving(&lab);
+    lab.wait_until_serving();
     lab
-}
-
-fn wait_until_serving(lab: &Lab) {
-    let st: Value =
-        serde_json::from_slice(&std::fs::read(lab.dir.join("state.json")).unwrap()).unwrap();
-    let t = Instant::now();
-    for (k, p) in st["pods"].as_object().expect("pods in the lab state") {
-        let Some(pid) = p["responder"].as_u64() else {
-            continue;
-        };
-        let ports = p["decl"]["ports"].as_array().cloned().unwrap_or_default();
-        let listening = |file: &str, port: u64, state: &str| {
-            let want = format!(":{port:04X}");
-            std::fs::read_to_string(format!("/proc/{pid}/net/{file}"))
-                .unwrap_or_default()
-                .lines()
-                .skip(1)
-                .any(|l| {
-                    let f: Vec<&str> = l.split_whitespace().collect();
-                    f.len() > 3 && f[1].ends_with(&want) && f[3] == state
-                })
-        };
-        while !ports.iter().all(|d| {
-            let port = d["port"].as_u64().unwrap_or(0);
-            match d["protocol"].as_str() {
-                Some("tcp") => listening("tcp", port, "0A"),
-                Some("udp") => listening("udp", port, "07"),
-                _ => true,
-            }
-        }) {
-            assert!(
-                t.elapsed() < Duration::from_secs(10),
-                "{k}'s responder does not serve {ports:?}"
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
 }
 
 /// A pod in namespace t with labels and container ports (`(name, port, protocol)`), and
