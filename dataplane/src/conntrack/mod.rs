@@ -158,6 +158,15 @@ impl Entry {
         self.expires_ms = now_ms + self.state.timeout_ms(self.orig.proto);
     }
 
+    /// What a packet of the flow becomes, source and destination: in the original direction
+    /// the translated tuple (the reply tuple reversed), in the reply direction the original
+    /// one reversed.
+    #[inline]
+    pub fn rewrite_to(&self, reply: bool) -> ((Ipv4Addr, u16), (Ipv4Addr, u16)) {
+        let k = if reply { self.orig } else { self.reply };
+        ((k.dst, k.dport), (k.src, k.sport))
+    }
+
     /// Whether a new connection on the same tuple replaces this one (a SYN after the old one
     /// closed).
     pub fn reopened_by(&self, s: Seen) -> bool {

@@ -102,7 +102,7 @@ fn flow(
     if let Some(Hit { slot, reply }) = ctx.ct.lookup(&key, now) {
         let e = ctx.ct.entry(slot);
         if reply {
-            let (to_src, to_dst) = ((e.orig.dst, e.orig.dport), (e.orig.src, e.orig.sport));
+            let (to_src, to_dst) = e.rewrite_to(true);
             ctx.ct.entry_mut(slot).seen(true, seen, now);
             translate(&mut buf[HEADER_LEN..end], hdr, to_src, to_dst);
             return None;
@@ -118,7 +118,7 @@ fn flow(
                 let e = ctx.ct.entry_mut(slot);
                 e.checked = gen;
                 e.seen(false, seen, now);
-                let (to_src, to_dst) = ((e.reply.dst, e.reply.dport), (e.reply.src, e.reply.sport));
+                let (to_src, to_dst) = e.rewrite_to(false);
                 ctx.count(svc, |c| c.packets += 1);
                 translate(&mut buf[HEADER_LEN..end], hdr, to_src, to_dst);
                 return None;
@@ -497,7 +497,7 @@ pub fn translate_answer(buf: &mut [u8], hdr: &mut Header, ctx: &mut Context) -> 
                     },
                     now,
                 );
-                let (to_src, to_dst) = ((e.orig.dst, e.orig.dport), (e.orig.src, e.orig.sport));
+                let (to_src, to_dst) = e.rewrite_to(true);
                 translate(&mut buf[HEADER_LEN..end], hdr, to_src, to_dst);
                 return true;
             }
