@@ -56,6 +56,15 @@ pub struct NodeSection {
     /// pod addresses back to the node.
     #[serde(default)]
     pub no_masquerade: Vec<Ipv4Net>,
+    /// Whether the node's own sockets (those of stromd's network namespace) reach Services:
+    /// a connection or UDP datagram to a frontend is given a backend when the socket names it
+    /// (cgroup programs, `xdp/bpf/socklb.c`).
+    #[serde(default = "yes")]
+    pub node_sockets: bool,
+    /// The cgroup v2 directory whose processes' sockets `node_sockets` serves (its
+    /// descendants too). Empty: the root of the cgroup v2 hierarchy, every process.
+    #[serde(default)]
+    pub node_cgroup: PathBuf,
 }
 
 fn yes() -> bool {

@@ -15,6 +15,7 @@ pub mod drop;
 pub mod healthcheck;
 pub use strom_api::mac;
 pub mod netlink;
+pub mod node_sockets;
 pub mod pipeline;
 pub mod reconcile;
 pub mod state;

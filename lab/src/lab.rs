@@ -365,8 +365,9 @@ impl State {
         ip(&["-n", &ext, "route", "add", &s.pod_cidr, "via", NODE_ADDR])?;
         run(in_ns(&ext, "ethtool").args(["-K", "eth0", "tx", "off", "tso", "off", "gso", "off"]))?;
         let cfg = format!(
-            "[node]\naddresses = [\"{NODE_ADDR}\"]\npod_cidr = \"{}\"\nuplink = \"uplink\"\nuplink_gateway = \"{EXT_ADDR}\"\n\n[dataplane]\nworkers = {}\ncores = {:?}\npoll_mode = \"{}\"\napi_socket = \"{}\"\nstate_dir = \"{}\"\nbpf_pin_dir = \"{}\"\n",
+            "[node]\naddresses = [\"{NODE_ADDR}\"]\npod_cidr = \"{}\"\nuplink = \"uplink\"\nuplink_gateway = \"{EXT_ADDR}\"\nnode_cgroup = \"{}\"\n\n[dataplane]\nworkers = {}\ncores = {:?}\npoll_mode = \"{}\"\napi_socket = \"{}\"\nstate_dir = \"{}\"\nbpf_pin_dir = \"{}\"\n",
             s.pod_cidr,
+            node_cgroup(&s.prefix).display(),
             s.workers,
             s.cores,
             s.poll_mode,
@@ -380,6 +381,8 @@ impl State {
         };
         std::fs::write(s.dir.join("stromd.toml"), cfg)?;
         mount_bpffs()?;
+        mount_once(CGROUP2, "cgroup2")?;
+        std::fs::create_dir_all(node_cgroup(&s.prefix))?;
         st.start_stromd()?;
         Ok(st)
     }
@@ -554,16 +557,42 @@ pub fn pin_dir(prefix: &str) -> PathBuf {
 
 /// Mounts [`BPFFS`] unless a bpffs is mounted there already.
 fn mount_bpffs() -> anyhow::Result<()> {
+    mount_once(BPFFS, "bpf")
+}
+
+/// Mounts a filesystem of type `fstype` on `dir` unless one is mounted there already.
+fn mount_once(dir: &str, fstype: &str) -> anyhow::Result<()> {
     let mounted = std::fs::read_to_string("/proc/self/mounts")?
         .lines()
         .any(|l| {
-            l.split_whitespace().nth(1) == Some(BPFFS) && l.split_whitespace().nth(2) == Some("bpf")
+            l.split_whitespace().nth(1) == Some(dir) && l.split_whitespace().nth(2) == Some(fstype)
         });
     if !mounted {
-        std::fs::create_dir_all(BPFFS)?;
-        run(Command::new("mount").args(["-t", "bpf", "bpf", BPFFS]))?;
+        std::fs::create_dir_all(dir)?;
+        run(Command::new("mount").args(["-t", fstype, fstype, dir]))?;
     }
     Ok(())
+}
+
+/// The cgroup v2 hierarchy, mounted where the lab's processes see it: `ip netns exec` mounts
+/// a sysfs of its own over /sys (as for [`BPFFS`]), hiding /sys/fs/cgroup from stromd.
+pub const CGROUP2: &str = "/run/strom-lab-cgroup";
+
+/// The lab node's cgroup: the node's own processes that strom-lab starts (`probe --from
+/// node`, `exec node`) run in it, and stromd serves their sockets' connections to Services
+/// (`node.node_cgroup`), so that no program is attached to the machine's root cgroup.
+pub fn node_cgroup(prefix: &str) -> PathBuf {
+    Path::new(CGROUP2).join(format!("{prefix}-node"))
+}
+
+/// A command run in the lab node's namespace and cgroup.
+pub fn in_node(s: &Settings, prog: impl AsRef<std::ffi::OsStr>) -> Command {
+    let mut c = in_ns(&s.node_ns(), "sh");
+    // The shell moves itself into the cgroup (0: the writer), then becomes the command.
+    c.args(["-c", "echo 0 > \"$0/cgroup.procs\" && exec \"$@\""])
+        .arg(node_cgroup(&s.prefix))
+        .arg(prog);
+    c
 }
 
 /// Deletes every namespace named `<prefix>-*` (and kills what runs inside), then the pins of
@@ -576,4 +605,6 @@ pub fn sweep(prefix: &str) {
         }
     }
     let _ = std::fs::remove_dir_all(pin_dir(prefix));
+    // Empty now that the node's processes are stopped.
+    let _ = std::fs::remove_dir(node_cgroup(prefix));
 }

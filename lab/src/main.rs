@@ -107,9 +107,14 @@ enum Cmd {
         /// A Service port's name.
         #[arg(long)]
         port_name: Option<String>,
-        /// To a Service from external: its first load-balancer address, not its NodePort.
+        /// To a Service: its first load-balancer address (from external: rather than its
+        /// NodePort).
         #[arg(long)]
         lb: bool,
+        /// To a Service from a pod or the node: its NodePort on the node's address (from
+        /// external that is the default).
+        #[arg(long)]
+        node_port: bool,
         /// tcp (the default for a pod), udp or sctp; for a Service, the port's own.
         #[arg(long)]
         protocol: Option<String>,
@@ -288,6 +293,19 @@ fn place_ns(st: &State, place: &str) -> anyhow::Result<String> {
     }
 }
 
+/// A command run at a place: in a pod's namespace, or the node's namespace and cgroup (where
+/// stromd serves its sockets' Services), or external's namespace.
+fn place_cmd(
+    st: &State,
+    place: &str,
+    prog: impl AsRef<std::ffi::OsStr>,
+) -> anyhow::Result<std::process::Command> {
+    if place == "node" {
+        return Ok(lab::in_node(&st.settings, prog));
+    }
+    Ok(in_ns(&place_ns(st, place)?, prog))
+}
+
 /// Resolves a destination to an address.
 fn place_ip(st: &State, place: &str) -> anyhow::Result<IpAddr> {
     if let Ok(ip) = place.parse() {
@@ -321,11 +339,11 @@ fn probe(
 /// Where `strom-lab probe` goes: (address, port, protocol).
 fn probe_target(
     st: &State,
-    from: &str,
     to: &str,
     port: Option<u16>,
     choice: services::PortChoice,
     lb: bool,
+    node_port: bool,
 ) -> anyhow::Result<(IpAddr, u16, String)> {
     let (key, forced) = match to.strip_prefix("svc/") {
         Some(k) => (k, true),
@@ -344,7 +362,7 @@ fn probe_target(
         return Ok((place_ip(st, key)?, port, protocol.to_string()));
     }
     let choice = services::PortChoice { port, ..choice };
-    let (ip, port, protocol) = st.service_target(key, from == "external", lb, &choice)?;
+    let (ip, port, protocol) = st.service_target(key, node_port, lb, &choice)?;
     Ok((ip, port, protocol.name().to_string()))
 }
 
@@ -357,8 +375,7 @@ fn probe_ip(
     protocol: &str,
     timeout: Duration,
 ) -> anyhow::Result<Result<String, String>> {
-    let ns = place_ns(st, from)?;
-    let out = in_ns(&ns, std::env::current_exe()?)
+    let out = place_cmd(st, from, std::env::current_exe()?)?
         .args([
             "connect",
             "--ip",
@@ -409,8 +426,7 @@ fn probe_many(
     protocol: &str,
     timeout: Duration,
 ) -> anyhow::Result<Vec<(String, Result<String, String>)>> {
-    let ns = place_ns(st, from)?;
-    let mut cmd = in_ns(&ns, std::env::current_exe()?);
+    let mut cmd = place_cmd(st, from, std::env::current_exe()?)?;
     cmd.args([
         "connect",
         "--lines",
@@ -538,8 +554,7 @@ fn print_matrix(st: &State, cells: &[Cell]) {
 }
 
 fn exec_in(st: &State, target: &str, cmd: &[String]) -> anyhow::Result<i32> {
-    let ns = place_ns(st, target)?;
-    let status = in_ns(&ns, &cmd[0]).args(&cmd[1..]).status()?;
+    let status = place_cmd(st, target, &cmd[0])?.args(&cmd[1..]).status()?;
     Ok(status.code().unwrap_or(1))
 }
 
@@ -645,12 +660,26 @@ fn demo_checks(st: &State) -> anyhow::Result<bool> {
             None,
             "shop/web 198.18.0.1:",
         ),
+        (
+            "node -> Service ClusterIP (its socket given a backend)",
+            "node",
+            "shop/frontend",
+            None,
+            "shop/web 198.18.0.1:",
+        ),
     ] {
         let choice = services::PortChoice {
             name: port_name.map(str::to_string),
             ..Default::default()
         };
-        let (ip, port, proto) = probe_target(st, from, &format!("svc/{svc}"), None, choice, false)?;
+        let (ip, port, proto) = probe_target(
+            st,
+            &format!("svc/{svc}"),
+            None,
+            choice,
+            false,
+            from == "external",
+        )?;
         let r = probe_ip(st, from, ip, port, &proto, Duration::from_secs(2))?;
         check(
             what,
@@ -666,10 +695,10 @@ fn demo_checks(st: &State) -> anyhow::Result<bool> {
     }
     let (ip, port, proto) = probe_target(
         st,
-        "tools/client",
         "svc/shop/cache",
         None,
         services::PortChoice::default(),
+        false,
         false,
     )?;
     let t = Instant::now();
@@ -689,7 +718,7 @@ fn demo_checks(st: &State) -> anyhow::Result<bool> {
     );
     let ping = |from: &str, to: &str, extra: &[&str]| -> anyhow::Result<std::process::Output> {
         let ip = place_ip(st, to)?.to_string();
-        Ok(in_ns(&place_ns(st, from)?, "ping")
+        Ok(place_cmd(st, from, "ping")?
             .args(["-c", "1", "-W", "1"])
             .args(extra)
             .arg(ip)
@@ -843,6 +872,7 @@ fn main() -> anyhow::Result<()> {
             port,
             port_name,
             lb,
+            node_port,
             protocol,
             timeout_ms,
         } => {
@@ -859,7 +889,8 @@ fn main() -> anyhow::Result<()> {
                 port: None,
                 protocol,
             };
-            let (ip, port, protocol) = probe_target(&st, &from, &to, port, choice, lb)?;
+            let to_node_port = node_port || from == "external";
+            let (ip, port, protocol) = probe_target(&st, &to, port, choice, lb, to_node_port)?;
             if protocol == "sctp" && !net::sctp_supported() {
                 eprintln!("error: {}", net::NO_SCTP);
                 std::process::exit(2);

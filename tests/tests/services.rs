@@ -21,6 +21,9 @@ use strom_tests::{bin_dir, net_lock, sh, Lab};
 /// The pod gateway: what a pod reaching itself through its Service sees as the client.
 const GATEWAY: &str = "169.254.1.1";
 
+/// The lab node's address: what a backend sees as the client of the node's own sockets.
+const NODE: &str = "198.18.0.1";
+
 fn strom_lab() -> PathBuf {
     bin_dir().join("strom-lab")
 }
@@ -846,5 +849,106 @@ fn conntrack_lists_and_flushes_one_services_flows_and_trace_names_frontend_and_b
     assert!(
         !text.contains(&format!("{a}:")),
         "not the other Service's backend: {text}"
+    );
+}
+
+/// A Python script run in the node: `sock` connects or sends to `ip:port` and prints the
+/// peer address the kernel reports and the answer.
+fn node_python(lab: &Lab, script: &str) -> String {
+    let o = lab.exec("node", &["python3", "-c", script]);
+    assert!(
+        o.status.success(),
+        "python in the node: {}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).trim().to_string()
+}
+
+#[test]
+fn the_nodes_own_sockets_reach_cluster_ips_and_node_ports_and_see_the_service_address() {
+    let _g = net_lock();
+    let ports = [("http", 80, "TCP"), ("dns", 53, "UDP")];
+    let m = pod("a", "app: web", &ports, "", "")
+        + &pod("b", "app: web", &ports, "", "")
+        + &service(
+            "web",
+            "  type: NodePort\n  clusterIP: 198.19.0.10\n  selector: {app: web}\n  ports: [{name: http, port: 80, nodePort: 30080}, {name: dns, port: 53, protocol: UDP}]\n",
+        )
+        + &service(
+            "sticky",
+            "  clusterIP: 198.19.0.11\n  selector: {app: web}\n  ports: [{port: 80}]\n  sessionAffinity: ClientIP\n",
+        )
+        + &service(
+            "empty",
+            "  clusterIP: 198.19.0.12\n  selector: {app: none}\n  ports: [{port: 80}]\n",
+        );
+    let lab = up(&m, &[]);
+    // TCP to the ClusterIP: both backends, and they see the node's own address (no SNAT:
+    // the socket was given the backend, nothing is translated).
+    let by = answered_by(&lab, "node", "198.19.0.10", 80, "tcp", 40, NODE);
+    assert_eq!(
+        by.len(),
+        2,
+        "40 connections from the node, both backends: {by:?}"
+    );
+    // Connected UDP to the ClusterIP's UDP port.
+    let by = answered_by(&lab, "node", "198.19.0.10", 53, "udp", 20, NODE);
+    assert!(!by.is_empty(), "{by:?}");
+    // The NodePort on the node's own address, from the node itself.
+    let by = answered_by(&lab, "node", NODE, 30080, "tcp", 10, NODE);
+    assert!(by.keys().all(|k| k == "t/a" || k == "t/b"), "{by:?}");
+    // An unconnected UDP socket gets its answer from the Service address it sent to, and a
+    // connected TCP socket's peer is the Service address.
+    let out = node_python(
+        &lab,
+        "import socket\ns = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\ns.settimeout(2)\nfor _ in range(3):\n    s.sendto(b'x', ('198.19.0.10', 53))\n    data, peer = s.recvfrom(1500)\n    print(peer[0], peer[1], data.decode().split()[0])\nt = socket.create_connection(('198.19.0.10', 80), timeout=2)\nprint(*t.getpeername())\n",
+    );
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 4, "{out}");
+    let first = lines[0].rsplit_once(' ').unwrap().1;
+    for l in &lines[..3] {
+        assert_eq!(
+            *l,
+            format!("198.19.0.10 53 {first}"),
+            "answers from the Service address, one backend for the socket: {out}"
+        );
+    }
+    assert_eq!(lines[3], "198.19.0.10 80", "getpeername: {out}");
+    // ClientIP affinity holds for the node too.
+    let by = answered_by(&lab, "node", "198.19.0.11", 80, "tcp", 20, NODE);
+    assert_eq!(
+        by.len(),
+        1,
+        "affinity: one backend for 20 connections: {by:?}"
+    );
+    // No endpoints: refused at once.
+    let (r, took, _) = probe(&lab, &["--from", "node", "--to", "t/empty"]);
+    assert!(
+        r.as_ref().is_err_and(|e| e.contains("refused")) && took < Duration::from_millis(500),
+        "{r:?} after {took:?}"
+    );
+    // A Service removed: its address is no longer given a backend (the node's sockets reach
+    // it as any other address: nothing answers there).
+    apply(
+        &lab,
+        &(pod("a", "app: web", &ports, "", "") + &pod("b", "app: web", &ports, "", "")),
+    );
+    let (r, _, _) = probe(
+        &lab,
+        &[
+            "--from",
+            "node",
+            "--to",
+            "198.19.0.10",
+            "--port",
+            "80",
+            "--timeout-ms",
+            "300",
+        ],
+    );
+    assert!(
+        r.is_err(),
+        "the removed Service's address no longer answers: {r:?}"
     );
 }

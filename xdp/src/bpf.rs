@@ -51,7 +51,7 @@ pub enum BpfError {
     #[error("loading the XDP object: {0}")]
     Load(#[from] aya::EbpfError),
     #[error("program {0}: {1}")]
-    Program(&'static str, aya::programs::ProgramError),
+    Program(&'static str, #[source] aya::programs::ProgramError),
     #[error("map {0}: {1}")]
     Map(&'static str, aya::maps::MapError),
     #[error("map {0} missing from the object")]
@@ -66,6 +66,8 @@ pub enum BpfError {
     Pin(u32, PathBuf, String),
     #[error("bpffs at {0}: {1}")]
     Bpffs(PathBuf, String),
+    #[error("cgroup {0}: {1}")]
+    Cgroup(PathBuf, String),
 }
 
 /// Drop reasons counted by the XDP programs (`xdp_drops` in strom.c, same order).

@@ -82,6 +82,8 @@ pub struct Controller {
     bpf_vips: std::collections::BTreeSet<Ipv4Addr>,
     /// The Services' `healthCheckNodePort` servers.
     health_checks: crate::healthcheck::HealthChecks,
+    /// The node's own sockets' Services (`node.node_sockets`).
+    node_sockets: Option<crate::node_sockets::NodeSockets>,
 }
 
 /// What `open_port` needs to know.
@@ -197,6 +199,7 @@ impl Controller {
     pub fn new(
         cfg: Config,
         xdp: XdpPrograms,
+        node_sockets: Option<crate::node_sockets::NodeSockets>,
         tables: TableHandle,
         workers: Vec<Arc<WorkerShared>>,
     ) -> Self {
@@ -217,6 +220,7 @@ impl Controller {
             bpf_node_ports: Default::default(),
             bpf_vips: Default::default(),
             health_checks: Default::default(),
+            node_sockets,
         }
     }
 

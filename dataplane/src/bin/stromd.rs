@@ -228,7 +228,23 @@ fn main() -> anyhow::Result<()> {
         .uplink
         .clone()
         .map(|u| (u, cfg.node.uplink_gateway));
-    let mut ctl = Controller::new(cfg, xdp, tables, shared);
+    // The node's own sockets reach Services through cgroup programs (docs/design.md).
+    let node_sockets = if cfg.node.node_sockets {
+        let cgroup = strom_dataplane::node_sockets::cgroup(&cfg.node.node_cgroup).context(
+            "node.node_sockets: no cgroup v2 hierarchy found (set node.node_cgroup, or node_sockets = false)",
+        )?;
+        let n = strom_dataplane::node_sockets::NodeSockets::attach(&cgroup).with_context(|| {
+            format!(
+                "node.node_sockets: attaching to {} (set node.node_cgroup, or node_sockets = false)",
+                cgroup.display()
+            )
+        })?;
+        tracing::info!(cgroup = %cgroup.display(), "the node's own sockets reach Services");
+        Some(n)
+    } else {
+        None
+    };
+    let mut ctl = Controller::new(cfg, xdp, node_sockets, tables, shared);
     if let Some((ifname, gateway)) = uplink {
         if let Err(e) = ctl.add_uplink(&ifname, gateway) {
             ctl.shutdown(handles);

@@ -310,6 +310,8 @@ fn start_stromd(t: &Topology, env: &Env) -> Result<Running> {
 addresses = []
 pod_cidr = "198.18.0.0/22"
 pod_gateway = "169.254.1.1"
+# the node's own sockets are not benchmarked (no cgroup under `ip netns exec`'s /sys)
+node_sockets = false
 [dataplane]
 workers = 1
 cores = [{core}]

@@ -36,7 +36,8 @@ impl Controller {
 
     /// Makes the XDP programs hand stromd what the Services now reach from outside:
     /// NodePorts on the node's addresses, external and load-balancer IPs on the uplink; and
-    /// hand back to the kernel what they no longer do.
+    /// hand back to the kernel what they no longer do. Gives the node's own sockets the
+    /// Services' frontends.
     fn sync_frontends(&mut self) {
         let table = self.desired.tables().services();
         let mut ports = std::collections::BTreeSet::new();
@@ -80,6 +81,9 @@ impl Controller {
         self.bpf_vips = vips;
         let want = self.desired.health_checks();
         self.health_checks.sync(&want);
+        if let Some(n) = &mut self.node_sockets {
+            n.sync(&self.desired.tables().services());
+        }
     }
 
     /// Every worker's counters per Service port slot.
