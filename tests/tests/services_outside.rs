@@ -293,3 +293,60 @@ fn pmtu_discovery_works_through_a_node_port() {
     let after = drops_in(&lab.stromctl(&["stats"]), &["fragmentation_needed"]);
     assert!(after > before, "{before} -> {after}");
 }
+
+#[test]
+fn a_routers_fragmentation_needed_about_a_masqueraded_flow_reaches_the_pod() {
+    let _g = net_lock();
+    let lab = Lab::up(&manifest(""), &[]);
+    wait_serving(&lab, "t/a");
+    // external plays a router beyond the uplink: it answers the masqueraded datagram (from
+    // the node's address and an SNAT port) with fragmentation-needed, MTU 1280, quoting it.
+    let router = format!(
+        "import socket, struct
+def csum(b):
+    s = sum(struct.unpack('!%dH' % (len(b) // 2), b))
+    s = (s >> 16) + (s & 0xffff)
+    s += s >> 16
+    return ~s & 0xffff
+u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+u.bind(('0.0.0.0', 9999))
+u.settimeout(5)
+data, (ip, port) = u.recvfrom(100)
+q = struct.pack('!BBHHHBBH4s4s', 0x45, 0, 29, 0, 0x4000, 64, 17, 0, socket.inet_aton(ip), socket.inet_aton('{EXTERNAL}'))
+q += struct.pack('!HHHH', port, 9999, 9, 0)
+h = struct.pack('!BBHHH', 3, 4, 0, 0, 1280) + q
+h = h[:2] + struct.pack('!H', csum(h)) + h[4:]
+r = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
+r.sendto(h, (ip, 0))
+print(ip, port)
+"
+    );
+    let router = Command::new("ip")
+        .args(["netns", "exec", &format!("{}-ext", lab.prefix)])
+        .args(["python3", "-c", &router])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    // Pod c's connected UDP socket stays open while the error comes back (the kernel takes
+    // a path MTU from an error only for a socket it finds).
+    let send = format!(
+        "import socket, time\ns = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\ns.connect(('{EXTERNAL}', 9999))\ns.send(b'x')\ntime.sleep(1.5)\n"
+    );
+    let o = lab.exec("t/c", &["python3", "-c", &send]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let r = router.wait_with_output().unwrap();
+    let seen = String::from_utf8_lossy(&r.stdout).trim().to_string();
+    assert!(
+        seen.starts_with(&format!("{NODE} ")),
+        "the router saw the node's address: {seen}{}",
+        String::from_utf8_lossy(&r.stderr)
+    );
+    let o = lab.exec("t/c", &["ip", "route", "get", EXTERNAL]);
+    let route = String::from_utf8_lossy(&o.stdout).to_string();
+    assert!(
+        route.contains("mtu 1280"),
+        "the pod learnt the path's MTU from the router's error: {route}"
+    );
+}

@@ -3,16 +3,17 @@
 //   clang -O2 -g -target bpf -I/usr/include/x86_64-linux-gnu
 // and loaded by stromd (aya).
 //   strom_pod     on every pod host-side veth: traffic for the node's own addresses but for
-//                 NodePorts and stromd's SNAT ports (and ARP
+//                 NodePorts and stromd's SNAT ports, and ICMP errors about them (and ARP
 //                 that is not for the pod gateway) goes to the kernel once its source MAC and
 //                 address are the pod's (`pod_src`; anti-spoofing for what stromd never sees),
 //                 everything else to the port's AF_XDP socket. With no socket bound the frame
 //                 is dropped (fail closed): a pod never reaches another pod around stromd.
 //   strom_uplink  on the uplink: only IPv4 for the prefixes stromd owns (`owned`: the pod CIDR,
 //                 Services' external and load-balancer IPs) and for the node's addresses on
-//                 NodePorts and stromd's SNAT ports (`node_ports`, `snat_ports`) goes to the
-//                 socket; everything else (ARP, the node's own traffic) goes to the
-//                 kernel, so the node keeps its own connectivity. With no socket bound what
+//                 NodePorts and stromd's SNAT ports (`node_ports`, `snat_ports`), and ICMP
+//                 errors quoting packets from those ports, goes to the socket; everything
+//                 else (ARP, the node's own traffic) goes to the kernel, so the node keeps
+//                 its own connectivity. With no socket bound what
 //                 stromd owns is dropped (fail closed), never forwarded by the kernel.
 // stromd pins the programs' links, so they stay attached, and fail closed, while stromd is
 // stopped or restarting; a new stromd swaps its own programs in atomically.
@@ -236,14 +237,27 @@ static __always_inline int maybe_node_addr(__u32 daddr)
 	return bpf_map_lookup_elem(&node_addrs, &daddr) != 0;
 }
 
+/* Whether `port` (network byte order) of IP protocol `proto` on the node's addresses is
+ * stromd's: one of its SNAT ports, or a NodePort. */
+static __always_inline int stromds_port(__u8 proto, __u16 port)
+{
+	__u32 zero = 0;
+	struct port_range *r = bpf_map_lookup_elem(&snat_ports, &zero);
+	__u16 host = bpf_ntohs(port);
+	if (r && r->lo <= r->hi && host >= r->lo && host <= r->hi)
+		return 1;
+	struct l4_port key = { .port = port, .proto = proto, .pad = 0 };
+	return bpf_map_lookup_elem(&node_ports, &key) != 0;
+}
+
 /* Whether a TCP, UDP or SCTP packet to one of the node's addresses is for stromd: to a
- * NodePort, or an answer to a port stromd translated to. Fragments after the first carry no
- * ports: they stay the kernel's. */
+ * NodePort, or an answer to a port stromd translated to. Fragments carry no ports past the
+ * first, and stromd does not reassemble: all of them stay the kernel's. */
 static __always_inline int stromd_port(struct iphdr *ip, void *end)
 {
 	if (ip->protocol != IPPROTO_TCP && ip->protocol != IPPROTO_UDP && ip->protocol != IPPROTO_SCTP)
 		return 0;
-	if (ip->frag_off & bpf_htons(0x1fff))
+	if (ip->frag_off & bpf_htons(0x3fff))
 		return 0;
 	__u32 ihl = ip->ihl * 4;
 	if (ihl < sizeof(*ip))
@@ -253,13 +267,39 @@ static __always_inline int stromd_port(struct iphdr *ip, void *end)
 		return 0;
 	__u16 dport;
 	__builtin_memcpy(&dport, l4 + 2, 2);
-	__u32 zero = 0;
-	struct port_range *r = bpf_map_lookup_elem(&snat_ports, &zero);
-	__u16 host = bpf_ntohs(dport);
-	if (r && r->lo <= r->hi && host >= r->lo && host <= r->hi)
-		return 1;
-	struct l4_port key = { .port = dport, .proto = ip->protocol, .pad = 0 };
-	return bpf_map_lookup_elem(&node_ports, &key) != 0;
+	return stromds_port(ip->protocol, dport);
+}
+
+/* Whether an ICMP error to one of the node's addresses (destination unreachable, time
+ * exceeded, parameter problem) quotes a packet that left from a port of stromd's: one
+ * stromd translated (masquerade, SNAT, a NodePort's answer), which stromd translates back
+ * (path MTU discovery for those flows). */
+static __always_inline int stromd_icmp_error(struct iphdr *ip, void *end)
+{
+	if (ip->protocol != IPPROTO_ICMP || (ip->frag_off & bpf_htons(0x3fff)))
+		return 0;
+	__u32 ihl = ip->ihl * 4;
+	if (ihl < sizeof(*ip))
+		return 0;
+	__u8 *icmp = (void *)ip + ihl;
+	if ((void *)(icmp + 8) > end)
+		return 0;
+	if (icmp[0] != 3 && icmp[0] != 11 && icmp[0] != 12)
+		return 0;
+	struct iphdr *q = (void *)(icmp + 8);
+	if ((void *)(q + 1) > end)
+		return 0;
+	if (q->protocol != IPPROTO_TCP && q->protocol != IPPROTO_UDP && q->protocol != IPPROTO_SCTP)
+		return 0;
+	__u32 qihl = q->ihl * 4;
+	if (qihl < sizeof(*q))
+		return 0;
+	__u8 *ql4 = (void *)q + qihl;
+	if ((void *)(ql4 + 2) > end)
+		return 0;
+	__u16 sport;
+	__builtin_memcpy(&sport, ql4, 2);
+	return stromds_port(q->protocol, sport);
 }
 
 SEC("xdp")
@@ -279,7 +319,7 @@ int strom_pod(struct xdp_md *ctx)
 		if (maybe_node_addr(ip->daddr)) {
 			/* a NodePort, or a backend's answer to a translated port: stromd's (it
 			 * checks the source itself) */
-			if (stromd_port(ip, end))
+			if (stromd_port(ip, end) || stromd_icmp_error(ip, end))
 				return to_socket(ctx);
 			return from_pod(ctx, eth, ip->saddr) ? XDP_PASS : drop(XDP_DROP_SPOOFED);
 		}
@@ -327,7 +367,8 @@ int strom_uplink(struct xdp_md *ctx)
 		return XDP_PASS;
 	struct lpm_v4 key = { .prefixlen = 32, .addr = ip->daddr };
 	if (!bpf_map_lookup_elem(&owned, &key) &&
-	    !(bpf_map_lookup_elem(&node_addrs, &ip->daddr) && stromd_port(ip, end)))
+	    !(bpf_map_lookup_elem(&node_addrs, &ip->daddr) &&
+	      (stromd_port(ip, end) || stromd_icmp_error(ip, end))))
 		return XDP_PASS;
 	long slot = slot_of(ctx);
 	if (slot < 0)

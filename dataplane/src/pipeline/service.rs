@@ -68,7 +68,21 @@ pub fn stage(
             .is_vip(hdr.dst)
             .then_some(Action::Drop(DropReason::ServiceUnknownPort)),
         L4::IcmpError { inner, inner_at } => {
-            icmp_error(&mut buf[HEADER_LEN..end], hdr, inner, inner_at, ctx);
+            if icmp_error(&mut buf[HEADER_LEN..end], hdr, inner, inner_at, ctx) {
+                return None;
+            }
+            // About a packet that left from one of the node's SNAT ports another worker
+            // owns (a router's fragmentation-needed about a masqueraded flow, say): that
+            // worker translates it back.
+            if inner.src == hdr.dst && t.node.addrs.contains(&std::net::IpAddr::V4(hdr.dst)) {
+                if let Some(w) = t.node.snat.owner(inner.sport).filter(|&w| w != ctx.worker) {
+                    return Some(Action::Handoff {
+                        worker: w,
+                        port: super::REROUTE,
+                        len,
+                    });
+                }
+            }
             None
         }
         L4::Flow {
@@ -313,8 +327,14 @@ fn new_flow(
         }
     }
     // From outside under `externalTrafficPolicy: Cluster`: from the node, so that the
-    // backend's answer comes back through it wherever the backend runs.
-    if port.kind == PortKind::Uplink && svc.snat_external {
+    // backend's answer comes back through it wherever the backend runs. Likewise from a pod
+    // to an endpoint outside the cluster (an EndpointSlice naming an outside address), which
+    // the pod's own connection there would be masqueraded for.
+    let from_node = match port.kind {
+        PortKind::Uplink => svc.snat_external,
+        PortKind::Pod => t.node.masquerades(backend.ip),
+    };
+    if from_node {
         if let Some(node) = t.node.v4 {
             return match track_snat(ctx, t, key, node, backend, svc.id, seen) {
                 Ok(p) => {

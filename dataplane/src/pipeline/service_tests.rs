@@ -909,3 +909,99 @@ fn a_masqueraded_connection_survives_a_change_of_any_service() {
     assert!(matches!(a, Action::Tx { port: 9, .. }), "{a:?}");
     assert_eq!(endpoints(&out).0, first, "the same translation");
 }
+
+#[test]
+fn a_routers_fragmentation_needed_about_a_masqueraded_flow_is_translated_by_its_owner() {
+    let mut d = DesiredServices::default();
+    let t = node_tables(&mut d, 2);
+    let mut owner = Context::new(0, 64);
+    let mut uplink_worker = Context::new(1, 64);
+    let (_, sent) = run(
+        &tcp(A_MAC, (A, 40000), (EXT, 80), true),
+        &port_a(),
+        &t,
+        &mut owner,
+    );
+    let ((_, p), _) = endpoints(&sent);
+    // A router beyond the uplink answers the masqueraded packet: to the node's address,
+    // quoting node:p -> EXT:80.
+    const ROUTER: [u8; 4] = [198, 18, 0, 254];
+    let b = PacketBuilder::ethernet2(GW_MAC, UP_MAC)
+        .ipv4(ROUTER, NODE, 64)
+        .icmpv4(etherparse::Icmpv4Type::DestinationUnreachable(
+            etherparse::icmpv4::DestUnreachableHeader::FragmentationNeeded { next_hop_mtu: 1280 },
+        ));
+    let mut err = Vec::new();
+    b.write(&mut err, &sent[14..14 + 28]).unwrap();
+    let (a, mut out) = run(&err, &uplink(), &t, &mut uplink_worker);
+    assert_eq!(
+        a,
+        Action::Handoff {
+            worker: 0,
+            port: crate::pipeline::REROUTE,
+            len: err.len()
+        },
+        "the SNAT port's owner translates it"
+    );
+    let len = out.len();
+    out.resize(2048, 0);
+    let a = crate::pipeline::reroute(&mut out, len, &t.view(), &mut owner);
+    assert!(matches!(a, Action::Tx { port: 0, .. }), "to pod A: {a:?}");
+    out.truncate(len);
+    let ip = Ipv4Packet::new_checked(&out[14..]).unwrap();
+    assert!(ip.verify_checksum());
+    assert_eq!(
+        (ip.src_addr().octets(), ip.dst_addr().octets()),
+        (ROUTER, A)
+    );
+    let icmp = smoltcp::wire::Icmpv4Packet::new_checked(ip.payload()).unwrap();
+    assert!(icmp.verify_checksum());
+    let inner = Ipv4Packet::new_unchecked(icmp.data());
+    assert_eq!(
+        (inner.src_addr().octets(), inner.dst_addr().octets()),
+        (A, EXT),
+        "the quote as pod A sent it"
+    );
+    assert_eq!(&icmp.data()[20..22], &40000u16.to_be_bytes());
+    // On the owner's own queue it is translated at once.
+    let (a, out) = run(&err, &uplink(), &t, &mut owner);
+    assert!(matches!(a, Action::Tx { port: 0, .. }), "{a:?}");
+    let ip = Ipv4Packet::new_checked(&out[14..]).unwrap();
+    assert_eq!(ip.dst_addr().octets(), A);
+}
+
+#[test]
+fn a_pods_connection_to_an_endpoint_outside_the_cluster_leaves_from_the_node() {
+    let mut d = DesiredServices::default();
+    d.set(web(vec![endpoint(EXT, 8080)]), &[Ipv4Addr::from(NODE)])
+        .unwrap();
+    let t = node_tables(&mut d, 1);
+    let mut ctx = Context::default();
+    let (a, out) = run(
+        &tcp(A_MAC, (A, 40000), (VIP, 80), true),
+        &port_a(),
+        &t,
+        &mut ctx,
+    );
+    assert!(
+        matches!(a, Action::Tx { port: 9, .. }),
+        "out by the uplink: {a:?}"
+    );
+    let ((src, p), dst) = endpoints(&out);
+    assert_eq!((src, dst), (NODE, (EXT, 8080)), "DNAT and masquerade");
+    let mut answer = from_outside((EXT, 8080), (NODE, p));
+    answer[14 + 20 + 13] = 0x12;
+    {
+        let ip = Ipv4Packet::new_unchecked(&answer[14..]);
+        let (s, dd) = (ip.src_addr(), ip.dst_addr());
+        let mut seg = TcpPacket::new_unchecked(&mut answer[14 + 20..]);
+        seg.fill_checksum(&IpAddress::Ipv4(s), &IpAddress::Ipv4(dd));
+    }
+    let (a, out) = run(&answer, &uplink(), &t, &mut ctx);
+    assert!(matches!(a, Action::Tx { port: 0, .. }), "{a:?}");
+    assert_eq!(
+        endpoints(&out),
+        ((VIP, 80), (A, 40000)),
+        "as from the Service"
+    );
+}
