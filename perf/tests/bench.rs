@@ -1,4 +1,4 @@
-//! strom-bench end to end, short: two paths, three kinds of traffic, one round of 1 s.
+//! strom-bench end to end, short: two paths, four kinds of traffic, one round of 1 s.
 //!
 //! ```text
 //!   ns zsb<pid>-a (pod A) ══ veth ══ ns zsb<pid>-n: stromd | nftables DNAT ══ veth ══ ns zsb<pid>-b (pod B)
@@ -29,7 +29,7 @@ fn a_short_run_measures_every_path_and_regenerates_its_block() {
             "--paths",
             "stromd,kernel-nat",
             "--traffic",
-            "udp256,tcp1,latency",
+            "udp256,tcp1,latency,crr",
         ])
         .args(["--prefix", &prefix])
         .arg("--json")
@@ -55,7 +55,7 @@ fn a_short_run_measures_every_path_and_regenerates_its_block() {
     );
     assert!(!left.contains(&prefix), "namespaces left behind: {left}");
     // Progress went to stderr, one line per measurement.
-    assert_eq!(stderr.matches("round 1/1").count(), 6, "{stderr}");
+    assert_eq!(stderr.matches("round 1/1").count(), 8, "{stderr}");
 
     let r: serde_json::Value = serde_json::from_str(&results.unwrap()).unwrap();
     let samples = r["samples"].as_array().unwrap();
@@ -65,6 +65,7 @@ fn a_short_run_measures_every_path_and_regenerates_its_block() {
             "tcp_gbps_1_streams",
             "rtt_p50_us",
             "rtt_p99_us",
+            "tcp_conns_per_s",
         ] {
             let s = samples
                 .iter()
@@ -74,8 +75,11 @@ fn a_short_run_measures_every_path_and_regenerates_its_block() {
             if metric.starts_with("udp") {
                 assert!(s["offered_mpps"].as_f64().unwrap() > 0.0, "{s}");
             }
-            if metric.starts_with("tcp") {
+            if metric.starts_with("tcp_gbps") {
                 assert!(s["retransmits"].is_u64(), "{s}");
+            }
+            if metric == "tcp_conns_per_s" {
+                assert!(s["failed_conns"].is_u64(), "{s}");
             }
         }
     }

@@ -1,12 +1,12 @@
 //! strom-bench: the benchmark matrix in one run.
 //!
 //! Paths (stromd and its peers) × traffic (60-byte UDP over 1, 256 and 65536 flows, iperf3 TCP
-//! with 1 and 4 streams, UDP request/response round trips), in interleaved rounds: round 1
-//! measures every path with every traffic, then round 2, and so on, each round starting one
-//! path further on, so that the noise of this shared machine falls on every path alike. Shows
-//! progress, prints the medians with stromd/peer ratios, writes the samples as JSON, draws an
-//! SVG chart and regenerates its block of BENCHMARKS.md. `strom-bench report FILE` redoes the
-//! table, chart and block from a JSON.
+//! with 1 and 4 streams, UDP request/response round trips, new TCP connections per second),
+//! in interleaved rounds: round 1 measures every path with every traffic, then round 2, and so
+//! on, each round starting one path further on, so that the noise of this shared machine falls
+//! on every path alike. Shows progress, prints the medians with stromd/peer ratios, writes the
+//! samples as JSON, draws an SVG chart and regenerates its block of BENCHMARKS.md.
+//! `strom-bench report FILE` redoes the table, chart and block from a JSON.
 
 use std::collections::BTreeMap;
 use std::path::{Path as FsPath, PathBuf};
@@ -19,6 +19,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 
 mod chart;
+mod crr;
 mod paths;
 mod report;
 mod topo;
@@ -45,6 +46,40 @@ enum Cmd {
     Run(RunArgs),
     /// Print the table and redo the chart and BENCHMARKS.md block from a run's JSON.
     Report(ReportArgs),
+    /// The `crr` traffic's server, run in pod B by `run`.
+    #[command(hide = true)]
+    CrrServer(CrrServerArgs),
+    /// The `crr` traffic's client, run in pod A by `run`; prints its counts as JSON.
+    #[command(hide = true)]
+    CrrClient(CrrClientArgs),
+}
+
+#[derive(clap::Args)]
+struct CrrServerArgs {
+    #[arg(long)]
+    port: u16,
+    /// Threads accepting and answering connections.
+    #[arg(long, default_value_t = 2 * crr::CONNS)]
+    threads: u32,
+    /// Core to pin every thread to.
+    #[arg(long)]
+    core: Option<usize>,
+}
+
+#[derive(clap::Args)]
+struct CrrClientArgs {
+    /// ADDRESS:PORT to connect to.
+    #[arg(long)]
+    dst: std::net::SocketAddr,
+    /// Connection loops at once.
+    #[arg(long, default_value_t = crr::CONNS)]
+    conns: u32,
+    /// Seconds to open connections for.
+    #[arg(long)]
+    secs: f64,
+    /// Core to pin every thread to.
+    #[arg(long)]
+    core: Option<usize>,
 }
 
 #[derive(clap::Args)]
@@ -78,13 +113,14 @@ struct RunArgs {
     )]
     paths: Vec<String>,
     /// Traffic, comma separated: udp1, udp256, udp65536 (60-byte UDP over that many flows),
-    /// tcp1, tcp4 (iperf3 streams), latency (sockperf UDP ping-pong), pods100 (60-byte UDP
-    /// from pod A to 100 other pods, one flow each, with 110 pods on the node; stromd and
-    /// kernel only).
+    /// tcp1, tcp4 (iperf3 streams), latency (sockperf UDP ping-pong), crr (new TCP
+    /// connections per second: connect, 1-byte request, 1-byte answer, close, 8 at once),
+    /// pods100 (60-byte UDP from pod A to 100 other pods, one flow each, with 110 pods on the
+    /// node; stromd and kernel only).
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "udp1,udp256,udp65536,tcp1,tcp4,latency"
+        default_value = "udp1,udp256,udp65536,tcp1,tcp4,latency,crr"
     )]
     traffic: Vec<String>,
     /// Write every sample as JSON here [default: perf/results-bench-DATE-TIME.json].
@@ -133,6 +169,8 @@ fn main() {
     let r = match cli.cmd {
         Cmd::Run(a) => run(a),
         Cmd::Report(a) => report(a),
+        Cmd::CrrServer(a) => crr::server(a.port, a.threads, a.core),
+        Cmd::CrrClient(a) => crr::client(a.dst, a.conns, a.secs, a.core),
     };
     if let Err(e) = r {
         eprintln!("strom-bench: {e:#}");
@@ -380,6 +418,7 @@ fn measure_all(
                                 value: *v,
                                 offered_mpps: m.offered_mpps,
                                 retransmits: m.retransmits,
+                                failed_conns: m.failed_conns,
                             });
                         }
                         if let Some(o) = m.offered_mpps {
@@ -387,6 +426,9 @@ fn measure_all(
                         }
                         if let Some(r) = m.retransmits {
                             s.push(format!("({r} retransmits)"));
+                        }
+                        if let Some(f) = m.failed_conns {
+                            s.push(format!("({f} connections failed)"));
                         }
                         s.join("  ")
                     }

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 
 use crate::topo::{
-    ns_command, ns_run, ns_run_input, run, stop_child, Topology, IPERF_PORT, IP_A, IP_B,
+    ns_command, ns_run, ns_run_input, run, stop_child, Topology, CRR_PORT, IPERF_PORT, IP_A, IP_B,
     SINK_PORT_FIRST, SINK_PORT_LAST, SOCKPERF_PORT, VIP,
 };
 
@@ -236,7 +236,8 @@ pub fn start(path: Path, t: &Topology, env: &Env) -> Result<Running> {
 }
 
 /// The Service kernel-nat's rules make (`nat_rules`), programmed in stromd as strom-control
-/// would: the VIP on the iperf3 port, the sockperf port and each UDP sink port, each to pod B.
+/// would: the VIP on the iperf3 port, the crr server's port, the sockperf port and each UDP
+/// sink port, each to pod B.
 fn service_spec() -> strom_api::ServiceSpec {
     use strom_api::{EndpointSpec, Protocol, ServicePortSpec};
     let port = |name: String, protocol, port| ServicePortSpec {
@@ -256,6 +257,7 @@ fn service_spec() -> strom_api::ServiceSpec {
     };
     let mut ports = vec![
         port("iperf".into(), Protocol::Tcp, IPERF_PORT),
+        port("crr".into(), Protocol::Tcp, CRR_PORT),
         port("sockperf".into(), Protocol::Udp, SOCKPERF_PORT),
     ];
     ports.extend(
@@ -291,6 +293,7 @@ fn nat_rules() -> String {
         "table ip svc {{
   chain pre {{ type nat hook prerouting priority dstnat;
     ip daddr {VIP} tcp dport {IPERF_PORT} dnat to {IP_B}
+    ip daddr {VIP} tcp dport {CRR_PORT} dnat to {IP_B}
     ip daddr {VIP} udp dport {SINK_PORT_FIRST}-{SINK_PORT_LAST} dnat to {IP_B}
     ip daddr {VIP} udp dport {SOCKPERF_PORT} dnat to {IP_B}
   }}
@@ -413,4 +416,54 @@ fn wait_for(
         std::thread::sleep(Duration::from_millis(50));
     }
     bail!("waiting for {what}: not ready within {} s", limit.as_secs())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// stromd-svc and kernel-nat translate the same ports, so that every traffic reaches pod B
+    /// through both (a port only one of them has would fail that path's measurement alone).
+    #[test]
+    fn the_service_and_the_nat_rules_translate_the_same_ports() {
+        let rules = nat_rules();
+        let spec = service_spec();
+        let tcp: Vec<u16> = spec
+            .ports
+            .iter()
+            .filter(|p| p.protocol == strom_api::Protocol::Tcp)
+            .map(|p| p.port)
+            .collect();
+        assert_eq!(tcp, [IPERF_PORT, CRR_PORT]);
+        for p in tcp {
+            assert!(
+                rules.contains(&format!("tcp dport {p} dnat to {IP_B}")),
+                "{rules}"
+            );
+        }
+        assert_eq!(rules.matches("tcp dport").count(), 2, "{rules}");
+        let udp: Vec<u16> = spec
+            .ports
+            .iter()
+            .filter(|p| p.protocol == strom_api::Protocol::Udp)
+            .map(|p| p.port)
+            .collect();
+        let mut want: Vec<u16> = (SINK_PORT_FIRST..=SINK_PORT_LAST).collect();
+        want.push(SOCKPERF_PORT);
+        let mut got = udp.clone();
+        got.sort_unstable();
+        want.sort_unstable();
+        assert_eq!(got, want);
+        assert!(rules.contains(&format!(
+            "udp dport {SINK_PORT_FIRST}-{SINK_PORT_LAST} dnat to {IP_B}"
+        )));
+        assert!(rules.contains(&format!("udp dport {SOCKPERF_PORT} dnat to {IP_B}")));
+        for p in &spec.ports {
+            assert_eq!(p.endpoints.len(), 1);
+            assert_eq!(
+                (p.endpoints[0].ip, p.endpoints[0].port),
+                (IP_B.into(), p.port)
+            );
+        }
+    }
 }

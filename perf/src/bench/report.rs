@@ -91,6 +91,10 @@ pub struct Sample {
     /// For TCP: segments the senders retransmitted (iperf3).
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub retransmits: Option<u64>,
+    /// For new connections (`crr`): those that failed (refused, timed out, reset, no local
+    /// port), fewer than the share that fails the measurement.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub failed_conns: Option<u64>,
 }
 
 /// Median and spread of one path's samples of one metric.
@@ -162,6 +166,12 @@ impl Results {
     /// The median of one path's TCP retransmits for a metric.
     pub fn retransmits(&self, path: &str, metric: Metric) -> Option<f64> {
         let v = self.values(path, metric, |s| s.retransmits.map(|r| r as f64));
+        (!v.is_empty()).then(|| median(&v))
+    }
+
+    /// The median of one path's failed connections for a metric (`crr`).
+    pub fn failed_conns(&self, path: &str, metric: Metric) -> Option<f64> {
+        let v = self.values(path, metric, |s| s.failed_conns.map(|f| f as f64));
         (!v.is_empty()).then(|| median(&v))
     }
 
@@ -360,6 +370,31 @@ impl Results {
                 Some(format!("{n} stream(s) {:.0}", self.retransmits(path, m)?))
             });
             let _ = write!(out, " {retransmits}");
+            out.push_str(".\n");
+        }
+        if metrics.contains(&Metric::TcpConnsPerS) {
+            let _ = write!(
+                out,
+                "- **TCP conn/s** is new TCP connections completed per second from pod A: \
+                 {} loops at once of connect, a 1-byte request, a 1-byte answer and close \
+                 (strom-bench's own client and server, as netperf's TCP_CRR, both pinned to \
+                 core {}). A connection is about nine packets through the path, and through a \
+                 Service a new conntrack entry, a backend choice and DNAT. Both ends' \
+                 sockets (the handshake, socket setup and teardown) run on that core, and for \
+                 the kernel paths the forwarding too, in softirq context; through an AF_XDP \
+                 path the receiving pod's stack runs inside the path's transmit, on the path's \
+                 core (veth delivers in the sender's context). Pod A closes first and \
+                 reuses its ports in TIME_WAIT (`tcp_tw_reuse`, ports 1024-65535, in its \
+                 namespace). Connections that failed in a measurement (medians; more than {} \
+                 in 1000 fail the measurement):",
+                crate::crr::CONNS,
+                self.meta.sender_core,
+                crate::crr::MAX_ERROR_SHARE * 1000.0,
+            );
+            let failed = self.per_path(&[Metric::TcpConnsPerS], |path, m| {
+                Some(format!("{:.0}", self.failed_conns(path, m)?))
+            });
+            let _ = write!(out, " {failed}");
             out.push_str(".\n");
         }
         if metrics
@@ -599,6 +634,7 @@ mod tests {
                     value: *v,
                     offered_mpps: *o,
                     retransmits: None,
+                    failed_conns: None,
                 })
                 .collect(),
             failures: Vec::new(),
@@ -781,6 +817,68 @@ mod tests {
                 "101st", "111th"
             ]
         );
+    }
+
+    #[test]
+    fn connections_per_second_have_a_column_a_ratio_and_their_failures() {
+        let mut r = results(&[
+            ("stromd", "tcp_conns_per_s", 5000.0, None),
+            ("stromd-svc", "tcp_conns_per_s", 4000.0, None),
+            ("stromd-svc", "tcp_conns_per_s", 4400.0, None),
+            ("kernel-nat", "tcp_conns_per_s", 2000.0, None),
+            ("kernel-nat", "tcp_conns_per_s", 2200.0, None),
+        ]);
+        r.meta.paths = ["stromd", "stromd-svc", "kernel-nat"]
+            .iter()
+            .map(|n| PathInfo {
+                name: n.to_string(),
+                scenario: "s".into(),
+                description: n.to_string(),
+            })
+            .collect();
+        for (s, (round, failed)) in
+            r.samples
+                .iter_mut()
+                .zip([(1, 0), (1, 3), (2, 1), (1, 0), (2, 0)])
+        {
+            s.round = round;
+            s.failed_conns = Some(failed);
+        }
+        let table = r.table();
+        assert!(table.contains("| TCP conn/s |"), "{table}");
+        assert!(
+            table.contains("| stromd-svc | s | **4200** (4000–4400) |"),
+            "{table}"
+        );
+        // Higher is better, as packets per second: stromd-svc over kernel-nat, both rounds.
+        assert!(
+            table.contains("| stromd-svc / kernel-nat | | 2.00× (2.00–2.00) |"),
+            "{table}"
+        );
+        assert!(
+            table.contains("| stromd / kernel-nat | | 2.38× |"),
+            "{table}"
+        );
+        let limits = r.limits();
+        assert!(limits.contains("**TCP conn/s**"), "{limits}");
+        assert!(
+            limits.contains("stromd: 0; stromd-svc: 2; kernel-nat: 0."),
+            "{limits}"
+        );
+        assert!(limits.contains("more than 1 in 1000 fail"), "{limits}");
+        // The count is kept in the JSON, and runs written before it read as without it.
+        let v = serde_json::to_value(&r).unwrap();
+        assert_eq!(v["samples"][1]["failed_conns"], 3);
+        assert!(v["samples"][0].get("retransmits").is_none());
+        let mut old =
+            serde_json::to_value(results(&[("stromd", "rtt_p50_us", 20.0, None)])).unwrap();
+        old["samples"][0]
+            .as_object_mut()
+            .unwrap()
+            .remove("failed_conns");
+        let old: Results = serde_json::from_value(old).unwrap();
+        assert_eq!(old.samples[0].failed_conns, None);
+        assert!(!old.limits().contains("conn/s"));
     }
 
     #[test]

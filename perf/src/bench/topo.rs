@@ -49,6 +49,8 @@ pub const SINK_PORT_FIRST: u16 = 9;
 pub const SINK_PORT_LAST: u16 = SINK_PORT_FIRST + 255;
 pub const IPERF_PORT: u16 = 5201;
 pub const SOCKPERF_PORT: u16 = 11111;
+/// The `crr` traffic's server (TCP, in pod B).
+pub const CRR_PORT: u16 = 8080;
 
 /// Runs a command to completion; its stderr goes into the error when it fails.
 pub fn run(args: &[&str]) -> Result<String> {

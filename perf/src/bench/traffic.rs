@@ -5,9 +5,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
+use crate::crr;
 use crate::paths::{Env, Path};
 use crate::topo::{
-    ns_command, ns_run, stop_child, Topology, IPERF_PORT, IP_A, IP_B, SINK_PORT_FIRST,
+    ns_command, ns_run, stop_child, Topology, CRR_PORT, IPERF_PORT, IP_A, IP_B, SINK_PORT_FIRST,
     SOCKPERF_PORT, SRC_PORT_FIRST,
 };
 
@@ -19,6 +20,10 @@ pub enum Traffic {
     Tcp(u32),
     /// UDP request/response (sockperf ping-pong), round trip percentiles.
     Latency,
+    /// New TCP connections per second (connect, 1-byte request, 1-byte answer, close; as
+    /// netperf's TCP_CRR), from [`crr::CONNS`] loops at once: through a Service, a new
+    /// conntrack entry and DNAT for every connection.
+    Crr,
     /// 60-byte UDP from pod A to this many other pods, one flow each, with 110 pods on the
     /// node (the kubelet's default maximum): what many ports and their routes cost a path.
     Pods(u32),
@@ -27,13 +32,14 @@ pub enum Traffic {
 /// Pods on the node for the `pods` traffic: A, B and the extra ones.
 pub const PODS_ON_NODE: usize = 110;
 
-pub const ALL: [Traffic; 7] = [
+pub const ALL: [Traffic; 8] = [
     Traffic::Udp(1),
     Traffic::Udp(256),
     Traffic::Udp(65536),
     Traffic::Tcp(1),
     Traffic::Tcp(4),
     Traffic::Latency,
+    Traffic::Crr,
     Traffic::Pods(100),
 ];
 
@@ -43,6 +49,7 @@ impl Traffic {
             Traffic::Udp(n) => format!("udp{n}"),
             Traffic::Tcp(n) => format!("tcp{n}"),
             Traffic::Latency => "latency".into(),
+            Traffic::Crr => "crr".into(),
             Traffic::Pods(n) => format!("pods{n}"),
         }
     }
@@ -70,6 +77,8 @@ pub enum Metric {
     /// UDP Mpps delivered to this many pods, with 110 on the node.
     UdpMppsPods(u32),
     TcpGbps(u32),
+    /// New TCP connections completed per second (the `crr` traffic).
+    TcpConnsPerS,
     RttP50,
     RttP99,
 }
@@ -80,6 +89,7 @@ impl Metric {
             Metric::UdpMpps(n) => format!("udp_mpps_{n}_flows"),
             Metric::UdpMppsPods(n) => format!("udp_mpps_{n}_pods"),
             Metric::TcpGbps(n) => format!("tcp_gbps_{n}_streams"),
+            Metric::TcpConnsPerS => "tcp_conns_per_s".into(),
             Metric::RttP50 => "rtt_p50_us".into(),
             Metric::RttP99 => "rtt_p99_us".into(),
         }
@@ -107,6 +117,7 @@ impl Metric {
         match k {
             "rtt_p50_us" => Some(Metric::RttP50),
             "rtt_p99_us" => Some(Metric::RttP99),
+            "tcp_conns_per_s" => Some(Metric::TcpConnsPerS),
             _ => None,
         }
     }
@@ -119,6 +130,7 @@ impl Metric {
             Metric::UdpMppsPods(n) => format!("UDP Mpps, to {n} of {PODS_ON_NODE} pods"),
             Metric::TcpGbps(1) => "TCP Gbit/s, 1 stream".into(),
             Metric::TcpGbps(n) => format!("TCP Gbit/s, {n} streams"),
+            Metric::TcpConnsPerS => "TCP conn/s".into(),
             Metric::RttP50 => "RTT p50 µs".into(),
             Metric::RttP99 => "RTT p99 µs".into(),
         }
@@ -126,11 +138,13 @@ impl Metric {
 }
 
 /// What one measurement gave: each metric's value, for UDP the rate that was offered, for
-/// TCP the segments retransmitted (what the path lost).
+/// TCP the segments retransmitted (what the path lost), for new connections those that failed
+/// (fewer than [`crr::MAX_ERROR_SHARE`] of them, or the measurement fails).
 pub struct Measured {
     pub values: Vec<(Metric, f64)>,
     pub offered_mpps: Option<f64>,
     pub retransmits: Option<u64>,
+    pub failed_conns: Option<u64>,
 }
 
 /// Measures `traffic` through the running `path` for `secs` seconds.
@@ -151,6 +165,7 @@ pub fn measure(
                 values: vec![(Metric::TcpGbps(streams), g)],
                 offered_mpps: None,
                 retransmits: Some(r),
+                failed_conns: None,
             })
         }
         Traffic::Latency => {
@@ -159,6 +174,16 @@ pub fn measure(
                 values: vec![(Metric::RttP50, p50), (Metric::RttP99, p99)],
                 offered_mpps: None,
                 retransmits: None,
+                failed_conns: None,
+            })
+        }
+        Traffic::Crr => {
+            let (rate, failed) = connections(t, env, secs, dst)?;
+            Ok(Measured {
+                values: vec![(Metric::TcpConnsPerS, rate)],
+                offered_mpps: None,
+                retransmits: None,
+                failed_conns: Some(failed),
             })
         }
     }
@@ -210,6 +235,7 @@ fn pods(n: u32, t: &Topology, env: &Env, secs: u32) -> Result<Measured> {
         )],
         offered_mpps: Some(pps / 1e6),
         retransmits: None,
+        failed_conns: None,
     })
 }
 
@@ -274,6 +300,7 @@ fn udp(flows: u32, t: &Topology, env: &Env, secs: u32, dst: &str) -> Result<Meas
         )],
         offered_mpps: Some(pps / 1e6),
         retransmits: None,
+        failed_conns: None,
     })
 }
 
@@ -358,6 +385,55 @@ fn latency(t: &Topology, secs: u32, dst: &str) -> Result<(f64, f64)> {
     parse_sockperf(&out)
 }
 
+/// New TCP connections per second from pod A to `dst`, and the connections that failed: this
+/// binary's crr server in pod B, its client in pod A (module `crr`), both pinned to the
+/// sender's core as strom-pktgen is, so that the path under test keeps its own core.
+fn connections(t: &Topology, env: &Env, secs: u32, dst: std::net::Ipv4Addr) -> Result<(f64, u64)> {
+    let exe = std::env::current_exe().context("this binary's path")?;
+    let exe = exe.to_string_lossy();
+    let (port, conns, core) = (
+        CRR_PORT.to_string(),
+        crr::CONNS.to_string(),
+        env.sender_core.to_string(),
+    );
+    // Twice the client's loops: a loop's next connection need not wait for the server to
+    // finish with its last one (reading the client's FIN and closing).
+    let threads = (2 * crr::CONNS).to_string();
+    let _server = Server::start(
+        &t.b,
+        &[
+            &exe,
+            "crr-server",
+            "--port",
+            &port,
+            "--threads",
+            &threads,
+            "--core",
+            &core,
+        ],
+    )?;
+    wait_listening(&t.b, CRR_PORT, false)?;
+    for sysctl in crr::CLIENT_SYSCTLS {
+        ns_run(&t.a, &["sysctl", "-qw", sysctl])?;
+    }
+    let out = ns_run(
+        &t.a,
+        &[
+            &exe,
+            "crr-client",
+            "--dst",
+            &format!("{dst}:{CRR_PORT}"),
+            "--conns",
+            &conns,
+            "--secs",
+            &secs.to_string(),
+            "--core",
+            &core,
+        ],
+    )?;
+    crr::parse(&out)?.judge()
+}
+
 /// The 50th and 99th percentiles from sockperf's summary lines
 /// (`sockperf: ---> percentile 99.000 =  103.497`).
 pub fn parse_sockperf(out: &str) -> Result<(f64, f64)> {
@@ -404,6 +480,15 @@ mod tests {
     }
 
     #[test]
+    fn traffic_names_round_trip() {
+        for t in ALL {
+            assert_eq!(Traffic::parse(&t.name()).unwrap(), t);
+        }
+        assert_eq!(Traffic::parse("crr").unwrap(), Traffic::Crr);
+        assert!(Traffic::parse("tcp_crr").is_err());
+    }
+
+    #[test]
     fn metric_keys_round_trip() {
         for m in [
             Metric::UdpMpps(1),
@@ -411,6 +496,7 @@ mod tests {
             Metric::TcpGbps(4),
             Metric::RttP50,
             Metric::RttP99,
+            Metric::TcpConnsPerS,
         ] {
             assert_eq!(Metric::from_key(&m.key()), Some(m));
         }
