@@ -319,8 +319,11 @@ impl Worker {
         mode: PollMode,
         umem: WorkerUmem,
         conntrack_max: usize,
+        echo_ids: Option<Arc<strom_xdp::bpf::EchoIds>>,
     ) -> Self {
         let id = me.id;
+        let mut ctx = pipeline::Context::new(id as u16, conntrack_max);
+        ctx.ct.set_echo_ids(echo_ids);
         Worker {
             me,
             all,
@@ -333,7 +336,7 @@ impl Worker {
             poll: PollSet::default(),
             drops: LocalDrops::default(),
             totals: Local::default(),
-            ctx: pipeline::Context::new(id as u16, conntrack_max),
+            ctx,
         }
     }
 
@@ -632,9 +635,12 @@ impl Worker {
             };
             out.push(strom_api::ConntrackEntry {
                 worker: self.me.id,
-                protocol: strom_api::Protocol::from_number(e.orig.proto)
-                    .map_or("other", |p| p.name())
-                    .to_string(),
+                protocol: match e.orig.proto {
+                    // An echo: its identifier shows as the requester's port.
+                    crate::conntrack::ICMP => "icmp",
+                    n => strom_api::Protocol::from_number(n).map_or("other", |p| p.name()),
+                }
+                .to_string(),
                 original: e.orig.to_string(),
                 translated: translated.to_string(),
                 state: e.state.name().to_string(),
@@ -856,6 +862,7 @@ pub fn spawn(
     mode: PollMode,
     sizes: XskSizes,
     conntrack_max: usize,
+    echo_ids: Option<Arc<strom_xdp::bpf::EchoIds>>,
 ) -> Result<Vec<std::thread::JoinHandle<()>>, XskError> {
     let umem = SharedUmem::new(sizes, shared.len() as u32)?;
     let all: Arc<[Arc<WorkerShared>]> = shared.to_vec().into();
@@ -871,6 +878,7 @@ pub fn spawn(
                 mode,
                 umem.worker(i as u32)?,
                 conntrack_max,
+                echo_ids.clone(),
             );
             let me = all[i].clone();
             std::thread::Builder::new()

@@ -350,3 +350,35 @@ print(ip, port)
         "the pod learnt the path's MTU from the router's error: {route}"
     );
 }
+
+#[test]
+fn a_pods_ping_to_the_outside_comes_from_the_node_and_the_nodes_own_ping_still_works() {
+    let _g = net_lock();
+    let lab = Lab::up(&manifest(""), &[]);
+    wait_serving(&lab, "t/a");
+    // The outside no longer routes the pod CIDR back to the node: only a masqueraded ping
+    // gets its reply.
+    let ext = format!("{}-ext", lab.prefix);
+    let o = sh(Command::new("ip").args(["-n", &ext, "route", "del", "198.18.16.0/20"]));
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let ping = |from: &str| {
+        lab.exec(from, &["ping", "-c", "3", "-i", "0.2", "-W", "2", EXTERNAL])
+            .status
+            .success()
+    };
+    assert!(ping("t/c"), "pod c's ping to the outside is answered");
+    let flows = lab.stromctl(&["conntrack", "--addr", EXTERNAL]);
+    assert!(
+        flows["entries"].as_array().unwrap().iter().any(|e| {
+            e["protocol"].as_str() == Some("icmp")
+                && e["translated"].as_str().unwrap().starts_with(NODE)
+        }),
+        "the ping is tracked, masqueraded to the node's address: {flows}"
+    );
+    // The node's own ping: its replies (identifiers the kernel picks) stay the kernel's.
+    assert!(ping("node"), "the node's own ping is answered");
+    assert!(
+        ping("t/a"),
+        "another pod's ping, at the same time as the first's flow lives"
+    );
+}

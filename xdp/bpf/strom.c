@@ -10,8 +10,9 @@
 //                 is dropped (fail closed): a pod never reaches another pod around stromd.
 //   strom_uplink  on the uplink: only IPv4 for the prefixes stromd owns (`owned`: the pod CIDR,
 //                 Services' external and load-balancer IPs) and for the node's addresses on
-//                 NodePorts and stromd's SNAT ports (`node_ports`, `snat_ports`), and ICMP
-//                 errors quoting packets from those ports, goes to the socket; everything
+//                 NodePorts and stromd's SNAT ports (`node_ports`, `snat_ports`), ICMP
+//                 errors quoting packets from those ports, and echo replies to the
+//                 identifiers of pods' masqueraded pings (`echo_ids`), goes to the socket; everything
 //                 else (ARP, the node's own traffic) goes to the kernel, so the node keeps
 //                 its own connectivity. With no socket bound what
 //                 stromd owns is dropped (fail closed), never forwarded by the kernel.
@@ -133,6 +134,19 @@ struct {
 	__type(key, __u32);
 	__type(value, struct port_range);
 } snat_ports SEC(".maps");
+
+/* ICMP echo identifiers stromd masquerades pods' pings to, a bit each (word id / 64, bit
+ * id % 64): stromd's workers set and clear them through a shared mapping of the map, so the
+ * echo replies to the node that carry one are handed to stromd, and the node's own pings'
+ * replies, whose identifiers the kernel picks, stay the kernel's. */
+#define ECHO_ID_WORDS 1024
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, ECHO_ID_WORDS);
+	__uint(map_flags, BPF_F_MMAPABLE);
+	__type(key, __u32);
+	__type(value, __u64);
+} echo_ids SEC(".maps");
 
 #define POD_SRC_IPS 4
 
@@ -302,6 +316,26 @@ static __always_inline int stromd_icmp_error(struct iphdr *ip, void *end)
 	return stromds_port(q->protocol, sport);
 }
 
+/* Whether a packet to one of the node's addresses is an ICMP echo reply to an identifier
+ * stromd masqueraded a pod's ping to. */
+static __always_inline int stromd_echo_reply(struct iphdr *ip, void *end)
+{
+	if (ip->protocol != IPPROTO_ICMP || (ip->frag_off & bpf_htons(0x3fff)))
+		return 0;
+	__u32 ihl = ip->ihl * 4;
+	if (ihl < sizeof(*ip))
+		return 0;
+	__u8 *icmp = (void *)ip + ihl;
+	if ((void *)(icmp + 8) > end)
+		return 0;
+	if (icmp[0] != 0 || icmp[1] != 0)
+		return 0;
+	__u32 id = ((__u32)icmp[4] << 8) | icmp[5];
+	__u32 word = id / 64;
+	__u64 *bits = bpf_map_lookup_elem(&echo_ids, &word);
+	return bits && ((*bits >> (id % 64)) & 1);
+}
+
 SEC("xdp")
 int strom_pod(struct xdp_md *ctx)
 {
@@ -368,7 +402,8 @@ int strom_uplink(struct xdp_md *ctx)
 	struct lpm_v4 key = { .prefixlen = 32, .addr = ip->daddr };
 	if (!bpf_map_lookup_elem(&owned, &key) &&
 	    !(bpf_map_lookup_elem(&node_addrs, &ip->daddr) &&
-	      (stromd_port(ip, end) || stromd_icmp_error(ip, end))))
+	      (stromd_port(ip, end) || stromd_icmp_error(ip, end) ||
+	       stromd_echo_reply(ip, end))))
 		return XDP_PASS;
 	long slot = slot_of(ctx);
 	if (slot < 0)

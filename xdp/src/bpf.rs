@@ -15,8 +15,10 @@
 
 use std::collections::HashMap;
 use std::net::Ipv4Addr;
-use std::os::fd::BorrowedFd;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::path::{Path, PathBuf};
+use std::ptr::NonNull;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use aya::maps::lpm_trie::{Key, LpmTrie};
 use aya::maps::{Array, HashMap as BpfHashMap, PerCpuArray, XskMap};
@@ -156,6 +158,65 @@ struct PortRange {
 
 // SAFETY: `PortRange` is `repr(C)`, two `u16`s with no padding, valid for any bit pattern.
 unsafe impl aya::Pod for PortRange {}
+
+/// Words of `echo_ids` in strom.c: a bit for every ICMP echo identifier.
+const ECHO_ID_WORDS: usize = 1024;
+
+/// The ICMP echo identifiers stromd masquerades pods' pings to (`echo_ids` in strom.c), a bit
+/// each, written by the workers through a shared mapping of the map (no syscall): the uplink
+/// program hands stromd the echo replies to the node that carry one.
+pub struct EchoIds {
+    words: NonNull<AtomicU64>,
+}
+
+// SAFETY: `EchoIds` only hands out atomic operations on memory it maps for its whole life;
+// any thread may do them.
+unsafe impl Send for EchoIds {}
+// SAFETY: as for `Send`: every access is atomic.
+unsafe impl Sync for EchoIds {}
+
+impl EchoIds {
+    fn word(&self, id: u16) -> (&AtomicU64, u64) {
+        let i = usize::from(id) / 64;
+        // SAFETY: `i` < 65536 / 64 = ECHO_ID_WORDS, so the pointer stays inside the mapping
+        // of ECHO_ID_WORDS u64s made in `XdpPrograms::echo_ids`, which lives as long as
+        // `self`; AtomicU64 has u64's size and alignment (the mapping is page-aligned), and
+        // the memory is only ever accessed atomically (the BPF program reads whole aligned
+        // words, which x86-64 and arm64 load in one access).
+        let w = unsafe { &*self.words.as_ptr().add(i) };
+        (w, 1 << (id % 64))
+    }
+
+    /// Marks `id` as stromd's.
+    pub fn set(&self, id: u16) {
+        let (w, bit) = self.word(id);
+        w.fetch_or(bit, Ordering::Relaxed);
+    }
+
+    /// Gives `id` back to the kernel.
+    pub fn clear(&self, id: u16) {
+        let (w, bit) = self.word(id);
+        w.fetch_and(!bit, Ordering::Relaxed);
+    }
+
+    pub fn is_set(&self, id: u16) -> bool {
+        let (w, bit) = self.word(id);
+        w.load(Ordering::Relaxed) & bit != 0
+    }
+}
+
+impl Drop for EchoIds {
+    fn drop(&mut self) {
+        // SAFETY: the mapping made in `XdpPrograms::echo_ids`, of this length, unmapped once
+        // (no reference into it outlives `self`).
+        unsafe {
+            libc::munmap(
+                self.words.as_ptr().cast(),
+                ECHO_ID_WORDS * std::mem::size_of::<u64>(),
+            );
+        }
+    }
+}
 
 /// The loaded object and the attachments stromd made, by ifindex.
 pub struct XdpPrograms {
@@ -312,6 +373,39 @@ impl XdpPrograms {
 
     fn map_mut(&mut self, name: &'static str) -> Result<&mut aya::maps::Map, BpfError> {
         self.ebpf.map_mut(name).ok_or(BpfError::MissingMap(name))
+    }
+
+    /// Maps `echo_ids` (a `BPF_F_MMAPABLE` array) for the workers to write.
+    pub fn echo_ids(&mut self) -> Result<EchoIds, BpfError> {
+        let fd = match self.map_mut("echo_ids")? {
+            aya::maps::Map::Array(data) => data.fd().as_fd().as_raw_fd(),
+            _ => return Err(BpfError::MissingMap("echo_ids")),
+        };
+        let len = ECHO_ID_WORDS * std::mem::size_of::<u64>();
+        // SAFETY: a new shared mapping of `len` bytes of the map behind `fd` (open for the
+        // call; the mapping keeps the map alive after it closes), at an address the kernel
+        // picks: no existing memory is touched. The result is checked below.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                fd,
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(BpfError::Map(
+                "echo_ids",
+                aya::maps::MapError::SyscallError(aya::sys::SyscallError {
+                    call: "mmap",
+                    io_error: std::io::Error::last_os_error(),
+                }),
+            ));
+        }
+        let words = NonNull::new(p.cast::<AtomicU64>()).ok_or(BpfError::MissingMap("echo_ids"))?;
+        Ok(EchoIds { words })
     }
 
     /// Sets the pod gateway address the pod program lets through to stromd's ARP stage.

@@ -205,6 +205,7 @@ fn main() -> anyhow::Result<()> {
         cfg.dataplane.poll_mode,
         sizes,
         cfg.dataplane.conntrack_max,
+        Some(Arc::new(xdp.echo_ids()?)),
     )?;
 
     let stop = Arc::new(AtomicBool::new(false));

@@ -14,7 +14,10 @@ pub mod tcp;
 
 use std::net::Ipv4Addr;
 
+use std::sync::Arc;
+
 use hashbrown::HashMap;
+use strom_xdp::bpf::EchoIds;
 
 use crate::tables::services::{Backend, SvcRef};
 pub use tcp::TcpState;
@@ -201,6 +204,8 @@ pub struct Conntrack {
     max: usize,
     live: usize,
     sweep_at: usize,
+    /// The XDP programs' record of the echo identifiers pods' pings are masqueraded to.
+    echo_ids: Option<Arc<EchoIds>>,
 }
 
 impl std::fmt::Debug for Conntrack {
@@ -224,7 +229,26 @@ impl Conntrack {
             max,
             live: 0,
             sweep_at: 0,
+            echo_ids: None,
         }
+    }
+
+    /// Keeps `ids` (the XDP programs' `echo_ids`) up to date with the masqueraded pings this
+    /// table tracks.
+    pub fn set_echo_ids(&mut self, ids: Option<Arc<EchoIds>>) {
+        self.echo_ids = ids;
+    }
+
+    /// Whether a masqueraded ping of this table's uses echo identifier `id` (one identifier
+    /// per ping: its bit goes when its flow does).
+    pub fn echo_id_taken(&self, id: u16) -> bool {
+        self.echo_ids.as_ref().is_some_and(|ids| ids.is_set(id))
+    }
+
+    /// The identifier a masqueraded ping's answers carry: the reply tuple's, when the flow
+    /// is an ICMP echo whose source is translated.
+    fn echo_id(orig: &FlowKey, reply: &FlowKey) -> Option<u16> {
+        (orig.proto == ICMP && reply.dst != orig.src).then_some(reply.dport)
     }
 
     /// The flow `key` belongs to, if tracked and not expired (an expired one is removed).
@@ -304,6 +328,9 @@ impl Conntrack {
         self.index.insert(orig, slot << 1);
         self.index.insert(reply, slot << 1 | 1);
         self.live += 1;
+        if let (Some(ids), Some(id)) = (&self.echo_ids, Self::echo_id(&orig, &reply)) {
+            ids.set(id);
+        }
         Ok(slot)
     }
 
@@ -319,6 +346,9 @@ impl Conntrack {
         self.index.remove(&r);
         self.free.push(slot);
         self.live -= 1;
+        if let (Some(ids), Some(id)) = (&self.echo_ids, Self::echo_id(&o, &r)) {
+            ids.clear(id);
+        }
     }
 
     /// Looks at the next `n` slots and removes the expired flows; returns how many went.

@@ -23,11 +23,14 @@ const SCTP_SHUTDOWN_COMPLETE: u8 = 14;
 pub const ICMP_CHECKSUM: usize = 2;
 pub const ICMP_ID: usize = 4;
 pub const ICMP_HEADER: usize = 8;
+pub const ECHO_REPLY: u8 = 0;
+pub const ECHO_REQUEST: u8 = 8;
 
 /// What a packet carries above IP.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum L4 {
-    /// TCP, UDP or SCTP with ports (ICMP echo: its identifier as both ports).
+    /// TCP, UDP or SCTP with ports; an ICMP echo with its identifier as the requester's port
+    /// (a request's source port, a reply's destination port; the other 0).
     Flow {
         key: FlowKey,
         tcp_flags: u8,
@@ -94,6 +97,21 @@ pub fn parse(pkt: &[u8], h: &Header) -> L4 {
             }
         }
         ICMP if l4.len() >= ICMP_HEADER => match l4[0] {
+            // Echo request and reply (RFC 792): the identifier stands for the requester's
+            // port, so a reply's tuple is its request's reversed.
+            ECHO_REQUEST | ECHO_REPLY if l4[1] == 0 => {
+                let id = u16::from_be_bytes([l4[ICMP_ID], l4[ICMP_ID + 1]]);
+                let (s, d) = if l4[0] == ECHO_REQUEST {
+                    (id, 0)
+                } else {
+                    (0, id)
+                };
+                L4::Flow {
+                    key: key(s, d),
+                    tcp_flags: 0,
+                    sctp_end: false,
+                }
+            }
             // Destination unreachable, time exceeded, parameter problem: quote a packet.
             3 | 11 | 12 => inner(l4)
                 .map(|inner| L4::IcmpError {

@@ -6,7 +6,9 @@
 use std::net::Ipv4Addr;
 
 use super::csum::update16;
-use super::l4::{ICMP_CHECKSUM, ICMP_ID, SCTP_CHECKSUM, TCP_CHECKSUM, UDP_CHECKSUM};
+use super::l4::{
+    ECHO_REPLY, ECHO_REQUEST, ICMP_CHECKSUM, ICMP_ID, SCTP_CHECKSUM, TCP_CHECKSUM, UDP_CHECKSUM,
+};
 use crate::conntrack::{ICMP, SCTP, TCP, UDP};
 
 const IP_CHECKSUM: usize = 10;
@@ -55,8 +57,8 @@ fn l4_checksum(proto: u8) -> Option<(usize, bool)> {
 }
 
 /// Rewrites one end of the IPv4 packet `pkt` (header length `ihl`, protocol `proto`, its
-/// transport header complete: the caller parsed it) to `ip:port`. For an ICMP query the
-/// port is its identifier, for both ends. `l4_len` is how much of the transport segment is
+/// transport header complete: the caller parsed it) to `ip:port`. For an ICMP echo the port
+/// is its identifier, at the requester's end only. `l4_len` is how much of the transport segment is
 /// in `pkt` (SCTP's CRC covers all of it).
 #[inline]
 pub fn rewrite(pkt: &mut [u8], ihl: usize, proto: u8, end: End, ip: Ipv4Addr, port: u16) {
@@ -64,12 +66,15 @@ pub fn rewrite(pkt: &mut [u8], ihl: usize, proto: u8, end: End, ip: Ipv4Addr, po
         End::Src => IP_SRC,
         End::Dst => IP_DST,
     };
-    let port_at = ihl
-        + match (end, proto) {
-            (_, ICMP) => ICMP_ID,
-            (End::Src, _) => 0,
-            (End::Dst, _) => 2,
-        };
+    // An ICMP echo's identifier is the requester's port: a request's source, a reply's
+    // destination; the other end has none (l4::parse).
+    let port_at = match (end, proto) {
+        (End::Src, ICMP) if pkt[ihl] == ECHO_REQUEST => Some(ihl + ICMP_ID),
+        (End::Dst, ICMP) if pkt[ihl] == ECHO_REPLY => Some(ihl + ICMP_ID),
+        (_, ICMP) => None,
+        (End::Src, _) => Some(ihl),
+        (End::Dst, _) => Some(ihl + 2),
+    };
     let old_ip: [u8; 4] = [
         pkt[addr_at],
         pkt[addr_at + 1],
@@ -77,7 +82,8 @@ pub fn rewrite(pkt: &mut [u8], ihl: usize, proto: u8, end: End, ip: Ipv4Addr, po
         pkt[addr_at + 3],
     ];
     let new_ip = ip.octets();
-    let old_port = word(pkt, port_at);
+    // No port at this end: it keeps what it has.
+    let old_port = port_at.map_or(port, |at| word(pkt, at));
     if old_ip == new_ip && old_port == port {
         return;
     }
@@ -102,7 +108,9 @@ pub fn rewrite(pkt: &mut [u8], ihl: usize, proto: u8, end: End, ip: Ipv4Addr, po
         }
         None => {}
     }
-    put(pkt, port_at, port);
+    if let Some(at) = port_at {
+        put(pkt, at, port);
+    }
     if proto == SCTP && old_port != port {
         sctp_crc(&mut pkt[ihl..]);
     }

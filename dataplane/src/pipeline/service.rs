@@ -20,7 +20,7 @@ use super::ipv4::Header;
 use super::l4::{self, L4};
 use super::nat::{self, End};
 use super::{icmp, reject, Action, Context, InPort, PortKind};
-use crate::conntrack::{FlowKey, Hit, Refused, Seen, TCP};
+use crate::conntrack::{FlowKey, Hit, Refused, Seen, ICMP, TCP};
 use crate::drop::DropReason;
 use crate::tables::maglev::mix64;
 use crate::tables::services::{Backend, FrontKind, SvcPort, SvcRef};
@@ -202,7 +202,9 @@ fn no_service(
         }
         return None;
     }
-    if !t.node.masquerades(key.dst) {
+    // An echo reply with no flow (to a ping from outside this worker did not track) is
+    // nobody's new connection: it goes as it is.
+    if !t.node.masquerades(key.dst) || key.proto == ICMP && key.sport == 0 {
         return None;
     }
     let node = t.node.v4?;
@@ -260,6 +262,11 @@ fn track_snat(
     for _ in 0..SNAT_TRIES {
         let p = lo + (ctx.snat_next % n) as u16;
         ctx.snat_next = ctx.snat_next.wrapping_add(1);
+        // An echo identifier is given to one ping at a time (the XDP programs know them by
+        // identifier alone).
+        if key.proto == ICMP && ctx.ct.echo_id_taken(p) {
+            continue;
+        }
         let reply = FlowKey {
             src: backend.ip,
             dst: node,

@@ -1005,3 +1005,57 @@ fn a_pods_connection_to_an_endpoint_outside_the_cluster_leaves_from_the_node() {
         "as from the Service"
     );
 }
+
+fn echo(src_mac: Mac, src: [u8; 4], dst: [u8; 4], id: u16, request: bool) -> Vec<u8> {
+    let b = PacketBuilder::ethernet2(src_mac, if src_mac == GW_MAC { UP_MAC } else { HA_MAC })
+        .ipv4(src, dst, 64);
+    let b = if request {
+        b.icmpv4_echo_request(id, 7)
+    } else {
+        b.icmpv4_echo_reply(id, 7)
+    };
+    let mut v = Vec::new();
+    b.write(&mut v, b"ping").unwrap();
+    v
+}
+
+/// (source, destination, identifier) of an echo frame, its checksums checked.
+fn echo_of(frame: &[u8]) -> ([u8; 4], [u8; 4], u16) {
+    let ip = Ipv4Packet::new_checked(&frame[14..]).unwrap();
+    assert!(ip.verify_checksum(), "IP checksum");
+    let icmp = smoltcp::wire::Icmpv4Packet::new_checked(ip.payload()).unwrap();
+    assert!(icmp.verify_checksum(), "ICMP checksum");
+    (
+        ip.src_addr().octets(),
+        ip.dst_addr().octets(),
+        icmp.echo_ident(),
+    )
+}
+
+#[test]
+fn a_pods_ping_to_the_outside_is_masqueraded_and_its_reply_comes_back() {
+    let mut d = DesiredServices::default();
+    let t = node_tables(&mut d, 1);
+    let mut ctx = Context::default();
+    let (a, out) = run(&echo(A_MAC, A, EXT, 77, true), &port_a(), &t, &mut ctx);
+    assert!(matches!(a, Action::Tx { port: 9, .. }), "{a:?}");
+    let (src, dst, id) = echo_of(&out);
+    assert_eq!((src, dst), (NODE, EXT));
+    assert!((61000..=65535).contains(&id), "{id}");
+    // The next request of the same ping keeps its identifier.
+    let (_, again) = run(&echo(A_MAC, A, EXT, 77, true), &port_a(), &t, &mut ctx);
+    assert_eq!(echo_of(&again), (NODE, EXT, id));
+    let (a, back) = run(&echo(GW_MAC, EXT, NODE, id, false), &uplink(), &t, &mut ctx);
+    assert!(matches!(a, Action::Tx { port: 0, .. }), "{a:?}");
+    assert_eq!(
+        echo_of(&back),
+        (EXT, A, 77),
+        "the reply as pod A's ping expects it"
+    );
+    // A pod's ping inside the cluster is not translated, and its echo reply to a ping
+    // nobody tracked starts nothing.
+    let (_, out) = run(&echo(A_MAC, A, B, 78, true), &port_a(), &t, &mut ctx);
+    assert_eq!(echo_of(&out), (A, B, 78));
+    let (_, out) = run(&echo(A_MAC, A, EXT, 79, false), &port_a(), &t, &mut ctx);
+    assert_eq!(echo_of(&out), (A, EXT, 79));
+}
