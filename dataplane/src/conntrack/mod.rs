@@ -206,6 +206,7 @@ pub struct Conntrack {
     sweep_at: usize,
     /// The XDP programs' record of the echo identifiers pods' pings are masqueraded to.
     echo_ids: Option<Arc<EchoIds>>,
+    early_drops: u64,
 }
 
 impl std::fmt::Debug for Conntrack {
@@ -230,6 +231,7 @@ impl Conntrack {
             live: 0,
             sweep_at: 0,
             echo_ids: None,
+            early_drops: 0,
         }
     }
 
@@ -291,7 +293,7 @@ impl Conntrack {
         if self.index.contains_key(&orig) || (reply != orig && self.index.contains_key(&reply)) {
             return Err(Refused::Clash);
         }
-        if self.live >= self.max && self.sweep(now_ms, SWEEP_WHEN_FULL) == 0 {
+        if self.live >= self.max && !self.make_room(now_ms) {
             return Err(Refused::Full);
         }
         let state = if orig.proto == TCP {
@@ -349,6 +351,39 @@ impl Conntrack {
         if let (Some(ids), Some(id)) = (&self.echo_ids, Self::echo_id(&o, &r)) {
             ids.clear(id);
         }
+    }
+
+    /// Frees a slot in a full table: the expired flows among the next `SWEEP_WHEN_FULL`
+    /// slots go; if none had, the first of them never answered goes instead (Linux's
+    /// `early_drop`: a flood of SYNs or unanswered datagrams does not lock answered flows'
+    /// newcomers out for two minutes). False: every flow looked at is alive and answered.
+    fn make_room(&mut self, now_ms: u64) -> bool {
+        let start = self.sweep_at;
+        if self.sweep(now_ms, SWEEP_WHEN_FULL) > 0 {
+            return true;
+        }
+        let len = self.entries.len();
+        let victim = (0..SWEEP_WHEN_FULL.min(len))
+            .map(|i| ((start + i) % len) as u32)
+            .find(|&s| {
+                let e = &self.entries[s as usize];
+                e.live
+                    && matches!(
+                        e.state,
+                        FlowState::Tcp(TcpState::SynSent)
+                            | FlowState::Datagram { replied: false, .. }
+                    )
+            });
+        if let Some(s) = victim {
+            self.remove(s);
+            self.early_drops += 1;
+        }
+        victim.is_some()
+    }
+
+    /// Unanswered flows dropped to make room for new ones.
+    pub fn early_drops(&self) -> u64 {
+        self.early_drops
     }
 
     /// Looks at the next `n` slots and removes the expired flows; returns how many went.
@@ -480,8 +515,15 @@ mod tests {
         let cap = (ct.index.capacity(), ct.entries.capacity());
         for p in 0..3 {
             let k = key(p);
-            ct.insert(k, reply_of(k), SvcRef::default(), backend(), SYN, 0, 0)
+            let s = ct
+                .insert(k, reply_of(k), SvcRef::default(), backend(), SYN, 0, 0)
                 .unwrap();
+            // Answered: no early drop takes them.
+            let syn_ack = Seen {
+                tcp_flags: tcp::SYN | tcp::ACK,
+                sctp_end: false,
+            };
+            ct.entry_mut(s).seen(true, syn_ack, 0);
         }
         let k = key(9);
         assert_eq!(
@@ -497,7 +539,7 @@ mod tests {
                 backend(),
                 SYN,
                 0,
-                tcp::SYN_SENT_MS + 1
+                tcp::SYN_RECV_MS + 1
             )
             .is_ok());
         assert_eq!(ct.len(), 1);
@@ -513,6 +555,23 @@ mod tests {
             "memory never grows"
         );
         assert!(ct.len() <= 3);
+    }
+
+    #[test]
+    fn a_full_table_of_unanswered_flows_makes_room_for_a_new_one() {
+        let mut ct = Conntrack::new(4);
+        for p in 0..4 {
+            let k = key(p);
+            ct.insert(k, reply_of(k), SvcRef::default(), backend(), SYN, 0, 0)
+                .unwrap();
+        }
+        // A flood of SYNs no one answers does not lock the next connection out.
+        let k = key(9);
+        assert!(ct
+            .insert(k, reply_of(k), SvcRef::default(), backend(), SYN, 0, 1)
+            .is_ok());
+        assert_eq!((ct.len(), ct.early_drops()), (4, 1));
+        assert!(ct.lookup(&k, 2).is_some());
     }
 
     #[test]

@@ -51,7 +51,8 @@ impl TcpState {
     /// reply direction; `fins` records which directions have sent a FIN (bit 0 original,
     /// bit 1 reply).
     pub fn next(self, flags: u8, reply: bool, fins: &mut u8) -> TcpState {
-        if flags & RST != 0 {
+        // After a RST only a new SYN (`reopens`, handled by the caller) starts anything.
+        if flags & RST != 0 || self == TcpState::Close {
             return TcpState::Close;
         }
         if flags & FIN != 0 {
@@ -128,6 +129,11 @@ mod tests {
             TcpState::Close
         );
         assert_eq!(TcpState::Close.timeout_ms(), 10_000);
+        assert_eq!(
+            TcpState::Close.next(FIN | ACK, false, &mut 0),
+            TcpState::Close,
+            "a FIN after a RST does not keep the flow for FIN_WAIT's two minutes"
+        );
         assert_eq!(TcpState::first(ACK), TcpState::Established, "picked up");
         assert_eq!(TcpState::first(RST | ACK), TcpState::Close);
     }

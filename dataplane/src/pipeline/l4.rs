@@ -133,6 +133,9 @@ fn inner(icmp: &[u8]) -> Option<FlowKey> {
         return None;
     }
     let ihl = usize::from(q[0] & 0x0f) * 4;
+    if ihl < 20 {
+        return None;
+    }
     let proto = q[9];
     if !matches!(proto, TCP | UDP | SCTP) {
         return None;

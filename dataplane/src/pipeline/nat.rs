@@ -108,12 +108,26 @@ pub fn rewrite(pkt: &mut [u8], ihl: usize, proto: u8, end: End, ip: Ipv4Addr, po
         }
         None => {}
     }
+    // SCTP's CRC is computed again only over a packet that arrived intact: a corrupted one
+    // keeps its (now doubly) wrong CRC, for the receiver to drop.
+    let sctp_intact = proto == SCTP && old_port != port && sctp_crc_ok(&pkt[ihl..]);
     if let Some(at) = port_at {
         put(pkt, at, port);
     }
-    if proto == SCTP && old_port != port {
+    if sctp_intact {
         sctp_crc(&mut pkt[ihl..]);
     }
+}
+
+/// Whether an SCTP packet's CRC32c is right.
+fn sctp_crc_ok(sctp: &[u8]) -> bool {
+    let Some(stored) = sctp.get(SCTP_CHECKSUM..SCTP_CHECKSUM + 4) else {
+        return false;
+    };
+    let stored = u32::from_le_bytes([stored[0], stored[1], stored[2], stored[3]]);
+    let crc = crc32c::crc32c(&sctp[..SCTP_CHECKSUM]);
+    let crc = crc32c::crc32c_append(crc, &[0; 4]);
+    crc32c::crc32c_append(crc, &sctp[SCTP_CHECKSUM + 4..]) == stored
 }
 
 /// Computes an SCTP packet's CRC32c again (RFC 9260 appendix A: over the whole packet with
@@ -146,6 +160,9 @@ pub fn rewrite_quoted(
         return;
     }
     let ihl = usize::from(q[0] & 0x0f) * 4;
+    if ihl < 20 {
+        return;
+    }
     let proto = q[9];
     let addr_at = match end {
         End::Src => IP_SRC,
