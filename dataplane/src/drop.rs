@@ -79,11 +79,15 @@ pub enum DropReason {
     NodePortUnknown,
     /// No free SNAT port on the worker for a new masqueraded or SNATed flow.
     SnatPortsExhausted,
+    /// A later fragment of a pod's datagram leaving the cluster whose first fragment stromd
+    /// did not translate (it came later, or too long before): it cannot be masqueraded
+    /// without reassembly, and must not leave with the pod's address.
+    FragmentUntranslated,
 }
 
 impl DropReason {
     /// Every reason, in counter-index order.
-    pub const ALL: [DropReason; 33] = [
+    pub const ALL: [DropReason; 34] = [
         DropReason::Runt,
         DropReason::VlanTagged,
         DropReason::UnknownEthertype,
@@ -117,6 +121,7 @@ impl DropReason {
         DropReason::ConntrackClash,
         DropReason::NodePortUnknown,
         DropReason::SnatPortsExhausted,
+        DropReason::FragmentUntranslated,
     ];
     /// Number of reasons (size of counter arrays).
     pub const COUNT: usize = Self::ALL.len();
@@ -157,6 +162,7 @@ impl DropReason {
             DropReason::ConntrackClash => "conntrack_clash",
             DropReason::NodePortUnknown => "node_port_unknown",
             DropReason::SnatPortsExhausted => "snat_ports_exhausted",
+            DropReason::FragmentUntranslated => "fragment_not_translated",
         }
     }
 

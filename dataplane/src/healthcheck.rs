@@ -1,13 +1,13 @@
 //! `healthCheckNodePort`: for a LoadBalancer Service with `externalTrafficPolicy: Local`,
 //! an HTTP server on the node's port that tells the load balancer whether this node has
 //! endpoints of the Service, as kube-proxy's does (`pkg/proxy/healthcheck`): 200 with the
-//! count of local endpoints, 503 when there is none. A thread per port, in stromd; the
-//! kernel carries the traffic (the port is not one of stromd's).
+//! count of local endpoints, 503 when there is none. A thread per port, in stromd, and one per
+//! connection it answers; the kernel carries the traffic (the port is not one of stromd's).
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::net::TcpListener;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -47,32 +47,57 @@ fn body(service: &str, local: u64) -> String {
     .to_string()
 }
 
+/// Connections one server answers at once: each on a thread of its own, so that a slow or
+/// silent client (held at most 1 s) does not keep the load balancer's probes waiting; one
+/// more is closed at once.
+const MAX_IN_FLIGHT: usize = 64;
+
 fn serve(l: TcpListener, service: String, local: Arc<AtomicU64>, stop: Arc<AtomicBool>) {
+    let service: Arc<str> = service.into();
+    let in_flight = Arc::new(AtomicUsize::new(0));
     while !stop.load(Ordering::Relaxed) {
         match l.accept() {
-            Ok((mut s, _)) => {
-                let _ = s.set_nonblocking(false);
-                let _ = s.set_read_timeout(Some(Duration::from_secs(1)));
-                let _ = s.set_write_timeout(Some(Duration::from_secs(1)));
-                let mut req = [0u8; 1024];
-                let _ = s.read(&mut req);
+            Ok((s, _)) => {
+                if in_flight.fetch_add(1, Ordering::Relaxed) >= MAX_IN_FLIGHT {
+                    in_flight.fetch_sub(1, Ordering::Relaxed);
+                    continue;
+                }
                 let n = local.load(Ordering::Relaxed);
-                let b = body(&service, n);
-                let status = if n > 0 {
-                    "200 OK"
-                } else {
-                    "503 Service Unavailable"
-                };
-                let _ = write!(
-                    s,
-                    "HTTP/1.1 {status}\r\nContent-Type: application/json\r\nX-Content-Type-Options: nosniff\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{b}",
-                    b.len()
-                );
+                let (service, done) = (service.clone(), in_flight.clone());
+                let spawned = std::thread::Builder::new()
+                    .name("strom-hc-conn".into())
+                    .spawn(move || {
+                        answer(s, &service, n);
+                        done.fetch_sub(1, Ordering::Relaxed);
+                    });
+                if spawned.is_err() {
+                    in_flight.fetch_sub(1, Ordering::Relaxed);
+                }
             }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => std::thread::sleep(POLL),
             Err(_) => std::thread::sleep(POLL),
         }
     }
+}
+
+/// Reads the request (at most 1 KiB, within 1 s) and answers with `local`'s status.
+fn answer(mut s: std::net::TcpStream, service: &str, local: u64) {
+    let _ = s.set_nonblocking(false);
+    let _ = s.set_read_timeout(Some(Duration::from_secs(1)));
+    let _ = s.set_write_timeout(Some(Duration::from_secs(1)));
+    let mut req = [0u8; 1024];
+    let _ = s.read(&mut req);
+    let b = body(service, local);
+    let status = if local > 0 {
+        "200 OK"
+    } else {
+        "503 Service Unavailable"
+    };
+    let _ = write!(
+        s,
+        "HTTP/1.1 {status}\r\nContent-Type: application/json\r\nX-Content-Type-Options: nosniff\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{b}",
+        b.len()
+    );
 }
 
 impl HealthChecks {
@@ -146,6 +171,16 @@ mod tests {
         assert!(r.starts_with("HTTP/1.1 200 OK"), "{r}");
         assert!(r.contains(r#""localEndpoints":2"#), "{r}");
         assert!(r.contains(r#""namespace":"ns""#), "{r}");
+        // A silent client does not hold the next probe up.
+        let silent = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        let t = std::time::Instant::now();
+        assert!(get(port).starts_with("HTTP/1.1 200"));
+        assert!(
+            t.elapsed() < Duration::from_millis(500),
+            "{:?}",
+            t.elapsed()
+        );
+        drop(silent);
         h.sync(&[(port, "ns/lb".into(), 0)]);
         assert!(get(port).starts_with("HTTP/1.1 503"), "none local");
         h.sync(&[]);

@@ -952,3 +952,25 @@ fn the_nodes_own_sockets_reach_cluster_ips_and_node_ports_and_see_the_service_ad
         "the removed Service's address no longer answers: {r:?}"
     );
 }
+
+#[test]
+fn a_fragmented_udp_datagram_reaches_a_service_backend() {
+    let _g = net_lock();
+    let m = pod("a", "app: web", &[("dns", 53, "UDP")], "", "")
+        + &client()
+        + &service(
+            "web",
+            "  clusterIP: 198.19.0.10\n  selector: {app: web}\n  ports: [{name: dns, port: 53, protocol: UDP}]\n",
+        );
+    let lab = up(&m, &[]);
+    // 3000 bytes: the client's kernel sends the datagram in three fragments, which stromd
+    // translates one by one (the first with its flow, the others by the first's addresses).
+    let script = "import socket\ns = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\ns.settimeout(2)\ns.connect(('198.19.0.10', 53))\ns.send(b'x' * 3000)\nprint(s.recv(1500).decode())\n";
+    let o = lab.exec("t/client", &["python3", "-c", script]);
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        o.status.success() && out.starts_with("t/a "),
+        "the backend answered the reassembled datagram: {out}{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+}

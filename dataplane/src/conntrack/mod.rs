@@ -10,6 +10,7 @@
 //! expiry never stalls a worker.
 
 pub mod affinity;
+pub mod frag;
 pub mod tcp;
 
 use std::net::Ipv4Addr;

@@ -25,6 +25,8 @@ pub struct Header {
     /// a whole datagram carries no complete transport header to translate.
     pub frag_offset: u16,
     pub more_frags: bool,
+    /// Identification: with the addresses and protocol, which datagram a fragment is of.
+    pub ident: u16,
 }
 
 /// Checks version, IHL, total length against the frame, and the header checksum. Options and
@@ -47,6 +49,7 @@ pub fn validate(pkt: &[u8]) -> Result<Header, DropReason> {
         proto: ip.next_header().into(),
         frag_offset: ip.frag_offset(),
         more_frags: ip.more_frags(),
+        ident: ip.ident(),
     })
 }
 

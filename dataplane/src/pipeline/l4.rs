@@ -39,8 +39,11 @@ pub enum L4 {
     /// An ICMP error quoting a packet of `inner` (as that packet went: from its source to the
     /// host that answered), whose IP header starts at `inner_at` from the outer IP header.
     IcmpError { inner: FlowKey, inner_at: usize },
-    /// A fragment (stromd does not reassemble), another protocol, or an ICMP message stromd does not
-    /// translate: no flow to track.
+    /// A fragment after a datagram's first, which carries no transport header (and an SCTP
+    /// first fragment: its CRC covers the whole datagram): translated, if at all, as its
+    /// first fragment was (`conntrack::frag`).
+    Fragment,
+    /// Another protocol, or an ICMP message stromd does not translate: no flow to track.
     None,
 }
 
@@ -49,8 +52,9 @@ pub enum L4 {
 /// them, never read past.
 #[inline]
 pub fn parse(pkt: &[u8], h: &Header) -> L4 {
-    if h.frag_offset != 0 || h.more_frags {
-        return L4::None;
+    // A first fragment has the transport header, and is parsed as a whole packet would be.
+    if h.frag_offset != 0 || h.more_frags && h.proto == SCTP {
+        return L4::Fragment;
     }
     let at = h.header_len;
     let end = h.total_len.min(pkt.len());

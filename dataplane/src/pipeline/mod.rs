@@ -104,6 +104,8 @@ pub struct Context {
     pub affinity_full: u64,
     /// Where the next SNAT port is looked for in this worker's share.
     pub snat_next: u32,
+    /// Translated datagrams whose later fragments are still to come.
+    pub frags: crate::conntrack::frag::Frags,
     /// Counters per Service port slot (grown by the worker between loops when the Service
     /// table gains slots, never on a packet's path).
     pub svc_counts: Vec<service::SvcCount>,
@@ -128,6 +130,7 @@ impl Context {
             affinity: crate::conntrack::affinity::Affinity::new(conntrack_max),
             affinity_full: 0,
             snat_next: 0,
+            frags: Default::default(),
             svc_counts: Vec::new(),
         }
     }

@@ -20,6 +20,7 @@ use super::ipv4::Header;
 use super::l4::{self, L4};
 use super::nat::{self, End};
 use super::{icmp, reject, Action, Context, InPort, PortKind};
+use crate::conntrack::frag::FragKey;
 use crate::conntrack::{FlowKey, Hit, Refused, Seen, ICMP, TCP};
 use crate::drop::DropReason;
 use crate::tables::maglev::mix64;
@@ -63,6 +64,18 @@ pub fn stage(
     let end = HEADER_LEN + hdr.total_len.min(len - HEADER_LEN);
     let parsed = l4::parse(&buf[HEADER_LEN..end], hdr);
     match parsed {
+        L4::Fragment => {
+            if translate_fragment(&mut buf[HEADER_LEN..end], hdr, ctx) {
+                return None;
+            }
+            if t.services.is_vip(hdr.dst) {
+                return Some(Action::Drop(DropReason::ServiceUnknownPort));
+            }
+            // Of a pod's datagram leaving the cluster whose first fragment was not seen (or
+            // not first): it cannot be masqueraded, and must not leave with the pod's address.
+            (port.kind == PortKind::Pod && t.node.masquerades(hdr.dst))
+                .then_some(Action::Drop(DropReason::FragmentUntranslated))
+        }
         L4::None => t
             .services
             .is_vip(hdr.dst)
@@ -118,7 +131,7 @@ fn flow(
         if reply {
             let (to_src, to_dst) = e.rewrite_to(true);
             ctx.ct.entry_mut(slot).seen(true, seen, now);
-            translate(&mut buf[HEADER_LEN..end], hdr, to_src, to_dst);
+            translate(ctx, &mut buf[HEADER_LEN..end], hdr, to_src, to_dst);
             return None;
         }
         if !e.reopened_by(seen) {
@@ -134,7 +147,7 @@ fn flow(
                 e.seen(false, seen, now);
                 let (to_src, to_dst) = e.rewrite_to(false);
                 ctx.count(svc, |c| c.packets += 1);
-                translate(&mut buf[HEADER_LEN..end], hdr, to_src, to_dst);
+                translate(ctx, &mut buf[HEADER_LEN..end], hdr, to_src, to_dst);
                 return None;
             }
             // The backend has left the Service: a TCP connection is reset at once, from
@@ -215,6 +228,7 @@ fn no_service(
     match track_snat(ctx, t, key, node, backend, SvcRef::NONE, seen) {
         Ok(p) => {
             translate(
+                ctx,
                 &mut buf[HEADER_LEN..end],
                 hdr,
                 (node, p),
@@ -350,6 +364,7 @@ fn new_flow(
                         c.packets += 1;
                     });
                     translate(
+                        ctx,
                         &mut buf[HEADER_LEN..end],
                         hdr,
                         (node, p),
@@ -386,6 +401,7 @@ fn new_flow(
         c.packets += 1;
     });
     translate(
+        ctx,
         &mut buf[HEADER_LEN..end],
         hdr,
         (src, key.sport),
@@ -396,11 +412,43 @@ fn new_flow(
 
 /// Rewrites the packet's source and destination (each only if it changes).
 #[inline]
-fn translate(ip: &mut [u8], hdr: &mut Header, src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16)) {
+fn translate(
+    ctx: &mut Context,
+    ip: &mut [u8],
+    hdr: &mut Header,
+    src: (Ipv4Addr, u16),
+    dst: (Ipv4Addr, u16),
+) {
+    // A first fragment: the later ones get its addresses (`fragment`).
+    if hdr.more_frags && (hdr.src, hdr.dst) != (src.0, dst.0) {
+        ctx.frags.record(frag_key(hdr), src.0, dst.0, ctx.now_ms);
+    }
     nat::rewrite(ip, hdr.header_len, hdr.proto, End::Dst, dst.0, dst.1);
     nat::rewrite(ip, hdr.header_len, hdr.proto, End::Src, src.0, src.1);
     hdr.src = src.0;
     hdr.dst = dst.0;
+}
+
+fn frag_key(hdr: &Header) -> FragKey {
+    FragKey {
+        src: hdr.src,
+        dst: hdr.dst,
+        ident: hdr.ident,
+        proto: hdr.proto,
+    }
+}
+
+/// A later fragment of a datagram (no transport header): the addresses its first fragment
+/// was translated to; true when there were any.
+fn translate_fragment(ip: &mut [u8], hdr: &mut Header, ctx: &Context) -> bool {
+    let Some((src, dst)) = ctx.frags.lookup(&frag_key(hdr), ctx.now_ms) else {
+        return false;
+    };
+    nat::rewrite_addr(ip, End::Src, src);
+    nat::rewrite_addr(ip, End::Dst, dst);
+    hdr.src = src;
+    hdr.dst = dst;
+    true
 }
 
 /// A RST back to the client from `from`, out of the port the segment came in on, at the
@@ -525,7 +573,7 @@ pub fn translate_answer(buf: &mut [u8], hdr: &mut Header, ctx: &mut Context) -> 
                     now,
                 );
                 let (to_src, to_dst) = e.rewrite_to(true);
-                translate(&mut buf[HEADER_LEN..end], hdr, to_src, to_dst);
+                translate(ctx, &mut buf[HEADER_LEN..end], hdr, to_src, to_dst);
                 return true;
             }
             // The original direction of a flow this worker tracks (a client outside, say,
@@ -546,6 +594,7 @@ pub fn translate_answer(buf: &mut [u8], hdr: &mut Header, ctx: &mut Context) -> 
         L4::IcmpError { inner, inner_at } => {
             icmp_error(&mut buf[HEADER_LEN..end], hdr, inner, inner_at, ctx)
         }
+        L4::Fragment => translate_fragment(&mut buf[HEADER_LEN..end], hdr, ctx),
         L4::None => false,
     }
 }

@@ -1060,3 +1060,98 @@ fn a_pods_ping_to_the_outside_is_masqueraded_and_its_reply_comes_back() {
     let (_, out) = run(&echo(A_MAC, A, EXT, 79, false), &port_a(), &t, &mut ctx);
     assert_eq!(echo_of(&out), (A, EXT, 79));
 }
+
+/// `frame` (Ethernet + IPv4, no options) as two fragments: the first carries `first` bytes of
+/// the IP payload (a multiple of 8), the second the rest.
+fn fragments(frame: &[u8], first: usize) -> (Vec<u8>, Vec<u8>) {
+    let payload = &frame[34..];
+    let part = |from: usize, to: usize, more: bool| {
+        let mut f = frame[..34].to_vec();
+        f.extend_from_slice(&payload[from..to]);
+        let total = (20 + to - from) as u16;
+        f[16..18].copy_from_slice(&total.to_be_bytes());
+        let flags_off = ((from / 8) as u16) | if more { 0x2000 } else { 0 };
+        f[20..22].copy_from_slice(&flags_off.to_be_bytes());
+        f[24] = 0;
+        f[25] = 0;
+        let c = !smoltcp::wire::checksum::data(&f[14..34]);
+        f[24..26].copy_from_slice(&c.to_be_bytes());
+        f
+    };
+    (part(0, first, true), part(first, payload.len(), false))
+}
+
+/// `frame` with another IP identification (another datagram's fragment).
+fn with_ident(mut frame: Vec<u8>, ident: u16) -> Vec<u8> {
+    frame[18..20].copy_from_slice(&ident.to_be_bytes());
+    frame[24] = 0;
+    frame[25] = 0;
+    let c = !smoltcp::wire::checksum::data(&frame[14..34]);
+    frame[24..26].copy_from_slice(&c.to_be_bytes());
+    frame
+}
+
+/// The datagram two fragments make (in order), its UDP checksum checked whole.
+fn reassembled(first: &[u8], second: &[u8]) -> (([u8; 4], u16), ([u8; 4], u16)) {
+    let a = Ipv4Packet::new_checked(&first[14..]).unwrap();
+    let b = Ipv4Packet::new_checked(&second[14..]).unwrap();
+    assert!(a.verify_checksum() && b.verify_checksum(), "IP checksums");
+    assert_eq!(a.ident(), b.ident());
+    assert_eq!((a.src_addr(), a.dst_addr()), (b.src_addr(), b.dst_addr()));
+    let mut udp = a.payload().to_vec();
+    udp.extend_from_slice(b.payload());
+    let (s, d) = (a.src_addr(), a.dst_addr());
+    let u = UdpPacket::new_checked(&udp[..]).unwrap();
+    assert!(
+        u.verify_checksum(&IpAddress::Ipv4(s), &IpAddress::Ipv4(d)),
+        "the whole datagram's UDP checksum"
+    );
+    ((s.octets(), u.src_port()), (d.octets(), u.dst_port()))
+}
+
+#[test]
+fn a_fragmented_datagram_through_a_service_is_translated_fragment_by_fragment() {
+    let (_d, t) = with(web(vec![endpoint(B, 8080)]));
+    let mut ctx = Context::default();
+    let big = udp(A_MAC, (A, 5000), (VIP, 53), &[7u8; 1600]);
+    let (f1, f2) = fragments(&big, 1480);
+    let (a1, o1) = run(&f1, &port_a(), &t, &mut ctx);
+    let (a2, o2) = run(&f2, &port_a(), &t, &mut ctx);
+    assert!(matches!(a1, Action::Tx { port: 1, .. }), "{a1:?}");
+    assert!(matches!(a2, Action::Tx { port: 1, .. }), "{a2:?}");
+    assert_eq!(reassembled(&o1, &o2), ((A, 5000), (B, 5353)));
+    // B's fragmented answer comes back as from the Service.
+    let answer = udp(B_MAC, (B, 5353), (A, 5000), &[8u8; 1600]);
+    let (f1, f2) = fragments(&answer, 1480);
+    let (_, o1) = run(&f1, &port_b(), &t, &mut ctx);
+    let (_, o2) = run(&f2, &port_b(), &t, &mut ctx);
+    assert_eq!(reassembled(&o1, &o2), ((VIP, 53), (A, 5000)));
+    // A later fragment whose first was never seen is not a Service's to guess: dropped.
+    let lone = udp(A_MAC, (A, 5001), (VIP, 53), &[7u8; 1600]);
+    let (_, f2) = fragments(&lone, 1480);
+    let (a, _) = run(&with_ident(f2, 0x55), &port_a(), &t, &mut ctx);
+    assert_eq!(a, Action::Drop(DropReason::ServiceUnknownPort));
+}
+
+#[test]
+fn a_pods_fragmented_datagram_to_the_outside_is_masqueraded_or_dropped_never_leaked() {
+    let mut d = DesiredServices::default();
+    let t = node_tables(&mut d, 1);
+    let mut ctx = Context::default();
+    let big = udp(A_MAC, (A, 5000), (EXT, 53), &[7u8; 1400]);
+    let (f1, f2) = fragments(&big, 1000);
+    let (_, o1) = run(&f1, &port_a(), &t, &mut ctx);
+    let (_, o2) = run(&f2, &port_a(), &t, &mut ctx);
+    let ((src, _), dst) = reassembled(&o1, &o2);
+    assert_eq!((src, dst), (NODE, (EXT, 53)));
+    // The second fragment of another datagram, first (out of order): not with A's address.
+    let other = udp(A_MAC, (A, 5002), (EXT, 53), &[7u8; 1400]);
+    let (_, f2) = fragments(&other, 1000);
+    let (a, _) = run(&with_ident(f2, 0x55), &port_a(), &t, &mut ctx);
+    assert_eq!(a, Action::Drop(DropReason::FragmentUntranslated));
+    // Between pods, fragments pass as they are.
+    let inside = udp(A_MAC, (A, 5003), (B, 53), &[7u8; 1400]);
+    let (_, f2) = fragments(&inside, 1000);
+    let (a, _) = run(&f2, &port_a(), &t, &mut ctx);
+    assert!(matches!(a, Action::Tx { port: 1, .. }), "{a:?}");
+}

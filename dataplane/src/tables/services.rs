@@ -474,14 +474,6 @@ impl DesiredServices {
         ServiceTable::build(self.built.values(), self.generation)
     }
 
-    /// The NodePort frontends follow the node's addresses: every Service is built again.
-    pub fn set_nodes(&mut self, nodes: &[Ipv4Addr]) {
-        let specs: Vec<ServiceSpec> = self.specs.values().map(|(s, _)| s.clone()).collect();
-        for s in specs {
-            let _ = self.set(s, nodes);
-        }
-    }
-
     pub fn len(&self) -> usize {
         self.specs.len()
     }
