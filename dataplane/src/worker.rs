@@ -318,12 +318,8 @@ impl Worker {
         tables: TableHandle,
         mode: PollMode,
         umem: WorkerUmem,
-        conntrack_max: usize,
-        echo_ids: Option<Arc<strom_xdp::bpf::EchoIds>>,
+        ctx: pipeline::Context,
     ) -> Self {
-        let id = me.id;
-        let mut ctx = pipeline::Context::new(id as u16, conntrack_max);
-        ctx.ct.set_echo_ids(echo_ids);
         Worker {
             me,
             all,
@@ -877,8 +873,11 @@ pub fn spawn(
                 tables.clone(),
                 mode,
                 umem.worker(i as u32)?,
-                conntrack_max,
-                echo_ids.clone(),
+                {
+                    let mut ctx = pipeline::Context::new(i as u16, conntrack_max);
+                    ctx.ct.set_echo_ids(echo_ids.clone());
+                    ctx
+                },
             );
             let me = all[i].clone();
             std::thread::Builder::new()

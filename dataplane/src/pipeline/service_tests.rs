@@ -923,7 +923,6 @@ fn a_routers_fragmentation_needed_about_a_masqueraded_flow_is_translated_by_its_
         &t,
         &mut owner,
     );
-    let ((_, p), _) = endpoints(&sent);
     // A router beyond the uplink answers the masqueraded packet: to the node's address,
     // quoting node:p -> EXT:80.
     const ROUTER: [u8; 4] = [198, 18, 0, 254];
