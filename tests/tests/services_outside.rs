@@ -275,16 +275,18 @@ fn pmtu_discovery_works_through_a_node_port() {
     let send = format!(
         "import socket\ns = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\ns.setsockopt(socket.IPPROTO_IP, 10, 2)\ns.connect(('{NODE}', 30201))\ntry:\n    s.send(b'x' * 1472)\nexcept OSError:\n    pass\n"
     );
-    let o = lab.exec("external", &["python3", "-c", &send]);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    // Sent again until the error is in (a sender retransmits what was not answered; the
+    // first datagram may wait for the neighbours to be resolved).
     let t = Instant::now();
     let route = loop {
+        let o = lab.exec("external", &["python3", "-c", &send]);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        std::thread::sleep(Duration::from_millis(200));
         let o = lab.exec("external", &["ip", "route", "get", NODE]);
         let r = String::from_utf8_lossy(&o.stdout).to_string();
-        if r.contains("mtu 1450") || t.elapsed() > Duration::from_secs(3) {
+        if r.contains("mtu 1450") || t.elapsed() > Duration::from_secs(5) {
             break r;
         }
-        std::thread::sleep(Duration::from_millis(100));
     };
     assert!(
         route.contains("mtu 1450"),
