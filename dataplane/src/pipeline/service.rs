@@ -217,7 +217,9 @@ fn no_service(
     }
     // An echo reply with no flow (to a ping from outside this worker did not track) is
     // nobody's new connection: it goes as it is.
-    if !t.node.masquerades(key.dst) || key.proto == ICMP && key.sport == 0 {
+    if !t.node.masquerades(key.dst)
+        || key.proto == ICMP && buf.get(HEADER_LEN + hdr.header_len) == Some(&l4::ECHO_REPLY)
+    {
         return None;
     }
     let node = t.node.v4?;
@@ -419,8 +421,10 @@ fn translate(
     src: (Ipv4Addr, u16),
     dst: (Ipv4Addr, u16),
 ) {
-    // A first fragment: the later ones get its addresses (`fragment`).
-    if hdr.more_frags && (hdr.src, hdr.dst) != (src.0, dst.0) {
+    // A first fragment: the later ones get its addresses (`translate_fragment`), unchanged
+    // ones too (an answer on a connection from outside, which must not be taken for a pod's
+    // datagram leaving the cluster).
+    if hdr.more_frags {
         ctx.frags.record(frag_key(hdr), src.0, dst.0, ctx.now_ms);
     }
     nat::rewrite(ip, hdr.header_len, hdr.proto, End::Dst, dst.0, dst.1);

@@ -1154,3 +1154,24 @@ fn a_pods_fragmented_datagram_to_the_outside_is_masqueraded_or_dropped_never_lea
     let (a, _) = run(&f2, &port_a(), &t, &mut ctx);
     assert!(matches!(a, Action::Tx { port: 1, .. }), "{a:?}");
 }
+
+#[test]
+fn a_pods_fragmented_answer_to_a_client_outside_leaves_whole_and_unmasqueraded() {
+    let mut d = DesiredServices::default();
+    let t = node_tables(&mut d, 1);
+    let mut ctx = Context::default();
+    let b = PacketBuilder::ethernet2(GW_MAC, UP_MAC)
+        .ipv4(EXT, A, 64)
+        .udp(7000, 53);
+    let mut q = Vec::new();
+    b.write(&mut q, b"query").unwrap();
+    let (a, _) = run(&q, &uplink(), &t, &mut ctx);
+    assert!(matches!(a, Action::Tx { port: 0, .. }), "{a:?}");
+    let answer = udp(A_MAC, (A, 53), (EXT, 7000), &[9u8; 1400]);
+    let (f1, f2) = fragments(&answer, 1000);
+    let (a1, o1) = run(&f1, &port_a(), &t, &mut ctx);
+    let (a2, o2) = run(&f2, &port_a(), &t, &mut ctx);
+    assert!(matches!(a1, Action::Tx { port: 9, .. }), "{a1:?}");
+    assert!(matches!(a2, Action::Tx { port: 9, .. }), "{a2:?}");
+    assert_eq!(reassembled(&o1, &o2), ((A, 53), (EXT, 7000)));
+}
