@@ -284,11 +284,8 @@ static __always_inline int stromd_port(struct iphdr *ip, void *end)
 	return stromds_port(ip->protocol, dport);
 }
 
-/* Whether an ICMP error to one of the node's addresses (destination unreachable, time
- * exceeded, parameter problem) quotes a packet that left from a port of stromd's: one
- * stromd translated (masquerade, SNAT, a NodePort's answer), which stromd translates back
- * (path MTU discovery for those flows). */
-static __always_inline int stromd_icmp_error(struct iphdr *ip, void *end)
+/* The 8-byte ICMP header of an unfragmented ICMP packet, or 0. */
+static __always_inline __u8 *icmp_header(struct iphdr *ip, void *end)
 {
 	if (ip->protocol != IPPROTO_ICMP || (ip->frag_off & bpf_htons(0x3fff)))
 		return 0;
@@ -297,6 +294,18 @@ static __always_inline int stromd_icmp_error(struct iphdr *ip, void *end)
 		return 0;
 	__u8 *icmp = (void *)ip + ihl;
 	if ((void *)(icmp + 8) > end)
+		return 0;
+	return icmp;
+}
+
+/* Whether an ICMP error to one of the node's addresses (destination unreachable, time
+ * exceeded, parameter problem) quotes a packet that left from a port of stromd's: one
+ * stromd translated (masquerade, SNAT, a NodePort's answer), which stromd translates back
+ * (path MTU discovery for those flows). */
+static __always_inline int stromd_icmp_error(struct iphdr *ip, void *end)
+{
+	__u8 *icmp = icmp_header(ip, end);
+	if (!icmp)
 		return 0;
 	if (icmp[0] != 3 && icmp[0] != 11 && icmp[0] != 12)
 		return 0;
@@ -320,13 +329,8 @@ static __always_inline int stromd_icmp_error(struct iphdr *ip, void *end)
  * stromd masqueraded a pod's ping to. */
 static __always_inline int stromd_echo_reply(struct iphdr *ip, void *end)
 {
-	if (ip->protocol != IPPROTO_ICMP || (ip->frag_off & bpf_htons(0x3fff)))
-		return 0;
-	__u32 ihl = ip->ihl * 4;
-	if (ihl < sizeof(*ip))
-		return 0;
-	__u8 *icmp = (void *)ip + ihl;
-	if ((void *)(icmp + 8) > end)
+	__u8 *icmp = icmp_header(ip, end);
+	if (!icmp)
 		return 0;
 	if (icmp[0] != 0 || icmp[1] != 0)
 		return 0;
