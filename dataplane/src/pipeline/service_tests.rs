@@ -613,6 +613,17 @@ fn from_outside(src: ([u8; 4], u16), dst: ([u8; 4], u16)) -> Vec<u8> {
     v
 }
 
+/// `frame` (Ethernet, IPv4 without options, TCP) with other TCP flags and its checksum
+/// computed again, as the sender would have.
+fn with_tcp_flags(mut frame: Vec<u8>, flags: u8) -> Vec<u8> {
+    frame[14 + 20 + 13] = flags;
+    let ip = Ipv4Packet::new_unchecked(&frame[14..]);
+    let (s, d) = (ip.src_addr(), ip.dst_addr());
+    let mut seg = TcpPacket::new_unchecked(&mut frame[14 + 20..]);
+    seg.fill_checksum(&IpAddress::Ipv4(s), &IpAddress::Ipv4(d));
+    frame
+}
+
 #[test]
 fn a_pods_connection_leaving_the_cluster_is_masqueraded_and_its_answer_comes_back() {
     let mut d = DesiredServices::default();
@@ -628,19 +639,8 @@ fn a_pods_connection_leaving_the_cluster_is_masqueraded_and_its_answer_comes_bac
     let ((src, p), dst) = endpoints(&out);
     assert_eq!((src, dst), (NODE, (EXT, 80)));
     assert!((61000..=65535).contains(&p), "{p}");
-    let mut answer = from_outside((EXT, 80), (NODE, p));
-    answer[14 + 20 + 13] = 0x12; // SYN-ACK
-    let tcp_at = 14 + 20;
-    answer[tcp_at + 16] = 0;
-    answer[tcp_at + 17] = 0;
-    let (a, out) = {
-        // Recompute the checksum the edit above broke, as the sender would have.
-        let ip = Ipv4Packet::new_unchecked(&answer[14..]);
-        let (s, dd) = (ip.src_addr(), ip.dst_addr());
-        let mut seg = TcpPacket::new_unchecked(&mut answer[tcp_at..]);
-        seg.fill_checksum(&IpAddress::Ipv4(s), &IpAddress::Ipv4(dd));
-        run(&answer, &uplink(), &t, &mut ctx)
-    };
+    let answer = with_tcp_flags(from_outside((EXT, 80), (NODE, p)), 0x12); // SYN-ACK
+    let (a, out) = run(&answer, &uplink(), &t, &mut ctx);
     assert!(matches!(a, Action::Tx { port: 0, .. }), "{a:?}");
     assert_eq!(endpoints(&out), ((EXT, 80), (A, 40000)));
     // Inside the cluster nothing is masqueraded.
@@ -710,14 +710,7 @@ fn an_answer_to_another_workers_snat_port_is_handed_to_it_and_translated_there()
     );
     let ((_, p), _) = endpoints(&out);
     assert_eq!(t.node.snat.owner(p), Some(0));
-    let mut answer = from_outside((EXT, 80), (NODE, p));
-    answer[14 + 20 + 13] = 0x10;
-    {
-        let ip = Ipv4Packet::new_unchecked(&answer[14..]);
-        let (s, dd) = (ip.src_addr(), ip.dst_addr());
-        let mut seg = TcpPacket::new_unchecked(&mut answer[14 + 20..]);
-        seg.fill_checksum(&IpAddress::Ipv4(s), &IpAddress::Ipv4(dd));
-    }
+    let answer = with_tcp_flags(from_outside((EXT, 80), (NODE, p)), 0x10);
     let (a, mut out) = run(&answer, &uplink(), &t, &mut other);
     assert_eq!(
         a,
@@ -989,14 +982,7 @@ fn a_pods_connection_to_an_endpoint_outside_the_cluster_leaves_from_the_node() {
     );
     let ((src, p), dst) = endpoints(&out);
     assert_eq!((src, dst), (NODE, (EXT, 8080)), "DNAT and masquerade");
-    let mut answer = from_outside((EXT, 8080), (NODE, p));
-    answer[14 + 20 + 13] = 0x12;
-    {
-        let ip = Ipv4Packet::new_unchecked(&answer[14..]);
-        let (s, dd) = (ip.src_addr(), ip.dst_addr());
-        let mut seg = TcpPacket::new_unchecked(&mut answer[14 + 20..]);
-        seg.fill_checksum(&IpAddress::Ipv4(s), &IpAddress::Ipv4(dd));
-    }
+    let answer = with_tcp_flags(from_outside((EXT, 8080), (NODE, p)), 0x12);
     let (a, out) = run(&answer, &uplink(), &t, &mut ctx);
     assert!(matches!(a, Action::Tx { port: 0, .. }), "{a:?}");
     assert_eq!(
