@@ -5,8 +5,13 @@
 //! plane link only this crate, never the dataplane.
 
 pub mod mac;
+pub mod policy;
 pub mod service;
 
+pub use policy::{
+    Direction, IpBlock, IsolatedPod, PeerAddr, Peers, PolicySet, PolicyStatus, PortRange, Rule,
+    RuleGroup,
+};
 pub use service::{
     BackendStatus, ConntrackEntry, ConntrackFilter, EndpointSpec, Protocol, ServicePortSpec,
     ServicePortStatus, ServiceSpec, Tuple,
@@ -129,6 +134,10 @@ pub enum Request {
     },
     /// What stromd would do with a packet of this 5-tuple arriving from a pod.
     Trace { tuple: Tuple },
+    /// Replaces the node's NetworkPolicies, all at once.
+    SetPolicies { policies: PolicySet },
+    /// Every policy selecting a pod of the node, with the pods and the drops.
+    Policies,
 }
 
 /// Dataplane readiness.
@@ -272,6 +281,9 @@ pub enum Response {
     Trace {
         /// One line per decision, in order.
         steps: Vec<String>,
+    },
+    Policies {
+        policies: Vec<PolicyStatus>,
     },
     Error {
         message: String,

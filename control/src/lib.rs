@@ -7,10 +7,14 @@
 //! - [`manifests`]: reading objects from YAML or JSON files, and doing for them what the
 //!   cluster's controllers would do when there is no API server: defaulting, ClusterIP and
 //!   NodePort allocation, EndpointSlices derived from pods.
+//! - [`policy`]: NetworkPolicies, with the Pods and Namespaces they select, compiled into a
+//!   node's [`strom_api::PolicySet`] (the API's semantics; a malformed policy rejected alone,
+//!   still isolating its pods), and a reference evaluator to check it against.
 //!
 //! The objects are k8s-openapi's, so the same code serves objects from an API server later.
 
 pub mod manifests;
+pub mod policy;
 pub mod translate;
 
 pub use k8s_openapi;

@@ -27,6 +27,7 @@ fn tables() -> Tables {
         node: NodeTable::new(GW),
         routes: RouteTable::default(),
         services: Default::default(),
+        policy: Default::default(),
     };
     for i in 0..PODS {
         t.routes.local.insert(

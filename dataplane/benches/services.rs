@@ -71,6 +71,7 @@ fn tables(services: u32) -> Tables {
         node: NodeTable::new(GW),
         routes: RouteTable::default(),
         services: d.table(),
+        policy: Default::default(),
     };
     for j in 0..10u8 {
         t.routes.local.insert(

@@ -83,11 +83,14 @@ pub enum DropReason {
     /// did not translate (it came later, or too long before): it cannot be masqueraded
     /// without reassembly, and must not leave with the pod's address.
     FragmentUntranslated,
+    /// No NetworkPolicy selecting the pod allowed it (ingress to it or egress from it), and
+    /// it belongs to no allowed connection.
+    PolicyDenied,
 }
 
 impl DropReason {
     /// Every reason, in counter-index order.
-    pub const ALL: [DropReason; 34] = [
+    pub const ALL: [DropReason; 35] = [
         DropReason::Runt,
         DropReason::VlanTagged,
         DropReason::UnknownEthertype,
@@ -122,6 +125,7 @@ impl DropReason {
         DropReason::NodePortUnknown,
         DropReason::SnatPortsExhausted,
         DropReason::FragmentUntranslated,
+        DropReason::PolicyDenied,
     ];
     /// Number of reasons (size of counter arrays).
     pub const COUNT: usize = Self::ALL.len();
@@ -163,6 +167,7 @@ impl DropReason {
             DropReason::NodePortUnknown => "node_port_unknown",
             DropReason::SnatPortsExhausted => "snat_ports_exhausted",
             DropReason::FragmentUntranslated => "fragment_not_translated",
+            DropReason::PolicyDenied => "policy_denied",
         }
     }
 

@@ -1,5 +1,5 @@
-//! The reconciler: stromd's desired state (today the pods' ports and the uplink's route;
-//! Services and policies join here), fed by the API (and by strom-control through the same
+//! The reconciler: stromd's desired state (the pods' ports and the uplink's route, the
+//! Services, the NetworkPolicies), fed by the API (and by strom-control through the same
 //! API). Each change has the table's own module build the next version of that table, which
 //! is published on its own; the version it replaces is kept here until every worker has
 //! moved past it, and freed here, off the workers' path.
@@ -9,9 +9,10 @@ use std::net::IpAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
+use crate::tables::policy::{PolicyError, PolicySlots};
 use crate::tables::routes::{port_routes, DesiredRoutes};
 use crate::tables::services::DesiredServices;
-use crate::tables::{Next, RouteTable, TableHandle};
+use crate::tables::{Next, PolicyTable, RouteTable, TableHandle};
 use crate::worker::WorkerShared;
 
 /// A replaced table version and each worker's loop count when it was replaced.
@@ -27,6 +28,9 @@ pub struct Reconciler {
     workers: Vec<Arc<WorkerShared>>,
     routes: DesiredRoutes,
     services: DesiredServices,
+    /// Counter slots of the policies, and the policy table's generation.
+    policy_slots: PolicySlots,
+    policy_generation: u64,
     retired: Vec<Retired>,
 }
 
@@ -37,6 +41,8 @@ impl Reconciler {
             workers,
             routes: DesiredRoutes::default(),
             services: DesiredServices::default(),
+            policy_slots: PolicySlots::default(),
+            policy_generation: 0,
             retired: Vec::new(),
         }
     }
@@ -103,6 +109,21 @@ impl Reconciler {
         if self.services.remove(key) {
             self.publish_services();
         }
+    }
+
+    /// Replaces the NetworkPolicies (compiled, all of them at once); a malformed set is
+    /// refused whole and the one in force stays.
+    pub fn set_policies(&mut self, set: &strom_api::PolicySet) -> Result<(), PolicyError> {
+        let table = PolicyTable::build(set, self.policy_generation + 1, &mut self.policy_slots)?;
+        self.policy_generation += 1;
+        let old = self.tables.publish_policy(table);
+        self.retire(old);
+        Ok(())
+    }
+
+    /// The policies' counter slots.
+    pub fn policy_slots(&self) -> &PolicySlots {
+        &self.policy_slots
     }
 
     /// Services programmed.

@@ -117,6 +117,8 @@ pub enum Command {
     },
     /// The worker's counters per Service port slot.
     ServiceCounts(Sender<Vec<crate::pipeline::service::SvcCount>>),
+    /// The worker's policy drops per counter slot (ingress, egress).
+    PolicyCounts(Sender<Vec<[u64; 2]>>),
     /// Leave the loop.
     Stop,
 }
@@ -384,6 +386,7 @@ impl Worker {
             let tables = loaded.view();
             self.ctx.now_ms = crate::stats::coarse_ms();
             self.ctx.size_counters(tables.services.slot_count());
+            self.ctx.size_policy_counters(tables.policy.slots());
             self.ctx
                 .ct
                 .sweep(self.ctx.now_ms, crate::conntrack::SWEEP_PER_LOOP);
@@ -539,6 +542,9 @@ impl Worker {
                 }
                 Command::ServiceCounts(reply) => {
                     let _ = reply.send(self.ctx.svc_counts.clone());
+                }
+                Command::PolicyCounts(reply) => {
+                    let _ = reply.send(self.ctx.policy_drops.clone());
                 }
             }
         }
@@ -834,15 +840,20 @@ impl Worker {
                 continue;
             }
             // This worker owns the flows of its ports: a reply another worker routed here is
-            // translated back before it leaves.
-            pipeline::service::deliver(&mut h.data, len, tables, &mut self.ctx);
-            let r = Self::transmit_copy(
-                &mut self.umem,
-                self.ports
-                    .get_mut(h.port as usize)
-                    .and_then(|p| p.as_deref_mut()),
-                &h.data[..len],
-            );
+            // translated back before it leaves (and one the policies deny on its own goes
+            // only as a packet of such a flow).
+            let confirm = h.port & pipeline::policy::CONFIRM != 0;
+            let out = h.port & !pipeline::policy::CONFIRM;
+            let r = pipeline::service::deliver(&mut h.data, len, tables, &mut self.ctx, confirm)
+                .and_then(|()| {
+                    Self::transmit_copy(
+                        &mut self.umem,
+                        self.ports
+                            .get_mut(out as usize)
+                            .and_then(|p| p.as_deref_mut()),
+                        &h.data[..len],
+                    )
+                });
             self.account_tx(r);
         }
         n

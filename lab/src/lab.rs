@@ -73,6 +73,9 @@ pub struct State {
     /// across applies.
     #[serde(default)]
     pub allocations: strom_control::manifests::Allocations,
+    /// The compiled NetworkPolicies stromd was given (policy.rs).
+    #[serde(default)]
+    pub policies: strom_api::PolicySet,
 }
 
 impl Settings {
@@ -298,6 +301,7 @@ impl State {
             pods: BTreeMap::new(),
             services: BTreeMap::new(),
             allocations: Default::default(),
+            policies: Default::default(),
         };
         st.save()?;
         let s = st.settings.clone();

@@ -4,6 +4,7 @@
 mod lab;
 mod manifest;
 mod net;
+mod policy;
 mod services;
 
 use std::collections::BTreeMap;
@@ -258,7 +259,31 @@ fn up(dir: &std::path::Path, path: &std::path::Path, o: &UpOpts) -> anyhow::Resu
             }
         }
     }
+    if !m.network_policies.is_empty() {
+        match st.sync_policies(&m) {
+            Ok(done) => report_policies(&done),
+            Err(e) => {
+                let errs = st.down();
+                bail!("policies: {e:#} (teardown: {})", errs.join("; "));
+            }
+        }
+    }
     Ok(st)
+}
+
+/// Says what a policy sync did.
+fn report_policies(done: &policy::PoliciesApplied) {
+    for r in &done.rejected {
+        eprintln!("NetworkPolicy rejected (it isolates what it selects, allowing nothing): {r}");
+    }
+    if done.changed {
+        println!(
+            "policies set: {} polic{}, {} pod(s) isolated",
+            done.policies,
+            if done.policies == 1 { "y" } else { "ies" },
+            done.isolated
+        );
+    }
 }
 
 fn up_pods(dir: &std::path::Path, m: &Manifests, o: &UpOpts) -> anyhow::Result<State> {
@@ -416,16 +441,16 @@ fn probed(protocol: &str, sctp: bool) -> bool {
     protocol != "sctp" || sctp
 }
 
-/// Probes from `from` to every `(key, ip)` in `targets` on one port and protocol in parallel: one
+/// Starts probing from `from` every `(key, ip)` in `targets` on one port and protocol: one
 /// process in `from`'s namespace, one connection per target in parallel.
-fn probe_many(
+fn probe_many_start(
     st: &State,
     from: &str,
     targets: &[(String, IpAddr)],
     port: u16,
     protocol: &str,
     timeout: Duration,
-) -> anyhow::Result<Vec<(String, Result<String, String>)>> {
+) -> anyhow::Result<std::process::Child> {
     let mut cmd = place_cmd(st, from, std::env::current_exe()?)?;
     cmd.args([
         "connect",
@@ -439,7 +464,17 @@ fn probe_many(
     for (_, ip) in targets {
         cmd.args(["--ip", &ip.to_string()]);
     }
-    let out = cmd.output()?;
+    cmd.stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    Ok(cmd.spawn()?)
+}
+
+/// The answers of a prober started by [`probe_many_start`], per target in order.
+fn probe_many_finish(
+    child: std::process::Child,
+    targets: &[(String, IpAddr)],
+) -> anyhow::Result<Vec<(String, Result<String, String>)>> {
+    let out = child.wait_with_output()?;
     let text = String::from_utf8_lossy(&out.stdout);
     // One line per target, in order: "allow ANSWER" or "deny REASON".
     let lines: Vec<&str> = text.lines().collect();
@@ -460,6 +495,8 @@ fn probe_many(
         .collect())
 }
 
+/// Every pod to every port some pod serves, the sources at once (a denied probe costs its
+/// timeout, so the matrix costs about one per port served).
 fn matrix(st: &State) -> anyhow::Result<Vec<Cell>> {
     let sctp = net::sctp_supported();
     let declared = st
@@ -481,26 +518,50 @@ fn matrix(st: &State) -> anyhow::Result<Vec<Cell>> {
             }
         }
     }
+    // Each source in a thread of its own, its ports one after the other: a pod's probes of
+    // one port go out at once, within what its quiet port takes in one burst.
+    let rows: Vec<anyhow::Result<Vec<Cell>>> = std::thread::scope(|scope| {
+        let served = &served;
+        let threads: Vec<_> = st
+            .pods
+            .keys()
+            .map(|from| {
+                scope.spawn(move || -> anyhow::Result<Vec<Cell>> {
+                    let mut row = Vec::new();
+                    for ((port, protocol), targets) in served {
+                        let child = probe_many_start(
+                            st,
+                            from,
+                            targets,
+                            *port,
+                            protocol,
+                            Duration::from_millis(1000),
+                        )?;
+                        for (to, answer) in probe_many_finish(child, targets)? {
+                            row.push(Cell {
+                                from: from.clone(),
+                                to,
+                                port: *port,
+                                protocol: protocol.to_string(),
+                                answer,
+                            });
+                        }
+                    }
+                    Ok(row)
+                })
+            })
+            .collect();
+        threads
+            .into_iter()
+            .map(|t| {
+                t.join()
+                    .unwrap_or_else(|_| Err(anyhow::anyhow!("a prober thread panicked")))
+            })
+            .collect()
+    });
     let mut cells = Vec::new();
-    for from in st.pods.keys() {
-        for ((port, protocol), targets) in &served {
-            for (to, answer) in probe_many(
-                st,
-                from,
-                targets,
-                *port,
-                protocol,
-                Duration::from_millis(1000),
-            )? {
-                cells.push(Cell {
-                    from: from.clone(),
-                    to,
-                    port: *port,
-                    protocol: protocol.to_string(),
-                    answer,
-                });
-            }
-        }
+    for r in rows {
+        cells.extend(r?);
     }
     Ok(cells)
 }
@@ -819,6 +880,9 @@ fn main() -> anyhow::Result<()> {
             if !m.services.is_empty() || !st.services.is_empty() {
                 report_services(&st.sync_services(&m)?);
             }
+            if !m.network_policies.is_empty() || !st.policies.is_empty() {
+                report_policies(&st.sync_policies(&m)?);
+            }
         }
         Cmd::Status => {
             let st = State::load(&a.dir)?;
@@ -934,6 +998,9 @@ fn main() -> anyhow::Result<()> {
                 // Services: the lab gives them again.
                 for e in st.reprogram_services() {
                     eprintln!("Service not set again: {e}");
+                }
+                if let Err(e) = st.reprogram_policies() {
+                    eprintln!("policies not set again: {e:#}");
                 }
             }
         }

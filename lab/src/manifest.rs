@@ -6,8 +6,9 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use strom_control::k8s_openapi::api::core::v1::{Pod, Service};
+use strom_control::k8s_openapi::api::core::v1::{Namespace, Pod, Service};
 use strom_control::k8s_openapi::api::discovery::v1::EndpointSlice;
+use strom_control::k8s_openapi::api::networking::v1::NetworkPolicy;
 use strom_control::manifests::Objects;
 
 /// A declared container port.
@@ -65,6 +66,8 @@ pub struct Manifests {
     pub pods: Vec<PodDecl>,
     pub services: Vec<Service>,
     pub endpoint_slices: Vec<EndpointSlice>,
+    pub namespaces: Vec<Namespace>,
+    pub network_policies: Vec<NetworkPolicy>,
     /// Objects the lab does not act on yet (kind/name), reported to the user.
     pub ignored: Vec<String>,
     /// Objects that could not be read, with the reason.
@@ -131,10 +134,13 @@ impl Manifests {
 
     /// The lab's view of the objects read.
     fn from_objects(o: Objects) -> Self {
-        // Namespaces need nothing in the lab: a pod's namespace is part of its name.
+        // Namespaces need no wiring in the lab (a pod's namespace is part of its name); their
+        // labels count for NetworkPolicies.
         let mut m = Manifests {
             services: o.services,
             endpoint_slices: o.endpoint_slices,
+            namespaces: o.namespaces,
+            network_policies: o.network_policies,
             ignored: o.other,
             invalid: o.invalid.iter().map(ToString::to_string).collect(),
             ..Default::default()
@@ -189,7 +195,8 @@ mod tests {
         assert_eq!(m.pods[0].ip.as_deref(), Some("198.18.16.9"));
         assert!(m.pods[0].ready && !m.pods[0].terminating);
         assert_eq!(m.services.len(), 1);
-        assert_eq!(m.ignored, vec!["NetworkPolicy/n".to_string()]);
+        assert!(m.ignored.is_empty(), "{:?}", m.ignored);
+        assert_eq!(m.network_policies.len(), 1);
         assert_eq!(m.invalid.len(), 2, "{:?}", m.invalid);
         assert!(m.invalid.iter().any(|i| i.contains("DNS labels")));
     }

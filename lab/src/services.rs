@@ -34,7 +34,7 @@ pub struct ServicesApplied {
 impl PodState {
     /// The pod as the EndpointSlice controller would see it: its labels, its live address,
     /// its named container ports, on the lab's node.
-    fn as_pod(&self, node: &str) -> Pod {
+    pub(crate) fn as_pod(&self, node: &str) -> Pod {
         let d = &self.decl;
         Pod {
             metadata: ObjectMeta {
@@ -80,7 +80,7 @@ impl PodState {
 
 /// One request to stromd on a connection of its own: a refusal of one Service must not
 /// cost the next its connection.
-fn call(st: &State, req: &Request) -> Result<(), String> {
+pub(crate) fn call(st: &State, req: &Request) -> Result<(), String> {
     strom_api::Client::connect(st.settings.socket(), Duration::from_secs(5))
         .and_then(|mut c| c.call(req))
         .map(|_| ())
@@ -358,6 +358,7 @@ mod tests {
             pods: BTreeMap::new(),
             services: BTreeMap::new(),
             allocations: Default::default(),
+            policies: Default::default(),
         };
         for (i, d) in m.pods.into_iter().enumerate() {
             st.pods.insert(

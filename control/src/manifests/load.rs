@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 
 use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
@@ -40,6 +41,9 @@ pub struct Objects {
     pub pods: Vec<Pod>,
     pub services: Vec<Service>,
     pub endpoint_slices: Vec<EndpointSlice>,
+    /// As written: [`crate::policy::compile`] defaults them (or see
+    /// [`crate::policy::defaulted`]).
+    pub network_policies: Vec<NetworkPolicy>,
     /// Objects of other kinds (`Kind/name`), which nothing here acts on.
     pub other: Vec<String>,
     /// Objects that could not be read, with the reason.
@@ -129,6 +133,11 @@ impl Objects {
             "EndpointSlice" => typed(doc).map(|s| {
                 Object::EndpointSlice(namespaced(s, |s: &mut EndpointSlice| &mut s.metadata))
             }),
+            "NetworkPolicy" => typed(doc).map(|p| {
+                Object::NetworkPolicy(Box::new(namespaced(p, |p: &mut NetworkPolicy| {
+                    &mut p.metadata
+                })))
+            }),
             "" => Err("no kind".into()),
             other => {
                 self.other.push(format!("{other}/{name}"));
@@ -144,6 +153,7 @@ impl Objects {
             Ok(Object::Pod(p)) => self.pods.push(*p),
             Ok(Object::Service(s)) => self.services.push(*s),
             Ok(Object::EndpointSlice(s)) => self.endpoint_slices.push(s),
+            Ok(Object::NetworkPolicy(p)) => self.network_policies.push(*p),
         }
     }
 }
@@ -154,6 +164,7 @@ enum Object {
     Pod(Box<Pod>),
     Service(Box<Service>),
     EndpointSlice(EndpointSlice),
+    NetworkPolicy(Box<NetworkPolicy>),
 }
 
 /// The document as a `T`, or the field path and problem.

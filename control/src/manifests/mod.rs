@@ -2,7 +2,8 @@
 //! directory), and what the cluster's controllers would make of them:
 //! - [`load`]: reading YAML or JSON documents into k8s-openapi objects, a malformed object
 //!   reported with the reason and skipped;
-//! - [`defaults`]: the API server's defaulting of Services;
+//! - [`defaults`]: the API server's defaulting of Services (of NetworkPolicies:
+//!   [`crate::policy::defaulted`]);
 //! - [`allocate`]: ClusterIPs and NodePorts the API server would allocate;
 //! - [`endpointslices`]: EndpointSlices as the EndpointSlice controller derives them from pods;
 //! - [`resolve`]: all of it for a set of Services, ready for [`crate::translate`].

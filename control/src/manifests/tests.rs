@@ -51,8 +51,8 @@ metadata: {name: web-1, labels: {kubernetes.io/service-name: web}}
 addressType: IPv4
 endpoints: []
 ---
-kind: NetworkPolicy
-metadata: {name: deny}
+kind: ConfigMap
+metadata: {name: settings}
 ---
 kind: Pod
 metadata: {name: bad, labels: {app: 3}}
@@ -85,7 +85,7 @@ metadata: {name: kindless}
         80,
         "the first of two is kept"
     );
-    assert_eq!(o.other, vec!["NetworkPolicy/deny".to_string()]);
+    assert_eq!(o.other, vec!["ConfigMap/settings".to_string()]);
     let invalid: Vec<String> = o.invalid.iter().map(ToString::to_string).collect();
     assert_eq!(invalid.len(), 4, "{invalid:?}");
     assert!(
@@ -101,6 +101,62 @@ metadata: {name: kindless}
         "{invalid:?}"
     );
     assert!(invalid[3].ends_with("no kind"), "{invalid:?}");
+}
+
+#[test]
+fn network_policies_are_read_into_their_namespace_as_written() {
+    let o = objects(
+        "
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: deny, namespace: shop}
+spec: {podSelector: {}}
+---
+kind: NetworkPolicy
+metadata: {name: web}
+spec:
+  podSelector: {matchLabels: {app: web}}
+  ingress: [{ports: [{port: http}]}]
+---
+kind: NetworkPolicy
+metadata: {name: web}
+---
+apiVersion: networking.k8s.io/v1beta1
+kind: NetworkPolicy
+metadata: {name: old}
+---
+kind: NetworkPolicy
+metadata: {name: typo}
+spec: {podSelector: {matchLabels: {app: 3}}, policyTypes: Ingress}
+",
+    );
+    let keys: Vec<String> = o
+        .network_policies
+        .iter()
+        .map(|p| crate::object_key(&p.metadata))
+        .collect();
+    assert_eq!(keys, ["shop/deny", "default/web"]);
+    let web = o.network_policies[1].spec.as_ref().unwrap();
+    assert_eq!(web.policy_types, None, "not defaulted when read");
+    assert_eq!(
+        web.ingress.as_ref().unwrap()[0].ports.as_ref().unwrap()[0].port,
+        Some(IntOrString::String("http".into()))
+    );
+    assert!(o.other.is_empty(), "{:?}", o.other);
+    let invalid: Vec<String> = o.invalid.iter().map(ToString::to_string).collect();
+    assert_eq!(invalid.len(), 3, "{invalid:?}");
+    assert!(
+        invalid[0].contains("NetworkPolicy default/web: declared twice"),
+        "{invalid:?}"
+    );
+    assert!(
+        invalid[1].contains("networking.k8s.io/v1beta1"),
+        "{invalid:?}"
+    );
+    assert!(
+        invalid[2].contains("NetworkPolicy default/typo: spec."),
+        "{invalid:?}"
+    );
 }
 
 #[test]

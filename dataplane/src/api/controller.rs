@@ -25,6 +25,7 @@ use crate::stats::SharedCounters;
 use crate::tables::{Next, TableHandle};
 use crate::worker::{wait_reply, Command, PortSetup, WorkerShared};
 
+mod policy;
 mod services;
 
 /// How long, at most, to wait for the kernel to release a queue's previous socket.
@@ -921,6 +922,8 @@ impl Controller {
             Request::Conntrack { filter, count_only } => self.conntrack(&filter, count_only),
             Request::FlushConntrack { filter } => self.flush_conntrack(&filter),
             Request::Trace { tuple } => self.trace(&tuple),
+            Request::SetPolicies { policies } => self.set_policies(policies),
+            Request::Policies => self.policies(),
         }
     }
 

@@ -71,8 +71,15 @@ enum Cmd {
         #[arg(long)]
         flush: bool,
     },
+    /// NetworkPolicies selecting the node's pods: the pods each isolates per direction and
+    /// the packets dropped because no policy allowed them.
+    Policy,
+    /// Replace the node's NetworkPolicies with a compiled JSON `PolicySet` file (`-` for
+    /// stdin); strom-control and strom-lab compile it from Kubernetes objects.
+    SetPolicies { file: PathBuf },
     /// What stromd does with the first packet of a 5-tuple from a pod: the Service it
-    /// reaches, the backend Maglev picks, the translation.
+    /// reaches, the backend Maglev picks, the translation, the policies' verdict and the rule
+    /// that allows it.
     Trace {
         #[arg(long, default_value = "tcp")]
         protocol: strom_api::Protocol,
@@ -185,6 +192,18 @@ fn main() -> anyhow::Result<()> {
             },
         },
         Cmd::Services => Request::Services,
+        Cmd::Policy => Request::Policies,
+        Cmd::SetPolicies { file } => {
+            let text = if file.as_os_str() == "-" {
+                std::io::read_to_string(std::io::stdin())?
+            } else {
+                std::fs::read_to_string(file)
+                    .with_context(|| format!("reading {}", file.display()))?
+            };
+            Request::SetPolicies {
+                policies: serde_json::from_str(&text).context("a PolicySet in JSON")?,
+            }
+        }
         Cmd::SetService { file } => {
             let text = if file.as_os_str() == "-" {
                 std::io::read_to_string(std::io::stdin())?
@@ -458,6 +477,29 @@ fn main() -> anyhow::Result<()> {
             say!(out, "{total} flow(s)");
         }
         Response::Flushed { entries } => say!(out, "{entries} flow(s) flushed"),
+        Response::Policies { policies } => {
+            if policies.is_empty() {
+                say!(
+                    out,
+                    "no policy selects a pod of this node: every pod is open"
+                );
+            }
+            for p in policies {
+                say!(
+                    out,
+                    "{}  dropped: ingress {}  egress {}",
+                    p.policy,
+                    p.ingress_drops,
+                    p.egress_drops
+                );
+                if !p.ingress_pods.is_empty() {
+                    say!(out, "  ingress: {}", p.ingress_pods.join(", "));
+                }
+                if !p.egress_pods.is_empty() {
+                    say!(out, "  egress: {}", p.egress_pods.join(", "));
+                }
+            }
+        }
         Response::Trace { steps } => {
             for s in steps {
                 say!(out, "{s}");

@@ -144,6 +144,8 @@ pub struct Entry {
     pub packets: u64,
     /// The Service table generation at which the backend was last found listed.
     pub checked: u64,
+    /// The policy table generation under which the flow was last found allowed.
+    pub policy_checked: u64,
     live: bool,
 }
 
@@ -315,6 +317,7 @@ impl Conntrack {
             expires_ms: now_ms + state.timeout_ms(orig.proto),
             packets: 1,
             checked,
+            policy_checked: 0,
             live: true,
         };
         let slot = match self.free.pop() {

@@ -3,14 +3,15 @@
 //! ```text
 //! frame ─▶ eth::classify ─▶ arp::answer_gateway ──────────────────────────▶ Hairpin (ARP reply)
 //!                       └─▶ dst MAC ─▶ ipv4::validate ─▶ spoof::check ─▶ service::stage
-//!        ─▶ martians ─▶ route ─▶ MTU ─▶ ipv4::decrement_ttl ─▶ rewrite::macs ─▶ Forward
+//!        ─▶ policy::stage ─▶ martians ─▶ route ─▶ MTU ─▶ ipv4::decrement_ttl ─▶ rewrite::macs
+//!        ─▶ Forward (a packet the policies deny on its own: policy::confirm)
 //!                                  │        └─ expired ─▶ icmp::time_exceeded ─▶ IcmpError
 //!                                  └─ too big, DF ─▶ icmp::frag_needed ─▶ IcmpError
 //! ```
 //! `service::stage` (conntrack, Service DNAT, reverse NAT) runs before the checks on the
-//! destination, which then see the translated packet; policy slots in beside it. A worker's
-//! own state the stages may change (conntrack, affinity, the ICMP rate) lives in its
-//! [`Context`].
+//! destination, which then see the translated packet; `policy::stage` judges the packets of
+//! no tracked flow. A worker's own state the stages may change (conntrack, affinity, the ICMP
+//! rate, counters) lives in its [`Context`].
 
 pub mod arp;
 pub mod csum;
@@ -19,6 +20,7 @@ pub mod icmp;
 pub mod ipv4;
 pub mod l4;
 pub mod nat;
+pub mod policy;
 pub mod reject;
 pub mod rewrite;
 pub mod service;
@@ -109,6 +111,8 @@ pub struct Context {
     /// Counters per Service port slot (grown by the worker between loops when the Service
     /// table gains slots, never on a packet's path).
     pub svc_counts: Vec<service::SvcCount>,
+    /// Drops per policy counter slot, ingress and egress (grown between loops).
+    pub policy_drops: Vec<[u64; 2]>,
 }
 
 impl Default for Context {
@@ -132,6 +136,7 @@ impl Context {
             snat_next: 0,
             frags: Default::default(),
             svc_counts: Vec::new(),
+            policy_drops: Vec::new(),
         }
     }
 
@@ -139,6 +144,13 @@ impl Context {
     pub fn size_counters(&mut self, slots: usize) {
         if self.svc_counts.len() < slots {
             self.svc_counts.resize(slots, service::SvcCount::default());
+        }
+    }
+
+    /// Makes room for the drop counters of `slots` policies (between loops).
+    pub fn size_policy_counters(&mut self, slots: usize) {
+        if self.policy_drops.len() < slots {
+            self.policy_drops.resize(slots, [0; 2]);
         }
     }
 
@@ -237,17 +249,28 @@ fn forward_ipv4(
         return Action::Drop(r);
     }
     let (src, dst) = (hdr.src, hdr.dst);
-    if let Some(a) = service::stage(buf, len, &mut hdr, port, t, ctx) {
-        return a;
-    }
+    let pass = match service::stage(buf, len, &mut hdr, port, t, ctx) {
+        Ok(p) => p,
+        Err(a) => return a,
+    };
+    let denied = match pass {
+        service::Pass::Tracked => None,
+        service::Pass::Untracked(l4) => match policy::stage(&hdr, l4, port, t, ctx) {
+            Ok(d) => d,
+            Err(a) => return a,
+        },
+    };
     let a = route_out(buf, len, &hdr, port, t, ctx);
+    if let Some(d) = denied {
+        return policy::confirm(a, d, t, ctx);
+    }
     // An ICMP error about a translated packet (fragmentation needed toward a backend with a
     // smaller MTU, say) quotes it as translated: it goes back as the sender knows the flow,
     // as an error from the flow's far end would (PMTU discovery through a Service).
     if let Action::IcmpError { len: n, .. } = a {
         if (hdr.src, hdr.dst) != (src, dst) {
             if let Ok(mut h) = ipv4::validate(&buf[eth::HEADER_LEN..n]) {
-                service::translate_answer(buf, &mut h, ctx);
+                service::translate_answer(buf, &mut h, t, ctx);
             }
         }
     }
@@ -268,8 +291,10 @@ pub fn reroute(buf: &mut [u8], len: usize, t: &View<'_>, ctx: &mut Context) -> A
         Ok(h) => h,
         Err(r) => return Action::Drop(r),
     };
-    if !service::translate_answer(buf, &mut hdr, ctx) {
-        return Action::Drop(DropReason::NodePortUnknown);
+    match service::translate_answer(buf, &mut hdr, t, ctx) {
+        service::Answer::Translated => {}
+        service::Answer::Denied => return Action::Drop(DropReason::PolicyDenied),
+        service::Answer::Unknown => return Action::Drop(DropReason::NodePortUnknown),
     }
     // Not the uplink's kind, whose frames never leave by the uplink: a backend's answer to a
     // NodePort client outside, SNATed to this worker's port, leaves by it once translated.

@@ -19,7 +19,7 @@ use super::eth::HEADER_LEN;
 use super::ipv4::Header;
 use super::l4::{self, L4};
 use super::nat::{self, End};
-use super::{icmp, reject, Action, Context, InPort, PortKind};
+use super::{icmp, policy, reject, Action, Context, InPort, PortKind};
 use crate::conntrack::frag::FragKey;
 use crate::conntrack::{FlowKey, Hit, Refused, Seen, ICMP, TCP};
 use crate::drop::DropReason;
@@ -46,8 +46,19 @@ pub fn flow_hash(k: &FlowKey) -> u64 {
     mix64(a ^ mix64(b))
 }
 
-/// The Service stage for a packet from `port`. Returns an action when the packet goes no
-/// further (rejected, dropped); otherwise the packet may have been translated and `hdr`
+/// How a packet leaves the Service stage, when it goes on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pass {
+    /// A packet of a tracked flow (or a later fragment or ICMP error of one), translated as
+    /// the flow is; the flow's policy verdict was checked when it started, and again since
+    /// the policies last changed.
+    Tracked,
+    /// A packet of no tracked flow, as parsed: the policy stage decides.
+    Untracked(L4),
+}
+
+/// The Service stage for a packet from `port`: `Err` when the packet goes no further
+/// (rejected, dropped, handed over); otherwise the packet may have been translated and `hdr`
 /// says where it goes now.
 #[inline]
 pub fn stage(
@@ -57,46 +68,50 @@ pub fn stage(
     port: &InPort<'_>,
     t: &View<'_>,
     ctx: &mut Context,
-) -> Option<Action> {
-    if t.services.is_empty() && ctx.ct.is_empty() && !t.node.masquerade {
-        return None;
+) -> Result<Pass, Action> {
+    if t.services.is_empty() && ctx.ct.is_empty() && !t.node.masquerade && t.policy.is_empty() {
+        return Ok(Pass::Untracked(L4::None));
     }
     let end = HEADER_LEN + hdr.total_len.min(len - HEADER_LEN);
     let parsed = l4::parse(&buf[HEADER_LEN..end], hdr);
     match parsed {
         L4::Fragment => {
             if translate_fragment(&mut buf[HEADER_LEN..end], hdr, ctx) {
-                return None;
+                return Ok(Pass::Tracked);
             }
             if t.services.is_vip(hdr.dst) {
-                return Some(Action::Drop(DropReason::ServiceUnknownPort));
+                return Err(Action::Drop(DropReason::ServiceUnknownPort));
             }
             // Of a pod's datagram leaving the cluster whose first fragment was not seen (or
             // not first): it cannot be masqueraded, and must not leave with the pod's address.
-            (port.kind == PortKind::Pod && t.node.masquerades(hdr.dst))
-                .then_some(Action::Drop(DropReason::FragmentUntranslated))
+            if port.kind == PortKind::Pod && t.node.masquerades(hdr.dst) {
+                return Err(Action::Drop(DropReason::FragmentUntranslated));
+            }
+            Ok(Pass::Untracked(parsed))
         }
-        L4::None => t
-            .services
-            .is_vip(hdr.dst)
-            .then_some(Action::Drop(DropReason::ServiceUnknownPort)),
+        L4::None => {
+            if t.services.is_vip(hdr.dst) {
+                return Err(Action::Drop(DropReason::ServiceUnknownPort));
+            }
+            Ok(Pass::Untracked(parsed))
+        }
         L4::IcmpError { inner, inner_at } => {
             if icmp_error(&mut buf[HEADER_LEN..end], hdr, inner, inner_at, ctx) {
-                return None;
+                return Ok(Pass::Tracked);
             }
             // About a packet that left from one of the node's SNAT ports another worker
             // owns (a router's fragmentation-needed about a masqueraded flow, say): that
             // worker translates it back.
             if inner.src == hdr.dst && t.node.addrs.contains(&std::net::IpAddr::V4(hdr.dst)) {
                 if let Some(w) = t.node.snat.owner(inner.sport).filter(|&w| w != ctx.worker) {
-                    return Some(Action::Handoff {
+                    return Err(Action::Handoff {
                         worker: w,
                         port: super::REROUTE,
                         len,
                     });
                 }
             }
-            None
+            Ok(Pass::Untracked(parsed))
         }
         L4::Flow {
             key,
@@ -124,15 +139,16 @@ fn flow(
     port: &InPort<'_>,
     t: &View<'_>,
     ctx: &mut Context,
-) -> Option<Action> {
+) -> Result<Pass, Action> {
     let now = ctx.now_ms;
     if let Some(Hit { slot, reply }) = ctx.ct.lookup(&key, now) {
+        policy::recheck(ctx, t, slot)?;
         let e = ctx.ct.entry(slot);
         if reply {
             let (to_src, to_dst) = e.rewrite_to(true);
             ctx.ct.entry_mut(slot).seen(true, seen, now);
             translate(ctx, &mut buf[HEADER_LEN..end], hdr, to_src, to_dst);
-            return None;
+            return Ok(Pass::Tracked);
         }
         if !e.reopened_by(seen) {
             let gen = t.services.generation();
@@ -148,13 +164,13 @@ fn flow(
                 let (to_src, to_dst) = e.rewrite_to(false);
                 ctx.count(svc, |c| c.packets += 1);
                 translate(ctx, &mut buf[HEADER_LEN..end], hdr, to_src, to_dst);
-                return None;
+                return Ok(Pass::Tracked);
             }
             // The backend has left the Service: a TCP connection is reset at once, from
             // the address the client used; other flows are balanced anew.
             ctx.ct.remove(slot);
             if key.proto == TCP {
-                return Some(reject_tcp(
+                return Err(reject_tcp(
                     ctx,
                     buf,
                     len,
@@ -188,10 +204,15 @@ fn no_service(
     port: &InPort<'_>,
     t: &View<'_>,
     ctx: &mut Context,
-) -> Option<Action> {
+) -> Result<Pass, Action> {
+    let untracked = Pass::Untracked(L4::Flow {
+        key,
+        tcp_flags: seen.tcp_flags,
+        sctp_end: seen.sctp_end,
+    });
     if t.node.addrs.contains(&std::net::IpAddr::V4(key.dst)) {
         // The XDP programs hand stromd only NodePorts and SNAT ports of node addresses.
-        return Some(match t.node.snat.owner(key.dport) {
+        return Err(match t.node.snat.owner(key.dport) {
             Some(w) if w != ctx.worker => Action::Handoff {
                 worker: w,
                 port: super::REROUTE,
@@ -201,32 +222,25 @@ fn no_service(
         });
     }
     if t.services.is_vip(key.dst) {
-        return Some(Action::Drop(DropReason::ServiceUnknownPort));
+        return Err(Action::Drop(DropReason::ServiceUnknownPort));
     }
-    if port.kind == PortKind::Uplink {
-        // A connection from outside to a pod of this worker: tracked as it is, so that the
-        // pod's answers are not taken for new connections leaving the cluster (masquerade).
-        // For a pod of another worker, that worker tracks it when the frame reaches it.
-        if t.node.masquerade
-            && t.route(std::net::IpAddr::V4(key.dst))
-                .is_some_and(|n| n.worker == ctx.worker && !t.routes.is_uplink(n))
-        {
-            track_inbound(ctx, t, key, seen);
-        }
-        return None;
-    }
-    // An echo reply with no flow (to a ping from outside this worker did not track) is
-    // nobody's new connection: it goes as it is.
-    if !t.node.masquerades(key.dst)
+    // A connection from outside to a pod (the policy stage tracks it where masquerade
+    // needs); an echo reply with no flow (to a ping from outside this worker did not track),
+    // which is nobody's new connection; a flow that stays in the cluster: as they are.
+    if port.kind == PortKind::Uplink
+        || !t.node.masquerades(key.dst)
         || key.proto == ICMP && buf.get(HEADER_LEN + hdr.header_len) == Some(&l4::ECHO_REPLY)
     {
-        return None;
+        return Ok(untracked);
     }
-    let node = t.node.v4?;
+    let Some(node) = t.node.v4 else {
+        return Ok(untracked);
+    };
     let backend = Backend {
         ip: key.dst,
         port: key.dport,
     };
+    policy::admit_translated(ctx, t, &key, backend)?;
     match track_snat(ctx, t, key, node, backend, SvcRef::NONE, seen) {
         Ok(p) => {
             translate(
@@ -236,29 +250,10 @@ fn no_service(
                 (node, p),
                 (key.dst, key.dport),
             );
-            None
+            Ok(Pass::Tracked)
         }
-        Err(r) => Some(Action::Drop(r)),
+        Err(r) => Err(Action::Drop(r)),
     }
-}
-
-/// Tracks a connection from outside the cluster to a pod, untranslated (a full table leaves
-/// it untracked: its answers would then be masqueraded, and the connection fail).
-fn track_inbound(ctx: &mut Context, t: &View<'_>, key: FlowKey, seen: Seen) {
-    let backend = Backend {
-        ip: key.dst,
-        port: key.dport,
-    };
-    let gen = t.services.generation();
-    let _ = ctx.ct.insert(
-        key,
-        key.reversed(),
-        SvcRef::NONE,
-        backend,
-        seen,
-        gen,
-        ctx.now_ms,
-    );
 }
 
 /// Tracks a new flow whose source becomes `node:PORT`, PORT taken from this worker's share of
@@ -294,7 +289,10 @@ fn track_snat(
             .ct
             .insert(key, reply, svc, backend, seen, gen, ctx.now_ms)
         {
-            Ok(_) => return Ok(p),
+            Ok(slot) => {
+                ctx.ct.entry_mut(slot).policy_checked = t.policy.generation();
+                return Ok(p);
+            }
             Err(Refused::Clash) => continue,
             Err(Refused::Full) => return Err(DropReason::ConntrackFull),
         }
@@ -319,7 +317,7 @@ fn new_flow(
     ctx: &mut Context,
     svc: &SvcPort,
     kind: FrontKind,
-) -> Option<Action> {
+) -> Result<Pass, Action> {
     let now = ctx.now_ms;
     // From pods: internalTrafficPolicy for ClusterIPs, every serving endpoint for the
     // Service's external addresses (kube-proxy short-circuits those inside the cluster);
@@ -336,7 +334,7 @@ fn new_flow(
     });
     let Some(backend) = remembered.or_else(|| pool.pick(flow_hash(&key))) else {
         ctx.count(svc.id, |c| c.rejected += 1);
-        return Some(if key.proto == TCP {
+        return Err(if key.proto == TCP {
             reject_tcp(ctx, buf, len, port, key.dst, DropReason::ServiceNoEndpoints)
         } else {
             super::icmp_error(ctx, DropReason::ServiceNoEndpoints, || {
@@ -344,6 +342,7 @@ fn new_flow(
             })
         });
     };
+    policy::admit_translated(ctx, t, &key, backend)?;
     if let Some(ms) = svc.affinity_ms {
         if !ctx.affinity.set(svc.id, key.src, backend, ms, now) {
             ctx.affinity_full += 1;
@@ -372,9 +371,9 @@ fn new_flow(
                         (node, p),
                         (backend.ip, backend.port),
                     );
-                    None
+                    Ok(Pass::Tracked)
                 }
-                Err(r) => Some(Action::Drop(r)),
+                Err(r) => Err(Action::Drop(r)),
             };
         }
     }
@@ -394,9 +393,9 @@ fn new_flow(
     };
     let gen = t.services.generation();
     match ctx.ct.insert(key, reply, svc.id, backend, seen, gen, now) {
-        Ok(_) => {}
-        Err(Refused::Full) => return Some(Action::Drop(DropReason::ConntrackFull)),
-        Err(Refused::Clash) => return Some(Action::Drop(DropReason::ConntrackClash)),
+        Ok(slot) => ctx.ct.entry_mut(slot).policy_checked = t.policy.generation(),
+        Err(Refused::Full) => return Err(Action::Drop(DropReason::ConntrackFull)),
+        Err(Refused::Clash) => return Err(Action::Drop(DropReason::ConntrackClash)),
     }
     ctx.count(svc.id, |c| {
         c.flows += 1;
@@ -409,7 +408,7 @@ fn new_flow(
         (src, key.sport),
         (backend.ip, backend.port),
     );
-    None
+    Ok(Pass::Tracked)
 }
 
 /// Rewrites the packet's source and destination (each only if it changes).
@@ -520,45 +519,98 @@ fn icmp_error(
     true
 }
 
+/// What became of a frame offered to [`translate_answer`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Answer {
+    /// A packet (or an ICMP error, or a later fragment) of a flow this worker tracks:
+    /// translated as the flow is.
+    Translated,
+    /// Of a flow this worker tracked, which the policies now deny: the entry is gone, the
+    /// packet is to be dropped.
+    Denied,
+    /// Of no flow of this worker's.
+    Unknown,
+}
+
 /// The owner's part for a frame another worker routed to one of this worker's ports: a reply
-/// (or an ICMP error) of a flow this worker tracks is translated back before it leaves.
-/// Frames of no tracked flow, or not IPv4, are left as they are.
+/// (or an ICMP error) of a flow this worker tracks is translated back before it leaves. A
+/// frame handed over with [`policy::CONFIRM`] (the policies deny it on its own) goes only
+/// as a packet of such a flow. Others, or frames not IPv4, are left as they are; a
+/// connection from outside, or one whose answers the policies would deny, is tracked here,
+/// where its answers come.
 #[inline]
-pub fn deliver(buf: &mut [u8], len: usize, t: &View<'_>, ctx: &mut Context) {
-    if (ctx.ct.is_empty() && !t.node.masquerade) || len <= HEADER_LEN || buf[12..14] != [0x08, 0x00]
-    {
-        return;
+pub fn deliver(
+    buf: &mut [u8],
+    len: usize,
+    t: &View<'_>,
+    ctx: &mut Context,
+    confirm: bool,
+) -> Result<(), DropReason> {
+    let idle = ctx.ct.is_empty() && !t.node.masquerade && t.policy.is_empty();
+    let denied = if confirm {
+        Err(DropReason::PolicyDenied)
+    } else {
+        Ok(())
+    };
+    if idle || len <= HEADER_LEN || buf[12..14] != [0x08, 0x00] {
+        return denied;
     }
     let Ok(mut hdr) = super::ipv4::validate(&buf[HEADER_LEN..len]) else {
-        return;
+        return denied;
     };
-    if translate_answer(buf, &mut hdr, ctx) || !t.node.masquerade {
-        return;
+    match translate_answer(buf, &mut hdr, t, ctx) {
+        Answer::Translated => return Ok(()),
+        Answer::Denied => return Err(DropReason::PolicyDenied),
+        Answer::Unknown => {}
     }
-    // From outside the cluster to a pod of this worker and of no tracked flow: a connection
-    // from outside, tracked here, where the pod's answers come.
-    if t.node.masquerades(hdr.src) {
-        let end = HEADER_LEN + hdr.total_len;
-        if let L4::Flow {
-            key,
-            tcp_flags,
-            sctp_end,
-        } = l4::parse(&buf[HEADER_LEN..end], &hdr)
-        {
+    let end = HEADER_LEN + hdr.total_len;
+    let parsed = l4::parse(&buf[HEADER_LEN..end], &hdr);
+    if confirm {
+        let (proto, port) = match parsed {
+            L4::Flow { key, .. } => (key.proto, key.dport),
+            _ => (hdr.proto, 0),
+        };
+        if let Err(d) = policy::verdict(t, hdr.src, hdr.dst, proto, port) {
+            policy::count(ctx, t, d);
+        }
+        return denied;
+    }
+    if let L4::Flow {
+        key,
+        tcp_flags,
+        sctp_end,
+    } = parsed
+    {
+        let inbound = t.node.masquerade && t.node.masquerades(hdr.src);
+        if inbound || policy::answers_denied(t, &key) {
             let seen = Seen {
                 tcp_flags,
                 sctp_end,
             };
-            track_inbound(ctx, t, key, seen);
+            // A full table leaves it untracked: its answers would be masqueraded or denied,
+            // and the connection fail.
+            let _ = policy::track(ctx, t, key, seen);
         }
     }
+    Ok(())
 }
 
-/// Translates an answer (or an ICMP error) of a flow this worker tracks; false when it is
-/// none of its flows'.
+/// Translates an answer (or an ICMP error) of a flow this worker tracks.
 #[inline]
-pub fn translate_answer(buf: &mut [u8], hdr: &mut Header, ctx: &mut Context) -> bool {
+pub fn translate_answer(
+    buf: &mut [u8],
+    hdr: &mut Header,
+    t: &View<'_>,
+    ctx: &mut Context,
+) -> Answer {
     let end = HEADER_LEN + hdr.total_len;
+    let done = |b: bool| {
+        if b {
+            Answer::Translated
+        } else {
+            Answer::Unknown
+        }
+    };
     match l4::parse(&buf[HEADER_LEN..end], hdr) {
         L4::Flow {
             key,
@@ -566,57 +618,72 @@ pub fn translate_answer(buf: &mut [u8], hdr: &mut Header, ctx: &mut Context) -> 
             sctp_end,
         } => {
             let now = ctx.now_ms;
-            if let Some(Hit { slot, reply: true }) = ctx.ct.lookup(&key, now) {
-                let e = ctx.ct.entry_mut(slot);
-                e.seen(
-                    true,
-                    Seen {
-                        tcp_flags,
-                        sctp_end,
-                    },
-                    now,
-                );
+            let seen = Seen {
+                tcp_flags,
+                sctp_end,
+            };
+            let Some(Hit { slot, reply }) = ctx.ct.lookup(&key, now) else {
+                return Answer::Unknown;
+            };
+            if policy::recheck(ctx, t, slot).is_err() {
+                return Answer::Denied;
+            }
+            let e = ctx.ct.entry_mut(slot);
+            e.seen(reply, seen, now);
+            // The original direction of a flow this worker tracks (a client outside, say,
+            // whose connection another worker handed here) only keeps the entry alive.
+            if reply {
                 let (to_src, to_dst) = e.rewrite_to(true);
                 translate(ctx, &mut buf[HEADER_LEN..end], hdr, to_src, to_dst);
-                return true;
             }
-            // The original direction of a flow this worker tracks (a client outside, say,
-            // whose connection another worker handed here): it keeps the entry alive.
-            if let Some(Hit { slot, reply: false }) = ctx.ct.lookup(&key, now) {
-                ctx.ct.entry_mut(slot).seen(
-                    false,
-                    Seen {
-                        tcp_flags,
-                        sctp_end,
-                    },
-                    now,
-                );
-                return true;
-            }
-            false
+            Answer::Translated
         }
-        L4::IcmpError { inner, inner_at } => {
-            icmp_error(&mut buf[HEADER_LEN..end], hdr, inner, inner_at, ctx)
-        }
-        L4::Fragment => translate_fragment(&mut buf[HEADER_LEN..end], hdr, ctx),
-        L4::None => false,
+        L4::IcmpError { inner, inner_at } => done(icmp_error(
+            &mut buf[HEADER_LEN..end],
+            hdr,
+            inner,
+            inner_at,
+            ctx,
+        )),
+        L4::Fragment => done(translate_fragment(&mut buf[HEADER_LEN..end], hdr, ctx)),
+        L4::None => Answer::Unknown,
     }
 }
 
 /// What stromd would do with the first packet of `key` arriving from a pod, in words
-/// (`stromctl trace`): the frontend, the pool, the backend Maglev picks, the translation.
+/// (`stromctl trace`): the frontend, the pool, the backend Maglev picks, the translation,
+/// then the policies' verdict on the packet as translated.
 pub fn trace(key: &FlowKey, t: &View<'_>, gateway: Ipv4Addr) -> Vec<String> {
-    let mut steps = vec![format!("packet {key} proto {}", key.proto)];
+    let mut steps = Vec::new();
+    let to = trace_service(key, t, gateway, &mut steps);
+    if let Some((dst, dport)) = to.filter(|_| !t.policy.is_empty()) {
+        if policy::is_node(t, key.src) || policy::is_node(t, dst) {
+            steps.push("policy: between a pod and its node: always allowed".into());
+        } else {
+            steps.extend(t.policy.trace(key.src, dst, key.proto, dport));
+        }
+    }
+    steps
+}
+
+/// The Service part of [`trace`]; the destination the packet goes to, if it goes on.
+fn trace_service(
+    key: &FlowKey,
+    t: &View<'_>,
+    gateway: Ipv4Addr,
+    steps: &mut Vec<String>,
+) -> Option<(Ipv4Addr, u16)> {
+    steps.push(format!("packet {key} proto {}", key.proto));
     let Some((svc, kind)) = t.services.frontend(key.dst, key.dport, key.proto) else {
         if t.services.is_vip(key.dst) {
             steps.push(format!(
                 "{} is a Service address but not on this port and protocol: dropped (service_unknown_port)",
                 key.dst
             ));
-        } else {
-            steps.push("no Service frontend: routed as it is".into());
+            return None;
         }
-        return steps;
+        steps.push("no Service frontend: routed as it is".into());
+        return Some((key.dst, key.dport));
     };
     steps.push(format!("frontend {} of {}", kind.name(), svc.key));
     let pool = match kind {
@@ -633,11 +700,14 @@ pub fn trace(key: &FlowKey, t: &View<'_>, gateway: Ipv4Addr) -> Vec<String> {
         }
     ));
     match pool.pick(flow_hash(key)) {
-        None => steps.push(if key.proto == TCP {
-            "no endpoint: rejected with a TCP RST".into()
-        } else {
-            "no endpoint: rejected with ICMP port unreachable".into()
-        }),
+        None => {
+            steps.push(if key.proto == TCP {
+                "no endpoint: rejected with a TCP RST".into()
+            } else {
+                "no endpoint: rejected with ICMP port unreachable".into()
+            });
+            None
+        }
         Some(Backend { ip, port }) => {
             let src = if ip == key.src { gateway } else { key.src };
             steps.push(format!("Maglev picks {ip}:{port}"));
@@ -650,9 +720,9 @@ pub fn trace(key: &FlowKey, t: &View<'_>, gateway: Ipv4Addr) -> Vec<String> {
                     ""
                 }
             ));
+            Some((ip, port))
         }
     }
-    steps
 }
 
 #[cfg(test)]

@@ -101,6 +101,7 @@ fn tables(d: &mut DesiredServices) -> Tables {
         node: NodeTable::new(Ipv4Addr::from(GW)),
         routes: RouteTable::default(),
         services: d.table(),
+        policy: Default::default(),
     };
     for (ip, port, mac, host) in [(A, 0, A_MAC, HA_MAC), (B, 1, B_MAC, HB_MAC)] {
         t.routes.local.insert(
@@ -248,7 +249,7 @@ fn a_reply_handed_over_from_another_worker_is_translated_by_the_owner() {
     // ...and A's worker, which owns the flow, translates it before sending.
     let len = out.len();
     out.resize(2048, 0);
-    super::deliver(&mut out, len, &t.view(), &mut owner);
+    super::deliver(&mut out, len, &t.view(), &mut owner, false).unwrap();
     out.truncate(len);
     assert_eq!(endpoints(&out), ((VIP, 80), (A, 40001)));
 }
@@ -857,7 +858,7 @@ fn a_pods_answer_to_a_connection_from_outside_is_not_masqueraded() {
         panic!("{a:?}")
     };
     out.resize(2048, 0);
-    super::deliver(&mut out, len, &t.view(), &mut w1);
+    super::deliver(&mut out, len, &t.view(), &mut w1, false).unwrap();
     let (a, out) = run(
         &tcp(B_MAC, (B, 80), (EXT, 5556), false),
         &port_b(),
@@ -1161,3 +1162,6 @@ fn a_pods_fragmented_answer_to_a_client_outside_leaves_whole_and_unmasqueraded()
     assert!(matches!(a2, Action::Tx { port: 9, .. }), "{a2:?}");
     assert_eq!(reassembled(&o1, &o2), ((A, 53), (EXT, 7000)));
 }
+
+#[path = "policy_tests.rs"]
+mod policy_tests;

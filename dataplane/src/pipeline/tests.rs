@@ -28,6 +28,7 @@ fn tables() -> Tables {
         node: NodeTable::new(Ipv4Addr::from(GW)),
         routes: RouteTable::default(),
         services: Default::default(),
+        policy: Default::default(),
     };
     t.routes.local.insert(
         IpAddr::from(A_IP),

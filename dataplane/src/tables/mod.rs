@@ -1,5 +1,5 @@
 //! The tables the workers read, without locks: one module per table ([`node`], [`routes`],
-//! [`services`]; policy joins as one more), each published on its own.
+//! [`services`], [`policy`]), each published on its own.
 //!
 //! The reconciler ([`crate::reconcile`]) builds the next version of a table from the desired
 //! state and publishes it with one atomic pointer swap; a change to one table does not copy
@@ -9,6 +9,7 @@
 
 pub mod maglev;
 pub mod node;
+pub mod policy;
 pub mod routes;
 pub mod services;
 
@@ -19,6 +20,7 @@ use std::sync::Arc;
 use arc_swap::{ArcSwap, Guard};
 
 pub use node::NodeTable;
+pub use policy::PolicyTable;
 pub use routes::{Next, RouteTable};
 pub use services::ServiceTable;
 
@@ -27,6 +29,7 @@ struct Inner {
     node: ArcSwap<NodeTable>,
     routes: ArcSwap<RouteTable>,
     services: ArcSwap<ServiceTable>,
+    policy: ArcSwap<PolicyTable>,
     /// Bumped on every publish of any table (for `stromctl tables`).
     generation: AtomicU64,
 }
@@ -40,6 +43,7 @@ pub struct Loaded {
     node: Guard<Arc<NodeTable>>,
     routes: Guard<Arc<RouteTable>>,
     services: Guard<Arc<ServiceTable>>,
+    policy: Guard<Arc<PolicyTable>>,
 }
 
 impl Loaded {
@@ -50,6 +54,7 @@ impl Loaded {
             node: &self.node,
             routes: &self.routes,
             services: &self.services,
+            policy: &self.policy,
         }
     }
 }
@@ -60,6 +65,7 @@ pub struct View<'a> {
     pub node: &'a NodeTable,
     pub routes: &'a RouteTable,
     pub services: &'a ServiceTable,
+    pub policy: &'a PolicyTable,
 }
 
 impl View<'_> {
@@ -76,6 +82,7 @@ pub struct Tables {
     pub node: NodeTable,
     pub routes: RouteTable,
     pub services: ServiceTable,
+    pub policy: PolicyTable,
 }
 
 impl Tables {
@@ -84,6 +91,7 @@ impl Tables {
             node: &self.node,
             routes: &self.routes,
             services: &self.services,
+            policy: &self.policy,
         }
     }
 }
@@ -95,6 +103,7 @@ impl TableHandle {
             node: ArcSwap::from_pointee(node),
             routes: ArcSwap::from_pointee(RouteTable::default()),
             services: ArcSwap::from_pointee(ServiceTable::default()),
+            policy: ArcSwap::from_pointee(PolicyTable::default()),
             generation: AtomicU64::new(0),
         }))
     }
@@ -106,6 +115,7 @@ impl TableHandle {
             node: self.0.node.load(),
             routes: self.0.routes.load(),
             services: self.0.services.load(),
+            policy: self.0.policy.load(),
         }
     }
 
@@ -134,6 +144,17 @@ impl TableHandle {
     pub fn publish_services(&self, t: ServiceTable) -> Arc<ServiceTable> {
         self.0.generation.fetch_add(1, Ordering::Relaxed);
         self.0.services.swap(Arc::new(t))
+    }
+
+    /// The current policy table.
+    pub fn policy(&self) -> Arc<PolicyTable> {
+        self.0.policy.load_full()
+    }
+
+    /// Publishes the next policy table; returns the one it replaces, to be retired.
+    pub fn publish_policy(&self, t: PolicyTable) -> Arc<PolicyTable> {
+        self.0.generation.fetch_add(1, Ordering::Relaxed);
+        self.0.policy.swap(Arc::new(t))
     }
 
     /// Publishes the next node table; returns the one it replaces, to be retired.
