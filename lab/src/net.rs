@@ -228,10 +228,10 @@ pub fn connect(ip: IpAddr, port: u16, protocol: &str, timeout: Duration) -> Resu
             // as "Connection refused".
             let s = UdpSocket::bind(("0.0.0.0", 0)).map_err(|e| e.to_string())?;
             s.connect(addr).map_err(|e| e.to_string())?;
-            s.set_read_timeout(Some(timeout))
+            // Up to three tries within the timeout: the first datagram may wait for ARP.
+            s.set_read_timeout(Some((timeout / 3).max(Duration::from_millis(1))))
                 .map_err(|e| e.to_string())?;
             let mut b = [0u8; 2048];
-            // Up to three tries: the first datagram may wait for ARP.
             let mut last = String::new();
             for _ in 0..3 {
                 s.send(b"probe").map_err(|e| e.to_string())?;

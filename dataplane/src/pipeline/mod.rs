@@ -80,6 +80,46 @@ pub enum Action {
 pub const ICMP_PER_SEC: u64 = 1000;
 pub const ICMP_BURST: u64 = 50;
 
+/// Lines about denied packets a worker logs per second at most, and in one burst: enough to
+/// see what is denied, never a flood (every drop is counted per policy regardless).
+pub const POLICY_LOG_PER_SEC: u64 = 10;
+pub const POLICY_LOG_BURST: u64 = 10;
+
+/// A token bucket on the worker's coarse clock: `per_sec` tokens a second, at most `burst`.
+#[derive(Debug)]
+struct Bucket {
+    tokens: u64,
+    filled_ms: u64,
+    per_sec: u64,
+    burst: u64,
+}
+
+impl Bucket {
+    fn new(per_sec: u64, burst: u64) -> Self {
+        Bucket {
+            tokens: burst,
+            filled_ms: 0,
+            per_sec,
+            burst,
+        }
+    }
+
+    /// Takes a token at `now_ms`, if there is one.
+    #[inline]
+    fn take(&mut self, now_ms: u64) -> bool {
+        let earned = now_ms.saturating_sub(self.filled_ms) * self.per_sec / 1000;
+        if earned > 0 {
+            self.tokens = (self.tokens + earned).min(self.burst);
+            self.filled_ms = now_ms;
+        }
+        if self.tokens == 0 {
+            return false;
+        }
+        self.tokens -= 1;
+        true
+    }
+}
+
 /// Flows a worker tracks unless configured otherwise (`dataplane.conntrack_max`).
 pub const CONNTRACK_MAX: usize = 131_072;
 /// Flows the default context (tests, benchmarks) tracks.
@@ -95,9 +135,10 @@ pub struct Context {
     pub uplink_tx: Option<u32>,
     /// The coarse monotonic clock in ms, set by the worker once per loop.
     pub now_ms: u64,
-    /// ICMP errors that may still be sent (a token bucket), and when it was last filled.
-    icmp_tokens: u64,
-    icmp_filled_ms: u64,
+    /// ICMP errors that may still be sent.
+    icmp: Bucket,
+    /// Lines about denied packets that may still be logged.
+    policy_log: Bucket,
     /// The flows that started on this worker's ports.
     pub ct: crate::conntrack::Conntrack,
     /// ClientIP affinity of the clients on this worker's ports.
@@ -128,8 +169,8 @@ impl Context {
             worker,
             uplink_tx: None,
             now_ms: 0,
-            icmp_tokens: ICMP_BURST,
-            icmp_filled_ms: 0,
+            icmp: Bucket::new(ICMP_PER_SEC, ICMP_BURST),
+            policy_log: Bucket::new(POLICY_LOG_PER_SEC, POLICY_LOG_BURST),
             ct: crate::conntrack::Conntrack::new(conntrack_max),
             affinity: crate::conntrack::affinity::Affinity::new(conntrack_max),
             affinity_full: 0,
@@ -172,17 +213,13 @@ impl Context {
     /// Takes a token for one ICMP error, if the rate allows one now.
     #[inline]
     fn icmp_allowed(&mut self) -> bool {
-        let elapsed = self.now_ms.saturating_sub(self.icmp_filled_ms);
-        let earned = elapsed * ICMP_PER_SEC / 1000;
-        if earned > 0 {
-            self.icmp_tokens = (self.icmp_tokens + earned).min(ICMP_BURST);
-            self.icmp_filled_ms = self.now_ms;
-        }
-        if self.icmp_tokens == 0 {
-            return false;
-        }
-        self.icmp_tokens -= 1;
-        true
+        self.icmp.take(self.now_ms)
+    }
+
+    /// Takes a token for one line about a denied packet, if the rate allows one now.
+    #[inline]
+    pub fn policy_log_allowed(&mut self) -> bool {
+        self.policy_log.take(self.now_ms)
     }
 }
 

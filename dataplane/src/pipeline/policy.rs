@@ -42,12 +42,13 @@ pub fn is_node(t: &View<'_>, ip: Ipv4Addr) -> bool {
     ip == t.node.gateway_v4 || t.node.addrs.contains(&IpAddr::V4(ip))
 }
 
-/// The verdict on a packet from `src` to `dst` on (`proto`, `port`), the node's own traffic
-/// allowed.
+/// The verdict on a packet from `src`:`sport` to `dst` on (`proto`, `port`), the node's own
+/// traffic allowed (the source port is not judged, only kept for the log).
 #[inline]
 pub fn verdict(
     t: &View<'_>,
     src: Ipv4Addr,
+    sport: u16,
     dst: Ipv4Addr,
     proto: u8,
     port: u16,
@@ -55,23 +56,55 @@ pub fn verdict(
     if t.policy.is_empty() || is_node(t, src) || is_node(t, dst) {
         return Ok(());
     }
-    t.policy.verdict(src, dst, proto, port)
+    t.policy
+        .verdict(src, dst, proto, port)
+        .map_err(|d| Denied { sport, ..d })
 }
 
-/// Counts a drop against every policy that isolates the pod in that direction.
+/// Counts a drop against every policy that isolates the pod in that direction, and logs it
+/// if this worker's log rate allows a line now.
 #[inline]
 pub fn count(ctx: &mut Context, t: &View<'_>, d: Denied) {
-    if let Some(g) = t.policy.group(d.group) {
-        let dir = match d.direction {
-            strom_api::Direction::Ingress => 0,
-            strom_api::Direction::Egress => 1,
-        };
-        for &s in g.slots.iter() {
-            if let Some(c) = ctx.policy_drops.get_mut(s as usize) {
-                c[dir] += 1;
-            }
+    let Some(g) = t.policy.group(d.group) else {
+        return;
+    };
+    let dir = match d.direction {
+        strom_api::Direction::Ingress => 0,
+        strom_api::Direction::Egress => 1,
+    };
+    for &s in g.slots.iter() {
+        if let Some(c) = ctx.policy_drops.get_mut(s as usize) {
+            c[dir] += 1;
         }
     }
+    if ctx.policy_log_allowed() {
+        log(t, g, d);
+    }
+}
+
+/// One line about a denied packet: its 5-tuple, the pod whose policies denied it, in which
+/// direction, and those policies (none of their rules allowed it). Cold: at most
+/// [`super::POLICY_LOG_PER_SEC`] lines per second per worker.
+#[cold]
+fn log(t: &View<'_>, g: &crate::tables::policy::Group, d: Denied) {
+    let pod = match d.direction {
+        strom_api::Direction::Ingress => d.dst,
+        strom_api::Direction::Egress => d.src,
+    };
+    tracing::info!(
+        target: "strom::policy",
+        "denied {} {}:{} -> {}:{} (protocol {}): {} {} ({}) isolated by {}; no rule allows it",
+        strom_api::Protocol::from_number(d.proto).map_or("ip", |p| p.name()),
+        d.src,
+        d.sport,
+        d.dst,
+        d.port,
+        d.proto,
+        d.direction.name(),
+        t.policy.name(pod).unwrap_or("?"),
+        pod,
+        g.policies.join(", ")
+    );
 }
 
 /// A new translated flow's check, before its entry is made: from the client's address to
@@ -83,7 +116,7 @@ pub fn admit_translated(
     key: &FlowKey,
     backend: Backend,
 ) -> Result<(), Action> {
-    verdict(t, key.src, backend.ip, key.proto, backend.port).map_err(|d| {
+    verdict(t, key.src, key.sport, backend.ip, key.proto, backend.port).map_err(|d| {
         count(ctx, t, d);
         Action::Drop(DropReason::PolicyDenied)
     })
@@ -99,7 +132,14 @@ pub fn recheck(ctx: &mut Context, t: &View<'_>, slot: u32) -> Result<(), Action>
     if e.policy_checked == gen {
         return Ok(());
     }
-    match verdict(t, e.orig.src, e.reply.src, e.orig.proto, e.reply.sport) {
+    match verdict(
+        t,
+        e.orig.src,
+        e.orig.sport,
+        e.reply.src,
+        e.orig.proto,
+        e.reply.sport,
+    ) {
         Ok(()) => {
             ctx.ct.entry_mut(slot).policy_checked = gen;
             Ok(())
@@ -118,7 +158,7 @@ pub fn recheck(ctx: &mut Context, t: &View<'_>, slot: u32) -> Result<(), Action>
 pub fn answers_denied(t: &View<'_>, key: &FlowKey) -> bool {
     !t.policy.is_empty()
         && (t.policy.isolated(key.src) || t.policy.isolated(key.dst))
-        && verdict(t, key.dst, key.src, key.proto, key.sport).is_err()
+        && verdict(t, key.dst, key.dport, key.src, key.proto, key.sport).is_err()
 }
 
 /// Tracks an allowed flow as it is (no translation) from now on.
@@ -160,11 +200,11 @@ pub fn stage(
     if t.policy.is_empty() && !inbound {
         return Ok(None);
     }
-    let (proto, dport) = match l4 {
-        L4::Flow { key, .. } => (key.proto, key.dport),
-        _ => (hdr.proto, 0),
+    let (proto, sport, dport) = match l4 {
+        L4::Flow { key, .. } => (key.proto, key.sport, key.dport),
+        _ => (hdr.proto, 0, 0),
     };
-    if let Err(d) = verdict(t, hdr.src, hdr.dst, proto, dport) {
+    if let Err(d) = verdict(t, hdr.src, sport, hdr.dst, proto, dport) {
         return Ok(Some(d));
     }
     // A datagram's first fragment: its later ones, without ports, pass as it did.

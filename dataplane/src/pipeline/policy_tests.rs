@@ -331,18 +331,21 @@ fn traffic_between_a_pod_and_its_node_always_passes() {
     apply(&mut t, &isolate(A, Direction::Ingress, vec![]), 1);
     let v = t.view();
     assert!(
-        crate::pipeline::policy::verdict(&v, Ipv4Addr::from(GW), Ipv4Addr::from(A), 6, 80).is_ok()
+        crate::pipeline::policy::verdict(&v, Ipv4Addr::from(GW), 1, Ipv4Addr::from(A), 6, 80)
+            .is_ok()
     );
     assert!(crate::pipeline::policy::verdict(
         &v,
         Ipv4Addr::new(198, 18, 0, 1),
+        1,
         Ipv4Addr::from(A),
         6,
         80
     )
     .is_ok());
     assert!(
-        crate::pipeline::policy::verdict(&v, Ipv4Addr::from(B), Ipv4Addr::from(A), 6, 80).is_err()
+        crate::pipeline::policy::verdict(&v, Ipv4Addr::from(B), 1, Ipv4Addr::from(A), 6, 80)
+            .is_err()
     );
 }
 
@@ -368,4 +371,20 @@ fn later_fragments_of_an_allowed_datagram_pass_as_its_first_did() {
     let (_, second) = fragments(&other, 600);
     let (a, _) = run(&second, &port_b(), &t, &mut ctx);
     assert_eq!(a, Action::Drop(DropReason::PolicyDenied));
+}
+
+#[test]
+fn denied_packets_are_logged_at_a_bounded_rate() {
+    let mut ctx = Context {
+        now_ms: 5_000,
+        ..Default::default()
+    };
+    let burst = (0..100).filter(|_| ctx.policy_log_allowed()).count() as u64;
+    assert_eq!(burst, crate::pipeline::POLICY_LOG_BURST);
+    ctx.now_ms += 1000 / crate::pipeline::POLICY_LOG_PER_SEC;
+    assert!(
+        ctx.policy_log_allowed(),
+        "a line again after its share of a second"
+    );
+    assert!(!ctx.policy_log_allowed());
 }

@@ -566,11 +566,11 @@ pub fn deliver(
     let end = HEADER_LEN + hdr.total_len;
     let parsed = l4::parse(&buf[HEADER_LEN..end], &hdr);
     if confirm {
-        let (proto, port) = match parsed {
-            L4::Flow { key, .. } => (key.proto, key.dport),
-            _ => (hdr.proto, 0),
+        let (proto, sport, port) = match parsed {
+            L4::Flow { key, .. } => (key.proto, key.sport, key.dport),
+            _ => (hdr.proto, 0, 0),
         };
-        if let Err(d) = policy::verdict(t, hdr.src, hdr.dst, proto, port) {
+        if let Err(d) = policy::verdict(t, hdr.src, sport, hdr.dst, proto, port) {
             policy::count(ctx, t, d);
         }
         return denied;

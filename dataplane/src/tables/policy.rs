@@ -102,12 +102,19 @@ impl PortSet {
     }
 }
 
-/// Why a packet is denied: the side whose policies did not allow it.
+/// Why a packet is denied: the side whose policies did not allow it, and the packet as it
+/// was judged (for the log).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Denied {
     pub direction: Direction,
     /// The group of rules that did not allow it.
     pub group: u32,
+    pub src: Ipv4Addr,
+    /// The source port: 0 from the table, which does not look at it; the pipeline sets it.
+    pub sport: u16,
+    pub dst: Ipv4Addr,
+    pub proto: u8,
+    pub port: u16,
 }
 
 /// A pod's groups, per direction.
@@ -273,14 +280,38 @@ fn flatten(blocks: &[(u32, u32, PortSet)], interner: &mut Interner) -> Vec<(u32,
         .collect();
     cuts.sort_unstable();
     cuts.dedup();
+    // A sweep over the cuts: the blocks covering a piece are those started at or before it
+    // and not yet ended (no cut falls inside a piece), kept in block order so that the union
+    // is built as a loop over every block would build it, without one (that is quadratic:
+    // 2 s for 10k policies naming ports toward blocks that cover pods).
+    let mut starts: Vec<(u64, usize)> = blocks
+        .iter()
+        .enumerate()
+        .map(|(i, &(a, _, _))| (u64::from(a), i))
+        .collect();
+    let mut ends: Vec<(u64, usize)> = blocks
+        .iter()
+        .enumerate()
+        .map(|(i, &(_, b, _))| (u64::from(b) + 1, i))
+        .collect();
+    starts.sort_unstable();
+    ends.sort_unstable();
+    let (mut si, mut ei) = (0, 0);
+    let mut active = std::collections::BTreeSet::new();
     let mut out: Vec<(u32, u32, u32)> = Vec::new();
     for w in cuts.windows(2) {
         let (a, b) = (w[0], w[1] - 1);
+        while ei < ends.len() && ends[ei].0 <= a {
+            active.remove(&ends[ei].1);
+            ei += 1;
+        }
+        while si < starts.len() && starts[si].0 <= a {
+            active.insert(starts[si].1);
+            si += 1;
+        }
         let mut set: Option<u32> = None;
-        for (first, last, ps) in blocks {
-            if u64::from(*first) <= a && b <= u64::from(*last) {
-                set = Some(interner.union(set, ps));
-            }
+        for &i in &active {
+            set = Some(interner.union(set, &blocks[i].2));
         }
         let Some(set) = set else { continue };
         let (a, b) = (a as u32, b as u32);
@@ -441,6 +472,11 @@ impl PolicyTable {
                 return Err(Denied {
                     direction: Direction::Egress,
                     group: p.egress,
+                    src,
+                    sport: 0,
+                    dst,
+                    proto,
+                    port,
                 });
             }
         }
@@ -449,6 +485,11 @@ impl PolicyTable {
                 return Err(Denied {
                     direction: Direction::Ingress,
                     group: p.ingress,
+                    src,
+                    sport: 0,
+                    dst,
+                    proto,
+                    port,
                 });
             }
         }
@@ -480,6 +521,11 @@ impl PolicyTable {
             .blocks
             .get(at)
             .is_some_and(|&(first, _, ps)| first <= a && ok(ps))
+    }
+
+    /// The `namespace/name` of the isolated pod at `ip`.
+    pub fn name(&self, ip: Ipv4Addr) -> Option<&str> {
+        self.names.get(&ip).map(String::as_str)
     }
 
     /// Group `g`.

@@ -111,7 +111,12 @@ fn an_isolated_pod_takes_only_what_a_rule_allows() {
         t.verdict(C, A, TCP, 80),
         Err(Denied {
             direction: Direction::Ingress,
-            group: 0
+            group: 0,
+            src: C,
+            sport: 0,
+            dst: A,
+            proto: TCP,
+            port: 80,
         })
     );
     // A sends anything (not isolated for egress), and others are open.
