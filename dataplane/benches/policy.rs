@@ -307,7 +307,7 @@ fn new_flow(c: &mut Criterion) {
         let t = tables(Some(set));
         let view = t.view();
         let mut ctx = Context::new(0, 1 << 16);
-        ctx.size_policy_counters(t.policy.slots());
+        ctx.follow_policy(view.policy);
         let syn = tcp60(A, B, ephemeral(0), HTTP, Flags::Syn);
         let mut buf = vec![0u8; 2048];
         let key = |sport| FlowKey {
@@ -428,7 +428,7 @@ fn established(c: &mut Criterion) {
         let t = tables(Some(set));
         let view = t.view();
         let mut ctx = Context::new(0, 1 << 16);
-        ctx.size_policy_counters(t.policy.slots());
+        ctx.follow_policy(view.policy);
         // The handshake: the connection is tracked (B's answers are denied on their own).
         for (port, frame) in [
             (&port_a, tcp60(A, B, sport, HTTP, Flags::Syn)),

@@ -386,7 +386,7 @@ impl Worker {
             let tables = loaded.view();
             self.ctx.now_ms = crate::stats::coarse_ms();
             self.ctx.size_counters(tables.services.slot_count());
-            self.ctx.size_policy_counters(tables.policy.slots());
+            self.ctx.follow_policy(tables.policy);
             self.ctx
                 .ct
                 .sweep(self.ctx.now_ms, crate::conntrack::SWEEP_PER_LOOP);
@@ -544,7 +544,7 @@ impl Worker {
                     let _ = reply.send(self.ctx.svc_counts.clone());
                 }
                 Command::PolicyCounts(reply) => {
-                    let _ = reply.send(self.ctx.policy_drops.clone());
+                    let _ = reply.send(self.ctx.policy_counts().to_vec());
                 }
             }
         }

@@ -441,16 +441,17 @@ fn probed(protocol: &str, sctp: bool) -> bool {
     protocol != "sctp" || sctp
 }
 
-/// Starts probing from `from` every `(key, ip)` in `targets` on one port and protocol: one
-/// process in `from`'s namespace, one connection per target in parallel.
-fn probe_many_start(
+/// Probes from `from` every `(key, ip)` in `targets` on one port and protocol: one process
+/// in `from`'s namespace, one connection per target in parallel; the answers per target, in
+/// order.
+fn probe_many(
     st: &State,
     from: &str,
     targets: &[(String, IpAddr)],
     port: u16,
     protocol: &str,
     timeout: Duration,
-) -> anyhow::Result<std::process::Child> {
+) -> anyhow::Result<Vec<(String, Result<String, String>)>> {
     let mut cmd = place_cmd(st, from, std::env::current_exe()?)?;
     cmd.args([
         "connect",
@@ -464,17 +465,7 @@ fn probe_many_start(
     for (_, ip) in targets {
         cmd.args(["--ip", &ip.to_string()]);
     }
-    cmd.stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped());
-    Ok(cmd.spawn()?)
-}
-
-/// The answers of a prober started by [`probe_many_start`], per target in order.
-fn probe_many_finish(
-    child: std::process::Child,
-    targets: &[(String, IpAddr)],
-) -> anyhow::Result<Vec<(String, Result<String, String>)>> {
-    let out = child.wait_with_output()?;
+    let out = cmd.stdin(std::process::Stdio::null()).output()?;
     let text = String::from_utf8_lossy(&out.stdout);
     // One line per target, in order: "allow ANSWER" or "deny REASON".
     let lines: Vec<&str> = text.lines().collect();
@@ -529,7 +520,7 @@ fn matrix(st: &State) -> anyhow::Result<Vec<Cell>> {
                 scope.spawn(move || -> anyhow::Result<Vec<Cell>> {
                     let mut row = Vec::new();
                     for ((port, protocol), targets) in served {
-                        let child = probe_many_start(
+                        let answers = probe_many(
                             st,
                             from,
                             targets,
@@ -537,7 +528,7 @@ fn matrix(st: &State) -> anyhow::Result<Vec<Cell>> {
                             protocol,
                             Duration::from_millis(1000),
                         )?;
-                        for (to, answer) in probe_many_finish(child, targets)? {
+                        for (to, answer) in answers {
                             row.push(Cell {
                                 from: from.clone(),
                                 to,

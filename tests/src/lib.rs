@@ -6,8 +6,9 @@
 //! command does.
 #![deny(unsafe_code)]
 
+use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Child, ChildStdin, ChildStdout, Command, Output, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard, Once};
 use std::time::{Duration, Instant};
@@ -191,6 +192,22 @@ impl Lab {
                 );
                 std::thread::sleep(Duration::from_millis(10));
             }
+        }
+    }
+
+    /// Waits (at most 5 s) until `pod` listens on TCP `port` (a responder just started).
+    pub fn wait_listening(&self, pod: &str, port: u16) {
+        let t = Instant::now();
+        loop {
+            let o = self.exec(pod, &["ss", "-Hltn", &format!("sport = :{port}")]);
+            if !String::from_utf8_lossy(&o.stdout).trim().is_empty() {
+                return;
+            }
+            assert!(
+                t.elapsed() < Duration::from_secs(5),
+                "{pod} listens on {port}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
         }
     }
 
@@ -421,4 +438,101 @@ pub fn pod(ns: &str, name: &str, tcp: &[u16], udp: &[u16]) -> String {
         format!("      ports:\n{ports}")
     };
     format!("---\nkind: Pod\nmetadata: {{ name: {name}, namespace: {ns} }}\nspec:\n  containers:\n    - name: c\n{ports}")
+}
+
+/// One answer of the lab's responder: (who answered, the client address it saw).
+pub fn who(answer: &str) -> (String, String) {
+    let mut w = answer.split_whitespace();
+    let name = w.next().unwrap_or("").to_string();
+    let client = w
+        .next()
+        .and_then(|a| a.rsplit_once(':'))
+        .map(|(ip, _)| ip.to_string())
+        .unwrap_or_default();
+    (name, client)
+}
+
+/// A process in a pod's namespace, stopped (by its id) on drop.
+pub struct Proc(pub Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A responder in `pod` holding its connections on TCP `port` (answering on every read).
+pub fn hold_responder(lab: &Lab, pod: &str, port: u16) -> Proc {
+    let p = Command::new("ip")
+        .args(["netns", "exec", &lab.pod_ns(pod)])
+        .arg(bin_dir().join("strom-lab"))
+        .args(["responder", "--name", pod, "--hold-tcp", &port.to_string()])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    Proc(p)
+}
+
+/// TCP connections held open from a pod (`strom-lab hold`).
+pub struct Held {
+    proc: Proc,
+    stdin: ChildStdin,
+    out: BufReader<ChildStdout>,
+    count: usize,
+    /// Who answered each connection when it opened (None: it did not open).
+    pub first: Vec<Option<String>>,
+}
+
+impl Held {
+    pub fn open(lab: &Lab, from: &str, ip: &str, port: u16, count: usize) -> Held {
+        let mut c = Command::new("ip")
+            .args(["netns", "exec", &lab.pod_ns(from)])
+            .arg(bin_dir().join("strom-lab"))
+            .args(["hold", "--ip", ip, "--port", &port.to_string()])
+            .args(["--count", &count.to_string(), "--timeout-ms", "3000"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let stdin = c.stdin.take().unwrap();
+        let mut out = BufReader::new(c.stdout.take().unwrap());
+        let mut first = Vec::new();
+        for _ in 0..count {
+            let mut l = String::new();
+            out.read_line(&mut l).unwrap();
+            first.push(l.strip_prefix("open ").map(|a| who(a).0));
+        }
+        Held {
+            proc: Proc(c),
+            stdin,
+            out,
+            count,
+            first,
+        }
+    }
+
+    /// Writes on every connection: for each, who answered (Ok) or the error, and how long
+    /// it took.
+    pub fn again(mut self) -> Vec<(Result<String, String>, Duration)> {
+        self.stdin.write_all(b"go\n").unwrap();
+        self.stdin.flush().unwrap();
+        let mut r = Vec::new();
+        for _ in 0..self.count {
+            let mut l = String::new();
+            self.out.read_line(&mut l).unwrap();
+            let l = l.trim();
+            let (head, ms) = l.rsplit_once(' ').unwrap_or((l, "0"));
+            let ms = Duration::from_millis(ms.parse().unwrap_or(0));
+            r.push(match head.strip_prefix("again ") {
+                Some(a) => (Ok(who(a).0), ms),
+                None => (Err(head.to_string()), ms),
+            });
+        }
+        let _ = self.proc.0.wait();
+        r
+    }
 }

@@ -10,13 +10,11 @@
 //! ```
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::{BufRead, BufReader, Write};
 use std::path::PathBuf;
-use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use strom_tests::{bin_dir, net_lock, sh, Lab};
+use strom_tests::{bin_dir, hold_responder, net_lock, sh, who, Held, Lab, Proc};
 
 /// The pod gateway: what a pod reaching itself through its Service sees as the client.
 const GATEWAY: &str = "169.254.1.1";
@@ -59,18 +57,6 @@ fn client() -> String {
 /// by two).
 fn service(name: &str, spec: &str) -> String {
     format!("---\nkind: Service\nmetadata: {{name: {name}, namespace: t}}\nspec:\n{spec}")
-}
-
-/// One answer of the lab's responder: (who answered, the client address it saw).
-fn who(answer: &str) -> (String, String) {
-    let mut w = answer.split_whitespace();
-    let name = w.next().unwrap_or("").to_string();
-    let client = w
-        .next()
-        .and_then(|a| a.rsplit_once(':'))
-        .map(|(ip, _)| ip.to_string())
-        .unwrap_or_default();
-    (name, client)
 }
 
 /// `count` new connections (or UDP exchanges) from pod `from` to `ip:port`, 16 at a time:
@@ -209,107 +195,6 @@ fn traced_backend(lab: &Lab, proto: &str, src: &str, dst: &str) -> Option<String
         .map(|b| b.trim().to_string())
 }
 
-/// A process in a pod's namespace, stopped (by its id) on drop.
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// A responder in `pod` holding its connections on TCP `port` (answering on every read).
-fn hold_responder(lab: &Lab, pod: &str, port: u16) -> Proc {
-    let p = Command::new("ip")
-        .args(["netns", "exec", &lab.pod_ns(pod)])
-        .arg(strom_lab())
-        .args(["responder", "--name", pod, "--hold-tcp", &port.to_string()])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    Proc(p)
-}
-
-/// TCP connections held open from a pod (`strom-lab hold`).
-struct Held {
-    proc: Proc,
-    stdin: ChildStdin,
-    out: BufReader<ChildStdout>,
-    count: usize,
-    /// Who answered each connection when it opened (None: it did not open).
-    first: Vec<Option<String>>,
-}
-
-impl Held {
-    fn open(lab: &Lab, from: &str, ip: &str, port: u16, count: usize) -> Held {
-        let mut c = Command::new("ip")
-            .args(["netns", "exec", &lab.pod_ns(from)])
-            .arg(strom_lab())
-            .args(["hold", "--ip", ip, "--port", &port.to_string()])
-            .args(["--count", &count.to_string(), "--timeout-ms", "3000"])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let stdin = c.stdin.take().unwrap();
-        let mut out = BufReader::new(c.stdout.take().unwrap());
-        let mut first = Vec::new();
-        for _ in 0..count {
-            let mut l = String::new();
-            out.read_line(&mut l).unwrap();
-            first.push(l.strip_prefix("open ").map(|a| who(a).0));
-        }
-        Held {
-            proc: Proc(c),
-            stdin,
-            out,
-            count,
-            first,
-        }
-    }
-
-    /// Writes on every connection: for each, who answered (Ok) or the error, and how long
-    /// it took.
-    fn again(mut self) -> Vec<(Result<String, String>, Duration)> {
-        self.stdin.write_all(b"go\n").unwrap();
-        self.stdin.flush().unwrap();
-        let mut r = Vec::new();
-        for _ in 0..self.count {
-            let mut l = String::new();
-            self.out.read_line(&mut l).unwrap();
-            let l = l.trim();
-            let (head, ms) = l.rsplit_once(' ').unwrap_or((l, "0"));
-            let ms = Duration::from_millis(ms.parse().unwrap_or(0));
-            r.push(match head.strip_prefix("again ") {
-                Some(a) => (Ok(who(a).0), ms),
-                None => (Err(head.to_string()), ms),
-            });
-        }
-        let _ = self.proc.0.wait();
-        r
-    }
-}
-
-/// Waits until `pod` listens on TCP `port` (a responder just started).
-fn wait_listening(lab: &Lab, pod: &str, port: u16) {
-    let t = Instant::now();
-    loop {
-        let o = lab.exec(pod, &["ss", "-Hltn", &format!("sport = :{port}")]);
-        if !String::from_utf8_lossy(&o.stdout).trim().is_empty() {
-            return;
-        }
-        assert!(
-            t.elapsed() < Duration::from_secs(5),
-            "{pod} listens on {port}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 #[test]
 fn cluster_ip_balances_tcp_udp_and_sctp_ports_with_named_target_ports_resolved_per_pod() {
     let _g = net_lock();
@@ -426,7 +311,7 @@ fn removing_a_backend_resets_its_flows_and_moves_no_other() {
         .map(|p| hold_responder(&lab, p, 9000))
         .collect();
     for p in ["t/a", "t/b", "t/c"] {
-        wait_listening(&lab, p, 9000);
+        lab.wait_listening(p, 9000);
     }
     // Where 300 new flows would go, before.
     let tuples: Vec<String> = (0..300)
@@ -711,7 +596,7 @@ fn a_full_conntrack_refuses_new_service_flows_but_not_pod_to_pod_traffic() {
         );
     let lab = up(&m, &["--conntrack-max", "4"]);
     let _r = hold_responder(&lab, "t/a", 9000);
-    wait_listening(&lab, "t/a", 9000);
+    lab.wait_listening("t/a", 9000);
     let held = Held::open(&lab, "t/client", "198.19.0.10", 9000, 4);
     assert!(
         held.first.iter().all(|f| f.as_deref() == Some("t/a")),

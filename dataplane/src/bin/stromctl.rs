@@ -167,6 +167,14 @@ fn table(out: &mut String, headers: &[&str], rows: Vec<Vec<String>>) {
     }
 }
 
+/// The text of `file`, or of stdin for `-`.
+fn read_input(file: &std::path::Path) -> anyhow::Result<String> {
+    if file.as_os_str() == "-" {
+        return Ok(std::io::read_to_string(std::io::stdin())?);
+    }
+    std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))
+}
+
 fn main() -> anyhow::Result<()> {
     let a = Args::parse();
     let mut c = Client::connect(&a.socket, Duration::from_secs(5))?;
@@ -194,23 +202,13 @@ fn main() -> anyhow::Result<()> {
         Cmd::Services => Request::Services,
         Cmd::Policy => Request::Policies,
         Cmd::SetPolicies { file } => {
-            let text = if file.as_os_str() == "-" {
-                std::io::read_to_string(std::io::stdin())?
-            } else {
-                std::fs::read_to_string(file)
-                    .with_context(|| format!("reading {}", file.display()))?
-            };
+            let text = read_input(file)?;
             Request::SetPolicies {
                 policies: serde_json::from_str(&text).context("a PolicySet in JSON")?,
             }
         }
         Cmd::SetService { file } => {
-            let text = if file.as_os_str() == "-" {
-                std::io::read_to_string(std::io::stdin())?
-            } else {
-                std::fs::read_to_string(file)
-                    .with_context(|| format!("reading {}", file.display()))?
-            };
+            let text = read_input(file)?;
             Request::SetService {
                 service: serde_json::from_str(&text).context("a ServiceSpec in JSON")?,
             }

@@ -82,9 +82,13 @@ struct Args {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    // Lines go to stderr from a thread of their own through a bounded queue that drops
+    // when full (lossy): a worker that logs (a denied packet, say) never waits on a stderr
+    // that is not drained. The guard flushes what is queued when main returns.
+    let (writer, _log_guard) = tracing_appender::non_blocking(std::io::stderr());
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_new(&args.log).context("--log")?)
-        .with_writer(std::io::stderr)
+        .with_writer(writer)
         .init();
     let mut cfg = Config::from_file(&args.config)?;
     if !args.node_addrs.is_empty() {

@@ -110,7 +110,8 @@ impl Bucket {
         let earned = now_ms.saturating_sub(self.filled_ms) * self.per_sec / 1000;
         if earned > 0 {
             self.tokens = (self.tokens + earned).min(self.burst);
-            self.filled_ms = now_ms;
+            // Only the time the tokens were earned for: the fraction left counts next time.
+            self.filled_ms += earned * 1000 / self.per_sec;
         }
         if self.tokens == 0 {
             return false;
@@ -152,8 +153,16 @@ pub struct Context {
     /// Counters per Service port slot (grown by the worker between loops when the Service
     /// table gains slots, never on a packet's path).
     pub svc_counts: Vec<service::SvcCount>,
-    /// Drops per policy counter slot, ingress and egress (grown between loops).
-    pub policy_drops: Vec<[u64; 2]>,
+    /// Drops per policy counter slot, ingress and egress (grown between loops; read through
+    /// [`Context::policy_counts`], which folds in the per-group counts).
+    policy_drops: Vec<[u64; 2]>,
+    /// Drops per group of the policy table of generation `policy_gen` (the one the worker
+    /// follows), and each group's direction and counter slots: a drop costs one add
+    /// however many policies select the pod, folded into `policy_drops` when the table
+    /// changes or the counts are asked for (between loops).
+    policy_gen: u64,
+    policy_group_drops: Vec<u64>,
+    policy_groups: Vec<(usize, Box<[u32]>)>,
 }
 
 impl Default for Context {
@@ -178,6 +187,9 @@ impl Context {
             frags: Default::default(),
             svc_counts: Vec::new(),
             policy_drops: Vec::new(),
+            policy_gen: 0,
+            policy_group_drops: Vec::new(),
+            policy_groups: Vec::new(),
         }
     }
 
@@ -193,6 +205,59 @@ impl Context {
         if self.policy_drops.len() < slots {
             self.policy_drops.resize(slots, [0; 2]);
         }
+    }
+
+    /// Follows policy table `t` (between loops): its counter slots, and per-group counting
+    /// for its generation, the previous generation's drops folded into the policies first.
+    pub fn follow_policy(&mut self, t: &crate::tables::policy::PolicyTable) {
+        self.size_policy_counters(t.slots());
+        if self.policy_gen == t.generation() {
+            return;
+        }
+        self.fold_policy_drops();
+        self.policy_gen = t.generation();
+        self.policy_groups = t
+            .groups()
+            .iter()
+            .map(|g| (policy::direction_index(g.direction), g.slots.clone()))
+            .collect();
+        self.policy_group_drops.clear();
+        self.policy_group_drops.resize(self.policy_groups.len(), 0);
+    }
+
+    /// Adds the drops counted per group to their policies' counters.
+    fn fold_policy_drops(&mut self) {
+        for (n, (dir, slots)) in self
+            .policy_group_drops
+            .iter_mut()
+            .zip(self.policy_groups.iter())
+        {
+            if *n == 0 {
+                continue;
+            }
+            add_to_slots(&mut self.policy_drops, slots, *dir, *n);
+            *n = 0;
+        }
+    }
+
+    /// Drops per policy counter slot, ingress and egress, up to now (between loops).
+    pub fn policy_counts(&mut self) -> &[[u64; 2]] {
+        self.fold_policy_drops();
+        &self.policy_drops
+    }
+
+    /// Counts a drop for group `g` of the table of generation `gen`: one add when it is the
+    /// table this worker follows; otherwise (a table the worker has not followed yet, tests)
+    /// straight into each of the group's `slots`.
+    #[inline]
+    fn count_policy_drop(&mut self, gen: u64, g: u32, dir: usize, slots: &[u32]) {
+        if self.policy_gen == gen {
+            if let Some(n) = self.policy_group_drops.get_mut(g as usize) {
+                *n += 1;
+                return;
+            }
+        }
+        add_to_slots(&mut self.policy_drops, slots, dir, 1);
     }
 
     /// Counts for Service port `id` (nothing if the worker has not grown to its slot yet); a
@@ -220,6 +285,15 @@ impl Context {
     #[inline]
     pub fn policy_log_allowed(&mut self) -> bool {
         self.policy_log.take(self.now_ms)
+    }
+}
+
+/// Adds `n` drops in direction `dir` to each of `slots`.
+fn add_to_slots(drops: &mut [[u64; 2]], slots: &[u32], dir: usize, n: u64) {
+    for &s in slots {
+        if let Some(c) = drops.get_mut(s as usize) {
+            c[dir] += n;
+        }
     }
 }
 

@@ -61,6 +61,26 @@ pub fn verdict(
         .map_err(|d| Denied { sport, ..d })
 }
 
+/// The verdict on a packet of no tracked flow: by its ports when it has them (`l4` as the
+/// Service stage parsed it), by its protocol alone otherwise.
+#[inline]
+pub fn packet_verdict(t: &View<'_>, hdr: &Header, l4: L4) -> Result<(), Denied> {
+    let (proto, sport, dport) = match l4 {
+        L4::Flow { key, .. } => (key.proto, key.sport, key.dport),
+        _ => (hdr.proto, 0, 0),
+    };
+    verdict(t, hdr.src, sport, hdr.dst, proto, dport)
+}
+
+/// A direction's index in a policy's drop counters.
+#[inline]
+pub fn direction_index(d: strom_api::Direction) -> usize {
+    match d {
+        strom_api::Direction::Ingress => 0,
+        strom_api::Direction::Egress => 1,
+    }
+}
+
 /// Counts a drop against every policy that isolates the pod in that direction, and logs it
 /// if this worker's log rate allows a line now.
 #[inline]
@@ -68,15 +88,12 @@ pub fn count(ctx: &mut Context, t: &View<'_>, d: Denied) {
     let Some(g) = t.policy.group(d.group) else {
         return;
     };
-    let dir = match d.direction {
-        strom_api::Direction::Ingress => 0,
-        strom_api::Direction::Egress => 1,
-    };
-    for &s in g.slots.iter() {
-        if let Some(c) = ctx.policy_drops.get_mut(s as usize) {
-            c[dir] += 1;
-        }
-    }
+    ctx.count_policy_drop(
+        t.policy.generation(),
+        d.group,
+        direction_index(d.direction),
+        &g.slots,
+    );
     if ctx.policy_log_allowed() {
         log(t, g, d);
     }
@@ -200,11 +217,7 @@ pub fn stage(
     if t.policy.is_empty() && !inbound {
         return Ok(None);
     }
-    let (proto, sport, dport) = match l4 {
-        L4::Flow { key, .. } => (key.proto, key.sport, key.dport),
-        _ => (hdr.proto, 0, 0),
-    };
-    if let Err(d) = verdict(t, hdr.src, sport, hdr.dst, proto, dport) {
+    if let Err(d) = packet_verdict(t, hdr, l4) {
         return Ok(Some(d));
     }
     // A datagram's first fragment: its later ones, without ports, pass as it did.
@@ -212,13 +225,8 @@ pub fn stage(
         && hdr.frag_offset == 0
         && (t.policy.isolated(hdr.src) || t.policy.isolated(hdr.dst))
     {
-        let key = crate::conntrack::frag::FragKey {
-            src: hdr.src,
-            dst: hdr.dst,
-            ident: hdr.ident,
-            proto: hdr.proto,
-        };
-        ctx.frags.record(key, hdr.src, hdr.dst, ctx.now_ms);
+        ctx.frags
+            .record(super::service::frag_key(hdr), hdr.src, hdr.dst, ctx.now_ms);
     }
     let L4::Flow {
         key,

@@ -208,7 +208,7 @@ fn a_packet_denied_on_its_own_toward_another_worker_passes_there_only_as_an_answ
         Err(DropReason::PolicyDenied)
     );
     assert_eq!(
-        w0.policy_drops.len(),
+        w0.policy_counts().len(),
         0,
         "sized by the worker, not the stage"
     );
@@ -270,7 +270,7 @@ fn a_policy_change_cuts_the_connections_it_denies_and_keeps_the_others() {
     assert_eq!(a, Action::Drop(DropReason::PolicyDenied));
     assert_eq!(ctx.ct.len(), 0);
     assert_eq!(
-        ctx.policy_drops[0],
+        ctx.policy_counts()[0],
         [1, 0],
         "counted for the ingress it broke"
     );
@@ -387,4 +387,34 @@ fn denied_packets_are_logged_at_a_bounded_rate() {
         "a line again after its share of a second"
     );
     assert!(!ctx.policy_log_allowed());
+}
+
+#[test]
+fn drops_counted_per_group_reach_every_selecting_policy_once_folded() {
+    let mut t = pods(0);
+    let mut set = isolate(A, Direction::Ingress, vec![from(2, 80)]);
+    set.groups[0].policies = vec!["t/p".into(), "t/q".into()];
+    apply(&mut t, &set, 1);
+    let mut ctx = Context::default();
+    let v = t.view();
+    ctx.follow_policy(v.policy);
+    let syn = tcp(B_MAC, (B, 40000), (A, 81), true);
+    for _ in 0..3 {
+        let (a, _) = run(&syn, &port_b(), &t, &mut ctx);
+        assert_eq!(a, Action::Drop(DropReason::PolicyDenied));
+    }
+    let counts = ctx.policy_counts().to_vec();
+    assert_eq!(counts.len(), 2, "a slot per policy");
+    assert_eq!(
+        counts,
+        vec![[3, 0], [3, 0]],
+        "each selecting policy, ingress"
+    );
+    // A new table: what was counted stays, and counting goes on under it.
+    apply(&mut t, &set, 2);
+    let v = t.view();
+    ctx.follow_policy(v.policy);
+    let (a, _) = run(&syn, &port_b(), &t, &mut ctx);
+    assert_eq!(a, Action::Drop(DropReason::PolicyDenied));
+    assert_eq!(ctx.policy_counts(), &[[4, 0], [4, 0]]);
 }

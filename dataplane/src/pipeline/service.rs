@@ -432,7 +432,8 @@ fn translate(
     hdr.dst = dst.0;
 }
 
-fn frag_key(hdr: &Header) -> FragKey {
+/// A fragment's datagram (RFC 791's reassembly key).
+pub(super) fn frag_key(hdr: &Header) -> FragKey {
     FragKey {
         src: hdr.src,
         dst: hdr.dst,
@@ -566,11 +567,7 @@ pub fn deliver(
     let end = HEADER_LEN + hdr.total_len;
     let parsed = l4::parse(&buf[HEADER_LEN..end], &hdr);
     if confirm {
-        let (proto, sport, port) = match parsed {
-            L4::Flow { key, .. } => (key.proto, key.sport, key.dport),
-            _ => (hdr.proto, 0, 0),
-        };
-        if let Err(d) = policy::verdict(t, hdr.src, sport, hdr.dst, proto, port) {
+        if let Err(d) = policy::packet_verdict(t, &hdr, parsed) {
             policy::count(ctx, t, d);
         }
         return denied;
