@@ -65,7 +65,7 @@ fn counted<R>(f: impl FnOnce() -> R) -> (R, isize, isize) {
     let c = region.change();
     (
         r,
-        c.bytes_allocated as isize - c.bytes_deallocated as isize + c.bytes_reallocated,
+        c.bytes_allocated as isize - c.bytes_deallocated as isize,
         c.allocations as isize - c.deallocations as isize,
     )
 }

@@ -15,12 +15,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use clap::{Parser, Subcommand};
 
 mod chart;
 mod crr;
 mod paths;
+mod policies;
 mod report;
 mod topo;
 mod traffic;
@@ -104,8 +105,10 @@ struct RunArgs {
     #[arg(short, long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=100))]
     rounds: u32,
     /// Paths, comma separated: stromd, stromd-svc (stromd with a Service: pod → VIP, DNAT
-    /// and conntrack), kernel (Linux forwarding), kernel-nat (Linux + nftables DNAT to a
-    /// Service VIP), testpmd (DPDK MAC forwarding over AF_XDP).
+    /// and conntrack), stromd-pol (stromd with 100 NetworkPolicies selecting both pods, every
+    /// flow judged and tracked; fails a measurement whose traffic they drop), kernel (Linux
+    /// forwarding), kernel-nat (Linux + nftables DNAT to a Service VIP), testpmd (DPDK MAC
+    /// forwarding over AF_XDP).
     #[arg(
         long,
         value_delimiter = ',',
@@ -375,7 +378,7 @@ fn measure_all(
             if interrupted() {
                 bail!("interrupted");
             }
-            let running = match paths::start(path, &topo, env) {
+            let mut running = match paths::start(path, &topo, env) {
                 Ok(r) => r,
                 Err(e) => {
                     eprintln!("round {round}: {} did not start: {e:#}", path.name());
@@ -404,7 +407,16 @@ fn measure_all(
                 if interrupted() {
                     bail!("interrupted");
                 }
-                let outcome = traffic::measure(t, path, &topo, env, a.secs);
+                // What the path reports about the measurement (stromd-pol: its policies dropped
+                // none of it), also when it failed: policy drops would say why.
+                let outcome = match (
+                    traffic::measure(t, path, &topo, env, a.secs),
+                    running.verify(t),
+                ) {
+                    (m, Ok(())) => m,
+                    (Ok(_), Err(v)) => Err(v),
+                    (Err(e), Err(v)) => Err(anyhow!("{v:#} (and the measurement failed: {e:#})")),
+                };
                 done += 1;
                 let what = match &outcome {
                     Ok(m) => {

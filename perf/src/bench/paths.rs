@@ -2,6 +2,7 @@
 //!
 //! A new path (pod → Service through stromd, cross-node) is one more entry here: a name, the
 //! scenario it measures, how it is started and stopped, and the address the pods send to.
+//! A path can also check what it did after each measurement ([`Running::verify`]).
 
 use std::fs::File;
 use std::net::Ipv4Addr;
@@ -11,23 +12,27 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
+use crate::policies;
 use crate::topo::{
     ns_command, ns_run, ns_run_input, run, stop_child, Topology, CRR_PORT, IPERF_PORT, IP_A, IP_B,
     SINK_PORT_FIRST, SINK_PORT_LAST, SOCKPERF_PORT, VIP,
 };
+use crate::traffic::Traffic;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Path {
     Stromd,
     StromdSvc,
+    StromdPol,
     Kernel,
     KernelNat,
     Testpmd,
 }
 
-pub const ALL: [Path; 5] = [
+pub const ALL: [Path; 6] = [
     Path::Stromd,
     Path::StromdSvc,
+    Path::StromdPol,
     Path::Kernel,
     Path::KernelNat,
     Path::Testpmd,
@@ -38,6 +43,7 @@ impl Path {
         match self {
             Path::Stromd => "stromd",
             Path::StromdSvc => "stromd-svc",
+            Path::StromdPol => "stromd-pol",
             Path::Kernel => "kernel",
             Path::KernelNat => "kernel-nat",
             Path::Testpmd => "testpmd",
@@ -55,6 +61,7 @@ impl Path {
     pub fn scenario(self) -> &'static str {
         match self {
             Path::KernelNat | Path::StromdSvc => "pod → Service VIP (DNAT to pod B)",
+            Path::StromdPol => "pod → pod, both selected by 100 NetworkPolicies",
             _ => "pod → pod",
         }
     }
@@ -63,6 +70,10 @@ impl Path {
         match self {
             Path::Stromd => "stromd (one worker, busy polling, AF_XDP)",
             Path::StromdSvc => "stromd with the Service (DNAT, conntrack; as stromd)",
+            Path::StromdPol => {
+                "stromd with 100 NetworkPolicies (both pods isolated both ways, every flow \
+                 judged and tracked; as stromd)"
+            }
             Path::Kernel => "Linux IP forwarding",
             Path::KernelNat => "Linux + nftables DNAT (kube-proxy nftables style)",
             Path::Testpmd => "DPDK testpmd, MAC forwarding over AF_XDP",
@@ -78,17 +89,20 @@ impl Path {
     }
 
     /// Whether the path carries `traffic`: the `pods` traffic needs a path that serves many
-    /// ports (stromd, Linux forwarding); testpmd forwards between two ports only, and the
-    /// Service VIP of kernel-nat leads to pod B alone.
-    pub fn serves(self, traffic: super::traffic::Traffic) -> bool {
-        !matches!(traffic, super::traffic::Traffic::Pods(_))
-            || matches!(self, Path::Stromd | Path::Kernel)
+    /// ports (stromd, Linux forwarding); testpmd forwards between two ports only, the
+    /// Service VIP of kernel-nat leads to pod B alone, and stromd-pol's policies are about
+    /// pods A and B.
+    pub fn serves(self, traffic: Traffic) -> bool {
+        !matches!(traffic, Traffic::Pods(_)) || matches!(self, Path::Stromd | Path::Kernel)
     }
 
     /// Whether the path attaches XDP programs to the node's veths (which gives them NAPI
     /// instances: their receive work then runs in NAPI polls, see `--napi-core`).
     pub fn attaches_xdp(self) -> bool {
-        matches!(self, Path::Stromd | Path::StromdSvc | Path::Testpmd)
+        matches!(
+            self,
+            Path::Stromd | Path::StromdSvc | Path::StromdPol | Path::Testpmd
+        )
     }
 
     /// Debian packages the path needs beyond the common ones.
@@ -117,11 +131,76 @@ pub struct Running {
     child: Option<Child>,
     _stdin: Option<ChildStdin>,
     _dir: Option<TempDir>,
+    /// stromd-pol: what to check after each measurement.
+    policed: Option<Policed>,
+}
+
+/// stromd with policies: its API socket, and the drops already reported (`policy_denied`
+/// over the workers, and the sum of the per-policy counts).
+struct Policed {
+    sock: PathBuf,
+    denied: u64,
+    by_policy: u64,
 }
 
 impl Running {
     pub fn stop(mut self) -> Result<()> {
         self.halt()
+    }
+
+    /// After a measurement of `traffic` (also one that failed, which drops may explain): for
+    /// stromd-pol, that the policies dropped none of it
+    /// (no `policy_denied` drop on any worker, no drop counted against any policy) and that
+    /// stromd tracks its flows (the policies isolated it: the answers pass by conntrack).
+    /// Nothing for the other paths.
+    pub fn verify(&mut self, traffic: Traffic) -> Result<()> {
+        let Some(p) = self.policed.as_mut() else {
+            return Ok(());
+        };
+        let mut c = strom_api::Client::connect(&p.sock, Duration::from_secs(5))?;
+        let strom_api::Response::Stats { workers, .. } = c.call(&strom_api::Request::Stats)? else {
+            bail!("stromd answered Stats with something else");
+        };
+        let denied: u64 = workers
+            .iter()
+            .flat_map(|w| &w.drops)
+            .filter(|(reason, _)| reason == "policy_denied")
+            .map(|(_, n)| n)
+            .sum();
+        let strom_api::Response::Policies { policies } = c.call(&strom_api::Request::Policies)?
+        else {
+            bail!("stromd answered Policies with something else");
+        };
+        let (by_policy, per_policy) = policies::drops(&policies);
+        if denied > p.denied || by_policy > p.by_policy {
+            let new = denied - p.denied;
+            (p.denied, p.by_policy) = (denied, by_policy);
+            bail!(
+                "the NetworkPolicies dropped {new} packets of this traffic (policy_denied; \
+                 counted since stromd started, {per_policy}): they must allow all of it \
+                 (perf/src/bench/policies.rs)"
+            );
+        }
+        if let Some((port, least)) = policies::tracked(traffic) {
+            let strom_api::Response::Conntrack { total, .. } =
+                c.call(&strom_api::Request::Conntrack {
+                    filter: strom_api::ConntrackFilter {
+                        port: Some(port),
+                        ..Default::default()
+                    },
+                    count_only: true,
+                })?
+            else {
+                bail!("stromd answered Conntrack with something else");
+            };
+            if total < least {
+                bail!(
+                    "stromd tracks {total} flows with port {port}, not at least {least}: the \
+                     policies did not isolate this traffic as stromd-pol means them to"
+                );
+            }
+        }
+        Ok(())
     }
 
     fn halt(&mut self) -> Result<()> {
@@ -159,6 +238,7 @@ pub fn start(path: Path, t: &Topology, env: &Env) -> Result<Running> {
         child: None,
         _stdin: None,
         _dir: None,
+        policed: None,
     };
     match path {
         Path::Kernel | Path::KernelNat => {
@@ -204,6 +284,7 @@ pub fn start(path: Path, t: &Topology, env: &Env) -> Result<Running> {
                 child: Some(child),
                 _stdin: stdin,
                 _dir: None,
+                policed: None,
             };
             // testpmd's stdout is a file, so its messages come late (block buffering); its
             // ports are up once both veths carry its XDP program.
@@ -223,12 +304,15 @@ pub fn start(path: Path, t: &Topology, env: &Env) -> Result<Running> {
             std::thread::sleep(Duration::from_secs(1));
             Ok(r)
         }
-        Path::Stromd | Path::StromdSvc => {
+        Path::Stromd | Path::StromdSvc | Path::StromdPol => {
             t.offloads(false)?;
             ns_run(&t.n, &["sysctl", "-qw", "net.ipv4.ip_forward=0"])?;
-            let r = start_stromd(t, env)?;
+            let mut r = start_stromd(t, env)?;
             if path == Path::StromdSvc {
                 set_service(env, &r)?;
+            }
+            if path == Path::StromdPol {
+                set_policies(&mut r)?;
             }
             Ok(r)
         }
@@ -288,6 +372,33 @@ fn set_service(env: &Env, r: &Running) -> Result<()> {
     )
 }
 
+/// stromd-pol's 100 policies, compiled by strom-control and set in stromd as strom-lab sets
+/// them (`SetPolicies`); then stromd must report each of them selecting both pods both ways.
+fn set_policies(r: &mut Running) -> Result<()> {
+    let set = policies::policy_set()?;
+    let sock = r
+        ._dir
+        .as_ref()
+        .context("stromd's directory")?
+        .0
+        .join("stromd.sock");
+    let mut c = strom_api::Client::connect(&sock, Duration::from_secs(10))?;
+    c.call(&strom_api::Request::SetPolicies { policies: set })
+        .context("SetPolicies")?;
+    let strom_api::Response::Policies { policies: status } =
+        c.call(&strom_api::Request::Policies)?
+    else {
+        bail!("stromd answered Policies with something else");
+    };
+    policies::check_selected(&status)?;
+    r.policed = Some(Policed {
+        sock,
+        denied: 0,
+        by_policy: 0,
+    });
+    Ok(())
+}
+
 fn nat_rules() -> String {
     format!(
         "table ip svc {{
@@ -328,8 +439,8 @@ state_dir = "{state}"
     );
     let cfg = dir.0.join("stromd.toml");
     std::fs::write(&cfg, config)?;
-    // The socket a previous stromd of this directory left (stromd and stromd-svc take turns
-    // in it) would pass for the new one's before it listens.
+    // The socket a previous stromd of this directory left (stromd, stromd-svc and stromd-pol
+    // take turns in it) would pass for the new one's before it listens.
     let _ = std::fs::remove_file(&sock);
     let log = File::create(env.work.join("stromd.log"))?;
     let child = ns_command(&t.n)
@@ -347,6 +458,7 @@ state_dir = "{state}"
         child: Some(child),
         _stdin: None,
         _dir: Some(dir),
+        policed: None,
     };
     wait_for(
         || {

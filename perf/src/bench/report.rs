@@ -209,19 +209,22 @@ impl Results {
             }
             t.push('\n');
         }
-        // stromd against every peer; stromd with the Service against the kernel's DNAT.
+        // stromd against every peer; stromd with the Service against the kernel's DNAT;
+        // stromd with policies against stromd without.
         let mut rows: Vec<(&str, String, BTreeMap<Metric, f64>)> = self
             .ratios("stromd")
             .into_iter()
-            .filter(|(peer, _)| peer != "stromd-svc")
+            .filter(|(peer, _)| peer != "stromd-svc" && peer != "stromd-pol")
             .map(|(peer, r)| ("stromd", peer, r))
             .collect();
-        rows.extend(
-            self.ratios("stromd-svc")
-                .into_iter()
-                .filter(|(peer, _)| peer == "kernel-nat")
-                .map(|(peer, r)| ("stromd-svc", peer, r)),
-        );
+        for (subject, against) in [("stromd-svc", "kernel-nat"), ("stromd-pol", "stromd")] {
+            rows.extend(
+                self.ratios(subject)
+                    .into_iter()
+                    .filter(|(peer, _)| peer == against)
+                    .map(|(peer, r)| (subject, peer, r)),
+            );
+        }
         for (subject, peer, ratios) in rows {
             let _ = write!(t, "| {subject} / {peer} | |");
             for m in &metrics {
@@ -879,6 +882,44 @@ mod tests {
         let old: Results = serde_json::from_value(old).unwrap();
         assert_eq!(old.samples[0].failed_conns, None);
         assert!(!old.limits().contains("conn/s"));
+    }
+
+    #[test]
+    fn stromd_with_policies_is_reported_against_stromd_alone() {
+        let mut r = results(&[
+            ("stromd", "udp_mpps_1_flows", 1.60, None),
+            ("stromd-pol", "udp_mpps_1_flows", 1.52, None),
+            ("kernel", "udp_mpps_1_flows", 1.40, None),
+            ("stromd", "udp_mpps_1_flows", 1.50, None),
+            ("stromd-pol", "udp_mpps_1_flows", 1.50, None),
+            ("kernel", "udp_mpps_1_flows", 1.50, None),
+        ]);
+        r.meta.paths = ["stromd", "stromd-pol", "kernel"]
+            .iter()
+            .map(|n| PathInfo {
+                name: n.to_string(),
+                scenario: "s".into(),
+                description: n.to_string(),
+            })
+            .collect();
+        for (s, round) in r.samples.iter_mut().zip([1, 1, 1, 2, 2, 2]) {
+            s.round = round;
+        }
+        let table = r.table();
+        assert!(
+            table.contains("| stromd-pol | s | **1.51** (1.50–1.52) |"),
+            "{table}"
+        );
+        // Medians 1.51 over 1.55; the rounds' own ratios 0.95 and 1.00.
+        assert!(
+            table.contains("| stromd-pol / stromd | | 0.97× (0.95–1.00) |"),
+            "{table}"
+        );
+        assert!(table.contains("| stromd / kernel | |"), "{table}");
+        // Neither the inverse nor stromd-pol against the other peers.
+        assert!(!table.contains("| stromd / stromd-pol |"), "{table}");
+        assert!(!table.contains("| stromd-pol / kernel |"), "{table}");
+        assert_eq!(table.matches(" / ").count(), 2, "{table}");
     }
 
     #[test]
