@@ -211,6 +211,20 @@ impl Lab {
         }
     }
 
+    /// `strom-lab apply` of `manifest` (YAML): its stdout and stderr; panics when it fails.
+    pub fn apply(&self, manifest: &str) -> (String, String) {
+        let m = std::env::temp_dir().join(format!("{}-apply.yaml", self.prefix));
+        std::fs::write(&m, manifest).unwrap();
+        let o = sh(self.cmd().arg("apply").arg(&m));
+        let _ = std::fs::remove_file(&m);
+        let (out, err) = (
+            String::from_utf8_lossy(&o.stdout).to_string(),
+            String::from_utf8_lossy(&o.stderr).to_string(),
+        );
+        assert!(o.status.success(), "strom-lab apply: {out}{err}");
+        (out, err)
+    }
+
     /// A strom-lab command on this lab.
     pub fn cmd(&self) -> Command {
         let mut c = Command::new(bin_dir().join("strom-lab"));

@@ -146,20 +146,6 @@ fn np(ns: &str, name: &str, spec: &str) -> String {
     )
 }
 
-/// `strom-lab apply` of `manifest`: its stdout and stderr.
-fn apply(lab: &Lab, manifest: &str) -> (String, String) {
-    let m = std::env::temp_dir().join(format!("{}-apply.yaml", lab.prefix));
-    std::fs::write(&m, manifest).unwrap();
-    let o = sh(lab.cmd().arg("apply").arg(&m));
-    let _ = std::fs::remove_file(&m);
-    let (out, err) = (
-        String::from_utf8_lossy(&o.stdout).to_string(),
-        String::from_utf8_lossy(&o.stderr).to_string(),
-    );
-    assert!(o.status.success(), "strom-lab apply: {out}{err}");
-    (out, err)
-}
-
 /// `strom-lab matrix --json`: every cell's observed reachability.
 fn observe(lab: &Lab) -> BTreeMap<Cell, bool> {
     let o = sh(lab.cmd().args(["matrix", "--json"]));
@@ -695,7 +681,7 @@ fn truth_table() {
     let all = cases(|k| lab.pod_ip(k));
     for c in &all {
         let t = Instant::now();
-        apply(&lab, &(base.clone() + &c.policies));
+        lab.apply(&(base.clone() + &c.policies));
         if let Some(f) = check(&lab, c.name, &c.want) {
             failures.push(f);
         }
@@ -719,7 +705,7 @@ fn changes_on_a_live_lab() {
     let lab = lab(&base, &[]);
     let mut failures = Vec::new();
     let mut step = |name: &str, manifest: String, want: Reach| {
-        apply(&lab, &manifest);
+        lab.apply(&manifest);
         if let Some(f) = check(&lab, name, &want) {
             failures.push(f);
         }
@@ -839,16 +825,16 @@ fn changes_on_a_live_lab() {
 }
 
 /// Established connections that a new policy denies are cut (stromd's choice, the secure
-/// one): the next packet of the connection is dropped, whether stromd tracked it (its
-/// answers would be denied on their own) or not. A connection the change leaves allowed
-/// keeps going.
+/// one): the next packet of the connection is dropped, whether its answers would be denied
+/// on their own or not. A connection the change leaves allowed keeps going, also when the
+/// change isolates its own pod against its answers (they are answers, not new flows).
 #[test]
 fn established_connections_a_new_policy_denies_are_cut() {
     let _g = net_lock();
     let base = namespaces(&[]) + &pods(&[]);
     let lab = lab(&base, &["--workers", "2"]);
-    // y/a accepts nothing (so its connection to x/a is tracked for its answers); x/a accepts
-    // y, then only z.
+    // y/a accepts nothing (its connection's answers are denied on their own); x/a accepts y,
+    // then only z.
     let y_closed = np(
         "y",
         "y-a-closed",
@@ -863,7 +849,7 @@ fn established_connections_a_new_policy_denies_are_cut() {
             ),
         )
     };
-    apply(&lab, &(base.clone() + &y_closed + &x_a_from("y")));
+    lab.apply(&(base.clone() + &y_closed + &x_a_from("y")));
     let _held: Vec<Proc> = ["x/a", "x/c"]
         .iter()
         .map(|p| hold_responder(&lab, p, 9000))
@@ -871,19 +857,31 @@ fn established_connections_a_new_policy_denies_are_cut() {
     lab.wait_listening("x/a", 9000);
     lab.wait_listening("x/c", 9000);
     let (xa, xc) = (lab.pod_ip("x/a"), lab.pod_ip("x/c"));
-    let tracked = Held::open(&lab, "y/a", &xa, 9000, 1);
-    let untracked = Held::open(&lab, "y/b", &xa, 9000, 1);
+    let answers_denied = Held::open(&lab, "y/a", &xa, 9000, 1);
+    let answers_allowed = Held::open(&lab, "y/b", &xa, 9000, 1);
+    let kept = Held::open(&lab, "y/c", &xc, 9000, 1);
     let other = Held::open(&lab, "y/a", &xc, 9000, 1);
-    for h in [&tracked, &untracked, &other] {
+    for h in [&answers_denied, &answers_allowed, &other, &kept] {
         assert!(h.first[0].is_some(), "allowed before the change");
     }
     let before = policy_status(&lab, "x/x-a-from");
-    apply(&lab, &(base.clone() + &y_closed + &x_a_from("z")));
+    // The change: x/a from z only, and y/c accepts nothing from now on.
+    let y_c_closed = np(
+        "y",
+        "y-c-closed",
+        "  podSelector: {matchLabels: {pod: c}}\n  policyTypes: [Ingress]\n",
+    );
+    lab.apply(&(base.clone() + &y_closed + &x_a_from("z") + &y_c_closed));
     let again = |h: Held| h.again().remove(0).0;
-    let r = again(tracked);
-    assert!(r.is_err(), "y/a's tracked connection to x/a is cut: {r:?}");
-    let r = again(untracked);
+    let r = again(answers_denied);
+    assert!(r.is_err(), "y/a's connection to x/a is cut: {r:?}");
+    let r = again(answers_allowed);
     assert!(r.is_err(), "y/b's connection to x/a is cut: {r:?}");
+    assert_eq!(
+        again(kept),
+        Ok("x/c".to_string()),
+        "y/c's connection to x/c keeps its answers though y/c now accepts nothing"
+    );
     assert_eq!(
         again(other),
         Ok("x/c".to_string()),
@@ -990,7 +988,7 @@ fn policy_flips_under_traffic() {
         &format!("  podSelector: {{matchLabels: {{pod: a}}}}\n  egress: [{{to: [{{ipBlock: {{cidr: {xa}/32}}}}, {{ipBlock: {{cidr: {xb}/32}}}}]}}]\n  policyTypes: [Ingress, Egress]\n"),
     );
     let file = |name: &str, manifest: String| {
-        apply(&lab, &(base.clone() + &manifest));
+        lab.apply(&(base.clone() + &manifest));
         let p = std::env::temp_dir().join(format!("{}-{name}.json", lab.prefix));
         std::fs::write(&p, programmed(&lab).to_string()).unwrap();
         p
@@ -1100,7 +1098,7 @@ fn rejected_policies_and_tools() {
         "y-from-x-on-80",
         "  podSelector: {}\n  ingress: [{from: [{namespaceSelector: {matchLabels: {ns: x}}}], ports: [{port: 80}]}]\n",
     );
-    let (out, err) = apply(&lab, &(base.clone() + &policies));
+    let (out, err) = lab.apply(&(base.clone() + &policies));
     for bad in ["x/bad-cidr", "x/bad-operator", "x/bad-port"] {
         assert!(
             out.contains(bad) || err.contains(bad),

@@ -145,20 +145,6 @@ fn probe(lab: &Lab, args: &[&str]) -> (Result<String, String>, Duration, i32) {
     (r, took, code)
 }
 
-/// `strom-lab apply` of `manifest`: its stdout and stderr.
-fn apply(lab: &Lab, manifest: &str) -> (String, String) {
-    let m = std::env::temp_dir().join(format!("{}-apply.yaml", lab.prefix));
-    std::fs::write(&m, manifest).unwrap();
-    let o = sh(lab.cmd().arg("apply").arg(&m));
-    let _ = std::fs::remove_file(&m);
-    let (out, err) = (
-        String::from_utf8_lossy(&o.stdout).to_string(),
-        String::from_utf8_lossy(&o.stderr).to_string(),
-    );
-    assert!(o.status.success(), "strom-lab apply: {out}{err}");
-    (out, err)
-}
-
 /// stromd's Service ports (`stromctl services`), by key (`ns/name:port`).
 fn service_ports(lab: &Lab) -> BTreeMap<String, Value> {
     lab.stromctl(&["services"])["services"]
@@ -334,7 +320,7 @@ fn removing_a_backend_resets_its_flows_and_moves_no_other() {
     assert_eq!(on.len(), 3, "held connections on every backend: {first:?}");
 
     // c leaves the Service (its pod still runs: its label no longer matches).
-    apply(&lab, &pods("app: gone"));
+    lab.apply(&pods("app: gone"));
     let again = held.again();
     for (f, (r, took)) in first.iter().zip(&again) {
         eprintln!("held on {f}: then {r:?} after {took:?}");
@@ -515,11 +501,11 @@ fn not_ready_pods_do_not_serve_and_terminating_ones_only_when_no_ready_one_is_le
         "only the ready pod serves (b not ready, c terminating)"
     );
     // a not ready: the terminating but still serving c takes over; b never.
-    apply(&lab, &m(false, true));
+    lab.apply(&m(false, true));
     let by = answered_by(&lab, "t/client", "198.19.0.10", 80, "tcp", 20, &cl);
     assert_eq!(by.keys().collect::<Vec<_>>(), ["t/c"], "{by:?}");
     // c no longer serving either: nothing is left, connections are refused.
-    apply(&lab, &m(false, false));
+    lab.apply(&m(false, false));
     let (r, took, _) = probe(&lab, &["--from", "t/client", "--to", "t/web"]);
     assert!(
         r.as_ref().is_err_and(|e| e.contains("refused")) && took < Duration::from_millis(500),
@@ -649,7 +635,7 @@ fn a_malformed_service_is_refused_alone_with_its_reason() {
         "good2",
         "  clusterIP: 198.19.0.12\n  selector: {app: web}\n  ports: [{port: 81, targetPort: 80}]\n",
     );
-    let (out, err) = apply(&lab, &(good + &bad));
+    let (out, err) = lab.apply(&(good + &bad));
     for name in ["badport", "badproto", "badip"] {
         let line = err
             .lines()
@@ -815,10 +801,7 @@ fn the_nodes_own_sockets_reach_cluster_ips_and_node_ports_and_see_the_service_ad
     );
     // A Service removed: its address is no longer given a backend (the node's sockets reach
     // it as any other address: nothing answers there).
-    apply(
-        &lab,
-        &(pod("a", "app: web", &ports, "", "") + &pod("b", "app: web", &ports, "", "")),
-    );
+    lab.apply(&(pod("a", "app: web", &ports, "", "") + &pod("b", "app: web", &ports, "", "")));
     let (r, _, _) = probe(
         &lab,
         &[

@@ -238,10 +238,12 @@ pub fn stage(
     };
     // A connection from outside to a pod of this worker: tracked, so that the pod's answers
     // are not taken for new connections leaving the cluster (masquerade); a pod of another
-    // worker is tracked there when the frame reaches it. A flow whose answers the policies
-    // would deny: tracked here, where it started.
+    // worker is tracked there when the frame reaches it. With policies on the node, every
+    // flow a pod starts is tracked here, where it started: its answers pass even when a
+    // later change isolates the pod against them, and a change that denies the flow itself
+    // cuts it (`recheck`).
     let own = port.kind == PortKind::Pod || inbound;
-    if own && (inbound || answers_denied(t, &key)) {
+    if own && (inbound || !t.policy.is_empty()) {
         let seen = Seen {
             tcp_flags,
             sctp_end,

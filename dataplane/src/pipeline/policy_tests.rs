@@ -132,7 +132,7 @@ fn an_allowed_flow_passes_and_a_rule_for_one_port_opens_no_other() {
         Action::Drop(DropReason::PolicyDenied),
         "a TCP rule opens no UDP"
     );
-    // A is not isolated for egress: its answers pass without an entry.
+    // The answer passes (as the connection's, tracked while the node has a policy).
     let (a, _) = run(
         &tcp(A_MAC, (A, 80), (B, 40000), false),
         &port_a(),
@@ -140,11 +140,7 @@ fn an_allowed_flow_passes_and_a_rule_for_one_port_opens_no_other() {
         &mut ctx,
     );
     assert!(matches!(a, Action::Tx { port: 1, .. }), "{a:?}");
-    assert_eq!(
-        ctx.ct.len(),
-        0,
-        "nothing to remember: no answer would be denied"
-    );
+    assert_eq!(ctx.ct.len(), 1, "the allowed connection is tracked");
 }
 
 #[test]
@@ -417,4 +413,41 @@ fn drops_counted_per_group_reach_every_selecting_policy_once_folded() {
     let (a, _) = run(&syn, &port_b(), &t, &mut ctx);
     assert_eq!(a, Action::Drop(DropReason::PolicyDenied));
     assert_eq!(ctx.policy_counts(), &[[4, 0], [4, 0]]);
+}
+
+#[test]
+fn a_connection_started_under_other_policies_keeps_its_answers_when_its_pod_is_isolated() {
+    let mut t = pods(0);
+    // A policy on the node, selecting neither A nor B: A's connection to B is tracked all the
+    // same.
+    apply(
+        &mut t,
+        &isolate([198, 18, 16, 9], Direction::Ingress, vec![]),
+        1,
+    );
+    let mut ctx = Context::default();
+    let (a, _) = run(
+        &tcp(A_MAC, (A, 40000), (B, 80), true),
+        &port_a(),
+        &t,
+        &mut ctx,
+    );
+    assert!(matches!(a, Action::Tx { .. }), "{a:?}");
+    assert_eq!(ctx.ct.len(), 1, "tracked while the node has a policy");
+    // Now A accepts nothing: B's answers still reach it, B's new connections do not.
+    apply(&mut t, &isolate(A, Direction::Ingress, vec![]), 2);
+    let (a, _) = run(
+        &tcp(B_MAC, (B, 80), (A, 40000), false),
+        &port_b(),
+        &t,
+        &mut ctx,
+    );
+    assert!(matches!(a, Action::Tx { .. }), "the answer: {a:?}");
+    let (a, _) = run(
+        &tcp(B_MAC, (B, 40001), (A, 80), true),
+        &port_b(),
+        &t,
+        &mut ctx,
+    );
+    assert_eq!(a, Action::Drop(DropReason::PolicyDenied));
 }

@@ -579,7 +579,7 @@ pub fn deliver(
     } = parsed
     {
         let inbound = t.node.masquerade && t.node.masquerades(hdr.src);
-        if inbound || policy::answers_denied(t, &key) {
+        if inbound || !t.policy.is_empty() {
             let seen = Seen {
                 tcp_flags,
                 sctp_end,
