@@ -172,6 +172,18 @@ static __always_inline int pick(struct front_key *key, struct front *f, struct b
 	*out = *be;
 	if (!f->affinity_s)
 		return 1;
+	/* The first choice is made once: several connects of the node racing to the same frontend
+	 * each picked at random, and the first to record its pick wins; the others take it. */
+	struct affinity first = {
+		.be = *out,
+		.id = f->id,
+		.expires_ns = now + (__u64)f->affinity_s * 1000000000ull,
+	};
+	if (bpf_map_update_elem(&sock_affinity, key, &first, BPF_NOEXIST) == 0)
+		return 1;
+	struct affinity *won = bpf_map_lookup_elem(&sock_affinity, key);
+	if (won && won->expires_ns > now && serves(f, &won->be, won->id))
+		*out = won->be;
 remember:;
 	struct affinity next = {
 		.be = *out,
