@@ -33,6 +33,11 @@ pub fn ips_text(ips: &[IpAddr]) -> String {
         .join(",")
 }
 
+/// The version of this contract. A peer sends it first ([`Request::Hello`]); stromd refuses a
+/// peer of another version with a clear error rather than misreading its requests. It changes
+/// whenever a request or response changes in a way an older peer would misread.
+pub const CONTRACT: u32 = 1;
+
 /// Where stromd listens unless configured otherwise.
 pub const DEFAULT_SOCKET: &str = "/run/strom/stromd.sock";
 
@@ -96,6 +101,9 @@ pub enum PortInterface {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum Request {
+    /// The first request of a long-lived peer (strom-control): the contract version it
+    /// speaks. Answered with stromd's ([`Response::Hello`]), or refused when they differ.
+    Hello { contract: u32 },
     /// Is the dataplane up and able to take ports?
     Status,
     /// Register a pod port (idempotent for the same spec).
@@ -245,6 +253,14 @@ pub struct RouteEntry {
 #[serde(tag = "result", rename_all = "snake_case")]
 pub enum Response {
     Ok,
+    Hello {
+        contract: u32,
+        /// stromd's version.
+        version: String,
+        /// Changes on every start of stromd: a peer that sees it change knows stromd's
+        /// tables started empty again.
+        instance: u64,
+    },
     Status(StatusInfo),
     Port(Box<PortStatus>),
     Ports {

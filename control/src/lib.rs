@@ -13,8 +13,13 @@
 //!
 //! The objects are k8s-openapi's, so the same code serves objects from an API server later.
 
+pub mod cluster;
 pub mod manifests;
+pub mod metrics;
+pub mod node;
 pub mod policy;
+pub mod program;
+pub mod source;
 pub mod translate;
 
 pub use k8s_openapi;

@@ -6,6 +6,8 @@
 //! command does.
 #![deny(unsafe_code)]
 
+pub mod k8s;
+
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, ChildStdout, Command, Output, Stdio};
@@ -79,7 +81,13 @@ pub fn bin_dir() -> PathBuf {
         .and_then(Path::parent)
         .expect("target/<profile>")
         .to_path_buf();
-    for b in ["stromd", "strom-cni", "strom-lab", "stromctl"] {
+    for b in [
+        "stromd",
+        "strom-cni",
+        "strom-lab",
+        "stromctl",
+        "strom-control",
+    ] {
         assert!(
             dir.join(b).is_file(),
             "{} missing: build the workspace first (cargo build --release --workspace)",
@@ -464,6 +472,120 @@ pub fn who(answer: &str) -> (String, String) {
         .map(|(ip, _)| ip.to_string())
         .unwrap_or_default();
     (name, client)
+}
+
+/// A long-running process (a control plane component, strom-control) logging to a file,
+/// which a test can stop, kill and start again; stopped by its id on drop.
+pub struct Daemon {
+    cmd: Command,
+    child: Option<Child>,
+    log: PathBuf,
+}
+
+impl Daemon {
+    /// Starts `cmd`, its output appended to `log`.
+    pub fn start(cmd: Command, log: &Path) -> Daemon {
+        let mut d = Daemon {
+            cmd,
+            child: None,
+            log: log.to_path_buf(),
+        };
+        d.spawn();
+        d
+    }
+
+    /// Starts it (again).
+    pub fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap_or_else(|e| panic!("{}: {e}", self.log.display()));
+        let child = self
+            .cmd
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|e| panic!("{:?}: {e}", self.cmd));
+        self.child = Some(child);
+    }
+
+    /// SIGTERM, then SIGKILL after 10 s.
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = Command::new("kill").arg(c.id().to_string()).status();
+            let t = Instant::now();
+            while t.elapsed() < Duration::from_secs(10) {
+                if c.try_wait().ok().flatten().is_some() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGKILL, as a crash would.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// The last `n` lines of its log.
+    pub fn tail(&self, n: usize) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(n)..].join("\n")
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// `count` new connections (or UDP exchanges) from pod `from` to `ip:port` over `proto`
+/// (`strom-lab connect --lines`, 16 at a time): each answer (`NAME CLIENT:PORT`), or the
+/// line saying why there was none.
+pub fn connect_lines(
+    lab: &Lab,
+    from: &str,
+    ip: &str,
+    port: u16,
+    proto: &str,
+    timeout_ms: u64,
+    count: usize,
+) -> Vec<Result<String, String>> {
+    let o = lab.exec(
+        from,
+        &[
+            bin_dir().join("strom-lab").to_str().unwrap(),
+            "connect",
+            "--lines",
+            "--ip",
+            ip,
+            "--port",
+            &port.to_string(),
+            "--protocol",
+            proto,
+            "--timeout-ms",
+            &timeout_ms.to_string(),
+            "--count",
+            &count.to_string(),
+        ],
+    );
+    String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .map(|l| match l.split_once(' ') {
+            Some(("allow", a)) => Ok(a.to_string()),
+            _ => Err(l.to_string()),
+        })
+        .collect()
 }
 
 /// A process in a pod's namespace, stopped (by its id) on drop.

@@ -22,7 +22,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use serde_json::Value;
-use strom_tests::{bin_dir, hold_responder, net_lock, sh, Held, Lab, Proc};
+use strom_tests::{connect_lines, hold_responder, net_lock, sh, Held, Lab, Proc};
 
 const NAMESPACES: [&str; 3] = ["x", "y", "z"];
 const PODS: [&str; 3] = ["a", "b", "c"];
@@ -926,31 +926,9 @@ fn answered(
     count: usize,
     timeout_ms: u32,
 ) -> usize {
-    let o = lab.exec(
-        from,
-        &[
-            bin_dir().join("strom-lab").to_str().unwrap(),
-            "connect",
-            "--lines",
-            "--ip",
-            ip,
-            "--port",
-            &port.to_string(),
-            "--protocol",
-            proto,
-            "--timeout-ms",
-            &timeout_ms.to_string(),
-            "--count",
-            &count.to_string(),
-        ],
-    );
-    let text = String::from_utf8_lossy(&o.stdout);
-    assert_eq!(
-        text.lines().count(),
-        count,
-        "one line per connection: {text}"
-    );
-    text.lines().filter(|l| l.starts_with("allow ")).count()
+    let lines = connect_lines(lab, from, ip, port, proto, timeout_ms.into(), count);
+    assert_eq!(lines.len(), count, "one line per connection: {lines:?}");
+    lines.iter().filter(|l| l.is_ok()).count()
 }
 
 /// Policies flipped 1000 times between two sets while y/a connects to x/a (allowed by both,

@@ -10,21 +10,16 @@
 //! ```
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use strom_tests::{bin_dir, hold_responder, net_lock, sh, who, Held, Lab, Proc};
+use strom_tests::{connect_lines, hold_responder, net_lock, sh, who, Held, Lab, Proc};
 
 /// The pod gateway: what a pod reaching itself through its Service sees as the client.
 const GATEWAY: &str = "169.254.1.1";
 
 /// The lab node's address: what a backend sees as the client of the node's own sockets.
 const NODE: &str = "198.18.0.1";
-
-fn strom_lab() -> PathBuf {
-    bin_dir().join("strom-lab")
-}
 
 /// `Lab::up`, then waits (at most 10 s) until every pod's responder listens on its TCP and
 /// UDP ports: strom-lab starts them without waiting (read from each responder's
@@ -69,38 +64,11 @@ fn connect_many(
     proto: &str,
     count: usize,
 ) -> Vec<Result<(String, String), String>> {
-    let o = lab.exec(
-        from,
-        &[
-            strom_lab().to_str().unwrap(),
-            "connect",
-            "--lines",
-            "--ip",
-            ip,
-            "--port",
-            &port.to_string(),
-            "--protocol",
-            proto,
-            "--timeout-ms",
-            "2000",
-            "--count",
-            &count.to_string(),
-        ],
-    );
-    let text = String::from_utf8_lossy(&o.stdout);
-    let lines: Vec<_> = text
-        .lines()
-        .map(|l| match l.split_once(' ') {
-            Some(("allow", a)) => Ok(who(a)),
-            _ => Err(l.to_string()),
-        })
+    let lines: Vec<_> = connect_lines(lab, from, ip, port, proto, 2000, count)
+        .into_iter()
+        .map(|r| r.map(|a| who(&a)))
         .collect();
-    assert_eq!(
-        lines.len(),
-        count,
-        "one line per connection: {text}{}",
-        String::from_utf8_lossy(&o.stderr)
-    );
+    assert_eq!(lines.len(), count, "one line per connection: {lines:?}");
     lines
 }
 

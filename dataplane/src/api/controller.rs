@@ -85,6 +85,8 @@ pub struct Controller {
     health_checks: crate::healthcheck::HealthChecks,
     /// The node's own sockets' Services (`node.node_sockets`).
     node_sockets: Option<crate::node_sockets::NodeSockets>,
+    /// This start's identity, for peers to notice a restart (`Request::Hello`).
+    instance: u64,
 }
 
 /// What `open_port` needs to know.
@@ -222,6 +224,7 @@ impl Controller {
             bpf_vips: Default::default(),
             health_checks: Default::default(),
             node_sockets,
+            instance: instance_id(),
         }
     }
 
@@ -822,6 +825,19 @@ impl Controller {
     /// Answers one request.
     pub fn handle(&mut self, req: Request) -> Response {
         match req {
+            Request::Hello { contract } if contract == strom_api::CONTRACT => Response::Hello {
+                contract,
+                version: env!("CARGO_PKG_VERSION").into(),
+                instance: self.instance,
+            },
+            Request::Hello { contract } => Response::Error {
+                message: format!(
+                    "this peer speaks contract version {contract}, stromd {} speaks {}: run \
+                     matching versions of stromd and its peers",
+                    env!("CARGO_PKG_VERSION"),
+                    strom_api::CONTRACT
+                ),
+            },
             Request::Status => Response::Status({
                 let reason = super::health::not_ready(&self.workers);
                 StatusInfo {
@@ -946,6 +962,15 @@ impl Controller {
             }
         }
     }
+}
+
+/// What tells this start of stromd from any other (`Response::Hello::instance`): the start
+/// time in nanoseconds mixed with the process id.
+fn instance_id() -> u64 {
+    let ns = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    ns ^ (u64::from(std::process::id()) << 48)
 }
 
 /// How a port's sockets bound, as `PortStatus::xsk_mode` names it.

@@ -267,6 +267,14 @@ fn main() -> anyhow::Result<()> {
     }
     match resp {
         Response::Ok => say!(out, "ok"),
+        Response::Hello {
+            contract,
+            version,
+            instance,
+        } => say!(
+            out,
+            "contract {contract}, stromd {version}, instance {instance}"
+        ),
         Response::Status(s) => {
             say!(out, "ready:     {}", s.ready);
             if let Some(r) = &s.reason {

@@ -1,0 +1,139 @@
+//! A directory of manifests as the source (what runs without an API server): the objects of
+//! every `*.yaml`, `*.yml` and `*.json` file in it, with what the cluster's controllers
+//! would add ([`crate::manifests::resolve`]: defaulting, ClusterIPs and NodePorts kept from
+//! one reading to the next, EndpointSlices derived from the pods for Services that have
+//! none). The directory is read again whenever a file in it changes; each reading replaces
+//! every kind at once, as a relist does, so only what changed reaches stromd.
+//!
+//! Changes are noticed by looking at the files' names, sizes and modification times every
+//! `interval` rather than through inotify: a Kubernetes ConfigMap volume (the way a
+//! DaemonSet gets such a directory) replaces its files by swapping a symlink, which
+//! inotify watches on the files do not see, and a look at a few files costs nothing.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+use super::{Change, Driver, Report};
+use crate::cluster::{Kind, Object};
+use crate::manifests::{resolve, Allocations, Objects, Settings};
+
+/// One reading's view of the directory: (file, size, modified).
+type Fingerprint = Vec<(PathBuf, u64, Option<SystemTime>)>;
+
+fn fingerprint(dir: &Path) -> std::io::Result<Fingerprint> {
+    let mut files = Vec::new();
+    for e in std::fs::read_dir(dir)? {
+        let p = e?.path();
+        if matches!(
+            p.extension().and_then(|e| e.to_str()),
+            Some("yaml" | "yml" | "json")
+        ) {
+            // Follows symlinks: a ConfigMap volume's files are links into its data.
+            let m = std::fs::metadata(&p)?;
+            files.push((p, m.len(), m.modified().ok()));
+        }
+    }
+    files.sort();
+    Ok(files)
+}
+
+/// Reads the directory into changes, one full list per kind; what cannot be read is
+/// reported and left out. `allocations` carries the addresses and ports given to Services
+/// from one reading to the next.
+pub fn read<R: Report>(
+    dir: &Path,
+    settings: &Settings,
+    allocations: &mut Allocations,
+    report: &mut R,
+) -> Result<Vec<Change>, crate::manifests::load::LoadError> {
+    let objects = Objects::load(dir)?;
+    for bad in &objects.invalid {
+        report.rejected(kind_of(&bad.what), &bad.to_string());
+    }
+    let r = resolve(
+        &objects.services,
+        &objects.endpoint_slices,
+        &objects.pods,
+        settings,
+        allocations,
+    );
+    for e in &r.skipped {
+        report.rejected(Kind::Service, &e.to_string());
+    }
+    *allocations = r.allocations;
+    Ok(vec![
+        Change::Listed(
+            Kind::Namespace,
+            objects
+                .namespaces
+                .into_iter()
+                .map(Object::Namespace)
+                .collect(),
+        ),
+        Change::Listed(
+            Kind::Pod,
+            objects.pods.into_iter().map(Object::Pod).collect(),
+        ),
+        Change::Listed(
+            Kind::NetworkPolicy,
+            objects
+                .network_policies
+                .into_iter()
+                .map(Object::NetworkPolicy)
+                .collect(),
+        ),
+        Change::Listed(
+            Kind::EndpointSlice,
+            r.endpoint_slices
+                .into_iter()
+                .map(Object::EndpointSlice)
+                .collect(),
+        ),
+        Change::Listed(
+            Kind::Service,
+            r.services.into_iter().map(Object::Service).collect(),
+        ),
+    ])
+}
+
+/// The kind an unreadable object was meant to be (`Kind namespace/name`), for the report.
+fn kind_of(what: &str) -> Kind {
+    let name = what.split_whitespace().next().unwrap_or_default();
+    Kind::ALL
+        .into_iter()
+        .find(|k| k.name() == name)
+        .unwrap_or(Kind::Service)
+}
+
+/// Feeds `driver` from `dir` forever: read now, then again whenever its files change. An
+/// unreadable directory is reported and tried again; the last good reading stays in force.
+pub fn run<R: Report>(
+    dir: &Path,
+    settings: &Settings,
+    driver: &mut Driver<R>,
+    interval: Duration,
+) -> ! {
+    let mut allocations = Allocations::default();
+    let mut seen: Option<Fingerprint> = None;
+    loop {
+        match fingerprint(dir) {
+            Ok(f) if seen.as_ref() != Some(&f) => {
+                match read(dir, settings, &mut allocations, driver.report()) {
+                    Ok(changes) => {
+                        for c in changes {
+                            driver.change(c);
+                        }
+                        driver.flush();
+                        seen = Some(f);
+                    }
+                    Err(e) => driver.report().unreadable(&e.to_string()),
+                }
+            }
+            Ok(_) => {}
+            Err(e) => driver
+                .report()
+                .unreadable(&format!("{}: {e}", dir.display())),
+        }
+        std::thread::sleep(interval);
+    }
+}
