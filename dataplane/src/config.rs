@@ -123,6 +123,10 @@ pub struct DataplaneSection {
     /// stromd stops, and the node's kernel then sees the pods' frames).
     #[serde(default = "default_pin_dir")]
     pub bpf_pin_dir: PathBuf,
+    /// Where `/metrics` (Prometheus), `/healthz` and `/readyz` are served over HTTP, e.g.
+    /// "127.0.0.1:9101". Unset: not served.
+    #[serde(default)]
+    pub metrics_addr: Option<std::net::SocketAddr>,
 }
 
 /// The whole file.
@@ -184,6 +188,7 @@ fn default_dataplane() -> DataplaneSection {
         api_socket: default_socket(),
         state_dir: default_state(),
         bpf_pin_dir: default_pin_dir(),
+        metrics_addr: None,
     }
 }
 

@@ -17,6 +17,8 @@ use crate::manifest::{Manifests, PodDecl};
 /// The lab's addresses (RFC 2544 benchmark range).
 pub const NODE_ADDR: &str = "198.18.0.1";
 pub const EXT_ADDR: &str = "198.18.0.2";
+/// stromd's metrics port, on 127.0.0.1 of the node's namespace (each lab has its own).
+pub const STROMD_METRICS_PORT: u16 = 9101;
 const CONFLIST: &str = include_str!("../../configs/10-strom.conflist");
 
 /// Settings of a lab.
@@ -369,7 +371,7 @@ impl State {
         ip(&["-n", &ext, "route", "add", &s.pod_cidr, "via", NODE_ADDR])?;
         run(in_ns(&ext, "ethtool").args(["-K", "eth0", "tx", "off", "tso", "off", "gso", "off"]))?;
         let cfg = format!(
-            "[node]\naddresses = [\"{NODE_ADDR}\"]\npod_cidr = \"{}\"\nuplink = \"uplink\"\nuplink_gateway = \"{EXT_ADDR}\"\nnode_cgroup = \"{}\"\n\n[dataplane]\nworkers = {}\ncores = {:?}\npoll_mode = \"{}\"\napi_socket = \"{}\"\nstate_dir = \"{}\"\nbpf_pin_dir = \"{}\"\n",
+            "[node]\naddresses = [\"{NODE_ADDR}\"]\npod_cidr = \"{}\"\nuplink = \"uplink\"\nuplink_gateway = \"{EXT_ADDR}\"\nnode_cgroup = \"{}\"\n\n[dataplane]\nworkers = {}\ncores = {:?}\npoll_mode = \"{}\"\napi_socket = \"{}\"\nstate_dir = \"{}\"\nbpf_pin_dir = \"{}\"\nmetrics_addr = \"127.0.0.1:{}\"\n",
             s.pod_cidr,
             node_cgroup(&s.prefix).display(),
             s.workers,
@@ -377,7 +379,8 @@ impl State {
             s.poll_mode,
             s.socket().display(),
             s.dir.join("stromd-state").display(),
-            pin_dir(&s.prefix).display()
+            pin_dir(&s.prefix).display(),
+            STROMD_METRICS_PORT
         );
         let cfg = match s.conntrack_max {
             Some(n) => format!("{cfg}conntrack_max = {n}\n"),
@@ -392,6 +395,7 @@ impl State {
     }
 
     /// Starts stromd in the node namespace and waits until it answers.
+    /// (Its metrics are on 127.0.0.1:[`STROMD_METRICS_PORT`] of the node's namespace.)
     pub fn start_stromd(&mut self) -> anyhow::Result<()> {
         let s = self.settings.clone();
         // Not `in_ns`: stromd pins its workers to their cores itself.

@@ -286,6 +286,18 @@ fn services_and_policies_from_a_real_api_server() {
         "the programming latency is measured"
     );
     assert_eq!(control.http("/healthz").0, 200);
+    // A peer of another contract version is refused with both versions named.
+    let mut peer = strom_api::Client::connect(lab.socket(), Duration::from_secs(5)).unwrap();
+    match peer.call(&strom_api::Request::Hello {
+        contract: strom_api::CONTRACT + 1,
+    }) {
+        Err(strom_api::ClientError::Refused(m)) => assert!(
+            m.contains(&format!("contract version {}", strom_api::CONTRACT + 1))
+                && m.contains(&format!("speaks {}", strom_api::CONTRACT)),
+            "{m}"
+        ),
+        other => panic!("a peer of another contract version was not refused: {other:?}"),
+    }
     assert_eq!(control.http("/readyz").0, 200);
 
     // A pod turning not ready leaves the Service.
@@ -321,6 +333,43 @@ fn services_and_policies_from_a_real_api_server() {
         from_x.iter().all(Result::is_ok),
         "x/d is allowed: {from_x:?}"
     );
+    // stromd's own metrics (Prometheus, in the node's namespace): the Service's flows, the
+    // policy's drops, conntrack.
+    let m = lab.exec(
+        "node",
+        &[
+            "curl",
+            "-sS",
+            "--max-time",
+            "2",
+            "http://127.0.0.1:9101/metrics",
+        ],
+    );
+    let text = String::from_utf8_lossy(&m.stdout);
+    let value = |series: &str| -> f64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(series))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("{series} missing in stromd's metrics:\n{text}"))
+    };
+    assert!(value("strom_service_flows_total{service=\"x/web:http\"}") > 0.0);
+    assert!(value("strom_policy_drops_total{policy=\"x/web-from-x\",direction=\"ingress\"}") > 0.0);
+    assert!(value("strom_conntrack_entries") > 0.0);
+    assert_eq!(value("strom_ready"), 1.0);
+    let ready = lab.exec(
+        "node",
+        &[
+            "curl",
+            "-sS",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "http://127.0.0.1:9101/readyz",
+        ],
+    );
+    assert_eq!(String::from_utf8_lossy(&ready.stdout), "200");
+
     // A label change on the client re-selects at once: y/c is not in x, so only a
     // namespace label can let it in.
     cp.apply(&web_from(
@@ -378,7 +427,10 @@ fn restarts_of_strom_control_stromd_and_the_api_server() {
     let (answered, failed) = traffic.stop();
     assert!(
         answered > 0 && failed.is_empty(),
-        "{answered} answered, failed across the strom-control restart: {failed:?}"
+        "{answered} answered, failed across the strom-control restart: {failed:?}\n\
+         stromd's drops: {}\n--- strom-control\n{}",
+        lab.stromctl(&["stats"])["workers"],
+        control.log_tail()
     );
 
     // stromd restarted: it starts without Services; strom-control notices the new start and

@@ -4,9 +4,11 @@
 //! - [`controller`]: the registry and every change to it, one request at a time.
 //! - [`health`]: whether every worker's loop is moving (`status`).
 //! - [`server`]: the Unix socket, many clients at once, each in its own thread.
+//! - [`metrics`]: the Prometheus endpoint, a client of the controller like the others.
 
 mod controller;
 pub mod health;
+pub mod metrics;
 pub mod server;
 
 pub use controller::{Controller, MAX_PORTS};

@@ -202,17 +202,18 @@ pub fn bind(path: &Path, _lock: &ApiLock) -> Result<UnixListener, BindError> {
 }
 
 /// What reaches the controller.
-enum Msg {
+pub(super) enum Msg {
     Request(Request, Sender<Response>),
     Stop,
 }
 
-/// Serves the API on `listener` until `stop` is set (and `wake` becomes readable: the signal
+/// Serves the API on `listener` (and the metrics endpoint on `metrics`) until `stop` is set (and `wake` becomes readable: the signal
 /// handlers write to it). The controller runs on this thread; requests come from the
 /// connection threads. Between requests it sleeps until one comes or its upkeep is due.
 pub fn serve(
     listener: UnixListener,
     path: &Path,
+    metrics: Option<std::net::TcpListener>,
     ctl: &mut Controller,
     stop: &AtomicBool,
     wake: UnixStream,
@@ -227,6 +228,15 @@ pub fn serve(
                 let _ = std::io::Read::read(&mut &wake, &mut b);
                 let _ = tx.send(Msg::Stop);
             })?;
+    }
+    if let Some(m) = metrics {
+        let tx = tx.clone();
+        if let Ok(a) = m.local_addr() {
+            tracing::info!(addr = %a, "serving /metrics, /healthz, /readyz");
+        }
+        std::thread::Builder::new()
+            .name("strom-metrics".into())
+            .spawn(move || super::metrics::serve(m, tx))?;
     }
     let conns = Arc::new(AtomicUsize::new(0));
     std::thread::Builder::new()
@@ -397,7 +407,7 @@ fn connection(s: UnixStream, tx: &Sender<Msg>) -> std::io::Result<()> {
 }
 
 /// Hands a request to the controller and waits for its answer, bounded.
-fn ask(tx: &Sender<Msg>, req: Request) -> Response {
+pub(super) fn ask(tx: &Sender<Msg>, req: Request) -> Response {
     let (reply, answer) = crossbeam_channel::bounded(1);
     if tx.send(Msg::Request(req, reply)).is_err() {
         return Response::Error {

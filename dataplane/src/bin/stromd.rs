@@ -75,6 +75,9 @@ struct Args {
     /// Where the XDP links are pinned; empty: not pinned (dataplane.bpf_pin_dir).
     #[arg(long)]
     bpf_pin_dir: Option<PathBuf>,
+    /// Where /metrics, /healthz and /readyz are served (dataplane.metrics_addr).
+    #[arg(long)]
+    metrics_addr: Option<std::net::SocketAddr>,
     /// Log filter (tracing EnvFilter syntax), e.g. info or strom_dataplane=debug.
     #[arg(long, default_value = "info", env = "STROM_LOG")]
     log: String,
@@ -135,6 +138,9 @@ fn main() -> anyhow::Result<()> {
     }
     if let Some(v) = args.bpf_pin_dir.clone() {
         cfg.dataplane.bpf_pin_dir = v;
+    }
+    if let Some(v) = args.metrics_addr {
+        cfg.dataplane.metrics_addr = Some(v);
     }
     cfg.validate()?;
     // A second stromd must not take the node's interfaces from a live one: refuse before
@@ -249,6 +255,13 @@ fn main() -> anyhow::Result<()> {
     } else {
         None
     };
+    let metrics = match cfg.dataplane.metrics_addr {
+        Some(addr) => Some(
+            std::net::TcpListener::bind(addr)
+                .with_context(|| format!("dataplane.metrics_addr {addr}"))?,
+        ),
+        None => None,
+    };
     let mut ctl = Controller::new(cfg, xdp, node_sockets, tables, shared);
     if let Some((ifname, gateway)) = uplink {
         if let Err(e) = ctl.add_uplink(&ifname, gateway) {
@@ -267,7 +280,7 @@ fn main() -> anyhow::Result<()> {
     ctl.restore();
     let served = match bind(&socket, &api_lock) {
         Ok(listener) => {
-            serve(listener, &socket, &mut ctl, &stop, wake).map_err(anyhow::Error::from)
+            serve(listener, &socket, metrics, &mut ctl, &stop, wake).map_err(anyhow::Error::from)
         }
         Err(e) => Err(e.into()),
     };
