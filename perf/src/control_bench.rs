@@ -103,7 +103,7 @@ fn main() -> anyhow::Result<()> {
     let slices = measure(&cp, &log, a.changes, |i| {
         change_slice(&cp, i % a.services, i)
     })?;
-    let labels = measure(&cp, &log, a.changes.min(20), |i| change_pod(&cp, &node, i))?;
+    let labels = measure(&cp, &log, a.changes.min(20), |i| change_pod(&cp, a.pods, i))?;
 
     println!(
         "| strom-control at scale ({} Services × {} endpoints, {} Pods, {} NetworkPolicies, {NODES} nodes) | value |",
@@ -272,10 +272,10 @@ fn change_slice(cp: &ControlPlane, service: usize, i: usize) -> anyhow::Result<S
     Ok(format!("\"{ns}/{name}\""))
 }
 
-/// Change `i`: a pod of the lab's node gets a label the policies select by.
-fn change_pod(cp: &ControlPlane, _node: &str, i: usize) -> anyhow::Result<String> {
+/// Change `i`: a pod of the lab's node (of `pods`) gets a label the policies select by.
+fn change_pod(cp: &ControlPlane, pods: usize, i: usize) -> anyhow::Result<String> {
     // Pods p0, p100, ... are on the lab's node.
-    let p = (i * NODES) % 10_000;
+    let p = (i * NODES) % pods.max(1);
     let ns = format!("bench-{}", p % NAMESPACES);
     let api = Api::<Pod>::namespaced(cp.client(), &ns);
     cp.rt.block_on(async {

@@ -1,7 +1,8 @@
 //! A real Kubernetes control plane on loopback for the tests, as controller-runtime's envtest
 //! runs one: etcd, kube-apiserver and kube-controller-manager (for the real EndpointSlice
 //! controller), built from source by `scripts/k8s-bins` (cached after the first build), no
-//! kubelet and no scheduler. Stopped (by process id) and its files removed on drop.
+//! kubelet and no scheduler. Stopped (by process id) on drop; its files (logs, etcd data) are
+//! removed then, except after a failure, to be read.
 //!
 //! Tests reach it through [`ControlPlane::client`] (kube-rs, admin token) and hand
 //! [`ControlPlane::kubeconfig`] to strom-control, which gets a token with read access only

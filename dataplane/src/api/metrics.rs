@@ -1,7 +1,8 @@
 //! stromd's Prometheus endpoint (`dataplane.metrics_addr`): `/metrics`, `/healthz`,
 //! `/readyz` over HTTP, served by a thread of its own that asks the controller for its
-//! counters as an API client does, so a scrape never touches the workers and waits only for
-//! the requests ahead of it.
+//! counters as an API client does (the workers answer their parts between batches). The
+//! `services` answer walks every tracked flow on the controller thread: with many flows a
+//! scrape holds other API clients up that long.
 //!
 //! | metric | type | labels |
 //! |---|---|---|
