@@ -14,6 +14,14 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 
+/// Whether a directory's file is read as manifests: `*.yaml`, `*.yml`, `*.json`.
+pub fn is_manifest(path: &Path) -> bool {
+    matches!(
+        path.extension().and_then(|e| e.to_str()),
+        Some("yaml" | "yml" | "json")
+    )
+}
+
 /// An object that could not be used.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{origin}: {what}: {reason}")]
@@ -64,10 +72,7 @@ impl Objects {
         if path.is_dir() {
             for e in std::fs::read_dir(path).map_err(err(path))? {
                 let p = e.map_err(err(path))?.path();
-                if matches!(
-                    p.extension().and_then(|e| e.to_str()),
-                    Some("yaml" | "yml" | "json")
-                ) {
+                if is_manifest(&p) {
                     files.push(p);
                 }
             }

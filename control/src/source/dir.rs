@@ -15,6 +15,7 @@ use std::time::{Duration, SystemTime};
 
 use super::{Change, Driver, Report};
 use crate::cluster::{Kind, Object};
+use crate::manifests::load::is_manifest;
 use crate::manifests::{resolve, Allocations, Objects, Settings};
 
 /// One reading's view of the directory: (file, size, modified).
@@ -24,10 +25,7 @@ fn fingerprint(dir: &Path) -> std::io::Result<Fingerprint> {
     let mut files = Vec::new();
     for e in std::fs::read_dir(dir)? {
         let p = e?.path();
-        if matches!(
-            p.extension().and_then(|e| e.to_str()),
-            Some("yaml" | "yml" | "json")
-        ) {
+        if is_manifest(&p) {
             // Follows symlinks: a ConfigMap volume's files are links into its data.
             let m = std::fs::metadata(&p)?;
             files.push((p, m.len(), m.modified().ok()));
