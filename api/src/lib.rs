@@ -126,8 +126,23 @@ pub enum Request {
     SetService { service: ServiceSpec },
     /// Removes a Service; succeeds when it is already gone.
     RemoveService { namespace: String, name: String },
-    /// Every Service port with its frontends, backends and counters.
-    Services,
+    /// Many Services at once (a peer's whole round, or a large part of it): the Services
+    /// `remove`d (`namespace/name`; gone already is fine), then those `set`, each as
+    /// `SetService` would, published to the workers as one new table. Each one refused is
+    /// refused alone and named with its reason in [`Response::Applied`]; the rest is applied.
+    SetServices {
+        #[serde(default)]
+        set: Vec<ServiceSpec>,
+        #[serde(default)]
+        remove: Vec<String>,
+    },
+    /// Every Service port with its frontends, backends and counters. `counters_only` leaves
+    /// out the flows tracked to each backend, which stromd counts by walking every tracked
+    /// flow (what a metrics scrape asks: the per-port counters are kept as they go).
+    Services {
+        #[serde(default)]
+        counters_only: bool,
+    },
     /// Tracked flows matching the filter (`count_only`: just how many).
     Conntrack {
         #[serde(default)]
@@ -253,6 +268,11 @@ pub struct RouteEntry {
 #[serde(tag = "result", rename_all = "snake_case")]
 pub enum Response {
     Ok,
+    /// The answer to `SetServices`: the Services refused (`namespace/name`, why); all the
+    /// others were applied.
+    Applied {
+        refused: Vec<(String, String)>,
+    },
     Hello {
         contract: u32,
         /// stromd's version.
@@ -260,6 +280,13 @@ pub enum Response {
         /// Changes on every start of stromd: a peer that sees it change knows stromd's
         /// tables started empty again.
         instance: u64,
+        /// How many changes to the Service and policy tables this start of stromd has
+        /// applied (`SetService`, `RemoveService`, `SetPolicies` answered without error).
+        /// A peer that counts its own changes and finds another figure knows some other
+        /// client changed the tables, or that a change it sent without an answer was
+        /// applied after all: it lists and sets what it wants again.
+        #[serde(default)]
+        generation: u64,
     },
     Status(StatusInfo),
     Port(Box<PortStatus>),

@@ -8,8 +8,9 @@
 //! | `strom_control_rejected_objects_total{kind}` | counter | objects left out of the tables as malformed |
 //! | `strom_control_services_programmed_total{op}` | counter | Services set and removed in stromd, and refused by it |
 //! | `strom_control_policy_sets_programmed_total` | counter | policy sets given to stromd |
+//! | `strom_control_policy_sets_refused_total` | counter | policy sets stromd refused (it keeps the one it had) |
 //! | `strom_control_stromd_errors_total` | counter | failed attempts to reach or greet stromd |
-//! | `strom_control_stromd_syncs_total` | counter | full syncs (a new stromd met) |
+//! | `strom_control_stromd_syncs_total` | counter | full syncs (a new stromd met, or its tables changed by another client) |
 //!
 //! Ready (`/readyz` 200) once every kind has been listed and stromd has acknowledged the
 //! tables since; not ready while stromd cannot be reached. `/healthz` is 200 while the
@@ -27,7 +28,7 @@ use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
 use crate::cluster::Kind;
-use crate::program::{Observer, Round};
+use crate::program::{Observer, Resync, Round};
 use crate::source::Report;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -49,6 +50,7 @@ pub struct Metrics {
     rejected: Family<KindLabel, Counter>,
     services: Family<OpLabel, Counter>,
     policy_sets: Counter,
+    policy_sets_refused: Counter,
     stromd_errors: Counter,
     stromd_syncs: Counter,
     /// Every kind listed, and stromd has acknowledged since.
@@ -69,6 +71,7 @@ impl Metrics {
             rejected: Family::default(),
             services: Family::default(),
             policy_sets: Counter::default(),
+            policy_sets_refused: Counter::default(),
             stromd_errors: Counter::default(),
             stromd_syncs: Counter::default(),
             programmed: AtomicBool::new(false),
@@ -101,13 +104,18 @@ impl Metrics {
             m.policy_sets.clone(),
         );
         r.register(
+            "policy_sets_refused",
+            "NetworkPolicy sets stromd refused (it keeps the one it had)",
+            m.policy_sets_refused.clone(),
+        );
+        r.register(
             "stromd_errors",
             "Failed attempts to reach or greet stromd",
             m.stromd_errors.clone(),
         );
         r.register(
             "stromd_syncs",
-            "Full syncs with stromd (a stromd start met)",
+            "Full syncs with stromd (a stromd start met, or its tables changed by another client)",
             m.stromd_syncs.clone(),
         );
         // The metric handles share their values with the registered clones.
@@ -183,6 +191,10 @@ impl Observer for Reporter {
         for (key, reason) in &round.refused {
             tracing::warn!(service = %key, %reason, "stromd refused the Service");
         }
+        if let Some(reason) = &round.policies_refused {
+            m.policy_sets_refused.inc();
+            tracing::warn!(%reason, "stromd refused the policy set; it keeps the one it had");
+        }
         tracing::debug!(
             set = ?round.set,
             removed = ?round.removed,
@@ -200,10 +212,22 @@ impl Observer for Reporter {
         m.stromd_errors.inc();
     }
 
-    fn synced(&mut self, instance: u64) {
+    fn reached(&mut self) {
+        if !self.0.stromd_up.swap(true, Ordering::Relaxed) {
+            tracing::info!("stromd reached");
+        }
+    }
+
+    fn synced(&mut self, instance: u64, why: Resync) {
         self.0.stromd_up.store(true, Ordering::Relaxed);
         self.0.stromd_syncs.inc();
-        tracing::info!(instance, "met stromd: setting every table");
+        match why {
+            Resync::NewStart => tracing::info!(instance, "met stromd: setting every table"),
+            Resync::Diverged => tracing::warn!(
+                instance,
+                "stromd's tables were changed by another client: setting every table again"
+            ),
+        }
     }
 }
 

@@ -14,6 +14,16 @@
 //! and nothing wants are removed and everything wanted is set: after either side restarts
 //! they converge without touching the flows of Services that did not change. A heartbeat
 //! every [`HEARTBEAT`] notices a restarted stromd even when nothing changes.
+//!
+//! stromd numbers the changes it applies to its Service and policy tables (the greeting's
+//! `generation`); this side counts the changes it had acknowledged, and a greeting that
+//! finds another number means someone else changed the tables (a second writer, an
+//! operator's `stromctl`): everything is set again as for a new start ([`Resync`]). A
+//! request whose answer was lost is simply sent again, which stromd takes as a no-op when
+//! it was applied. What stromd refuses is offered again when it changes, when a Service is
+//! removed, after [`RETRY_REFUSED`], and at a resync; a refused Service keeps what stromd
+//! had for it, and a Service the source cannot translate ([`Desired::kept`]) is neither set
+//! nor removed.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
@@ -27,6 +37,11 @@ use crate::cluster::Desired;
 
 /// How often the programmer greets stromd when nothing changes.
 pub const HEARTBEAT: Duration = Duration::from_secs(1);
+/// How long a Service or policy set stromd refused waits before it is offered again
+/// unchanged: a refusal may be for room or an address that something else frees later.
+pub const RETRY_REFUSED: Duration = Duration::from_secs(10);
+/// Services a `SetServices` request carries at most (about 1 KB each with ten endpoints).
+const BATCH: usize = 1000;
 /// How long a request to stromd may take.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 /// Waits between attempts to reach stromd: doubling up to the last.
@@ -53,11 +68,24 @@ pub struct Round {
     pub set: Vec<String>,
     pub removed: Vec<String>,
     pub policies: bool,
-    /// Services stromd refused, with its reason: tried again when they change, or when
-    /// stromd restarts.
+    /// Services stromd refused, with its reason: offered again when they change, when a
+    /// Service is removed, after [`RETRY_REFUSED`], or when stromd restarts.
     pub refused: Vec<(String, String)>,
-    /// From the oldest change published to stromd's last acknowledgement.
+    /// Why stromd refused the policy set, if it did (offered again as Services are).
+    pub policies_refused: Option<String>,
+    /// From the oldest change published to stromd's last acknowledgement (none for a round
+    /// that only offered refused tables again).
     pub latency: Option<Duration>,
+}
+
+/// Why everything is being set again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Resync {
+    /// A stromd start not met before (or this side's first meeting).
+    NewStart,
+    /// The same stromd, whose tables changed in ways this side did not make or did not see
+    /// acknowledged (another client, or a request whose answer was lost).
+    Diverged,
 }
 
 /// What the programmer tells its owner.
@@ -66,8 +94,10 @@ pub trait Observer: Send + 'static {
     fn programmed(&mut self, round: &Round);
     /// stromd could not be reached or refused the contract.
     fn unreachable(&mut self, error: &str);
-    /// stromd was met (first, or after it restarted): everything is being set again.
-    fn synced(&mut self, instance: u64);
+    /// stromd answered a greeting on a new connection.
+    fn reached(&mut self);
+    /// Everything is being set again, and why.
+    fn synced(&mut self, instance: u64, why: Resync);
 }
 
 /// The owner's side.
@@ -106,23 +136,50 @@ pub fn detached() -> (Handle, Receiver<Publication>) {
 
 /// Starts the programmer thread for stromd at `socket`.
 pub fn spawn(socket: PathBuf, observer: impl Observer) -> std::io::Result<Handle> {
+    spawn_with(socket, observer, RETRY_REFUSED)
+}
+
+fn spawn_with(
+    socket: PathBuf,
+    observer: impl Observer,
+    retry_refused: Duration,
+) -> std::io::Result<Handle> {
     let (tx, rx) = bounded(1);
     let handle = Handle {
         tx,
         latest: rx.clone(),
     };
+    let mut programmer = Programmer::new(socket, observer);
+    programmer.retry_refused = retry_refused;
     std::thread::Builder::new()
         .name("stromd-programmer".into())
-        .spawn(move || Programmer::new(socket, observer).run(rx))?;
+        .spawn(move || programmer.run(rx))?;
     Ok(handle)
 }
 
-/// What stromd has acknowledged.
+/// What stromd has acknowledged, and what it refused (with when to offer it again).
 #[derive(Debug, Default)]
 struct Acked {
     services: BTreeMap<String, Arc<ServiceSpec>>,
-    refused: BTreeMap<String, Arc<ServiceSpec>>,
+    refused: BTreeMap<String, (Arc<ServiceSpec>, Instant)>,
     policies: Option<Arc<PolicySet>>,
+    policies_refused: Option<(Arc<PolicySet>, Instant)>,
+}
+
+impl Acked {
+    /// Whether something refused is due to be offered again.
+    fn retry_due(&self, now: Instant) -> bool {
+        self.refused.values().any(|(_, at)| *at <= now)
+            || self
+                .policies_refused
+                .as_ref()
+                .is_some_and(|(_, at)| *at <= now)
+    }
+}
+
+/// `a` and `b` are the same tables (the same publication, or equal content).
+fn same<T: PartialEq>(a: &Arc<T>, b: &Arc<T>) -> bool {
+    Arc::ptr_eq(a, b) || **a == **b
 }
 
 struct Programmer<O> {
@@ -131,11 +188,16 @@ struct Programmer<O> {
     client: Option<Client>,
     /// The stromd start last synced with.
     instance: Option<u64>,
+    /// stromd's count of table changes as this side expects it: the count at the last
+    /// greeting plus the changes acknowledged since. `None` after a request whose answer
+    /// was lost (stromd may or may not have applied it).
+    generation: Option<u64>,
     acked: Acked,
     /// The oldest change stromd has not acknowledged yet.
     since: Option<Instant>,
     /// Failed attempts in a row.
     failures: usize,
+    retry_refused: Duration,
 }
 
 impl<O: Observer> Programmer<O> {
@@ -145,14 +207,16 @@ impl<O: Observer> Programmer<O> {
             observer,
             client: None,
             instance: None,
+            generation: None,
             acked: Acked::default(),
             since: None,
             failures: 0,
+            retry_refused: RETRY_REFUSED,
         }
     }
 
     fn run(mut self, rx: Receiver<Publication>) {
-        // The latest wanted tables, and since when some of it waits for stromd.
+        // The latest wanted tables.
         let mut wanted: Option<Desired> = None;
         loop {
             let wait = if self.client.is_none() && wanted.is_some() {
@@ -176,56 +240,79 @@ impl<O: Observer> Programmer<O> {
                 // A new stromd (or this side's first meeting): everything, now.
                 Ok(true) => self.since = Some(self.since.unwrap_or_else(Instant::now)),
                 Err(e) => {
-                    self.client = None;
-                    self.failures += 1;
+                    self.lost();
                     self.observer.unreachable(&e);
                     continue;
                 }
             }
-            let Some(since) = self.since else { continue };
+            if self.since.is_none() && !self.acked.retry_due(Instant::now()) {
+                continue;
+            }
             match self.program(w) {
                 Ok(mut round) => {
                     self.failures = 0;
-                    self.since = None;
-                    round.latency = Some(since.elapsed());
+                    round.latency = self.since.take().map(|s| s.elapsed());
                     self.observer.programmed(&round);
                 }
                 Err(e) => {
-                    self.client = None;
-                    self.failures += 1;
+                    self.lost();
                     self.observer.unreachable(&e.to_string());
                 }
             }
         }
     }
 
-    /// Connects if need be and greets stromd; on meeting a new start, plans a full resync
-    /// and says so.
+    /// The connection failed: whatever was in flight may or may not have been applied.
+    fn lost(&mut self) {
+        self.client = None;
+        self.failures += 1;
+        self.generation = None;
+    }
+
+    /// Connects if need be and greets stromd; on meeting a new start, or tables changed
+    /// behind this side's back, plans a full resync and says so.
     fn greet(&mut self) -> Result<bool, String> {
-        if self.client.is_none() {
+        let fresh = self.client.is_none();
+        if fresh {
             self.client =
                 Some(Client::connect(&self.socket, REQUEST_TIMEOUT).map_err(|e| e.to_string())?);
         }
         let client = self.client.as_mut().expect("connected above");
-        let instance = match client.call(&Request::Hello { contract: CONTRACT }) {
-            Ok(Response::Hello { instance, .. }) => instance,
+        let (instance, generation) = match client.call(&Request::Hello { contract: CONTRACT }) {
+            Ok(Response::Hello {
+                instance,
+                generation,
+                ..
+            }) => (instance, generation),
             Ok(other) => return Err(format!("stromd answered a greeting with {other:?}")),
             Err(ClientError::Refused(m)) => return Err(format!("stromd refused: {m}")),
             Err(e) => return Err(e.to_string()),
         };
-        if self.instance == Some(instance) {
-            return Ok(false);
+        if fresh {
+            self.observer.reached();
         }
-        self.resync(instance).map_err(|e| e.to_string())?;
+        let why = if self.instance != Some(instance) {
+            Resync::NewStart
+        } else if self.generation.is_some_and(|g| g != generation) {
+            Resync::Diverged
+        } else {
+            // Same start; a lost answer (no expectation) leaves what was acknowledged as it
+            // was, and what was in flight is sent again (applying it twice is harmless).
+            self.generation = Some(generation);
+            return Ok(false);
+        };
+        self.resync(instance, generation, why)
+            .map_err(|e| e.to_string())?;
         Ok(true)
     }
 
-    /// stromd is a new start, or this side is: forget what was acknowledged, remove what
-    /// stromd lists that nothing wants (a Service deleted while this side was away), and set
-    /// everything at the next round.
-    fn resync(&mut self, instance: u64) -> Result<(), ClientError> {
+    /// Forgets what was acknowledged, removes what stromd lists that nothing wants (a
+    /// Service deleted while this side was away) and sets everything at the next round.
+    fn resync(&mut self, instance: u64, generation: u64, why: Resync) -> Result<(), ClientError> {
         let client = self.client.as_mut().expect("connected");
-        let listed = match client.call(&Request::Services)? {
+        let listed = match client.call(&Request::Services {
+            counters_only: true,
+        })? {
             Response::Services { services, .. } => services
                 .into_iter()
                 // `namespace/name:port`.
@@ -240,72 +327,141 @@ impl<O: Observer> Programmer<O> {
             self.acked.services.insert(key, Arc::new(unknown()));
         }
         self.instance = Some(instance);
-        self.observer.synced(instance);
+        self.generation = Some(generation);
+        self.observer.synced(instance, why);
         Ok(())
     }
 
-    /// Sends stromd the difference between `want` and what it acknowledged.
-    fn program(&mut self, want: &Desired) -> Result<Round, ClientError> {
+    /// One request that changes stromd's tables (the caller counts what it applied).
+    fn change(&mut self, request: &Request) -> Result<Response, ClientError> {
         let client = self.client.as_mut().expect("greeted");
-        let acked = &mut self.acked;
+        match client.call(request) {
+            Ok(answer) => Ok(answer),
+            Err(e @ ClientError::Refused(_)) => Err(e),
+            Err(e) => {
+                // Applied or not: the next greeting tells.
+                self.generation = None;
+                Err(e)
+            }
+        }
+    }
+
+    /// `n` changes stromd acknowledged applying.
+    fn counted(&mut self, n: usize) {
+        if let Some(g) = &mut self.generation {
+            *g += n as u64;
+        }
+    }
+
+    /// Sends stromd the difference between `want` and what it acknowledged, and offers again
+    /// what it refused when that is due. Services go in [`BATCH`]es (`SetServices`), each
+    /// published by stromd as one new table, removals first.
+    fn program(&mut self, want: &Desired) -> Result<Round, ClientError> {
+        let now = Instant::now();
         let mut round = Round::default();
-        let gone: Vec<String> = acked
+        self.acked
+            .refused
+            .retain(|k, _| want.services.contains_key(k));
+        let gone: Vec<String> = self
+            .acked
             .services
             .keys()
-            .chain(acked.refused.keys())
-            .filter(|k| !want.services.contains_key(*k))
+            .filter(|k| !want.services.contains_key(*k) && !want.kept.contains(*k))
             .cloned()
             .collect();
-        for key in gone {
-            acked.refused.remove(&key);
-            if acked.services.remove(&key).is_none() {
-                continue;
+        if !gone.is_empty() {
+            // A refusal may have been for an address a Service removed now held: offer
+            // them again (stromd removes before it sets, also within one request).
+            for (_, at) in self.acked.refused.values_mut() {
+                *at = now;
             }
-            let (namespace, name) = key.split_once('/').unwrap_or(("default", &key));
-            client.call(&Request::RemoveService {
-                namespace: namespace.into(),
-                name: name.into(),
-            })?;
-            round.removed.push(key);
         }
-        if !round.removed.is_empty() {
-            // A refusal may have been for an address a removed Service held.
-            acked.refused.clear();
-        }
-        for (key, spec) in &want.services {
-            let same = |m: &BTreeMap<String, Arc<ServiceSpec>>| {
-                m.get(key)
-                    .is_some_and(|s| Arc::ptr_eq(s, spec) || **s == **spec)
+        let sets: Vec<(String, Arc<ServiceSpec>)> = want
+            .services
+            .iter()
+            .filter(|(key, spec)| {
+                let acked = self.acked.services.get(*key).is_some_and(|s| same(s, spec));
+                let waiting = self
+                    .acked
+                    .refused
+                    .get(*key)
+                    .is_some_and(|(s, at)| same(s, spec) && *at > now);
+                !acked && !waiting
+            })
+            .map(|(k, s)| (k.clone(), s.clone()))
+            .collect();
+        let mut gone = gone.into_iter().peekable();
+        let mut sets = sets.into_iter().peekable();
+        while gone.peek().is_some() || sets.peek().is_some() {
+            let remove: Vec<String> = gone.by_ref().take(BATCH).collect();
+            let set: Vec<(String, Arc<ServiceSpec>)> =
+                sets.by_ref().take(BATCH - remove.len()).collect();
+            let request = Request::SetServices {
+                set: set.iter().map(|(_, s)| (**s).clone()).collect(),
+                remove: remove.clone(),
             };
-            if same(&acked.services) || same(&acked.refused) {
-                continue;
+            let refused: BTreeMap<String, String> = match self.change(&request)? {
+                Response::Applied { refused } => refused.into_iter().collect(),
+                other => {
+                    self.generation = None;
+                    return Err(ClientError::Refused(format!(
+                        "stromd answered SetServices with {other:?}"
+                    )));
+                }
+            };
+            self.counted(remove.len() + set.len() - refused.len());
+            for key in remove {
+                self.acked.services.remove(&key);
+                round.removed.push(key);
             }
-            match client.call(&Request::SetService {
-                service: (**spec).clone(),
-            }) {
+            for (key, spec) in set {
+                match refused.get(&key) {
+                    Some(why) => {
+                        // stromd keeps what it had for it, if anything.
+                        self.acked
+                            .refused
+                            .insert(key.clone(), (spec, now + self.retry_refused));
+                        round.refused.push((key, why.clone()));
+                    }
+                    None => {
+                        self.acked.refused.remove(&key);
+                        self.acked.services.insert(key.clone(), spec);
+                        round.set.push(key);
+                    }
+                }
+            }
+        }
+        let want_policies = &want.policies;
+        let acked_same = self
+            .acked
+            .policies
+            .as_ref()
+            .is_some_and(|p| same(p, want_policies));
+        let waiting = self
+            .acked
+            .policies_refused
+            .as_ref()
+            .is_some_and(|(p, at)| same(p, want_policies) && *at > now);
+        if !acked_same && !waiting {
+            let request = Request::SetPolicies {
+                policies: (**want_policies).clone(),
+            };
+            match self.change(&request) {
                 Ok(_) => {
-                    acked.refused.remove(key);
-                    acked.services.insert(key.clone(), spec.clone());
-                    round.set.push(key.clone());
+                    self.counted(1);
+                    self.acked.policies = Some(want_policies.clone());
+                    self.acked.policies_refused = None;
+                    round.policies = true;
                 }
                 Err(ClientError::Refused(reason)) => {
-                    // stromd keeps what it had for it, if anything.
-                    acked.refused.insert(key.clone(), spec.clone());
-                    round.refused.push((key.clone(), reason));
+                    self.acked.policies_refused =
+                        Some((want_policies.clone(), now + self.retry_refused));
+                    round.policies_refused = Some(reason);
                 }
                 Err(e) => return Err(e),
             }
-        }
-        let policies_same = acked
-            .policies
-            .as_ref()
-            .is_some_and(|p| Arc::ptr_eq(p, &want.policies) || **p == *want.policies);
-        if !policies_same {
-            client.call(&Request::SetPolicies {
-                policies: (*want.policies).clone(),
-            })?;
-            acked.policies = Some(want.policies.clone());
-            round.policies = true;
+        } else if acked_same {
+            self.acked.policies_refused = None;
         }
         Ok(round)
     }
@@ -326,3 +482,6 @@ fn unknown() -> ServiceSpec {
         health_check_node_port: None,
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -75,9 +75,47 @@ impl Reconciler {
 
     /// Programs a Service (all its ports at once); a refused one keeps what it had.
     pub fn set_service(&mut self, spec: strom_api::ServiceSpec) -> Result<(), String> {
-        // A Service address must be the Service's alone: one of the node's own (its traffic
-        // would be taken from the kernel on the uplink), the gateway's or a pod's would cut
-        // them off.
+        self.check_addresses(&spec)?;
+        let nodes = self.node_v4();
+        self.services.set(spec, &nodes)?;
+        self.publish_services();
+        Ok(())
+    }
+
+    /// Removes the Services `remove` names (`namespace/name`), then sets those of `set`,
+    /// publishing one new table for all of them: a peer's whole round costs one rebuild, not
+    /// one per Service. Returns the Services refused (key, why); the others are applied.
+    pub fn apply_services(
+        &mut self,
+        remove: &[String],
+        set: Vec<strom_api::ServiceSpec>,
+    ) -> Vec<(String, String)> {
+        let nodes = self.node_v4();
+        let mut changed = false;
+        for key in remove {
+            changed |= self.services.remove(key);
+        }
+        let mut refused = Vec::new();
+        for spec in set {
+            let key = spec.key();
+            match self
+                .check_addresses(&spec)
+                .and_then(|()| self.services.set(spec, &nodes))
+            {
+                Ok(()) => changed = true,
+                Err(why) => refused.push((key, why)),
+            }
+        }
+        if changed {
+            self.publish_services();
+        }
+        refused
+    }
+
+    /// A Service address must be the Service's alone: one of the node's own (its traffic
+    /// would be taken from the kernel on the uplink), the gateway's or a pod's would cut
+    /// them off.
+    fn check_addresses(&self, spec: &strom_api::ServiceSpec) -> Result<(), String> {
         let node = self.tables.node();
         for ip in spec
             .cluster_ips
@@ -98,9 +136,6 @@ impl Reconciler {
                 ));
             }
         }
-        let nodes = self.node_v4();
-        self.services.set(spec, &nodes)?;
-        self.publish_services();
         Ok(())
     }
 
@@ -240,5 +275,45 @@ mod tests {
         r.remove_port(1);
         workers[0].counters.loops.fetch_add(1, Ordering::Relaxed);
         assert_eq!(r.collect(), 1);
+    }
+
+    fn service(name: &str, ip: &str) -> strom_api::ServiceSpec {
+        serde_json::from_value(serde_json::json!({
+            "namespace": "a", "name": name, "cluster_ips": [ip],
+            "ports": [{"protocol": "tcp", "port": 80,
+                       "endpoints": [{"ip": "198.18.16.9", "port": 8080, "ready": true,
+                                      "serving": true, "terminating": false, "local": true}]}]
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn many_services_are_one_new_table_and_a_bad_one_is_refused_alone() {
+        let (workers, _rx) = crate::worker::create(1, &[]).unwrap();
+        let tables = TableHandle::new(NodeTable::new("169.254.1.1".parse().unwrap()));
+        let mut r = Reconciler::new(tables.clone(), workers.clone());
+        let held = tables.load();
+        let refused = r.apply_services(
+            &[],
+            vec![
+                service("web", "198.19.0.10"),
+                service("db", "198.19.0.11"),
+                // The pod gateway's address: not a Service's.
+                service("bad", "169.254.1.1"),
+            ],
+        );
+        assert_eq!(refused.len(), 1, "{refused:?}");
+        assert_eq!(refused[0].0, "a/bad");
+        assert_eq!(r.services(), 2);
+        assert_eq!(r.retired(), 1, "one table published for the whole batch");
+        // Removals come before sets: db's address is free for another in the same batch.
+        let refused = r.apply_services(&["a/db".into()], vec![service("db2", "198.19.0.11")]);
+        assert!(refused.is_empty(), "{refused:?}");
+        assert_eq!(r.services(), 2);
+        assert_eq!(r.retired(), 2);
+        // Nothing to do publishes nothing.
+        assert!(r.apply_services(&["a/gone".into()], Vec::new()).is_empty());
+        assert_eq!(r.retired(), 2);
+        drop(held);
     }
 }

@@ -67,6 +67,7 @@ fn main() -> anyhow::Result<()> {
     }
     let _g = net_lock();
     let cp = ControlPlane::start();
+    cp.grant_strom_control();
     let lab = Lab::up(&pod("bench", "a", &[80], &[]), &[]);
     let node = lab.node_ns();
     let t = Instant::now();
@@ -93,17 +94,15 @@ fn main() -> anyhow::Result<()> {
         std::thread::sleep(Duration::from_millis(20));
     }
     let sync = t.elapsed();
-    let pid = pid_of(&control, metrics)?;
+    let pid = control.pid().context("strom-control is not running")?;
     let control_peak = rss(pid, "VmHWM")?;
     let stromd_after = rss(lab.stromd_pid(), "VmRSS")?;
     let services_in_stromd = lab.stromctl(&["services"])["services"]
         .as_array()
         .map_or(0, Vec::len);
 
-    let slices = measure(&cp, &log, a.changes, |i| {
-        change_slice(&cp, i % a.services, i)
-    })?;
-    let labels = measure(&cp, &log, a.changes.min(20), |i| change_pod(&cp, a.pods, i))?;
+    let slices = measure(&log, a.changes, |i| change_slice(&cp, i % a.services, i))?;
+    let labels = measure(&log, a.changes.min(20), |i| change_pod(&cp, a.pods, i))?;
 
     println!(
         "| strom-control at scale ({} Services × {} endpoints, {} Pods, {} NetworkPolicies, {NODES} nodes) | value |",
@@ -301,7 +300,6 @@ struct Latencies {
 /// Makes `n` changes one at a time; after each, waits for the round carrying it (a line of
 /// strom-control's log with `marker`).
 fn measure(
-    _cp: &ControlPlane,
     log: &std::path::Path,
     n: usize,
     mut change: impl FnMut(usize) -> anyhow::Result<String>,
@@ -360,11 +358,6 @@ fn rss(pid: u32, field: &str) -> anyhow::Result<f64> {
         .and_then(|v| v.parse().ok())
         .with_context(|| format!("{field} of {pid}"))?;
     Ok(kb / 1024.0)
-}
-
-/// strom-control's process id: the one listening on the metrics port.
-fn pid_of(control: &Daemon, _metrics: u16) -> anyhow::Result<u32> {
-    control.pid().context("strom-control is not running")
 }
 
 fn http(port: u16, path: &str) -> String {

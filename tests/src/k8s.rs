@@ -41,10 +41,18 @@ pub fn bins() -> PathBuf {
 
 /// A free TCP port on loopback (the kernel's pick; taken again at once by the caller).
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port()
+    free_ports::<1>()[0]
+}
+
+/// `N` distinct free TCP ports on loopback: each is held until all are picked, so the
+/// kernel cannot hand the same one out twice. (Another process may still take one before
+/// the caller does; the kernel picks ephemeral ports in a random order, which makes that
+/// rare, and a daemon that cannot bind fails the test with its log.)
+pub fn free_ports<const N: usize>() -> [u16; N] {
+    let held: Vec<TcpListener> = (0..N)
+        .map(|_| TcpListener::bind("127.0.0.1:0").expect("a free port"))
+        .collect();
+    std::array::from_fn(|i| held[i].local_addr().expect("bound").port())
 }
 
 /// One of the control plane's processes, logging to `<dir>/<name>.log`.
@@ -86,7 +94,7 @@ impl ControlPlane {
             ),
         )
         .unwrap();
-        let (etcd_port, peer_port, api_port) = (free_port(), free_port(), free_port());
+        let [etcd_port, peer_port, api_port, kcm_port] = free_ports::<4>();
         let d = |p: &str| dir.join(p).to_string_lossy().to_string();
         let etcd = daemon(
             "etcd",
@@ -146,7 +154,7 @@ impl ControlPlane {
                 "--allocate-node-cidrs=false".into(),
                 format!("--service-cluster-ip-range={SERVICE_CIDR}"),
                 "--bind-address=127.0.0.1".into(),
-                format!("--secure-port={}", free_port()),
+                format!("--secure-port={kcm_port}"),
                 format!("--cert-dir={}", d("kcm-certs")),
                 "--v=1".into(),
             ],
@@ -210,9 +218,32 @@ impl ControlPlane {
         self.client.clone()
     }
 
-    /// strom-control's kubeconfig (its own user; RBAC decides what it may read).
+    /// strom-control's kubeconfig (its own user; RBAC decides what it may read, see
+    /// [`ControlPlane::grant_strom_control`]).
     pub fn kubeconfig(&self) -> PathBuf {
         self.dir.join("control.kubeconfig")
+    }
+
+    /// strom-control's read access: the ClusterRole of `configs/k8s/strom.yaml`, bound to
+    /// the user of [`ControlPlane::kubeconfig`].
+    pub fn grant_strom_control(&self) {
+        let all = std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/k8s/strom.yaml"),
+        )
+        .expect("configs/k8s/strom.yaml");
+        let role = all
+            .split("\n---\n")
+            .find(|d| d.contains("kind: ClusterRole\n"))
+            .expect("configs/k8s/strom.yaml has strom-control's ClusterRole");
+        self.apply(role);
+        self.apply(
+            "apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRoleBinding
+metadata: {name: strom-control-test-user}
+roleRef: {apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: strom-control}
+subjects: [{apiGroup: rbac.authorization.k8s.io, kind: User, name: strom-control}]
+",
+        );
     }
 
     /// Creates (or, when it exists, replaces by server-side apply) every object of a YAML

@@ -494,8 +494,9 @@ impl Daemon {
         d
     }
 
-    /// Starts it (again).
+    /// Starts it (again; one still running is stopped first, never left behind).
     pub fn spawn(&mut self) {
+        self.stop();
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)

@@ -25,29 +25,6 @@ fn manifest() -> String {
     .concat()
 }
 
-/// strom-control's read access, from configs/k8s (its ClusterRole), bound to the user the
-/// test's kubeconfig names.
-fn rbac(cp: &ControlPlane) {
-    let all = std::fs::read_to_string(
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/k8s/strom.yaml"),
-    )
-    .unwrap();
-    let role: String = all
-        .split("\n---\n")
-        .find(|d| d.contains("kind: ClusterRole\n"))
-        .expect("configs/k8s/strom.yaml has strom-control's ClusterRole")
-        .to_string();
-    cp.apply(&role);
-    cp.apply(
-        "apiVersion: rbac.authorization.k8s.io/v1
-kind: ClusterRoleBinding
-metadata: {name: strom-control-test-user}
-roleRef: {apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: strom-control}
-subjects: [{apiGroup: rbac.authorization.k8s.io, kind: User, name: strom-control}]
-",
-    );
-}
-
 /// The lab's node and pods as the API holds them: each Pod on the node, with the lab's
 /// address and ready (its status written through the status subresource).
 fn register_pods(cp: &ControlPlane, lab: &Lab, node: &str) {
@@ -249,7 +226,7 @@ fn setup() -> Setup {
     let cp = ControlPlane::start();
     let lab = Lab::up(&manifest(), &[]);
     lab.wait_until_serving();
-    rbac(&cp);
+    cp.grant_strom_control();
     let node = lab.node_ns();
     register_pods(&cp, &lab, &node);
     let control = Control::start(&cp, &lab);
@@ -563,7 +540,7 @@ fn the_deployment_objects_are_valid() {
 
     // The init container's node-config: the node's pod CIDR and addresses from its Node,
     // read with strom-control's own (RBAC-limited) access.
-    rbac(&cp);
+    cp.grant_strom_control();
     cp.apply(
         "apiVersion: v1
 kind: Node

@@ -103,6 +103,10 @@ pub struct Desired {
     pub services: BTreeMap<String, Arc<ServiceSpec>>,
     /// The node's policy set.
     pub policies: Arc<PolicySet>,
+    /// Services whose object is malformed and for which nothing was wanted before (this
+    /// side started with it broken): whatever stromd has for them stays, neither set nor
+    /// removed, as for a Service that broke after it was programmed.
+    pub kept: BTreeSet<String>,
 }
 
 /// What one [`Cluster::desired`] found wrong: each object left out with its reason. A
@@ -303,6 +307,7 @@ impl Cluster {
         for key in std::mem::take(&mut self.dirty) {
             let Some(svc) = self.services.get(&key) else {
                 self.desired.services.remove(&key);
+                self.desired.kept.remove(&key);
                 continue;
             };
             let slices: Vec<&EndpointSlice> = self
@@ -314,15 +319,22 @@ impl Cluster {
                 .collect();
             match service_spec(svc, &slices, &self.node) {
                 Ok(Some(spec)) => {
+                    self.desired.kept.remove(&key);
                     if self.desired.services.get(&key).map(|s| &**s) != Some(&spec) {
                         self.desired.services.insert(key, Arc::new(spec));
                     }
                 }
                 Ok(None) => {
+                    self.desired.kept.remove(&key);
                     self.desired.services.remove(&key);
                 }
-                // What was wanted before stays.
-                Err(e) => problems.services.push(e),
+                // What was wanted before stays; with nothing wanted before, what stromd has.
+                Err(e) => {
+                    if !self.desired.services.contains_key(&key) {
+                        self.desired.kept.insert(key);
+                    }
+                    problems.services.push(e);
+                }
             }
         }
         if std::mem::take(&mut self.policies_dirty) {

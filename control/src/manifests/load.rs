@@ -11,6 +11,7 @@ use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use k8s_openapi::{Metadata, Resource};
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 
@@ -64,28 +65,84 @@ impl Objects {
     /// Reads a file, or every `*.yaml`, `*.yml` and `*.json` file of a directory (sorted by
     /// name).
     pub fn load(path: &Path) -> Result<Self, LoadError> {
-        let err = |path: &Path| {
-            let path = path.to_path_buf();
-            move |source| LoadError { path, source }
-        };
-        let mut files = Vec::new();
-        if path.is_dir() {
-            for e in std::fs::read_dir(path).map_err(err(path))? {
-                let p = e.map_err(err(path))?.path();
-                if is_manifest(&p) {
-                    files.push(p);
-                }
-            }
-            files.sort();
-        } else {
-            files.push(path.to_path_buf());
-        }
         let mut objects = Objects::default();
-        for f in files {
-            let text = std::fs::read_to_string(&f).map_err(err(&f))?;
-            objects.add_text(&text, &f.display().to_string());
+        for f in files(path)? {
+            objects.add_text(&read(&f)?, &f.display().to_string());
         }
         Ok(objects)
+    }
+
+    /// Adds the objects of `other` (read from `origin`), refusing one already declared.
+    pub fn append(&mut self, other: Objects, origin: &str) {
+        let Objects {
+            namespaces,
+            pods,
+            services,
+            endpoint_slices,
+            network_policies,
+            other,
+            invalid,
+            seen: _,
+        } = other;
+        self.other.extend(other);
+        self.invalid.extend(invalid);
+        let mut twice = Vec::new();
+        let mut dup = |what: String| {
+            twice.push(ManifestError {
+                origin: origin.to_string(),
+                what,
+                reason: "declared twice".into(),
+            })
+        };
+        merge(&mut self.seen, &mut self.namespaces, namespaces, &mut dup);
+        merge(&mut self.seen, &mut self.pods, pods, &mut dup);
+        merge(&mut self.seen, &mut self.services, services, &mut dup);
+        merge(
+            &mut self.seen,
+            &mut self.endpoint_slices,
+            endpoint_slices,
+            &mut dup,
+        );
+        merge(
+            &mut self.seen,
+            &mut self.network_policies,
+            network_policies,
+            &mut dup,
+        );
+        self.invalid.extend(twice);
+    }
+
+    /// Adds the objects of `earlier` that these lack: for a file read again with a bad
+    /// document, the last good state of what that document held (or, after a YAML syntax
+    /// error, of every document after it), as an API server keeps an object whose update
+    /// it refuses.
+    pub fn keep_missing(&mut self, earlier: Objects) {
+        let mut ignore = |_| {};
+        merge(
+            &mut self.seen,
+            &mut self.namespaces,
+            earlier.namespaces,
+            &mut ignore,
+        );
+        merge(&mut self.seen, &mut self.pods, earlier.pods, &mut ignore);
+        merge(
+            &mut self.seen,
+            &mut self.services,
+            earlier.services,
+            &mut ignore,
+        );
+        merge(
+            &mut self.seen,
+            &mut self.endpoint_slices,
+            earlier.endpoint_slices,
+            &mut ignore,
+        );
+        merge(
+            &mut self.seen,
+            &mut self.network_policies,
+            earlier.network_policies,
+            &mut ignore,
+        );
     }
 
     /// Adds the documents of one file (JSON is YAML too).
@@ -159,6 +216,64 @@ impl Objects {
             Ok(Object::Service(s)) => self.services.push(*s),
             Ok(Object::EndpointSlice(s)) => self.endpoint_slices.push(s),
             Ok(Object::NetworkPolicy(p)) => self.network_policies.push(*p),
+        }
+    }
+}
+
+/// The manifest files of `path`: itself, or a directory's `*.yaml`, `*.yml` and `*.json`
+/// files sorted by name.
+pub fn files(path: &Path) -> Result<Vec<PathBuf>, LoadError> {
+    let err = |source| LoadError {
+        path: path.to_path_buf(),
+        source,
+    };
+    if !path.is_dir() {
+        return Ok(vec![path.to_path_buf()]);
+    }
+    let mut files = Vec::new();
+    for e in std::fs::read_dir(path).map_err(err)? {
+        let p = e.map_err(err)?.path();
+        if is_manifest(&p) {
+            files.push(p);
+        }
+    }
+    files.sort();
+    Ok(files)
+}
+
+/// A manifest file's text.
+pub fn read(file: &Path) -> Result<String, LoadError> {
+    std::fs::read_to_string(file).map_err(|source| LoadError {
+        path: file.to_path_buf(),
+        source,
+    })
+}
+
+/// `Kind namespace/name` (a Namespace: `Namespace name`), as [`ManifestError::what`] says.
+fn what<K: Resource + Metadata<Ty = ObjectMeta>>(o: &K) -> String {
+    let m = o.metadata();
+    let name = m.name.as_deref().unwrap_or("?");
+    if K::KIND == "Namespace" {
+        format!("Namespace {name}")
+    } else {
+        let namespace = m.namespace.as_deref().unwrap_or("default");
+        format!("{} {namespace}/{name}", K::KIND)
+    }
+}
+
+/// Moves the objects of `from` not in `seen` into `into`; `dup` hears of the others.
+fn merge<K: Resource + Metadata<Ty = ObjectMeta>>(
+    seen: &mut BTreeSet<String>,
+    into: &mut Vec<K>,
+    from: Vec<K>,
+    dup: &mut impl FnMut(String),
+) {
+    for o in from {
+        let w = what(&o);
+        if seen.insert(w.clone()) {
+            into.push(o);
+        } else {
+            dup(w);
         }
     }
 }

@@ -10,12 +10,13 @@
 //! DaemonSet gets such a directory) replaces its files by swapping a symlink, which
 //! inotify watches on the files do not see, and a look at a few files costs nothing.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
 use super::{Change, Driver, Report};
 use crate::cluster::{Kind, Object};
-use crate::manifests::load::is_manifest;
+use crate::manifests::load::{self, files, is_manifest, LoadError};
 use crate::manifests::{resolve, Allocations, Objects, Settings};
 
 /// One reading's view of the directory: (file, size, modified).
@@ -35,16 +36,45 @@ fn fingerprint(dir: &Path) -> std::io::Result<Fingerprint> {
     Ok(files)
 }
 
+/// What one reading of the directory carries to the next.
+#[derive(Debug, Default)]
+pub struct Carried {
+    /// The addresses and ports given to Services.
+    pub allocations: Allocations,
+    /// Each file's objects as of its last reading without a bad document.
+    good: BTreeMap<PathBuf, Objects>,
+}
+
+/// The directory's objects. A file with a bad document (a YAML syntax error hides every
+/// document after it) adds what its last good reading had that this one lacks: a mistake in
+/// one object does not remove others, or the object's last good state, from the tables.
+fn load(dir: &Path, carried: &mut Carried) -> Result<Objects, LoadError> {
+    let files = files(dir)?;
+    let mut all = Objects::default();
+    for f in &files {
+        let origin = f.display().to_string();
+        let mut one = Objects::default();
+        one.add_text(&load::read(f)?, &origin);
+        if one.invalid.is_empty() {
+            carried.good.insert(f.clone(), one.clone());
+        } else if let Some(earlier) = carried.good.get(f) {
+            one.keep_missing(earlier.clone());
+        }
+        all.append(one, &origin);
+    }
+    carried.good.retain(|f, _| files.contains(f));
+    Ok(all)
+}
+
 /// Reads the directory into changes, one full list per kind; what cannot be read is
-/// reported and left out. `allocations` carries the addresses and ports given to Services
-/// from one reading to the next.
+/// reported and left out (keeping its last good state, see [`load`]).
 pub fn read<R: Report>(
     dir: &Path,
     settings: &Settings,
-    allocations: &mut Allocations,
+    carried: &mut Carried,
     report: &mut R,
-) -> Result<Vec<Change>, crate::manifests::load::LoadError> {
-    let objects = Objects::load(dir)?;
+) -> Result<Vec<Change>, LoadError> {
+    let objects = load(dir, carried)?;
     for bad in &objects.invalid {
         report.rejected(kind_of(&bad.what), &bad.to_string());
     }
@@ -53,12 +83,12 @@ pub fn read<R: Report>(
         &objects.endpoint_slices,
         &objects.pods,
         settings,
-        allocations,
+        &carried.allocations,
     );
     for e in &r.skipped {
         report.rejected(Kind::Service, &e.to_string());
     }
-    *allocations = r.allocations;
+    carried.allocations = r.allocations;
     Ok(vec![
         Change::Listed(
             Kind::Namespace,
@@ -111,12 +141,12 @@ pub fn run<R: Report>(
     driver: &mut Driver<R>,
     interval: Duration,
 ) -> ! {
-    let mut allocations = Allocations::default();
+    let mut carried = Carried::default();
     let mut seen: Option<Fingerprint> = None;
     loop {
         match fingerprint(dir) {
             Ok(f) if seen.as_ref() != Some(&f) => {
-                match read(dir, settings, &mut allocations, driver.report()) {
+                match read(dir, settings, &mut carried, driver.report()) {
                     Ok(changes) => {
                         for c in changes {
                             driver.change(c);

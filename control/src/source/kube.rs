@@ -136,6 +136,9 @@ pub async fn run<R: Report, E: WatchErrors>(
 }
 
 #[cfg(test)]
+mod watch_tests;
+
+#[cfg(test)]
 mod tests {
     use super::*;
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;

@@ -3,7 +3,7 @@
 
 use super::{dir, Change, Driver, Report};
 use crate::cluster::{Cluster, Kind};
-use crate::manifests::{Allocations, Settings};
+use crate::manifests::Settings;
 use crate::program::{detached, Publication};
 
 #[derive(Default)]
@@ -100,11 +100,11 @@ fn a_manifests_directory_becomes_tables_and_a_change_touches_only_its_service() 
     )
     .unwrap();
     let settings = Settings::new("198.19.0.0/16".parse().unwrap());
-    let mut allocations = Allocations::default();
+    let mut carried = dir::Carried::default();
     let (handle, rx) = detached();
     let mut d = Driver::new(Cluster::new(NODE), handle, Seen::default());
 
-    for c in dir::read(&dir, &settings, &mut allocations, d.report()).unwrap() {
+    for c in dir::read(&dir, &settings, &mut carried, d.report()).unwrap() {
         d.change(c);
     }
     assert!(d.flush());
@@ -131,7 +131,7 @@ fn a_manifests_directory_becomes_tables_and_a_change_touches_only_its_service() 
         [pod("a", "db", "198.18.16.2"), pod("b", "db", "198.18.16.3")].concat(),
     )
     .unwrap();
-    for c in dir::read(&dir, &settings, &mut allocations, d.report()).unwrap() {
+    for c in dir::read(&dir, &settings, &mut carried, d.report()).unwrap() {
         d.change(c);
     }
     assert!(d.flush());
@@ -144,10 +144,72 @@ fn a_manifests_directory_becomes_tables_and_a_change_touches_only_its_service() 
     assert_eq!(second.desired.services["shop/web"].cluster_ips[0], web_ip);
 
     // Read again unchanged: nothing to publish.
-    for c in dir::read(&dir, &settings, &mut allocations, d.report()).unwrap() {
+    for c in dir::read(&dir, &settings, &mut carried, d.report()).unwrap() {
         d.change(c);
     }
     assert!(!d.flush());
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_bad_document_keeps_the_last_good_state_of_what_it_hid() {
+    // A file edited into a YAML syntax error hides every document after the error, and a
+    // Service edited into an invalid one is unreadable: neither removes anything from the
+    // tables; what the file had when it last read cleanly stays until it reads cleanly again.
+    let dir = std::env::temp_dir().join(format!("strom-control-bad-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("pods.yaml"), pod("a", "web", "198.18.16.2")).unwrap();
+    std::fs::write(dir.join("services.yaml"), SERVICES).unwrap();
+    let settings = Settings::new("198.19.0.0/16".parse().unwrap());
+    let mut carried = dir::Carried::default();
+    let (handle, rx) = detached();
+    let mut d = Driver::new(Cluster::new(NODE), handle, Seen::default());
+    let mut reading = |d: &mut Driver<Seen>| {
+        for c in dir::read(&dir, &settings, &mut carried, d.report()).unwrap() {
+            d.change(c);
+        }
+        d.flush()
+    };
+    assert!(reading(&mut d));
+    let first = rx.try_recv().unwrap();
+    let keys = |p: &Publication| p.desired.services.keys().cloned().collect::<Vec<_>>();
+    assert_eq!(keys(&first), ["shop/db", "shop/web"]);
+
+    // web's document broken by an unclosed bracket: db, after it, is hidden too.
+    let broken = SERVICES.replace("selector: {app: web}", "selector: {app: web");
+    std::fs::write(dir.join("services.yaml"), &broken).unwrap();
+    assert!(!reading(&mut d), "nothing changes in the tables");
+    assert!(
+        d.report().rejected.iter().any(|r| r.contains("YAML")),
+        "{:?}",
+        d.report().rejected
+    );
+
+    // db made unreadable (a port that is not a number), web fine and changed: web's change is taken,
+    // db keeps its last good state.
+    let bad_db = SERVICES
+        .replace("port: 5432", "port: many")
+        .replace("port: 80,", "port: 81,");
+    std::fs::write(dir.join("services.yaml"), &bad_db).unwrap();
+    assert!(reading(&mut d));
+    let second = rx.try_recv().unwrap();
+    assert_eq!(keys(&second), ["shop/db", "shop/web"]);
+    assert_eq!(second.desired.services["shop/web"].ports[0].port, 81);
+    assert_eq!(
+        second.desired.services["shop/db"],
+        first.desired.services["shop/db"]
+    );
+
+    // Removed from a file that reads cleanly: gone.
+    let only_web = SERVICES
+        .split("---")
+        .take(2)
+        .collect::<Vec<_>>()
+        .join("---");
+    std::fs::write(dir.join("services.yaml"), only_web).unwrap();
+    assert!(reading(&mut d));
+    assert_eq!(keys(&rx.try_recv().unwrap()), ["shop/web"]);
     let _ = std::fs::remove_dir_all(&dir);
 }
 

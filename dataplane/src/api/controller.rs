@@ -87,6 +87,8 @@ pub struct Controller {
     node_sockets: Option<crate::node_sockets::NodeSockets>,
     /// This start's identity, for peers to notice a restart (`Request::Hello`).
     instance: u64,
+    /// Changes applied to the Service and policy tables since this start (`Request::Hello`).
+    generation: u64,
 }
 
 /// What `open_port` needs to know.
@@ -225,6 +227,7 @@ impl Controller {
             health_checks: Default::default(),
             node_sockets,
             instance: instance_id(),
+            generation: 0,
         }
     }
 
@@ -822,6 +825,15 @@ impl Controller {
             .fold(next, Instant::min)
     }
 
+    /// Counts a change to the Service or policy tables that was applied (`Request::Hello`'s
+    /// `generation`), and passes its answer on.
+    fn count_change(&mut self, answer: Response) -> Response {
+        if !matches!(answer, Response::Error { .. }) {
+            self.generation += 1;
+        }
+        answer
+    }
+
     /// Answers one request.
     pub fn handle(&mut self, req: Request) -> Response {
         match req {
@@ -829,6 +841,7 @@ impl Controller {
                 contract,
                 version: env!("CARGO_PKG_VERSION").into(),
                 instance: self.instance,
+                generation: self.generation,
             },
             Request::Hello { contract } => Response::Error {
                 message: format!(
@@ -932,13 +945,27 @@ impl Controller {
                     routes,
                 }
             }
-            Request::SetService { service } => self.set_service(service),
-            Request::RemoveService { namespace, name } => self.remove_service(&namespace, &name),
-            Request::Services => self.services(),
+            Request::SetService { service } => {
+                let r = self.set_service(service);
+                self.count_change(r)
+            }
+            Request::RemoveService { namespace, name } => {
+                let r = self.remove_service(&namespace, &name);
+                self.count_change(r)
+            }
+            Request::SetServices { set, remove } => {
+                let (answer, applied) = self.set_services(set, remove);
+                self.generation += applied;
+                answer
+            }
+            Request::Services { counters_only } => self.services(counters_only),
             Request::Conntrack { filter, count_only } => self.conntrack(&filter, count_only),
             Request::FlushConntrack { filter } => self.flush_conntrack(&filter),
             Request::Trace { tuple } => self.trace(&tuple),
-            Request::SetPolicies { policies } => self.set_policies(policies),
+            Request::SetPolicies { policies } => {
+                let r = self.set_policies(policies);
+                self.count_change(r)
+            }
             Request::Policies => self.policies(),
         }
     }

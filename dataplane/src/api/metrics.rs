@@ -1,8 +1,8 @@
 //! stromd's Prometheus endpoint (`dataplane.metrics_addr`): `/metrics`, `/healthz`,
 //! `/readyz` over HTTP, served by a thread of its own that asks the controller for its
-//! counters as an API client does (the workers answer their parts between batches). The
-//! `services` answer walks every tracked flow on the controller thread: with many flows a
-//! scrape holds other API clients up that long.
+//! counters as an API client does (the workers answer their parts between batches). It asks
+//! for the Services' counters only, not the flows per backend, which would walk every
+//! tracked flow on the controller thread.
 //!
 //! | metric | type | labels |
 //! |---|---|---|
@@ -245,7 +245,12 @@ fn snapshot(tx: &Sender<Msg>) -> Snapshot {
                 count_only: true,
             },
         )),
-        services: ok(ask(tx, Request::Services)),
+        services: ok(ask(
+            tx,
+            Request::Services {
+                counters_only: true,
+            },
+        )),
         policies: ok(ask(tx, Request::Policies)),
     }
 }

@@ -199,7 +199,9 @@ fn main() -> anyhow::Result<()> {
                 pod_name: String::new(),
             },
         },
-        Cmd::Services => Request::Services,
+        Cmd::Services => Request::Services {
+            counters_only: false,
+        },
         Cmd::Policy => Request::Policies,
         Cmd::SetPolicies { file } => {
             let text = read_input(file)?;
@@ -267,13 +269,20 @@ fn main() -> anyhow::Result<()> {
     }
     match resp {
         Response::Ok => say!(out, "ok"),
+        Response::Applied { refused } => {
+            for (key, why) in &refused {
+                say!(out, "refused {key}: {why}");
+            }
+            say!(out, "ok ({} refused)", refused.len());
+        }
         Response::Hello {
             contract,
             version,
             instance,
+            generation,
         } => say!(
             out,
-            "contract {contract}, stromd {version}, instance {instance}"
+            "contract {contract}, stromd {version}, instance {instance}, table changes {generation}"
         ),
         Response::Status(s) => {
             say!(out, "ready:     {}", s.ready);

@@ -28,6 +28,30 @@ impl Controller {
         }
     }
 
+    /// `SetServices`: removals, then sets, one table published. Returns the answer and how
+    /// many changes were applied (for the generation).
+    pub(super) fn set_services(
+        &mut self,
+        set: Vec<ServiceSpec>,
+        remove: Vec<String>,
+    ) -> (Response, u64) {
+        let (sets, removals) = (set.len(), remove.len());
+        let refused = self.desired.apply_services(&remove, set);
+        for (key, why) in &refused {
+            tracing::warn!(service = %key, error = %why, "service refused");
+        }
+        self.services_refused += refused.len() as u64;
+        self.sync_frontends();
+        tracing::info!(
+            set = sets - refused.len(),
+            removed = removals,
+            refused = refused.len(),
+            "services programmed"
+        );
+        let applied = (sets - refused.len() + removals) as u64;
+        (Response::Applied { refused }, applied)
+    }
+
     pub(super) fn remove_service(&mut self, namespace: &str, name: &str) -> Response {
         self.desired.remove_service(&format!("{namespace}/{name}"));
         self.sync_frontends();
@@ -102,11 +126,16 @@ impl Controller {
     }
 
     /// `Services`: each Service port, its frontends, which endpoints serve, its counters and
-    /// the flows tracked to each backend now.
-    pub(super) fn services(&self) -> Response {
+    /// (unless `counters_only`) the flows tracked to each backend now.
+    pub(super) fn services(&self, counters_only: bool) -> Response {
         let table = self.desired.tables().services();
         let counts = self.service_counts();
-        let (_, flows) = self.conntrack_entries(&ConntrackFilter::default(), false, false);
+        let flows = if counters_only {
+            Vec::new()
+        } else {
+            self.conntrack_entries(&ConntrackFilter::default(), false, false)
+                .1
+        };
         let mut services: Vec<ServicePortStatus> = table
             .ports()
             .map(|p| {

@@ -1,0 +1,471 @@
+//! The programmer against a stand-in for stromd's socket: a few lines that keep a Service
+//! map, a policy set and the change count as stromd does, and fail on cue (drop the
+//! connection before or after applying a request, refuse it). stromd itself is exercised
+//! with strom-control in `tests/tests/control.rs`; these cover the failures a live stromd
+//! rarely shows.
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixListener;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use strom_api::{PolicySet, Protocol, Request, Response, ServicePortStatus, ServiceSpec};
+
+use super::*;
+
+/// What the stand-in does with one request.
+#[derive(Debug, Clone)]
+enum Fault {
+    /// Applies and answers it.
+    None,
+    /// Refuses it with this message (applies nothing).
+    Refuse(String),
+    /// Closes the connection without applying or answering it.
+    Drop,
+    /// Applies it, then closes the connection without answering.
+    DropAfterApply,
+}
+
+type Refusals = Box<dyn FnMut(&ServiceSpec) -> Option<String> + Send>;
+
+#[derive(Default)]
+struct State {
+    instance: u64,
+    generation: u64,
+    services: BTreeMap<String, ServiceSpec>,
+    policies: Option<PolicySet>,
+    /// Services of a `SetServices` refused alone, with the reason.
+    refuse: Option<Refusals>,
+    /// Every request received, in order.
+    log: Vec<Request>,
+}
+
+type Faults = Box<dyn FnMut(&Request) -> Fault + Send>;
+
+struct Stromd {
+    socket: PathBuf,
+    state: Arc<Mutex<State>>,
+}
+
+impl Drop for Stromd {
+    fn drop(&mut self) {
+        if let Some(dir) = self.socket.parent() {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+}
+
+impl Stromd {
+    fn start(name: &str, faults: Faults) -> Stromd {
+        let dir = std::env::temp_dir().join(format!("strom-program-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let socket = dir.join("stromd.sock");
+        let listener = UnixListener::bind(&socket).unwrap();
+        let state = Arc::new(Mutex::new(State {
+            instance: 7,
+            ..State::default()
+        }));
+        let shared = state.clone();
+        std::thread::spawn(move || serve(listener, &shared, faults));
+        Stromd { socket, state }
+    }
+
+    fn services(&self) -> Vec<String> {
+        self.state
+            .lock()
+            .unwrap()
+            .services
+            .keys()
+            .cloned()
+            .collect()
+    }
+
+    fn count(&self, what: impl Fn(&Request) -> bool) -> usize {
+        self.state
+            .lock()
+            .unwrap()
+            .log
+            .iter()
+            .filter(|r| what(r))
+            .count()
+    }
+}
+
+/// One connection at a time, as the programmer keeps one.
+fn serve(listener: UnixListener, state: &Mutex<State>, mut faults: Faults) {
+    for conn in listener.incoming() {
+        let Ok(conn) = conn else { return };
+        let mut writer = conn.try_clone().unwrap();
+        for line in BufReader::new(conn).lines() {
+            let Ok(line) = line else { break };
+            let req: Request = serde_json::from_str(&line).unwrap();
+            let fault = faults(&req);
+            let mut s = state.lock().unwrap();
+            s.log.push(req.clone());
+            let answer = match fault {
+                Fault::Drop => break,
+                Fault::Refuse(message) => Response::Error { message },
+                Fault::None => apply(&mut s, req),
+                Fault::DropAfterApply => {
+                    apply(&mut s, req);
+                    break;
+                }
+            };
+            writer.write_all(&strom_api::encode_line(&answer)).unwrap();
+        }
+    }
+}
+
+/// What stromd does with a request, as far as the programmer can tell.
+fn apply(s: &mut State, req: Request) -> Response {
+    match req {
+        Request::Hello { contract } => Response::Hello {
+            contract,
+            version: "test".into(),
+            instance: s.instance,
+            generation: s.generation,
+        },
+        Request::SetService { service } => {
+            s.generation += 1;
+            let key = format!("{}/{}", service.namespace, service.name);
+            s.services.insert(key, service);
+            Response::Ok
+        }
+        Request::SetServices { set, remove } => {
+            for key in remove {
+                s.generation += 1;
+                s.services.remove(&key);
+            }
+            let mut refused = Vec::new();
+            for service in set {
+                let key = format!("{}/{}", service.namespace, service.name);
+                if let Some(why) = s.refuse.as_mut().and_then(|f| f(&service)) {
+                    refused.push((key, why));
+                    continue;
+                }
+                s.generation += 1;
+                s.services.insert(key, service);
+            }
+            Response::Applied { refused }
+        }
+        Request::RemoveService { namespace, name } => {
+            s.generation += 1;
+            s.services.remove(&format!("{namespace}/{name}"));
+            Response::Ok
+        }
+        Request::SetPolicies { policies } => {
+            s.generation += 1;
+            s.policies = Some(policies);
+            Response::Ok
+        }
+        Request::Services { .. } => Response::Services {
+            services: s
+                .services
+                .keys()
+                .map(|k| ServicePortStatus {
+                    key: format!("{k}:80"),
+                    protocol: Protocol::Tcp,
+                    frontends: Vec::new(),
+                    backends: Vec::new(),
+                    flows: 0,
+                    packets: 0,
+                    rejected: 0,
+                })
+                .collect(),
+            refused: 0,
+        },
+        other => Response::Error {
+            message: format!("not in the stand-in: {other:?}"),
+        },
+    }
+}
+
+/// The observer's calls, in order.
+#[derive(Clone, Default)]
+struct Seen(Arc<Mutex<Vec<String>>>);
+
+impl Seen {
+    fn all(&self) -> Vec<String> {
+        self.0.lock().unwrap().clone()
+    }
+}
+
+impl Observer for Seen {
+    fn programmed(&mut self, round: &Round) {
+        let mut line = format!("programmed set={:?} removed={:?}", round.set, round.removed);
+        if !round.refused.is_empty() {
+            line += &format!(" refused={:?}", round.refused);
+        }
+        if let Some(r) = &round.policies_refused {
+            line += &format!(" policies_refused={r}");
+        }
+        self.0.lock().unwrap().push(line);
+    }
+    fn unreachable(&mut self, _: &str) {
+        self.0.lock().unwrap().push("unreachable".into());
+    }
+    fn reached(&mut self) {
+        self.0.lock().unwrap().push("reached".into());
+    }
+    fn synced(&mut self, _: u64, why: Resync) {
+        self.0.lock().unwrap().push(format!("synced {why:?}"));
+    }
+}
+
+fn service(key: &str, ip: &str) -> Arc<ServiceSpec> {
+    let (namespace, name) = key.split_once('/').unwrap();
+    Arc::new(ServiceSpec {
+        namespace: namespace.into(),
+        name: name.into(),
+        cluster_ips: vec![ip.parse().unwrap()],
+        ..unknown()
+    })
+}
+
+fn desired(services: &[(&str, &str)]) -> Desired {
+    Desired {
+        services: services
+            .iter()
+            .map(|(k, ip)| (k.to_string(), service(k, ip)))
+            .collect(),
+        ..Desired::default()
+    }
+}
+
+fn publish(h: &Handle, d: Desired) {
+    h.publish(Publication {
+        desired: d,
+        since: Instant::now(),
+    });
+}
+
+/// Waits up to 10 s for `cond`.
+fn eventually(what: &str, cond: impl Fn() -> bool) {
+    let end = Instant::now() + Duration::from_secs(10);
+    while !cond() {
+        assert!(Instant::now() < end, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn is_remove(r: &Request) -> bool {
+    matches!(r, Request::SetServices { remove, .. } if !remove.is_empty())
+}
+
+/// A `SetServices` that sets the Service named `name`.
+fn sets(r: &Request, name: &str) -> bool {
+    matches!(r, Request::SetServices { set, .. } if set.iter().any(|s| s.name == name))
+}
+
+#[test]
+fn a_removal_whose_connection_fails_is_sent_again() {
+    // The first removal is lost with its connection: stromd still has the Service, and the
+    // programmer must not count it as gone.
+    let mut dropped = false;
+    let stromd = Stromd::start(
+        "removal",
+        Box::new(move |r| {
+            if is_remove(r) && !dropped {
+                dropped = true;
+                Fault::Drop
+            } else {
+                Fault::None
+            }
+        }),
+    );
+    let seen = Seen::default();
+    let h = spawn_with(stromd.socket.clone(), seen.clone(), RETRY_REFUSED).unwrap();
+    publish(
+        &h,
+        desired(&[("a/web", "198.18.100.1"), ("a/db", "198.18.100.2")]),
+    );
+    eventually("both set", || stromd.services().len() == 2);
+    publish(&h, desired(&[("a/web", "198.18.100.1")]));
+    eventually("db removed", || stromd.services() == ["a/web"]);
+    assert_eq!(stromd.count(is_remove), 2, "{:?}", seen.all());
+}
+
+#[test]
+fn a_change_applied_without_an_answer_is_harmless_and_no_resync() {
+    // stromd applied the Service but the answer was lost: the programmer sends it again on
+    // the next connection (a no-op for stromd), and does not take stromd's count of changes
+    // for someone else's.
+    let mut dropped = false;
+    let stromd = Stromd::start(
+        "lost-answer",
+        Box::new(move |r| {
+            if sets(r, "web") && !dropped {
+                dropped = true;
+                Fault::DropAfterApply
+            } else {
+                Fault::None
+            }
+        }),
+    );
+    let seen = Seen::default();
+    let h = spawn_with(stromd.socket.clone(), seen.clone(), RETRY_REFUSED).unwrap();
+    publish(&h, desired(&[("a/web", "198.18.100.1")]));
+    eventually("set and acknowledged", || {
+        seen.all().iter().any(|l| l.starts_with("programmed"))
+    });
+    assert_eq!(stromd.count(|r| sets(r, "web")), 2, "{:?}", seen.all());
+    // A heartbeat later the counts agree: no resync.
+    std::thread::sleep(HEARTBEAT + Duration::from_millis(300));
+    let all = seen.all();
+    assert_eq!(
+        all.iter().filter(|l| l.starts_with("synced")).count(),
+        1,
+        "{all:?}"
+    );
+}
+
+#[test]
+fn a_refused_service_is_offered_again_after_a_while() {
+    // Refused twice (say, stromd's table was full), then taken: no change is published in
+    // between.
+    let stromd = Stromd::start("refused", Box::new(|_| Fault::None));
+    let mut refusals = 0;
+    stromd.state.lock().unwrap().refuse = Some(Box::new(move |service| {
+        (service.name == "db" && refusals < 2).then(|| {
+            refusals += 1;
+            "no room".to_string()
+        })
+    }));
+    let seen = Seen::default();
+    let h = spawn_with(
+        stromd.socket.clone(),
+        seen.clone(),
+        Duration::from_millis(200),
+    )
+    .unwrap();
+    publish(
+        &h,
+        desired(&[("a/web", "198.18.100.1"), ("a/db", "198.18.100.2")]),
+    );
+    eventually("db taken at the third offer", || {
+        stromd.services() == ["a/db", "a/web"]
+    });
+    let all = seen.all();
+    assert!(
+        all.iter()
+            .any(|l| l.contains("refused=[(\"a/db\", \"no room\")]")),
+        "{all:?}"
+    );
+    assert!(!all.iter().any(|l| l == "unreachable"), "{all:?}");
+    // web was set once: offering db again does not rewrite it.
+    assert_eq!(stromd.count(|r| sets(r, "web")), 1);
+}
+
+#[test]
+fn a_refused_policy_set_is_reported_as_refused_not_as_an_unreachable_stromd() {
+    let stromd = Stromd::start(
+        "policies",
+        Box::new(|r| match r {
+            Request::SetPolicies { .. } => Fault::Refuse("bad set".into()),
+            _ => Fault::None,
+        }),
+    );
+    let seen = Seen::default();
+    let h = spawn_with(stromd.socket.clone(), seen.clone(), Duration::from_secs(60)).unwrap();
+    publish(&h, desired(&[("a/web", "198.18.100.1")]));
+    eventually("a round", || {
+        seen.all().iter().any(|l| l.starts_with("programmed"))
+    });
+    std::thread::sleep(HEARTBEAT * 2);
+    let all = seen.all();
+    assert!(
+        all.iter().any(|l| l.contains("policies_refused=bad set")),
+        "{all:?}"
+    );
+    assert!(!all.iter().any(|l| l == "unreachable"), "{all:?}");
+    // Offered once, not again every heartbeat or reconnect.
+    assert_eq!(
+        stromd.count(|r| matches!(r, Request::SetPolicies { .. })),
+        1
+    );
+    assert_eq!(stromd.services(), ["a/web"]);
+}
+
+#[test]
+fn reconnecting_to_the_same_stromd_says_it_is_reached_without_a_resync() {
+    // The second greeting's connection fails (a heartbeat): the programmer reports stromd
+    // unreachable, then reached again on the next connection, and sees the same start with
+    // the same count of changes, so nothing is set again.
+    let mut hellos = 0;
+    let stromd = Stromd::start(
+        "reconnect",
+        Box::new(move |r| {
+            if matches!(r, Request::Hello { .. }) {
+                hellos += 1;
+                if hellos == 2 {
+                    return Fault::Drop;
+                }
+            }
+            Fault::None
+        }),
+    );
+    let seen = Seen::default();
+    let h = spawn_with(stromd.socket.clone(), seen.clone(), RETRY_REFUSED).unwrap();
+    publish(&h, desired(&[("a/web", "198.18.100.1")]));
+    eventually("reached again", || {
+        seen.all().iter().filter(|l| *l == "reached").count() == 2
+    });
+    let all = seen.all();
+    let lost = all.iter().position(|l| l == "unreachable").expect("lost");
+    assert_eq!(all[lost + 1], "reached", "{all:?}");
+    assert_eq!(all.iter().filter(|l| l.starts_with("synced")).count(), 1);
+    assert_eq!(stromd.count(|r| sets(r, "web")), 1);
+}
+
+#[test]
+fn tables_changed_by_another_client_are_set_again() {
+    let stromd = Stromd::start("diverged", Box::new(|_| Fault::None));
+    let seen = Seen::default();
+    let h = spawn_with(stromd.socket.clone(), seen.clone(), RETRY_REFUSED).unwrap();
+    publish(&h, desired(&[("a/web", "198.18.100.1")]));
+    eventually("set", || stromd.services() == ["a/web"]);
+    {
+        // An operator's `stromctl`: removes web, adds another.
+        let mut s = stromd.state.lock().unwrap();
+        s.services.clear();
+        s.services.insert(
+            "b/stray".into(),
+            (*service("b/stray", "198.18.100.9")).clone(),
+        );
+        s.generation += 2;
+    }
+    eventually("put back at a heartbeat", || stromd.services() == ["a/web"]);
+    let all = seen.all();
+    assert!(all.iter().any(|l| l == "synced Diverged"), "{all:?}");
+}
+
+#[test]
+fn a_service_that_fails_translation_keeps_what_stromd_has() {
+    // This side starts while a Service's object is malformed (nothing wanted for it, it is
+    // `kept`): what stromd has for it from before stays; one neither wanted nor kept goes.
+    let stromd = Stromd::start("kept", Box::new(|_| Fault::None));
+    {
+        let mut s = stromd.state.lock().unwrap();
+        for k in ["a/broken", "a/deleted"] {
+            s.services
+                .insert(k.into(), (*service(k, "198.18.100.5")).clone());
+        }
+    }
+    let seen = Seen::default();
+    let h = spawn_with(stromd.socket.clone(), seen.clone(), RETRY_REFUSED).unwrap();
+    let mut d = desired(&[("a/web", "198.18.100.1")]);
+    d.kept.insert("a/broken".into());
+    publish(&h, d);
+    eventually("synced", || stromd.services() == ["a/broken", "a/web"]);
+    // Once it translates again it is set like any other.
+    let mut d = desired(&[("a/web", "198.18.100.1"), ("a/broken", "198.18.100.6")]);
+    d.kept.clear();
+    publish(&h, d);
+    eventually("set", || {
+        stromd.state.lock().unwrap().services["a/broken"].cluster_ips[0].to_string()
+            == "198.18.100.6"
+    });
+}
