@@ -36,7 +36,7 @@ pub fn ips_text(ips: &[IpAddr]) -> String {
 /// The version of this contract. A peer sends it first ([`Request::Hello`]); stromd refuses a
 /// peer of another version with a clear error rather than misreading its requests. It changes
 /// whenever a request or response changes in a way an older peer would misread.
-pub const CONTRACT: u32 = 1;
+pub const CONTRACT: u32 = 2;
 
 /// Where stromd listens unless configured otherwise.
 pub const DEFAULT_SOCKET: &str = "/run/strom/stromd.sock";
@@ -281,10 +281,11 @@ pub enum Response {
         /// tables started empty again.
         instance: u64,
         /// How many changes to the Service and policy tables this start of stromd has
-        /// applied (`SetService`, `RemoveService`, `SetPolicies` answered without error).
-        /// A peer that counts its own changes and finds another figure knows some other
-        /// client changed the tables, or that a change it sent without an answer was
-        /// applied after all: it lists and sets what it wants again.
+        /// applied: one per `SetService`, `RemoveService` and `SetPolicies` answered
+        /// without error, and per Service a `SetServices` removed or set (not those it
+        /// refused). A peer that counts the changes acknowledged to it and finds another
+        /// figure knows some other client changed the tables: it lists and sets what it
+        /// wants again.
         #[serde(default)]
         generation: u64,
     },

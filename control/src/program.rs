@@ -18,12 +18,14 @@
 //! stromd numbers the changes it applies to its Service and policy tables (the greeting's
 //! `generation`); this side counts the changes it had acknowledged, and a greeting that
 //! finds another number means someone else changed the tables (a second writer, an
-//! operator's `stromctl`): everything is set again as for a new start ([`Resync`]). A
-//! request whose answer was lost is simply sent again, which stromd takes as a no-op when
-//! it was applied. What stromd refuses is offered again when it changes, when a Service is
-//! removed, after [`RETRY_REFUSED`], and at a resync; a refused Service keeps what stromd
-//! had for it, and a Service the source cannot translate ([`Desired::kept`]) is neither set
-//! nor removed.
+//! operator's `stromctl`): everything is set again as for a new start ([`Resync`]). After a
+//! request whose answer was lost, what it touched counts as unknown: those Services are
+//! set (or removed) again and the policy set is sent again, which stromd takes as a no-op
+//! where it was applied, and stromd's count is taken at the next greeting. What stromd
+//! refuses is offered again when it changes, after [`RETRY_REFUSED`], at a resync, and, for
+//! a Service, when another Service is removed; a refused Service keeps what stromd had for
+//! it, and a Service the source cannot translate ([`Desired::kept`]) that this side has not
+//! set itself is neither set nor removed.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
@@ -83,8 +85,8 @@ pub struct Round {
 pub enum Resync {
     /// A stromd start not met before (or this side's first meeting).
     NewStart,
-    /// The same stromd, whose tables changed in ways this side did not make or did not see
-    /// acknowledged (another client, or a request whose answer was lost).
+    /// The same stromd, whose count of table changes is not the one this side expects:
+    /// another client changed its tables.
     Diverged,
 }
 
@@ -266,7 +268,6 @@ impl<O: Observer> Programmer<O> {
     fn lost(&mut self) {
         self.client = None;
         self.failures += 1;
-        self.generation = None;
     }
 
     /// Connects if need be and greets stromd; on meeting a new start, or tables changed
@@ -332,18 +333,18 @@ impl<O: Observer> Programmer<O> {
         Ok(())
     }
 
-    /// One request that changes stromd's tables (the caller counts what it applied).
+    /// One request that changes stromd's tables (the caller counts what it applied). On an
+    /// error stromd may still apply it (an answer lost with its connection; stromd's own
+    /// "did not answer in time" comes as a refusal while the request waits to be applied):
+    /// the count is unknown until the next greeting, and the caller marks what the request
+    /// touched as unknown.
     fn change(&mut self, request: &Request) -> Result<Response, ClientError> {
         let client = self.client.as_mut().expect("greeted");
-        match client.call(request) {
-            Ok(answer) => Ok(answer),
-            Err(e @ ClientError::Refused(_)) => Err(e),
-            Err(e) => {
-                // Applied or not: the next greeting tells.
-                self.generation = None;
-                Err(e)
-            }
+        let answer = client.call(request);
+        if answer.is_err() {
+            self.generation = None;
         }
+        answer
     }
 
     /// `n` changes stromd acknowledged applying.
@@ -359,15 +360,25 @@ impl<O: Observer> Programmer<O> {
     fn program(&mut self, want: &Desired) -> Result<Round, ClientError> {
         let now = Instant::now();
         let mut round = Round::default();
-        self.acked
-            .refused
-            .retain(|k, _| want.services.contains_key(k));
+        // A refusal stands while what was refused is still what is wanted (and not what
+        // stromd acknowledged since).
+        let acked = &self.acked.services;
+        self.acked.refused.retain(|k, (s, _)| {
+            want.services.get(k).is_some_and(|w| same(w, s))
+                && !acked.get(k).is_some_and(|a| same(a, s))
+        });
         let gone: Vec<String> = self
             .acked
             .services
-            .keys()
-            .filter(|k| !want.services.contains_key(*k) && !want.kept.contains(*k))
-            .cloned()
+            .iter()
+            .filter(|(k, s)| {
+                // `kept` protects only what stromd had when this side met it (content
+                // unknown), not what this side set itself.
+                let wanted = want.services.contains_key(*k);
+                let kept = want.kept.contains(*k) && is_unknown(s);
+                !wanted && !kept
+            })
+            .map(|(k, _)| k.clone())
             .collect();
         if !gone.is_empty() {
             // A refusal may have been for an address a Service removed now held: offer
@@ -400,16 +411,26 @@ impl<O: Observer> Programmer<O> {
                 set: set.iter().map(|(_, s)| (**s).clone()).collect(),
                 remove: remove.clone(),
             };
-            let refused: BTreeMap<String, String> = match self.change(&request)? {
-                Response::Applied { refused } => refused.into_iter().collect(),
+            let answer = self.change(&request);
+            let refused: BTreeMap<String, String> = match answer {
+                Ok(Response::Applied { refused }) => refused.into_iter().collect(),
                 other => {
+                    // Applied, partly or not at all: what stromd has for these Services
+                    // is unknown, so each is sent again (or removed) at the next round.
                     self.generation = None;
-                    return Err(ClientError::Refused(format!(
-                        "stromd answered SetServices with {other:?}"
-                    )));
+                    for key in remove.iter().chain(set.iter().map(|(k, _)| k)) {
+                        self.acked.services.insert(key.clone(), Arc::new(unknown()));
+                    }
+                    return Err(match other {
+                        Err(e) => e,
+                        Ok(answer) => ClientError::Refused(format!(
+                            "stromd answered SetServices with {answer:?}"
+                        )),
+                    });
                 }
             };
-            self.counted(remove.len() + set.len() - refused.len());
+            let refused_here = set.iter().filter(|(k, _)| refused.contains_key(k)).count();
+            self.counted(remove.len() + set.len() - refused_here);
             for key in remove {
                 self.acked.services.remove(&key);
                 round.removed.push(key);
@@ -453,18 +474,30 @@ impl<O: Observer> Programmer<O> {
                     self.acked.policies_refused = None;
                     round.policies = true;
                 }
-                Err(ClientError::Refused(reason)) => {
+                Err(e) => {
+                    // Refused, or stromd's "did not answer in time" while it still applies
+                    // it, or the answer lost: which set stromd holds is unknown, so the
+                    // wanted one is sent again (not before the retry time, if refused) even
+                    // when the wanted set goes back to the one acknowledged before.
+                    self.acked.policies = None;
+                    let ClientError::Refused(reason) = e else {
+                        return Err(e);
+                    };
                     self.acked.policies_refused =
                         Some((want_policies.clone(), now + self.retry_refused));
                     round.policies_refused = Some(reason);
                 }
-                Err(e) => return Err(e),
             }
         } else if acked_same {
             self.acked.policies_refused = None;
         }
         Ok(round)
     }
+}
+
+/// Whether `spec` is [`unknown`].
+fn is_unknown(spec: &ServiceSpec) -> bool {
+    spec.name.is_empty() && spec.namespace.is_empty()
 }
 
 /// A Service stromd has whose content this side does not know: equal to nothing wanted.

@@ -95,17 +95,33 @@ impl Reconciler {
         for key in remove {
             changed |= self.services.remove(key);
         }
-        let mut refused = Vec::new();
-        for spec in set {
-            let key = spec.key();
-            match self
-                .check_addresses(&spec)
-                .and_then(|()| self.services.set(spec, &nodes))
-            {
-                Ok(()) => changed = true,
-                Err(why) => refused.push((key, why)),
+        // A Service may take an address or NodePort another gives up later in the same
+        // batch: what is refused is tried once more after a pass that applied something.
+        let mut todo = set;
+        let mut again = true;
+        let refused = loop {
+            let mut applied = false;
+            let mut failed = Vec::new();
+            for spec in todo {
+                match self
+                    .check_addresses(&spec)
+                    .and_then(|()| self.services.set(spec.clone(), &nodes))
+                {
+                    Ok(()) => applied = true,
+                    Err(why) => failed.push((spec, why)),
+                }
             }
-        }
+            changed |= applied;
+            if again && applied && !failed.is_empty() {
+                again = false;
+                todo = failed.into_iter().map(|(spec, _)| spec).collect();
+                continue;
+            }
+            break failed
+                .into_iter()
+                .map(|(spec, why)| (spec.key(), why))
+                .collect::<Vec<_>>();
+        };
         if changed {
             self.publish_services();
         }
@@ -311,9 +327,17 @@ mod tests {
         assert!(refused.is_empty(), "{refused:?}");
         assert_eq!(r.services(), 2);
         assert_eq!(r.retired(), 2);
+        // db2 moves off .11 and web takes it in the same batch, web given first: refused at
+        // first, taken in the second pass.
+        let refused = r.apply_services(
+            &[],
+            vec![service("web", "198.19.0.11"), service("db2", "198.19.0.12")],
+        );
+        assert!(refused.is_empty(), "{refused:?}");
+        assert_eq!(r.retired(), 3);
         // Nothing to do publishes nothing.
         assert!(r.apply_services(&["a/gone".into()], Vec::new()).is_empty());
-        assert_eq!(r.retired(), 2);
+        assert_eq!(r.retired(), 3);
         drop(held);
     }
 }

@@ -26,6 +26,9 @@ enum Fault {
     Drop,
     /// Applies it, then closes the connection without answering.
     DropAfterApply,
+    /// Applies it, closes the connection without answering, and takes no connection until
+    /// `closed` is cleared.
+    DropAfterApplyAndClose,
 }
 
 type Refusals = Box<dyn FnMut(&ServiceSpec) -> Option<String> + Send>;
@@ -36,6 +39,11 @@ struct State {
     generation: u64,
     services: BTreeMap<String, ServiceSpec>,
     policies: Option<PolicySet>,
+    /// Connections are closed as they come (stromd away).
+    closed: bool,
+    /// The next `SetServices` or `SetPolicies` is treated as
+    /// [`Fault::DropAfterApplyAndClose`].
+    drop_next_change: bool,
     /// Services of a `SetServices` refused alone, with the reason.
     refuse: Option<Refusals>,
     /// Every request received, in order.
@@ -98,12 +106,22 @@ impl Stromd {
 fn serve(listener: UnixListener, state: &Mutex<State>, mut faults: Faults) {
     for conn in listener.incoming() {
         let Ok(conn) = conn else { return };
+        if state.lock().unwrap().closed {
+            continue;
+        }
         let mut writer = conn.try_clone().unwrap();
         for line in BufReader::new(conn).lines() {
             let Ok(line) = line else { break };
             let req: Request = serde_json::from_str(&line).unwrap();
-            let fault = faults(&req);
+            let mut fault = faults(&req);
             let mut s = state.lock().unwrap();
+            let changing = matches!(
+                req,
+                Request::SetServices { .. } | Request::SetPolicies { .. }
+            );
+            if changing && std::mem::take(&mut s.drop_next_change) {
+                fault = Fault::DropAfterApplyAndClose;
+            }
             s.log.push(req.clone());
             let answer = match fault {
                 Fault::Drop => break,
@@ -111,6 +129,11 @@ fn serve(listener: UnixListener, state: &Mutex<State>, mut faults: Faults) {
                 Fault::None => apply(&mut s, req),
                 Fault::DropAfterApply => {
                     apply(&mut s, req);
+                    break;
+                }
+                Fault::DropAfterApplyAndClose => {
+                    apply(&mut s, req);
+                    s.closed = true;
                     break;
                 }
             };
@@ -242,13 +265,21 @@ fn publish(h: &Handle, d: Desired) {
     });
 }
 
-/// Waits up to 10 s for `cond`.
-fn eventually(what: &str, cond: impl Fn() -> bool) {
+/// Waits up to 10 s for `cond`; whether it came.
+fn wait(cond: impl Fn() -> bool) -> bool {
     let end = Instant::now() + Duration::from_secs(10);
     while !cond() {
-        assert!(Instant::now() < end, "timed out waiting for {what}");
+        if Instant::now() >= end {
+            return false;
+        }
         std::thread::sleep(Duration::from_millis(20));
     }
+    true
+}
+
+/// Waits up to 10 s for `cond`.
+fn eventually(what: &str, cond: impl Fn() -> bool) {
+    assert!(wait(cond), "timed out waiting for {what}");
 }
 
 fn is_remove(r: &Request) -> bool {
@@ -320,6 +351,96 @@ fn a_change_applied_without_an_answer_is_harmless_and_no_resync() {
         1,
         "{all:?}"
     );
+}
+
+/// A change applied by stromd whose answer is lost, then the wanted tables change before
+/// stromd is reached again: what the lost request touched is unknown, so it is made right
+/// whatever it became. `change` is published first, `after` while stromd is away.
+fn lost_then_changed(
+    name: &str,
+    first: Desired,
+    change: Desired,
+    after: Desired,
+) -> (Stromd, Seen, Handle) {
+    let stromd = Stromd::start(name, Box::new(|_| Fault::None));
+    let seen = Seen::default();
+    let h = spawn_with(stromd.socket.clone(), seen.clone(), RETRY_REFUSED).unwrap();
+    publish(&h, first);
+    eventually("the first round", || {
+        seen.all().iter().any(|l| l.starts_with("programmed"))
+    });
+    // The next change is applied and its answer lost.
+    stromd.state.lock().unwrap().drop_next_change = true;
+    publish(&h, change);
+    eventually("stromd away", || stromd.state.lock().unwrap().closed);
+    publish(&h, after);
+    std::thread::sleep(Duration::from_millis(200));
+    stromd.state.lock().unwrap().closed = false;
+    // The handle lives on: the programmer ends when its last handle is dropped.
+    (stromd, seen, h)
+}
+
+/// What the stand-in received and the observer heard, for a failure's message.
+fn story(stromd: &Stromd, seen: &Seen) -> String {
+    format!("{:#?}\n{:#?}", stromd.state.lock().unwrap().log, seen.all())
+}
+
+#[test]
+fn a_new_service_applied_without_an_answer_then_deleted_is_removed() {
+    let (stromd, seen, _h) = lost_then_changed(
+        "lost-new",
+        desired(&[("a/web", "198.18.100.1")]),
+        desired(&[("a/web", "198.18.100.1"), ("a/new", "198.18.100.2")]),
+        desired(&[("a/web", "198.18.100.1")]),
+    );
+    let ok = wait(|| stromd.services() == ["a/web"]);
+    assert!(ok, "new not removed: {}", story(&stromd, &seen));
+}
+
+#[test]
+fn a_change_applied_without_an_answer_then_reverted_is_reverted() {
+    let (stromd, seen, _h) = lost_then_changed(
+        "lost-revert",
+        desired(&[("a/web", "198.18.100.1")]),
+        desired(&[("a/web", "198.18.100.7")]),
+        desired(&[("a/web", "198.18.100.1")]),
+    );
+    let ok = wait(|| {
+        stromd.state.lock().unwrap().services["a/web"].cluster_ips[0].to_string() == "198.18.100.1"
+    });
+    assert!(ok, "web not back: {}", story(&stromd, &seen));
+}
+
+#[test]
+fn a_policy_set_applied_without_an_answer_then_reverted_is_reverted() {
+    let with_peer = |ip: &str| {
+        let mut d = desired(&[("a/web", "198.18.100.1")]);
+        d.policies = Arc::new(PolicySet {
+            peers: vec![strom_api::PeerAddr {
+                ip: ip.parse().unwrap(),
+                identity: 1,
+            }],
+            ..PolicySet::default()
+        });
+        d
+    };
+    let (stromd, seen, _h) = lost_then_changed(
+        "lost-policies",
+        with_peer("198.18.16.2"),
+        with_peer("198.18.16.3"),
+        with_peer("198.18.16.2"),
+    );
+    let ok = wait(|| {
+        stromd
+            .state
+            .lock()
+            .unwrap()
+            .policies
+            .as_ref()
+            .map(|p| p.peers[0].ip.to_string())
+            == Some("198.18.16.2".into())
+    });
+    assert!(ok, "the first set not back: {}", story(&stromd, &seen));
 }
 
 #[test]

@@ -51,6 +51,7 @@ pub struct Carried {
 fn load(dir: &Path, carried: &mut Carried) -> Result<Objects, LoadError> {
     let files = files(dir)?;
     let mut all = Objects::default();
+    let mut kept = Vec::new();
     for f in &files {
         let origin = f.display().to_string();
         let mut one = Objects::default();
@@ -58,9 +59,13 @@ fn load(dir: &Path, carried: &mut Carried) -> Result<Objects, LoadError> {
         if one.invalid.is_empty() {
             carried.good.insert(f.clone(), one.clone());
         } else if let Some(earlier) = carried.good.get(f) {
-            one.keep_missing(earlier.clone());
+            kept.push(earlier.clone());
         }
         all.append(one, &origin);
+    }
+    // After every file: an object declared now in any file wins over a kept copy.
+    for earlier in kept {
+        all.keep_missing(earlier);
     }
     carried.good.retain(|f, _| files.contains(f));
     Ok(all)
