@@ -73,42 +73,17 @@ impl Objects {
     }
 
     /// Adds the objects of `other` (read from `origin`), refusing one already declared.
-    pub fn append(&mut self, other: Objects, origin: &str) {
-        let Objects {
-            namespaces,
-            pods,
-            services,
-            endpoint_slices,
-            network_policies,
-            other,
-            invalid,
-            seen: _,
-        } = other;
-        self.other.extend(other);
-        self.invalid.extend(invalid);
+    pub fn append(&mut self, mut other: Objects, origin: &str) {
+        self.other.append(&mut other.other);
+        self.invalid.append(&mut other.invalid);
         let mut twice = Vec::new();
-        let mut dup = |what: String| {
+        self.merge(other, &mut |what| {
             twice.push(ManifestError {
                 origin: origin.to_string(),
                 what,
                 reason: "declared twice".into(),
             })
-        };
-        merge(&mut self.seen, &mut self.namespaces, namespaces, &mut dup);
-        merge(&mut self.seen, &mut self.pods, pods, &mut dup);
-        merge(&mut self.seen, &mut self.services, services, &mut dup);
-        merge(
-            &mut self.seen,
-            &mut self.endpoint_slices,
-            endpoint_slices,
-            &mut dup,
-        );
-        merge(
-            &mut self.seen,
-            &mut self.network_policies,
-            network_policies,
-            &mut dup,
-        );
+        });
         self.invalid.extend(twice);
     }
 
@@ -117,32 +92,18 @@ impl Objects {
     /// error, of every document after it), as an API server keeps an object whose update
     /// it refuses.
     pub fn keep_missing(&mut self, earlier: Objects) {
-        let mut ignore = |_| {};
-        merge(
-            &mut self.seen,
-            &mut self.namespaces,
-            earlier.namespaces,
-            &mut ignore,
-        );
-        merge(&mut self.seen, &mut self.pods, earlier.pods, &mut ignore);
-        merge(
-            &mut self.seen,
-            &mut self.services,
-            earlier.services,
-            &mut ignore,
-        );
-        merge(
-            &mut self.seen,
-            &mut self.endpoint_slices,
-            earlier.endpoint_slices,
-            &mut ignore,
-        );
-        merge(
-            &mut self.seen,
-            &mut self.network_policies,
-            earlier.network_policies,
-            &mut ignore,
-        );
+        self.merge(earlier, &mut |_| {});
+    }
+
+    /// Moves every object of `from` not declared here yet into these; `dup` hears of the
+    /// others (`Kind namespace/name`).
+    fn merge(&mut self, from: Objects, dup: &mut impl FnMut(String)) {
+        let seen = &mut self.seen;
+        merge(seen, &mut self.namespaces, from.namespaces, dup);
+        merge(seen, &mut self.pods, from.pods, dup);
+        merge(seen, &mut self.services, from.services, dup);
+        merge(seen, &mut self.endpoint_slices, from.endpoint_slices, dup);
+        merge(seen, &mut self.network_policies, from.network_policies, dup);
     }
 
     /// Adds the documents of one file (JSON is YAML too).

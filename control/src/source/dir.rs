@@ -16,24 +16,23 @@ use std::time::{Duration, SystemTime};
 
 use super::{Change, Driver, Report};
 use crate::cluster::{Kind, Object};
-use crate::manifests::load::{self, files, is_manifest, LoadError};
+use crate::manifests::load::{self, files, LoadError};
 use crate::manifests::{resolve, Allocations, Objects, Settings};
 
 /// One reading's view of the directory: (file, size, modified).
 type Fingerprint = Vec<(PathBuf, u64, Option<SystemTime>)>;
 
-fn fingerprint(dir: &Path) -> std::io::Result<Fingerprint> {
-    let mut files = Vec::new();
-    for e in std::fs::read_dir(dir)? {
-        let p = e?.path();
-        if is_manifest(&p) {
-            // Follows symlinks: a ConfigMap volume's files are links into its data.
-            let m = std::fs::metadata(&p)?;
-            files.push((p, m.len(), m.modified().ok()));
-        }
+fn fingerprint(dir: &Path) -> Result<Fingerprint, LoadError> {
+    let mut prints = Vec::new();
+    for p in files(dir)? {
+        // Follows symlinks: a ConfigMap volume's files are links into its data.
+        let m = std::fs::metadata(&p).map_err(|source| LoadError {
+            path: p.clone(),
+            source,
+        })?;
+        prints.push((p, m.len(), m.modified().ok()));
     }
-    files.sort();
-    Ok(files)
+    Ok(prints)
 }
 
 /// What one reading of the directory carries to the next.
@@ -163,9 +162,7 @@ pub fn run<R: Report>(
                 }
             }
             Ok(_) => {}
-            Err(e) => driver
-                .report()
-                .unreadable(&format!("{}: {e}", dir.display())),
+            Err(e) => driver.report().unreadable(&e.to_string()),
         }
         std::thread::sleep(interval);
     }
