@@ -16,6 +16,13 @@ use crate::error::{code, CniError};
 /// Versions whose configs we accept and whose results we emit.
 pub const SUPPORTED: &[&str] = &["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"];
 
+/// `localMtu` unless configured: large enough that a TCP segment of one pod to another on the
+/// node is most of 64 KiB (the kernel's GSO size), as the pod's own stack would hand the kernel
+/// without stromd in the path.
+pub const DEFAULT_LOCAL_MTU: u32 = 65_000;
+/// The largest `localMtu`: any IPv4 packet (stromd's largest pod MTU).
+pub const MAX_LOCAL_MTU: u32 = 65_535;
+
 /// The largest `stromdTimeoutMs`: 5 minutes.
 const MAX_STROMD_TIMEOUT_MS: u64 = 300_000;
 
@@ -25,9 +32,15 @@ const MAX_STROMD_TIMEOUT_MS: u64 = 300_000;
 pub struct NetConf {
     pub cni_version: String,
     pub name: String,
-    /// Pod interface MTU; default: the uplink's MTU minus the overlay header (50), or 1450.
+    /// MTU of the paths leaving the node (other nodes, Services, outside): the pod's default
+    /// route carries it; default: the uplink's MTU minus the overlay header (50), or 1450.
     #[serde(default)]
     pub mtu: Option<u32>,
+    /// MTU of the pod's interface, and of its route to the node's pod subnet: pods of one node
+    /// exchange frames this large through stromd (multi-buffer AF_XDP); default 65000. At or
+    /// below `mtu`, the interface takes `mtu` and there is no route of its own.
+    #[serde(default)]
+    pub local_mtu: Option<u32>,
     /// The node's uplink, for the default MTU.
     #[serde(default)]
     pub uplink_interface: Option<String>,
@@ -130,6 +143,15 @@ impl NetConf {
                 ));
             }
         }
+        if let Some(m) = c.local_mtu {
+            if !(576..=MAX_LOCAL_MTU).contains(&m) {
+                return Err(CniError::new(
+                    code::INVALID_CONFIG,
+                    "invalid network configuration",
+                    format!("localMtu {m} (576..={MAX_LOCAL_MTU})"),
+                ));
+            }
+        }
         if let Some(t) = c.stromd_timeout_ms {
             // Zero would mean no deadline to the socket (and is refused by it); more than the
             // maximum outlasts any runtime's own deadline for the call.
@@ -175,6 +197,11 @@ impl NetConf {
                 e.to_string(),
             )
         })
+    }
+
+    /// The pod interface's MTU: `localMtu`, but never below the path MTU `path`.
+    pub fn local_mtu(&self, path: u32) -> u32 {
+        self.local_mtu.unwrap_or(DEFAULT_LOCAL_MTU).max(path)
     }
 
     /// The pod gateway.

@@ -44,6 +44,11 @@ fn io(what: &str, p: &Path, e: std::io::Error) -> CniError {
 }
 
 impl Ipam {
+    /// The subnet addresses come from (the node's pod CIDR).
+    pub fn subnet(&self) -> Ipv4Net {
+        self.subnet
+    }
+
     /// An allocator for `network` over `subnet`; `reserved` are never handed out.
     pub fn new(
         data_dir: &Path,

@@ -302,8 +302,13 @@ fn cmd_add(c: &NetConf, env: &Env, stdin: &[u8]) -> Result<CniResult, CniError> 
         ));
     }
     let source = addr_source(c, env)?;
-    let ip = match &source {
-        Addr::Own(ipam) => ipam.allocate(&env.owner(), requested_ip(c, env)?)?,
+    // The node's pod subnet, reached at the pod interface's own MTU: the allocator's, or the
+    // prefix the delegated IPAM plugin gave the address (none for a /32).
+    let (ip, local) = match &source {
+        Addr::Own(ipam) => (
+            ipam.allocate(&env.owner(), requested_ip(c, env)?)?,
+            Some(ipam.subnet()),
+        ),
         Addr::Delegated(p) => {
             let r = delegate(p, "ADD", stdin)?.unwrap_or_else(|| CniResult {
                 cni_version: String::new(),
@@ -318,16 +323,21 @@ fn cmd_add(c: &NetConf, env: &Env, stdin: &[u8]) -> Result<CniResult, CniError> 
                     .next()
                     .and_then(|a| a.parse::<Ipv4Addr>().ok())
             });
-            first.ok_or_else(|| {
+            let local = r.ips.iter().find_map(|i| {
+                let net = i.address.parse::<ipnet::Ipv4Net>().ok()?;
+                (net.prefix_len() < 32).then(|| net.trunc())
+            });
+            let ip = first.ok_or_else(|| {
                 CniError::new(
                     code::DELEGATE,
                     "IPAM plugin returned no IPv4 address",
                     format!("{:?}", r.ips),
                 )
-            })?
+            })?;
+            (ip, local)
         }
     };
-    match wire(c, env, &host, ip) {
+    match wire(c, env, &host, ip, local) {
         Ok(r) => Ok(r),
         Err(e) if e.msg == ALREADY_WIRED => Err(e),
         Err(e) => {
@@ -346,8 +356,26 @@ fn cmd_add(c: &NetConf, env: &Env, stdin: &[u8]) -> Result<CniResult, CniError> 
     }
 }
 
-fn wire(c: &NetConf, env: &Env, host: &str, ip: Ipv4Addr) -> Result<CniResult, CniError> {
-    let mtu = default_mtu(c);
+fn wire(
+    c: &NetConf,
+    env: &Env,
+    host: &str,
+    ip: Ipv4Addr,
+    local: Option<ipnet::Ipv4Net>,
+) -> Result<CniResult, CniError> {
+    // The interface carries `localMtu` toward the node's pods; the default route keeps
+    // everything else at the path's MTU. Without a known pod subnet, the path's MTU throughout.
+    let path_mtu = default_mtu(c);
+    let local = local.filter(|_| c.local_mtu(path_mtu) > path_mtu);
+    let mtu = if local.is_some() {
+        c.local_mtu(path_mtu)
+    } else {
+        path_mtu
+    };
+    let routes = nl::PodRoutes {
+        path_mtu: (mtu > path_mtu).then_some(path_mtu),
+        local,
+    };
     let gw = c.gateway();
     let mac = env
         .arg("MAC")
@@ -365,7 +393,7 @@ fn wire(c: &NetConf, env: &Env, host: &str, ip: Ipv4Addr) -> Result<CniResult, C
             format!("{ns}: {e}"),
         )
     })?;
-    let pod_side = match nl::wire_node(host, ifn, mac_bytes, mtu, netns, ip, gw)
+    let pod_side = match nl::wire_node(host, ifn, mac_bytes, mtu, netns, ip, gw, routes)
         .map_err(io_err("wiring the node side"))?
     {
         nl::Created::Ok(p) => p,
@@ -426,10 +454,15 @@ fn wire(c: &NetConf, env: &Env, host: &str, ip: Ipv4Addr) -> Result<CniResult, C
             gateway: Some(gw.to_string()),
             interface: Some(1),
         }],
-        routes: vec![Route {
+        routes: std::iter::once(Route {
             dst: "0.0.0.0/0".into(),
             gw: Some(gw.to_string()),
-        }],
+        })
+        .chain(local.map(|n| Route {
+            dst: n.to_string(),
+            gw: Some(gw.to_string()),
+        }))
+        .collect(),
         dns: c
             .dns
             .clone()

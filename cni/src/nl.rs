@@ -12,7 +12,7 @@ use std::process::{Command, Stdio};
 use futures::stream::TryStreamExt;
 use rtnetlink::packet_route::link::{InfoData, InfoKind, InfoVeth};
 use rtnetlink::packet_route::neighbour::NeighbourState;
-use rtnetlink::packet_route::route::{RouteMessage, RouteScope};
+use rtnetlink::packet_route::route::{RouteAttribute, RouteMessage, RouteMetric, RouteScope};
 use rtnetlink::{Handle, LinkMessageBuilder, LinkUnspec, RouteMessageBuilder};
 
 const EEXIST: i32 = 17;
@@ -84,9 +84,19 @@ pub fn join(p: PodSide) -> Result<(), String> {
         .map_err(|_| "pod namespace thread panicked".to_string())?
 }
 
+/// The pod's routes beyond the on-link one to its gateway, all through the gateway.
+#[derive(Debug, Clone, Copy)]
+pub struct PodRoutes {
+    /// The default route's MTU, where it is below the interface's (paths leaving the node).
+    pub path_mtu: Option<u32>,
+    /// The node's pod subnet, at the interface's MTU.
+    pub local: Option<ipnet::Ipv4Net>,
+}
+
 /// Node side: the veth pair (peer moved into `netns` as `ifname` with `mac`), the host end up,
 /// the pod's /32 route and permanent neighbour entry. As soon as the pair exists the pod side
-/// starts in parallel (`wire_pod`, with gateway `gw`).
+/// starts in parallel (`wire_pod`, with gateway `gw` and `routes`).
+#[allow(clippy::too_many_arguments)]
 pub fn wire_node(
     host: &str,
     ifname: &str,
@@ -95,6 +105,7 @@ pub fn wire_node(
     netns: File,
     ip: Ipv4Addr,
     gw: Ipv4Addr,
+    routes: PodRoutes,
 ) -> Result<Created, String> {
     with_handle(async |h| {
         let peer = LinkMessageBuilder::<LinkUnspec>::new()
@@ -113,7 +124,7 @@ pub fn wire_node(
             Err(e) if errno(&e) == Some(EEXIST) => return Ok(Created::Exists),
             Err(e) => return Err(format!("creating {host}/{ifname}: {e}")),
         }
-        let pod = wire_pod(netns, ifname, ip, gw);
+        let pod = wire_pod(netns, ifname, ip, gw, routes);
         let idx = index_of(&h, host)
             .await?
             .ok_or_else(|| format!("{host} vanished"))?;
@@ -137,8 +148,9 @@ pub fn wire_node(
 }
 
 /// Pod side, inside `netns`, in a thread of its own: offloads off (ethtool), interface up, the
-/// /32 address, an on-link route to the gateway and the default route through it.
-fn wire_pod(netns: File, ifname: &str, ip: Ipv4Addr, gw: Ipv4Addr) -> PodSide {
+/// /32 address, an on-link route to the gateway, the default route through it (at the path's
+/// MTU) and the route to the node's pod subnet (at the interface's).
+fn wire_pod(netns: File, ifname: &str, ip: Ipv4Addr, gw: Ipv4Addr, routes: PodRoutes) -> PodSide {
     let ifname = ifname.to_string();
     std::thread::spawn(move || {
         nix::sched::setns(&netns, nix::sched::CloneFlags::CLONE_NEWNET)
@@ -171,15 +183,32 @@ fn wire_pod(netns: File, ifname: &str, ip: Ipv4Addr, gw: Ipv4Addr) -> PodSide {
                 .execute()
                 .await
                 .map_err(|e| format!("route to {gw}: {e}"))?;
-            let default = RouteMessageBuilder::<Ipv4Addr>::new()
+            let mut default = RouteMessageBuilder::<Ipv4Addr>::new()
                 .gateway(gw)
                 .output_interface(idx)
                 .build();
+            if let Some(m) = routes.path_mtu {
+                default
+                    .attributes
+                    .push(RouteAttribute::Metrics(vec![RouteMetric::Mtu(m)]));
+            }
             h.route()
                 .add(default)
                 .execute()
                 .await
                 .map_err(|e| format!("default route: {e}"))?;
+            if let Some(net) = routes.local {
+                let local = RouteMessageBuilder::<Ipv4Addr>::new()
+                    .destination_prefix(net.network(), net.prefix_len())
+                    .gateway(gw)
+                    .output_interface(idx)
+                    .build();
+                h.route()
+                    .add(local)
+                    .execute()
+                    .await
+                    .map_err(|e| format!("route to {net}: {e}"))?;
+            }
             Ok(())
         })
     })

@@ -48,8 +48,9 @@ pub enum DropReason {
     /// The kernel refused a fill or tx descriptor (a stromd bug if ever non-zero).
     XskInvalidDesc,
     /// The kernel dropped a received frame for another reason it counts as `rx_dropped`: a
-    /// frame larger than a UMEM frame's room (2048 bytes less the kernel's 256 of headroom),
-    /// e.g. from a pod whose MTU is above what stromd carries.
+    /// frame larger than a UMEM frame's room (4096 bytes less the kernel's 256 of headroom) on
+    /// a socket without multi-buffer (the uplink's), e.g. from a link whose MTU is above what
+    /// stromd carries there.
     XskRxTooLarge,
     /// Destination MAC not the receiving port's (broadcast, multicast or another host's):
     /// only frames addressed to the gateway are routed.
@@ -86,11 +87,20 @@ pub enum DropReason {
     /// No NetworkPolicy selecting the pod allowed it (ingress to it or egress from it), and
     /// it belongs to no allowed connection.
     PolicyDenied,
+    /// A frame spanning more buffers than the kernel sends as one packet (`MAX_CHAIN`, 18:
+    /// about 69 KB): never truncated.
+    TooManyBuffers,
+    /// A multi-buffer frame whose chain of descriptors ended without its last (the kernel
+    /// publishes chains whole: a stromd or kernel bug if ever non-zero).
+    ChainBroken,
+    /// A frame larger than one buffer for a port whose socket is not multi-buffer (the
+    /// uplink's: its MTU stops such frames at the route first).
+    NoMultiBuffer,
 }
 
 impl DropReason {
     /// Every reason, in counter-index order.
-    pub const ALL: [DropReason; 35] = [
+    pub const ALL: [DropReason; 38] = [
         DropReason::Runt,
         DropReason::VlanTagged,
         DropReason::UnknownEthertype,
@@ -126,6 +136,9 @@ impl DropReason {
         DropReason::SnatPortsExhausted,
         DropReason::FragmentUntranslated,
         DropReason::PolicyDenied,
+        DropReason::TooManyBuffers,
+        DropReason::ChainBroken,
+        DropReason::NoMultiBuffer,
     ];
     /// Number of reasons (size of counter arrays).
     pub const COUNT: usize = Self::ALL.len();
@@ -168,6 +181,9 @@ impl DropReason {
             DropReason::SnatPortsExhausted => "snat_ports_exhausted",
             DropReason::FragmentUntranslated => "fragment_not_translated",
             DropReason::PolicyDenied => "policy_denied",
+            DropReason::TooManyBuffers => "too_many_buffers",
+            DropReason::ChainBroken => "chain_broken",
+            DropReason::NoMultiBuffer => "no_multi_buffer",
         }
     }
 

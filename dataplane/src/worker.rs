@@ -31,8 +31,8 @@ use crate::pipeline::{self, Action, InPort, PortKind};
 use crate::stats::{Local, LocalDrops, SharedCounters, WorkerCounters};
 use crate::tables::TableHandle;
 use crate::xsk::{
-    BindMode, Closed, PollSet, SharedUmem, Waker, WorkerUmem, XskError, XskPort, XskSizes,
-    FRAME_SIZE, PREFETCH_AHEAD,
+    packet_len, BindMode, Closed, PollSet, SharedUmem, Waker, WorkerUmem, XskError, XskPort,
+    XskSizes, FRAME_SIZE, MAX_CHAIN, PREFETCH_AHEAD, RX_ROOM,
 };
 
 /// Conntrack entries one worker lists at most in an answer (all are counted).
@@ -58,11 +58,31 @@ const HANDOFF_CAP: usize = 2048;
 /// Milliseconds between two reviews of the ports' fill depths (`XskPort::review`).
 const REVIEW_MS: u64 = 1000;
 
+/// Bytes a [`Handoff`] carries inline: a frame of the uplink's MTU (at most
+/// `MAX_UPLINK_MTU`) and most of the pods'. A larger one goes in a [`LargeHandoff`].
+pub const HANDOFF_INLINE: usize = 2048;
+/// Large buffers each worker keeps for frames handed to it ([`LargeHandoff`]).
+const LARGE_HANDOFFS: usize = 128;
+/// Bytes of a large buffer: the longest chain the kernel sends as one packet.
+const LARGE_BYTES: usize = MAX_CHAIN * RX_ROOM as usize;
+/// Descriptors one receive reads at most: a batch, and the rest of the packet its last
+/// descriptor belongs to.
+const RX_DESCS: usize = BATCH + MAX_CHAIN;
+
 /// A frame copied to another worker: each worker has its own slice of the UMEM.
 pub struct Handoff {
     port: u32,
     len: u16,
-    data: [u8; FRAME_SIZE as usize],
+    data: [u8; HANDOFF_INLINE],
+}
+
+/// A frame larger than a [`Handoff`] carries (a pod's multi-buffer packet), copied whole into
+/// one of the receiving worker's large buffers, which it takes back once the frame is sent:
+/// the buffers are allocated when the worker is created, never per packet.
+pub struct LargeHandoff {
+    port: u32,
+    len: u32,
+    data: Box<[u8]>,
 }
 
 /// A socket a worker opened: a duplicate of its fd (for the XSKMAP; it keeps the socket open
@@ -136,6 +156,10 @@ pub struct WorkerShared {
     pub core: Option<usize>,
     pub counters: WorkerCounters,
     handoff: ArrayQueue<Handoff>,
+    /// Frames handed over in large buffers, and the large buffers free for them (all
+    /// `LARGE_HANDOFFS` are in one queue or the other, or in use by a sender or this worker).
+    large: ArrayQueue<LargeHandoff>,
+    large_free: ArrayQueue<Box<[u8]>>,
     waker: Waker,
     sleeping: AtomicBool,
     commands: Sender<Command>,
@@ -219,6 +243,19 @@ impl WorkerShared {
         }
         ok
     }
+
+    /// Queues a frame in one of this worker's large buffers (taken from `large_free`, so the
+    /// queue, as large as the pool, has room).
+    #[inline]
+    fn push_large(&self, h: LargeHandoff) {
+        if let Err(h) = self.large.push(h) {
+            let _ = self.large_free.push(h.data);
+            return;
+        }
+        if self.sleeping.load(Ordering::SeqCst) {
+            self.waker.wake();
+        }
+    }
 }
 
 struct Port {
@@ -282,6 +319,14 @@ pub fn create(n: usize, cores: &[usize]) -> Result<Created, crate::xsk::XskError
             core: (!cores.is_empty()).then(|| cores[id % cores.len()]),
             counters: WorkerCounters::default(),
             handoff: ArrayQueue::new(HANDOFF_CAP),
+            large: ArrayQueue::new(LARGE_HANDOFFS),
+            large_free: {
+                let q = ArrayQueue::new(LARGE_HANDOFFS);
+                for _ in 0..LARGE_HANDOFFS {
+                    let _ = q.push(vec![0u8; LARGE_BYTES].into_boxed_slice());
+                }
+                q
+            },
             waker: Waker::new()?,
             sleeping: AtomicBool::new(false),
             commands: tx,
@@ -373,7 +418,7 @@ impl Worker {
             addr: 0,
             len: 0,
             options: 0,
-        }; BATCH];
+        }; RX_DESCS];
         loop {
             if !self.commands.is_empty() && !self.handle_commands() {
                 break;
@@ -465,7 +510,11 @@ impl Worker {
 
     fn sleep(&mut self) {
         self.me.sleeping.store(true, Ordering::SeqCst);
-        if self.me.handoff.is_empty() && self.commands.is_empty() && self.me.closed.is_empty() {
+        if self.me.handoff.is_empty()
+            && self.me.large.is_empty()
+            && self.commands.is_empty()
+            && self.me.closed.is_empty()
+        {
             self.poll.wait(SLEEP_MS);
             self.me.counters.sleeps.fetch_add(1, Ordering::Relaxed);
         }
@@ -499,33 +548,40 @@ impl Worker {
                         PortKind::Uplink => BindMode::Auto,
                         PortKind::Pod => BindMode::Copy,
                     };
-                    let r = self.umem.open(s.ifindex, s.queue, mode).and_then(|xsk| {
-                        let zero_copy = xsk.zero_copy();
-                        let fd = xsk
-                            .as_fd()
-                            .try_clone_to_owned()
-                            .map(|fd| Opened { fd, zero_copy })
-                            .map_err(XskError::Dup);
-                        s.counters.set_fill_depth(xsk.fill_depth());
-                        let kind = s.kind;
-                        self.ports[id as usize] = Some(Box::new(Port {
-                            kind,
-                            host_mac: s.host_mac,
-                            pod_mac: s.pod_mac,
-                            ips: s.ips,
-                            xsk,
-                            counters: s.counters,
-                            local: Local::default(),
-                        }));
-                        self.active.push(id);
-                        if kind == PortKind::Uplink && self.ctx.uplink_tx.is_none() {
-                            self.ctx.uplink_tx = Some(id);
-                        }
-                        if fd.is_err() {
-                            self.remove_port(id, false);
-                        }
-                        fd
-                    });
+                    // A pod's socket takes frames larger than one buffer (its veth's MTU may
+                    // be up to 65 535 toward the node's pods); the uplink's MTU stays within
+                    // one frame (`MAX_UPLINK_MTU`), and it may bind zero-copy.
+                    let multi_buffer = s.kind == PortKind::Pod;
+                    let r = self
+                        .umem
+                        .open(s.ifindex, s.queue, mode, multi_buffer)
+                        .and_then(|xsk| {
+                            let zero_copy = xsk.zero_copy();
+                            let fd = xsk
+                                .as_fd()
+                                .try_clone_to_owned()
+                                .map(|fd| Opened { fd, zero_copy })
+                                .map_err(XskError::Dup);
+                            s.counters.set_fill_depth(xsk.fill_depth());
+                            let kind = s.kind;
+                            self.ports[id as usize] = Some(Box::new(Port {
+                                kind,
+                                host_mac: s.host_mac,
+                                pod_mac: s.pod_mac,
+                                ips: s.ips,
+                                xsk,
+                                counters: s.counters,
+                                local: Local::default(),
+                            }));
+                            self.active.push(id);
+                            if kind == PortKind::Uplink && self.ctx.uplink_tx.is_none() {
+                                self.ctx.uplink_tx = Some(id);
+                            }
+                            if fd.is_err() {
+                                self.remove_port(id, false);
+                            }
+                            fd
+                        });
                     let _ = reply.send(r.map_err(|e| OpenFailure {
                         busy: e.is_busy(),
                         message: e.to_string(),
@@ -568,7 +624,7 @@ impl Worker {
                         let mut next = Handoff {
                             port,
                             len: len as u16,
-                            data: [0; FRAME_SIZE as usize],
+                            data: [0; HANDOFF_INLINE],
                         };
                         next.data[..len].copy_from_slice(&h.data[..len]);
                         if w.push_handoff(next) {
@@ -678,27 +734,48 @@ impl Worker {
         }
     }
 
-    /// Receives and processes one batch of port `id`. Returns the number of frames.
+    /// Receives and processes one batch of port `id`. Returns the number of packets.
     #[inline]
     fn rx_batch(
         &mut self,
         id: u32,
-        descs: &mut [XdpDesc; BATCH],
+        descs: &mut [XdpDesc; RX_DESCS],
         tables: &crate::tables::View<'_>,
     ) -> usize {
         let Some(mut port) = self.ports[id as usize].take() else {
             return 0;
         };
         let n = port.xsk.recv(&mut self.umem, descs);
-        for (i, d) in descs[..n].iter().enumerate() {
+        let mut packets = 0;
+        let mut i = 0;
+        while i < n {
+            // A packet is a chain of descriptors, each but the last marked as continued.
+            let Some(k) = packet_len(&descs[i..n]) else {
+                // `recv` ends on a whole packet: a chain cut short is never forwarded.
+                for d in &descs[i..n] {
+                    self.umem.recycle(d.addr);
+                }
+                self.drops.count(DropReason::ChainBroken);
+                port.local.drops += 1;
+                break;
+            };
+            let last = i + k - 1;
+            let chain = &descs[i..=last];
+            i = last + 1;
             // `recv` started loading the first frames' headers; keep that many ahead.
-            if let Some(ahead) = descs[..n].get(i + PREFETCH_AHEAD) {
+            if let Some(ahead) = descs[..n].get(last + PREFETCH_AHEAD) {
                 self.umem.prefetch(ahead.addr);
             }
-            let len = d.len as usize;
+            let wire: usize = chain.iter().map(|d| d.len as usize).sum();
+            packets += 1;
             port.local.rx_packets += 1;
-            port.local.rx_bytes += len as u64;
-            self.totals.rx_bytes += len as u64;
+            port.local.rx_bytes += wire as u64;
+            self.totals.rx_bytes += wire as u64;
+            if chain.len() > MAX_CHAIN {
+                self.drop_chain(&mut port, chain, DropReason::TooManyBuffers);
+                continue;
+            }
+            let head = chain[0];
             let action = {
                 let Port {
                     kind,
@@ -714,44 +791,55 @@ impl Worker {
                     pod_mac: *pod_mac,
                     ips,
                 };
-                pipeline::process(
-                    self.umem.frame_mut(d.addr),
-                    len,
+                pipeline::process_frame(
+                    self.umem.frame_mut(head.addr),
+                    head.len as usize,
+                    wire,
                     &inp,
                     tables,
                     &mut self.ctx,
                 )
             };
             match action {
-                Action::Drop(r) => {
-                    self.drops.count(r);
-                    port.local.drops += 1;
-                    self.umem.recycle(d.addr);
+                Action::Drop(r) => self.drop_chain(&mut port, chain, r),
+                Action::Hairpin { len } => {
+                    let (out, k) = with_head_len(chain, len);
+                    if !port.xsk.send_chain(&mut self.umem, &out[..k]) {
+                        self.drops.count(DropReason::TxFull);
+                        port.local.drops += 1;
+                    }
                 }
-                Action::Hairpin { len } => self.hairpin(&mut port, d.addr, len),
                 Action::IcmpError { reason, len } => {
+                    // The error replaces the frame: its first buffer carries it back.
+                    for d in &chain[1..] {
+                        self.umem.recycle(d.addr);
+                    }
                     self.drops.count(reason);
                     port.local.drops += 1;
-                    self.hairpin(&mut port, d.addr, len);
+                    self.hairpin(&mut port, head.addr, len);
                 }
                 Action::Tx {
                     port: out_port,
                     len,
                 } => {
-                    // The worker's ports share its UMEM slice: the frame itself goes out.
+                    // The worker's ports share its UMEM slice: the frames themselves go out.
+                    let (out, k) = with_head_len(chain, len);
                     let r = match self.ports[out_port as usize].as_deref_mut() {
-                        Some(out) => {
-                            if out.xsk.send(&mut self.umem, d.addr, len) {
+                        Some(o) if k > 1 && !o.xsk.multi_buffer() => Err(DropReason::NoMultiBuffer),
+                        Some(o) => {
+                            if o.xsk.send_chain(&mut self.umem, &out[..k]) {
                                 Ok(())
                             } else {
                                 Err(DropReason::TxFull)
                             }
                         }
-                        None => {
-                            self.umem.recycle(d.addr);
-                            Err(DropReason::PortGone)
-                        }
+                        None => Err(DropReason::PortGone),
                     };
+                    if r.is_err() {
+                        for d in chain {
+                            self.umem.recycle(d.addr);
+                        }
+                    }
                     self.account_tx(r);
                 }
                 Action::Handoff {
@@ -759,34 +847,86 @@ impl Worker {
                     port: out_port,
                     len,
                 } => {
-                    let frame = self.umem.frame_mut(d.addr);
-                    let r = match (self.all.get(usize::from(worker)), frame.get(..len)) {
-                        (Some(w), Some(bytes)) => {
-                            let mut h = Handoff {
-                                port: out_port,
-                                len: len as u16,
-                                data: [0; FRAME_SIZE as usize],
-                            };
-                            h.data[..len].copy_from_slice(bytes);
-                            if w.push_handoff(h) {
-                                Ok(())
-                            } else {
-                                Err(DropReason::HandoffFull)
-                            }
-                        }
-                        _ => Err(DropReason::PortGone),
+                    let r = match self.all.get(usize::from(worker)) {
+                        Some(w) => Self::hand_off(&mut self.umem, w, out_port, chain, len),
+                        None => Err(DropReason::PortGone),
                     };
                     if let Err(r) = r {
                         self.drops.count(r);
                         port.local.drops += 1;
                     }
-                    self.umem.recycle(d.addr);
+                    for d in chain {
+                        self.umem.recycle(d.addr);
+                    }
                 }
             }
         }
-        self.totals.rx_packets += n as u64;
+        self.totals.rx_packets += packets as u64;
         self.ports[id as usize] = Some(port);
-        n
+        packets
+    }
+
+    /// Drops a received packet for `reason`: every frame of its chain back to the pool.
+    #[inline]
+    fn drop_chain(&mut self, port: &mut Port, chain: &[XdpDesc], reason: DropReason) {
+        self.drops.count(reason);
+        port.local.drops += 1;
+        for d in chain {
+            self.umem.recycle(d.addr);
+        }
+    }
+
+    /// Copies the packet in `chain` (its first buffer now `len` bytes long) to worker `w`,
+    /// which sends it out of its port `out_port`: inline in the hand-off when it fits, in one
+    /// of `w`'s large buffers otherwise. The frames stay the caller's.
+    #[inline]
+    fn hand_off(
+        umem: &mut WorkerUmem,
+        w: &WorkerShared,
+        out_port: u32,
+        chain: &[XdpDesc],
+        len: usize,
+    ) -> Result<(), DropReason> {
+        let head = chain[0];
+        let wire = len + chain[1..].iter().map(|d| d.len as usize).sum::<usize>();
+        if chain.len() == 1 && len <= HANDOFF_INLINE {
+            let bytes = umem.frame_mut(head.addr);
+            let bytes = bytes.get(..len).ok_or(DropReason::PortGone)?;
+            let mut h = Handoff {
+                port: out_port,
+                len: len as u16,
+                data: [0; HANDOFF_INLINE],
+            };
+            h.data[..len].copy_from_slice(bytes);
+            return if w.push_handoff(h) {
+                Ok(())
+            } else {
+                Err(DropReason::HandoffFull)
+            };
+        }
+        let mut data = w.large_free.pop().ok_or(DropReason::HandoffFull)?;
+        if wire > data.len() {
+            let _ = w.large_free.push(data);
+            return Err(DropReason::TooManyBuffers);
+        }
+        let mut at = 0;
+        for (i, d) in chain.iter().enumerate() {
+            let n = if i == 0 { len } else { d.len as usize };
+            match umem.frame_mut(d.addr).get(..n) {
+                Some(b) => data[at..at + n].copy_from_slice(b),
+                None => {
+                    let _ = w.large_free.push(data);
+                    return Err(DropReason::PortGone);
+                }
+            }
+            at += n;
+        }
+        w.push_large(LargeHandoff {
+            port: out_port,
+            len: wire as u32,
+            data,
+        });
+        Ok(())
     }
 
     #[inline]
@@ -798,7 +938,8 @@ impl Worker {
         }
     }
 
-    /// Copies `frame` into a free frame of this worker's UMEM and queues it on `out`.
+    /// Copies `frame` into free frames of this worker's UMEM (as many as it needs, a chain
+    /// when it is larger than one) and queues it on `out`.
     #[inline]
     fn transmit_copy(
         umem: &mut WorkerUmem,
@@ -806,15 +947,47 @@ impl Worker {
         frame: &[u8],
     ) -> Result<(), DropReason> {
         let out = out.ok_or(DropReason::PortGone)?;
-        let addr = umem.take_free().ok_or(DropReason::NoFrame)?;
-        match umem.frame_mut(addr).get_mut(..frame.len()) {
-            Some(dst) => dst.copy_from_slice(frame),
-            None => {
-                umem.recycle(addr);
-                return Err(DropReason::NoFrame);
-            }
+        let k = frame.len().div_ceil(FRAME_SIZE as usize).max(1);
+        if k > MAX_CHAIN {
+            return Err(DropReason::TooManyBuffers);
         }
-        if !out.xsk.send(umem, addr, frame.len()) {
+        if k > 1 && !out.xsk.multi_buffer() {
+            return Err(DropReason::NoMultiBuffer);
+        }
+        let mut chain = [XdpDesc {
+            addr: 0,
+            len: 0,
+            options: 0,
+        }; MAX_CHAIN];
+        for (i, part) in frame.chunks(FRAME_SIZE as usize).enumerate() {
+            let copied = umem.take_free().and_then(|addr| {
+                match umem.frame_mut(addr).get_mut(..part.len()) {
+                    Some(dst) => {
+                        dst.copy_from_slice(part);
+                        Some(addr)
+                    }
+                    None => {
+                        umem.recycle(addr);
+                        None
+                    }
+                }
+            });
+            let Some(addr) = copied else {
+                for d in &chain[..i] {
+                    umem.recycle(d.addr);
+                }
+                return Err(DropReason::NoFrame);
+            };
+            chain[i] = XdpDesc {
+                addr,
+                len: part.len() as u32,
+                options: 0,
+            };
+        }
+        if frame.is_empty() {
+            return Err(DropReason::Runt);
+        }
+        if !out.xsk.send_chain(umem, &chain[..k]) {
             return Err(DropReason::TxFull);
         }
         Ok(())
@@ -828,7 +1001,7 @@ impl Worker {
     }
 
     fn drain_handoff(&mut self, tables: &crate::tables::View<'_>) -> usize {
-        let mut n = 0;
+        let mut n = self.drain_large(tables);
         while n < HANDOFF_CAP / 2 {
             let Some(mut h) = self.me.handoff.pop() else {
                 break;
@@ -858,6 +1031,58 @@ impl Worker {
         }
         n
     }
+}
+
+impl Worker {
+    /// Sends what other workers handed over in large buffers (each given back to the pool
+    /// of this worker's large buffers once copied into its frames).
+    fn drain_large(&mut self, tables: &crate::tables::View<'_>) -> usize {
+        let mut n = 0;
+        while n < LARGE_HANDOFFS {
+            let Some(mut h) = self.me.large.pop() else {
+                break;
+            };
+            n += 1;
+            let len = (h.len as usize).min(h.data.len());
+            let r = if h.port == pipeline::REROUTE {
+                // Only the uplink's frames are rerouted, and they fit inline.
+                Err(DropReason::NoRoute)
+            } else {
+                let confirm = h.port & pipeline::policy::CONFIRM != 0;
+                let out = h.port & !pipeline::policy::CONFIRM;
+                pipeline::service::deliver(&mut h.data, len, tables, &mut self.ctx, confirm)
+                    .and_then(|()| {
+                        Self::transmit_copy(
+                            &mut self.umem,
+                            self.ports
+                                .get_mut(out as usize)
+                                .and_then(|p| p.as_deref_mut()),
+                            &h.data[..len],
+                        )
+                    })
+            };
+            self.account_tx(r);
+            let _ = self.me.large_free.push(h.data);
+        }
+        n
+    }
+}
+
+/// The descriptors of `chain` with the first buffer's length set to `len` (a stage may have
+/// shortened or grown the headers), on the stack.
+#[inline]
+fn with_head_len(chain: &[XdpDesc], len: usize) -> ([XdpDesc; MAX_CHAIN], usize) {
+    let mut out = [XdpDesc {
+        addr: 0,
+        len: 0,
+        options: 0,
+    }; MAX_CHAIN];
+    let k = chain.len().min(MAX_CHAIN);
+    out[..k].copy_from_slice(&chain[..k]);
+    if let Some(h) = out.first_mut() {
+        h.len = len as u32;
+    }
+    (out, k)
 }
 
 /// Registers the UMEM (one slice of `sizes.frames` frames per worker) and spawns the worker

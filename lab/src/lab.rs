@@ -38,6 +38,9 @@ pub struct Settings {
     /// `conntrack_max` in stromd's `[dataplane]` (unset: stromd's default).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub conntrack_max: Option<usize>,
+    /// strom-cni's `localMtu` (unset: strom-cni's default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub local_mtu: Option<u32>,
 }
 
 fn one() -> u16 {
@@ -233,6 +236,9 @@ impl State {
         conf["logFile"] = Value::from(s.dir.join("cni.log").display().to_string());
         conf["ipam"]["subnet"] = Value::from(s.pod_cidr.clone());
         conf["ipam"]["dataDir"] = Value::from(s.dir.join("ipam").display().to_string());
+        if let Some(m) = s.local_mtu {
+            conf["localMtu"] = Value::from(m);
+        }
         Ok(conf.to_string())
     }
 

@@ -66,6 +66,10 @@ struct UpOpts {
     /// stromd's).
     #[arg(long)]
     conntrack_max: Option<usize>,
+    /// The pods' interface MTU toward the node's other pods (strom-cni's `localMtu`; default:
+    /// strom-cni's, 65000). At or below the path MTU (1450 here) the pods have one MTU.
+    #[arg(long)]
+    local_mtu: Option<u32>,
 }
 
 #[derive(Subcommand)]
@@ -220,6 +224,7 @@ fn settings(dir: &std::path::Path, o: &UpOpts) -> anyhow::Result<Settings> {
         uplink_queues: o.uplink_queues,
         cores: o.cores.clone(),
         conntrack_max: o.conntrack_max,
+        local_mtu: o.local_mtu,
     })
 }
 

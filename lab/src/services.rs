@@ -353,6 +353,7 @@ mod tests {
                 uplink_queues: 1,
                 cores: Vec::new(),
                 conntrack_max: None,
+                local_mtu: None,
             },
             stromd: None,
             pods: BTreeMap::new(),

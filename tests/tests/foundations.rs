@@ -32,7 +32,7 @@ use std::sync::Barrier;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use strom_tests::{bin_dir, drops_in, link_exists, net_lock, pod, sh, Lab};
+use strom_tests::{bin_dir, drops_in, net_lock, pod, sh, Lab};
 
 /// How long one probe waits: less than the kernel's first SYN retransmission (1 s), so that
 /// a probe succeeds only if its first packet and the answer's got through.
@@ -1403,12 +1403,12 @@ fn stromd_restarted_right_after_kill_9_with_a_hundred_and_ten_ports_comes_back()
 }
 
 /// Bug 10 (the kernel's `rx_dropped` was filed under `xsk_no_fill_frame` whatever its cause):
-/// frames larger than a UMEM frame holds (here 2428-byte packets from outside, with the
-/// uplink's MTU raised to 3000 under stromd) are counted as `xsk_rx_too_large` and not as
-/// missing fill frames; a pod port whose MTU is above what stromd carries (9000) is refused
-/// with the limit; frames that fit go on being forwarded.
+/// frames larger than a UMEM frame holds on the uplink's socket, which is not multi-buffer
+/// (here 4028-byte packets from outside, with the uplink's MTU raised to 5000 under stromd),
+/// are counted as `xsk_rx_too_large` and not as missing fill frames; frames that fit go on
+/// being forwarded. A pod port of MTU 9000 is served (its socket is multi-buffer).
 #[test]
-fn frames_too_large_for_a_umem_frame_are_counted_by_their_own_reason_and_a_9000_mtu_port_is_refused(
+fn frames_too_large_for_the_uplinks_frames_are_counted_by_their_own_reason_and_a_9000_mtu_pod_is_served(
 ) {
     let _g = net_lock();
     let lab = Lab::up(&two_pods(), &[]);
@@ -1417,19 +1417,19 @@ fn frames_too_large_for_a_umem_frame_are_counted_by_their_own_reason_and_a_9000_
     let ext = format!("{}-ext", lab.prefix);
     let a = lab.pod_ip("t/a");
     for (ns, dev) in [(&node, "uplink"), (&ext, "eth0")] {
-        let o = sh(Command::new("ip").args(["-n", ns, "link", "set", dev, "mtu", "3000"]));
+        let o = sh(Command::new("ip").args(["-n", ns, "link", "set", dev, "mtu", "5000"]));
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     }
     let before = lab.stromctl(&["stats"]);
     let o = lab.exec(
         "external",
         &[
-            "ping", "-c", "3", "-i", "0.2", "-M", "do", "-s", "2400", "-W", "1", &a,
+            "ping", "-c", "3", "-i", "0.2", "-M", "do", "-s", "4000", "-W", "1", &a,
         ],
     );
     assert!(
         !o.status.success(),
-        "2428-byte packets do not fit a 2 KiB UMEM frame: {}",
+        "4028-byte packets do not fit a 4 KiB UMEM frame: {}",
         String::from_utf8_lossy(&o.stdout)
     );
     let reasons = ["xsk_rx_too_large", "xsk_no_fill_frame"];
@@ -1458,15 +1458,10 @@ fn frames_too_large_for_a_umem_frame_are_counted_by_their_own_reason_and_a_9000_
 
     veth_pair_up(&lab, "jumbo0", "jumbo1", &["mtu", "9000"]);
     let (ok, err) = add_port(&lab, "jumbo0", "198.18.16.202", "02:00:00:00:02:02");
-    assert!(!ok, "a port with MTU 9000 registered");
+    assert!(ok, "a pod port with MTU 9000 is served: {err}");
     assert!(
-        err.contains("jumbo0 has MTU 9000") && err.contains("at most 1778"),
-        "{err}"
-    );
-    assert!(link_exists(&node, "jumbo0"));
-    assert!(
-        !lab.xdp_links().contains(&"jumbo0".to_string()),
-        "nothing left attached to jumbo0"
+        lab.xdp_links().contains(&"jumbo0".to_string()),
+        "the pod program is attached to jumbo0"
     );
     assert!(lab.probe("t/a", "t/b", 80, "tcp"));
 }

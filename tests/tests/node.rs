@@ -1058,13 +1058,14 @@ fn a_port_removed_with_its_interface_is_gone_from_both_namespaces_when_stromd_an
     assert!(lab.probe("t/c", "t/b", 53, "udp"));
 }
 
-/// A datagram too large for the pod it is for (the pods' MTU is the uplink's less 50) with
-/// Don't Fragment set gets an ICMP fragmentation-needed carrying the pod's MTU, from the node's
-/// address, so the sender's path-MTU discovery works; none reaches the pod.
+/// A datagram too large for the pod it is for (the pods' MTU is the uplink's less 50: one
+/// MTU, no larger one between pods) with Don't Fragment set gets an ICMP
+/// fragmentation-needed carrying the pod's MTU, from the node's address, so the sender's
+/// path-MTU discovery works; none reaches the pod.
 #[test]
 fn a_packet_larger_than_the_pods_mtu_gets_fragmentation_needed_with_the_mtu() {
     let _g = net_lock();
-    let lab = Lab::up(&two_pods(), &[]);
+    let lab = Lab::up(&two_pods(), &["--local-mtu", "1450"]);
     let a = lab.pod_ip("t/a");
     let mtu = String::from_utf8_lossy(&lab.exec("t/a", &["cat", "/sys/class/net/eth0/mtu"]).stdout)
         .trim()

@@ -266,7 +266,11 @@ fn a_pods_connection_to_the_outside_comes_from_the_node() {
 #[test]
 fn pmtu_discovery_works_through_a_node_port() {
     let _g = net_lock();
-    let lab = Lab::up(&manifest(&web("big", "NodePort", 30200, "")), &[]);
+    // The pods' one MTU is 1450 (no larger one between pods).
+    let lab = Lab::up(
+        &manifest(&web("big", "NodePort", 30200, "")),
+        &["--local-mtu", "1450"],
+    );
     wait_serving(&lab, "t/a");
     let before = drops_in(&lab.stromctl(&["stats"]), &["fragmentation_needed"]);
     // 1472 bytes of UDP with DF: a 1500-byte packet, 50 more than the pods' MTU. The sender

@@ -2,7 +2,8 @@
 // strom's XDP programs. Built by dataplane/build.rs with
 //   clang -O2 -g -target bpf -I/usr/include/x86_64-linux-gnu
 // and loaded by stromd (aya).
-//   strom_pod     on every pod host-side veth: traffic for the node's own addresses but for
+//   strom_pod     on every pod host-side veth (`xdp.frags`: frames may span several buffers;
+//                 it reads the headers in the first): traffic for the node's own addresses but for
 //                 NodePorts and stromd's SNAT ports, and ICMP errors about them (and ARP
 //                 that is not for the pod gateway) goes to the kernel once its source MAC and
 //                 address are the pod's (`pod_src`; anti-spoofing for what stromd never sees),
@@ -340,7 +341,10 @@ static __always_inline int stromd_echo_reply(struct iphdr *ip, void *end)
 	return bits && ((*bits >> (id % 64)) & 1);
 }
 
-SEC("xdp")
+/* xdp.frags: a pod's veth may carry frames larger than a page (a pod MTU of 65000 toward the
+ * pods of its node); the program reads only the headers, which lie in the first buffer, and
+ * stromd's multi-buffer sockets take the rest as a chain. */
+SEC("xdp.frags")
 int strom_pod(struct xdp_md *ctx)
 {
 	void *data = (void *)(long)ctx->data;

@@ -53,8 +53,36 @@ pub enum BindMode {
     Auto,
 }
 
-/// Size of one UMEM frame. A frame holds one packet (no multi-buffer): MTU + 14 must fit.
-pub const FRAME_SIZE: u32 = 2048;
+/// Size of one UMEM frame (a page: the largest chunk the kernel takes without huge pages). A
+/// socket bound without multi-buffer receives a packet into one frame, less the kernel's
+/// headroom ([`RX_ROOM`]); one bound with it ([`XskPort::multi_buffer`]) receives a larger one
+/// as a chain of frames.
+pub const FRAME_SIZE: u32 = 4096;
+/// The kernel's headroom in front of a received frame's data in copy mode
+/// (`XDP_PACKET_HEADROOM`).
+pub const RX_HEADROOM: u32 = 256;
+/// Bytes of a received packet one frame holds.
+pub const RX_ROOM: u32 = FRAME_SIZE - RX_HEADROOM;
+/// Most descriptors one packet may span: the kernel builds a sent packet in copy mode as one
+/// skb of at most `MAX_SKB_FRAGS` (17) fragments plus its head, and drops a longer chain. With
+/// [`RX_ROOM`]-byte buffers that is 69 120 bytes, more than any IPv4 packet (65 535) with its
+/// Ethernet header.
+pub const MAX_CHAIN: usize = 18;
+/// A descriptor's `options` bit saying that the packet goes on in the next descriptor.
+pub const PKT_CONTD: u32 = libc::XDP_PKT_CONTD;
+
+/// Whether the packet `d` belongs to goes on in the next descriptor.
+#[inline]
+pub fn continues(d: &XdpDesc) -> bool {
+    d.options & PKT_CONTD != 0
+}
+
+/// How many descriptors the packet at the start of `descs` spans, or None when its chain does
+/// not end within them (cut short).
+#[inline]
+pub fn packet_len(descs: &[XdpDesc]) -> Option<usize> {
+    descs.iter().position(|d| !continues(d)).map(|i| i + 1)
+}
 /// How many received frames ahead of the one being processed have their first cache line
 /// requested (`recv` starts the first ones, the worker keeps the distance): enough to cover a
 /// cross-core miss with the pipeline's per-frame work, few enough not to run out of the
@@ -174,10 +202,10 @@ impl XskSizes {
 /// What one `flush` put on the wire.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct Flushed {
-    /// Frames committed to the tx ring, and their bytes.
+    /// Packets committed to the tx ring, and their bytes.
     pub packets: u64,
     pub bytes: u64,
-    /// Frames that did not fit the tx ring (recycled).
+    /// Packets that did not fit the tx ring (their frames recycled).
     pub dropped: u64,
 }
 
@@ -451,8 +479,16 @@ impl WorkerUmem {
     }
 
     /// Opens a socket on `ifindex`'s queue `queue` with this worker's slice as its UMEM and its
-    /// own fill/completion and rx/tx rings, bound in `mode`, and tops up its fill ring.
-    pub fn open(&mut self, ifindex: u32, queue: u32, mode: BindMode) -> Result<XskPort, XskError> {
+    /// own fill/completion and rx/tx rings, bound in `mode` (and for multi-buffer packets with
+    /// `multi_buffer`: kernel 6.6 or later, and an `xdp.frags` program on the interface), and
+    /// tops up its fill ring.
+    pub fn open(
+        &mut self,
+        ifindex: u32,
+        queue: u32,
+        mode: BindMode,
+        multi_buffer: bool,
+    ) -> Result<XskPort, XskError> {
         let sizes = self.shared.sizes;
         if self.sockets >= sizes.ports_per_worker() {
             return Err(XskError::Full {
@@ -505,7 +541,9 @@ impl WorkerUmem {
                 &SocketConfig {
                     rx_size: NonZeroU32::new(sizes.ring),
                     tx_size: NonZeroU32::new(sizes.ring),
-                    bind_flags: SocketConfig::XDP_BIND_NEED_WAKEUP | flags,
+                    bind_flags: SocketConfig::XDP_BIND_NEED_WAKEUP
+                        | flags
+                        | if multi_buffer { libc::XDP_USE_SG } else { 0 },
                 },
             )
             .map_err(err("rx/tx rings"))?;
@@ -530,6 +568,7 @@ impl WorkerUmem {
             base: self.base,
             fd,
             ring: sizes.ring,
+            multi_buffer,
             tx_batch: Vec::with_capacity(sizes.ring as usize),
             kernel: XdpStatisticsV2::default(),
             depth: sizes.fill_min,
@@ -579,6 +618,8 @@ pub struct XskPort {
     base: u64,
     fd: RawFd,
     ring: u32,
+    /// Bound with `XDP_USE_SG`.
+    multi_buffer: bool,
     tx_batch: Vec<XdpDesc>,
     /// The kernel's statistics of this socket at the last look.
     kernel: XdpStatisticsV2,
@@ -679,13 +720,16 @@ impl XskPort {
         }
     }
 
-    /// Receives up to `out.len()` descriptors. Returns how many were written; their frames
-    /// are now held by the caller.
+    /// Receives descriptors into `out`: at least `out.len() - MAX_CHAIN` when that many are
+    /// there, and then on to the end of the packet the last one belongs to (the kernel
+    /// publishes a packet's chain in one go), so that `out` ends on a whole packet. Returns how
+    /// many were written; their frames are now held by the caller.
     #[inline]
     pub fn recv(&mut self, umem: &mut WorkerUmem, out: &mut [XdpDesc]) -> usize {
+        let want = out.len().saturating_sub(MAX_CHAIN).max(1);
         let mut rx = self.rx.receive(out.len() as u32);
         let mut n = 0;
-        while n < out.len() {
+        while n < out.len() && (n < want || continues(&out[n - 1])) {
             match rx.read() {
                 Some(d) => {
                     let d = XdpDesc {
@@ -738,6 +782,49 @@ impl XskPort {
         true
     }
 
+    /// Queues one packet spanning the held frames of `chain` (each descriptor's address and
+    /// length; the options are set here) for transmission in this loop's batch, all or
+    /// nothing. A chain of more than one descriptor needs a multi-buffer socket, and at most
+    /// [`MAX_CHAIN`] descriptors; when it cannot go (too long, no room left in the batch, a
+    /// frame userspace does not hold) every frame of it that userspace holds goes back to the
+    /// pool and false is returned.
+    #[inline]
+    pub fn send_chain(&mut self, umem: &mut WorkerUmem, chain: &[XdpDesc]) -> bool {
+        if let [one] = chain {
+            return self.send(umem, one.addr, one.len as usize);
+        }
+        let fits = !chain.is_empty()
+            && self.multi_buffer
+            && chain.len() <= MAX_CHAIN
+            && self.tx_batch.len() + chain.len() <= self.ring as usize
+            && chain.iter().all(|d| {
+                umem.is_held(d.addr)
+                    && u64::from(d.len) <= u64::from(FRAME_SIZE) - d.addr % u64::from(FRAME_SIZE)
+            });
+        if !fits {
+            for d in chain {
+                umem.recycle(d.addr);
+            }
+            return false;
+        }
+        let last = chain.len() - 1;
+        for (i, d) in chain.iter().enumerate() {
+            umem.lend(d.addr, self.serial);
+            self.tx_batch.push(XdpDesc {
+                addr: d.addr,
+                len: d.len,
+                options: if i < last { PKT_CONTD } else { 0 },
+            });
+        }
+        true
+    }
+
+    /// Whether the socket was bound for multi-buffer packets (`XDP_USE_SG`): it receives a
+    /// packet larger than a frame as a chain, and sends chains.
+    pub fn multi_buffer(&self) -> bool {
+        self.multi_buffer
+    }
+
     /// Commits the batch to the tx ring in one go and kicks the kernel (copy mode needs a
     /// sendto; one sends at most 32 frames, the kernel's TX_BATCH_SIZE), reaps completions
     /// into the pool and tops up the fill ring.
@@ -748,7 +835,8 @@ impl XskPort {
             let n = self.tx_batch.len() as u32;
             // xdpilone's reservation serves a request from its cached view of the kernel's
             // consumer head whenever that shows at least one free slot, so one call may get
-            // fewer slots than the ring has; a second call refreshes the view.
+            // fewer slots than the ring has; a call after one that took every slot it got
+            // refreshes the view. So the first takes all it gets, even part of a packet.
             let mut sent = 0;
             for _ in 0..2 {
                 let mut w = self.tx.transmit(n - sent);
@@ -763,16 +851,27 @@ impl XskPort {
                     break;
                 }
             }
-            out.packets = u64::from(sent);
-            out.dropped = u64::from(n - sent);
+            // A packet whose first descriptors went in must follow whole: the kernel joins
+            // the next descriptors it gets to them. Its rest stays for the next flush, ahead
+            // of anything else; whole packets that did not fit are dropped.
+            let mut keep = sent as usize;
+            if keep > 0 && continues(&self.tx_batch[keep - 1]) {
+                while keep < n as usize && continues(&self.tx_batch[keep]) {
+                    keep += 1;
+                }
+                keep = (keep + 1).min(n as usize);
+            }
             for d in &self.tx_batch[..sent as usize] {
                 out.bytes += u64::from(d.len);
+                out.packets += u64::from(!continues(d));
             }
-            for d in &self.tx_batch[sent as usize..] {
+            for d in &self.tx_batch[keep..] {
+                out.dropped += u64::from(!continues(d));
                 umem.lend(d.addr, HELD);
                 umem.recycle(d.addr);
             }
-            self.tx_batch.clear();
+            self.tx_batch.truncate(keep);
+            self.tx_batch.drain(..sent as usize);
         }
         // The pod answers what this kick delivers inside the kick itself (veth runs the
         // receiver inline): ACKs for data, or the segments that ACKs release. Room for twice
@@ -1072,6 +1171,25 @@ mod tests {
         assert!(w1.frame_mut(a).is_empty());
         assert!(w0.frame_mut(u64::MAX).is_empty());
         assert!(!w0.recycle(u64::MAX));
+    }
+
+    #[test]
+    fn a_packet_is_the_chain_up_to_its_first_descriptor_not_continued() {
+        use super::{packet_len, XdpDesc, MAX_CHAIN, PKT_CONTD};
+        let d = |contd: bool| XdpDesc {
+            addr: 0,
+            len: 3840,
+            options: if contd { PKT_CONTD } else { 0 },
+        };
+        assert_eq!(packet_len(&[d(false), d(true), d(false)]), Some(1));
+        assert_eq!(packet_len(&[d(true), d(true), d(false), d(false)]), Some(3));
+        // Cut short: the caller drops it whole (`chain_broken`), never forwards a part.
+        assert_eq!(packet_len(&[d(true), d(true)]), None);
+        assert_eq!(packet_len(&[]), None);
+        // Longer than the kernel sends as one packet: the caller drops it by name.
+        let mut long = vec![d(true); MAX_CHAIN];
+        long.push(d(false));
+        assert_eq!(packet_len(&long), Some(MAX_CHAIN + 1));
     }
 
     #[test]

@@ -155,10 +155,20 @@ fn read_sys(ifname: &str, what: &str) -> Result<String, String> {
         .map_err(|e| format!("interface {ifname}: {e}"))
 }
 
-/// The largest MTU stromd carries: a UMEM frame's room for a received frame (`FRAME_SIZE`
-/// less the kernel's 256 bytes of XDP headroom) less the Ethernet header. The kernel drops a
-/// larger frame (counted as `xsk_rx_too_large`).
-pub const MAX_MTU: u32 = crate::xsk::FRAME_SIZE - 256 - 14;
+/// The largest MTU stromd carries on the uplink: its socket receives a frame into one UMEM
+/// frame (no multi-buffer, so that it may bind zero-copy), and a frame from it that another
+/// worker routes fits a hand-off inline (`worker::HANDOFF_INLINE`), less the Ethernet header.
+/// Routes out of a larger uplink use this MTU (larger packets get fragmentation-needed).
+pub const MAX_UPLINK_MTU: u32 = crate::worker::HANDOFF_INLINE as u32 - 14;
+
+/// The largest MTU of a pod's veth: any IPv4 packet. Its socket is multi-buffer, and the
+/// longest chain the kernel sends (`MAX_CHAIN` buffers) holds 65 535 bytes and the Ethernet
+/// header.
+pub const MAX_POD_MTU: u32 = u16::MAX as u32;
+const _: () = assert!(
+    MAX_POD_MTU + 14 <= crate::xsk::MAX_CHAIN as u32 * crate::xsk::RX_ROOM,
+    "a pod's largest frame fits the longest chain"
+);
 
 /// An interface's MTU.
 fn port_mtu(ifname: &str) -> Result<u32, String> {
@@ -375,11 +385,9 @@ impl Controller {
         }
         single_queue(&spec.ifname, rx_queues)?;
         let mtu = port_mtu(&spec.ifname)?;
-        if mtu > MAX_MTU {
+        if mtu > MAX_POD_MTU {
             return Err(format!(
-                "{} has MTU {mtu}; stromd carries frames of at most {MAX_MTU} bytes of IP \
-                 (2 KiB UMEM frames less the kernel's headroom): set the pod MTU to {MAX_MTU} \
-                 or less",
+                "{} has MTU {mtu}; stromd carries IPv4 packets of at most {MAX_POD_MTU} bytes",
                 spec.ifname
             ));
         }
@@ -530,13 +538,13 @@ impl Controller {
         let (ifindex, mac, rx_queues) = port_interface(ifname)?;
         let mtu = port_mtu(ifname)?;
         {
-            if mtu > MAX_MTU {
+            if mtu > MAX_UPLINK_MTU {
                 tracing::warn!(
                     ifname,
                     mtu,
-                    max = MAX_MTU,
-                    "uplink MTU above what stromd carries: larger frames for pods are dropped \
-                     (xsk_rx_too_large)"
+                    max = MAX_UPLINK_MTU,
+                    "uplink MTU above what stromd carries there: it sends at most that much, \
+                     and received frames beyond 3826 bytes are dropped (xsk_rx_too_large)"
                 );
             }
         }
@@ -605,7 +613,7 @@ impl Controller {
             counters,
             gateway,
             gateway_mac: None,
-            mtu: mtu.min(u32::from(u16::MAX)) as u16,
+            mtu: mtu.min(MAX_UPLINK_MTU) as u16,
         });
         Ok(())
     }

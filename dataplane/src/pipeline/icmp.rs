@@ -72,19 +72,24 @@ fn error(
     rest: u32,
 ) -> Option<usize> {
     let (src, quote_len) = {
-        let ip = Ipv4Packet::new_checked(&buf[HEADER_LEN..len]).ok()?;
-        if ip.frag_offset() != 0 {
+        // `buf[..len]` may be the first buffer of a longer frame (a multi-buffer packet):
+        // its header and the 8 bytes quoted must lie in it; its total length may go beyond.
+        let h = super::ipv4::validate_head(buf.get(HEADER_LEN..len)?, usize::MAX).ok()?;
+        if h.frag_offset != 0 {
             return None;
         }
-        if ip.next_header() == IpProtocol::Icmp {
-            let icmp_type = *ip.payload().first()?;
+        if h.proto == u8::from(IpProtocol::Icmp) {
+            let icmp_type = *buf[..len].get(HEADER_LEN + h.header_len)?;
             // Only echo request/reply (0, 8), timestamp (13, 14) and info (15, 16) are queries.
             if !matches!(icmp_type, 0 | 8 | 13 | 14 | 15 | 16) {
                 return None;
             }
         }
-        let ip_len = usize::from(ip.total_len());
-        (ip.src_addr(), ip_len.min(usize::from(ip.header_len()) + 8))
+        let quote_len = h.total_len.min(h.header_len + 8);
+        if HEADER_LEN + quote_len > len {
+            return None;
+        }
+        (h.src, quote_len)
     };
     let new_len = HEADER_LEN + IP_HDR + ICMP_HDR + quote_len;
     if new_len > buf.len() {

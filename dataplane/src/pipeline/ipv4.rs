@@ -8,6 +8,7 @@ use super::csum;
 use crate::drop::DropReason;
 
 const TTL: usize = 8;
+const MIN_HEADER: usize = 20;
 const CHECKSUM: usize = 10;
 
 /// The header fields later stages need.
@@ -33,7 +34,24 @@ pub struct Header {
 /// fragments are valid IPv4 and are forwarded (a router does not reassemble).
 #[inline]
 pub fn validate(pkt: &[u8]) -> Result<Header, DropReason> {
-    let ip = Ipv4Packet::new_checked(pkt).map_err(|_| DropReason::Ipv4Malformed)?;
+    validate_head(pkt, pkt.len())
+}
+
+/// As [`validate`], for a packet of which `pkt` is the first buffer and `wire` bytes the whole
+/// (a multi-buffer frame: its total length is checked against `wire`, the header against
+/// `pkt`). Bytes past `pkt` are never read.
+#[inline]
+pub fn validate_head(pkt: &[u8], wire: usize) -> Result<Header, DropReason> {
+    // smoltcp's `new_checked` measures the total length against the slice; a head holds only
+    // part of a multi-buffer packet, so the same checks are made here against `wire`.
+    let ip = Ipv4Packet::new_unchecked(pkt);
+    if pkt.len() < MIN_HEADER {
+        return Err(DropReason::Ipv4Malformed);
+    }
+    let (ihl, total) = (usize::from(ip.header_len()), usize::from(ip.total_len()));
+    if ihl < MIN_HEADER || ihl > total || ihl > pkt.len() || total > wire.max(pkt.len()) {
+        return Err(DropReason::Ipv4Malformed);
+    }
     if ip.version() != 4 {
         return Err(DropReason::Ipv4Malformed);
     }
@@ -43,8 +61,8 @@ pub fn validate(pkt: &[u8]) -> Result<Header, DropReason> {
     Ok(Header {
         src: ip.src_addr(),
         dst: ip.dst_addr(),
-        header_len: usize::from(ip.header_len()),
-        total_len: usize::from(ip.total_len()),
+        header_len: ihl,
+        total_len: total,
         dont_frag: ip.dont_frag(),
         proto: ip.next_header().into(),
         frag_offset: ip.frag_offset(),
@@ -82,6 +100,42 @@ pub fn martian_destination(dst: Ipv4Addr) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A 20-byte header of a packet `total` bytes long, checksummed.
+    fn header(total: u16) -> Vec<u8> {
+        let mut h = vec![0u8; 20];
+        let mut ip = Ipv4Packet::new_unchecked(&mut h[..]);
+        ip.set_version(4);
+        ip.set_header_len(20);
+        ip.set_total_len(total);
+        ip.set_hop_limit(64);
+        ip.set_next_header(smoltcp::wire::IpProtocol::Udp);
+        ip.set_src_addr(Ipv4Addr::new(198, 18, 0, 1));
+        ip.set_dst_addr(Ipv4Addr::new(198, 18, 0, 2));
+        ip.fill_checksum();
+        h
+    }
+
+    #[test]
+    fn a_head_is_checked_against_the_whole_packet_and_only_the_header_is_read() {
+        let mut head = header(64_000);
+        head.resize(3840, 0);
+        // The first buffer of a 64 000-byte packet: valid against its wire length.
+        let h = validate_head(&head, 64_000).expect("a valid head");
+        assert_eq!(h.total_len, 64_000);
+        // Alone, or longer than the frame that carried it: malformed.
+        assert_eq!(validate(&head), Err(DropReason::Ipv4Malformed));
+        assert_eq!(validate_head(&head, 63_999), Err(DropReason::Ipv4Malformed));
+        // A head shorter than the header itself.
+        assert_eq!(
+            validate_head(&head[..19], 64_000),
+            Err(DropReason::Ipv4Malformed)
+        );
+        // A whole packet is as `validate` always took it.
+        let mut whole = header(60);
+        whole.resize(60, 0);
+        assert!(validate(&whole).is_ok());
+    }
 
     #[test]
     fn martian_destinations_are_named() {

@@ -307,9 +307,29 @@ pub fn process(
     t: &View<'_>,
     ctx: &mut Context,
 ) -> Action {
+    process_frame(buf, len, len, port, t, ctx)
+}
+
+/// As [`process`], for a frame of `wire` bytes of which `buf[..len]` is the first buffer (a
+/// multi-buffer frame: the rest follows in further buffers, which no stage reads or changes;
+/// the headers lie in the first). The stages read and rewrite headers only; what they need
+/// of the whole (its length, for the route's MTU) comes from the IP header, checked against
+/// `wire`. An action's `len` is the first buffer's; an ICMP error replaces the whole frame.
+#[inline]
+pub fn process_frame(
+    buf: &mut [u8],
+    len: usize,
+    wire: usize,
+    port: &InPort<'_>,
+    t: &View<'_>,
+    ctx: &mut Context,
+) -> Action {
     let len = len.min(buf.len());
+    let wire = wire.max(len);
     match eth::classify(&buf[..len]) {
         Err(r) => Action::Drop(r),
+        // ARP fits a buffer many times over: a longer frame is no ARP stromd answers.
+        Ok(eth::L3::Arp) if wire > len => Action::Drop(DropReason::ArpMalformed),
         Ok(eth::L3::Arp) => {
             if let Err(r) = spoof::check_mac(&buf[..len], port) {
                 return Action::Drop(r);
@@ -319,7 +339,7 @@ pub fn process(
                 Err(r) => Action::Drop(r),
             }
         }
-        Ok(eth::L3::Ipv4) => forward_ipv4(buf, len, port, t, ctx),
+        Ok(eth::L3::Ipv4) => forward_ipv4(buf, len, wire, port, t, ctx),
     }
 }
 
@@ -344,6 +364,7 @@ fn icmp_error(
 fn forward_ipv4(
     buf: &mut [u8],
     len: usize,
+    wire: usize,
     port: &InPort<'_>,
     t: &View<'_>,
     ctx: &mut Context,
@@ -352,7 +373,7 @@ fn forward_ipv4(
     if buf[..6] != port.host_mac {
         return Action::Drop(DropReason::ForeignDstMac);
     }
-    let mut hdr = match ipv4::validate(&buf[eth::HEADER_LEN..len]) {
+    let mut hdr = match ipv4::validate_head(&buf[eth::HEADER_LEN..len], wire - eth::HEADER_LEN) {
         Ok(h) => h,
         Err(r) => return Action::Drop(r),
     };

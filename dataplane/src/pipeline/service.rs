@@ -564,7 +564,7 @@ pub fn deliver(
         Answer::Denied => return Err(DropReason::PolicyDenied),
         Answer::Unknown => {}
     }
-    let end = HEADER_LEN + hdr.total_len;
+    let end = (HEADER_LEN + hdr.total_len).min(len);
     let parsed = l4::parse(&buf[HEADER_LEN..end], &hdr);
     if confirm {
         if let Err(d) = policy::packet_verdict(t, &hdr, parsed) {
@@ -600,7 +600,8 @@ pub fn translate_answer(
     t: &View<'_>,
     ctx: &mut Context,
 ) -> Answer {
-    let end = HEADER_LEN + hdr.total_len;
+    // Whole packets only reach here (validated against their buffer), but never past it.
+    let end = (HEADER_LEN + hdr.total_len).min(buf.len());
     let done = |b: bool| {
         if b {
             Answer::Translated

@@ -405,6 +405,113 @@ fn big_udp(total: usize, df: bool) -> Vec<u8> {
     v
 }
 
+/// The first buffer of a multi-buffer frame: the first `RX_ROOM` bytes of `pkt` in a frame
+/// buffer, and the whole frame's length.
+fn head_of(pkt: &[u8]) -> (Vec<u8>, usize, usize) {
+    let room = crate::xsk::RX_ROOM as usize;
+    let mut buf = pkt[..room.min(pkt.len())].to_vec();
+    let len = buf.len();
+    buf.resize(room, 0);
+    (buf, len, pkt.len())
+}
+
+#[test]
+fn a_multi_buffer_frame_is_routed_on_its_first_buffer_and_checked_against_the_mtu_whole() {
+    let mut t = tables();
+    t.routes.local.get_mut(&IpAddr::from(B_IP)).unwrap().mtu = 65_000;
+    // 64 000 bytes of IP: the first buffer is routed, TTL and MACs rewritten in it.
+    let pkt = big_udp(64_000, true);
+    let (mut buf, len, wire) = head_of(&pkt);
+    assert!(len < wire);
+    let a = process_frame(
+        &mut buf,
+        len,
+        wire,
+        &port_a(),
+        &t.view(),
+        &mut Context::default(),
+    );
+    assert_eq!(
+        a,
+        Action::Handoff {
+            worker: 1,
+            port: 1,
+            len
+        }
+    );
+    assert_eq!(&buf[0..6], &B_MAC);
+    assert_eq!(buf[14 + 8], pkt[14 + 8] - 1, "TTL decremented");
+    assert!(
+        Ipv4Header::from_slice(&buf[14..len]).is_ok(),
+        "header checksum still right"
+    );
+    // The same head claiming more than the frame holds: malformed, never read past.
+    let (mut buf, len, _) = head_of(&pkt);
+    assert_eq!(
+        process_frame(
+            &mut buf,
+            len,
+            wire - 1,
+            &port_a(),
+            &t.view(),
+            &mut Context::default()
+        ),
+        Action::Drop(DropReason::Ipv4Malformed)
+    );
+    // Toward a 1500-byte MTU: fragmentation-needed from the first buffer, with the MTU.
+    t.routes.local.get_mut(&IpAddr::from(B_IP)).unwrap().mtu = 1500;
+    let (mut buf, len, wire) = head_of(&pkt);
+    let a = process_frame(
+        &mut buf,
+        len,
+        wire,
+        &port_a(),
+        &t.view(),
+        &mut Context::default(),
+    );
+    let Action::IcmpError { reason, len } = a else {
+        panic!("{a:?}")
+    };
+    assert_eq!(reason, DropReason::FragNeeded);
+    let icmp = &buf[34..len];
+    assert_eq!((icmp[0], icmp[1]), (3, 4));
+    assert_eq!(u16::from_be_bytes([icmp[6], icmp[7]]), 1500, "next-hop MTU");
+    assert_eq!(smoltcp::wire::checksum::data(icmp), 0xffff, "ICMP checksum");
+    let quoted = Ipv4Header::from_slice(&icmp[8..]).unwrap().0;
+    assert_eq!(quoted.total_len, 64_000, "the original header quoted");
+    // Without DF: dropped by name.
+    let pkt = big_udp(64_000, false);
+    let (mut buf, len, wire) = head_of(&pkt);
+    assert_eq!(
+        process_frame(
+            &mut buf,
+            len,
+            wire,
+            &port_a(),
+            &t.view(),
+            &mut Context::default()
+        ),
+        Action::Drop(DropReason::TooBigNoDf)
+    );
+    // ARP never spans buffers.
+    let mut arp = vec![0u8; 5000];
+    arp[..6].copy_from_slice(&[0xff; 6]);
+    arp[6..12].copy_from_slice(&A_MAC);
+    arp[12..14].copy_from_slice(&[0x08, 0x06]);
+    let (mut buf, len, wire) = head_of(&arp);
+    assert_eq!(
+        process_frame(
+            &mut buf,
+            len,
+            wire,
+            &port_a(),
+            &t.view(),
+            &mut Context::default()
+        ),
+        Action::Drop(DropReason::ArpMalformed)
+    );
+}
+
 #[test]
 fn larger_than_the_egress_mtu_with_df_gets_fragmentation_needed_with_the_mtu() {
     let mut t = tables();

@@ -154,6 +154,11 @@ struct RunArgs {
     /// Extra stromd flags, space separated (e.g. "--fill-per-port 256"; see stromd --help).
     #[arg(long, default_value = "", allow_hyphen_values = true)]
     stromd_args: String,
+    /// The pods' interface MTU on stromd's paths, as strom-cni's `localMtu` gives it (their
+    /// route to each other; the default route keeps 1500). The kernel's paths keep 1500 with
+    /// the pods' TSO and GSO on, as a node without stromd has them.
+    #[arg(long, default_value_t = 65_000, value_parser = clap::value_parser!(u32).range(1500..=65_535))]
+    pod_mtu: u32,
     /// Fail instead of installing missing Debian packages.
     #[arg(long)]
     no_install: bool,
@@ -310,6 +315,7 @@ fn run(a: RunArgs) -> Result<()> {
         sender_core: a.sender_core,
         napi_core: a.napi_core,
         stromd_args: a.stromd_args.split_whitespace().map(String::from).collect(),
+        pod_mtu: a.pod_mtu,
     };
     let mut results = Results {
         meta: Meta {
@@ -333,6 +339,7 @@ fn run(a: RunArgs) -> Result<()> {
             commit: sh(&["git", "describe", "--always", "--dirty"]),
             tools: tools(&paths),
             rotated: true,
+            pod_mtu: Some(a.pod_mtu),
         },
         samples: Vec::new(),
         failures: Vec::new(),

@@ -124,6 +124,8 @@ pub struct Env {
     pub napi_core: Option<usize>,
     /// Extra flags for stromd.
     pub stromd_args: Vec<String>,
+    /// The pods' interface MTU on stromd's paths (`--pod-mtu`).
+    pub pod_mtu: u32,
 }
 
 /// A started path; `stop` (or drop) ends it.
@@ -233,6 +235,9 @@ impl Drop for TempDir {
 }
 
 /// Starts `path` in the node namespace of `t`.
+/// The MTU of every path leaving a pod, and of the kernel's paths between pods.
+const KERNEL_MTU: u32 = 1500;
+
 pub fn start(path: Path, t: &Topology, env: &Env) -> Result<Running> {
     let none = Running {
         child: None,
@@ -243,6 +248,7 @@ pub fn start(path: Path, t: &Topology, env: &Env) -> Result<Running> {
     match path {
         Path::Kernel | Path::KernelNat => {
             t.offloads(true)?;
+            t.pod_mtu(KERNEL_MTU, KERNEL_MTU)?;
             ns_run(&t.n, &["sysctl", "-qw", "net.ipv4.ip_forward=1"])?;
             ns_run(&t.n, &["nft", "flush", "ruleset"])?;
             if path == Path::KernelNat {
@@ -252,6 +258,7 @@ pub fn start(path: Path, t: &Topology, env: &Env) -> Result<Running> {
         }
         Path::Testpmd => {
             t.offloads(false)?;
+            t.pod_mtu(KERNEL_MTU, KERNEL_MTU)?;
             ns_run(&t.n, &["sysctl", "-qw", "net.ipv4.ip_forward=0"])?;
             let log = File::create(env.work.join("testpmd.log"))?;
             let lcores = format!("{},{}", env.sender_core, env.dut_core);
@@ -306,6 +313,7 @@ pub fn start(path: Path, t: &Topology, env: &Env) -> Result<Running> {
         }
         Path::Stromd | Path::StromdSvc | Path::StromdPol => {
             t.offloads(false)?;
+            t.pod_mtu(env.pod_mtu, KERNEL_MTU)?;
             ns_run(&t.n, &["sysctl", "-qw", "net.ipv4.ip_forward=0"])?;
             let mut r = start_stromd(t, env)?;
             if path == Path::StromdSvc {
@@ -422,7 +430,7 @@ fn start_stromd(t: &Topology, env: &Env) -> Result<Running> {
         r#"[node]
 # the pods reach the node's gateways by static neighbour entries
 addresses = []
-pod_cidr = "198.18.0.0/22"
+pod_cidr = "{pod_cidr}"
 pod_gateway = "169.254.1.1"
 # the node's own sockets are not benchmarked (no cgroup under `ip netns exec`'s /sys)
 node_sockets = false
@@ -433,6 +441,7 @@ poll_mode = "busy"
 api_socket = "{sock}"
 state_dir = "{state}"
 "#,
+        pod_cidr = crate::topo::POD_CIDR,
         core = env.dut_core,
         sock = sock.display(),
         state = dir.0.display(),

@@ -61,6 +61,10 @@ pub struct Meta {
     /// 21:00 measured the paths in the same order every round.
     #[serde(default)]
     pub rotated: bool,
+    /// The pods' interface MTU on stromd's paths (`--pod-mtu`); none: runs from before pods
+    /// had a large MTU toward each other (1500 throughout).
+    #[serde(default)]
+    pub pod_mtu: Option<u32>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -361,13 +365,30 @@ impl Results {
             .filter(|m| matches!(m, Metric::TcpGbps(_)))
             .collect();
         if !tcp.is_empty() {
-            out.push_str(
-                "- **TCP Gbit/s** through an AF_XDP path has no TSO, GSO or checksum offload \
-                 (they must be off in the pods, docs/design.md), so every 1448-byte segment crosses \
-                 the path on its own, while the kernel paths move 64 KB super-packets; more \
-                 streams share the same two cores. Segments retransmitted in a measurement \
-                 (medians; a path that drops shows here):",
-            );
+            match self.meta.pod_mtu.filter(|&m| m > 1500) {
+                Some(mtu) => {
+                    let _ = write!(
+                        out,
+                        "- **TCP Gbit/s**: stromd's pods have an interface MTU of {mtu} toward each \
+                         other (strom-cni's `localMtu`), so a segment of most of 64 KB crosses \
+                         stromd as one frame spanning up to 17 buffers (multi-buffer AF_XDP), \
+                         copied into the UMEM on receive and into an skb on transmit; TSO, GSO \
+                         and checksum offload stay off in its pods (an XDP program on the host \
+                         veth turns them off anyway). testpmd's pods keep 1500: every 1448-byte \
+                         segment crosses on its own. The kernel paths keep 1500 with TSO and GSO \
+                         on and move 64 KB super-packets. More streams share the same two cores. \
+                         Segments retransmitted in a measurement (medians; a path that drops \
+                         shows here):"
+                    );
+                }
+                None => out.push_str(
+                    "- **TCP Gbit/s** through an AF_XDP path has no TSO, GSO or checksum offload \
+                     (they must be off in the pods, docs/design.md), so every 1448-byte segment \
+                     crosses the path on its own, while the kernel paths move 64 KB \
+                     super-packets; more streams share the same two cores. Segments \
+                     retransmitted in a measurement (medians; a path that drops shows here):",
+                ),
+            }
             let retransmits = self.per_path(&tcp, |path, m| {
                 let Metric::TcpGbps(n) = m else { return None };
                 Some(format!("{n} stream(s) {:.0}", self.retransmits(path, m)?))
@@ -626,6 +647,7 @@ mod tests {
                 commit: None,
                 tools: BTreeMap::new(),
                 rotated: true,
+                pod_mtu: None,
             },
             samples: samples
                 .iter()

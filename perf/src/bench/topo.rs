@@ -39,6 +39,9 @@ pub fn extra_mac(i: usize) -> String {
     format!("02:00:00:00:03:{i:02x}")
 }
 
+/// The node's pod CIDR (stromd's `pod_cidr`): A's and B's addresses lie in it.
+pub const POD_CIDR: &str = "198.18.0.0/22";
+
 /// The Service address the kernel-nat path translates to pod B.
 pub const VIP: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 10);
 
@@ -367,6 +370,30 @@ impl Topology {
         let v = if on { "on" } else { "off" };
         for ns in [&self.a, &self.b] {
             ns_run(ns, &["ethtool", "-K", "eth0", "tx", v, "tso", v, "gso", v])?;
+        }
+        Ok(())
+    }
+
+    /// Pods A and B as strom-cni wires them: interfaces (both ends) at `local`, the route to
+    /// the pod CIDR at it, the default route at `path` (no route MTU when they are equal).
+    pub fn pod_mtu(&self, local: u32, path: u32) -> Result<()> {
+        let (l, p) = (local.to_string(), path.to_string());
+        for (ns, dev) in [
+            (&self.a, "eth0"),
+            (&self.b, "eth0"),
+            (&self.n, "ha"),
+            (&self.n, "hb"),
+        ] {
+            ns_run(ns, &["ip", "link", "set", dev, "mtu", &l])?;
+        }
+        for (ns, gw) in [(&self.a, GW_A), (&self.b, GW_B)] {
+            let gw = gw.to_string();
+            let mut default = vec!["ip", "route", "replace", "default", "via", &gw];
+            if local != path {
+                default.extend(["mtu", &p]);
+            }
+            ns_run(ns, &default)?;
+            ns_run(ns, &["ip", "route", "replace", POD_CIDR, "via", &gw])?;
         }
         Ok(())
     }

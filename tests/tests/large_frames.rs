@@ -1,0 +1,234 @@
+//! Frames larger than a page between the pods of a node: strom-cni gives each pod a large
+//! interface MTU (65000) with its route to the node's pod subnet at it and the default route
+//! at the path's MTU; stromd carries such frames as chains of buffers (multi-buffer AF_XDP)
+//! on one worker and between workers, answers one too big for a smaller path with
+//! fragmentation-needed, and drops by name a frame longer than the kernel sends whole.
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use strom_tests::{drops_in, net_lock, pod, Lab};
+
+const EXTERNAL: &str = "198.18.0.2";
+/// The port the integrity check's receiver listens on in pod b.
+const SINK: u16 = 7070;
+
+fn two_pods() -> String {
+    pod("t", "a", &[80], &[]) + &pod("t", "b", &[80], &[])
+}
+
+/// Pod b's receiver: reads one connection to its end and prints the bytes' SHA-256.
+fn receiver(lab: &Lab) -> std::process::Child {
+    let script = format!(
+        "import socket, hashlib\ns = socket.socket()\ns.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\ns.bind(('0.0.0.0', {SINK}))\ns.listen(1)\nc, _ = s.accept()\nh = hashlib.sha256()\nn = 0\nwhile True:\n    b = c.recv(1 << 20)\n    if not b:\n        break\n    h.update(b)\n    n += len(b)\nprint(n, h.hexdigest(), flush=True)\n"
+    );
+    Command::new("ip")
+        .args(["netns", "exec", &lab.pod_ns("t/b")])
+        .args(["python3", "-c", &script])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("pod b's receiver")
+}
+
+/// Sends 32 MiB of pseudo-random bytes from pod a to pod b's receiver and checks that what
+/// arrived is what was sent, and that the segments were large (the sender's MSS, from the
+/// route to pod b at the interface's MTU).
+fn transfer_intact(lab: &Lab) {
+    let b = lab.pod_ip("t/b");
+    let mut rx = receiver(lab);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let send = format!(
+        "import socket, hashlib, random, time\nrandom.seed(7)\ndata = random.randbytes(32 << 20)\nfor _ in range(50):\n    try:\n        s = socket.create_connection(('{b}', {SINK}))\n        break\n    except OSError:\n        time.sleep(0.1)\nmss = s.getsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG)\ns.sendall(data)\ns.close()\nprint(len(data), hashlib.sha256(data).hexdigest(), mss)\n"
+    );
+    let o = lab.exec("t/a", &["python3", "-c", &send]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let sent = String::from_utf8_lossy(&o.stdout).trim().to_string();
+    let mut words = sent.split_whitespace();
+    let (len, sum, mss) = (
+        words.next().unwrap_or_default().to_string(),
+        words.next().unwrap_or_default().to_string(),
+        words.next().unwrap_or_default().parse::<u32>().unwrap_or(0),
+    );
+    while Instant::now() < deadline && rx.try_wait().ok().flatten().is_none() {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = rx.kill();
+    let out = rx.wait_with_output().unwrap();
+    let got = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    assert_eq!(
+        got,
+        format!("{len} {sum}"),
+        "what pod b received is what pod a sent ({})",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The kernel bounds a connection's MSS to half the largest window the peer offered so far:
+    // far above one buffer's 3840 bytes either way.
+    assert!(mss > 16_000, "segments spanning several buffers: MSS {mss}");
+}
+
+fn ping(lab: &Lab, from: &str, args: &[&str]) -> (bool, String) {
+    let mut argv = vec!["ping"];
+    argv.extend_from_slice(args);
+    let o = lab.exec(from, &argv);
+    (
+        o.status.success(),
+        String::from_utf8_lossy(&o.stdout).to_string() + &String::from_utf8_lossy(&o.stderr),
+    )
+}
+
+/// strom-cni's wiring: the pod's interface (and its host side) at 65000, the route to the
+/// node's pod subnet at it, the default route at the path's MTU (the uplink's 1500 less 50).
+/// A 64 000-byte ping crosses pod to pod, and a 32 MiB TCP transfer arrives intact in 64 KiB
+/// segments: on one worker (the frames themselves) and between two (copied whole through a
+/// large hand-off buffer).
+#[test]
+fn a_64_kib_frame_crosses_between_pods_whole_on_one_worker_and_between_workers() {
+    let _g = net_lock();
+    for workers in ["1", "2"] {
+        let lab = Lab::up(&two_pods(), &["--workers", workers]);
+        lab.wait_until_serving();
+        let mtu =
+            String::from_utf8_lossy(&lab.exec("t/a", &["cat", "/sys/class/net/eth0/mtu"]).stdout)
+                .trim()
+                .to_string();
+        assert_eq!(mtu, "65000", "the pod's interface");
+        let routes = String::from_utf8_lossy(&lab.exec("t/a", &["ip", "route"]).stdout).to_string();
+        assert!(
+            routes.contains("default via 169.254.1.1 dev eth0 proto static mtu 1450"),
+            "{routes}"
+        );
+        assert!(
+            routes.contains("198.18.16.0/20 via 169.254.1.1 dev eth0"),
+            "{routes}"
+        );
+        let a = lab.port_of("a");
+        let b = lab.port_of("b");
+        let apart = a["worker"] != b["worker"];
+        assert_eq!(apart, workers == "2", "{a} {b}");
+        let b_ip = lab.pod_ip("t/b");
+        let (ok, text) = ping(
+            &lab,
+            "t/a",
+            &[
+                "-c", "3", "-i", "0.2", "-M", "do", "-s", "64000", "-W", "2", &b_ip,
+            ],
+        );
+        assert!(
+            ok && text.contains("64008 bytes from"),
+            "{workers} workers: {text}"
+        );
+        transfer_intact(&lab);
+        let stats = lab.stromctl(&["stats"]);
+        assert_eq!(
+            drops_in(
+                &stats,
+                &[
+                    "chain_broken",
+                    "too_many_buffers",
+                    "no_multi_buffer",
+                    "tx_full"
+                ]
+            ),
+            0,
+            "{stats}"
+        );
+    }
+}
+
+/// A 9000-byte datagram with DF from a pod toward a 1500-byte path (outside, through the
+/// uplink: masqueraded) gets fragmentation-needed with the MTU, translated back to the pod;
+/// the pod's path-MTU discovery then keeps 1500 for that destination (a second such send
+/// fails locally), and the datagram sent again without DF leaves fragmented by the pod and
+/// arrives whole outside.
+#[test]
+fn a_9000_byte_packet_toward_a_1500_byte_path_gets_fragmentation_needed_and_pmtu_discovery_works() {
+    let _g = net_lock();
+    let lab = Lab::up(&two_pods(), &[]);
+    lab.wait_until_serving();
+    // Past the pod's default route (1450): stromd tells the pod the path's real MTU.
+    let o = lab.exec(
+        "t/a",
+        &[
+            "ip",
+            "route",
+            "change",
+            "default",
+            "via",
+            "169.254.1.1",
+            "dev",
+            "eth0",
+            "mtu",
+            "9000",
+        ],
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let receiver = Command::new("ip")
+        .args(["netns", "exec", &format!("{}-ext", lab.prefix)])
+        .args([
+            "python3",
+            "-c",
+            "import socket\nu = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\nu.bind(('0.0.0.0', 9999))\nu.settimeout(10)\nprint(len(u.recv(65535)), flush=True)\n",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let before = lab.drops("fragmentation_needed");
+    // IP_MTU_DISCOVER (10): DO (2) sets DF and never fragments; WANT (1) fragments to the
+    // path MTU it knows (the first send after the error may report it again: retried).
+    let send = format!(
+        "import socket, time, errno\ns = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\ns.setsockopt(socket.IPPROTO_IP, 10, 2)\ns.connect(('{EXTERNAL}', 9999))\nlearnt = False\nfor _ in range(20):\n    try:\n        s.send(b'x' * 8972)\n    except OSError as e:\n        if e.errno == errno.EMSGSIZE:\n            learnt = True\n            break\n    time.sleep(0.2)\nprint('learnt' if learnt else 'not learnt', s.getsockopt(socket.IPPROTO_IP, 14))\ns.setsockopt(socket.IPPROTO_IP, 10, 1)\nfor _ in range(3):\n    try:\n        s.send(b'x' * 8972)\n        break\n    except OSError:\n        pass\n"
+    );
+    let o = lab.exec("t/a", &["python3", "-c", &send]);
+    let out = String::from_utf8_lossy(&o.stdout).trim().to_string();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(out, "learnt 1500", "the pod's socket learnt the path MTU");
+    assert!(lab.drops("fragmentation_needed") > before);
+    let route = String::from_utf8_lossy(&lab.exec("t/a", &["ip", "route", "get", EXTERNAL]).stdout)
+        .to_string();
+    assert!(route.contains("mtu 1500"), "cached path MTU: {route}");
+    let r = receiver.wait_with_output().unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&r.stdout).trim(),
+        "8972",
+        "outside received the datagram whole: {}",
+        String::from_utf8_lossy(&r.stderr)
+    );
+    // Pod to pod the interface's MTU still holds.
+    let b = lab.pod_ip("t/b");
+    let (ok, text) = ping(
+        &lab,
+        "t/a",
+        &["-c", "1", "-M", "do", "-s", "8972", "-W", "2", &b],
+    );
+    assert!(ok, "{text}");
+}
+
+/// The largest frame a veth passes (an IPv4 packet of 65 535 bytes: pods wired at MTU 65535)
+/// spans 18 buffers, the longest chain the kernel sends as one packet: it crosses whole. (A
+/// longer chain cannot come from a veth, which drops a frame beyond its MTU; the worker drops
+/// one by name, `too_many_buffers`, as the unit tests of the chain's reading show.)
+#[test]
+fn the_largest_ipv4_packet_crosses_as_the_longest_chain() {
+    let _g = net_lock();
+    let lab = Lab::up(&two_pods(), &["--local-mtu", "65535"]);
+    lab.wait_until_serving();
+    let b = lab.pod_ip("t/b");
+    // 65 507 bytes of ICMP payload: 65 535 bytes of IP, 65 549 of frame, 18 buffers.
+    let (ok, text) = ping(
+        &lab,
+        "t/a",
+        &[
+            "-c", "2", "-i", "0.3", "-M", "do", "-s", "65507", "-W", "2", &b,
+        ],
+    );
+    assert!(ok && text.contains("65515 bytes from"), "{text}");
+    let stats = lab.stromctl(&["stats"]);
+    assert_eq!(
+        drops_in(&stats, &["too_many_buffers", "chain_broken", "tx_full"]),
+        0,
+        "{stats}"
+    );
+}
