@@ -41,6 +41,10 @@ pub const CONTRACT: u32 = 2;
 /// Where stromd listens unless configured otherwise.
 pub const DEFAULT_SOCKET: &str = "/run/strom/stromd.sock";
 
+/// The largest MTU stromd carries through the uplink (bytes of IP): what leaves a node has at
+/// most this, and strom-cni keeps the pods' path MTU within it.
+pub const MAX_UPLINK_MTU: u32 = 2034;
+
 /// A pod's host-side port, as the CNI plugin registers it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PortSpec {

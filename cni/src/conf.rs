@@ -33,7 +33,8 @@ pub struct NetConf {
     pub cni_version: String,
     pub name: String,
     /// MTU of the paths leaving the node (other nodes, Services, outside): the pod's default
-    /// route carries it; default: the uplink's MTU minus the overlay header (50), or 1450.
+    /// route carries it; default: the uplink's MTU minus the overlay header (50), or 1450, at
+    /// most what stromd carries through the uplink (`strom_api::MAX_UPLINK_MTU`).
     #[serde(default)]
     pub mtu: Option<u32>,
     /// MTU of the pod's interface, and of its route to the node's pod subnet: pods of one node
@@ -135,11 +136,12 @@ impl NetConf {
             ));
         }
         if let Some(m) = c.mtu {
-            if !(576..=9000).contains(&m) {
+            let max = strom_api::MAX_UPLINK_MTU;
+            if !(576..=max).contains(&m) {
                 return Err(CniError::new(
                     code::INVALID_CONFIG,
                     "invalid network configuration",
-                    format!("mtu {m} (576..=9000)"),
+                    format!("mtu {m} (576..={max}: the most stromd carries through the uplink)"),
                 ));
             }
         }

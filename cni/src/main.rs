@@ -168,6 +168,7 @@ fn default_mtu(c: &NetConf) -> u32 {
         .and_then(|m| u32::try_from(m).ok())
         .map(|m| m.saturating_sub(OVERLAY_HEADER))
         .unwrap_or(1500 - OVERLAY_HEADER)
+        .min(strom_api::MAX_UPLINK_MTU)
 }
 
 /// The address IPAM gives this attachment, and how to give it back.
@@ -307,7 +308,7 @@ fn cmd_add(c: &NetConf, env: &Env, stdin: &[u8]) -> Result<CniResult, CniError> 
     let (ip, local) = match &source {
         Addr::Own(ipam) => (
             ipam.allocate(&env.owner(), requested_ip(c, env)?)?,
-            Some(ipam.subnet()),
+            Some(ipam.subnet().trunc()).filter(|n| n.prefix_len() < 32),
         ),
         Addr::Delegated(p) => {
             let r = delegate(p, "ADD", stdin)?.unwrap_or_else(|| CniResult {

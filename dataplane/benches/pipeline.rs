@@ -125,7 +125,7 @@ fn stages(c: &mut Criterion) {
 fn whole(c: &mut Criterion) {
     let t = tables();
     let port = pod_port();
-    // 64 frames to 64 different pods, each in a 2 KiB frame buffer as in the UMEM.
+    // 64 frames to 64 different pods, each in a 2 KiB frame buffer (the UMEM's are 4 KiB).
     let batch: Vec<Vec<u8>> = (0..64u8)
         .map(|i| {
             let mut f = vec![0u8; 2048];

@@ -83,7 +83,7 @@ pub struct DataplaneSection {
     pub cores: Vec<usize>,
     #[serde(default = "default_poll")]
     pub poll_mode: PollMode,
-    /// Frames (2 KiB each) in each worker's slice of the UMEM all ports share (a power of
+    /// Frames (4 KiB each) in each worker's slice of the UMEM all ports share (a power of
     /// two, at least ring_size and 1024).
     #[serde(default = "default_frames")]
     pub umem_frames: u32,
@@ -268,10 +268,16 @@ impl Config {
                 format!("{} (1..=16777216)", d.conntrack_max),
             );
         }
-        if d.fill_min == 0 || d.fill_min > d.fill_per_port {
+        // A pod's largest frame takes `MAX_CHAIN` fill frames: a floor below that would never
+        // take one, and so never drain to be deepened.
+        let least = crate::xsk::MAX_CHAIN as u32;
+        if d.fill_min < least || d.fill_min > d.fill_per_port {
             return inv(
                 "dataplane.fill_min",
-                format!("{} (1..=fill_per_port)", d.fill_min),
+                format!(
+                    "{} ({least}..=fill_per_port: a pod's largest frame)",
+                    d.fill_min
+                ),
             );
         }
         if self.node.pod_cidr.contains(&self.node.pod_gateway) {

@@ -50,7 +50,9 @@ pub enum DropReason {
     /// The kernel dropped a received frame for another reason it counts as `rx_dropped`: a
     /// frame larger than a UMEM frame's room (4096 bytes less the kernel's 256 of headroom) on
     /// a socket without multi-buffer (the uplink's), e.g. from a link whose MTU is above what
-    /// stromd carries there.
+    /// stromd carries there; or, on a pod's multi-buffer socket, a frame whose chain found
+    /// fewer frames in the fill ring than it needed (the kernel counts no empty fill ring
+    /// for it).
     XskRxTooLarge,
     /// Destination MAC not the receiving port's (broadcast, multicast or another host's):
     /// only frames addressed to the gateway are routed.

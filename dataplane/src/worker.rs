@@ -31,8 +31,8 @@ use crate::pipeline::{self, Action, InPort, PortKind};
 use crate::stats::{Local, LocalDrops, SharedCounters, WorkerCounters};
 use crate::tables::TableHandle;
 use crate::xsk::{
-    packet_len, BindMode, Closed, PollSet, SharedUmem, Waker, WorkerUmem, XskError, XskPort,
-    XskSizes, FRAME_SIZE, MAX_CHAIN, PREFETCH_AHEAD, RX_ROOM,
+    continues, packet_len, BindMode, Closed, PollSet, SharedUmem, Waker, WorkerUmem, XskError,
+    XskPort, XskSizes, FRAME_SIZE, MAX_CHAIN, PREFETCH_AHEAD, RX_ROOM,
 };
 
 /// Conntrack entries one worker lists at most in an answer (all are counted).
@@ -59,9 +59,11 @@ const HANDOFF_CAP: usize = 2048;
 const REVIEW_MS: u64 = 1000;
 
 /// Bytes a [`Handoff`] carries inline: a frame of the uplink's MTU (at most
-/// `MAX_UPLINK_MTU`) and most of the pods'. A larger one goes in a [`LargeHandoff`].
+/// `MAX_UPLINK_MTU`) and most of the pods'. A larger one goes in one of the receiving worker's
+/// large buffers.
 pub const HANDOFF_INLINE: usize = 2048;
-/// Large buffers each worker keeps for frames handed to it ([`LargeHandoff`]).
+/// Large buffers each worker keeps for frames handed to it, when there is more than one
+/// worker.
 const LARGE_HANDOFFS: usize = 128;
 /// Bytes of a large buffer: the longest chain the kernel sends as one packet.
 const LARGE_BYTES: usize = MAX_CHAIN * RX_ROOM as usize;
@@ -69,20 +71,32 @@ const LARGE_BYTES: usize = MAX_CHAIN * RX_ROOM as usize;
 /// descriptor belongs to.
 const RX_DESCS: usize = BATCH + MAX_CHAIN;
 
-/// A frame copied to another worker: each worker has its own slice of the UMEM.
+/// A frame copied to another worker: each worker has its own slice of the UMEM. One queue
+/// carries both kinds, so the frames of a flow keep their order whatever their sizes.
 pub struct Handoff {
     port: u32,
-    len: u16,
-    data: [u8; HANDOFF_INLINE],
+    len: u32,
+    data: HandoffData,
 }
 
-/// A frame larger than a [`Handoff`] carries (a pod's multi-buffer packet), copied whole into
-/// one of the receiving worker's large buffers, which it takes back once the frame is sent:
-/// the buffers are allocated when the worker is created, never per packet.
-pub struct LargeHandoff {
-    port: u32,
-    len: u32,
-    data: Box<[u8]>,
+/// Where a handed-over frame's bytes are.
+// The inline variant is the point: a small frame crosses in the queue's own slot, with no
+// buffer to take and give back; the queue's slots are that large either way.
+#[allow(clippy::large_enum_variant)]
+enum HandoffData {
+    Inline([u8; HANDOFF_INLINE]),
+    /// One of the receiving worker's large buffers (allocated when the worker is created,
+    /// never per packet), which it takes back once the frame is sent.
+    Large(Box<[u8]>),
+}
+
+impl Handoff {
+    fn bytes_mut(&mut self) -> &mut [u8] {
+        match &mut self.data {
+            HandoffData::Inline(b) => b,
+            HandoffData::Large(b) => b,
+        }
+    }
 }
 
 /// A socket a worker opened: a duplicate of its fd (for the XSKMAP; it keeps the socket open
@@ -156,9 +170,8 @@ pub struct WorkerShared {
     pub core: Option<usize>,
     pub counters: WorkerCounters,
     handoff: ArrayQueue<Handoff>,
-    /// Frames handed over in large buffers, and the large buffers free for them (all
-    /// `LARGE_HANDOFFS` are in one queue or the other, or in use by a sender or this worker).
-    large: ArrayQueue<LargeHandoff>,
+    /// This worker's large buffers free for frames handed to it (each is here, in a hand-off
+    /// on its way, or being copied by a sender or sent by this worker).
     large_free: ArrayQueue<Box<[u8]>>,
     waker: Waker,
     sleeping: AtomicBool,
@@ -235,25 +248,54 @@ impl WorkerShared {
         ok
     }
 
+    /// Queues a frame for this worker; false (the frame handed back to the pool it came
+    /// from, when large) when the queue is full.
     #[inline]
     fn push_handoff(&self, h: Handoff) -> bool {
-        let ok = self.handoff.push(h).is_ok();
-        if ok && self.sleeping.load(Ordering::SeqCst) {
-            self.waker.wake();
+        match self.handoff.push(h) {
+            Ok(()) => {
+                if self.sleeping.load(Ordering::SeqCst) {
+                    self.waker.wake();
+                }
+                true
+            }
+            Err(h) => {
+                if let HandoffData::Large(b) = h.data {
+                    let _ = self.large_free.push(b);
+                }
+                false
+            }
         }
-        ok
     }
 
-    /// Queues a frame in one of this worker's large buffers (taken from `large_free`, so the
-    /// queue, as large as the pool, has room).
+    /// Copies `bytes` into a hand-off for this worker's port `port`: inline when it fits, in
+    /// one of this worker's large buffers otherwise.
     #[inline]
-    fn push_large(&self, h: LargeHandoff) {
-        if let Err(h) = self.large.push(h) {
-            let _ = self.large_free.push(h.data);
-            return;
-        }
-        if self.sleeping.load(Ordering::SeqCst) {
-            self.waker.wake();
+    fn hand_bytes(&self, port: u32, bytes: &[u8]) -> Result<(), DropReason> {
+        let len = bytes.len();
+        let data = if len <= HANDOFF_INLINE {
+            let mut b = [0; HANDOFF_INLINE];
+            b[..len].copy_from_slice(bytes);
+            HandoffData::Inline(b)
+        } else {
+            let mut b = self.large_free.pop().ok_or(DropReason::HandoffFull)?;
+            match b.get_mut(..len) {
+                Some(dst) => dst.copy_from_slice(bytes),
+                None => {
+                    let _ = self.large_free.push(b);
+                    return Err(DropReason::TooManyBuffers);
+                }
+            }
+            HandoffData::Large(b)
+        };
+        if self.push_handoff(Handoff {
+            port,
+            len: len as u32,
+            data,
+        }) {
+            Ok(())
+        } else {
+            Err(DropReason::HandoffFull)
         }
     }
 }
@@ -266,6 +308,8 @@ struct Port {
     xsk: XskPort,
     counters: Arc<SharedCounters>,
     local: Local,
+    /// The last batch ended inside a chain (`chain_broken`): the next starts with its rest.
+    mid_chain: bool,
 }
 
 /// The shared halves of the workers and their command receivers.
@@ -319,10 +363,10 @@ pub fn create(n: usize, cores: &[usize]) -> Result<Created, crate::xsk::XskError
             core: (!cores.is_empty()).then(|| cores[id % cores.len()]),
             counters: WorkerCounters::default(),
             handoff: ArrayQueue::new(HANDOFF_CAP),
-            large: ArrayQueue::new(LARGE_HANDOFFS),
             large_free: {
+                // A lone worker is never handed anything.
                 let q = ArrayQueue::new(LARGE_HANDOFFS);
-                for _ in 0..LARGE_HANDOFFS {
+                for _ in 0..if n > 1 { LARGE_HANDOFFS } else { 0 } {
                     let _ = q.push(vec![0u8; LARGE_BYTES].into_boxed_slice());
                 }
                 q
@@ -510,11 +554,7 @@ impl Worker {
 
     fn sleep(&mut self) {
         self.me.sleeping.store(true, Ordering::SeqCst);
-        if self.me.handoff.is_empty()
-            && self.me.large.is_empty()
-            && self.commands.is_empty()
-            && self.me.closed.is_empty()
-        {
+        if self.me.handoff.is_empty() && self.commands.is_empty() && self.me.closed.is_empty() {
             self.poll.wait(SLEEP_MS);
             self.me.counters.sleeps.fetch_add(1, Ordering::Relaxed);
         }
@@ -572,6 +612,7 @@ impl Worker {
                                 xsk,
                                 counters: s.counters,
                                 local: Local::default(),
+                                mid_chain: false,
                             }));
                             self.active.push(id);
                             if kind == PortKind::Uplink && self.ctx.uplink_tx.is_none() {
@@ -609,30 +650,18 @@ impl Worker {
 
     /// A frame handed here because this worker owns its flow (an answer to one of its SNAT
     /// ports): translated and routed from here.
-    fn rerouted(&mut self, h: &mut Handoff, len: usize, tables: &crate::tables::View<'_>) {
-        let r = match pipeline::reroute(&mut h.data, len, tables, &mut self.ctx) {
+    fn rerouted(&mut self, data: &mut [u8], len: usize, tables: &crate::tables::View<'_>) {
+        let r = match pipeline::reroute(data, len, tables, &mut self.ctx) {
             Action::Tx { port, len } => Self::transmit_copy(
                 &mut self.umem,
                 self.ports
                     .get_mut(port as usize)
                     .and_then(|p| p.as_deref_mut()),
-                &h.data[..len],
+                &data[..len],
             ),
             Action::Handoff { worker, port, len } if port != pipeline::REROUTE => {
                 match self.all.get(usize::from(worker)) {
-                    Some(w) => {
-                        let mut next = Handoff {
-                            port,
-                            len: len as u16,
-                            data: [0; HANDOFF_INLINE],
-                        };
-                        next.data[..len].copy_from_slice(&h.data[..len]);
-                        if w.push_handoff(next) {
-                            Ok(())
-                        } else {
-                            Err(DropReason::HandoffFull)
-                        }
-                    }
+                    Some(w) => w.hand_bytes(port, &data[..len]),
                     None => Err(DropReason::PortGone),
                 }
             }
@@ -748,6 +777,18 @@ impl Worker {
         let n = port.xsk.recv(&mut self.umem, descs);
         let mut packets = 0;
         let mut i = 0;
+        if port.mid_chain {
+            // The rest of a chain cut short in the last batch: not a packet of its own.
+            while i < n {
+                let d = descs[i];
+                self.umem.recycle(d.addr);
+                i += 1;
+                if !continues(&d) {
+                    port.mid_chain = false;
+                    break;
+                }
+            }
+        }
         while i < n {
             // A packet is a chain of descriptors, each but the last marked as continued.
             let Some(k) = packet_len(&descs[i..n]) else {
@@ -757,6 +798,7 @@ impl Worker {
                 }
                 self.drops.count(DropReason::ChainBroken);
                 port.local.drops += 1;
+                port.mid_chain = true;
                 break;
             };
             let last = i + k - 1;
@@ -887,23 +929,11 @@ impl Worker {
         chain: &[XdpDesc],
         len: usize,
     ) -> Result<(), DropReason> {
-        let head = chain[0];
-        let wire = len + chain[1..].iter().map(|d| d.len as usize).sum::<usize>();
-        if chain.len() == 1 && len <= HANDOFF_INLINE {
-            let bytes = umem.frame_mut(head.addr);
-            let bytes = bytes.get(..len).ok_or(DropReason::PortGone)?;
-            let mut h = Handoff {
-                port: out_port,
-                len: len as u16,
-                data: [0; HANDOFF_INLINE],
-            };
-            h.data[..len].copy_from_slice(bytes);
-            return if w.push_handoff(h) {
-                Ok(())
-            } else {
-                Err(DropReason::HandoffFull)
-            };
+        if let [one] = chain {
+            let bytes = umem.frame_mut(one.addr);
+            return w.hand_bytes(out_port, bytes.get(..len).ok_or(DropReason::PortGone)?);
         }
+        let wire = len + chain[1..].iter().map(|d| d.len as usize).sum::<usize>();
         let mut data = w.large_free.pop().ok_or(DropReason::HandoffFull)?;
         if wire > data.len() {
             let _ = w.large_free.push(data);
@@ -921,12 +951,15 @@ impl Worker {
             }
             at += n;
         }
-        w.push_large(LargeHandoff {
+        if w.push_handoff(Handoff {
             port: out_port,
             len: wire as u32,
-            data,
-        });
-        Ok(())
+            data: HandoffData::Large(data),
+        }) {
+            Ok(())
+        } else {
+            Err(DropReason::HandoffFull)
+        }
     }
 
     #[inline]
@@ -1001,70 +1034,50 @@ impl Worker {
     }
 
     fn drain_handoff(&mut self, tables: &crate::tables::View<'_>) -> usize {
-        let mut n = self.drain_large(tables);
+        let mut n = 0;
         while n < HANDOFF_CAP / 2 {
             let Some(mut h) = self.me.handoff.pop() else {
                 break;
             };
             n += 1;
-            let len = usize::from(h.len);
-            if h.port == pipeline::REROUTE {
-                self.rerouted(&mut h, len, tables);
-                continue;
+            let (port, len) = (h.port, h.len as usize);
+            let data = h.bytes_mut();
+            let len = len.min(data.len());
+            if port == pipeline::REROUTE {
+                self.rerouted(data, len, tables);
+            } else {
+                let r = self.deliver_handed(port, data, len, tables);
+                self.account_tx(r);
             }
-            // This worker owns the flows of its ports: a reply another worker routed here is
-            // translated back before it leaves (and one the policies deny on its own goes
-            // only as a packet of such a flow).
-            let confirm = h.port & pipeline::policy::CONFIRM != 0;
-            let out = h.port & !pipeline::policy::CONFIRM;
-            let r = pipeline::service::deliver(&mut h.data, len, tables, &mut self.ctx, confirm)
-                .and_then(|()| {
-                    Self::transmit_copy(
-                        &mut self.umem,
-                        self.ports
-                            .get_mut(out as usize)
-                            .and_then(|p| p.as_deref_mut()),
-                        &h.data[..len],
-                    )
-                });
-            self.account_tx(r);
+            if let HandoffData::Large(b) = h.data {
+                let _ = self.me.large_free.push(b);
+            }
         }
         n
     }
-}
 
-impl Worker {
-    /// Sends what other workers handed over in large buffers (each given back to the pool
-    /// of this worker's large buffers once copied into its frames).
-    fn drain_large(&mut self, tables: &crate::tables::View<'_>) -> usize {
-        let mut n = 0;
-        while n < LARGE_HANDOFFS {
-            let Some(mut h) = self.me.large.pop() else {
-                break;
-            };
-            n += 1;
-            let len = (h.len as usize).min(h.data.len());
-            let r = if h.port == pipeline::REROUTE {
-                // Only the uplink's frames are rerouted, and they fit inline.
-                Err(DropReason::NoRoute)
-            } else {
-                let confirm = h.port & pipeline::policy::CONFIRM != 0;
-                let out = h.port & !pipeline::policy::CONFIRM;
-                pipeline::service::deliver(&mut h.data, len, tables, &mut self.ctx, confirm)
-                    .and_then(|()| {
-                        Self::transmit_copy(
-                            &mut self.umem,
-                            self.ports
-                                .get_mut(out as usize)
-                                .and_then(|p| p.as_deref_mut()),
-                            &h.data[..len],
-                        )
-                    })
-            };
-            self.account_tx(r);
-            let _ = self.me.large_free.push(h.data);
-        }
-        n
+    /// Sends a frame another worker handed over (`data[..len]`) out of this worker's port
+    /// `port`. This worker owns the flows of its ports: a reply another worker routed here is
+    /// translated back before it leaves (and one the policies deny on its own goes only as a
+    /// packet of such a flow, `CONFIRM`).
+    fn deliver_handed(
+        &mut self,
+        port: u32,
+        data: &mut [u8],
+        len: usize,
+        tables: &crate::tables::View<'_>,
+    ) -> Result<(), DropReason> {
+        let confirm = port & pipeline::policy::CONFIRM != 0;
+        let out = port & !pipeline::policy::CONFIRM;
+        pipeline::service::deliver(data, len, tables, &mut self.ctx, confirm).and_then(|()| {
+            Self::transmit_copy(
+                &mut self.umem,
+                self.ports
+                    .get_mut(out as usize)
+                    .and_then(|p| p.as_deref_mut()),
+                &data[..len],
+            )
+        })
     }
 }
 

@@ -208,8 +208,9 @@ fn a_9000_byte_packet_toward_a_1500_byte_path_gets_fragmentation_needed_and_pmtu
 
 /// The largest frame a veth passes (an IPv4 packet of 65 535 bytes: pods wired at MTU 65535)
 /// spans 18 buffers, the longest chain the kernel sends as one packet: it crosses whole. (A
-/// longer chain cannot come from a veth, which drops a frame beyond its MTU; the worker drops
-/// one by name, `too_many_buffers`, as the unit tests of the chain's reading show.)
+/// longer chain cannot come from a veth, which drops a frame beyond its MTU: the worker's
+/// `too_many_buffers` drop of one is not reachable here, and only the reading of chains,
+/// `xsk::packet_len`, has a unit test.)
 #[test]
 fn the_largest_ipv4_packet_crosses_as_the_longest_chain() {
     let _g = net_lock();

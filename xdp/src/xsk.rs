@@ -549,8 +549,13 @@ impl WorkerUmem {
             .map_err(err("rx/tx rings"))?;
         let rx = user.map_rx().map_err(err("rx ring mmap"))?;
         let tx = user.map_tx().map_err(err("tx ring mmap"))?;
-        // EBUSY while the queue's previous socket is still being released (`is_busy`).
-        umem.bind(&user).map_err(err("bind"))?;
+        // EBUSY while the queue's previous socket is still being released (`is_busy`);
+        // EINVAL with `XDP_USE_SG` on a kernel before 6.6, which has no multi-buffer AF_XDP.
+        umem.bind(&user).map_err(err(if multi_buffer {
+            "bind (multi-buffer: kernel 6.6 or later)"
+        } else {
+            "bind"
+        }))?;
         let fd = user.as_raw_fd();
         let serial = self.next_serial;
         self.next_serial = self.next_serial.wrapping_add(1).max(FREE + 1);
@@ -570,6 +575,7 @@ impl WorkerUmem {
             ring: sizes.ring,
             multi_buffer,
             tx_batch: Vec::with_capacity(sizes.ring as usize),
+            carried: 0,
             kernel: XdpStatisticsV2::default(),
             depth: sizes.fill_min,
             reserved: sizes.fill_min,
@@ -621,6 +627,9 @@ pub struct XskPort {
     /// Bound with `XDP_USE_SG`.
     multi_buffer: bool,
     tx_batch: Vec<XdpDesc>,
+    /// How many descriptors at the front of `tx_batch` are the rest of a packet whose first
+    /// descriptors the kernel has (`flush`): they go next, whatever else waits.
+    carried: usize,
     /// The kernel's statistics of this socket at the last look.
     kernel: XdpStatisticsV2,
     /// How deep the fill ring is kept: the floor, or `fill_per_port` (as far as the budget
@@ -854,7 +863,9 @@ impl XskPort {
             // A packet whose first descriptors went in must follow whole: the kernel joins
             // the next descriptors it gets to them. Its rest stays for the next flush, ahead
             // of anything else; whole packets that did not fit are dropped.
-            let mut keep = sent as usize;
+            // The rest an earlier flush kept is the kernel's to finish even when nothing
+            // went in this time.
+            let mut keep = (sent as usize).max(self.carried);
             if keep > 0 && continues(&self.tx_batch[keep - 1]) {
                 while keep < n as usize && continues(&self.tx_batch[keep]) {
                     keep += 1;
@@ -872,6 +883,7 @@ impl XskPort {
             }
             self.tx_batch.truncate(keep);
             self.tx_batch.drain(..sent as usize);
+            self.carried = self.tx_batch.len();
         }
         // The pod answers what this kick delivers inside the kick itself (veth runs the
         // receiver inline): ACKs for data, or the segments that ACKs release. Room for twice
@@ -1051,6 +1063,7 @@ impl XskPort {
             umem.lend(d.addr, HELD);
             umem.recycle(d.addr);
         }
+        self.carried = 0;
         self.set_reserved(umem, 0);
         umem.sockets = umem.sockets.saturating_sub(1);
     }

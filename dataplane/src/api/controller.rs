@@ -159,7 +159,11 @@ fn read_sys(ifname: &str, what: &str) -> Result<String, String> {
 /// frame (no multi-buffer, so that it may bind zero-copy), and a frame from it that another
 /// worker routes fits a hand-off inline (`worker::HANDOFF_INLINE`), less the Ethernet header.
 /// Routes out of a larger uplink use this MTU (larger packets get fragmentation-needed).
-pub const MAX_UPLINK_MTU: u32 = crate::worker::HANDOFF_INLINE as u32 - 14;
+pub const MAX_UPLINK_MTU: u32 = strom_api::MAX_UPLINK_MTU;
+const _: () = assert!(
+    MAX_UPLINK_MTU + 14 <= crate::worker::HANDOFF_INLINE as u32,
+    "an uplink frame fits a hand-off inline"
+);
 
 /// The largest MTU of a pod's veth: any IPv4 packet. Its socket is multi-buffer, and the
 /// longest chain the kernel sends (`MAX_CHAIN` buffers) holds 65 535 bytes and the Ethernet

@@ -54,7 +54,7 @@ struct Args {
     /// busy: spin always; adaptive: spin while busy, sleep when idle (dataplane.poll_mode).
     #[arg(long, value_enum)]
     poll_mode: Option<PollMode>,
-    /// Frames (2 KiB each) in each worker's slice of the shared UMEM (dataplane.umem_frames).
+    /// Frames (4 KiB each) in each worker's slice of the shared UMEM (dataplane.umem_frames).
     #[arg(long)]
     umem_frames: Option<u32>,
     /// Entries of every AF_XDP ring (dataplane.ring_size).

@@ -234,10 +234,10 @@ impl Drop for TempDir {
     }
 }
 
-/// Starts `path` in the node namespace of `t`.
 /// The MTU of every path leaving a pod, and of the kernel's paths between pods.
 const KERNEL_MTU: u32 = 1500;
 
+/// Starts `path` in the node namespace of `t`.
 pub fn start(path: Path, t: &Topology, env: &Env) -> Result<Running> {
     let none = Running {
         child: None,
