@@ -94,9 +94,9 @@ pub struct DataplaneSection {
     /// that it receives in bursts, as far as the worker's fill budget allows.
     #[serde(default = "default_fill")]
     pub fill_per_port: u32,
-    /// The depth every port's fill ring keeps from the moment it is registered (at most
-    /// fill_per_port). A worker serves as many ports as three quarters of its frames keep
-    /// this deep.
+    /// The depth every port's fill ring keeps from the moment it is registered (at least
+    /// 18, the buffers of a pod's largest frame; at most fill_per_port). A worker serves as
+    /// many ports as three quarters of its frames keep this deep.
     #[serde(default = "default_fill_min")]
     pub fill_min: u32,
     /// Flows each worker tracks at most (connection tracking for Services), and ClientIP

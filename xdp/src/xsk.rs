@@ -551,11 +551,14 @@ impl WorkerUmem {
         let tx = user.map_tx().map_err(err("tx ring mmap"))?;
         // EBUSY while the queue's previous socket is still being released (`is_busy`);
         // EINVAL with `XDP_USE_SG` on a kernel before 6.6, which has no multi-buffer AF_XDP.
-        umem.bind(&user).map_err(err(if multi_buffer {
-            "bind (multi-buffer: kernel 6.6 or later)"
-        } else {
-            "bind"
-        }))?;
+        umem.bind(&user).map_err(|e| {
+            let what = if multi_buffer && e.get_raw() == libc::EINVAL {
+                "bind (multi-buffer AF_XDP needs Linux 6.6 or later)"
+            } else {
+                "bind"
+            };
+            err(what)(e)
+        })?;
         let fd = user.as_raw_fd();
         let serial = self.next_serial;
         self.next_serial = self.next_serial.wrapping_add(1).max(FREE + 1);
