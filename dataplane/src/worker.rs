@@ -980,7 +980,10 @@ impl Worker {
         frame: &[u8],
     ) -> Result<(), DropReason> {
         let out = out.ok_or(DropReason::PortGone)?;
-        let k = frame.len().div_ceil(FRAME_SIZE as usize).max(1);
+        if frame.is_empty() {
+            return Err(DropReason::Runt);
+        }
+        let k = frame.len().div_ceil(FRAME_SIZE as usize);
         if k > MAX_CHAIN {
             return Err(DropReason::TooManyBuffers);
         }
@@ -1016,9 +1019,6 @@ impl Worker {
                 len: part.len() as u32,
                 options: 0,
             };
-        }
-        if frame.is_empty() {
-            return Err(DropReason::Runt);
         }
         if !out.xsk.send_chain(umem, &chain[..k]) {
             return Err(DropReason::TxFull);
