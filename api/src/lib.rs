@@ -190,6 +190,10 @@ pub struct Counters {
     pub tx_packets: u64,
     pub tx_bytes: u64,
     pub drops: u64,
+    /// Packets sent with the kernel asked to finish their transport checksum (AF_XDP transmit
+    /// metadata, toward pods).
+    #[serde(default)]
+    pub csum_offloaded: u64,
 }
 
 /// One registered port and its counters.

@@ -155,8 +155,10 @@ fn wire_pod(netns: File, ifname: &str, ip: Ipv4Addr, gw: Ipv4Addr, routes: PodRo
     std::thread::spawn(move || {
         nix::sched::setns(&netns, nix::sched::CloneFlags::CLONE_NEWNET)
             .map_err(|e| format!("entering the pod namespace: {e}"))?;
-        // Frames reaching stromd through AF_XDP carry no checksum-offload state: the pod must
-        // send complete checksums and segments. ethtool runs in this thread's namespace.
+        // Frames reaching stromd through AF_XDP carry no offload state: no segmentation (an XDP
+        // program on the host side clears it anyway), and complete checksums by default (stromd
+        // also serves partial ones, docs/design.md, but a pod is no faster with them). ethtool
+        // runs in this thread's namespace.
         let out = Command::new("ethtool")
             .args(["-K", &ifname, "tx", "off", "tso", "off", "gso", "off"])
             .stdin(Stdio::null())

@@ -127,6 +127,20 @@ pub struct DataplaneSection {
     /// "127.0.0.1:9101". Unset: not served.
     #[serde(default)]
     pub metrics_addr: Option<std::net::SocketAddr>,
+    /// How the pods' XDP program is attached: "native" (the default, veth's own XDP, which
+    /// clears the pod side's TSO and GSO) or "generic" (skb mode, the pod's offloads left
+    /// alone). docs/design.md, "Generic-mode XDP", has the measurements behind the default.
+    #[serde(default)]
+    pub pod_xdp: PodXdp,
+}
+
+/// How the pods' XDP program is attached (`dataplane.pod_xdp`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PodXdp {
+    #[default]
+    Native,
+    Generic,
 }
 
 /// The whole file.
@@ -189,6 +203,7 @@ fn default_dataplane() -> DataplaneSection {
         state_dir: default_state(),
         bpf_pin_dir: default_pin_dir(),
         metrics_addr: None,
+        pod_xdp: PodXdp::Native,
     }
 }
 

@@ -15,6 +15,7 @@ pub struct SharedCounters {
     tx_packets: AtomicU64,
     tx_bytes: AtomicU64,
     drops: AtomicU64,
+    csum_offloaded: AtomicU64,
     /// How deep the port's fill ring is kept now (stored about once a second).
     fill_depth: AtomicU64,
 }
@@ -27,6 +28,8 @@ pub struct Local {
     pub tx_packets: u64,
     pub tx_bytes: u64,
     pub drops: u64,
+    /// Sent with checksum offload asked of the kernel (a part of `tx_packets`).
+    pub csum_offloaded: u64,
 }
 
 impl Local {
@@ -48,6 +51,7 @@ impl SharedCounters {
         self.tx_packets.fetch_add(l.tx_packets, Relaxed);
         self.tx_bytes.fetch_add(l.tx_bytes, Relaxed);
         self.drops.fetch_add(l.drops, Relaxed);
+        self.csum_offloaded.fetch_add(l.csum_offloaded, Relaxed);
         *l = Local::default();
     }
 
@@ -69,6 +73,7 @@ impl SharedCounters {
             tx_packets: self.tx_packets.load(Relaxed),
             tx_bytes: self.tx_bytes.load(Relaxed),
             drops: self.drops.load(Relaxed),
+            csum_offloaded: self.csum_offloaded.load(Relaxed),
         }
     }
 }

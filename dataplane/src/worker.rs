@@ -27,12 +27,13 @@ use xdpilone::xdp::XdpDesc;
 use crate::config::PollMode;
 use crate::drop::DropReason;
 use crate::mac::Mac;
+use crate::pipeline::offload::{self, TxChecksum};
 use crate::pipeline::{self, Action, InPort, PortKind};
 use crate::stats::{Local, LocalDrops, SharedCounters, WorkerCounters};
 use crate::tables::TableHandle;
 use crate::xsk::{
     continues, packet_len, BindMode, Closed, PollSet, SharedUmem, Waker, WorkerUmem, XskError,
-    XskPort, XskSizes, FRAME_SIZE, MAX_CHAIN, PREFETCH_AHEAD, RX_ROOM,
+    XskPort, XskSizes, MAX_CHAIN, PREFETCH_AHEAD, RX_HEADROOM, RX_ROOM,
 };
 
 /// Conntrack entries one worker lists at most in an answer (all are counted).
@@ -76,6 +77,8 @@ const RX_DESCS: usize = BATCH + MAX_CHAIN;
 pub struct Handoff {
     port: u32,
     len: u32,
+    /// What the frame's transport checksum needs when it leaves (`offload`).
+    csum: TxChecksum,
     data: HandoffData,
 }
 
@@ -271,7 +274,7 @@ impl WorkerShared {
     /// Copies `bytes` into a hand-off for this worker's port `port`: inline when it fits, in
     /// one of this worker's large buffers otherwise.
     #[inline]
-    fn hand_bytes(&self, port: u32, bytes: &[u8]) -> Result<(), DropReason> {
+    fn hand_bytes(&self, port: u32, bytes: &[u8], csum: TxChecksum) -> Result<(), DropReason> {
         let len = bytes.len();
         let data = if len <= HANDOFF_INLINE {
             let mut b = [0; HANDOFF_INLINE];
@@ -291,6 +294,7 @@ impl WorkerShared {
         if self.push_handoff(Handoff {
             port,
             len: len as u32,
+            csum,
             data,
         }) {
             Ok(())
@@ -323,8 +327,10 @@ impl Port {
         let f = self.xsk.flush(umem);
         self.local.tx_packets += f.packets;
         self.local.tx_bytes += f.bytes;
+        self.local.csum_offloaded += f.offloaded;
         totals.tx_packets += f.packets;
         totals.tx_bytes += f.bytes;
+        totals.csum_offloaded += f.offloaded;
         if f.dropped > 0 {
             drops.count_n(DropReason::TxFull, f.dropped);
             self.local.drops += f.dropped;
@@ -592,10 +598,17 @@ impl Worker {
                     // be up to 65 535 toward the node's pods); the uplink's MTU stays within
                     // one frame (`MAX_UPLINK_MTU`), and it may bind zero-copy.
                     let multi_buffer = s.kind == PortKind::Pod;
+                    // Pods' ports ask the kernel to finish checksums (`pipeline::offload`);
+                    // the uplink's socket may be zero-copy, where that rests on the driver,
+                    // and stromd completes checksums for it itself.
+                    let tx_metadata = s.kind == PortKind::Pod;
                     let r = self
                         .umem
-                        .open(s.ifindex, s.queue, mode, multi_buffer)
+                        .open(s.ifindex, s.queue, mode, multi_buffer, tx_metadata)
                         .and_then(|xsk| {
+                            if tx_metadata && !xsk.tx_metadata() {
+                                no_tx_metadata_warning();
+                            }
                             let zero_copy = xsk.zero_copy();
                             let fd = xsk
                                 .as_fd()
@@ -649,19 +662,29 @@ impl Worker {
     }
 
     /// A frame handed here because this worker owns its flow (an answer to one of its SNAT
-    /// ports): translated and routed from here.
-    fn rerouted(&mut self, data: &mut [u8], len: usize, tables: &crate::tables::View<'_>) {
-        let r = match pipeline::reroute(data, len, tables, &mut self.ctx) {
+    /// ports): translated and routed from here, its checksum class (`csum`, read by the worker
+    /// it came in on) kept.
+    fn rerouted(
+        &mut self,
+        data: &mut [u8],
+        len: usize,
+        csum: TxChecksum,
+        tables: &crate::tables::View<'_>,
+    ) {
+        let action = pipeline::reroute(data, len, tables, &mut self.ctx);
+        self.ctx.tx_csum = csum;
+        let r = match action {
             Action::Tx { port, len } => Self::transmit_copy(
                 &mut self.umem,
                 self.ports
                     .get_mut(port as usize)
                     .and_then(|p| p.as_deref_mut()),
                 &data[..len],
+                self.ctx.tx_csum,
             ),
             Action::Handoff { worker, port, len } if port != pipeline::REROUTE => {
                 match self.all.get(usize::from(worker)) {
-                    Some(w) => w.hand_bytes(port, &data[..len]),
+                    Some(w) => w.hand_bytes(port, &data[..len], self.ctx.tx_csum),
                     None => Err(DropReason::PortGone),
                 }
             }
@@ -846,7 +869,7 @@ impl Worker {
                 Action::Drop(r) => self.drop_chain(&mut port, chain, r),
                 Action::Hairpin { len } => {
                     let (out, k) = with_head_len(chain, len);
-                    if !port.xsk.send_chain(&mut self.umem, &out[..k]) {
+                    if !send_packet(&mut self.umem, &mut port, &out[..k], self.ctx.tx_csum) {
                         self.drops.count(DropReason::TxFull);
                         port.local.drops += 1;
                     }
@@ -869,7 +892,7 @@ impl Worker {
                     let r = match self.ports[out_port as usize].as_deref_mut() {
                         Some(o) if k > 1 && !o.xsk.multi_buffer() => Err(DropReason::NoMultiBuffer),
                         Some(o) => {
-                            if o.xsk.send_chain(&mut self.umem, &out[..k]) {
+                            if send_packet(&mut self.umem, o, &out[..k], self.ctx.tx_csum) {
                                 Ok(())
                             } else {
                                 Err(DropReason::TxFull)
@@ -890,7 +913,14 @@ impl Worker {
                     len,
                 } => {
                     let r = match self.all.get(usize::from(worker)) {
-                        Some(w) => Self::hand_off(&mut self.umem, w, out_port, chain, len),
+                        Some(w) => Self::hand_off(
+                            &mut self.umem,
+                            w,
+                            out_port,
+                            chain,
+                            len,
+                            self.ctx.tx_csum,
+                        ),
                         None => Err(DropReason::PortGone),
                     };
                     if let Err(r) = r {
@@ -928,10 +958,15 @@ impl Worker {
         out_port: u32,
         chain: &[XdpDesc],
         len: usize,
+        csum: TxChecksum,
     ) -> Result<(), DropReason> {
         if let [one] = chain {
             let bytes = umem.frame_mut(one.addr);
-            return w.hand_bytes(out_port, bytes.get(..len).ok_or(DropReason::PortGone)?);
+            return w.hand_bytes(
+                out_port,
+                bytes.get(..len).ok_or(DropReason::PortGone)?,
+                csum,
+            );
         }
         let wire = len + chain[1..].iter().map(|d| d.len as usize).sum::<usize>();
         let mut data = w.large_free.pop().ok_or(DropReason::HandoffFull)?;
@@ -954,6 +989,7 @@ impl Worker {
         if w.push_handoff(Handoff {
             port: out_port,
             len: wire as u32,
+            csum,
             data: HandoffData::Large(data),
         }) {
             Ok(())
@@ -972,18 +1008,20 @@ impl Worker {
     }
 
     /// Copies `frame` into free frames of this worker's UMEM (as many as it needs, a chain
-    /// when it is larger than one) and queues it on `out`.
+    /// when it is larger than one; behind the kernel's headroom, as a received frame is, which
+    /// leaves room for transmit metadata) and queues it on `out`.
     #[inline]
     fn transmit_copy(
         umem: &mut WorkerUmem,
         out: Option<&mut Port>,
         frame: &[u8],
+        csum: TxChecksum,
     ) -> Result<(), DropReason> {
         let out = out.ok_or(DropReason::PortGone)?;
         if frame.is_empty() {
             return Err(DropReason::Runt);
         }
-        let k = frame.len().div_ceil(FRAME_SIZE as usize);
+        let k = frame.len().div_ceil(RX_ROOM as usize);
         if k > MAX_CHAIN {
             return Err(DropReason::TooManyBuffers);
         }
@@ -995,15 +1033,16 @@ impl Worker {
             len: 0,
             options: 0,
         }; MAX_CHAIN];
-        for (i, part) in frame.chunks(FRAME_SIZE as usize).enumerate() {
-            let copied = umem.take_free().and_then(|addr| {
+        for (i, part) in frame.chunks(RX_ROOM as usize).enumerate() {
+            let copied = umem.take_free().and_then(|frame| {
+                let addr = frame + u64::from(RX_HEADROOM);
                 match umem.frame_mut(addr).get_mut(..part.len()) {
                     Some(dst) => {
                         dst.copy_from_slice(part);
                         Some(addr)
                     }
                     None => {
-                        umem.recycle(addr);
+                        umem.recycle(frame);
                         None
                     }
                 }
@@ -1020,7 +1059,7 @@ impl Worker {
                 options: 0,
             };
         }
-        if !out.xsk.send_chain(umem, &chain[..k]) {
+        if !send_packet(umem, out, &chain[..k], csum) {
             return Err(DropReason::TxFull);
         }
         Ok(())
@@ -1040,13 +1079,13 @@ impl Worker {
                 break;
             };
             n += 1;
-            let (port, len) = (h.port, h.len as usize);
+            let (port, len, csum) = (h.port, h.len as usize, h.csum);
             let data = h.bytes_mut();
             let len = len.min(data.len());
             if port == pipeline::REROUTE {
-                self.rerouted(data, len, tables);
+                self.rerouted(data, len, csum, tables);
             } else {
-                let r = self.deliver_handed(port, data, len, tables);
+                let r = self.deliver_handed(port, data, len, csum, tables);
                 self.account_tx(r);
             }
             if let HandoffData::Large(b) = h.data {
@@ -1065,6 +1104,7 @@ impl Worker {
         port: u32,
         data: &mut [u8],
         len: usize,
+        csum: TxChecksum,
         tables: &crate::tables::View<'_>,
     ) -> Result<(), DropReason> {
         let confirm = port & pipeline::policy::CONFIRM != 0;
@@ -1076,9 +1116,50 @@ impl Worker {
                     .get_mut(out as usize)
                     .and_then(|p| p.as_deref_mut()),
                 &data[..len],
+                csum,
             )
         })
     }
+}
+
+/// Logs, once for the process, that the kernel registers no transmit metadata.
+fn no_tx_metadata_warning() {
+    static WARNED: AtomicBool = AtomicBool::new(false);
+    if !WARNED.swap(true, Ordering::Relaxed) {
+        tracing::warn!(
+            "the kernel refused transmit metadata on a pod's AF_XDP socket (Linux 6.11 or later \
+             has it): frames to pods keep their checksums as sent, and a pod with transmit \
+             checksum offload on reaches other pods only with frames of one buffer"
+        );
+    }
+}
+
+/// Queues the packet in `chain` on `out`, its transport checksum finished as `csum` and the
+/// port need: the kernel asked to finish it where the port has transmit metadata (a pod's),
+/// a partial one completed here where it has not (the uplink) or where the kernel cannot
+/// (SCTP's CRC), in a frame of one buffer (the only kind the uplink sends).
+#[inline]
+fn send_packet(umem: &mut WorkerUmem, out: &mut Port, chain: &[XdpDesc], csum: TxChecksum) -> bool {
+    // Toward a port without metadata only a partial checksum needs the frame.
+    let needed = match csum {
+        TxChecksum::AsIs => false,
+        TxChecksum::Pod { partial } => partial || out.xsk.tx_metadata(),
+        TxChecksum::SctpPartial => true,
+    };
+    if let (Some(head), true) = (chain.first(), needed) {
+        let frame = umem.frame_mut(head.addr);
+        let n = (head.len as usize).min(frame.len());
+        let frame = &mut frame[..n];
+        if out.xsk.tx_metadata() {
+            if let Some(req) = offload::offload(frame, csum) {
+                return out.xsk.send_offloaded(umem, chain, req);
+            }
+        }
+        if chain.len() == 1 {
+            offload::complete(frame, csum);
+        }
+    }
+    out.xsk.send_chain(umem, chain)
 }
 
 /// The descriptors of `chain` with the first buffer's length set to `len` (a stage may have

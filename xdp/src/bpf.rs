@@ -223,6 +223,8 @@ pub struct XdpPrograms {
     ebpf: Ebpf,
     links: HashMap<u32, Attached>,
     pin_dir: Option<PathBuf>,
+    /// Attach the pods' program in generic mode rather than native (`set_pod_generic`).
+    pod_generic: bool,
 }
 
 /// Makes sure `dir` is a directory on bpffs: mounts bpffs on `/sys/fs/bpf` when `dir` lies
@@ -308,7 +310,16 @@ impl XdpPrograms {
             ebpf,
             links: HashMap::new(),
             pin_dir: pin_dir.map(Path::to_path_buf),
+            pod_generic: false,
         })
+    }
+
+    /// Attaches the pods' program in generic (skb) mode from now on, instead of native. The
+    /// kernel then leaves the pod side's TSO and GSO alone (native XDP on a veth clears them
+    /// on its peer), and the program sees what the pod sent as the stack hands it on:
+    /// segments up to 64 KB when the pod's TSO is on. A link already pinned keeps its mode.
+    pub fn set_pod_generic(&mut self, generic: bool) {
+        self.pod_generic = generic;
     }
 
     /// The program's drop counts by reason (`XDP_DROP_REASONS`), summed over CPUs.
@@ -517,10 +528,26 @@ impl XdpPrograms {
                 }
             }
         }
+        let generic = role == Role::Pod && self.pod_generic;
         let prog = Self::program(&mut self.ebpf, role)?;
-        let (id, mode) = match prog.attach_to_if_index(ifindex, XdpMode::Driver) {
-            Ok(id) => (id, "native"),
-            Err(native) => match prog.attach_to_if_index(ifindex, XdpMode::Skb) {
+        let native = if generic {
+            None
+        } else {
+            Some(prog.attach_to_if_index(ifindex, XdpMode::Driver))
+        };
+        let (id, mode) = match native {
+            None => match prog.attach_to_if_index(ifindex, XdpMode::Skb) {
+                Ok(id) => (id, "generic"),
+                Err(e) => {
+                    return Err(BpfError::Attach {
+                        ifindex,
+                        native: "not asked for (generic mode configured)".into(),
+                        generic: e.to_string(),
+                    })
+                }
+            },
+            Some(Ok(id)) => (id, "native"),
+            Some(Err(native)) => match prog.attach_to_if_index(ifindex, XdpMode::Skb) {
                 Ok(id) => {
                     tracing::warn!(ifindex, error = %native, "native XDP refused; using generic XDP");
                     (id, "generic")

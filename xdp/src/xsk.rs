@@ -71,6 +71,27 @@ pub const MAX_CHAIN: usize = 18;
 /// A descriptor's `options` bit saying that the packet goes on in the next descriptor.
 pub const PKT_CONTD: u32 = libc::XDP_PKT_CONTD;
 
+/// Bytes of transmit metadata (`struct xsk_tx_metadata`: flags, then the checksum request)
+/// in front of a frame's data on a socket opened with transmit metadata
+/// ([`XskPort::tx_metadata`]). The kernel then checks every descriptor of that socket for this
+/// much room in front of its data: a descriptor without it is not queued on such a socket
+/// (`fits_frame`); stromd's frames have their data [`RX_HEADROOM`] into their frame (the
+/// kernel's receive headroom in copy mode, and where `transmit_copy` writes).
+pub const TX_METADATA_LEN: u32 = 16;
+
+/// A request that the kernel complete a transmitted packet's transport checksum, as a device
+/// with checksum offload would (`XDP_TXMD_FLAGS_CHECKSUM`): the checksum field at
+/// `start + offset` holds the pseudo-header's sum, and the kernel sums from `start` to the end.
+/// In copy mode the packet then reaches the peer as `CHECKSUM_PARTIAL`, which a receiving
+/// stack takes as verified.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ChecksumOffload {
+    /// Where the sum starts, from the packet's first byte (the transport header).
+    pub start: u16,
+    /// Where the checksum field is, from `start`.
+    pub offset: u16,
+}
+
 /// Whether the packet `d` belongs to goes on in the next descriptor.
 #[inline]
 pub fn continues(d: &XdpDesc) -> bool {
@@ -207,6 +228,8 @@ pub struct Flushed {
     pub bytes: u64,
     /// Packets that did not fit the tx ring (their frames recycled).
     pub dropped: u64,
+    /// Of the packets committed, those asking for checksum offload (transmit metadata).
+    pub offloaded: u64,
 }
 
 /// Anonymous, page-aligned memory for a UMEM. Unmapped on drop.
@@ -481,13 +504,16 @@ impl WorkerUmem {
     /// Opens a socket on `ifindex`'s queue `queue` with this worker's slice as its UMEM and its
     /// own fill/completion and rx/tx rings, bound in `mode` (and for multi-buffer packets with
     /// `multi_buffer`: kernel 6.6 or later, and an `xdp.frags` program on the interface), and
-    /// tops up its fill ring.
+    /// tops up its fill ring. With `tx_metadata` the registration asks for transmit metadata
+    /// ([`TX_METADATA_LEN`], Linux 6.11 or later); a kernel that refuses it gets a socket
+    /// without ([`XskPort::tx_metadata`] says which).
     pub fn open(
         &mut self,
         ifindex: u32,
         queue: u32,
         mode: BindMode,
         multi_buffer: bool,
+        tx_metadata: bool,
     ) -> Result<XskPort, XskError> {
         let sizes = self.shared.sizes;
         if self.sockets >= sizes.ports_per_worker() {
@@ -513,6 +539,7 @@ impl WorkerUmem {
             // sending pod's core). Frames stay FRAME_SIZE apart; received descriptors carry
             // the data's offset in their top bits (`plain_addr`).
             flags: libc::XDP_UMEM_UNALIGNED_CHUNK_FLAG,
+            tx_metadata_len: 0,
         };
         let start = NonNull::new(
             self.shared
@@ -528,7 +555,24 @@ impl WorkerUmem {
         // mapping) and inside the mapping; the mapping is unmapped only when the last
         // `Arc<SharedUmem>` goes, and the port built below holds one, dropped after its socket
         // (field order), so the kernel never writes to unmapped memory.
-        let umem = unsafe { Umem::new(cfg, slice) }.map_err(err("UMEM registration"))?;
+        let register = |cfg: UmemConfig| unsafe { Umem::new(cfg, slice) };
+        let (umem, tx_metadata) = if tx_metadata {
+            let with = UmemConfig {
+                flags: cfg.flags | libc::XDP_UMEM_TX_METADATA_LEN,
+                tx_metadata_len: TX_METADATA_LEN,
+                ..cfg.clone()
+            };
+            match register(with) {
+                Ok(u) => (u, true),
+                // A kernel before 6.11 knows no XDP_UMEM_TX_METADATA_LEN flag.
+                Err(e) if e.get_raw() == libc::EINVAL => {
+                    (register(cfg).map_err(err("UMEM registration"))?, false)
+                }
+                Err(e) => return Err(err("UMEM registration")(e)),
+            }
+        } else {
+            (register(cfg).map_err(err("UMEM registration"))?, false)
+        };
         let sock = Socket::with_shared(&info, &umem).map_err(err("socket"))?;
         let dev = umem.fq_cq(&sock).map_err(err("fill/completion rings"))?;
         let flags = match mode {
@@ -577,6 +621,7 @@ impl WorkerUmem {
             fd,
             ring: sizes.ring,
             multi_buffer,
+            tx_metadata,
             tx_batch: Vec::with_capacity(sizes.ring as usize),
             carried: 0,
             kernel: XdpStatisticsV2::default(),
@@ -629,6 +674,8 @@ pub struct XskPort {
     ring: u32,
     /// Bound with `XDP_USE_SG`.
     multi_buffer: bool,
+    /// Registered with transmit metadata ([`TX_METADATA_LEN`]).
+    tx_metadata: bool,
     tx_batch: Vec<XdpDesc>,
     /// How many descriptors at the front of `tx_batch` are the rest of a packet whose first
     /// descriptors the kernel has (`flush`): they go next, whatever else waits.
@@ -780,8 +827,7 @@ impl XskPort {
         if !umem.is_held(addr) {
             return false;
         }
-        let room = u64::from(FRAME_SIZE) - addr % u64::from(FRAME_SIZE);
-        if self.tx_batch.len() >= self.ring as usize || len as u64 > room {
+        if self.tx_batch.len() >= self.ring as usize || !self.fits_frame(addr, len as u64) {
             umem.recycle(addr);
             return false;
         }
@@ -805,14 +851,76 @@ impl XskPort {
         if let [one] = chain {
             return self.send(umem, one.addr, one.len as usize);
         }
+        self.queue(umem, chain, 0)
+    }
+
+    /// As [`XskPort::send_chain`], asking the kernel to complete the packet's transport
+    /// checksum (`csum`), written into the metadata in front of the first buffer's data.
+    /// Only for a socket with transmit metadata ([`XskPort::tx_metadata`]); on another, or when
+    /// the request lies outside the first buffer, nothing is queued and false is returned, as
+    /// for a chain that cannot go.
+    #[inline]
+    pub fn send_offloaded(
+        &mut self,
+        umem: &mut WorkerUmem,
+        chain: &[XdpDesc],
+        csum: ChecksumOffload,
+    ) -> bool {
+        let Some(head) = chain.first() else {
+            return false;
+        };
+        // The kernel refuses a request reaching past the first buffer with EINVAL, leaving
+        // the descriptor in the ring ("retry"): the socket's transmit would stall behind it.
+        let inside = usize::from(csum.start) + usize::from(csum.offset) + 2 <= head.len as usize;
+        let meta = head.addr.wrapping_sub(u64::from(TX_METADATA_LEN));
+        // The metadata lies in the head's own frame (`fits_frame` keeps the room in front).
+        let written = self.tx_metadata
+            && inside
+            && self.fits_frame(head.addr, u64::from(head.len))
+            && match umem.frame_mut(meta).get_mut(..TX_METADATA_LEN as usize) {
+                Some(m) => {
+                    m[..8].copy_from_slice(&u64::from(libc::XDP_TXMD_FLAGS_CHECKSUM).to_ne_bytes());
+                    m[8..10].copy_from_slice(&csum.start.to_ne_bytes());
+                    m[10..12].copy_from_slice(&csum.offset.to_ne_bytes());
+                    m[12..].fill(0);
+                    true
+                }
+                None => false,
+            };
+        if !written {
+            for d in chain {
+                umem.recycle(d.addr);
+            }
+            return false;
+        }
+        self.queue(umem, chain, libc::XDP_TX_METADATA)
+    }
+
+    /// Whether `len` bytes at `addr` lie in one frame, behind the room the socket's transmit
+    /// metadata takes in front of every descriptor's data (the kernel refuses a descriptor
+    /// without it once the UMEM has metadata).
+    #[inline]
+    fn fits_frame(&self, addr: u64, len: u64) -> bool {
+        let at = addr % u64::from(FRAME_SIZE);
+        let front = if self.tx_metadata {
+            u64::from(TX_METADATA_LEN)
+        } else {
+            0
+        };
+        at >= front && len <= u64::from(FRAME_SIZE) - at
+    }
+
+    /// Queues the packet in `chain` all or nothing, `first` among its first descriptor's
+    /// options (see [`XskPort::send_chain`]).
+    #[inline]
+    fn queue(&mut self, umem: &mut WorkerUmem, chain: &[XdpDesc], first: u32) -> bool {
         let fits = !chain.is_empty()
-            && self.multi_buffer
+            && (chain.len() == 1 || self.multi_buffer)
             && chain.len() <= MAX_CHAIN
             && self.tx_batch.len() + chain.len() <= self.ring as usize
-            && chain.iter().all(|d| {
-                umem.is_held(d.addr)
-                    && u64::from(d.len) <= u64::from(FRAME_SIZE) - d.addr % u64::from(FRAME_SIZE)
-            });
+            && chain
+                .iter()
+                .all(|d| umem.is_held(d.addr) && self.fits_frame(d.addr, u64::from(d.len)));
         if !fits {
             for d in chain {
                 umem.recycle(d.addr);
@@ -825,10 +933,16 @@ impl XskPort {
             self.tx_batch.push(XdpDesc {
                 addr: d.addr,
                 len: d.len,
-                options: if i < last { PKT_CONTD } else { 0 },
+                options: if i < last { PKT_CONTD } else { 0 } | if i == 0 { first } else { 0 },
             });
         }
         true
+    }
+
+    /// Whether the socket was registered with transmit metadata, so that
+    /// [`XskPort::send_offloaded`] can ask for checksum offload (Linux 6.11 or later).
+    pub fn tx_metadata(&self) -> bool {
+        self.tx_metadata
     }
 
     /// Whether the socket was bound for multi-buffer packets (`XDP_USE_SG`): it receives a
@@ -878,6 +992,7 @@ impl XskPort {
             for d in &self.tx_batch[..sent as usize] {
                 out.bytes += u64::from(d.len);
                 out.packets += u64::from(!continues(d));
+                out.offloaded += u64::from(d.options & libc::XDP_TX_METADATA != 0);
             }
             for d in &self.tx_batch[keep..] {
                 out.dropped += u64::from(!continues(d));

@@ -325,6 +325,7 @@ mod tests {
                 tx_packets: 9,
                 tx_bytes: 900,
                 drops: 1,
+                csum_offloaded: 0,
             },
             fill_depth: 0,
         };

@@ -156,6 +156,7 @@ fn main() -> anyhow::Result<()> {
     let mut xdp = XdpPrograms::load((!pin_dir.as_os_str().is_empty()).then_some(pin_dir.as_path()))
         .context("loading XDP programs (is this root, with bpf available?)")?;
     xdp.set_gateway(cfg.node.pod_gateway)?;
+    xdp.set_pod_generic(cfg.dataplane.pod_xdp == strom_dataplane::config::PodXdp::Generic);
     let mut tables = NodeTable::new(cfg.node.pod_gateway);
     for a in &cfg.node.addresses {
         tables.addrs.insert(*a);

@@ -20,6 +20,7 @@ pub mod icmp;
 pub mod ipv4;
 pub mod l4;
 pub mod nat;
+pub mod offload;
 pub mod policy;
 pub mod reject;
 pub mod rewrite;
@@ -136,6 +137,10 @@ pub struct Context {
     pub uplink_tx: Option<u32>,
     /// The coarse monotonic clock in ms, set by the worker once per loop.
     pub now_ms: u64,
+    /// What the transport checksum of the frame just processed needs on its way out (set for
+    /// every frame by [`process_frame`], read by the worker with the action; [`reroute`] sets
+    /// it to `AsIs`, and the worker then puts back the class the frame was handed over with).
+    pub tx_csum: offload::TxChecksum,
     /// ICMP errors that may still be sent.
     icmp: Bucket,
     /// Lines about denied packets that may still be logged.
@@ -178,6 +183,7 @@ impl Context {
             worker,
             uplink_tx: None,
             now_ms: 0,
+            tx_csum: offload::TxChecksum::AsIs,
             icmp: Bucket::new(ICMP_PER_SEC, ICMP_BURST),
             policy_log: Bucket::new(POLICY_LOG_PER_SEC, POLICY_LOG_BURST),
             ct: crate::conntrack::Conntrack::new(conntrack_max),
@@ -326,6 +332,7 @@ pub fn process_frame(
 ) -> Action {
     let len = len.min(buf.len());
     let wire = wire.max(len);
+    ctx.tx_csum = offload::TxChecksum::AsIs;
     match eth::classify(&buf[..len]) {
         Err(r) => Action::Drop(r),
         // ARP fits a buffer many times over: a longer frame is no ARP stromd answers.
@@ -380,6 +387,10 @@ fn forward_ipv4(
     if let Err(r) = spoof::check(&buf[..len], port, IpAddr::V4(hdr.src)) {
         return Action::Drop(r);
     }
+    if port.kind == PortKind::Pod {
+        // Before any stage changes the header: a partial checksum is told by its addresses.
+        ctx.tx_csum = offload::classify(&buf[..len]);
+    }
     let (src, dst) = (hdr.src, hdr.dst);
     let pass = match service::stage(buf, len, &mut hdr, port, t, ctx) {
         Ok(p) => p,
@@ -419,6 +430,7 @@ pub const REROUTE: u32 = u32::MAX;
 #[inline]
 pub fn reroute(buf: &mut [u8], len: usize, t: &View<'_>, ctx: &mut Context) -> Action {
     let len = len.min(buf.len());
+    ctx.tx_csum = offload::TxChecksum::AsIs;
     let mut hdr = match ipv4::validate(&buf[eth::HEADER_LEN..len]) {
         Ok(h) => h,
         Err(r) => return Action::Drop(r),

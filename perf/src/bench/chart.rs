@@ -13,6 +13,7 @@ fn color(path: &str) -> RGBColor {
     match path {
         "stromd" => RGBColor(0xd9, 0x48, 0x1c),
         "stromd-pol" => RGBColor(0xf2, 0x9e, 0x4c),
+        "stromd-generic" => RGBColor(0xc4, 0x4e, 0x8a),
         "kernel" => RGBColor(0x4c, 0x72, 0xb0),
         "kernel-nat" => RGBColor(0x55, 0xa8, 0x68),
         "testpmd" => RGBColor(0x81, 0x72, 0xb2),

@@ -106,8 +106,9 @@ struct RunArgs {
     rounds: u32,
     /// Paths, comma separated: stromd, stromd-svc (stromd with a Service: pod → VIP, DNAT
     /// and conntrack), stromd-pol (stromd with 100 NetworkPolicies selecting both pods, every
-    /// flow judged and tracked; fails a measurement whose traffic they drop), kernel (Linux
-    /// forwarding), kernel-nat (Linux + nftables DNAT to a Service VIP), testpmd (DPDK MAC
+    /// flow judged and tracked; fails a measurement whose traffic they drop), stromd-generic
+    /// (stromd with the pods' XDP program in generic mode, the pods' checksum offload, TSO and
+    /// GSO on), kernel (Linux forwarding), kernel-nat (Linux + nftables DNAT to a Service VIP), testpmd (DPDK MAC
     /// forwarding over AF_XDP).
     #[arg(
         long,

@@ -24,15 +24,17 @@ pub enum Path {
     Stromd,
     StromdSvc,
     StromdPol,
+    StromdGeneric,
     Kernel,
     KernelNat,
     Testpmd,
 }
 
-pub const ALL: [Path; 6] = [
+pub const ALL: [Path; 7] = [
     Path::Stromd,
     Path::StromdSvc,
     Path::StromdPol,
+    Path::StromdGeneric,
     Path::Kernel,
     Path::KernelNat,
     Path::Testpmd,
@@ -44,6 +46,7 @@ impl Path {
             Path::Stromd => "stromd",
             Path::StromdSvc => "stromd-svc",
             Path::StromdPol => "stromd-pol",
+            Path::StromdGeneric => "stromd-generic",
             Path::Kernel => "kernel",
             Path::KernelNat => "kernel-nat",
             Path::Testpmd => "testpmd",
@@ -73,6 +76,10 @@ impl Path {
             Path::StromdPol => {
                 "stromd with 100 NetworkPolicies (both pods isolated both ways, every flow \
                  judged and tracked; as stromd)"
+            }
+            Path::StromdGeneric => {
+                "stromd with the pods' XDP program in generic mode (the pods keep checksum \
+                 offload, TSO and GSO, their routes to each other at 1500; as stromd)"
             }
             Path::Kernel => "Linux IP forwarding",
             Path::KernelNat => "Linux + nftables DNAT (kube-proxy nftables style)",
@@ -311,11 +318,21 @@ pub fn start(path: Path, t: &Topology, env: &Env) -> Result<Running> {
             std::thread::sleep(Duration::from_secs(1));
             Ok(r)
         }
-        Path::Stromd | Path::StromdSvc | Path::StromdPol => {
-            t.offloads(false)?;
+        Path::Stromd | Path::StromdSvc | Path::StromdPol | Path::StromdGeneric => {
+            // Generic mode leaves the pods' offloads alone: what it is measured for.
+            t.offloads(path == Path::StromdGeneric)?;
             t.pod_mtu(env.pod_mtu, KERNEL_MTU)?;
+            if path == Path::StromdGeneric {
+                // The pods keep TSO at the path's MTU, as without a large MTU between them;
+                // their interfaces stay large, since stromd hands a 64 KB frame on whole
+                // (AF_XDP has no segmentation offload) and veth refuses a frame beyond the MTU.
+                t.pod_route_mtu(KERNEL_MTU)?;
+                // A super-packet of 64 KB with its headers would exceed the interfaces' MTU
+                // (65000) once stromd hands it on as one frame.
+                t.gso_max_size(env.pod_mtu.saturating_sub(1000))?;
+            }
             ns_run(&t.n, &["sysctl", "-qw", "net.ipv4.ip_forward=0"])?;
-            let mut r = start_stromd(t, env)?;
+            let mut r = start_stromd(t, env, path == Path::StromdGeneric)?;
             if path == Path::StromdSvc {
                 set_service(env, &r)?;
             }
@@ -421,7 +438,7 @@ fn nat_rules() -> String {
     )
 }
 
-fn start_stromd(t: &Topology, env: &Env) -> Result<Running> {
+fn start_stromd(t: &Topology, env: &Env, generic: bool) -> Result<Running> {
     let dir = env.work.join("stromd");
     std::fs::create_dir_all(&dir)?;
     let dir = TempDir(dir);
@@ -440,7 +457,9 @@ cores = [{core}]
 poll_mode = "busy"
 api_socket = "{sock}"
 state_dir = "{state}"
+pod_xdp = "{pod_xdp}"
 "#,
+        pod_xdp = if generic { "generic" } else { "native" },
         pod_cidr = crate::topo::POD_CIDR,
         core = env.dut_core,
         sock = sock.display(),

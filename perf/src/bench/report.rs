@@ -214,14 +214,19 @@ impl Results {
             t.push('\n');
         }
         // stromd against every peer; stromd with the Service against the kernel's DNAT;
-        // stromd with policies against stromd without.
+        // stromd with policies, and with its pod programs in generic mode, against stromd.
         let mut rows: Vec<(&str, String, BTreeMap<Metric, f64>)> = self
             .ratios("stromd")
             .into_iter()
-            .filter(|(peer, _)| peer != "stromd-svc" && peer != "stromd-pol")
+            .filter(|(peer, _)| !["stromd-svc", "stromd-pol", "stromd-generic"].contains(&&**peer))
             .map(|(peer, r)| ("stromd", peer, r))
             .collect();
-        for (subject, against) in [("stromd-svc", "kernel-nat"), ("stromd-pol", "stromd")] {
+        for (subject, against) in [
+            ("stromd-svc", "kernel-nat"),
+            ("stromd-pol", "stromd"),
+            ("stromd-generic", "stromd"),
+            ("stromd-generic", "kernel"),
+        ] {
             rows.extend(
                 self.ratios(subject)
                     .into_iter()
@@ -372,9 +377,14 @@ impl Results {
                         "- **TCP Gbit/s**: stromd's pods have an interface MTU of {mtu} toward each \
                          other (strom-cni's `localMtu`), so a segment of most of 64 KB crosses \
                          stromd as one frame spanning up to 17 buffers (multi-buffer AF_XDP), \
-                         copied into the UMEM on receive and into an skb on transmit; TSO, GSO \
-                         and checksum offload stay off in its pods (an XDP program on the host \
-                         veth turns them off anyway). testpmd's pods keep 1500: every 1448-byte \
+                         copied into the UMEM on receive and into an skb on transmit, with the \
+                         kernel asked to finish its checksum (transmit metadata), which pod B \
+                         then takes as verified; TSO, GSO and checksum offload stay off in its \
+                         pods (an XDP program on the host veth turns the first two off anyway). \
+                         stromd-generic attaches the pods' program in generic mode: its pods \
+                         keep their offloads and route to each other at 1500, and a 64 KB \
+                         frame of 1448-byte segments crosses whole. \
+                         testpmd's pods keep 1500: every 1448-byte \
                          segment crosses on its own. The kernel paths keep 1500 with TSO and GSO \
                          on and move 64 KB super-packets. More streams share the same two cores. \
                          Segments retransmitted in a measurement (medians; a path that drops \
@@ -382,8 +392,8 @@ impl Results {
                     );
                 }
                 None => out.push_str(
-                    "- **TCP Gbit/s** through an AF_XDP path has no TSO, GSO or checksum offload \
-                     (they must be off in the pods, docs/design.md), so every 1448-byte segment \
+                    "- **TCP Gbit/s** through an AF_XDP path in native mode has no TSO or GSO \
+                     (an XDP program on the host veth turns them off), so every 1448-byte segment \
                      crosses the path on its own, while the kernel paths move 64 KB \
                      super-packets; more streams share the same two cores. Segments \
                      retransmitted in a measurement (medians; a path that drops shows here):",

@@ -364,12 +364,25 @@ impl Topology {
         Ok(pinned)
     }
 
-    /// Checksum offload, TSO and GSO in the sending pods: on for the kernel paths, off for the
-    /// AF_XDP paths (AF_XDP copies frames without the offload metadata; docs/design.md).
+    /// Checksum offload, TSO and GSO in the sending pods: on for the kernel paths and
+    /// stromd-generic, off for the other AF_XDP paths (as strom-cni sets them; a native XDP
+    /// program on the host veth clears TSO and GSO anyway; docs/design.md).
     pub fn offloads(&self, on: bool) -> Result<()> {
         let v = if on { "on" } else { "off" };
         for ns in [&self.a, &self.b] {
             ns_run(ns, &["ethtool", "-K", "eth0", "tx", v, "tso", v, "gso", v])?;
+        }
+        self.gso_max_size(65536)
+    }
+
+    /// The largest super-packet the pods' stacks build (`gso_max_size`, 65536 by default).
+    pub fn gso_max_size(&self, bytes: u32) -> Result<()> {
+        let b = bytes.to_string();
+        for ns in [&self.a, &self.b] {
+            ns_run(
+                ns,
+                &["ip", "link", "set", "dev", "eth0", "gso_max_size", &b],
+            )?;
         }
         Ok(())
     }
@@ -394,6 +407,21 @@ impl Topology {
             }
             ns_run(ns, &default)?;
             ns_run(ns, &["ip", "route", "replace", POD_CIDR, "via", &gw])?;
+        }
+        Ok(())
+    }
+
+    /// The pods' routes to each other (the pod CIDR) at `mtu`, their interfaces left as they
+    /// are: what the sender's TCP segments to (its TSO then builds 64 KB frames of such
+    /// segments), while the receiver still takes a frame as large as its interface's MTU.
+    pub fn pod_route_mtu(&self, mtu: u32) -> Result<()> {
+        let m = mtu.to_string();
+        for (ns, gw) in [(&self.a, GW_A), (&self.b, GW_B)] {
+            let gw = gw.to_string();
+            ns_run(
+                ns,
+                &["ip", "route", "replace", POD_CIDR, "via", &gw, "mtu", &m],
+            )?;
         }
         Ok(())
     }

@@ -261,7 +261,7 @@ fn setup(c: &Common) -> anyhow::Result<(u32, Vec<Queue>, Run)> {
         .map(|q| {
             let mut umem = umem.worker(q)?;
             let port = umem
-                .open(ifindex, q, BindMode::Copy, false)
+                .open(ifindex, q, BindMode::Copy, false, false)
                 .with_context(|| format!("AF_XDP socket on {} queue {q}", c.dev))?;
             Ok(Queue { q, umem, port })
         })
