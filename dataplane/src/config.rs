@@ -129,7 +129,9 @@ pub struct DataplaneSection {
     pub metrics_addr: Option<std::net::SocketAddr>,
     /// How the pods' XDP program is attached: "native" (the default, veth's own XDP, which
     /// clears the pod side's TSO and GSO) or "generic" (skb mode, the pod's offloads left
-    /// alone). docs/design.md, "Generic-mode XDP", has the measurements behind the default.
+    /// alone: slower, and a pod with TSO on cannot send bulk TCP toward the uplink, which
+    /// stromd does not segment). Applies to pods wired after a change (a pinned link keeps its
+    /// mode). docs/design.md, "Generic-mode XDP".
     #[serde(default)]
     pub pod_xdp: PodXdp,
 }

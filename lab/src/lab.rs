@@ -41,6 +41,9 @@ pub struct Settings {
     /// strom-cni's `localMtu` (unset: strom-cni's default).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub local_mtu: Option<u32>,
+    /// `pod_xdp` in stromd's `[dataplane]` (unset: stromd's default, native).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod_xdp: Option<String>,
 }
 
 fn one() -> u16 {
@@ -390,6 +393,10 @@ impl State {
         );
         let cfg = match s.conntrack_max {
             Some(n) => format!("{cfg}conntrack_max = {n}\n"),
+            None => cfg,
+        };
+        let cfg = match &s.pod_xdp {
+            Some(m) => format!("{cfg}pod_xdp = {m:?}\n"),
             None => cfg,
         };
         std::fs::write(s.dir.join("stromd.toml"), cfg)?;

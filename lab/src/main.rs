@@ -70,6 +70,10 @@ struct UpOpts {
     /// strom-cni's, 65000). At or below the path MTU (1450 here) the pods have one MTU.
     #[arg(long)]
     local_mtu: Option<u32>,
+    /// How stromd attaches the pods' XDP program (`pod_xdp` in `[dataplane]`: native or
+    /// generic; default: stromd's, native).
+    #[arg(long, value_parser = ["native", "generic"])]
+    pod_xdp: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -225,6 +229,7 @@ fn settings(dir: &std::path::Path, o: &UpOpts) -> anyhow::Result<Settings> {
         cores: o.cores.clone(),
         conntrack_max: o.conntrack_max,
         local_mtu: o.local_mtu,
+        pod_xdp: o.pod_xdp.clone(),
     })
 }
 

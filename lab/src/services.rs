@@ -354,6 +354,7 @@ mod tests {
                 cores: Vec::new(),
                 conntrack_max: None,
                 local_mtu: None,
+                pod_xdp: None,
             },
             stromd: None,
             pods: BTreeMap::new(),

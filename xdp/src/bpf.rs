@@ -518,6 +518,20 @@ impl XdpPrograms {
                 match self.take_over(ifindex, role, &path) {
                     Ok(id) => {
                         tracing::debug!(ifindex, mode, "took over the pinned XDP link");
+                        let configured = if self.pod_generic {
+                            "generic"
+                        } else {
+                            "native"
+                        };
+                        if role == Role::Pod && mode != configured {
+                            tracing::warn!(
+                                ifindex,
+                                mode,
+                                configured,
+                                "a pod's XDP link keeps the mode it was pinned in; the \
+                                 configured mode applies to pods wired from now on"
+                            );
+                        }
                         return Ok(self.record(ifindex, role, id, mode, Some(path)));
                     }
                     Err(e) => {

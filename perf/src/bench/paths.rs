@@ -103,8 +103,10 @@ impl Path {
         !matches!(traffic, Traffic::Pods(_)) || matches!(self, Path::Stromd | Path::Kernel)
     }
 
-    /// Whether the path attaches XDP programs to the node's veths (which gives them NAPI
-    /// instances: their receive work then runs in NAPI polls, see `--napi-core`).
+    /// Whether the path attaches native XDP programs to the node's veths (which gives them
+    /// NAPI instances: their receive work then runs in NAPI polls, see `--napi-core`).
+    /// stromd-generic's programs run in the veths' backlog softirq on the sender's core, which
+    /// `--napi-core` does not move.
     pub fn attaches_xdp(self) -> bool {
         matches!(
             self,
@@ -323,6 +325,12 @@ pub fn start(path: Path, t: &Topology, env: &Env) -> Result<Running> {
             t.offloads(path == Path::StromdGeneric)?;
             t.pod_mtu(env.pod_mtu, KERNEL_MTU)?;
             if path == Path::StromdGeneric {
+                if env.pod_mtu < 4000 {
+                    bail!(
+                        "stromd-generic needs --pod-mtu of 4000 or more: its pods' super-packets \
+                         cross stromd whole and must fit the receiving pod's interface"
+                    );
+                }
                 // The pods keep TSO at the path's MTU, as without a large MTU between them;
                 // their interfaces stay large, since stromd hands a 64 KB frame on whole
                 // (AF_XDP has no segmentation offload) and veth refuses a frame beyond the MTU.

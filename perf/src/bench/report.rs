@@ -381,14 +381,21 @@ impl Results {
                          kernel asked to finish its checksum (transmit metadata), which pod B \
                          then takes as verified; TSO, GSO and checksum offload stay off in its \
                          pods (an XDP program on the host veth turns the first two off anyway). \
-                         stromd-generic attaches the pods' program in generic mode: its pods \
-                         keep their offloads and route to each other at 1500, and a 64 KB \
-                         frame of 1448-byte segments crosses whole. \
                          testpmd's pods keep 1500: every 1448-byte \
                          segment crosses on its own. The kernel paths keep 1500 with TSO and GSO \
-                         on and move 64 KB super-packets. More streams share the same two cores. \
-                         Segments retransmitted in a measurement (medians; a path that drops \
-                         shows here):"
+                         on and move 64 KB super-packets."
+                    );
+                    if self.meta.paths.iter().any(|p| p.name == "stromd-generic") {
+                        out.push_str(
+                            " stromd-generic attaches the pods' program in generic mode: its \
+                             pods keep their offloads and route to each other at 1500, and a \
+                             super-packet of up to 64 000 bytes of 1448-byte segments crosses \
+                             stromd whole as one frame.",
+                        );
+                    }
+                    out.push_str(
+                        " More streams share the same two cores. Segments retransmitted in a \
+                         measurement (medians; a path that drops shows here):",
                     );
                 }
                 None => out.push_str(
