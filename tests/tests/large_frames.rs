@@ -231,9 +231,10 @@ fn the_largest_ipv4_packet_crosses_as_the_longest_chain() {
 /// The checksum errors a namespace's TCP and UDP counted (`/proc/net/snmp`'s InCsumErrors).
 fn csum_errors(lab: &Lab, target: &str) -> u64 {
     let o = lab.exec(target, &["cat", "/proc/net/snmp"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let text = String::from_utf8_lossy(&o.stdout).to_string();
     let lines: Vec<&str> = text.lines().collect();
-    let mut n = 0;
+    let (mut n, mut read) = (0, 0);
     for pair in lines.chunks(2) {
         let [names, values] = pair else { continue };
         if !(names.starts_with("Tcp:") || names.starts_with("Udp:")) {
@@ -241,11 +242,30 @@ fn csum_errors(lab: &Lab, target: &str) -> u64 {
         }
         for (k, v) in names.split_whitespace().zip(values.split_whitespace()) {
             if k == "InCsumErrors" {
-                n += v.parse::<u64>().unwrap_or(0);
+                n += v.parse::<u64>().expect("a count");
+                read += 1;
             }
         }
     }
+    assert_eq!(read, 2, "TCP's and UDP's InCsumErrors in {target}: {text}");
     n
+}
+
+/// Whether `pod`'s stack leaves the UDP checksum of what it sends partial (the
+/// pseudo-header's sum, for the device to finish): one datagram to `to_ip`, read back from
+/// the pod's own interface as it leaves.
+fn sends_partial_checksums(lab: &Lab, pod: &str, to_ip: &str) -> bool {
+    let script = format!(
+        "import socket, struct\nr = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(3))\nr.bind(('eth0', 0))\nr.settimeout(5)\nu = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\nu.sendto(b'p' * 200, ('{to_ip}', 9997))\nwhile True:\n    f = r.recv(65535)\n    if f[12:14] != b'\\x08\\x00' or f[23] != 17:\n        continue\n    ihl = (f[14] & 15) * 4\n    udp = f[14 + ihl:]\n    if struct.unpack('!H', udp[2:4])[0] != 9997:\n        continue\n    s = sum(struct.unpack('!4H', f[26:34])) + 17 + struct.unpack('!H', udp[4:6])[0]\n    while s > 0xffff:\n        s = (s & 0xffff) + (s >> 16)\n    print('partial' if struct.unpack('!H', udp[6:8])[0] == s else 'complete')\n    break\n"
+    );
+    let o = lab.exec(pod, &["python3", "-c", &script]);
+    let out = String::from_utf8_lossy(&o.stdout).trim().to_string();
+    assert!(
+        o.status.success() && (out == "partial" || out == "complete"),
+        "{out}{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    out == "partial"
 }
 
 /// A UDP datagram of `size` bytes from `from` to `to`'s port 9998 arrives whole.
@@ -320,6 +340,13 @@ fn a_pod_with_checksum_offload_on_is_served_toward_pods_and_outside() {
         }
         let b = lab.pod_ip("t/b");
         let a = lab.pod_ip("t/a");
+        // What this test is about: the pods' stacks now leave their checksums to the device.
+        assert!(sends_partial_checksums(&lab, "t/a", &b));
+        assert!(sends_partial_checksums(&lab, "t/b", &a));
+        if workers == "2" {
+            // One pod's answers to NodePort clients go through the other worker's SNAT port.
+            assert_ne!(lab.port_of("a")["worker"], lab.port_of("b")["worker"]);
+        }
         transfer_intact(&lab);
         udp_arrives(&lab, "t/a", "t/b", &b, 1000);
         udp_arrives(&lab, "t/a", "t/b", &b, 30_000);
@@ -398,7 +425,9 @@ fn generic_mode_xdp_carries_what_native_mode_does() {
     let _g = net_lock();
     let lab = Lab::up(&two_pods(), &["--workers", "2", "--pod-xdp", "generic"]);
     lab.wait_until_serving();
-    for p in lab.pod_ports() {
+    let pods = lab.pod_ports();
+    assert_eq!(pods.len(), 2);
+    for p in pods {
         assert_eq!(p["xdp_mode"], "generic", "{p}");
     }
     assert_eq!(lab.port_of_kind("uplink")["xdp_mode"], "native");

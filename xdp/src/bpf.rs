@@ -504,6 +504,7 @@ impl XdpPrograms {
 
     /// Attaches the role's program to `ifindex`: the pinned link a previous stromd left, with
     /// this program swapped in; or a new link, native mode, or generic as a logged fallback
+    /// (generic only, for pods, after `set_pod_generic`)
     /// (pinned where there is a pin directory). Returns the mode used.
     pub fn attach(&mut self, ifindex: u32, role: Role) -> Result<&'static str, BpfError> {
         if let Some(a) = self.links.get(&ifindex) {

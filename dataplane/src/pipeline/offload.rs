@@ -16,9 +16,9 @@
 //!   ([`complete`]), so that frames leaving the node carry full checksums.
 //!
 //! SCTP's CRC32c cannot be offloaded through AF_XDP's metadata: a pod with SCTP checksum
-//! offload on leaves the field 0, and stromd computes the CRC itself wherever the packet goes
-//! (a packet that a CRC of 0 fits, or a peer that agreed to zero checksums (RFC 9653), gets a
-//! correct CRC all the same).
+//! offload on leaves the field 0, and stromd computes the CRC itself wherever the packet goes,
+//! for a packet that fits one buffer (a longer one keeps 0; a packet that a CRC of 0 fits, or
+//! a peer that agreed to zero checksums (RFC 9653), gets a correct CRC all the same).
 //!
 //! Frames from the uplink keep their checksums as they came, verified by the pod that receives
 //! them: a frame corrupted on the wire must not be passed off as verified. Both ways start from

@@ -321,16 +321,16 @@ pub fn start(path: Path, t: &Topology, env: &Env) -> Result<Running> {
             Ok(r)
         }
         Path::Stromd | Path::StromdSvc | Path::StromdPol | Path::StromdGeneric => {
+            if path == Path::StromdGeneric && env.pod_mtu < 4000 {
+                bail!(
+                    "stromd-generic needs --pod-mtu of 4000 or more: its pods' super-packets \
+                     cross stromd whole and must fit the receiving pod's interface"
+                );
+            }
             // Generic mode leaves the pods' offloads alone: what it is measured for.
             t.offloads(path == Path::StromdGeneric)?;
             t.pod_mtu(env.pod_mtu, KERNEL_MTU)?;
             if path == Path::StromdGeneric {
-                if env.pod_mtu < 4000 {
-                    bail!(
-                        "stromd-generic needs --pod-mtu of 4000 or more: its pods' super-packets \
-                         cross stromd whole and must fit the receiving pod's interface"
-                    );
-                }
                 // The pods keep TSO at the path's MTU, as without a large MTU between them;
                 // their interfaces stay large, since stromd hands a 64 KB frame on whole
                 // (AF_XDP has no segmentation offload) and veth refuses a frame beyond the MTU.

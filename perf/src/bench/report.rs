@@ -386,11 +386,13 @@ impl Results {
                          on and move 64 KB super-packets."
                     );
                     if self.meta.paths.iter().any(|p| p.name == "stromd-generic") {
-                        out.push_str(
+                        let _ = write!(
+                            out,
                             " stromd-generic attaches the pods' program in generic mode: its \
                              pods keep their offloads and route to each other at 1500, and a \
-                             super-packet of up to 64 000 bytes of 1448-byte segments crosses \
+                             super-packet of up to {} bytes of 1448-byte segments crosses \
                              stromd whole as one frame.",
+                            mtu.saturating_sub(1000)
                         );
                     }
                     out.push_str(
