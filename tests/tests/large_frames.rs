@@ -17,12 +17,13 @@ fn two_pods() -> String {
     pod("t", "a", &[80], &[]) + &pod("t", "b", &[80], &[])
 }
 
-/// Pod b's receiver: reads one connection to its end and prints the bytes' SHA-256.
-fn receiver(lab: &Lab) -> std::process::Child {
+/// A receiver in `target` (a pod, or external) on TCP `port`: reads one connection (accepted
+/// within 10 s) to its end and prints how many bytes came and their SHA-256.
+fn receiver(lab: &Lab, target: &str, port: u16) -> std::process::Child {
     let script = format!(
-        "import socket, hashlib\ns = socket.socket()\ns.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\ns.bind(('0.0.0.0', {SINK}))\ns.listen(1)\nc, _ = s.accept()\nh = hashlib.sha256()\nn = 0\nwhile True:\n    b = c.recv(1 << 20)\n    if not b:\n        break\n    h.update(b)\n    n += len(b)\nprint(n, h.hexdigest(), flush=True)\n"
+        "import socket, hashlib\ns = socket.socket()\ns.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\ns.bind(('0.0.0.0', {port}))\ns.listen(1)\ns.settimeout(10)\nc, _ = s.accept()\nh = hashlib.sha256()\nn = 0\nwhile True:\n    b = c.recv(1 << 20)\n    if not b:\n        break\n    h.update(b)\n    n += len(b)\nprint(n, h.hexdigest(), flush=True)\n"
     );
-    python_in(lab, "t/b", &script)
+    python_in(lab, target, &script)
 }
 
 /// Sends 32 MiB of pseudo-random bytes from pod a to pod b's receiver and checks that what
@@ -30,7 +31,7 @@ fn receiver(lab: &Lab) -> std::process::Child {
 /// route to pod b at the interface's MTU).
 fn transfer_intact(lab: &Lab) {
     let b = lab.pod_ip("t/b");
-    let mut rx = receiver(lab);
+    let mut rx = receiver(lab, "t/b", SINK);
     let deadline = Instant::now() + Duration::from_secs(5);
     let send = format!(
         "import socket, hashlib, random, time\nrandom.seed(7)\ndata = random.randbytes(32 << 20)\nfor _ in range(50):\n    try:\n        s = socket.create_connection(('{b}', {SINK}))\n        break\n    except OSError:\n        time.sleep(0.1)\nmss = s.getsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG)\ns.sendall(data)\ns.close()\nprint(len(data), hashlib.sha256(data).hexdigest(), mss)\n"
@@ -396,14 +397,10 @@ fn a_pod_with_checksum_offload_on_is_served_toward_pods_and_outside() {
 
 /// 4 MiB over TCP from pod a to `external` (through the uplink, masqueraded) arrive intact.
 fn tcp_to_external_intact(lab: &Lab) {
-    let sink = python_in(
-        lab,
-        "external",
-        "import socket, hashlib\ns = socket.socket()\ns.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\ns.bind(('0.0.0.0', 7071))\ns.listen(1)\ns.settimeout(10)\nc, _ = s.accept()\nh = hashlib.sha256()\nwhile True:\n    b = c.recv(1 << 20)\n    if not b:\n        break\n    h.update(b)\nprint(h.hexdigest(), flush=True)\n",
-    );
+    let sink = receiver(lab, "external", 7071);
     std::thread::sleep(Duration::from_millis(300));
     let send = format!(
-        "import socket, hashlib, random\nrandom.seed(9)\ndata = random.randbytes(4 << 20)\ns = socket.create_connection(('{EXTERNAL}', 7071), timeout=10)\ns.sendall(data)\ns.close()\nprint(hashlib.sha256(data).hexdigest())\n"
+        "import socket, hashlib, random\nrandom.seed(9)\ndata = random.randbytes(4 << 20)\ns = socket.create_connection(('{EXTERNAL}', 7071), timeout=10)\ns.sendall(data)\ns.close()\nprint(len(data), hashlib.sha256(data).hexdigest())\n"
     );
     let o = lab.exec("t/a", &["python3", "-c", &send]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));

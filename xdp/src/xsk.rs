@@ -824,20 +824,19 @@ impl XskPort {
     /// (free, lent to a socket, outside the slice) is not sent either.
     #[inline]
     pub fn send(&mut self, umem: &mut WorkerUmem, addr: u64, len: usize) -> bool {
-        if !umem.is_held(addr) {
-            return false;
-        }
-        if self.tx_batch.len() >= self.ring as usize || !self.fits_frame(addr, len as u64) {
+        let Ok(len) = u32::try_from(len) else {
             umem.recycle(addr);
             return false;
-        }
-        umem.lend(addr, self.serial);
-        self.tx_batch.push(XdpDesc {
-            addr,
-            len: len as u32,
-            options: 0,
-        });
-        true
+        };
+        self.queue(
+            umem,
+            &[XdpDesc {
+                addr,
+                len,
+                options: 0,
+            }],
+            0,
+        )
     }
 
     /// Queues one packet spanning the held frames of `chain` (each descriptor's address and
@@ -848,9 +847,6 @@ impl XskPort {
     /// pool and false is returned.
     #[inline]
     pub fn send_chain(&mut self, umem: &mut WorkerUmem, chain: &[XdpDesc]) -> bool {
-        if let [one] = chain {
-            return self.send(umem, one.addr, one.len as usize);
-        }
         self.queue(umem, chain, 0)
     }
 

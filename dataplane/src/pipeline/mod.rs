@@ -389,7 +389,7 @@ fn forward_ipv4(
     }
     if port.kind == PortKind::Pod {
         // Before any stage changes the header: a partial checksum is told by its addresses.
-        ctx.tx_csum = offload::classify(&buf[..len]);
+        ctx.tx_csum = offload::classify(&buf[..len], &hdr);
     }
     let (src, dst) = (hdr.src, hdr.dst);
     let pass = match service::stage(buf, len, &mut hdr, port, t, ctx) {

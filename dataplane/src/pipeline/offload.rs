@@ -29,8 +29,10 @@ use smoltcp::wire::checksum;
 use smoltcp::wire::IpProtocol;
 use strom_xdp::xsk::ChecksumOffload;
 
+use std::net::Ipv4Addr;
+
 use super::eth;
-use super::ipv4::Header;
+use super::ipv4::{self, Header};
 use super::l4::{SCTP_CHECKSUM, SCTP_COMMON, TCP_CHECKSUM, TCP_MIN, UDP_CHECKSUM, UDP_LEN};
 use super::nat::sctp_crc;
 use crate::conntrack::{SCTP, TCP, UDP};
@@ -49,56 +51,72 @@ pub enum TxChecksum {
     SctpPartial,
 }
 
-/// Where the transport header of the IPv4 frame `frame` starts, its protocol's checksum
-/// offset, and the header (from which the transport length), if it is an unfragmented TCP,
-/// UDP or SCTP packet whose transport header lies in `frame`.
-#[inline]
-fn transport(frame: &[u8]) -> Option<(usize, usize, Header)> {
-    let ip = frame.get(eth::HEADER_LEN..)?;
-    if frame.get(12..14)? != [0x08, 0x00] || ip.len() < 20 {
-        return None;
-    }
-    let ihl = usize::from(ip[0] & 0x0f) * 4;
-    let total = usize::from(u16::from_be_bytes([ip[2], ip[3]]));
-    let frag = u16::from_be_bytes([ip[6], ip[7]]);
-    let proto = ip[9];
-    // More fragments, or an offset: the checksum covers the whole datagram.
-    if frag & 0x3fff != 0 || ihl < 20 || total < ihl {
-        return None;
-    }
-    let (field, min) = match proto {
-        TCP => (TCP_CHECKSUM, TCP_MIN),
-        UDP => (UDP_CHECKSUM, UDP_LEN),
-        SCTP => (SCTP_CHECKSUM, SCTP_COMMON),
-        _ => return None,
-    };
-    if total - ihl < min || ip.len() < ihl + min {
-        return None;
-    }
-    let h = Header {
-        src: [ip[12], ip[13], ip[14], ip[15]].into(),
-        dst: [ip[16], ip[17], ip[18], ip[19]].into(),
-        header_len: ihl,
-        total_len: total,
-        dont_frag: false,
-        proto,
-        frag_offset: 0,
-        more_frags: false,
-        ident: 0,
-    };
-    Some((eth::HEADER_LEN + ihl, field, h))
+/// Where a packet's transport checksum is, and what its pseudo-header holds.
+#[derive(Debug, Clone, Copy)]
+struct Transport {
+    /// The transport header's start in the frame, and the checksum field's offset in it.
+    at: usize,
+    field: usize,
+    src: Ipv4Addr,
+    dst: Ipv4Addr,
+    proto: u8,
+    /// The transport segment's length (from the IP header).
+    len: usize,
 }
 
-/// The pseudo-header's sum (RFC 9293 §3.1, RFC 768), folded, not complemented: what a
-/// partial checksum holds.
-#[inline]
-fn pseudo(h: &Header) -> u16 {
-    checksum::pseudo_header_v4(
-        &h.src,
-        &h.dst,
-        IpProtocol::from(h.proto),
-        (h.total_len - h.header_len) as u32,
-    )
+impl Transport {
+    /// For the IPv4 packet with header `h` in `frame` (its first buffer): an unfragmented TCP,
+    /// UDP or SCTP packet whose transport header lies in `frame`.
+    #[inline]
+    fn of(frame: &[u8], h: &Header) -> Option<Transport> {
+        // A fragment: the checksum covers the whole datagram.
+        if h.frag_offset != 0 || h.more_frags {
+            return None;
+        }
+        let (field, min) = match h.proto {
+            TCP => (TCP_CHECKSUM, TCP_MIN),
+            UDP => (UDP_CHECKSUM, UDP_LEN),
+            SCTP => (SCTP_CHECKSUM, SCTP_COMMON),
+            _ => return None,
+        };
+        let at = eth::HEADER_LEN + h.header_len;
+        let len = h.total_len.checked_sub(h.header_len)?;
+        if len < min || frame.len() < at + min {
+            return None;
+        }
+        Some(Transport {
+            at,
+            field: at + field,
+            src: h.src,
+            dst: h.dst,
+            proto: h.proto,
+            len,
+        })
+    }
+
+    /// As [`Transport::of`], reading the header of the frame as it leaves (a stage may have
+    /// rewritten it since it was validated; a frame that is no IPv4 is none). The frame may
+    /// be the first buffer of a longer one: its total length is not held against `frame`.
+    #[inline]
+    fn read(frame: &[u8]) -> Option<Transport> {
+        if !matches!(eth::classify(frame), Ok(eth::L3::Ipv4)) {
+            return None;
+        }
+        let h = ipv4::validate_head(&frame[eth::HEADER_LEN..], usize::MAX).ok()?;
+        Transport::of(frame, &h)
+    }
+
+    /// The pseudo-header's sum (RFC 9293 §3.1, RFC 768), folded, not complemented: what a
+    /// partial checksum holds.
+    #[inline]
+    fn pseudo(&self) -> u16 {
+        checksum::pseudo_header_v4(
+            &self.src,
+            &self.dst,
+            IpProtocol::from(self.proto),
+            self.len as u32,
+        )
+    }
 }
 
 /// One's complement equality: 0x0000 and 0xffff are the same value.
@@ -107,26 +125,27 @@ fn same(a: u16, b: u16) -> bool {
     a == b || (a | b == 0xffff && (a == 0 || b == 0))
 }
 
-/// The checksum class of a frame a pod sent (`frame` its first buffer), read before any stage
-/// changes it.
+/// The checksum class of a frame a pod sent (`frame` its first buffer, `h` its validated IPv4
+/// header), read before any stage changes it.
 #[inline]
-pub fn classify(frame: &[u8]) -> TxChecksum {
-    let Some((at, field, h)) = transport(frame) else {
+pub fn classify(frame: &[u8], h: &Header) -> TxChecksum {
+    let Some(t) = Transport::of(frame, h) else {
         return TxChecksum::AsIs;
     };
-    if h.proto == SCTP {
-        return if frame[at + field..at + field + 4] == [0; 4] {
+    let f = t.field;
+    if t.proto == SCTP {
+        return if frame[f..f + 4] == [0; 4] {
             TxChecksum::SctpPartial
         } else {
             TxChecksum::AsIs
         };
     }
-    let check = u16::from_be_bytes([frame[at + field], frame[at + field + 1]]);
-    if h.proto == UDP && check == 0 {
+    let check = u16::from_be_bytes([frame[f], frame[f + 1]]);
+    if t.proto == UDP && check == 0 {
         return TxChecksum::AsIs;
     }
     TxChecksum::Pod {
-        partial: same(check, pseudo(&h)),
+        partial: same(check, t.pseudo()),
     }
 }
 
@@ -138,14 +157,14 @@ pub fn offload(frame: &mut [u8], c: TxChecksum) -> Option<ChecksumOffload> {
     if !matches!(c, TxChecksum::Pod { .. }) {
         return None;
     }
-    let (at, field, h) = transport(frame)?;
-    if h.proto == SCTP {
+    let t = Transport::read(frame)?;
+    if t.proto == SCTP {
         return None;
     }
-    frame[at + field..at + field + 2].copy_from_slice(&pseudo(&h).to_be_bytes());
+    frame[t.field..t.field + 2].copy_from_slice(&t.pseudo().to_be_bytes());
     Some(ChecksumOffload {
-        start: at as u16,
-        offset: field as u16,
+        start: t.at as u16,
+        offset: (t.field - t.at) as u16,
     })
 }
 
@@ -160,25 +179,25 @@ pub fn complete(frame: &mut [u8], c: TxChecksum) {
     ) {
         return;
     }
-    let Some((at, field, h)) = transport(frame) else {
+    let Some(t) = Transport::read(frame) else {
         return;
     };
-    let end = eth::HEADER_LEN + h.total_len;
+    let end = t.at + t.len;
     if end > frame.len() {
         return;
     }
-    if h.proto == SCTP {
-        sctp_crc(&mut frame[at..end]);
+    if t.proto == SCTP {
+        sctp_crc(&mut frame[t.at..end]);
         return;
     }
-    frame[at + field..at + field + 2].fill(0);
-    let sum = checksum::combine(&[pseudo(&h), checksum::data(&frame[at..end])]);
+    frame[t.field..t.field + 2].fill(0);
+    let sum = checksum::combine(&[t.pseudo(), checksum::data(&frame[t.at..end])]);
     let mut check = !sum;
-    if h.proto == UDP && check == 0 {
+    if t.proto == UDP && check == 0 {
         // RFC 768: a computed 0 is sent as all ones (0 means no checksum).
         check = 0xffff;
     }
-    frame[at + field..at + field + 2].copy_from_slice(&check.to_be_bytes());
+    frame[t.field..t.field + 2].copy_from_slice(&check.to_be_bytes());
 }
 
 #[cfg(test)]
@@ -214,9 +233,22 @@ mod tests {
 
     /// What a stack with checksum offload sends: the pseudo-header's sum in the field.
     fn made_partial(mut f: Vec<u8>, at: usize) -> Vec<u8> {
-        let (_, _, h) = transport(&f).unwrap();
-        f[at..at + 2].copy_from_slice(&pseudo(&h).to_be_bytes());
+        let t = Transport::read(&f).unwrap();
+        f[at..at + 2].copy_from_slice(&t.pseudo().to_be_bytes());
         f
+    }
+
+    /// The class of `f` as the pipeline reads it on the way in.
+    fn class(f: &[u8]) -> TxChecksum {
+        classify(
+            f,
+            &ipv4::validate_head(&f[eth::HEADER_LEN..], usize::MAX).unwrap(),
+        )
+    }
+
+    /// The IP header's checksum made right again after a test changed the header.
+    fn refill(f: &mut [u8]) {
+        smoltcp::wire::Ipv4Packet::new_unchecked(&mut f[eth::HEADER_LEN..]).fill_checksum();
     }
 
     fn valid_tcp(f: &[u8]) -> bool {
@@ -247,30 +279,36 @@ mod tests {
     fn a_complete_checksum_is_told_from_a_partial_one() {
         let f = tcp(b"hello, pod");
         assert!(valid_tcp(&f));
-        assert_eq!(classify(&f), TxChecksum::Pod { partial: false });
+        assert_eq!(class(&f), TxChecksum::Pod { partial: false });
         let p = made_partial(f, TCP_FIELD);
         assert!(!valid_tcp(&p));
-        assert_eq!(classify(&p), TxChecksum::Pod { partial: true });
+        assert_eq!(class(&p), TxChecksum::Pod { partial: true });
         let u = made_partial(udp(&[7; 100]), UDP_FIELD);
-        assert_eq!(classify(&u), TxChecksum::Pod { partial: true });
+        assert_eq!(class(&u), TxChecksum::Pod { partial: true });
     }
 
     #[test]
     fn fragments_other_protocols_and_udp_without_checksum_stay_as_they_are() {
         let mut u = udp(&[1; 64]);
         u[UDP_FIELD..UDP_FIELD + 2].fill(0);
-        assert_eq!(classify(&u), TxChecksum::AsIs);
+        assert_eq!(class(&u), TxChecksum::AsIs);
         let mut frag = tcp(&[3; 64]);
         frag[20] |= 0x20; // more fragments
-        assert_eq!(classify(&frag), TxChecksum::AsIs);
+        refill(&mut frag);
+        assert_eq!(class(&frag), TxChecksum::AsIs);
         let mut icmp = tcp(&[3; 64]);
         icmp[23] = 1;
-        assert_eq!(classify(&icmp), TxChecksum::AsIs);
-        let mut arp = tcp(&[3; 64]);
+        refill(&mut icmp);
+        assert_eq!(class(&icmp), TxChecksum::AsIs);
+        // A frame that is no IPv4 on its way out is left alone.
+        let mut arp = made_partial(tcp(&[3; 64]), TCP_FIELD);
         arp[12..14].copy_from_slice(&[0x08, 0x06]);
-        assert_eq!(classify(&arp), TxChecksum::AsIs);
+        let before = arp.clone();
+        assert_eq!(offload(&mut arp, TxChecksum::Pod { partial: true }), None);
+        complete(&mut arp, TxChecksum::Pod { partial: true });
+        assert_eq!(arp, before);
         // Cut inside the TCP header.
-        assert_eq!(classify(&tcp(&[])[..40]), TxChecksum::AsIs);
+        assert_eq!(class(&tcp(&[])[..40]), TxChecksum::AsIs);
         let mut left = tcp(&[9; 32]);
         assert_eq!(offload(&mut left, TxChecksum::AsIs), None);
         let before = left.clone();
@@ -282,14 +320,14 @@ mod tests {
     fn a_partial_checksum_is_completed_in_software_after_a_translation() {
         let payload: Vec<u8> = (0..1400u32).map(|i| (i * 7) as u8).collect();
         let mut p = made_partial(tcp(&payload), TCP_FIELD);
-        let c = classify(&p);
+        let c = class(&p);
         // DNAT after classification: the partial sum no longer matches, and is rebuilt.
         p[30..34].copy_from_slice(&[198, 18, 16, 5]);
-        smoltcp::wire::Ipv4Packet::new_unchecked(&mut p[14..]).fill_checksum();
+        refill(&mut p);
         complete(&mut p, c);
         assert!(valid_tcp(&p));
         let mut u = made_partial(udp(&payload[..333]), UDP_FIELD);
-        let c = classify(&u);
+        let c = class(&u);
         complete(&mut u, c);
         assert!(valid_udp(&u));
         assert_ne!(field(&u, UDP_FIELD), 0);
@@ -299,9 +337,9 @@ mod tests {
     fn an_sctp_crc_left_to_the_device_is_computed() {
         let mut f = udp(&[0x11; 200]);
         f[23] = SCTP;
-        smoltcp::wire::Ipv4Packet::new_unchecked(&mut f[14..]).fill_checksum();
+        refill(&mut f);
         f[34 + SCTP_CHECKSUM..34 + SCTP_CHECKSUM + 4].fill(0);
-        let c = classify(&f);
+        let c = class(&f);
         assert_eq!(c, TxChecksum::SctpPartial);
         assert_eq!(offload(&mut f, c), None);
         complete(&mut f, c);
@@ -313,7 +351,7 @@ mod tests {
             crc32c::crc32c(&zeroed).to_le_bytes()
         );
         // A CRC already there is the pod's own.
-        assert_eq!(classify(&f), TxChecksum::AsIs);
+        assert_eq!(class(&f), TxChecksum::AsIs);
     }
 
     #[test]
@@ -324,7 +362,7 @@ mod tests {
             if partial {
                 f = made_partial(f, TCP_FIELD);
             }
-            let c = classify(&f);
+            let c = class(&f);
             let req = offload(&mut f, c).expect("a pod's TCP segment is offloaded");
             assert_eq!(
                 req,
@@ -342,7 +380,7 @@ mod tests {
             assert!(valid_tcp(&f), "partial: {partial}");
         }
         let mut u = udp(&payload[..10]);
-        let c = classify(&u);
+        let c = class(&u);
         assert_eq!(
             offload(&mut u, c).map(|r| r.offset),
             Some(UDP_CHECKSUM as u16)
