@@ -36,7 +36,7 @@ pub fn ips_text(ips: &[IpAddr]) -> String {
 /// The version of this contract. A peer sends it first ([`Request::Hello`]); stromd refuses a
 /// peer of another version with a clear error rather than misreading its requests. It changes
 /// whenever a request or response changes in a way an older peer would misread.
-pub const CONTRACT: u32 = 2;
+pub const CONTRACT: u32 = 3;
 
 /// Where stromd listens unless configured otherwise.
 pub const DEFAULT_SOCKET: &str = "/run/strom/stromd.sock";
@@ -106,8 +106,13 @@ pub enum PortInterface {
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum Request {
     /// The first request of a long-lived peer (strom-control): the contract version it
-    /// speaks. Answered with stromd's ([`Response::Hello`]), or refused when they differ.
-    Hello { contract: u32 },
+    /// speaks, and the writer id its deltas carry ([`Delta`]), if any. Answered with
+    /// stromd's ([`Response::Hello`]), or refused when they differ.
+    Hello {
+        contract: u32,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        writer: Option<u64>,
+    },
     /// Is the dataplane up and able to take ports?
     Status,
     /// Register a pod port (idempotent for the same spec).
@@ -139,6 +144,9 @@ pub enum Request {
         set: Vec<ServiceSpec>,
         #[serde(default)]
         remove: Vec<String>,
+        /// The delta's number, if the peer numbers them.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        delta: Option<Delta>,
     },
     /// Every Service port with its frontends, backends and counters. `counters_only` leaves
     /// out the flows tracked to each backend, which stromd counts by walking every tracked
@@ -162,10 +170,30 @@ pub enum Request {
     /// What stromd would do with a packet of this 5-tuple arriving from a pod.
     Trace { tuple: Tuple },
     /// Replaces the node's NetworkPolicies, all at once.
-    SetPolicies { policies: PolicySet },
+    SetPolicies {
+        policies: PolicySet,
+        /// The delta's number, if the peer numbers them.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        delta: Option<Delta>,
+    },
     /// Every policy selecting a pod of the node, with the pods and the drops.
     Policies,
 }
+
+/// The number a peer gives a change to stromd's tables (`SetServices`, `SetPolicies`): its
+/// `writer` id (one per run of the peer) and a `seq` that grows with each delta. stromd
+/// applies a writer's deltas in order, once each: a delta numbered as the last one applied
+/// is answered as it was, without applying it again (a peer sends it again when the answer
+/// was lost); one numbered below it is refused (out of order). stromd remembers the last
+/// deltas of [`DELTA_WRITERS`] writers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Delta {
+    pub writer: u64,
+    pub seq: u64,
+}
+
+/// How many writers' last deltas stromd remembers (the least recently seen is forgotten).
+pub const DELTA_WRITERS: usize = 16;
 
 /// Dataplane readiness.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -277,9 +305,13 @@ pub struct RouteEntry {
 pub enum Response {
     Ok,
     /// The answer to `SetServices`: the Services refused (`namespace/name`, why); all the
-    /// others were applied.
+    /// others were applied. The answer to a numbered `SetPolicies` too (nothing refused:
+    /// a refused policy set is an [`Response::Error`]). `delta` acknowledges the delta's
+    /// number.
     Applied {
         refused: Vec<(String, String)>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        delta: Option<u64>,
     },
     Hello {
         contract: u32,
@@ -296,6 +328,10 @@ pub enum Response {
         /// wants again.
         #[serde(default)]
         generation: u64,
+        /// The number of the last delta of the greeting's writer this start of stromd took
+        /// (applied, or refused with its answer kept; none: none of its deltas).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        applied: Option<u64>,
     },
     Status(StatusInfo),
     Port(Box<PortStatus>),

@@ -73,6 +73,12 @@ pub struct EndpointSpec {
     pub terminating: bool,
     /// The endpoint runs on this node (its `nodeName` is the node's).
     pub local: bool,
+    /// Whether the Service's topology-aware routing leaves the endpoint to this node for
+    /// traffic under a Cluster policy: it is hinted for the node's zone (or the node itself),
+    /// or the hints do not apply here, as kube-proxy decides (`topologyModeFromHints`).
+    /// Unset means yes.
+    #[serde(default = "yes", skip_serializing_if = "is_yes")]
+    pub in_topology: bool,
     /// The pod behind it (`namespace/name`), for display.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub target: String,
@@ -256,4 +262,12 @@ pub struct Tuple {
     pub src_port: u16,
     pub dst: IpAddr,
     pub dst_port: u16,
+}
+
+fn yes() -> bool {
+    true
+}
+
+fn is_yes(b: &bool) -> bool {
+    *b
 }

@@ -42,6 +42,16 @@ pub struct NetConf {
     /// below `mtu`, the interface takes `mtu` and there is no route of its own.
     #[serde(default)]
     pub local_mtu: Option<u32>,
+    /// The cluster's Service CIDRs, routed like the node's pod subnet at the interface's MTU
+    /// (only when that exceeds `mtu`): stromd on this node translates every connection to
+    /// them, so a pod reaches a Service with a local backend in large frames, while TCP's MSS
+    /// exchange and a fragmentation-needed answer translated back through the Service fit
+    /// the rest to a remote backend's path. The cost: toward a backend behind the uplink, a
+    /// UDP datagram larger than the path's MTU is lost once with DF (the pod then learns the
+    /// path's MTU for that ClusterIP) and always without DF (stromd does not fragment).
+    /// Empty (the default): Services at the path's MTU.
+    #[serde(default)]
+    pub service_cidrs: Vec<ipnet::Ipv4Net>,
     /// The node's uplink, for the default MTU.
     #[serde(default)]
     pub uplink_interface: Option<String>,
@@ -303,6 +313,32 @@ mod tests {
             NetConf::parse(br#"{"cniVersion":"1.0.0","name":"n","type":"strom-cni","mtu":"x"}"#)
                 .unwrap_err();
         assert_eq!(e.code, code::INVALID_CONFIG);
+    }
+
+    #[test]
+    fn service_cidrs_are_networks() {
+        let parse = |t: &str| {
+            NetConf::parse(
+                format!(r#"{{"cniVersion":"1.1.0","name":"n","type":"strom-cni"{t}}}"#).as_bytes(),
+            )
+        };
+        assert!(parse("").unwrap().service_cidrs.is_empty());
+        let c = parse(r#","serviceCidrs":["10.96.0.0/12","198.19.0.0/16"]"#).unwrap();
+        assert_eq!(
+            c.service_cidrs,
+            vec![
+                "10.96.0.0/12".parse::<ipnet::Ipv4Net>().unwrap(),
+                "198.19.0.0/16".parse().unwrap()
+            ]
+        );
+        for bad in [
+            r#""10.96.0.0/12""#,
+            r#"["10.96.0.0/33"]"#,
+            r#"["fd00::/64"]"#,
+        ] {
+            let e = parse(&format!(r#","serviceCidrs":{bad}"#)).unwrap_err();
+            assert_eq!(e.code, code::INVALID_CONFIG, "{bad}");
+        }
     }
 
     #[test]

@@ -373,9 +373,19 @@ fn wire(
     } else {
         path_mtu
     };
+    // The Service CIDRs at the interface's MTU too, where it is larger than the path's.
+    let mut routed: Vec<ipnet::Ipv4Net> = local.into_iter().collect();
+    if local.is_some() {
+        for n in c.service_cidrs.iter().map(ipnet::Ipv4Net::trunc) {
+            if !routed.contains(&n) {
+                routed.push(n);
+            }
+        }
+    }
+    let local = routed;
     let routes = nl::PodRoutes {
         path_mtu: (mtu > path_mtu).then_some(path_mtu),
-        local,
+        local: local.clone(),
     };
     let gw = c.gateway();
     let mac = env
@@ -459,7 +469,7 @@ fn wire(
             dst: "0.0.0.0/0".into(),
             gw: Some(gw.to_string()),
         })
-        .chain(local.map(|n| Route {
+        .chain(local.iter().map(|n| Route {
             dst: n.to_string(),
             gw: Some(gw.to_string()),
         }))
@@ -614,10 +624,11 @@ fn cmd_check(c: &NetConf, env: &Env, stdin: &[u8]) -> Result<(), CniError> {
     let routes = link::pod_routes(&env.netns)
         .map_err(|e| CniError::new(code::IO, "reading pod routes", e))?;
     for r in &prev.routes {
+        // `ip -j route` names the default route so, and a host route without its /32.
         let dst = if r.dst == "0.0.0.0/0" {
             "default"
         } else {
-            r.dst.as_str()
+            r.dst.strip_suffix("/32").unwrap_or(&r.dst)
         };
         let ok = routes.iter().any(|have| {
             have.get("dst").and_then(Value::as_str) == Some(dst)

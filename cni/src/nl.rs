@@ -85,12 +85,12 @@ pub fn join(p: PodSide) -> Result<(), String> {
 }
 
 /// The pod's routes beyond the on-link one to its gateway, all through the gateway.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct PodRoutes {
     /// The default route's MTU, where it is below the interface's (paths leaving the node).
     pub path_mtu: Option<u32>,
-    /// The node's pod subnet, at the interface's MTU.
-    pub local: Option<ipnet::Ipv4Net>,
+    /// The node's pod subnet and the cluster's Service CIDRs, at the interface's MTU.
+    pub local: Vec<ipnet::Ipv4Net>,
 }
 
 /// Node side: the veth pair (peer moved into `netns` as `ifname` with `mac`), the host end up,
@@ -149,7 +149,7 @@ pub fn wire_node(
 
 /// Pod side, inside `netns`, in a thread of its own: offloads off (ethtool), interface up, the
 /// /32 address, an on-link route to the gateway, the default route through it (at the path's
-/// MTU) and the route to the node's pod subnet (at the interface's).
+/// MTU) and the routes to the node's pod subnet and the Service CIDRs (at the interface's).
 fn wire_pod(netns: File, ifname: &str, ip: Ipv4Addr, gw: Ipv4Addr, routes: PodRoutes) -> PodSide {
     let ifname = ifname.to_string();
     std::thread::spawn(move || {
@@ -199,7 +199,7 @@ fn wire_pod(netns: File, ifname: &str, ip: Ipv4Addr, gw: Ipv4Addr, routes: PodRo
                 .execute()
                 .await
                 .map_err(|e| format!("default route: {e}"))?;
-            if let Some(net) = routes.local {
+            for net in routes.local {
                 let local = RouteMessageBuilder::<Ipv4Addr>::new()
                     .destination_prefix(net.network(), net.prefix_len())
                     .gateway(gw)

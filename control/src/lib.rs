@@ -23,7 +23,7 @@ pub mod source;
 pub mod translate;
 
 pub use k8s_openapi;
-pub use translate::{service_spec, TranslateError};
+pub use translate::{service_spec, ForNode, TranslateError};
 
 /// `namespace/name` of an object (namespace "default" when it has none).
 pub fn object_key(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> String {

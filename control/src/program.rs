@@ -18,10 +18,16 @@
 //! stromd numbers the changes it applies to its Service and policy tables (the greeting's
 //! `generation`); this side counts the changes it had acknowledged, and a greeting that
 //! finds another number means someone else changed the tables (a second writer, an
-//! operator's `stromctl`): everything is set again as for a new start ([`Resync`]). After a
-//! request whose answer was lost, what it touched counts as unknown: those Services are
-//! set (or removed) again and the policy set is sent again, which stromd takes as a no-op
-//! where it was applied, and stromd's count is taken at the next greeting. What stromd
+//! operator's `stromctl`): everything is set again as for a new start ([`Resync`]).
+//!
+//! Every change request is a numbered delta ([`strom_api::Delta`]: this run's writer id and
+//! a number that grows), which stromd applies once each and in order and acknowledges with
+//! its number. After a request whose answer was lost with its connection, the same delta is
+//! sent again, under its number, first thing on the next connection to the same stromd
+//! start: stromd answers it as it did if it had applied it (the greeting's `applied` says
+//! so, and its changes are then not counted twice), or applies it now. Meanwhile what it
+//! touched counts as unknown, so that a refusal (or stromd's "not in time") still leads to
+//! those Services being set (or removed) again and the policy set sent again. What stromd
 //! refuses is offered again when it changes, after [`RETRY_REFUSED`], at a resync, and, for
 //! a Service, when another Service is removed; a refused Service keeps what stromd had for
 //! it, and a Service the source cannot translate ([`Desired::kept`]) that this side has not
@@ -33,7 +39,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{bounded, Receiver, RecvTimeoutError, Sender};
-use strom_api::{Client, ClientError, PolicySet, Request, Response, ServiceSpec, CONTRACT};
+use strom_api::{Client, ClientError, Delta, PolicySet, Request, Response, ServiceSpec, CONTRACT};
 
 use crate::cluster::Desired;
 
@@ -184,10 +190,42 @@ fn same<T: PartialEq>(a: &Arc<T>, b: &Arc<T>) -> bool {
     Arc::ptr_eq(a, b) || **a == **b
 }
 
+/// A numbered delta whose answer was lost with its connection: sent again, with its number,
+/// first thing at the next round on the same stromd start, which answers it as it did (or
+/// applies it, if it never got it).
+#[derive(Debug, Clone)]
+enum InFlight {
+    Services {
+        remove: Vec<String>,
+        set: Vec<(String, Arc<ServiceSpec>)>,
+        seq: u64,
+    },
+    Policies {
+        set: Arc<PolicySet>,
+        seq: u64,
+    },
+}
+
+impl InFlight {
+    fn seq(&self) -> u64 {
+        match self {
+            InFlight::Services { seq, .. } | InFlight::Policies { seq, .. } => *seq,
+        }
+    }
+}
+
 struct Programmer<O> {
     socket: PathBuf,
     observer: O,
     client: Option<Client>,
+    /// This run's writer id, on every delta ([`strom_api::Delta`]).
+    writer: u64,
+    /// The last delta number given.
+    seq: u64,
+    /// The delta whose answer was lost, if any.
+    in_flight: Option<InFlight>,
+    /// The number of this writer's last delta stromd had applied at the last greeting.
+    applied: Option<u64>,
     /// The stromd start last synced with.
     instance: Option<u64>,
     /// stromd's count of table changes as this side expects it: the count at the last
@@ -208,6 +246,10 @@ impl<O: Observer> Programmer<O> {
             socket,
             observer,
             client: None,
+            writer: writer_id(),
+            seq: 0,
+            in_flight: None,
+            applied: None,
             instance: None,
             generation: None,
             acked: Acked::default(),
@@ -279,12 +321,20 @@ impl<O: Observer> Programmer<O> {
                 Some(Client::connect(&self.socket, REQUEST_TIMEOUT).map_err(|e| e.to_string())?);
         }
         let client = self.client.as_mut().expect("connected above");
-        let (instance, generation) = match client.call(&Request::Hello { contract: CONTRACT }) {
+        let hello = Request::Hello {
+            contract: CONTRACT,
+            writer: Some(self.writer),
+        };
+        let (instance, generation) = match client.call(&hello) {
             Ok(Response::Hello {
                 instance,
                 generation,
+                applied,
                 ..
-            }) => (instance, generation),
+            }) => {
+                self.applied = applied;
+                (instance, generation)
+            }
             Ok(other) => return Err(format!("stromd answered a greeting with {other:?}")),
             Err(ClientError::Refused(m)) => return Err(format!("stromd refused: {m}")),
             Err(e) => return Err(e.to_string()),
@@ -298,7 +348,7 @@ impl<O: Observer> Programmer<O> {
             Resync::Diverged
         } else {
             // Same start; a lost answer (no expectation) leaves what was acknowledged as it
-            // was, and what was in flight is sent again (applying it twice is harmless).
+            // was, and the delta in flight is sent again under its number (`program`).
             self.generation = Some(generation);
             return Ok(false);
         };
@@ -329,8 +379,23 @@ impl<O: Observer> Programmer<O> {
         }
         self.instance = Some(instance);
         self.generation = Some(generation);
+        // Everything is set again: a delta in flight has nothing left to say.
+        self.in_flight = None;
         self.observer.synced(instance, why);
         Ok(())
+    }
+
+    /// The next delta number.
+    fn next_delta(&mut self) -> u64 {
+        self.seq += 1;
+        self.seq
+    }
+
+    fn delta(&self, seq: u64) -> Option<Delta> {
+        Some(Delta {
+            writer: self.writer,
+            seq,
+        })
     }
 
     /// One request that changes stromd's tables (the caller counts what it applied). On an
@@ -360,6 +425,20 @@ impl<O: Observer> Programmer<O> {
     fn program(&mut self, want: &Desired) -> Result<Round, ClientError> {
         let now = Instant::now();
         let mut round = Round::default();
+        // A delta whose answer was lost goes first, under its number: stromd answers it as
+        // it did, or applies it now. Its changes count unless stromd had applied it by the
+        // greeting, whose figure holds them already.
+        if let Some(f) = self.in_flight.take() {
+            let count = self.applied.is_none_or(|a| a < f.seq());
+            match f {
+                InFlight::Services { remove, set, seq } => {
+                    self.send_services(remove, set, seq, count, &mut round, now)?
+                }
+                InFlight::Policies { set, seq } => {
+                    self.send_policies(set, seq, count, &mut round, now)?
+                }
+            }
+        }
         // A refusal stands while what was refused is still what is wanted (and not what
         // stromd acknowledged since).
         let acked = &self.acked.services;
@@ -407,50 +486,8 @@ impl<O: Observer> Programmer<O> {
             let remove: Vec<String> = gone.by_ref().take(BATCH).collect();
             let set: Vec<(String, Arc<ServiceSpec>)> =
                 sets.by_ref().take(BATCH - remove.len()).collect();
-            let request = Request::SetServices {
-                set: set.iter().map(|(_, s)| (**s).clone()).collect(),
-                remove: remove.clone(),
-            };
-            let answer = self.change(&request);
-            let refused: BTreeMap<String, String> = match answer {
-                Ok(Response::Applied { refused }) => refused.into_iter().collect(),
-                other => {
-                    // Applied, partly or not at all: what stromd has for these Services
-                    // is unknown, so each is sent again (or removed) at the next round.
-                    self.generation = None;
-                    for key in remove.iter().chain(set.iter().map(|(k, _)| k)) {
-                        self.acked.services.insert(key.clone(), Arc::new(unknown()));
-                    }
-                    return Err(match other {
-                        Err(e) => e,
-                        Ok(answer) => ClientError::Refused(format!(
-                            "stromd answered SetServices with {answer:?}"
-                        )),
-                    });
-                }
-            };
-            let refused_here = set.iter().filter(|(k, _)| refused.contains_key(k)).count();
-            self.counted(remove.len() + set.len() - refused_here);
-            for key in remove {
-                self.acked.services.remove(&key);
-                round.removed.push(key);
-            }
-            for (key, spec) in set {
-                match refused.get(&key) {
-                    Some(why) => {
-                        // stromd keeps what it had for it, if anything.
-                        self.acked
-                            .refused
-                            .insert(key.clone(), (spec, now + self.retry_refused));
-                        round.refused.push((key, why.clone()));
-                    }
-                    None => {
-                        self.acked.refused.remove(&key);
-                        self.acked.services.insert(key.clone(), spec);
-                        round.set.push(key);
-                    }
-                }
-            }
+            let seq = self.next_delta();
+            self.send_services(remove, set, seq, true, &mut round, now)?;
         }
         let want_policies = &want.policies;
         let acked_same = self
@@ -464,35 +501,143 @@ impl<O: Observer> Programmer<O> {
             .as_ref()
             .is_some_and(|(p, at)| same(p, want_policies) && *at > now);
         if !acked_same && !waiting {
-            let request = Request::SetPolicies {
-                policies: (**want_policies).clone(),
-            };
-            match self.change(&request) {
-                Ok(_) => {
-                    self.counted(1);
-                    self.acked.policies = Some(want_policies.clone());
-                    self.acked.policies_refused = None;
-                    round.policies = true;
-                }
-                Err(e) => {
-                    // Refused, or stromd's "did not answer in time" while it still applies
-                    // it, or the answer lost: which set stromd holds is unknown, so the
-                    // wanted one is sent again (not before the retry time, if refused) even
-                    // when the wanted set goes back to the one acknowledged before.
-                    self.acked.policies = None;
-                    let ClientError::Refused(reason) = e else {
-                        return Err(e);
-                    };
-                    self.acked.policies_refused =
-                        Some((want_policies.clone(), now + self.retry_refused));
-                    round.policies_refused = Some(reason);
-                }
-            }
+            let seq = self.next_delta();
+            self.send_policies(want_policies.clone(), seq, true, &mut round, now)?;
         } else if acked_same {
             self.acked.policies_refused = None;
         }
         Ok(round)
     }
+}
+
+impl<O: Observer> Programmer<O> {
+    /// One `SetServices` delta (`remove`, then `set`) numbered `seq`, and what its answer
+    /// means for what stromd has; `count`: its changes are not in stromd's figure yet. On
+    /// an error what the delta touched counts as unknown (set again, or removed, at the
+    /// next round) and, if the answer was lost, the delta is sent again first thing.
+    fn send_services(
+        &mut self,
+        remove: Vec<String>,
+        set: Vec<(String, Arc<ServiceSpec>)>,
+        seq: u64,
+        count: bool,
+        round: &mut Round,
+        now: Instant,
+    ) -> Result<(), ClientError> {
+        let request = Request::SetServices {
+            set: set.iter().map(|(_, s)| (**s).clone()).collect(),
+            remove: remove.clone(),
+            delta: self.delta(seq),
+        };
+        let answer = self.change(&request);
+        let refused: BTreeMap<String, String> = match answer {
+            Ok(Response::Applied { refused, delta }) if delta == Some(seq) => {
+                refused.into_iter().collect()
+            }
+            other => {
+                // Applied, partly or not at all: what stromd has for these Services
+                // is unknown, so each is sent again (or removed) at the next round.
+                self.generation = None;
+                for key in remove.iter().chain(set.iter().map(|(k, _)| k)) {
+                    self.acked.services.insert(key.clone(), Arc::new(unknown()));
+                }
+                let error = match other {
+                    Err(e) => e,
+                    Ok(answer) => ClientError::Refused(format!(
+                        "stromd answered SetServices (delta {seq}) with {answer:?}"
+                    )),
+                };
+                if !matches!(error, ClientError::Refused(_)) {
+                    self.in_flight = Some(InFlight::Services { remove, set, seq });
+                }
+                return Err(error);
+            }
+        };
+        let refused_here = set.iter().filter(|(k, _)| refused.contains_key(k)).count();
+        if count {
+            self.counted(remove.len() + set.len() - refused_here);
+        }
+        for key in remove {
+            self.acked.services.remove(&key);
+            round.removed.push(key);
+        }
+        for (key, spec) in set {
+            match refused.get(&key) {
+                Some(why) => {
+                    // stromd keeps what it had for it, if anything.
+                    self.acked
+                        .refused
+                        .insert(key.clone(), (spec, now + self.retry_refused));
+                    round.refused.push((key, why.clone()));
+                }
+                None => {
+                    self.acked.refused.remove(&key);
+                    self.acked.services.insert(key.clone(), spec);
+                    round.set.push(key);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// One `SetPolicies` delta numbered `seq`, as [`Self::send_services`].
+    fn send_policies(
+        &mut self,
+        set: Arc<PolicySet>,
+        seq: u64,
+        count: bool,
+        round: &mut Round,
+        now: Instant,
+    ) -> Result<(), ClientError> {
+        let request = Request::SetPolicies {
+            policies: (*set).clone(),
+            delta: self.delta(seq),
+        };
+        match self.change(&request) {
+            Ok(Response::Applied { delta, .. }) if delta == Some(seq) => {
+                if count {
+                    self.counted(1);
+                }
+                self.acked.policies = Some(set);
+                self.acked.policies_refused = None;
+                round.policies = true;
+                Ok(())
+            }
+            other => {
+                // Refused, or stromd's "did not answer in time" while it still applies
+                // it, or the answer lost: which set stromd holds is unknown, so the
+                // wanted one is sent again (not before the retry time, if refused) even
+                // when the wanted set goes back to the one acknowledged before.
+                self.acked.policies = None;
+                let e = match other {
+                    Err(e) => e,
+                    Ok(answer) => {
+                        self.generation = None;
+                        return Err(ClientError::Refused(format!(
+                            "stromd answered SetPolicies (delta {seq}) with {answer:?}"
+                        )));
+                    }
+                };
+                let ClientError::Refused(reason) = e else {
+                    self.in_flight = Some(InFlight::Policies { set, seq });
+                    return Err(e);
+                };
+                self.acked.policies_refused = Some((set, now + self.retry_refused));
+                round.policies_refused = Some(reason);
+                Ok(())
+            }
+        }
+    }
+}
+
+/// A writer id for this run: the process id and the start time, so that two runs (a
+/// restarted strom-control) are told apart by stromd.
+fn writer_id() -> u64 {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or_default();
+    nanos ^ (u64::from(std::process::id()) << 40)
 }
 
 /// Whether `spec` is [`unknown`].

@@ -501,6 +501,7 @@ fn memory(_c: &mut Criterion) {
         drop((copy, rules));
         let line = serde_json::to_vec(&Request::SetPolicies {
             policies: set.clone(),
+            delta: None,
         })
         .unwrap();
         let mut slots = PolicySlots::default();
@@ -611,11 +612,15 @@ fn latency(tangled: u32) {
         let t0 = Instant::now();
         let set = compiled(&o);
         let t1 = Instant::now();
-        let mut line = serde_json::to_vec(&Request::SetPolicies { policies: set }).unwrap();
+        let mut line = serde_json::to_vec(&Request::SetPolicies {
+            policies: set,
+            delta: None,
+        })
+        .unwrap();
         line.push(b'\n');
         let t2 = Instant::now();
         let text = std::str::from_utf8(&line).unwrap().trim();
-        let Request::SetPolicies { policies } = serde_json::from_str::<Request>(text).unwrap()
+        let Request::SetPolicies { policies, .. } = serde_json::from_str::<Request>(text).unwrap()
         else {
             unreachable!()
         };

@@ -37,6 +37,7 @@ fn endpoint(j: u32) -> EndpointSpec {
         serving: true,
         terminating: false,
         local: true,
+        in_topology: true,
         target: String::new(),
     }
 }

@@ -181,6 +181,7 @@ mod tests {
             serving: true,
             terminating: false,
             local,
+            in_topology: true,
             target: String::new(),
         }
     }

@@ -242,6 +242,7 @@ impl State {
         if let Some(m) = s.local_mtu {
             conf["localMtu"] = Value::from(m);
         }
+        conf["serviceCidrs"] = serde_json::json!([crate::services::SERVICE_CIDR]);
         Ok(conf.to_string())
     }
 

@@ -53,6 +53,7 @@ impl State {
             self,
             &Request::SetPolicies {
                 policies: set.clone(),
+                delta: None,
             },
         )
         .map_err(|e| anyhow::anyhow!("stromd refused the policies: {e}"))

@@ -116,7 +116,7 @@ impl State {
         let mut keep = std::collections::BTreeSet::new();
         for svc in &r.services {
             let key = strom_control::object_key(&svc.metadata);
-            match strom_control::service_spec(svc, &slices, &node) {
+            match strom_control::service_spec(svc, &slices, lab_node(&node)) {
                 Ok(Some(spec)) => {
                     keep.insert(key.clone());
                     if self.services.get(&key) == Some(&spec) {
@@ -334,6 +334,12 @@ pub fn status_lines(services: &BTreeMap<String, ServiceSpec>) -> Vec<String> {
     out
 }
 
+/// The lab's node for the translation: its name; no zone (the lab is one node, so zone hints
+/// never apply, as on a node without the label).
+fn lab_node(name: &str) -> strom_control::ForNode<'_> {
+    strom_control::ForNode { name, zone: None }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -406,7 +412,7 @@ spec: {containers: [{name: c, ports: [{name: http, containerPort: 80}]}]}
             &st.allocations,
         );
         let slices: Vec<_> = r.endpoint_slices.iter().collect();
-        strom_control::service_spec(&r.services[0], &slices, &node)
+        strom_control::service_spec(&r.services[0], &slices, lab_node(&node))
             .unwrap()
             .unwrap()
     }
@@ -503,7 +509,7 @@ spec: {containers: [{name: c, ports: [{name: http, containerPort: 80}]}]}
             .services
             .iter()
             .map(|s| {
-                strom_control::service_spec(s, &slices, &node)
+                strom_control::service_spec(s, &slices, lab_node(&node))
                     .unwrap()
                     .unwrap()
             })

@@ -33,6 +33,8 @@ fn conf(lab: &Lab, version: &str) -> Value {
         "socket": lab.socket().display().to_string(),
         "logFile": lab.dir.join("cni-test.log").display().to_string(),
         "ipam": {"type": "strom", "subnet": "198.18.16.0/24", "dataDir": lab.dir.join("ipam-test").display().to_string()},
+        // The pod subnet again: routed once.
+        "serviceCidrs": ["198.19.0.0/16", "198.18.16.0/24"],
         "dns": {"nameservers": ["198.18.0.53"]}
     })
 }
@@ -165,7 +167,32 @@ fn add_check_del_in_every_supported_version() {
             version.starts_with("0."),
             "{r}"
         );
-        assert_eq!(r["routes"][0]["dst"], "0.0.0.0/0");
+        let dsts: Vec<&str> = r["routes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["dst"].as_str().unwrap())
+            .collect();
+        assert_eq!(dsts, ["0.0.0.0/0", "198.18.16.0/24", "198.19.0.0/16"]);
+        // The Service CIDR at the interface's MTU, the default route at the path's.
+        let route = |to: &str| {
+            let out = Command::new("ip")
+                .args(["netns", "exec", ns.trim_start_matches("/run/netns/")])
+                .args(["ip", "route", "get", to])
+                .output()
+                .unwrap();
+            String::from_utf8_lossy(&out.stdout).into_owned()
+        };
+        assert!(
+            !route("198.19.3.4").contains("mtu"),
+            "{}",
+            route("198.19.3.4")
+        );
+        assert!(
+            route("198.20.0.1").contains("mtu 1450"),
+            "{}",
+            route("198.20.0.1")
+        );
         assert_eq!(r["dns"]["nameservers"][0], "198.18.0.53");
         assert_eq!(port_count(&lab), 1);
         let mut check = Call::new(&lab, conf(&lab, version));

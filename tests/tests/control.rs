@@ -267,6 +267,7 @@ fn services_and_policies_from_a_real_api_server() {
     let mut peer = strom_api::Client::connect(lab.socket(), Duration::from_secs(5)).unwrap();
     match peer.call(&strom_api::Request::Hello {
         contract: strom_api::CONTRACT + 1,
+        writer: None,
     }) {
         Err(strom_api::ClientError::Refused(m)) => assert!(
             m.contains(&format!("contract version {}", strom_api::CONTRACT + 1))
@@ -361,6 +362,78 @@ fn services_and_policies_from_a_real_api_server() {
         "web-from-x",
     );
 
+    // Topology-aware routing: the node in zone a, another node in zone b with a web pod of
+    // its own (an address no lab pod has). A Service asking for close endpoints
+    // (`trafficDistribution: PreferClose`) gets zone hints from the EndpointSlice
+    // controller; strom-control, watching its own Node for the zone, leaves the far pod
+    // out of the pool for traffic from the node's pods. Without the zone on the node the
+    // hints no longer apply and the far pod is back.
+    let node = lab.node_ns();
+    let zoned = |zone: &str| {
+        format!("apiVersion: v1\nkind: Node\nmetadata: {{name: {node}, labels: {{topology.kubernetes.io/zone: {zone}}}}}\n")
+    };
+    cp.apply(&zoned("a"));
+    cp.apply("apiVersion: v1\nkind: Node\nmetadata: {name: far-node, labels: {topology.kubernetes.io/zone: b}}\n");
+    cp.apply(
+        "apiVersion: v1
+kind: Pod
+metadata: {name: far, namespace: x, labels: {app: web}}
+spec:
+  nodeName: far-node
+  containers: [{name: c, image: strom-test, ports: [{name: http, containerPort: 80}]}]
+",
+    );
+    cp.pod_status("x", "far", "198.18.99.9", true);
+    cp.apply(
+        "apiVersion: v1
+kind: Service
+metadata: {name: near, namespace: x}
+spec:
+  selector: {app: web}
+  trafficDistribution: PreferClose
+  ports: [{name: http, port: 80, targetPort: http}]
+",
+    );
+    let internal = |want: &[(&str, bool)]| {
+        let t = Instant::now();
+        loop {
+            let s = lab.stromctl(&["services"]);
+            let mut got: Vec<(String, bool)> = s["services"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter(|p| p["key"] == "x/near:http")
+                .flat_map(|p| p["backends"].as_array().cloned().unwrap_or_default())
+                .map(|b| {
+                    (
+                        b["target"].as_str().unwrap_or("").to_string(),
+                        b["internal"].as_bool().unwrap_or(false),
+                    )
+                })
+                .collect();
+            got.sort();
+            let want: Vec<(String, bool)> = want.iter().map(|(t, i)| (t.to_string(), *i)).collect();
+            if got == want {
+                return;
+            }
+            assert!(
+                t.elapsed() < Duration::from_secs(20),
+                "x/near's backends {got:?}, wanted {want:?}\n{}",
+                control.log_tail()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    internal(&[("x/a", true), ("x/b", true), ("x/far", false)]);
+    let near = cluster_ip(&cp, "x", "near");
+    wait_both(&lab, &control, &near, Duration::from_secs(20));
+    cp.apply(&format!(
+        "apiVersion: v1\nkind: Node\nmetadata: {{name: {node}}}\n"
+    ));
+    internal(&[("x/a", true), ("x/b", true), ("x/far", true)]);
+    cp.delete("v1", "Service", Some("x"), "near");
+    cp.delete("v1", "Pod", Some("x"), "far");
+
     // Deleted through the API: gone from stromd.
     cp.delete("v1", "Service", Some("x"), "web");
     let t = Instant::now();
@@ -402,11 +475,36 @@ fn restarts_of_strom_control_stromd_and_the_api_server() {
     control.wait_ready(Duration::from_secs(30));
     std::thread::sleep(Duration::from_millis(300));
     let (answered, failed) = traffic.stop();
+    // What each pod's TCP saw (SYNs retransmitted, listen queues dropped), for a failure
+    // that stromd counts nothing for.
+    let tcp = |pod: &str| {
+        let o = lab.exec(
+            pod,
+            &[
+                "nstat",
+                "-az",
+                "TcpExtTCPSynRetrans",
+                "TcpExtListenDrops",
+                "TcpExtListenOverflows",
+                "TcpRetransSegs",
+            ],
+        );
+        format!(
+            "{pod}: {}",
+            String::from_utf8_lossy(&o.stdout)
+                .split_whitespace()
+                .collect::<Vec<_>>()
+                .join(" ")
+        )
+    };
     assert!(
         answered > 0 && failed.is_empty(),
         "{answered} answered, failed across the strom-control restart: {failed:?}\n\
-         stromd's drops: {}\n--- strom-control\n{}",
-        lab.stromctl(&["stats"])["workers"],
+         stromd's stats: {}\n{}\n{}\n{}\n--- strom-control\n{}",
+        lab.stromctl(&["stats"]),
+        tcp("y/c"),
+        tcp("x/a"),
+        tcp("x/b"),
         control.log_tail()
     );
 

@@ -18,13 +18,13 @@ pub mod slim;
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
-use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
+use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use strom_api::{PolicySet, ServiceSpec};
 
 use crate::policy::{compile, Input, PolicyError};
-use crate::translate::{service_spec, SERVICE_NAME_LABEL};
+use crate::translate::{service_spec, ForNode, SERVICE_NAME_LABEL};
 use crate::{object_key, TranslateError};
 
 /// The kinds the node's tables come from.
@@ -35,11 +35,26 @@ pub enum Kind {
     Pod,
     Namespace,
     NetworkPolicy,
+    Node,
 }
 
 impl Kind {
     /// Every kind.
-    pub const ALL: [Kind; 5] = [
+    pub const ALL: [Kind; 6] = [
+        Kind::Service,
+        Kind::EndpointSlice,
+        Kind::Pod,
+        Kind::Namespace,
+        Kind::NetworkPolicy,
+        Kind::Node,
+    ];
+
+    /// The kinds listed before anything is published: a partial view would remove Services
+    /// and open isolated pods. The node's Node is not among them: without it the node has
+    /// no zone, which only widens the Services' pools to every endpoint (as kube-proxy on a
+    /// node without the label), and a source that cannot read it (a ClusterRole from before
+    /// strom-control watched it) must not hold the rest up.
+    pub const REQUIRED: [Kind; 5] = [
         Kind::Service,
         Kind::EndpointSlice,
         Kind::Pod,
@@ -55,6 +70,7 @@ impl Kind {
             Kind::Pod => "Pod",
             Kind::Namespace => "Namespace",
             Kind::NetworkPolicy => "NetworkPolicy",
+            Kind::Node => "Node",
         }
     }
 }
@@ -70,6 +86,7 @@ pub enum Object {
     Pod(Pod),
     Namespace(Namespace),
     NetworkPolicy(NetworkPolicy),
+    Node(Node),
 }
 
 impl Object {
@@ -80,10 +97,11 @@ impl Object {
             Object::Pod(_) => Kind::Pod,
             Object::Namespace(_) => Kind::Namespace,
             Object::NetworkPolicy(_) => Kind::NetworkPolicy,
+            Object::Node(_) => Kind::Node,
         }
     }
 
-    /// `namespace/name` (a Namespace: its name).
+    /// `namespace/name` (a Namespace or a Node: its name).
     pub fn key(&self) -> String {
         match self {
             Object::Service(o) => object_key(&o.metadata),
@@ -91,6 +109,7 @@ impl Object {
             Object::Pod(o) => object_key(&o.metadata),
             Object::Namespace(o) => o.metadata.name.clone().unwrap_or_default(),
             Object::NetworkPolicy(o) => object_key(&o.metadata),
+            Object::Node(o) => o.metadata.name.clone().unwrap_or_default(),
         }
     }
 }
@@ -120,6 +139,9 @@ pub struct Problems {
     pub policies: Option<Vec<PolicyError>>,
 }
 
+/// The label naming a Node's zone, which EndpointSlice zone hints refer to.
+pub const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
+
 /// The objects the node's tables come from, and those tables.
 #[derive(Debug)]
 pub struct Cluster {
@@ -131,6 +153,8 @@ pub struct Cluster {
     pods: BTreeMap<String, Pod>,
     namespaces: BTreeMap<String, Namespace>,
     policies: BTreeMap<String, NetworkPolicy>,
+    /// This node's Node, alone: other nodes' are not held.
+    nodes: BTreeMap<String, Node>,
     /// Services to translate again.
     dirty: BTreeSet<String>,
     /// Whether the policy set is to be compiled again.
@@ -150,6 +174,7 @@ impl Cluster {
             pods: BTreeMap::new(),
             namespaces: BTreeMap::new(),
             policies: BTreeMap::new(),
+            nodes: BTreeMap::new(),
             dirty: BTreeSet::new(),
             policies_dirty: false,
             desired: Desired::default(),
@@ -169,6 +194,7 @@ impl Cluster {
             (Kind::Pod, self.pods.len()),
             (Kind::Namespace, self.namespaces.len()),
             (Kind::NetworkPolicy, self.policies.len()),
+            (Kind::Node, self.nodes.len()),
         ])
     }
 
@@ -225,8 +251,34 @@ impl Cluster {
                 self.policies.insert(key, o);
                 self.policies_dirty = true;
             }
+            Object::Node(o) => {
+                if key != self.node || self.nodes.get(&key) == Some(&o) {
+                    return false;
+                }
+                let before = self.zone().map(str::to_string);
+                self.nodes.insert(key, o);
+                self.zone_changed(before);
+            }
         }
         true
+    }
+
+    /// The node's zone: its Node's `topology.kubernetes.io/zone` label, while the Node is
+    /// known and has it.
+    pub fn zone(&self) -> Option<&str> {
+        self.nodes
+            .get(&self.node)
+            .and_then(|n| n.metadata.labels.as_ref())
+            .and_then(|l| l.get(ZONE_LABEL))
+            .map(String::as_str)
+    }
+
+    /// Every Service to translate again when the zone differs from `before` (zone hints
+    /// may now name it or not).
+    fn zone_changed(&mut self, before: Option<String>) {
+        if self.zone() != before.as_deref() {
+            self.dirty.extend(self.services.keys().cloned());
+        }
     }
 
     /// An object deleted (only its kind and key count). Returns whether it was held.
@@ -265,6 +317,13 @@ impl Cluster {
                 }
                 self.policies_dirty = true;
             }
+            Kind::Node => {
+                let before = self.zone().map(str::to_string);
+                if self.nodes.remove(key).is_none() {
+                    return false;
+                }
+                self.zone_changed(before);
+            }
         }
         true
     }
@@ -284,6 +343,7 @@ impl Cluster {
             Kind::Pod => stale(&self.pods, &keep),
             Kind::Namespace => stale(&self.namespaces, &keep),
             Kind::NetworkPolicy => stale(&self.policies, &keep),
+            Kind::Node => stale(&self.nodes, &keep),
         };
         let mut changed = 0;
         for key in gone {
@@ -317,7 +377,11 @@ impl Cluster {
                 .flatten()
                 .filter_map(|k| self.slices.get(k))
                 .collect();
-            match service_spec(svc, &slices, &self.node) {
+            let node = ForNode {
+                name: &self.node,
+                zone: self.zone(),
+            };
+            match service_spec(svc, &slices, node) {
                 Ok(Some(spec)) => {
                     self.desired.kept.remove(&key);
                     if self.desired.services.get(&key).map(|s| &**s) != Some(&spec) {

@@ -5,11 +5,11 @@
 //!
 //! What is kept, by kind: a Pod's name, namespace, labels, deletion mark, node,
 //! `hostNetwork`, containers' ports, phase, addresses and `Ready` condition; a Namespace's
-//! name and labels; Services, EndpointSlices and NetworkPolicies whole but for managed fields
-//! and annotations.
+//! name and labels; a Node's name and labels (its zone); Services, EndpointSlices and
+//! NetworkPolicies whole but for managed fields and annotations.
 
 use k8s_openapi::api::core::v1::{
-    Container, ContainerPort, Namespace, Pod, PodCondition, PodSpec, PodStatus,
+    Container, ContainerPort, Namespace, Node, Pod, PodCondition, PodSpec, PodStatus,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
@@ -32,6 +32,10 @@ pub fn object(o: Object) -> Object {
             p.metadata = meta(p.metadata, true);
             Object::NetworkPolicy(p)
         }
+        Object::Node(n) => Object::Node(Node {
+            metadata: meta(n.metadata, false),
+            ..Default::default()
+        }),
     }
 }
 

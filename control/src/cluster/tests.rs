@@ -173,3 +173,76 @@ fn annotations_and_status_noise_change_nothing_held() {
     assert!(!c.apply(Object::Service(s)));
     assert!(!c.pending());
 }
+
+fn node(name: &str, zone: Option<&str>) -> Object {
+    let labels = zone
+        .map(|z| format!(", labels: {{topology.kubernetes.io/zone: {z}}}"))
+        .unwrap_or_default();
+    Object::Node(yaml(&format!(
+        "metadata: {{name: {name}{labels}, annotations: {{note: x}}}}\nspec: {{podCIDR: 10.0.0.0/24}}"
+    )))
+}
+
+/// Web's endpoints in zones a and b, each hinted for its own zone.
+fn zoned_slice() -> Object {
+    Object::EndpointSlice(yaml(
+        "
+metadata: {name: web-1, namespace: shop, labels: {kubernetes.io/service-name: web}}
+addressType: IPv4
+ports: [{name: http, port: 8080, protocol: TCP}]
+endpoints:
+  - {addresses: [198.18.0.2], conditions: {ready: true}, hints: {forZones: [{name: a}]}}
+  - {addresses: [198.18.0.3], conditions: {ready: true}, hints: {forZones: [{name: b}]}}
+",
+    ))
+}
+
+/// The endpoints of web's port that topology leaves to the node.
+fn close(c: &mut Cluster) -> Vec<String> {
+    let (d, _) = c.desired();
+    d.services["shop/web"].ports[0]
+        .endpoints
+        .iter()
+        .filter(|e| e.in_topology)
+        .map(|e| e.ip.to_string())
+        .collect()
+}
+
+#[test]
+fn the_nodes_zone_comes_from_its_own_node_and_a_change_translates_services_again() {
+    let mut c = Cluster::new(NODE);
+    c.apply(web());
+    c.apply(zoned_slice());
+    // No Node yet: no zone, every endpoint.
+    assert_eq!(close(&mut c), ["198.18.0.2", "198.18.0.3"]);
+    // Another node's object is not held and changes nothing.
+    assert!(!c.apply(node("node-2", Some("a"))));
+    assert_eq!(c.counts()[&Kind::Node], 0);
+    assert!(!c.pending());
+    assert!(c.apply(node(NODE, Some("b"))));
+    assert_eq!(c.zone(), Some("b"));
+    assert!(c.pending(), "the Services are translated again");
+    assert_eq!(close(&mut c), ["198.18.0.3"]);
+    // The same Node again (a relist) touches nothing; a change elsewhere in it neither.
+    assert!(!c.apply(node(NODE, Some("b"))));
+    assert!(c.apply(Object::Node(yaml(
+        "metadata: {name: node-1, labels: {topology.kubernetes.io/zone: b, other: x}}"
+    ))));
+    assert!(!c.pending(), "the zone did not change");
+    // A move to zone a, then the Node gone (a relist without it): back to every endpoint.
+    c.apply(node(NODE, Some("a")));
+    assert_eq!(close(&mut c), ["198.18.0.2"]);
+    assert_eq!(c.replace(Kind::Node, vec![]), 1);
+    assert_eq!(c.zone(), None);
+    assert_eq!(close(&mut c), ["198.18.0.2", "198.18.0.3"]);
+}
+
+#[test]
+fn a_node_is_held_as_its_name_and_labels() {
+    let mut c = Cluster::new(NODE);
+    c.apply(node(NODE, Some("a")));
+    let held = &c.nodes[NODE];
+    assert!(held.spec.is_none() && held.status.is_none());
+    assert!(held.metadata.annotations.is_none());
+    assert_eq!(held.metadata.name.as_deref(), Some(NODE));
+}

@@ -7,7 +7,7 @@
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
-use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
+use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
@@ -47,6 +47,8 @@ pub struct LoadError {
 #[derive(Debug, Default, Clone)]
 pub struct Objects {
     pub namespaces: Vec<Namespace>,
+    /// Nodes (the one named as the node gives its zone; the others are not read).
+    pub nodes: Vec<Node>,
     pub pods: Vec<Pod>,
     pub services: Vec<Service>,
     pub endpoint_slices: Vec<EndpointSlice>,
@@ -100,6 +102,7 @@ impl Objects {
     fn merge(&mut self, from: Objects, dup: &mut impl FnMut(String)) {
         let seen = &mut self.seen;
         merge(seen, &mut self.namespaces, from.namespaces, dup);
+        merge(seen, &mut self.nodes, from.nodes, dup);
         merge(seen, &mut self.pods, from.pods, dup);
         merge(seen, &mut self.services, from.services, dup);
         merge(seen, &mut self.endpoint_slices, from.endpoint_slices, dup);
@@ -138,7 +141,7 @@ impl Objects {
             .and_then(Value::as_str)
             .unwrap_or("default");
         let what = match kind {
-            "Namespace" => format!("Namespace {name}"),
+            "Namespace" | "Node" => format!("{kind} {name}"),
             _ => format!("{kind} {namespace}/{name}"),
         };
         let invalid = |reason: String| ManifestError {
@@ -148,6 +151,7 @@ impl Objects {
         };
         let object = match kind {
             "Namespace" => typed(doc).map(Object::Namespace),
+            "Node" => typed(doc).map(|n| Object::Node(Box::new(n))),
             "Pod" => typed(doc)
                 .map(|p| Object::Pod(Box::new(namespaced(p, |p: &mut Pod| &mut p.metadata)))),
             "Service" => typed(doc).map(|s| {
@@ -173,6 +177,7 @@ impl Objects {
                 self.invalid.push(invalid("declared twice".into()))
             }
             Ok(Object::Namespace(n)) => self.namespaces.push(n),
+            Ok(Object::Node(n)) => self.nodes.push(*n),
             Ok(Object::Pod(p)) => self.pods.push(*p),
             Ok(Object::Service(s)) => self.services.push(*s),
             Ok(Object::EndpointSlice(s)) => self.endpoint_slices.push(s),
@@ -210,12 +215,13 @@ pub fn read(file: &Path) -> Result<String, LoadError> {
     })
 }
 
-/// `Kind namespace/name` (a Namespace: `Namespace name`), as [`ManifestError::what`] says.
+/// `Kind namespace/name` (a Namespace or a Node: `Kind name`), as [`ManifestError::what`]
+/// says.
 fn what<K: Resource + Metadata<Ty = ObjectMeta>>(o: &K) -> String {
     let m = o.metadata();
     let name = m.name.as_deref().unwrap_or("?");
-    if K::KIND == "Namespace" {
-        format!("Namespace {name}")
+    if K::KIND == "Namespace" || K::KIND == "Node" {
+        format!("{} {name}", K::KIND)
     } else {
         let namespace = m.namespace.as_deref().unwrap_or("default");
         format!("{} {namespace}/{name}", K::KIND)
@@ -242,6 +248,7 @@ fn merge<K: Resource + Metadata<Ty = ObjectMeta>>(
 /// One object of a kind read here.
 enum Object {
     Namespace(Namespace),
+    Node(Box<Node>),
     Pod(Box<Pod>),
     Service(Box<Service>),
     EndpointSlice(EndpointSlice),

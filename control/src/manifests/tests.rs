@@ -620,9 +620,7 @@ spec: {clusterIP: 10.0.0.1, ports: [{port: 80}]}
     assert!(r.skipped[0].to_string().starts_with("Service shop/wrong: "));
     assert_eq!(r.services.len(), 2);
     let slices: Vec<_> = r.endpoint_slices.iter().collect();
-    let web = service_spec(&r.services[0], &slices, "n1")
-        .unwrap()
-        .unwrap();
+    let web = service_spec(&r.services[0], &slices, N1).unwrap().unwrap();
     let http = &web.ports[0];
     assert!(http.node_port.is_some());
     let got: Vec<(IpAddr, u16, bool)> = http
@@ -642,9 +640,7 @@ spec: {clusterIP: 10.0.0.1, ports: [{port: 80}]}
     assert_eq!(web.ports[1].endpoints.len(), 1, "only v1 names dns");
     assert_eq!(web.ports[1].endpoints[0].target, "shop/v1");
     // A Service with a slice given is not derived from its pods.
-    let given = service_spec(&r.services[1], &slices, "n1")
-        .unwrap()
-        .unwrap();
+    let given = service_spec(&r.services[1], &slices, N1).unwrap().unwrap();
     let got: Vec<(IpAddr, u16)> = given.ports[0]
         .endpoints
         .iter()
@@ -653,3 +649,8 @@ spec: {clusterIP: 10.0.0.1, ports: [{port: 80}]}
     assert_eq!(got, vec![("10.9.9.9".parse().unwrap(), 7777)]);
     assert_eq!(r.allocations.services.len(), 2);
 }
+
+const N1: crate::ForNode<'static> = crate::ForNode {
+    name: "n1",
+    zone: None,
+};

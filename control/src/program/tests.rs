@@ -48,6 +48,10 @@ struct State {
     refuse: Option<Refusals>,
     /// Every request received, in order.
     log: Vec<Request>,
+    /// The last numbered delta applied: its writer, number and answer.
+    last_delta: Option<(u64, u64, Response)>,
+    /// Deltas applied (not answered from `last_delta`).
+    deltas_applied: usize,
 }
 
 type Faults = Box<dyn FnMut(&Request) -> Fault + Send>;
@@ -145,11 +149,16 @@ fn serve(listener: UnixListener, state: &Mutex<State>, mut faults: Faults) {
 /// What stromd does with a request, as far as the programmer can tell.
 fn apply(s: &mut State, req: Request) -> Response {
     match req {
-        Request::Hello { contract } => Response::Hello {
+        Request::Hello { contract, writer } => Response::Hello {
             contract,
             version: "test".into(),
             instance: s.instance,
             generation: s.generation,
+            applied: s
+                .last_delta
+                .as_ref()
+                .filter(|(w, _, _)| Some(*w) == writer)
+                .map(|(_, seq, _)| *seq),
         },
         Request::SetService { service } => {
             s.generation += 1;
@@ -157,7 +166,7 @@ fn apply(s: &mut State, req: Request) -> Response {
             s.services.insert(key, service);
             Response::Ok
         }
-        Request::SetServices { set, remove } => {
+        Request::SetServices { set, remove, delta } => numbered(s, delta, |s| {
             for key in remove {
                 s.generation += 1;
                 s.services.remove(&key);
@@ -172,18 +181,24 @@ fn apply(s: &mut State, req: Request) -> Response {
                 s.generation += 1;
                 s.services.insert(key, service);
             }
-            Response::Applied { refused }
-        }
+            Response::Applied {
+                refused,
+                delta: None,
+            }
+        }),
         Request::RemoveService { namespace, name } => {
             s.generation += 1;
             s.services.remove(&format!("{namespace}/{name}"));
             Response::Ok
         }
-        Request::SetPolicies { policies } => {
+        Request::SetPolicies { policies, delta } => numbered(s, delta, |s| {
             s.generation += 1;
             s.policies = Some(policies);
-            Response::Ok
-        }
+            Response::Applied {
+                refused: Vec::new(),
+                delta: None,
+            }
+        }),
         Request::Services { .. } => Response::Services {
             services: s
                 .services
@@ -204,6 +219,33 @@ fn apply(s: &mut State, req: Request) -> Response {
             message: format!("not in the stand-in: {other:?}"),
         },
     }
+}
+
+/// A numbered delta as stromd takes it: its writer's last one again is answered as before,
+/// an older one refused, a newer one applied and acknowledged with its number.
+fn numbered(
+    s: &mut State,
+    delta: Option<strom_api::Delta>,
+    apply: impl FnOnce(&mut State) -> Response,
+) -> Response {
+    let Some(d) = delta else { return apply(s) };
+    if let Some((w, seq, answer)) = &s.last_delta {
+        if *w == d.writer && *seq == d.seq {
+            return answer.clone();
+        }
+        if *w == d.writer && *seq > d.seq {
+            return Response::Error {
+                message: "out of order".into(),
+            };
+        }
+    }
+    let mut answer = apply(s);
+    if let Response::Applied { delta, .. } = &mut answer {
+        *delta = Some(d.seq);
+    }
+    s.deltas_applied += 1;
+    s.last_delta = Some((d.writer, d.seq, answer.clone()));
+    answer
 }
 
 /// The observer's calls, in order.
@@ -343,6 +385,44 @@ fn a_change_applied_without_an_answer_is_harmless_and_no_resync() {
         seen.all().iter().any(|l| l.starts_with("programmed"))
     });
     assert_eq!(stromd.count(|r| sets(r, "web")), 2, "{:?}", seen.all());
+    // Sent again under its number, first thing on the new connection: stromd answered it
+    // from its record, without applying it twice.
+    let numbers: Vec<Option<strom_api::Delta>> = stromd
+        .state
+        .lock()
+        .unwrap()
+        .log
+        .iter()
+        .filter_map(|r| match r {
+            Request::SetServices { delta, .. } => Some(*delta),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(numbers.len(), 2);
+    assert!(
+        numbers[0].is_some() && numbers[0] == numbers[1],
+        "{numbers:?}"
+    );
+    // Every delta (the Service's, the policy set's) was applied once.
+    let state = stromd.state.lock().unwrap();
+    let mut deltas: Vec<strom_api::Delta> = state
+        .log
+        .iter()
+        .filter_map(|r| match r {
+            Request::SetServices { delta, .. } | Request::SetPolicies { delta, .. } => *delta,
+            _ => None,
+        })
+        .collect();
+    let sent = deltas.len();
+    deltas.sort_by_key(|d| d.seq);
+    deltas.dedup();
+    assert_eq!(sent, deltas.len() + 1, "one sent twice: {deltas:?}");
+    assert_eq!(state.deltas_applied, deltas.len());
+    assert_eq!(
+        state.generation, 2,
+        "the Service and the policy set, once each"
+    );
+    drop(state);
     // A heartbeat later the counts agree: no resync.
     std::thread::sleep(HEARTBEAT + Duration::from_millis(300));
     let all = seen.all();

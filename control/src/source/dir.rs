@@ -95,6 +95,10 @@ pub fn read<R: Report>(
     carried.allocations = r.allocations;
     Ok(vec![
         Change::Listed(
+            Kind::Node,
+            objects.nodes.into_iter().map(Object::Node).collect(),
+        ),
+        Change::Listed(
             Kind::Namespace,
             objects
                 .namespaces

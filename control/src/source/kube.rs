@@ -1,5 +1,6 @@
 //! The Kubernetes API as a source: one kube-rs watcher per kind (Services, EndpointSlices,
-//! Pods, Namespaces, NetworkPolicies), all cluster-wide.
+//! Pods, Namespaces, NetworkPolicies cluster-wide; the node's own Node alone, by a field
+//! selector, for its zone).
 //!
 //! A watcher lists, then watches from the list's resourceVersion. When a watch fails (the
 //! API server gone, a timeout, 410 Gone after etcd compacted the version it was at) it
@@ -15,7 +16,7 @@ use std::pin::Pin;
 use std::time::Duration;
 
 use futures::stream::{select_all, Stream, StreamExt};
-use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
+use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use kube::runtime::watcher::{self, watcher, Event};
@@ -33,8 +34,9 @@ pub trait WatchErrors {
 
 type Events = Pin<Box<dyn Stream<Item = (Kind, Result<Event<Object>, watcher::Error>)> + Send>>;
 
-/// The watch of one kind, its objects wrapped as [`Object`]s.
-fn watch<K>(client: &Client, kind: Kind, wrap: fn(K) -> Object) -> Events
+/// The watch of one kind with the watcher's settings (a field selector, say), its objects
+/// wrapped as [`Object`]s.
+fn watch<K>(client: &Client, kind: Kind, wrap: fn(K) -> Object, config: watcher::Config) -> Events
 where
     K: kube::Resource<DynamicType = ()>
         + Clone
@@ -45,7 +47,7 @@ where
 {
     let api: Api<K> = Api::all(client.clone());
     Box::pin(
-        watcher(api, watcher::Config::default())
+        watcher(api, config)
             .default_backoff()
             .map(move |ev| (kind, ev.map(|e| wrapped(e, wrap)))),
     )
@@ -64,16 +66,20 @@ fn wrapped<K>(event: Event<K>, wrap: fn(K) -> Object) -> Event<Object> {
     }
 }
 
-/// Every kind's watch, merged.
+/// Every kind's watch, merged, for node `node`.
 pub fn watches(
     client: &Client,
+    node: &str,
 ) -> impl Stream<Item = (Kind, Result<Event<Object>, watcher::Error>)> {
+    let own = watcher::Config::default().fields(&format!("metadata.name={node}"));
+    let all = watcher::Config::default;
     select_all(vec![
-        watch::<Service>(client, Kind::Service, Object::Service),
-        watch::<EndpointSlice>(client, Kind::EndpointSlice, Object::EndpointSlice),
-        watch::<Pod>(client, Kind::Pod, Object::Pod),
-        watch::<Namespace>(client, Kind::Namespace, Object::Namespace),
-        watch::<NetworkPolicy>(client, Kind::NetworkPolicy, Object::NetworkPolicy),
+        watch::<Node>(client, Kind::Node, Object::Node, own),
+        watch::<Service>(client, Kind::Service, Object::Service, all()),
+        watch::<EndpointSlice>(client, Kind::EndpointSlice, Object::EndpointSlice, all()),
+        watch::<Pod>(client, Kind::Pod, Object::Pod, all()),
+        watch::<Namespace>(client, Kind::Namespace, Object::Namespace, all()),
+        watch::<NetworkPolicy>(client, Kind::NetworkPolicy, Object::NetworkPolicy, all()),
     ])
 }
 
@@ -111,7 +117,7 @@ pub async fn run<R: Report, E: WatchErrors>(
     errors: &mut E,
     batch: Duration,
 ) {
-    let mut events = Box::pin(watches(&client));
+    let mut events = Box::pin(watches(&client, driver.cluster().node()));
     let mut relists = Relists::default();
     let mut take = |driver: &mut Driver<R>, (kind, ev): (Kind, Result<Event<Object>, _>)| match ev {
         Ok(ev) => {

@@ -82,9 +82,9 @@ impl<R: Report> Driver<R> {
         }
     }
 
-    /// Whether every kind has been listed once.
+    /// Whether every kind that must be ([`Kind::REQUIRED`]) has been listed once.
     pub fn ready(&self) -> bool {
-        self.listed.len() == Kind::ALL.len()
+        Kind::REQUIRED.iter().all(|k| self.listed.contains(k))
     }
 
     /// The end of a batch: translates what changed and hands the tables to the programmer.

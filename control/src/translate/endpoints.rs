@@ -42,9 +42,9 @@ pub(crate) fn port_endpoints(
     port_name: &str,
     proto: Protocol,
     slices: &[&EndpointSlice],
-    node_name: &str,
+    node: ForNode<'_>,
 ) -> Result<Vec<EndpointSpec>, TranslateError> {
-    let mut found: BTreeMap<(IpAddr, u16), EndpointSpec> = BTreeMap::new();
+    let mut found: BTreeMap<(IpAddr, u16), (EndpointSpec, Hints)> = BTreeMap::new();
     for slice in slices.iter().filter(|s| belongs(s, namespace, service)) {
         let object = format!(
             "EndpointSlice {namespace}/{}",
@@ -89,7 +89,8 @@ pub(crate) fn port_endpoints(
                 ready,
                 serving: c.and_then(|c| c.serving).unwrap_or(ready),
                 terminating: c.and_then(|c| c.terminating).unwrap_or(false),
-                local: e.node_name.as_deref() == Some(node_name),
+                local: e.node_name.as_deref() == Some(node.name),
+                in_topology: true,
                 target: e
                     .target_ref
                     .as_ref()
@@ -103,13 +104,94 @@ pub(crate) fn port_endpoints(
                     })
                     .unwrap_or_default(),
             };
+            let hints = e.hints.as_ref();
+            let hints = Hints {
+                zones: hints
+                    .and_then(|h| h.for_zones.as_ref())
+                    .map(|z| z.iter().map(|z| z.name.clone()).collect())
+                    .unwrap_or_default(),
+                nodes: hints
+                    .and_then(|h| h.for_nodes.as_ref())
+                    .map(|n| n.iter().map(|n| n.name.clone()).collect())
+                    .unwrap_or_default(),
+            };
             match found.get(&(ip, number)) {
-                Some(have) if have.ready || !endpoint.ready => {}
+                Some((have, _)) if have.ready || !endpoint.ready => {}
                 _ => {
-                    found.insert((ip, number), endpoint);
+                    found.insert((ip, number), (endpoint, hints));
                 }
             }
         }
     }
-    Ok(found.into_values().collect())
+    let mode = topology_mode(found.values().map(|(e, h)| (e.ready, h)), node);
+    Ok(found
+        .into_values()
+        .map(|(mut e, h)| {
+            e.in_topology = match mode {
+                Topology::All => true,
+                Topology::SameNode => h.nodes.iter().any(|n| n == node.name),
+                Topology::SameZone => node.zone.is_some_and(|z| h.zones.iter().any(|h| h == z)),
+            };
+            e
+        })
+        .collect())
+}
+
+/// The node a translation is for.
+#[derive(Debug, Clone, Copy)]
+pub struct ForNode<'a> {
+    /// Its name: endpoints with this `nodeName` are local, and node hints name it.
+    pub name: &'a str,
+    /// Its zone (the Node's `topology.kubernetes.io/zone` label), for zone hints.
+    pub zone: Option<&'a str>,
+}
+
+/// An endpoint's topology hints: the zones and nodes it is meant for.
+#[derive(Debug, Default)]
+struct Hints {
+    zones: Vec<String>,
+    nodes: Vec<String>,
+}
+
+/// Which endpoints traffic under a Cluster policy may use from this node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Topology {
+    /// Every one (no topology-aware routing here).
+    All,
+    /// Those hinted for this node (`trafficDistribution: PreferSameNode`).
+    SameNode,
+    /// Those hinted for this node's zone (`PreferSameZone`, `PreferClose`, or the
+    /// `service.kubernetes.io/topology-mode: Auto` annotation).
+    SameZone,
+}
+
+/// kube-proxy's choice (`topologyModeFromHints` in `pkg/proxy/topology.go`), over the ready
+/// endpoints: node hints when every one has some and one names this node; failing that,
+/// zone hints when every one has some and one names this node's zone; otherwise none, so
+/// that a Service is never cut off by hints that leave this node nothing. The EndpointSlice
+/// controller writes hints only when the Service asks for them, so their presence is the
+/// whole signal (as for kube-proxy).
+fn topology_mode<'h>(
+    endpoints: impl Iterator<Item = (bool, &'h Hints)> + Clone,
+    node: ForNode<'_>,
+) -> Topology {
+    let ready = endpoints.filter(|(ready, _)| *ready).map(|(_, h)| h);
+    if ready.clone().next().is_none() {
+        return Topology::All;
+    }
+    if ready.clone().all(|h| !h.nodes.is_empty())
+        && ready
+            .clone()
+            .any(|h| h.nodes.iter().any(|n| n == node.name))
+    {
+        return Topology::SameNode;
+    }
+    if let Some(zone) = node.zone.filter(|z| !z.is_empty()) {
+        if ready.clone().all(|h| !h.zones.is_empty())
+            && ready.clone().any(|h| h.zones.iter().any(|z| z == zone))
+        {
+            return Topology::SameZone;
+        }
+    }
+    Topology::All
 }

@@ -6,7 +6,7 @@ mod endpoints;
 mod error;
 mod service;
 
-pub use endpoints::{belongs, labelled_for, SERVICE_NAME_LABEL};
+pub use endpoints::{belongs, labelled_for, ForNode, SERVICE_NAME_LABEL};
 pub use error::TranslateError;
 pub use service::{service_spec, DEFAULT_AFFINITY_TIMEOUT_S};
 

@@ -8,7 +8,7 @@ use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use strom_api::{ServicePortSpec, ServiceSpec};
 
-use super::endpoints::port_endpoints;
+use super::endpoints::{port_endpoints, ForNode};
 use super::{address, port, protocol, TranslateError};
 
 /// The session-affinity timeout the API server defaults to (3 hours).
@@ -25,7 +25,7 @@ enum Type {
 
 /// Translates `svc` with the EndpointSlices given (only those labelled
 /// `kubernetes.io/service-name: <its name>` in its namespace with addressType IPv4 count, so
-/// every slice known may be passed), as seen from node `node_name`.
+/// every slice known may be passed), as seen from `node`.
 ///
 /// `None` for what stromd programs nothing for: ExternalName Services (DNS only), headless
 /// ones (clusterIP `None` or none at all), and those with IPv6 ClusterIPs only (stromd is
@@ -33,7 +33,7 @@ enum Type {
 pub fn service_spec(
     svc: &Service,
     slices: &[&EndpointSlice],
-    node_name: &str,
+    node: ForNode<'_>,
 ) -> Result<Option<ServiceSpec>, TranslateError> {
     let namespace = svc.metadata.namespace.as_deref().unwrap_or("default");
     let name = svc.metadata.name.as_deref().unwrap_or("");
@@ -123,7 +123,7 @@ pub fn service_spec(
             _ => None,
         };
         ports.push(ServicePortSpec {
-            endpoints: port_endpoints(namespace, name, &port_name, proto, slices, node_name)?,
+            endpoints: port_endpoints(namespace, name, &port_name, proto, slices, node)?,
             name: port_name,
             protocol: proto,
             port: number,

@@ -4,9 +4,15 @@ use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use strom_api::{EndpointSpec, Protocol, ServiceSpec};
 
-use super::{service_spec, TranslateError};
+use super::{service_spec, ForNode, TranslateError};
 
 const NODE: &str = "node-1";
+
+/// The node the fixtures are translated for, in zone a.
+const FOR_NODE: ForNode<'static> = ForNode {
+    name: NODE,
+    zone: Some("a"),
+};
 
 fn service(yaml: &str) -> Service {
     serde_yaml::from_str(yaml).expect("a Service fixture")
@@ -21,7 +27,7 @@ fn slices(yaml: &str) -> Vec<EndpointSlice> {
 fn translate(svc: &str, eps: &str) -> Result<Option<ServiceSpec>, TranslateError> {
     let eps = slices(eps);
     let refs: Vec<&EndpointSlice> = eps.iter().collect();
-    service_spec(&service(svc), &refs, NODE)
+    service_spec(&service(svc), &refs, FOR_NODE)
 }
 
 fn spec(svc: &str, eps: &str) -> ServiceSpec {
@@ -38,6 +44,7 @@ fn ep(ip: &str, port: u16) -> EndpointSpec {
         serving: true,
         terminating: false,
         local: false,
+        in_topology: true,
         target: String::new(),
     }
 }
@@ -410,4 +417,81 @@ endpoints: [{addresses: [10.0.0.1]}]
         assert!(e.starts_with("EndpointSlice shop/web-a: "), "{e}");
         assert!(e.contains(want), "{e} (wanted {want})");
     }
+}
+
+/// A slice of three ready endpoints with the hints given (`""`: none), in order.
+fn hinted(hints: [&str; 3]) -> String {
+    let mut s = String::from(
+        "
+metadata: {name: web-a, namespace: shop, labels: {kubernetes.io/service-name: web}}
+addressType: IPv4
+ports: [{name: http, port: 8080}]
+endpoints:
+",
+    );
+    for (i, h) in hints.iter().enumerate() {
+        let hints = if h.is_empty() {
+            String::new()
+        } else {
+            format!(", hints: {h}")
+        };
+        s += &format!(
+            "  - {{addresses: [10.0.0.{}], conditions: {{ready: true}}{hints}}}\n",
+            i + 1
+        );
+    }
+    s
+}
+
+/// Which endpoints (last octet) topology leaves to the node, as translated for `node`.
+fn in_topology(slice: &str, node: ForNode<'_>) -> Vec<String> {
+    let eps = slices(slice);
+    let refs: Vec<&EndpointSlice> = eps.iter().collect();
+    service_spec(&service(WEB), &refs, node)
+        .unwrap()
+        .unwrap()
+        .ports[0]
+        .endpoints
+        .iter()
+        .filter(|e| e.in_topology)
+        .map(|e| e.ip.to_string().rsplit('.').next().unwrap().to_string())
+        .collect()
+}
+
+#[test]
+fn topology_hints_as_kube_proxy_reads_them() {
+    let zone = |z: &str| format!("{{forZones: [{{name: {z}}}]}}");
+    let both =
+        |z: &str, n: &str| format!("{{forZones: [{{name: {z}}}], forNodes: [{{name: {n}}}]}}");
+    let (a, b) = (zone("a"), zone("b"));
+    let all = ["1", "2", "3"];
+    // Every ready endpoint hinted, one for the node's zone: those of its zone.
+    assert_eq!(in_topology(&hinted([&a, &b, &a]), FOR_NODE), ["1", "3"]);
+    // One without hints: no topology at all.
+    assert_eq!(in_topology(&hinted([&a, &b, ""]), FOR_NODE), all);
+    // None for the node's zone: every endpoint, so the node is never cut off.
+    assert_eq!(in_topology(&hinted([&b, &b, &b]), FOR_NODE), all);
+    // A node without a zone label ignores zone hints.
+    let unzoned = ForNode {
+        name: NODE,
+        zone: None,
+    };
+    assert_eq!(in_topology(&hinted([&a, &b, &a]), unzoned), all);
+    // Node hints (PreferSameNode) come first when every endpoint has them and one names
+    // the node, whatever the zone; otherwise the zone hints decide.
+    let (n1, n2) = (both("b", NODE), both("a", "node-2"));
+    assert_eq!(in_topology(&hinted([&n1, &n2, &n2]), FOR_NODE), ["1"]);
+    assert_eq!(in_topology(&hinted([&n1, &n2, &n2]), unzoned), ["1"]);
+    assert_eq!(in_topology(&hinted([&n2, &n2, &b]), FOR_NODE), ["1", "2"]);
+    // Only ready endpoints count: an unhinted one that is not ready leaves the hints in force.
+    let not_ready = hinted([&a, &b, ""]).replace(
+        "10.0.0.3], conditions: {ready: true}",
+        "10.0.0.3], conditions: {ready: false}",
+    );
+    assert_eq!(in_topology(&not_ready, FOR_NODE), ["1"]);
+    // Without any hint the field stays at its default and is not written.
+    let plain = spec(WEB, &hinted(["", "", ""]));
+    assert!(plain.ports[0].endpoints.iter().all(|e| e.in_topology));
+    let json = serde_json::to_string(&plain).unwrap();
+    assert!(!json.contains("in_topology"), "{json}");
 }

@@ -25,6 +25,7 @@ use crate::stats::SharedCounters;
 use crate::tables::{Next, TableHandle};
 use crate::worker::{wait_reply, Command, PortSetup, WorkerShared};
 
+mod deltas;
 mod policy;
 mod services;
 
@@ -89,6 +90,8 @@ pub struct Controller {
     instance: u64,
     /// Changes applied to the Service and policy tables since this start (`Request::Hello`).
     generation: u64,
+    /// Numbered writers' last deltas.
+    deltas: deltas::Deltas,
 }
 
 /// What `open_port` needs to know.
@@ -242,6 +245,7 @@ impl Controller {
             node_sockets,
             instance: instance_id(),
             generation: 0,
+            deltas: Default::default(),
         }
     }
 
@@ -837,6 +841,37 @@ impl Controller {
             .fold(next, Instant::min)
     }
 
+    /// A change to the tables, numbered or not: a numbered one is applied only when it is
+    /// newer than its writer's last, answered as before when it is that one again, and
+    /// refused when older; its answer acknowledges its number.
+    fn numbered(
+        &mut self,
+        delta: Option<strom_api::Delta>,
+        apply: impl FnOnce(&mut Self) -> Response,
+    ) -> Response {
+        let Some(d) = delta else {
+            return apply(self);
+        };
+        match self.deltas.check(&d) {
+            deltas::Verdict::Answered(answer) => answer,
+            deltas::Verdict::OutOfOrder(last) => Response::Error {
+                message: format!(
+                    "delta {} of writer {:x} is older than its last one applied ({last}): \
+                     not applied",
+                    d.seq, d.writer
+                ),
+            },
+            deltas::Verdict::Apply => {
+                let mut answer = apply(self);
+                if let Response::Applied { delta, .. } = &mut answer {
+                    *delta = Some(d.seq);
+                }
+                self.deltas.record(d, &answer);
+                answer
+            }
+        }
+    }
+
     /// Counts a change to the Service or policy tables that was applied (`Request::Hello`'s
     /// `generation`), and passes its answer on.
     fn count_change(&mut self, answer: Response) -> Response {
@@ -849,13 +884,16 @@ impl Controller {
     /// Answers one request.
     pub fn handle(&mut self, req: Request) -> Response {
         match req {
-            Request::Hello { contract } if contract == strom_api::CONTRACT => Response::Hello {
-                contract,
-                version: env!("CARGO_PKG_VERSION").into(),
-                instance: self.instance,
-                generation: self.generation,
-            },
-            Request::Hello { contract } => Response::Error {
+            Request::Hello { contract, writer } if contract == strom_api::CONTRACT => {
+                Response::Hello {
+                    contract,
+                    version: env!("CARGO_PKG_VERSION").into(),
+                    instance: self.instance,
+                    generation: self.generation,
+                    applied: writer.and_then(|w| self.deltas.applied(w)),
+                }
+            }
+            Request::Hello { contract, .. } => Response::Error {
                 message: format!(
                     "this peer speaks contract version {contract}, stromd {} speaks {}: run \
                      matching versions of stromd and its peers",
@@ -965,19 +1003,26 @@ impl Controller {
                 let r = self.remove_service(&namespace, &name);
                 self.count_change(r)
             }
-            Request::SetServices { set, remove } => {
-                let (answer, applied) = self.set_services(set, remove);
-                self.generation += applied;
+            Request::SetServices { set, remove, delta } => self.numbered(delta, |c| {
+                let (answer, applied) = c.set_services(set, remove);
+                c.generation += applied;
                 answer
-            }
+            }),
             Request::Services { counters_only } => self.services(counters_only),
             Request::Conntrack { filter, count_only } => self.conntrack(&filter, count_only),
             Request::FlushConntrack { filter } => self.flush_conntrack(&filter),
             Request::Trace { tuple } => self.trace(&tuple),
-            Request::SetPolicies { policies } => {
-                let r = self.set_policies(policies);
-                self.count_change(r)
-            }
+            Request::SetPolicies { policies, delta } => self.numbered(delta, |c| {
+                let r = c.set_policies(policies);
+                match c.count_change(r) {
+                    // A numbered delta is acknowledged with its number.
+                    Response::Ok if delta.is_some() => Response::Applied {
+                        refused: Vec::new(),
+                        delta: None,
+                    },
+                    r => r,
+                }
+            }),
             Request::Policies => self.policies(),
         }
     }

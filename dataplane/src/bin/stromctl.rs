@@ -207,6 +207,7 @@ fn main() -> anyhow::Result<()> {
             let text = read_input(file)?;
             Request::SetPolicies {
                 policies: serde_json::from_str(&text).context("a PolicySet in JSON")?,
+                delta: None,
             }
         }
         Cmd::SetService { file } => {
@@ -269,7 +270,7 @@ fn main() -> anyhow::Result<()> {
     }
     match resp {
         Response::Ok => say!(out, "ok"),
-        Response::Applied { refused } => {
+        Response::Applied { refused, .. } => {
             for (key, why) in &refused {
                 say!(out, "refused {key}: {why}");
             }
@@ -280,6 +281,7 @@ fn main() -> anyhow::Result<()> {
             version,
             instance,
             generation,
+            ..
         } => say!(
             out,
             "contract {contract}, stromd {version}, instance {instance}, table changes {generation}"

@@ -130,7 +130,8 @@ pub fn parse(pkt: &[u8], h: &Header) -> L4 {
 }
 
 /// The flow of the packet an ICMP error quotes (its IP header and at least the 4 bytes of
-/// ports).
+/// ports; of a quoted ICMP echo, its first 8 bytes, which hold the identifier, keyed as
+/// [`parse`] keys the echo itself).
 fn inner(icmp: &[u8]) -> Option<FlowKey> {
     let q = icmp.get(ICMP_HEADER..)?;
     if q.len() < 20 || q[0] >> 4 != 4 {
@@ -141,15 +142,31 @@ fn inner(icmp: &[u8]) -> Option<FlowKey> {
         return None;
     }
     let proto = q[9];
-    if !matches!(proto, TCP | UDP | SCTP) {
-        return None;
-    }
-    let p = q.get(ihl..ihl + 4)?;
+    let (sport, dport) = match proto {
+        TCP | UDP | SCTP => {
+            let p = q.get(ihl..ihl + 4)?;
+            (
+                u16::from_be_bytes([p[0], p[1]]),
+                u16::from_be_bytes([p[2], p[3]]),
+            )
+        }
+        ICMP => {
+            let e = q.get(ihl..ihl + ICMP_HEADER)?;
+            let id = u16::from_be_bytes([e[ICMP_ID], e[ICMP_ID + 1]]);
+            match (e[0], e[1]) {
+                (ECHO_REQUEST, 0) => (id, 0),
+                (ECHO_REPLY, 0) => (0, id),
+                // An error about an error (or another message) is not answered: RFC 1122.
+                _ => return None,
+            }
+        }
+        _ => return None,
+    };
     Some(FlowKey {
         src: std::net::Ipv4Addr::new(q[12], q[13], q[14], q[15]),
         dst: std::net::Ipv4Addr::new(q[16], q[17], q[18], q[19]),
-        sport: u16::from_be_bytes([p[0], p[1]]),
-        dport: u16::from_be_bytes([p[2], p[3]]),
+        sport,
+        dport,
         proto,
     })
 }

@@ -142,9 +142,10 @@ pub fn sctp_crc(sctp: &mut [u8]) {
 }
 
 /// Rewrites one end of the packet an ICMP error quotes (at `inner_at` in `pkt`, the outer
-/// IPv4 packet whose ICMP header starts at `icmp_at`): its address and port, its own header
-/// checksum, and its transport checksum where the quote has it; then the ICMP checksum, which
-/// covers the whole quote, is computed again (the message is short).
+/// IPv4 packet whose ICMP header starts at `icmp_at`): its address and port (a quoted ICMP
+/// echo's identifier, at the requester's end), its own header checksum, and its transport
+/// checksum where the quote has it; then the ICMP checksum, which covers the whole quote, is
+/// computed again (the message is short).
 pub fn rewrite_quoted(
     pkt: &mut [u8],
     icmp_at: usize,
@@ -168,30 +169,37 @@ pub fn rewrite_quoted(
         End::Src => IP_SRC,
         End::Dst => IP_DST,
     };
-    let port_at = ihl
-        + match end {
-            End::Src => 0,
-            End::Dst => 2,
-        };
-    if q.len() < port_at + 2 {
+    // A quoted ICMP echo's identifier stands for the requester's port, as in `rewrite`.
+    let port_at = match (end, proto) {
+        (End::Src, ICMP) if q.get(ihl) == Some(&ECHO_REQUEST) => Some(ihl + ICMP_ID),
+        (End::Dst, ICMP) if q.get(ihl) == Some(&ECHO_REPLY) => Some(ihl + ICMP_ID),
+        (_, ICMP) => None,
+        (End::Src, _) => Some(ihl),
+        (End::Dst, _) => Some(ihl + 2),
+    };
+    if port_at.is_some_and(|at| q.len() < at + 2) {
         return;
     }
     let old_ip = [q[addr_at], q[addr_at + 1], q[addr_at + 2], q[addr_at + 3]];
     let new_ip = ip.octets();
-    let old_port = word(q, port_at);
+    let old_port = port_at.map_or(port, |at| word(q, at));
     update32(q, IP_CHECKSUM, old_ip, new_ip);
     q[addr_at..addr_at + 4].copy_from_slice(&new_ip);
-    // The quoted transport checksum, when the quote reaches it (the first 8 bytes hold UDP's,
-    // TCP's lies beyond a minimal quote).
-    if let Some((c, _)) = l4_checksum(proto).filter(|(c, _)| q.len() >= ihl + c + 2) {
+    // The quoted transport checksum, when the quote reaches it (the first 8 bytes hold UDP's
+    // and ICMP's, TCP's lies beyond a minimal quote); ICMP's covers no addresses.
+    if let Some((c, pseudo)) = l4_checksum(proto).filter(|(c, _)| q.len() >= ihl + c + 2) {
         let at = ihl + c;
         if !(proto == UDP && word(q, at) == 0) {
-            update32(q, at, old_ip, new_ip);
+            if pseudo {
+                update32(q, at, old_ip, new_ip);
+            }
             let s = update16(word(q, at), old_port, port);
             put(q, at, s);
         }
     }
-    put(q, port_at, port);
+    if let Some(at) = port_at {
+        put(q, at, port);
+    }
     let icmp = &mut pkt[icmp_at..];
     put(icmp, ICMP_CHECKSUM, 0);
     let sum = !smoltcp::wire::checksum::data(icmp);

@@ -56,6 +56,7 @@ fn endpoint(ip: [u8; 4], port: u16) -> EndpointSpec {
         serving: true,
         terminating: false,
         local: true,
+        in_topology: true,
         target: String::new(),
     }
 }
@@ -1045,6 +1046,61 @@ fn a_pods_ping_to_the_outside_is_masqueraded_and_its_reply_comes_back() {
     assert_eq!(echo_of(&out), (A, B, 78));
     let (_, out) = run(&echo(A_MAC, A, EXT, 79, false), &port_a(), &t, &mut ctx);
     assert_eq!(echo_of(&out), (A, EXT, 79));
+}
+
+#[test]
+fn a_routers_error_about_a_masqueraded_ping_reaches_the_pod_with_its_own_identifier() {
+    let mut d = DesiredServices::default();
+    let t = node_tables(&mut d, 1);
+    let mut ctx = Context::default();
+    let (_, sent) = run(&echo(A_MAC, A, EXT, 77, true), &port_a(), &t, &mut ctx);
+    let (_, _, id) = echo_of(&sent);
+    // A router on the way (EXT stands for it) answers time exceeded, quoting the request as
+    // it left the node: from the node, with the node's identifier.
+    let quote = &sent[14..14 + 28];
+    let b = PacketBuilder::ethernet2(GW_MAC, UP_MAC)
+        .ipv4(EXT, NODE, 64)
+        .icmpv4(etherparse::Icmpv4Type::TimeExceeded(
+            etherparse::icmpv4::TimeExceededCode::TtlExceededInTransit,
+        ));
+    let mut pkt = Vec::new();
+    b.write(&mut pkt, quote).unwrap();
+    let (a, out) = run(&pkt, &uplink(), &t, &mut ctx);
+    assert!(matches!(a, Action::Tx { port: 0, .. }), "{a:?}");
+    let ip = Ipv4Packet::new_checked(&out[14..]).unwrap();
+    assert!(ip.verify_checksum());
+    assert_eq!((ip.src_addr().octets(), ip.dst_addr().octets()), (EXT, A));
+    let icmp = smoltcp::wire::Icmpv4Packet::new_checked(ip.payload()).unwrap();
+    assert!(
+        icmp.verify_checksum(),
+        "the error's checksum over the quote"
+    );
+    let inner = Ipv4Packet::new_unchecked(icmp.data());
+    assert!(inner.verify_checksum());
+    assert_eq!(
+        (inner.src_addr().octets(), inner.dst_addr().octets()),
+        (A, EXT),
+        "the quote as pod A sent it"
+    );
+    let original = echo(A_MAC, A, EXT, 77, true);
+    assert_eq!(
+        &icmp.data()[20..28],
+        &original[34..42],
+        "the quoted echo header as pod A sent it: its identifier and checksum"
+    );
+    assert_ne!(id, 77, "the identifier was translated on the way out");
+    // An error about an error is not translated (and starts nothing).
+    let mut nested = Vec::new();
+    PacketBuilder::ethernet2(GW_MAC, UP_MAC)
+        .ipv4(EXT, NODE, 64)
+        .icmpv4(etherparse::Icmpv4Type::TimeExceeded(
+            etherparse::icmpv4::TimeExceededCode::TtlExceededInTransit,
+        ))
+        .write(&mut nested, &pkt[14..14 + 28])
+        .unwrap();
+    let (_, out) = run(&nested, &uplink(), &t, &mut ctx);
+    let ip = Ipv4Packet::new_checked(&out[14..]).unwrap();
+    assert_eq!(ip.dst_addr().octets(), NODE, "left to the node");
 }
 
 /// `frame` (Ethernet + IPv4, no options) as two fragments: the first carries `first` bytes of

@@ -5,7 +5,8 @@
 //! Which endpoints serve follows kube-proxy (`pkg/proxy/topology.go`, `CategorizeEndpoints`):
 //! ready endpoints serve; when none is ready, serving-but-terminating ones do; others never.
 //! Under a Local traffic policy only the node's own endpoints are considered, for that
-//! direction. Every endpoint listed at all (terminating ones too) keeps the flows it already
+//! direction; under a Cluster one, only the ready endpoints topology-aware routing leaves
+//! to the node (`EndpointSpec::in_topology`, decided by strom-control from the hints). Every endpoint listed at all (terminating ones too) keeps the flows it already
 //! has: a flow is cut only when its backend leaves the list.
 //!
 //! The reconciler keeps each Service port built ([`SvcPort`], behind an `Arc`): a change
@@ -183,7 +184,9 @@ impl SvcPort {
 }
 
 /// The endpoints that serve, by kube-proxy's rules: ready ones (of this node only, when
-/// `local`); failing those, serving-but-terminating ones (likewise).
+/// `local`; those topology-aware routing leaves to the node, when not); failing those,
+/// serving-but-terminating ones (of this node only, when `local`; with no regard to
+/// topology, which already fell back to every endpoint when none of its own was ready).
 pub fn serving(endpoints: &[EndpointSpec], local: bool) -> Vec<Backend> {
     let pick = |ok: &dyn Fn(&EndpointSpec) -> bool| -> Vec<Backend> {
         let mut v: Vec<Backend> = endpoints
@@ -198,7 +201,7 @@ pub fn serving(endpoints: &[EndpointSpec], local: bool) -> Vec<Backend> {
         v.dedup();
         v
     };
-    let ready = pick(&|e| e.ready);
+    let ready = pick(&|e| e.ready && (local || e.in_topology));
     if !ready.is_empty() {
         return ready;
     }
@@ -517,6 +520,7 @@ mod tests {
             serving,
             terminating,
             local: ip.ends_with(".2"),
+            in_topology: true,
             target: String::new(),
         }
     }
@@ -543,6 +547,24 @@ mod tests {
         // Local: only this node's (".2" here).
         assert_eq!(serving(&eps2, true), vec![]);
         assert_eq!(serving(&eps, true), vec![b("198.18.16.2", 80)]);
+    }
+
+    #[test]
+    fn topology_narrows_the_cluster_pool_only() {
+        let mut eps = vec![
+            ep("198.18.16.2", 80, true, true, false),
+            ep("198.18.16.3", 80, true, true, false),
+            ep("198.18.16.4", 80, false, true, true),
+        ];
+        eps[0].in_topology = false;
+        // Cluster: the ready endpoint of the node's zone only.
+        assert_eq!(serving(&eps, false), vec![b("198.18.16.3", 80)]);
+        // Local: the node's own, hinted elsewhere or not.
+        assert_eq!(serving(&eps, true), vec![b("198.18.16.2", 80)]);
+        // No ready endpoint left to the node: the terminating one, whatever its hints.
+        eps[1].ready = false;
+        eps[2].in_topology = false;
+        assert_eq!(serving(&eps, false), vec![b("198.18.16.4", 80)]);
     }
 
     #[test]

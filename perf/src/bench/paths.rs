@@ -369,6 +369,7 @@ fn service_spec() -> strom_api::ServiceSpec {
             serving: true,
             terminating: false,
             local: true,
+            in_topology: true,
             target: "pod-b".into(),
         }],
     };
@@ -416,8 +417,11 @@ fn set_policies(r: &mut Running) -> Result<()> {
         .0
         .join("stromd.sock");
     let mut c = strom_api::Client::connect(&sock, Duration::from_secs(10))?;
-    c.call(&strom_api::Request::SetPolicies { policies: set })
-        .context("SetPolicies")?;
+    c.call(&strom_api::Request::SetPolicies {
+        policies: set,
+        delta: None,
+    })
+    .context("SetPolicies")?;
     let strom_api::Response::Policies { policies: status } =
         c.call(&strom_api::Request::Policies)?
     else {

@@ -375,7 +375,8 @@ impl Results {
                     let _ = write!(
                         out,
                         "- **TCP Gbit/s**: stromd's pods have an interface MTU of {mtu} toward each \
-                         other (strom-cni's `localMtu`), so a segment of most of 64 KB crosses \
+                         other (strom-cni's `localMtu`) and toward the Service CIDR (its \
+                         `serviceCidrs`), so a segment of most of 64 KB crosses \
                          stromd as one frame spanning up to 17 buffers (multi-buffer AF_XDP), \
                          copied into the UMEM on receive and into an skb on transmit, with the \
                          kernel asked to finish its checksum (transmit metadata), which pod B \

@@ -45,6 +45,10 @@ pub const POD_CIDR: &str = "198.18.0.0/22";
 /// The Service address the kernel-nat path translates to pod B.
 pub const VIP: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 10);
 
+/// The Service CIDR `VIP` lies in: the pods route it as strom-cni's `serviceCidrs` does, like
+/// the pod CIDR.
+pub const SERVICE_CIDR: &str = "198.19.0.0/16";
+
 /// UDP flood: source ports from here, destination ports from `SINK_PORT_FIRST`.
 pub const SRC_PORT_FIRST: u16 = 1024;
 pub const SINK_PORT_FIRST: u16 = 9;
@@ -387,8 +391,9 @@ impl Topology {
         Ok(())
     }
 
-    /// Pods A and B as strom-cni wires them: interfaces (both ends) at `local`, the route to
-    /// the pod CIDR at it, the default route at `path` (no route MTU when they are equal).
+    /// Pods A and B as strom-cni wires them: interfaces (both ends) at `local`, the routes to
+    /// the pod CIDR and the Service CIDR at it, the default route at `path` (no route MTU when
+    /// they are equal).
     pub fn pod_mtu(&self, local: u32, path: u32) -> Result<()> {
         let (l, p) = (local.to_string(), path.to_string());
         for (ns, dev) in [
@@ -406,22 +411,23 @@ impl Topology {
                 default.extend(["mtu", &p]);
             }
             ns_run(ns, &default)?;
-            ns_run(ns, &["ip", "route", "replace", POD_CIDR, "via", &gw])?;
+            for net in [POD_CIDR, SERVICE_CIDR] {
+                ns_run(ns, &["ip", "route", "replace", net, "via", &gw])?;
+            }
         }
         Ok(())
     }
 
-    /// The pods' routes to each other (the pod CIDR) at `mtu`, their interfaces left as they
+    /// The pods' routes to each other (the pod CIDR, and the Service CIDR) at `mtu`, their interfaces left as they
     /// are: what the sender's TCP segments to (its TSO then builds 64 KB frames of such
     /// segments), while the receiver still takes a frame as large as its interface's MTU.
     pub fn pod_route_mtu(&self, mtu: u32) -> Result<()> {
         let m = mtu.to_string();
         for (ns, gw) in [(&self.a, GW_A), (&self.b, GW_B)] {
             let gw = gw.to_string();
-            ns_run(
-                ns,
-                &["ip", "route", "replace", POD_CIDR, "via", &gw, "mtu", &m],
-            )?;
+            for net in [POD_CIDR, SERVICE_CIDR] {
+                ns_run(ns, &["ip", "route", "replace", net, "via", &gw, "mtu", &m])?;
+            }
         }
         Ok(())
     }

@@ -124,7 +124,12 @@ async fn bookmarks_move_the_watch_on_and_a_410_relists_as_a_difference() {
     let (client, seen) = client(Box::new(move |_| {
         script.pop_front().unwrap_or(Answer::Hold)
     }));
-    let mut stream = watch::<Namespace>(&client, Kind::Namespace, Object::Namespace);
+    let mut stream = watch::<Namespace>(
+        &client,
+        Kind::Namespace,
+        Object::Namespace,
+        watcher::Config::default(),
+    );
     let mut relists = Relists::default();
     let mut cluster = Cluster::new("node-1");
     let mut errors = Errors::default();
@@ -189,7 +194,7 @@ async fn a_burst_reaches_a_slow_programmer_as_its_latest_state() {
     // not 300. The programmer has not taken anything meanwhile (it is slow): what waits for
     // it is one publication, with the end state.
     let mut burst_sent = false;
-    let (client, _seen) = client(Box::new(move |uri| {
+    let (client, seen) = client(Box::new(move |uri| {
         let kind = if uri.starts_with("/api/v1/namespaces?") {
             "Namespace"
         } else if uri.starts_with("/api/v1/services?") {
@@ -198,6 +203,8 @@ async fn a_burst_reaches_a_slow_programmer_as_its_latest_state() {
             "EndpointSlice"
         } else if uri.starts_with("/api/v1/pods?") {
             "Pod"
+        } else if uri.starts_with("/api/v1/nodes?") {
+            "Node"
         } else {
             "NetworkPolicy"
         };
@@ -224,6 +231,21 @@ async fn a_burst_reaches_a_slow_programmer_as_its_latest_state() {
     .await;
     assert!(errors.0.is_empty(), "{:?}", errors.0);
     assert!(driver.ready());
+    // The node's own Node alone is listed and watched.
+    let nodes: Vec<String> = seen
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|u| u.starts_with("/api/v1/nodes?"))
+        .cloned()
+        .collect();
+    assert!(nodes.len() >= 2, "{nodes:?}");
+    assert!(
+        nodes
+            .iter()
+            .all(|u| u.contains("fieldSelector=metadata.name%3Dnode-1")),
+        "{nodes:?}"
+    );
     let rounds = driver.report().0;
     assert!((1..=3).contains(&rounds), "{rounds} rounds for one burst");
     let p = rx.try_recv().expect("a publication waits");

@@ -49,7 +49,13 @@ impl Controller {
             "services programmed"
         );
         let applied = (sets - refused.len() + removals) as u64;
-        (Response::Applied { refused }, applied)
+        (
+            Response::Applied {
+                refused,
+                delta: None,
+            },
+            applied,
+        )
     }
 
     pub(super) fn remove_service(&mut self, namespace: &str, name: &str) -> Response {
