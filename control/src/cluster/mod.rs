@@ -9,21 +9,21 @@
 //! or a namespace changed in a way a policy can see. An object given again unchanged (a
 //! relist after a watch error) touches nothing, so nothing is rewritten in stromd.
 //!
-//! Only what the translation reads is held ([`slim`]): a pod is its labels, addresses,
-//! node, phase, readiness and named ports, not its containers' images, volumes or status
-//! history, so memory stays bounded by what the node needs.
+//! Only what the translation reads is held: a pod is a [`PolicyPod`] (its labels, node,
+//! addresses and named ports, not its containers' images, volumes, conditions or status
+//! history), the other kinds lose their annotations and managed fields ([`slim`]).
 
 pub mod slim;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
-use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service};
+use k8s_openapi::api::core::v1::{Namespace, Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use strom_api::{PolicySet, ServiceSpec};
 
-use crate::policy::{compile, Input, PolicyError};
+use crate::policy::{compile_held, Held, PolicyError, PolicyPod};
 use crate::translate::{service_spec, ForNode, SERVICE_NAME_LABEL};
 use crate::{object_key, TranslateError};
 
@@ -75,18 +75,18 @@ impl Kind {
     }
 }
 
-/// One object of a kind the tables come from.
-// Transient: moved from a watch event into its kind's map, where it is held unwrapped; a
-// box per event would buy nothing.
-#[allow(clippy::large_enum_variant)]
+/// One object of a kind the tables come from. A relist holds every object of its kind
+/// until the list ends, so the large kinds are boxed (a Service is 824 bytes inline, a Node
+/// 1520) to keep a list of 100k pods from taking a Node's size each.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Object {
-    Service(Service),
-    EndpointSlice(EndpointSlice),
-    Pod(Pod),
-    Namespace(Namespace),
-    NetworkPolicy(NetworkPolicy),
-    Node(Node),
+    Service(Box<Service>),
+    EndpointSlice(Box<EndpointSlice>),
+    /// A pod as the policies read it: every source reads its pods into this at once.
+    Pod(PolicyPod),
+    Namespace(Box<Namespace>),
+    NetworkPolicy(Box<NetworkPolicy>),
+    Node(Box<Node>),
 }
 
 impl Object {
@@ -106,7 +106,7 @@ impl Object {
         match self {
             Object::Service(o) => object_key(&o.metadata),
             Object::EndpointSlice(o) => object_key(&o.metadata),
-            Object::Pod(o) => object_key(&o.metadata),
+            Object::Pod(o) => o.key().to_string(),
             Object::Namespace(o) => o.metadata.name.clone().unwrap_or_default(),
             Object::NetworkPolicy(o) => object_key(&o.metadata),
             Object::Node(o) => o.metadata.name.clone().unwrap_or_default(),
@@ -150,7 +150,7 @@ pub struct Cluster {
     slices: BTreeMap<String, EndpointSlice>,
     /// Service `namespace/name` → its slices' keys (by the service-name label).
     slices_of: BTreeMap<String, BTreeSet<String>>,
-    pods: BTreeMap<String, Pod>,
+    pods: BTreeMap<String, PolicyPod>,
     namespaces: BTreeMap<String, Namespace>,
     policies: BTreeMap<String, NetworkPolicy>,
     /// This node's Node, alone: other nodes' are not held.
@@ -204,15 +204,15 @@ impl Cluster {
         let key = object.key();
         match object {
             Object::Service(o) => {
-                if self.services.get(&key) == Some(&o) {
+                if self.services.get(&key) == Some(&*o) {
                     return false;
                 }
-                self.services.insert(key.clone(), o);
+                self.services.insert(key.clone(), *o);
                 self.dirty.insert(key);
             }
             Object::EndpointSlice(o) => {
                 let old = self.slices.get(&key);
-                if old == Some(&o) {
+                if old == Some(&*o) {
                     return false;
                 }
                 let was = old.and_then(slice_service);
@@ -228,7 +228,7 @@ impl Cluster {
                         .insert(key.clone());
                     self.dirty.insert(s.clone());
                 }
-                self.slices.insert(key, o);
+                self.slices.insert(key, *o);
             }
             Object::Pod(o) => {
                 if self.pods.get(&key) == Some(&o) {
@@ -238,25 +238,25 @@ impl Cluster {
                 self.policies_dirty |= !self.policies.is_empty();
             }
             Object::Namespace(o) => {
-                if self.namespaces.get(&key) == Some(&o) {
+                if self.namespaces.get(&key) == Some(&*o) {
                     return false;
                 }
-                self.namespaces.insert(key, o);
+                self.namespaces.insert(key, *o);
                 self.policies_dirty |= !self.policies.is_empty();
             }
             Object::NetworkPolicy(o) => {
-                if self.policies.get(&key) == Some(&o) {
+                if self.policies.get(&key) == Some(&*o) {
                     return false;
                 }
-                self.policies.insert(key, o);
+                self.policies.insert(key, *o);
                 self.policies_dirty = true;
             }
             Object::Node(o) => {
-                if key != self.node || self.nodes.get(&key) == Some(&o) {
+                if key != self.node || self.nodes.get(&key) == Some(&*o) {
                     return false;
                 }
                 let before = self.zone().map(str::to_string);
-                self.nodes.insert(key, o);
+                self.nodes.insert(key, *o);
                 self.zone_changed(before);
             }
         }
@@ -402,13 +402,10 @@ impl Cluster {
             }
         }
         if std::mem::take(&mut self.policies_dirty) {
-            let policies: Vec<NetworkPolicy> = self.policies.values().cloned().collect();
-            let pods: Vec<Pod> = self.pods.values().cloned().collect();
-            let namespaces: Vec<Namespace> = self.namespaces.values().cloned().collect();
-            let compiled = compile(&Input {
-                policies: &policies,
-                pods: &pods,
-                namespaces: &namespaces,
+            let compiled = compile_held(&Held {
+                policies: self.policies.values().collect(),
+                pods: self.pods.values().collect(),
+                namespaces: self.namespaces.values().collect(),
                 node: Some(&self.node),
             });
             problems.policies = Some(compiled.rejected);

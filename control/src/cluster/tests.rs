@@ -37,13 +37,16 @@ endpoints: [{{addresses: [{ip}], conditions: {{ready: true}}}}]
 }
 
 fn pod(name: &str, app: &str, ip: &str) -> Object {
-    Object::Pod(yaml(&format!(
-        "
+    Object::Pod(
+        yaml::<k8s_openapi::api::core::v1::Pod>(&format!(
+            "
 metadata: {{name: {name}, namespace: shop, labels: {{app: {app}}}}}
 spec: {{nodeName: {NODE}, containers: [{{name: c, image: img}}]}}
 status: {{phase: Running, podIP: {ip}, podIPs: [{{ip: {ip}}}]}}
 "
-    )))
+        ))
+        .into(),
+    )
 }
 
 fn deny_all() -> Object {
@@ -171,6 +174,31 @@ fn annotations_and_status_noise_change_nothing_held() {
     s.metadata.annotations = Some([("note".to_string(), "y".to_string())].into());
     s.metadata.resource_version = Some("99".into());
     assert!(!c.apply(Object::Service(s)));
+    assert!(!c.pending());
+
+    // A pod's readiness, restarts and images are not what policies read: with a policy in
+    // force, the kubelet's status updates compile nothing again.
+    c.apply(deny_all());
+    let status = |ready: &str, restarts: u32| {
+        Object::Pod(
+            yaml::<k8s_openapi::api::core::v1::Pod>(&format!(
+                "
+metadata: {{name: a, namespace: shop, labels: {{app: web}}, resourceVersion: '{restarts}'}}
+spec: {{nodeName: {NODE}, containers: [{{name: c, image: img:{restarts}}}]}}
+status:
+  phase: Running
+  podIP: 198.18.0.2
+  conditions: [{{type: Ready, status: '{ready}'}}]
+  containerStatuses: [{{name: c, image: img, imageID: x, ready: true, restartCount: {restarts}}}]
+"
+            ))
+            .into(),
+        )
+    };
+    assert!(c.apply(status("True", 0)));
+    c.desired();
+    assert!(!c.apply(status("False", 1)));
+    assert!(!c.apply(status("True", 2)));
     assert!(!c.pending());
 }
 

@@ -19,7 +19,6 @@ use std::net::IpAddr;
 use std::rc::Rc;
 
 use ipnet::IpNet;
-use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use strom_api::{
     Direction, IpBlock, IsolatedPod, PeerAddr, Peers, PolicySet, PortRange, Protocol, Rule,
@@ -27,10 +26,8 @@ use strom_api::{
 };
 
 use super::parse::{self, Peer, Policy, Port, RuleSpec};
-use super::{Compiled, Input, Labels, NAME_LABEL};
-
-/// A pod's named container ports: (name, protocol, number), sorted.
-type NamedPorts = Vec<(String, Protocol, u16)>;
+use super::pod::NamedPorts;
+use super::{Compiled, Held, Labels, PolicyPod, NAME_LABEL};
 
 /// Named ports of a rule: (name, protocol).
 type Names = Vec<(String, Protocol)>;
@@ -44,12 +41,9 @@ type Resolved = Rc<Vec<Vec<PortRange>>>;
 /// The identities and single addresses (address, its block) sharing a resolution.
 type Target<'a> = (Vec<u32>, Vec<(IpAddr, &'a IpBlock)>);
 
-static NO_LABELS: Labels = Labels::new();
-
 /// A considered pod, with the addresses it owns.
 struct PodEntry<'a> {
-    key: String,
-    pod: &'a Pod,
+    pod: &'a PolicyPod,
     ips: Vec<IpAddr>,
 }
 
@@ -79,55 +73,6 @@ struct IngressTemplate {
     peers: Peers,
     /// `None`: every port.
     ports: Option<SplitPorts>,
-}
-
-/// The addresses a pod owns: `status.podIPs`, else `status.podIP`; unreadable ones skipped.
-fn addresses(pod: &Pod) -> Vec<IpAddr> {
-    let status = pod.status.as_ref();
-    let listed: Vec<&str> = match status.and_then(|s| s.pod_ips.as_ref()) {
-        Some(ips) if !ips.is_empty() => ips.iter().map(|i| i.ip.as_str()).collect(),
-        _ => status
-            .and_then(|s| s.pod_ip.as_deref())
-            .into_iter()
-            .collect(),
-    };
-    let mut out: Vec<IpAddr> = Vec::new();
-    for ip in listed.iter().filter_map(|s| s.parse::<IpAddr>().ok()) {
-        if !out.contains(&ip) {
-            out.push(ip);
-        }
-    }
-    out
-}
-
-/// Whether policies see the pod at all: running or about to (not Succeeded nor Failed), in
-/// the pod network (not hostNetwork).
-fn considered(pod: &Pod) -> bool {
-    let phase = pod.status.as_ref().and_then(|s| s.phase.as_deref());
-    let host = pod
-        .spec
-        .as_ref()
-        .and_then(|s| s.host_network)
-        .unwrap_or(false);
-    !matches!(phase, Some("Succeeded" | "Failed")) && !host
-}
-
-fn named_ports(pod: &Pod) -> NamedPorts {
-    let mut out: NamedPorts = pod
-        .spec
-        .iter()
-        .flat_map(|s| s.containers.iter())
-        .flat_map(|c| c.ports.iter().flatten())
-        .filter_map(|p| {
-            let name = p.name.as_deref().filter(|n| !n.is_empty())?;
-            let proto = parse::protocol(p.protocol.as_deref())?;
-            let number = u16::try_from(p.container_port).ok().filter(|n| *n > 0)?;
-            Some((name.to_string(), proto, number))
-        })
-        .collect();
-    out.sort();
-    out.dedup();
-    out
 }
 
 /// The numbers `named` (name, protocol) resolve to among a pod's named ports.
@@ -461,13 +406,13 @@ impl Compiler<'_> {
 }
 
 /// See [`super::compile`].
-pub(crate) fn compile(input: &Input) -> Compiled {
+pub(crate) fn compile(input: &Held) -> Compiled {
     // Policies in key order (ties, the same key twice, by their JSON) so that the input's
     // order does not matter.
     let mut sorted: Vec<(String, &NetworkPolicy)> = input
         .policies
         .iter()
-        .map(|p| (super::key(&p.metadata), p))
+        .map(|p| (super::key(&p.metadata), *p))
         .collect();
     sorted.sort_by(|a, b| {
         a.0.cmp(&b.0).then_with(|| {
@@ -487,35 +432,29 @@ pub(crate) fn compile(input: &Input) -> Compiled {
     let mut pods: Vec<PodEntry> = input
         .pods
         .iter()
-        .filter(|p| considered(p))
+        .filter(|p| !p.ips.is_empty())
         .map(|p| PodEntry {
-            key: super::key(&p.metadata),
             pod: p,
-            ips: addresses(p),
+            ips: p.ips.clone(),
         })
         .collect();
-    pods.sort_by(|a, b| a.key.cmp(&b.key));
+    pods.sort_by(|a, b| a.pod.key.cmp(&b.pod.key));
     let mut taken = HashSet::new();
     for p in &mut pods {
         p.ips.retain(|ip| taken.insert(*ip));
     }
     pods.retain(|p| !p.ips.is_empty());
 
-    let on_node = |p: &Pod| match input.node {
+    let on_node = |p: &PolicyPod| match input.node {
         None => true,
-        Some(node) => p.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(node),
+        Some(node) => p.node.as_deref() == Some(node),
     };
 
     // Identities, numbered in the order of their (namespace, labels, named ports).
     let mut by_key: BTreeMap<(&str, &Labels, NamedPorts), Vec<usize>> = BTreeMap::new();
     for (i, p) in pods.iter().enumerate() {
-        let labels = p.pod.metadata.labels.as_ref().unwrap_or(&NO_LABELS);
         by_key
-            .entry((
-                super::namespace(&p.pod.metadata),
-                labels,
-                named_ports(p.pod),
-            ))
+            .entry((p.pod.namespace(), &p.pod.labels, p.pod.named.clone()))
             .or_default()
             .push(i);
     }
@@ -549,7 +488,7 @@ pub(crate) fn compile(input: &Input) -> Compiled {
     // Namespace labels: the first object of each name, with its name label; a namespace
     // without an object has only that label.
     let mut namespace_labels: BTreeMap<&str, Labels> = BTreeMap::new();
-    for n in input.namespaces {
+    for n in &input.namespaces {
         let Some(name) = n.metadata.name.as_deref() else {
             continue;
         };
@@ -644,7 +583,7 @@ pub(crate) fn compile(input: &Input) -> Compiled {
         };
         let group = |k: &Option<GroupKey>| k.as_ref().and_then(|k| index.get(k).copied());
         isolated.push(IsolatedPod {
-            pod: p.key.clone(),
+            pod: p.pod.key.clone(),
             ips: p.ips.clone(),
             ingress: group(ingress),
             egress: group(egress),

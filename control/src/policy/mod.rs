@@ -3,7 +3,8 @@
 //! resolved, so that stromd only looks addresses up.
 //!
 //! - [`defaults`]: the API server's defaulting of a NetworkPolicy;
-//! - [`compile`]: the translation, the API's semantics exactly;
+//! - [`compile`]: the translation, the API's semantics exactly, over pods read into
+//!   [`PolicyPod`]s ([`compile_held`] for a view that holds them, [`compile`] for API objects);
 //! - [`mod@reference`]: a slow evaluator written straight over the objects, and a linear one over
 //!   a compiled set, which check each other in the tests;
 //! - `arbitrary` (feature `arbitrary`): random small clusters and probes for property tests.
@@ -76,6 +77,7 @@
 mod compile;
 pub mod defaults;
 mod parse;
+mod pod;
 pub mod reference;
 
 #[cfg(any(test, feature = "arbitrary"))]
@@ -89,6 +91,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use strom_api::PolicySet;
 
 pub use defaults::defaulted;
+pub use pod::PolicyPod;
 
 /// The label the API server puts on every namespace: its name.
 pub const NAME_LABEL: &str = "kubernetes.io/metadata.name";
@@ -102,6 +105,16 @@ pub struct Input<'a> {
     pub policies: &'a [NetworkPolicy],
     pub pods: &'a [Pod],
     pub namespaces: &'a [Namespace],
+    pub node: Option<&'a str>,
+}
+
+/// [`Input`] as a long-lived view of the cluster holds it: the objects borrowed, each pod
+/// already read into a [`PolicyPod`]. Compiled by [`compile_held`] without copying anything.
+#[derive(Debug, Clone, Default)]
+pub struct Held<'a> {
+    pub policies: Vec<&'a NetworkPolicy>,
+    pub pods: Vec<&'a PolicyPod>,
+    pub namespaces: Vec<&'a Namespace>,
     pub node: Option<&'a str>,
 }
 
@@ -126,7 +139,18 @@ pub struct Compiled {
 /// is defaulted first ([`defaulted`]); a malformed one is rejected alone and still isolates
 /// (see the module doc).
 pub fn compile(input: &Input) -> Compiled {
-    compile::compile(input)
+    let pods: Vec<PolicyPod> = input.pods.iter().map(PolicyPod::from).collect();
+    compile_held(&Held {
+        policies: input.policies.iter().collect(),
+        pods: pods.iter().collect(),
+        namespaces: input.namespaces.iter().collect(),
+        node: input.node,
+    })
+}
+
+/// [`compile`] over what a view of the cluster holds.
+pub fn compile_held(held: &Held) -> Compiled {
+    compile::compile(held)
 }
 
 /// A namespaced object's namespace ("default" when it has none).

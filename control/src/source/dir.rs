@@ -96,38 +96,49 @@ pub fn read<R: Report>(
     Ok(vec![
         Change::Listed(
             Kind::Node,
-            objects.nodes.into_iter().map(Object::Node).collect(),
+            objects
+                .nodes
+                .into_iter()
+                .map(|o| Object::Node(Box::new(o)))
+                .collect(),
         ),
         Change::Listed(
             Kind::Namespace,
             objects
                 .namespaces
                 .into_iter()
-                .map(Object::Namespace)
+                .map(|o| Object::Namespace(Box::new(o)))
                 .collect(),
         ),
         Change::Listed(
             Kind::Pod,
-            objects.pods.into_iter().map(Object::Pod).collect(),
+            objects
+                .pods
+                .into_iter()
+                .map(|p| Object::Pod(p.into()))
+                .collect(),
         ),
         Change::Listed(
             Kind::NetworkPolicy,
             objects
                 .network_policies
                 .into_iter()
-                .map(Object::NetworkPolicy)
+                .map(|o| Object::NetworkPolicy(Box::new(o)))
                 .collect(),
         ),
         Change::Listed(
             Kind::EndpointSlice,
             r.endpoint_slices
                 .into_iter()
-                .map(Object::EndpointSlice)
+                .map(|o| Object::EndpointSlice(Box::new(o)))
                 .collect(),
         ),
         Change::Listed(
             Kind::Service,
-            r.services.into_iter().map(Object::Service).collect(),
+            r.services
+                .into_iter()
+                .map(|o| Object::Service(Box::new(o)))
+                .collect(),
         ),
     ])
 }

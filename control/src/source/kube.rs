@@ -74,12 +74,32 @@ pub fn watches(
     let own = watcher::Config::default().fields(&format!("metadata.name={node}"));
     let all = watcher::Config::default;
     select_all(vec![
-        watch::<Node>(client, Kind::Node, Object::Node, own),
-        watch::<Service>(client, Kind::Service, Object::Service, all()),
-        watch::<EndpointSlice>(client, Kind::EndpointSlice, Object::EndpointSlice, all()),
-        watch::<Pod>(client, Kind::Pod, Object::Pod, all()),
-        watch::<Namespace>(client, Kind::Namespace, Object::Namespace, all()),
-        watch::<NetworkPolicy>(client, Kind::NetworkPolicy, Object::NetworkPolicy, all()),
+        watch::<Node>(client, Kind::Node, |o| Object::Node(Box::new(o)), own),
+        watch::<Service>(
+            client,
+            Kind::Service,
+            |o| Object::Service(Box::new(o)),
+            all(),
+        ),
+        watch::<EndpointSlice>(
+            client,
+            Kind::EndpointSlice,
+            |o| Object::EndpointSlice(Box::new(o)),
+            all(),
+        ),
+        watch::<Pod>(client, Kind::Pod, |o| Object::Pod(o.into()), all()),
+        watch::<Namespace>(
+            client,
+            Kind::Namespace,
+            |o| Object::Namespace(Box::new(o)),
+            all(),
+        ),
+        watch::<NetworkPolicy>(
+            client,
+            Kind::NetworkPolicy,
+            |o| Object::NetworkPolicy(Box::new(o)),
+            all(),
+        ),
     ])
 }
 
@@ -150,13 +170,13 @@ mod tests {
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
     fn ns(name: &str) -> Object {
-        Object::Namespace(Namespace {
+        Object::Namespace(Box::new(Namespace {
             metadata: ObjectMeta {
                 name: Some(name.into()),
                 ..Default::default()
             },
             ..Default::default()
-        })
+        }))
     }
 
     #[test]

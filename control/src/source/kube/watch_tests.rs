@@ -127,7 +127,7 @@ async fn bookmarks_move_the_watch_on_and_a_410_relists_as_a_difference() {
     let mut stream = watch::<Namespace>(
         &client,
         Kind::Namespace,
-        Object::Namespace,
+        |o| Object::Namespace(Box::new(o)),
         watcher::Config::default(),
     );
     let mut relists = Relists::default();
