@@ -29,7 +29,10 @@ pub use translate::{service_spec, ForNode, TranslateError};
 pub fn object_key(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> String {
     format!(
         "{}/{}",
-        meta.namespace.as_deref().unwrap_or("default"),
+        meta.namespace
+            .as_deref()
+            .filter(|n| !n.is_empty())
+            .unwrap_or("default"),
         meta.name.as_deref().unwrap_or("")
     )
 }

@@ -469,10 +469,13 @@ fn restarts_of_strom_control_stromd_and_the_api_server() {
     // the new strom-control converges without a lost connection.
     let traffic = Traffic::start(&lab, "y/c", &web);
     std::thread::sleep(Duration::from_millis(300));
+    let killed = traffic.since();
     control.kill();
     std::thread::sleep(Duration::from_millis(500));
+    let spawned = traffic.since();
     control.spawn();
     control.wait_ready(Duration::from_secs(30));
+    let ready = traffic.since();
     std::thread::sleep(Duration::from_millis(300));
     let (answered, failed) = traffic.stop();
     // What each pod's TCP saw (SYNs retransmitted, listen queues dropped), for a failure
@@ -497,14 +500,41 @@ fn restarts_of_strom_control_stromd_and_the_api_server() {
                 .join(" ")
         )
     };
+    // Each pod's interface counters (a drop past stromd's transmit shows there).
+    let link = |pod: &str| {
+        let o = lab.exec(pod, &["ip", "-s", "-s", "link", "show", "eth0"]);
+        format!("{pod}: {}", String::from_utf8_lossy(&o.stdout))
+    };
+    // Flows stromd saw that did not end as answered connections do (the server closes
+    // first: time_wait): a SYN stromd passed on without an answer shows as syn_sent.
+    let unfinished = || -> Vec<Value> {
+        let ct = lab.stromctl(&["conntrack"]);
+        ct["entries"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|e| e["state"] != "time_wait")
+            .cloned()
+            .collect()
+    };
     assert!(
         answered > 0 && failed.is_empty(),
-        "{answered} answered, failed across the strom-control restart: {failed:?}\n\
-         stromd's stats: {}\n{}\n{}\n{}\n--- strom-control\n{}",
+        "{answered} answered, failed across the strom-control restart (kill at {killed:?}, \
+         start at {spawned:?}, ready at {ready:?}; each failure with its batch's start): \
+         {failed:#?}\n\
+         stromd's flows not in time_wait: {:#?}\n\
+         node's interfaces: {}\n\
+         stromd's stats: {}\nports: {}\n{}\n{}\n{}\n{}{}{}--- strom-control\n{}",
+        unfinished(),
+        String::from_utf8_lossy(&lab.exec("node", &["ip", "-s", "link"]).stdout),
         lab.stromctl(&["stats"]),
+        lab.stromctl(&["ports"]),
         tcp("y/c"),
         tcp("x/a"),
         tcp("x/b"),
+        link("y/c"),
+        link("x/a"),
+        link("x/b"),
         control.log_tail()
     );
 
@@ -564,6 +594,7 @@ fn restarts_of_strom_control_stromd_and_the_api_server() {
 struct Traffic {
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
     thread: std::thread::JoinHandle<(usize, Vec<String>)>,
+    started: Instant,
 }
 
 impl Traffic {
@@ -572,10 +603,12 @@ impl Traffic {
         let ns = lab.pod_ns(from);
         let ip = ip.to_string();
         let s = stop.clone();
+        let started = Instant::now();
         let thread = std::thread::spawn(move || {
             let mut answered = 0;
             let mut failed = Vec::new();
             while !s.load(std::sync::atomic::Ordering::Relaxed) {
+                let batch = started.elapsed();
                 let o = sh(Command::new("ip")
                     .args(["netns", "exec", &ns])
                     .arg(bin_dir().join("strom-lab"))
@@ -585,13 +618,22 @@ impl Traffic {
                     if l.starts_with("allow ") {
                         answered += 1;
                     } else {
-                        failed.push(l.to_string());
+                        failed.push(format!("{batch:?}: {l}"));
                     }
                 }
             }
             (answered, failed)
         });
-        Traffic { stop, thread }
+        Traffic {
+            stop,
+            thread,
+            started,
+        }
+    }
+
+    /// Time since the traffic started.
+    fn since(&self) -> Duration {
+        self.started.elapsed()
     }
 
     fn stop(self) -> (usize, Vec<String>) {

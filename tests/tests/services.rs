@@ -244,29 +244,52 @@ fn a_thousand_new_connections_spread_evenly_over_three_backends() {
     }
 }
 
-#[test]
-fn removing_a_backend_resets_its_flows_and_moves_no_other() {
-    let _g = net_lock();
-    let pods = |c_label: &str| {
-        pod("a", "app: web", &[("http", 80, "TCP")], "", "")
-            + &pod("b", "app: web", &[("http", 80, "TCP")], "", "")
-            + &pod("c", c_label, &[("http", 80, "TCP")], "", "")
-            + &client()
-            + &service(
-                "web",
-                "  clusterIP: 198.19.0.10\n  selector: {app: web}\n  ports:\n    - {name: http, port: 80}\n    - {name: held, port: 9000}\n",
-            )
-    };
-    let lab = up(&pods("app: web"), &[]);
-    let ip = |k: &str| lab.pod_ip(k);
-    let (client_ip, c_ip) = (ip("t/client"), ip("t/c"));
-    let _responders: Vec<Proc> = ["t/a", "t/b", "t/c"]
+/// Pods a, b and c (c labelled `c_label`), a client, and Service t/web (198.19.0.10) over
+/// the pods labelled `app: web`, on port 80 and on port 9000 for held connections.
+fn three_backends(c_label: &str) -> String {
+    pod("a", "app: web", &[("http", 80, "TCP")], "", "")
+        + &pod("b", "app: web", &[("http", 80, "TCP")], "", "")
+        + &pod("c", c_label, &[("http", 80, "TCP")], "", "")
+        + &client()
+        + &service(
+            "web",
+            "  clusterIP: 198.19.0.10\n  selector: {app: web}\n  ports:\n    - {name: http, port: 80}\n    - {name: held, port: 9000}\n",
+        )
+}
+
+/// Responders holding connections on port 9000 in pods a, b and c, listening.
+fn hold_responders(lab: &Lab) -> Vec<Proc> {
+    let r = ["t/a", "t/b", "t/c"]
         .iter()
-        .map(|p| hold_responder(&lab, p, 9000))
+        .map(|p| hold_responder(lab, p, 9000))
         .collect();
     for p in ["t/a", "t/b", "t/c"] {
         lab.wait_listening(p, 9000);
     }
+    r
+}
+
+/// 24 connections from the client held to t/web's port 9000, and who answered each: every
+/// backend holds some.
+fn hold_on_every_backend(lab: &Lab) -> (Held, Vec<String>) {
+    let held = Held::open(lab, "t/client", "198.19.0.10", 9000, 24);
+    let first: Vec<String> = held
+        .first
+        .iter()
+        .map(|f| f.clone().expect("every held connection opens"))
+        .collect();
+    let on: BTreeSet<&str> = first.iter().map(String::as_str).collect();
+    assert_eq!(on.len(), 3, "held connections on every backend: {first:?}");
+    (held, first)
+}
+
+#[test]
+fn removing_a_backend_resets_its_flows_and_moves_no_other() {
+    let _g = net_lock();
+    let lab = up(&three_backends("app: web"), &[]);
+    let ip = |k: &str| lab.pod_ip(k);
+    let (client_ip, c_ip) = (ip("t/client"), ip("t/c"));
+    let _responders = hold_responders(&lab);
     // Where 300 new flows would go, before.
     let tuples: Vec<String> = (0..300)
         .map(|i| format!("{client_ip}:{}", 20000 + i))
@@ -278,17 +301,10 @@ fn removing_a_backend_resets_its_flows_and_moves_no_other() {
             .collect()
     };
     let before = picks(&lab);
-    let held = Held::open(&lab, "t/client", "198.19.0.10", 9000, 24);
-    let first: Vec<String> = held
-        .first
-        .iter()
-        .map(|f| f.clone().expect("every held connection opens"))
-        .collect();
-    let on: BTreeSet<&str> = first.iter().map(String::as_str).collect();
-    assert_eq!(on.len(), 3, "held connections on every backend: {first:?}");
+    let (held, first) = hold_on_every_backend(&lab);
 
     // c leaves the Service (its pod still runs: its label no longer matches).
-    lab.apply(&pods("app: gone"));
+    lab.apply(&three_backends("app: gone"));
     let again = held.again();
     for (f, (r, took)) in first.iter().zip(&again) {
         eprintln!("held on {f}: then {r:?} after {took:?}");
@@ -343,6 +359,40 @@ fn removing_a_backend_resets_its_flows_and_moves_no_other() {
         ["t/a".to_string(), "t/b".to_string()].into(),
         "{by:?}"
     );
+}
+
+#[test]
+fn established_flows_through_a_service_outlive_a_stromd_restart() {
+    // stromd's conntrack does not outlive it, but what it would rebuild does: the client's
+    // next segment after the restart is taken up as an established flow (as Linux's
+    // `nf_conntrack_tcp_loose`), and Maglev, built from the same backends with an unkeyed
+    // hash, gives it the backend it had.
+    let _g = net_lock();
+    let lab = up(&three_backends("app: web"), &[]);
+    let _responders = hold_responders(&lab);
+    let (held, first) = hold_on_every_backend(&lab);
+    let tracked =
+        |lab: &Lab| lab.stromctl(&["conntrack", "--service", "t/web", "--count"])["total"].as_u64();
+    assert_eq!(tracked(&lab), Some(24), "the held flows are tracked");
+
+    let pid = lab.stromd_pid();
+    let out = sh(lab.cmd().args(["stromd", "restart"]));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success() && !err.contains("not set again"),
+        "the Services set again after the restart: {err}"
+    );
+    lab.wait_until_serving();
+    assert_ne!(lab.stromd_pid(), pid, "another stromd");
+    assert_eq!(tracked(&lab), Some(0), "a new stromd starts with no flow");
+    for (f, (r, took)) in first.iter().zip(held.again()) {
+        assert_eq!(
+            r.as_deref(),
+            Ok(f.as_str()),
+            "the flow held on {f} answered by the same pod after the restart ({took:?})"
+        );
+    }
+    assert_eq!(tracked(&lab), Some(24), "each taken up again");
 }
 
 #[test]

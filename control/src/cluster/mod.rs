@@ -429,7 +429,12 @@ impl Cluster {
 /// Service `namespace/name` an EndpointSlice belongs to, by its label.
 fn slice_service(slice: &EndpointSlice) -> Option<String> {
     let name = slice.metadata.labels.as_ref()?.get(SERVICE_NAME_LABEL)?;
-    let namespace = slice.metadata.namespace.as_deref().unwrap_or("default");
+    let namespace = slice
+        .metadata
+        .namespace
+        .as_deref()
+        .filter(|n| !n.is_empty())
+        .unwrap_or("default");
     Some(format!("{namespace}/{name}"))
 }
 

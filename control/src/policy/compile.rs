@@ -51,7 +51,7 @@ struct PodEntry<'a> {
 struct Identity<'a> {
     namespace: &'a str,
     labels: &'a Labels,
-    named: NamedPorts,
+    named: &'a NamedPorts,
     addrs: Vec<IpAddr>,
     /// Some pod of it runs on the node (so it may be isolated).
     on_node: bool,
@@ -226,7 +226,7 @@ impl Compiler<'_> {
         let r: Resolved = Rc::new(
             self.identities
                 .iter()
-                .map(|identity| resolve(named, &identity.named))
+                .map(|identity| resolve(named, identity.named))
                 .collect(),
         );
         self.resolved.insert(named.to_vec(), r.clone());
@@ -451,10 +451,10 @@ pub(crate) fn compile(input: &Held) -> Compiled {
     };
 
     // Identities, numbered in the order of their (namespace, labels, named ports).
-    let mut by_key: BTreeMap<(&str, &Labels, NamedPorts), Vec<usize>> = BTreeMap::new();
+    let mut by_key: BTreeMap<(&str, &Labels, &NamedPorts), Vec<usize>> = BTreeMap::new();
     for (i, p) in pods.iter().enumerate() {
         by_key
-            .entry((p.pod.namespace(), &p.pod.labels, p.pod.named.clone()))
+            .entry((p.pod.namespace(), &p.pod.labels, &p.pod.named))
             .or_default()
             .push(i);
     }
@@ -537,7 +537,7 @@ pub(crate) fn compile(input: &Held) -> Compiled {
             named: ingress
                 .iter()
                 .any(|&pi| names_ingress[pi])
-                .then(|| identities[id as usize].named.clone()),
+                .then(|| identities[id as usize].named.to_vec()),
             policies: ingress,
         });
         let egress = (!egress.is_empty()).then_some(GroupKey {

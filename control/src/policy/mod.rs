@@ -109,7 +109,8 @@ pub struct Input<'a> {
 }
 
 /// [`Input`] as a long-lived view of the cluster holds it: the objects borrowed, each pod
-/// already read into a [`PolicyPod`]. Compiled by [`compile_held`] without copying anything.
+/// already read into a [`PolicyPod`]. Compiled by [`compile_held`] without copying a pod,
+/// policy or namespace.
 #[derive(Debug, Clone, Default)]
 pub struct Held<'a> {
     pub policies: Vec<&'a NetworkPolicy>,

@@ -33,21 +33,30 @@ impl PolicyPod {
     }
 
     pub(super) fn namespace(&self) -> &str {
-        self.key.split_once('/').map_or("default", |(ns, _)| ns)
+        // The key is `namespace/name`, and a name has no '/'.
+        self.key.rsplit_once('/').map_or("", |(ns, _)| ns)
     }
 }
 
 impl From<&Pod> for PolicyPod {
+    /// A pod policies do not see keeps only its key: a change of its labels (a finished
+    /// Job's pod, say) then compiles nothing again.
     fn from(pod: &Pod) -> Self {
+        let key = super::key(&pod.metadata);
+        if !considered(pod) {
+            return PolicyPod {
+                key,
+                labels: Labels::new(),
+                node: None,
+                ips: Vec::new(),
+                named: Vec::new(),
+            };
+        }
         PolicyPod {
-            key: super::key(&pod.metadata),
+            key,
             labels: pod.metadata.labels.clone().unwrap_or_default(),
             node: pod.spec.as_ref().and_then(|s| s.node_name.clone()),
-            ips: if considered(pod) {
-                addresses(pod)
-            } else {
-                Vec::new()
-            },
+            ips: addresses(pod),
             named: named_ports(pod),
         }
     }
@@ -57,7 +66,9 @@ impl From<Pod> for PolicyPod {
     fn from(mut pod: Pod) -> Self {
         let labels = pod.metadata.labels.take();
         let mut held = PolicyPod::from(&pod);
-        held.labels = labels.unwrap_or_default();
+        if considered(&pod) {
+            held.labels = labels.unwrap_or_default();
+        }
         held
     }
 }
@@ -237,7 +248,16 @@ mod tests {
     fn pods_policies_do_not_see_own_no_address() {
         let mut finished = full();
         finished.status.as_mut().unwrap().phase = Some("Succeeded".into());
-        assert!(PolicyPod::from(finished).ips.is_empty());
+        let mut relabelled = finished.clone();
+        relabelled.metadata.labels = Some(Labels::from([("app".into(), "b".into())]));
+        let held = PolicyPod::from(finished);
+        assert!(held.ips.is_empty() && held.labels.is_empty() && held.named.is_empty());
+        assert_eq!(held.key(), "x/a");
+        assert_eq!(
+            held,
+            PolicyPod::from(relabelled),
+            "its labels count for nothing"
+        );
         let mut host = full();
         host.spec.as_mut().unwrap().host_network = Some(true);
         assert!(PolicyPod::from(host).ips.is_empty());
