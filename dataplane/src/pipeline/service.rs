@@ -153,10 +153,15 @@ fn flow(
         if !e.reopened_by(seen) {
             let gen = t.services.generation();
             let (svc, backend) = (e.svc, e.backend);
-            // Masqueraded and inbound flows belong to no Service: nothing can remove them.
-            let listed = svc == SvcRef::NONE
-                || e.checked == gen
-                || t.services.port(svc).is_some_and(|p| p.lists(backend));
+            let listed = if svc == SvcRef::NONE {
+                // Masqueraded and inbound flows belong to no Service, and no Service change
+                // removes them; but one that began before a Service took its destination (a
+                // pod reaching a ClusterIP before stromd had it: masqueraded out, never
+                // answered) must not keep a new connection on its tuple from the Service.
+                !superseded(&key, seen, e.checked == gen, t)
+            } else {
+                e.checked == gen || t.services.port(svc).is_some_and(|p| p.lists(backend))
+            };
             if listed {
                 let e = ctx.ct.entry_mut(slot);
                 e.checked = gen;
@@ -167,9 +172,10 @@ fn flow(
                 return Ok(Pass::Tracked);
             }
             // The backend has left the Service: a TCP connection is reset at once, from
-            // the address the client used; other flows are balanced anew.
+            // the address the client used; other flows are balanced anew. A superseded
+            // flow of no Service is balanced to its Service.
             ctx.ct.remove(slot);
-            if key.proto == TCP {
+            if key.proto == TCP && svc != SvcRef::NONE {
                 return Err(reject_tcp(
                     ctx,
                     buf,
@@ -187,6 +193,23 @@ fn flow(
         return no_service(buf, len, end, hdr, key, seen, port, t, ctx);
     };
     new_flow(buf, len, end, hdr, key, seen, port, t, ctx, svc, kind)
+}
+
+/// Whether a tracked flow of no Service gives way to a Service that now owns its destination,
+/// as kube-proxy clears the conntrack entries of a Service's new address: a new TCP
+/// connection on the flow's tuple (a SYN: the client reused its port, the old attempt went
+/// unanswered), or any datagram once the Service table changed since the flow was last
+/// looked at (`same_table`). An established TCP connection keeps its path, as Linux's
+/// conntrack keeps its NAT binding.
+#[inline]
+fn superseded(key: &FlowKey, seen: Seen, same_table: bool, t: &View<'_>) -> bool {
+    let new_connection = if key.proto == TCP {
+        seen.tcp_flags & crate::conntrack::tcp::SYN != 0
+            && seen.tcp_flags & crate::conntrack::tcp::ACK == 0
+    } else {
+        !same_table
+    };
+    new_connection && t.services.frontend(key.dst, key.dport, key.proto).is_some()
 }
 
 /// A flow's first packet to no Service: an answer to an SNAT port another worker tracks

@@ -907,6 +907,70 @@ fn a_masqueraded_connection_survives_a_change_of_any_service() {
 }
 
 #[test]
+fn a_flow_that_began_before_its_destination_became_a_service_gives_way_to_the_service() {
+    // A pod reaches 198.19.0.10 before stromd has the Service: masqueraded out, unanswered.
+    let mut d = DesiredServices::default();
+    let t = node_tables(&mut d, 1);
+    let mut ctx = Context::default();
+    for (src, syn) in [((A, 40000), true), ((A, 40001), true)] {
+        let (a, out) = run(&tcp(A_MAC, src, (VIP, 80), syn), &port_a(), &t, &mut ctx);
+        assert!(matches!(a, Action::Tx { port: 9, .. }), "{a:?}");
+        assert_eq!(endpoints(&out).0 .0, NODE, "masqueraded");
+    }
+    let (a, _) = run(
+        &udp(A_MAC, (A, 40002), (VIP, 53), b"q"),
+        &port_a(),
+        &t,
+        &mut ctx,
+    );
+    assert!(matches!(a, Action::Tx { port: 9, .. }), "{a:?}");
+    // The answer to the second connection comes: it is established.
+    let (_, out) = run(
+        &tcp(A_MAC, (A, 40001), (VIP, 80), true),
+        &port_a(),
+        &t,
+        &mut ctx,
+    );
+    let snat = endpoints(&out).0 .1;
+    let answer = with_tcp_flags(from_outside((VIP, 80), (NODE, snat)), 0x12);
+    run(&answer, &uplink(), &t, &mut ctx);
+
+    // The Service appears. The pod's next connection on the first tuple (its port reused)
+    // goes to the backend, and so does its next datagram; the established connection keeps
+    // its path.
+    d.set(web(vec![endpoint(B, 8080)]), &[]).unwrap();
+    let t = node_tables(&mut d, 1);
+    let (a, out) = run(
+        &tcp(A_MAC, (A, 40000), (VIP, 80), true),
+        &port_a(),
+        &t,
+        &mut ctx,
+    );
+    assert!(matches!(a, Action::Tx { port: 1, .. }), "{a:?}");
+    assert_eq!(endpoints(&out), ((A, 40000), (B, 8080)));
+    let (a, out) = run(
+        &udp(A_MAC, (A, 40002), (VIP, 53), b"q"),
+        &port_a(),
+        &t,
+        &mut ctx,
+    );
+    assert!(matches!(a, Action::Tx { port: 1, .. }), "{a:?}");
+    assert_eq!(endpoints(&out), ((A, 40002), (B, 5353)));
+    let (a, out) = run(
+        &tcp(A_MAC, (A, 40001), (VIP, 80), false),
+        &port_a(),
+        &t,
+        &mut ctx,
+    );
+    assert!(matches!(a, Action::Tx { port: 9, .. }), "{a:?}");
+    assert_eq!(
+        endpoints(&out).0,
+        (NODE, snat),
+        "the established connection as before"
+    );
+}
+
+#[test]
 fn a_routers_fragmentation_needed_about_a_masqueraded_flow_is_translated_by_its_owner() {
     let mut d = DesiredServices::default();
     let t = node_tables(&mut d, 2);
