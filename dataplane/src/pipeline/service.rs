@@ -2,7 +2,8 @@
 //!
 //! ```text
 //! packet ─▶ l4::parse ─▶ conntrack hit, original direction ─▶ backend still listed? ─▶ DNAT
-//!                    │                                      └─ no: TCP RST (UDP: balanced anew)
+//!                    │                                      ├─ no: TCP RST (UDP: balanced anew)
+//!                    │       (no Service, destination now one: new connection balanced to it)
 //!                    ├─▶ conntrack hit, reply direction ─▶ reverse NAT (source back to the VIP)
 //!                    ├─▶ ICMP error quoting a tracked flow ─▶ quote and addresses translated back
 //!                    └─▶ miss ─▶ frontend? ─▶ affinity │ Maglev ─▶ track ─▶ DNAT (+ hairpin SNAT)
@@ -195,11 +196,12 @@ fn flow(
     new_flow(buf, len, end, hdr, key, seen, port, t, ctx, svc, kind)
 }
 
-/// Whether a tracked flow of no Service gives way to a Service that now owns its destination,
-/// as kube-proxy clears the conntrack entries of a Service's new address: a new TCP
-/// connection on the flow's tuple (a SYN: the client reused its port, the old attempt went
-/// unanswered), or any datagram once the Service table changed since the flow was last
-/// looked at (`same_table`). An established TCP connection keeps its path, as Linux's
+/// Whether a tracked flow of no Service gives way to a Service that now owns its destination:
+/// a new TCP connection on the flow's tuple (a SYN: the client reused its port, the old
+/// attempt went unanswered; Linux's conntrack would keep the stale binding), or any other
+/// packet (UDP, as kube-proxy clears a Service's stale UDP entries; SCTP too, having no
+/// SYN to tell a new association by) once the Service table changed since the flow was
+/// last looked at (`same_table`). An established TCP connection keeps its path, as Linux's
 /// conntrack keeps its NAT binding.
 #[inline]
 fn superseded(key: &FlowKey, seen: Seen, same_table: bool, t: &View<'_>) -> bool {

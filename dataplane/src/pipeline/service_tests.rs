@@ -924,7 +924,8 @@ fn a_flow_that_began_before_its_destination_became_a_service_gives_way_to_the_se
         &mut ctx,
     );
     assert!(matches!(a, Action::Tx { port: 9, .. }), "{a:?}");
-    // The answer to the second connection comes: it is established.
+    // The second connection is answered (its SYN-ACK back to the pod); the pod's ACK after
+    // the Service appears establishes it.
     let (_, out) = run(
         &tcp(A_MAC, (A, 40001), (VIP, 80), true),
         &port_a(),
@@ -933,7 +934,8 @@ fn a_flow_that_began_before_its_destination_became_a_service_gives_way_to_the_se
     );
     let snat = endpoints(&out).0 .1;
     let answer = with_tcp_flags(from_outside((VIP, 80), (NODE, snat)), 0x12);
-    run(&answer, &uplink(), &t, &mut ctx);
+    let (_, out) = run(&answer, &uplink(), &t, &mut ctx);
+    assert_eq!(endpoints(&out), ((VIP, 80), (A, 40001)));
 
     // The Service appears. The pod's next connection on the first tuple (its port reused)
     // goes to the backend, and so does its next datagram; the established connection keeps
