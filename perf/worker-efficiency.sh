@@ -54,7 +54,7 @@ poll_mode = "$1"
 api_socket = "$run/stromd.sock"
 state_dir = "$run"
 CFG
-  rm -f "$run/ports.json"
+  rm -f "$run/ports.json" "$run/tables.cbor"
   ip netns exec $N "$bin/stromd" --config "$run/stromd.toml" --log warn &
   pid=$!
   for _ in $(seq 100); do [ -S "$run/stromd.sock" ] && break; sleep 0.05; done

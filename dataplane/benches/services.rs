@@ -2,8 +2,9 @@
 //! ClusterIP, for a flow conntrack already has (DNAT from its entry) and for a new flow
 //! (frontend lookup, Maglev, conntrack insert, DNAT; the entry is removed again after each
 //! packet, which the figure includes), with 10, 1k and 100k Services of 10 endpoints each
-//! (100k: 1M endpoints). Also conntrack alone at 1M flows: its memory, insert, lookup, and what
-//! the expiry sweep costs per loop; and building the Service table.
+//! (100k: 1M endpoints). Also conntrack alone at 1M flows: its memory, insert, lookup, what
+//! the expiry sweep costs per loop, and what keeping it across a restart costs (printed
+//! once); and building the Service table.
 //!
 //!   cargo bench -p strom-dataplane --bench services
 
@@ -13,6 +14,7 @@ use std::net::{IpAddr, Ipv4Addr};
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use etherparse::PacketBuilder;
 use strom_api::{EndpointSpec, Protocol, ServicePortSpec, ServiceSpec};
+use strom_dataplane::conntrack::persist::SavedTables;
 use strom_dataplane::conntrack::{Conntrack, FlowKey, Seen, TCP};
 use strom_dataplane::pipeline::{self, Context, InPort, PortKind};
 use strom_dataplane::tables::services::{Backend, DesiredServices, SvcRef};
@@ -208,6 +210,7 @@ fn conntrack_1m(c: &mut Criterion) {
         ct.memory_bytes() >> 20,
         ct.memory_bytes() / N
     );
+    restart(&ct);
     let mut i = 0usize;
     g.bench_function("lookup_hit", |b| {
         b.iter(|| {
@@ -235,6 +238,38 @@ fn conntrack_1m(c: &mut Criterion) {
     // removal's cost is in insert_and_remove).
     g.bench_function("sweep_64_slots", |b| b.iter(|| black_box(ct.sweep(1, 64))));
     g.finish();
+}
+
+/// What keeping `ct` across a restart of stromd costs, once (docs/design.md, "Across a
+/// restart of stromd"): saving its flows, encoding them as the snapshot file does (CBOR),
+/// decoding them, and taking them up into a new table.
+fn restart(ct: &Conntrack) {
+    let ms = |t: std::time::Instant| t.elapsed().as_secs_f64() * 1e3;
+    let t = std::time::Instant::now();
+    let saved = SavedTables {
+        flows: ct.save(1, |_| Some(0)),
+        clients: Vec::new(),
+    };
+    let save = ms(t);
+    let t = std::time::Instant::now();
+    let mut buf = Vec::new();
+    ciborium::into_writer(&saved, &mut buf).unwrap();
+    let encode = ms(t);
+    drop(saved);
+    let t = std::time::Instant::now();
+    let back: SavedTables = ciborium::from_reader(buf.as_slice()).unwrap();
+    let decode = ms(t);
+    let mut next = Conntrack::new(ct.max());
+    let t = std::time::Instant::now();
+    let r = next.restore(&back.flows, 0, 1, |_| Some(SvcRef::default()));
+    let take = ms(t);
+    assert_eq!(r.taken, ct.len(), "{r:?}");
+    println!(
+        "kept across a restart: {} flows saved in {save:.0} ms, encoded in {encode:.0} ms to {} MiB ({} bytes a flow), decoded in {decode:.0} ms, taken up in {take:.0} ms",
+        ct.len(),
+        buf.len() >> 20,
+        buf.len() / ct.len()
+    );
 }
 
 fn build(c: &mut Criterion) {

@@ -177,6 +177,11 @@ impl Reconciler {
         &self.policy_slots
     }
 
+    /// The Services as set.
+    pub fn service_specs(&self) -> impl Iterator<Item = &strom_api::ServiceSpec> {
+        self.services.specs()
+    }
+
     /// Services programmed.
     pub fn services(&self) -> usize {
         self.services.len()

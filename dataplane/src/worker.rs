@@ -25,11 +25,13 @@ use crossbeam_queue::{ArrayQueue, SegQueue};
 use xdpilone::xdp::XdpDesc;
 
 use crate::config::PollMode;
+use crate::conntrack::persist::{FlowTables, Restored, SavedTables};
 use crate::drop::DropReason;
 use crate::mac::Mac;
 use crate::pipeline::offload::{self, TxChecksum};
 use crate::pipeline::{self, Action, InPort, PortKind};
 use crate::stats::{Local, LocalDrops, SharedCounters, WorkerCounters};
+use crate::tables::services::SvcRef;
 use crate::tables::TableHandle;
 use crate::xsk::{
     continues, packet_len, BindMode, Closed, PollSet, SharedUmem, Waker, WorkerUmem, XskError,
@@ -156,6 +158,14 @@ pub enum Command {
     ServiceCounts(Sender<Vec<crate::pipeline::service::SvcCount>>),
     /// The worker's policy drops per counter slot (ingress, egress).
     PolicyCounts(Sender<Vec<[u64; 2]>>),
+    /// Take up the flows and clients the last stop of stromd saved for this worker; `svc`
+    /// gives the slot each saved Service port has now. Replies with what was taken up.
+    Restore {
+        saved: Box<SavedTables>,
+        svc: Vec<Option<SvcRef>>,
+        elapsed_ms: u64,
+        reply: Sender<(Restored, usize)>,
+    },
     /// Leave the loop.
     Stop,
 }
@@ -433,8 +443,8 @@ impl Worker {
         }
     }
 
-    /// Runs until `Command::Stop`.
-    pub fn run(mut self) {
+    /// Runs until `Command::Stop`; returns its flows and clients (for the next start).
+    pub fn run(mut self) -> FlowTables {
         if let Some(core) = self.me.core {
             if !core_affinity::set_for_current(core_affinity::CoreId { id: core }) {
                 tracing::warn!(worker = self.me.id, core, "cannot pin worker");
@@ -556,6 +566,13 @@ impl Worker {
             }
         }
         tracing::info!(worker = self.me.id, "worker stopped");
+        FlowTables {
+            ct: std::mem::replace(&mut self.ctx.ct, crate::conntrack::Conntrack::new(0)),
+            affinity: std::mem::replace(
+                &mut self.ctx.affinity,
+                crate::conntrack::affinity::Affinity::new(0),
+            ),
+        }
     }
 
     fn sleep(&mut self) {
@@ -583,6 +600,21 @@ impl Worker {
         while let Ok(c) = self.commands.try_recv() {
             match c {
                 Command::Stop => return false,
+                Command::Restore {
+                    saved,
+                    svc,
+                    elapsed_ms,
+                    reply,
+                } => {
+                    let now = crate::stats::coarse_ms();
+                    let slot = |i: u32| svc.get(i as usize).copied().flatten();
+                    let flows = self.ctx.ct.restore(&saved.flows, elapsed_ms, now, slot);
+                    let clients = self
+                        .ctx
+                        .affinity
+                        .restore(&saved.clients, elapsed_ms, now, slot);
+                    let _ = reply.send((flows, clients));
+                }
                 Command::AddPort(s, reply) => {
                     let id = s.id;
                     // A port the controller gave up on (its removal timed out) and whose id
@@ -1189,7 +1221,7 @@ pub fn spawn(
     sizes: XskSizes,
     conntrack_max: usize,
     echo_ids: Option<Arc<strom_xdp::bpf::EchoIds>>,
-) -> Result<Vec<std::thread::JoinHandle<()>>, XskError> {
+) -> Result<Vec<std::thread::JoinHandle<Option<FlowTables>>>, XskError> {
     let umem = SharedUmem::new(sizes, shared.len() as u32)?;
     let all: Arc<[Arc<WorkerShared>]> = shared.to_vec().into();
     receivers
@@ -1219,10 +1251,11 @@ pub fn spawn(
 }
 
 /// Runs a worker's body and records how it ended, a panic with its message, so that
-/// `status` turns not-ready with the reason (the thread is gone either way).
-fn run_guarded(counters: &WorkerCounters, body: impl FnOnce()) {
-    let how = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(body)) {
-        Ok(()) => "stopped".to_string(),
+/// `status` turns not-ready with the reason (the thread is gone either way). Returns what the
+/// body returned, None after a panic.
+fn run_guarded<T>(counters: &WorkerCounters, body: impl FnOnce() -> T) -> Option<T> {
+    let (how, out) = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(body)) {
+        Ok(out) => ("stopped".to_string(), Some(out)),
         Err(p) => {
             let msg = p
                 .downcast_ref::<&str>()
@@ -1230,10 +1263,11 @@ fn run_guarded(counters: &WorkerCounters, body: impl FnOnce()) {
                 .or_else(|| p.downcast_ref::<String>().cloned())
                 .unwrap_or_else(|| "unknown panic".into());
             tracing::error!(error = %msg, "worker panicked");
-            format!("panicked: {msg}")
+            (format!("panicked: {msg}"), None)
         }
     };
     let _ = counters.ended.set(how);
+    out
 }
 
 /// Waits for a reply from a worker, bounded.
@@ -1248,13 +1282,13 @@ mod tests {
     #[test]
     fn a_worker_that_panics_is_recorded_with_its_message() {
         let c = WorkerCounters::default();
-        run_guarded(&c, || panic!("ring went away"));
+        assert!(run_guarded(&c, || -> u8 { panic!("ring went away") }).is_none());
         assert_eq!(
             c.ended.get().map(String::as_str),
             Some("panicked: ring went away")
         );
         let c = WorkerCounters::default();
-        run_guarded(&c, || ());
+        assert_eq!(run_guarded(&c, || 7), Some(7));
         assert_eq!(c.ended.get().map(String::as_str), Some("stopped"));
     }
 }

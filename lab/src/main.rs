@@ -757,8 +757,9 @@ fn main() -> anyhow::Result<()> {
             }
             if action != "stop" {
                 st.start_stromd()?;
-                // stromd keeps its ports across a restart, not what it was told about
-                // Services: the lab gives them again.
+                // stromd takes up its ports, and after a stop (not a kill) the Services,
+                // policies and flows it saved; the lab gives its Services and policies again
+                // all the same, as strom-control does to a new stromd.
                 for e in st.reprogram_services() {
                     eprintln!("Service not set again: {e}");
                 }

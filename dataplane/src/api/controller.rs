@@ -26,6 +26,7 @@ use crate::tables::{Next, TableHandle};
 use crate::worker::{wait_reply, Command, PortSetup, WorkerShared};
 
 mod deltas;
+mod persist;
 mod policy;
 mod services;
 
@@ -92,6 +93,11 @@ pub struct Controller {
     generation: u64,
     /// Numbered writers' last deltas.
     deltas: deltas::Deltas,
+    /// The policies in force as last set (saved when stromd stops).
+    policies: Option<strom_api::PolicySet>,
+    /// The worker each port was on before a restart, by interface name: a port coming back
+    /// goes there, where its flows were taken up (`persist`).
+    placement: BTreeMap<String, usize>,
 }
 
 /// What `open_port` needs to know.
@@ -246,11 +252,14 @@ impl Controller {
             instance: instance_id(),
             generation: 0,
             deltas: Default::default(),
+            policies: None,
+            placement: BTreeMap::new(),
         }
     }
 
     /// Re-registers the ports recorded by a previous run whose interfaces still exist; those
     /// that fail while their interface is there are kept and tried again at every upkeep.
+    /// After [`Controller::take_up_saved`], each goes to the worker it was on.
     pub fn restore(&mut self) {
         self.unrestored = self.state.load();
         self.retry_unrestored();
@@ -412,9 +421,15 @@ impl Controller {
             self.remove_port(&PortKey::Ifname(spec.ifname.clone()), PortInterface::Keep)?;
         }
         let id = self.alloc_id().ok_or("no free port slot")?;
-        let worker = (0..self.workers.len())
-            .min_by_key(|&w| self.ports_on(w))
-            .unwrap_or(0);
+        let worker = self
+            .placement
+            .remove(&spec.ifname)
+            .filter(|&w| w < self.workers.len())
+            .unwrap_or_else(|| {
+                (0..self.workers.len())
+                    .min_by_key(|&w| self.ports_on(w))
+                    .unwrap_or(0)
+            });
         let counters = Arc::new(SharedCounters::default());
         let (xdp_mode, zero_copy) = self.open_port(
             OpenPort {
@@ -1028,12 +1043,21 @@ impl Controller {
     }
 
     /// Detaches everything and stops the workers (shutdown). Recorded ports stay on disk.
-    pub fn shutdown(&mut self, handles: Vec<std::thread::JoinHandle<()>>) {
+    /// Stops the workers; with `save`, leaves their flows and the tables to the next start.
+    pub fn shutdown(
+        &mut self,
+        handles: Vec<std::thread::JoinHandle<Option<crate::conntrack::persist::FlowTables>>>,
+        save: bool,
+    ) {
         for w in &self.workers {
             w.command(Command::Stop);
         }
-        for h in handles {
-            let _ = h.join();
+        let tables: Vec<_> = handles
+            .into_iter()
+            .map(|h| h.join().ok().flatten())
+            .collect();
+        if save {
+            self.save_tables(tables);
         }
         for t in self.deleting.drain(..) {
             let _ = t.join();

@@ -90,6 +90,8 @@ fn main() -> anyhow::Result<()> {
     // that is not drained. The guard flushes what is queued when main returns.
     let (writer, _log_guard) = tracing_appender::non_blocking(std::io::stderr());
     tracing_subscriber::fmt()
+        // Colours only on a terminal: a log file or journal gets plain lines.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_env_filter(tracing_subscriber::EnvFilter::try_new(&args.log).context("--log")?)
         .with_writer(writer)
         .init();
@@ -264,9 +266,12 @@ fn main() -> anyhow::Result<()> {
         None => None,
     };
     let mut ctl = Controller::new(cfg, xdp, node_sockets, tables, shared);
+    // What the last stop saved comes back before any packet can: the uplink and the ports
+    // come after.
+    ctl.take_up_saved();
     if let Some((ifname, gateway)) = uplink {
         if let Err(e) = ctl.add_uplink(&ifname, gateway) {
-            ctl.shutdown(handles);
+            ctl.shutdown(handles, false);
             anyhow::bail!("uplink {ifname}: {e}");
         }
         // Resolve the gateway before answering the API, so that pods wired right after start
@@ -285,8 +290,8 @@ fn main() -> anyhow::Result<()> {
         }
         Err(e) => Err(e.into()),
     };
-    tracing::info!("stromd stopping: detaching XDP programs, closing sockets");
-    ctl.shutdown(handles);
+    tracing::info!("stromd stopping: saving its tables, closing sockets");
+    ctl.shutdown(handles, true);
     drop(ctl);
     served.context("API socket")?;
     tracing::info!("stromd stopped");

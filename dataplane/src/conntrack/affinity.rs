@@ -130,6 +130,53 @@ impl Affinity {
         }
     }
 
+    /// The live clients at `now_ms`, for the next start of stromd; `svc` names a Service
+    /// port by its index in the snapshot (`None`: gone, its clients are not saved).
+    pub fn save(
+        &self,
+        now_ms: u64,
+        mut svc: impl FnMut(SvcRef) -> Option<u32>,
+    ) -> Vec<super::persist::SavedClient> {
+        self.slots
+            .iter()
+            .filter(|s| s.live && s.expires_ms > now_ms)
+            .filter_map(|s| {
+                Some(super::persist::SavedClient {
+                    svc: svc(s.key.svc)?,
+                    client: s.key.client,
+                    backend: s.backend,
+                    left_ms: s.expires_ms - now_ms,
+                })
+            })
+            .collect()
+    }
+
+    /// Takes up saved clients at `now_ms`, each with `elapsed_ms` less time left; `svc`
+    /// gives a saved Service port's slot now (`None`: not set, its clients are dropped).
+    /// Returns how many were taken up. A client whose backend has left the Service is
+    /// balanced anew on its next connection, as it would have been.
+    pub fn restore(
+        &mut self,
+        clients: &[super::persist::SavedClient],
+        elapsed_ms: u64,
+        now_ms: u64,
+        mut svc: impl FnMut(u32) -> Option<SvcRef>,
+    ) -> usize {
+        let mut taken = 0;
+        for c in clients {
+            let (Some(left), Some(svc)) = (
+                c.left_ms.checked_sub(elapsed_ms).filter(|&l| l > 0),
+                svc(c.svc),
+            ) else {
+                continue;
+            };
+            if self.set(svc, c.client, c.backend, left, now_ms) {
+                taken += 1;
+            }
+        }
+        taken
+    }
+
     pub fn len(&self) -> usize {
         self.index.len()
     }
@@ -175,5 +222,42 @@ mod tests {
             "expired made room"
         );
         assert!(a.len() <= 2);
+    }
+
+    #[test]
+    fn saved_clients_come_back_under_the_new_slot_with_their_time_left() {
+        let mut a = Affinity::new(4);
+        let (old, new) = (
+            SvcRef {
+                slot: 2,
+                incarnation: 1,
+            },
+            SvcRef {
+                slot: 0,
+                incarnation: 1,
+            },
+        );
+        let b = Backend {
+            ip: "198.18.16.3".parse().unwrap(),
+            port: 80,
+        };
+        let (c, d): (Ipv4Addr, Ipv4Addr) = (
+            "198.18.16.2".parse().unwrap(),
+            "198.18.16.4".parse().unwrap(),
+        );
+        a.set(old, c, b, 10_000, 0);
+        a.set(old, d, b, 1_000, 0);
+        let saved = a.save(400, |s| (s == old).then_some(5));
+        assert_eq!(saved.len(), 2);
+        let mut next = Affinity::new(4);
+        // 700 ms gone: d's affinity has expired meanwhile.
+        assert_eq!(
+            next.restore(&saved, 700, 50, |i| (i == 5).then_some(new)),
+            1
+        );
+        assert_eq!(next.get(new, c, 50 + 10_000 - 400 - 700 - 1), Some(b));
+        assert_eq!(next.get(new, d, 50), None);
+        assert_eq!(next.get(new, c, 50 + 10_000 - 400 - 700), None, "expired");
+        assert_eq!(Affinity::new(4).restore(&saved, 0, 0, |_| None), 0);
     }
 }

@@ -11,6 +11,7 @@
 
 pub mod affinity;
 pub mod frag;
+pub mod persist;
 pub mod tcp;
 
 use std::net::Ipv4Addr;
@@ -293,12 +294,6 @@ impl Conntrack {
         checked: u64,
         now_ms: u64,
     ) -> Result<u32, Refused> {
-        if self.index.contains_key(&orig) || (reply != orig && self.index.contains_key(&reply)) {
-            return Err(Refused::Clash);
-        }
-        if self.live >= self.max && !self.make_room(now_ms) {
-            return Err(Refused::Full);
-        }
         let state = if orig.proto == TCP {
             FlowState::Tcp(TcpState::first(first.tcp_flags))
         } else {
@@ -320,6 +315,18 @@ impl Conntrack {
             policy_checked: 0,
             live: true,
         };
+        self.put(e, now_ms)
+    }
+
+    /// Puts `e` in a free slot and indexes it both ways.
+    fn put(&mut self, e: Entry, now_ms: u64) -> Result<u32, Refused> {
+        let (orig, reply) = (e.orig, e.reply);
+        if self.index.contains_key(&orig) || (reply != orig && self.index.contains_key(&reply)) {
+            return Err(Refused::Clash);
+        }
+        if self.live >= self.max && !self.make_room(now_ms) {
+            return Err(Refused::Full);
+        }
         let slot = match self.free.pop() {
             Some(s) => {
                 self.entries[s as usize] = e;
@@ -465,7 +472,8 @@ mod tests {
         }
     }
 
-    fn reply_of(k: FlowKey) -> FlowKey {
+    /// Shared with the other tests of conntrack.
+    pub(super) fn reply_of(k: FlowKey) -> FlowKey {
         FlowKey {
             src: "198.18.16.3".parse().unwrap(),
             sport: 8080,
@@ -473,7 +481,7 @@ mod tests {
         }
     }
 
-    fn backend() -> Backend {
+    pub(super) fn backend() -> Backend {
         Backend {
             ip: "198.18.16.3".parse().unwrap(),
             port: 8080,

@@ -50,7 +50,9 @@ impl FrontKind {
 }
 
 /// A backend: an endpoint's address and the port it serves this Service port on.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
 pub struct Backend {
     pub ip: Ipv4Addr,
     pub port: u16,
@@ -392,6 +394,11 @@ pub struct DesiredServices {
 }
 
 impl DesiredServices {
+    /// The Services as set.
+    pub fn specs(&self) -> impl Iterator<Item = &ServiceSpec> {
+        self.specs.values().map(|(s, _)| s)
+    }
+
     /// Takes `spec` in place of what its Service had (`nodes`: where NodePorts listen). A
     /// frontend another Service holds refuses the whole Service, which keeps what it had.
     pub fn set(&mut self, spec: ServiceSpec, nodes: &[Ipv4Addr]) -> Result<(), String> {

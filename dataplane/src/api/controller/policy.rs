@@ -19,6 +19,7 @@ impl Controller {
                     groups = set.groups.len(),
                     "policies programmed"
                 );
+                self.policies = Some(set);
                 Response::Ok
             }
             Err(e) => {

@@ -68,7 +68,7 @@ impl Controller {
     /// NodePorts on the node's addresses, external and load-balancer IPs on the uplink; and
     /// hand back to the kernel what they no longer do. Gives the node's own sockets the
     /// Services' frontends.
-    fn sync_frontends(&mut self) {
+    pub(super) fn sync_frontends(&mut self) {
         let table = self.desired.tables().services();
         let mut ports = std::collections::BTreeSet::new();
         let mut vips = std::collections::BTreeSet::new();

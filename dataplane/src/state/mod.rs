@@ -1,4 +1,7 @@
-//! Ports recorded on disk so a restarted stromd takes them back without rewiring pods.
+//! What a restarted stromd takes back from disk: the ports (here, so that pods are not
+//! rewired) and the tables it had when it stopped ([`tables`]).
+
+pub mod tables;
 
 use std::path::{Path, PathBuf};
 

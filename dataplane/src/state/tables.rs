@@ -1,0 +1,217 @@
+//! stromd's tables saved when it stops and taken up by its next start (docs/design.md,
+//! "Across a restart of stromd"): the Services and NetworkPolicies it was given, which worker
+//! served each port, and each worker's flows and ClientIP affinities.
+//!
+//! Written to `state_dir/tables.cbor` once the workers have stopped, and removed by the next
+//! start as it reads it: a snapshot is taken up once, by the start that follows the stop
+//! that wrote it. CBOR through serde (ciborium), the flows in it as fixed-size records
+//! (`conntrack::persist`): a million flows are 54 MB.
+
+use std::collections::BTreeMap;
+use std::io::{BufReader, BufWriter, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use strom_api::{PolicySet, ServiceSpec};
+
+use crate::conntrack::persist::SavedTables;
+
+/// The snapshot's format; a snapshot of another is not taken up (logged).
+pub const VERSION: u32 = 1;
+
+/// What a stopping stromd leaves to its next start.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Snapshot {
+    pub version: u32,
+    /// When it was written (ms since the Unix epoch): the next start takes the time it was
+    /// gone off every flow's and client's time left.
+    pub saved_unix_ms: u64,
+    /// The Services as last set.
+    pub services: Vec<ServiceSpec>,
+    /// The NetworkPolicies as last set (None: never set).
+    pub policies: Option<PolicySet>,
+    /// The Service ports flows and clients name, by index: key (`namespace/name:port`) and
+    /// protocol.
+    pub svc_ports: Vec<(String, u8)>,
+    /// The worker each pod port was on, by interface name: the next start puts them back
+    /// there, where their flows are.
+    pub port_workers: BTreeMap<String, usize>,
+    /// Each worker's flows and clients, by worker.
+    pub workers: Vec<SavedTables>,
+}
+
+/// Why a snapshot could not be written.
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    #[error("{0}: {1}")]
+    Io(String, std::io::Error),
+    #[error("encoding: {0}")]
+    Encode(String),
+}
+
+/// `state_dir/tables.cbor`.
+#[derive(Debug, Clone)]
+pub struct SnapshotFile {
+    path: PathBuf,
+}
+
+impl SnapshotFile {
+    pub fn new(dir: &Path) -> Self {
+        SnapshotFile {
+            path: dir.join("tables.cbor"),
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Writes `s` atomically (temporary file, then rename); returns its size in bytes.
+    pub fn save(&self, s: &Snapshot) -> Result<u64, SnapshotError> {
+        let io = |e| SnapshotError::Io(self.path.display().to_string(), e);
+        if let Some(d) = self.path.parent() {
+            std::fs::create_dir_all(d).map_err(io)?;
+        }
+        let tmp = self.path.with_extension("cbor.tmp");
+        // Only root reads it: it lists the node's flows.
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)
+            .map_err(io)?;
+        let mut w = BufWriter::new(f);
+        ciborium::into_writer(s, &mut w).map_err(|e| SnapshotError::Encode(e.to_string()))?;
+        w.flush().map_err(io)?;
+        let size = w.get_ref().metadata().map_err(io)?.len();
+        drop(w);
+        std::fs::rename(&tmp, &self.path).map_err(io)?;
+        Ok(size)
+    }
+
+    /// The snapshot the last stop left, removed from disk as it is read. None when there is
+    /// none; an unreadable, corrupt or other version's snapshot is logged and not taken up.
+    pub fn take(&self) -> Option<Snapshot> {
+        let f = match std::fs::File::open(&self.path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
+            Err(e) => {
+                tracing::warn!(path = %self.path.display(), error = %e, "cannot read saved tables");
+                return None;
+            }
+        };
+        if let Err(e) = std::fs::remove_file(&self.path) {
+            tracing::warn!(path = %self.path.display(), error = %e, "cannot remove saved tables");
+        }
+        match ciborium::from_reader::<Snapshot, _>(BufReader::new(f)) {
+            Ok(s) if s.version == VERSION => Some(s),
+            Ok(s) => {
+                tracing::warn!(
+                    version = s.version,
+                    want = VERSION,
+                    "saved tables of another format, not taken up"
+                );
+                None
+            }
+            Err(e) => {
+                tracing::warn!(
+                    path = %self.path.display(),
+                    error = %e,
+                    "saved tables not readable (corrupt, or of another format), not taken up"
+                );
+                None
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::conntrack::persist::SavedClient;
+    use crate::tables::services::Backend;
+
+    fn snapshot() -> Snapshot {
+        let services = vec![serde_json::from_str(
+            r#"{"namespace": "t", "name": "web", "cluster_ips": ["198.19.0.10"],
+                "ports": [{"name": "http", "protocol": "tcp", "port": 80, "node_port": 30080,
+                           "endpoints": [{"ip": "198.18.16.3", "port": 8080, "ready": true,
+                                          "serving": true, "terminating": false,
+                                          "local": true, "in_topology": false,
+                                          "target": "t/a"}]}],
+                "affinity_timeout_s": 60, "external_local": true}"#,
+        )
+        .unwrap()];
+        let policies = serde_json::from_str(
+            r#"{"peers": [{"ip": "198.18.16.3", "identity": 1}],
+                "pods": [{"pod": "t/a", "ips": ["198.18.16.3"], "ingress": 0}],
+                "groups": [{"direction": "ingress", "policies": ["t/p"],
+                            "rules": [{"policy": "t/p", "index": 0,
+                                       "peers": {"some": {"identities": [1],
+                                                 "blocks": [{"cidr": "198.18.0.0/15",
+                                                             "except": ["198.18.1.0/24"]}]}},
+                                       "ports": [{"protocol": "udp", "first": 53, "last": 53}]},
+                                      {"policy": "t/p", "index": 1, "peers": "any"}]}]}"#,
+        )
+        .unwrap();
+        Snapshot {
+            version: VERSION,
+            saved_unix_ms: 1_800_000_000_000,
+            services,
+            policies: Some(policies),
+            svc_ports: vec![("t/web:http".into(), 6)],
+            port_workers: [("sa1b2c3".to_string(), 1)].into_iter().collect(),
+            workers: vec![
+                SavedTables::default(),
+                SavedTables {
+                    flows: Default::default(),
+                    clients: vec![SavedClient {
+                        svc: 0,
+                        client: "198.18.16.2".parse().unwrap(),
+                        backend: Backend {
+                            ip: "198.18.16.3".parse().unwrap(),
+                            port: 8080,
+                        },
+                        left_ms: 5000,
+                    }],
+                },
+            ],
+        }
+    }
+
+    fn dir(name: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("strom-tables-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        d
+    }
+
+    #[test]
+    fn a_snapshot_is_read_back_as_written_and_only_once() {
+        let d = dir("once");
+        let f = SnapshotFile::new(&d);
+        assert_eq!(f.take(), None, "none yet");
+        let s = snapshot();
+        assert!(f.save(&s).unwrap() > 0);
+        assert_eq!(f.take(), Some(s));
+        assert!(!f.path().exists(), "removed as it is read");
+        assert_eq!(f.take(), None, "taken up once");
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn a_corrupt_or_other_format_snapshot_is_not_taken_up() {
+        let d = dir("bad");
+        let f = SnapshotFile::new(&d);
+        let mut s = snapshot();
+        s.version = VERSION + 1;
+        f.save(&s).unwrap();
+        assert_eq!(f.take(), None);
+        assert!(!f.path().exists());
+        std::fs::write(f.path(), b"\xa1not cbor at all").unwrap();
+        assert_eq!(f.take(), None);
+        assert!(!f.path().exists(), "a corrupt one goes too");
+        let _ = std::fs::remove_dir_all(&d);
+    }
+}
