@@ -11,7 +11,7 @@
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use strom_tests::{bin_dir, drops_in, net_lock, sh, Lab};
+use strom_tests::{bin_dir, drops_in, net_lock, sh, Lab, Proc};
 
 const NODE: &str = "198.18.0.1";
 const EXTERNAL: &str = "198.18.0.2";
@@ -386,5 +386,57 @@ fn a_pods_ping_to_the_outside_comes_from_the_node_and_the_nodes_own_ping_still_w
     assert!(
         ping("t/a"),
         "another pod's ping, at the same time as the first's flow lives"
+    );
+}
+
+#[test]
+fn fragmented_datagrams_reach_a_node_port_and_a_masqueraded_flow_from_outside() {
+    // The uplink's program tells a first fragment by its ports and sends the later ones,
+    // which have none, where the first went (stromd gives them its translation).
+    let _g = net_lock();
+    let lab = Lab::up(&manifest(&web("np", "NodePort", 30070, "")), &[]);
+    wait_serving(&lab, "t/a");
+    // From outside to the NodePort: 3000 bytes, in three fragments.
+    let send = format!(
+        "import socket\ns = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\ns.settimeout(2)\ns.connect(('{NODE}', 30071))\ns.send(b'x' * 3000)\nprint(s.recv(1500).decode())\n"
+    );
+    let o = lab.exec("external", &["python3", "-c", &send]);
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        o.status.success() && out.starts_with("t/a "),
+        "the backend answered the datagram: {out}{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    // A pod's datagram to the outside, masqueraded, answered with 3000 bytes: three
+    // fragments to the node's SNAT port.
+    let server = "import socket\ns = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\ns.bind(('0.0.0.0', 7002))\ns.settimeout(10)\nd, a = s.recvfrom(100)\ns.sendto(b'y' * 3000, a)\n";
+    let _server = Proc(
+        Command::new("ip")
+            .args(["netns", "exec", &format!("{}-ext", lab.prefix)])
+            .args(["python3", "-c", server])
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let t = Instant::now();
+    while !String::from_utf8_lossy(
+        &lab.exec("external", &["ss", "-Hlun", "sport = :7002"])
+            .stdout,
+    )
+    .contains("7002")
+    {
+        assert!(t.elapsed() < Duration::from_secs(5), "the server listens");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let ask = format!(
+        "import socket\ns = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\ns.settimeout(2)\ns.connect(('{EXTERNAL}', 7002))\ns.send(b'hi')\nd = s.recv(65535)\nprint(len(d), d[:1].decode())\n"
+    );
+    let o = lab.exec("t/c", &["python3", "-c", &ask]);
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert_eq!(
+        out.trim(),
+        "3000 y",
+        "the fragmented answer reached the pod: {}",
+        String::from_utf8_lossy(&o.stderr)
     );
 }

@@ -11,7 +11,8 @@
 //                 is dropped (fail closed): a pod never reaches another pod around stromd.
 //   strom_uplink  on the uplink: only IPv4 for the prefixes stromd owns (`owned`: the pod CIDR,
 //                 Services' external and load-balancer IPs) and for the node's addresses on
-//                 NodePorts and stromd's SNAT ports (`node_ports`, `snat_ports`), ICMP
+//                 NodePorts and stromd's SNAT ports (`node_ports`, `snat_ports`; the later
+//                 fragments of a datagram whose first went to stromd, `frag_ids`), ICMP
 //                 errors quoting packets from those ports, and echo replies to the
 //                 identifiers of pods' masqueraded pings (`echo_ids`), goes to the socket; everything
 //                 else (ARP, the node's own traffic) goes to the kernel, so the node keeps
@@ -149,6 +150,25 @@ struct {
 	__type(value, __u64);
 } echo_ids SEC(".maps");
 
+/* The datagrams to the node's addresses whose first fragment went to stromd (to a NodePort
+ * or a SNAT port): their later fragments, which carry no ports, go to stromd too, which
+ * gives them the first one's translation (conntrack/frag.rs). A later fragment that comes
+ * before its first stays the kernel's (Cilium's fragment map works the same way). */
+struct frag_key {
+	__u32 saddr;
+	__u32 daddr;
+	__u16 id;
+	__u8 proto;
+	__u8 pad;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 4096);
+	__type(key, struct frag_key);
+	__type(value, __u8);
+} frag_ids SEC(".maps");
+
 #define POD_SRC_IPS 4
 
 /* What a pod may send from: its MAC and up to POD_SRC_IPS IPv4 addresses (network order). */
@@ -266,14 +286,19 @@ static __always_inline int stromds_port(__u8 proto, __u16 port)
 }
 
 /* Whether a TCP, UDP or SCTP packet to one of the node's addresses is for stromd: to a
- * NodePort, or an answer to a port stromd translated to. Fragments carry no ports past the
- * first, and stromd does not reassemble: all of them stay the kernel's. */
+ * NodePort, or an answer to a port stromd translated to. A first fragment is told by its
+ * ports like a whole datagram and recorded in `frag_ids`; a later one, which has none, goes
+ * where its first went. */
 static __always_inline int stromd_port(struct iphdr *ip, void *end)
 {
 	if (ip->protocol != IPPROTO_TCP && ip->protocol != IPPROTO_UDP && ip->protocol != IPPROTO_SCTP)
 		return 0;
-	if (ip->frag_off & bpf_htons(0x3fff))
-		return 0;
+	struct frag_key fk = {
+		.saddr = ip->saddr, .daddr = ip->daddr, .id = ip->id, .proto = ip->protocol, .pad = 0
+	};
+	/* a later fragment: an offset */
+	if (ip->frag_off & bpf_htons(0x1fff))
+		return bpf_map_lookup_elem(&frag_ids, &fk) != 0;
 	__u32 ihl = ip->ihl * 4;
 	if (ihl < sizeof(*ip))
 		return 0;
@@ -282,7 +307,14 @@ static __always_inline int stromd_port(struct iphdr *ip, void *end)
 		return 0;
 	__u16 dport;
 	__builtin_memcpy(&dport, l4 + 2, 2);
-	return stromds_port(ip->protocol, dport);
+	if (!stromds_port(ip->protocol, dport))
+		return 0;
+	/* a first fragment: more to come */
+	if (ip->frag_off & bpf_htons(0x2000)) {
+		__u8 one = 1;
+		bpf_map_update_elem(&frag_ids, &fk, &one, BPF_ANY);
+	}
+	return 1;
 }
 
 /* The 8-byte ICMP header of an unfragmented ICMP packet, or 0. */
