@@ -549,8 +549,8 @@ fn restarts_of_strom_control_stromd_and_the_api_server() {
     );
     let took = wait_both(&lab, &control, &web, Duration::from_secs(20));
     eprintln!("stromd restarted: Service served again after {took:?}");
-    // Served from what stromd took up, before strom-control's resync (it greets stromd
-    // once a second), which comes all the same.
+    // Served from what stromd took up or from strom-control's resync (it greets stromd
+    // once a second), whichever comes first; the resync comes all the same.
     let t = Instant::now();
     while control.metric("strom_control_stromd_syncs_total", "") <= syncs {
         assert!(

@@ -150,10 +150,13 @@ struct {
 	__type(value, __u64);
 } echo_ids SEC(".maps");
 
-/* The datagrams to the node's addresses whose first fragment went to stromd (to a NodePort
- * or a SNAT port): their later fragments, which carry no ports, go to stromd too, which
- * gives them the first one's translation (conntrack/frag.rs). A later fragment that comes
- * before its first stays the kernel's (Cilium's fragment map works the same way). */
+/* The datagrams from outside to the node's addresses whose first fragment went to stromd (to
+ * a NodePort or a SNAT port), with when it came (ns, bpf_ktime_get_ns): their later
+ * fragments, which carry no ports, go to stromd too for FRAG_NS after it, and stromd gives
+ * them the first one's translation (conntrack/frag.rs, the same 30 s). A later fragment that
+ * comes before its first stays the kernel's (Cilium's fragment map works the same way). Only
+ * the uplink's program records: what a pod sends cannot steer the outside's fragments. */
+#define FRAG_NS (30ULL * 1000 * 1000 * 1000)
 struct frag_key {
 	__u32 saddr;
 	__u32 daddr;
@@ -166,7 +169,7 @@ struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
 	__uint(max_entries, 4096);
 	__type(key, struct frag_key);
-	__type(value, __u8);
+	__type(value, __u64);
 } frag_ids SEC(".maps");
 
 #define POD_SRC_IPS 4
@@ -286,19 +289,25 @@ static __always_inline int stromds_port(__u8 proto, __u16 port)
 }
 
 /* Whether a TCP, UDP or SCTP packet to one of the node's addresses is for stromd: to a
- * NodePort, or an answer to a port stromd translated to. A first fragment is told by its
- * ports like a whole datagram and recorded in `frag_ids`; a later one, which has none, goes
- * where its first went. */
-static __always_inline int stromd_port(struct iphdr *ip, void *end)
+ * NodePort, or an answer to a port stromd translated to. From outside (`uplink`), a first
+ * fragment is told by its ports like a whole datagram and recorded in `frag_ids`, and a
+ * later one, which has none, goes where its first went; from a pod, fragments stay the
+ * kernel's. */
+static __always_inline int stromd_port(struct iphdr *ip, void *end, int uplink)
 {
 	if (ip->protocol != IPPROTO_TCP && ip->protocol != IPPROTO_UDP && ip->protocol != IPPROTO_SCTP)
+		return 0;
+	int fragment = (ip->frag_off & bpf_htons(0x3fff)) != 0;
+	if (fragment && !uplink)
 		return 0;
 	struct frag_key fk = {
 		.saddr = ip->saddr, .daddr = ip->daddr, .id = ip->id, .proto = ip->protocol, .pad = 0
 	};
 	/* a later fragment: an offset */
-	if (ip->frag_off & bpf_htons(0x1fff))
-		return bpf_map_lookup_elem(&frag_ids, &fk) != 0;
+	if (ip->frag_off & bpf_htons(0x1fff)) {
+		__u64 *first = bpf_map_lookup_elem(&frag_ids, &fk);
+		return first && bpf_ktime_get_ns() - *first < FRAG_NS;
+	}
 	__u32 ihl = ip->ihl * 4;
 	if (ihl < sizeof(*ip))
 		return 0;
@@ -310,9 +319,9 @@ static __always_inline int stromd_port(struct iphdr *ip, void *end)
 	if (!stromds_port(ip->protocol, dport))
 		return 0;
 	/* a first fragment: more to come */
-	if (ip->frag_off & bpf_htons(0x2000)) {
-		__u8 one = 1;
-		bpf_map_update_elem(&frag_ids, &fk, &one, BPF_ANY);
+	if (fragment) {
+		__u64 now = bpf_ktime_get_ns();
+		bpf_map_update_elem(&frag_ids, &fk, &now, BPF_ANY);
 	}
 	return 1;
 }
@@ -393,7 +402,7 @@ int strom_pod(struct xdp_md *ctx)
 		if (maybe_node_addr(ip->daddr)) {
 			/* a NodePort, or a backend's answer to a translated port: stromd's (it
 			 * checks the source itself) */
-			if (stromd_port(ip, end) || stromd_icmp_error(ip, end))
+			if (stromd_port(ip, end, 0) || stromd_icmp_error(ip, end))
 				return to_socket(ctx);
 			return from_pod(ctx, eth, ip->saddr) ? XDP_PASS : drop(XDP_DROP_SPOOFED);
 		}
@@ -442,7 +451,7 @@ int strom_uplink(struct xdp_md *ctx)
 	struct lpm_v4 key = { .prefixlen = 32, .addr = ip->daddr };
 	if (!bpf_map_lookup_elem(&owned, &key) &&
 	    !(bpf_map_lookup_elem(&node_addrs, &ip->daddr) &&
-	      (stromd_port(ip, end) || stromd_icmp_error(ip, end) ||
+	      (stromd_port(ip, end, 1) || stromd_icmp_error(ip, end) ||
 	       stromd_echo_reply(ip, end))))
 		return XDP_PASS;
 	long slot = slot_of(ctx);

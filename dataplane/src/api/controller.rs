@@ -275,6 +275,7 @@ impl Controller {
             let name = spec.ifname.clone();
             if let Err(gone) = port_interface(&name) {
                 tracing::warn!(ifname = %name, error = %gone, "recorded port's interface is gone");
+                self.placement.remove(&name);
                 continue;
             }
             match self.add_port(spec.clone()) {
@@ -421,9 +422,11 @@ impl Controller {
             self.remove_port(&PortKey::Ifname(spec.ifname.clone()), PortInterface::Keep)?;
         }
         let id = self.alloc_id().ok_or("no free port slot")?;
+        // Kept until the port is open: one that fails now goes back to its worker later.
         let worker = self
             .placement
-            .remove(&spec.ifname)
+            .get(&spec.ifname)
+            .copied()
             .filter(|&w| w < self.workers.len())
             .unwrap_or_else(|| {
                 (0..self.workers.len())
@@ -468,6 +471,7 @@ impl Controller {
             counters,
         };
         let status = self.status_of(&rec);
+        self.placement.remove(&rec.spec.ifname);
         self.unrestored.retain(|s| s.ifname != rec.spec.ifname);
         self.ports.insert(id, rec);
         self.save();
@@ -1042,12 +1046,11 @@ impl Controller {
         }
     }
 
-    /// Detaches everything and stops the workers (shutdown). Recorded ports stay on disk.
-    /// Stops the workers; with `save`, leaves their flows and the tables to the next start.
+    /// Stops the workers and leaves their flows and the tables to the next start (recorded
+    /// ports stay on disk too); detaches the programs unless they are pinned.
     pub fn shutdown(
         &mut self,
         handles: Vec<std::thread::JoinHandle<Option<crate::conntrack::persist::FlowTables>>>,
-        save: bool,
     ) {
         for w in &self.workers {
             w.command(Command::Stop);
@@ -1056,9 +1059,7 @@ impl Controller {
             .into_iter()
             .map(|h| h.join().ok().flatten())
             .collect();
-        if save {
-            self.save_tables(tables);
-        }
+        self.save_tables(tables);
         for t in self.deleting.drain(..) {
             let _ = t.join();
         }

@@ -271,7 +271,8 @@ fn main() -> anyhow::Result<()> {
     ctl.take_up_saved();
     if let Some((ifname, gateway)) = uplink {
         if let Err(e) = ctl.add_uplink(&ifname, gateway) {
-            ctl.shutdown(handles, false);
+            // What was taken up from the last stop is left to the next start again.
+            ctl.shutdown(handles);
             anyhow::bail!("uplink {ifname}: {e}");
         }
         // Resolve the gateway before answering the API, so that pods wired right after start
@@ -291,7 +292,7 @@ fn main() -> anyhow::Result<()> {
         Err(e) => Err(e.into()),
     };
     tracing::info!("stromd stopping: saving its tables, closing sockets");
-    ctl.shutdown(handles, true);
+    ctl.shutdown(handles);
     drop(ctl);
     served.context("API socket")?;
     tracing::info!("stromd stopped");

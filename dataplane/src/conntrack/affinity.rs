@@ -23,6 +23,10 @@ struct Slot {
     live: bool,
 }
 
+/// The longest affinity timeout a Service can give stromd (`affinity_timeout_s`, a u32 of
+/// seconds; Kubernetes allows at most a day).
+pub const MAX_TIMEOUT_MS: u64 = u32::MAX as u64 * 1000;
+
 /// A worker's affinity table.
 #[derive(Debug)]
 pub struct Affinity {
@@ -170,6 +174,8 @@ impl Affinity {
             ) else {
                 continue;
             };
+            // Never more than a Service can give (the file is data from disk).
+            let left = left.min(MAX_TIMEOUT_MS);
             if self.set(svc, c.client, c.backend, left, now_ms) {
                 taken += 1;
             }

@@ -69,7 +69,15 @@ const TCP_STATES: [TcpState; 6] = [
 
 fn state_byte(s: FlowState) -> u8 {
     match s {
-        FlowState::Tcp(t) => TCP_STATES.iter().position(|&x| x == t).unwrap_or(0) as u8,
+        // TCP_STATES' order.
+        FlowState::Tcp(t) => match t {
+            TcpState::SynSent => 0,
+            TcpState::SynRecv => 1,
+            TcpState::Established => 2,
+            TcpState::FinWait => 3,
+            TcpState::TimeWait => 4,
+            TcpState::Close => 5,
+        },
         FlowState::Datagram { replied, closed } => {
             DATAGRAM | u8::from(replied) | u8::from(closed) << 1
         }
@@ -288,6 +296,8 @@ impl Conntrack {
                 r.expired += 1;
                 continue;
             };
+            // Never more than its state gives it (the file is data from disk).
+            let left = left.min(f.state.timeout_ms(f.orig.proto));
             let svc = match f.svc {
                 None => SvcRef::NONE,
                 Some(i) => match svc(i) {
@@ -305,7 +315,7 @@ impl Conntrack {
                 backend: f.backend,
                 state: f.state,
                 fins: f.fins,
-                expires_ms: now_ms + left,
+                expires_ms: now_ms.saturating_add(left),
                 packets: f.packets,
                 // Never equal to a generation: checked on the next packet.
                 checked: u64::MAX,

@@ -24,9 +24,15 @@ pub const VERSION: u32 = 1;
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Snapshot {
     pub version: u32,
-    /// When it was written (ms since the Unix epoch): the next start takes the time it was
-    /// gone off every flow's and client's time left.
-    pub saved_unix_ms: u64,
+    /// The boot it was written in (`/proc/sys/kernel/random/boot_id`): flows do not outlive
+    /// a reboot, and a snapshot of another boot is not taken up.
+    pub boot_id: String,
+    /// When it was written, in ms on CLOCK_BOOTTIME (steady across suspend and clock
+    /// changes): the next start takes the time it was gone off every flow's and client's
+    /// time left.
+    pub saved_boot_ms: u64,
+    /// The SNAT port range its flows were translated within (each worker's share of it).
+    pub snat_ports: (u16, u16),
     /// The Services as last set.
     pub services: Vec<ServiceSpec>,
     /// The NetworkPolicies as last set (None: never set).
@@ -39,6 +45,20 @@ pub struct Snapshot {
     pub port_workers: BTreeMap<String, usize>,
     /// Each worker's flows and clients, by worker.
     pub workers: Vec<SavedTables>,
+}
+
+/// This boot's identity (empty if it cannot be read).
+pub fn boot_id() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
+}
+
+/// Milliseconds on CLOCK_BOOTTIME.
+pub fn boot_ms() -> u64 {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_BOOTTIME)
+        .map(|t| t.tv_sec() as u64 * 1000 + t.tv_nsec() as u64 / 1_000_000)
+        .unwrap_or(0)
 }
 
 /// Why a snapshot could not be written.
@@ -102,11 +122,22 @@ impl SnapshotFile {
                 return None;
             }
         };
+        // Taken up once: one that cannot be removed would be taken up again by a start that
+        // follows a crash, stale.
         if let Err(e) = std::fs::remove_file(&self.path) {
-            tracing::warn!(path = %self.path.display(), error = %e, "cannot remove saved tables");
+            tracing::warn!(
+                path = %self.path.display(),
+                error = %e,
+                "cannot remove saved tables, not taken up"
+            );
+            return None;
         }
         match ciborium::from_reader::<Snapshot, _>(BufReader::new(f)) {
-            Ok(s) if s.version == VERSION => Some(s),
+            Ok(s) if s.version == VERSION && s.boot_id == boot_id() => Some(s),
+            Ok(s) if s.version == VERSION => {
+                tracing::warn!(saved = %s.boot_id, "saved tables of another boot, not taken up");
+                None
+            }
             Ok(s) => {
                 tracing::warn!(
                     version = s.version,
@@ -158,7 +189,9 @@ mod tests {
         .unwrap();
         Snapshot {
             version: VERSION,
-            saved_unix_ms: 1_800_000_000_000,
+            boot_id: boot_id(),
+            saved_boot_ms: 123_456,
+            snat_ports: (61000, 65535),
             services,
             policies: Some(policies),
             svc_ports: vec![("t/web:http".into(), 6)],
@@ -201,11 +234,16 @@ mod tests {
     }
 
     #[test]
-    fn a_corrupt_or_other_format_snapshot_is_not_taken_up() {
+    fn a_corrupt_other_format_or_other_boot_snapshot_is_not_taken_up() {
         let d = dir("bad");
         let f = SnapshotFile::new(&d);
         let mut s = snapshot();
         s.version = VERSION + 1;
+        f.save(&s).unwrap();
+        assert_eq!(f.take(), None);
+        assert!(!f.path().exists());
+        let mut s = snapshot();
+        s.boot_id = "another boot".into();
         f.save(&s).unwrap();
         assert_eq!(f.take(), None);
         assert!(!f.path().exists());

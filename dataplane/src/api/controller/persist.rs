@@ -6,19 +6,17 @@
 //! it was on).
 
 use std::collections::HashMap;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::Instant;
 
 use super::Controller;
 use crate::conntrack::persist::{FlowTables, Restored, SavedTables};
-use crate::state::tables::{Snapshot, SnapshotFile, VERSION};
+use crate::state::tables::{boot_id, boot_ms, Snapshot, SnapshotFile, VERSION};
 use crate::stats::coarse_ms;
 use crate::tables::services::SvcRef;
 use crate::worker::{wait_reply, Command};
 
-fn unix_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
+fn tuple_of(r: [u16; 2]) -> (u16, u16) {
+    (r[0], r[1])
 }
 
 impl Controller {
@@ -55,14 +53,21 @@ impl Controller {
             .collect();
         let snapshot = Snapshot {
             version: VERSION,
-            saved_unix_ms: unix_ms(),
+            boot_id: boot_id(),
+            saved_boot_ms: boot_ms(),
+            snat_ports: tuple_of(self.cfg.dataplane.snat_ports),
             services: self.desired.service_specs().cloned().collect(),
             policies: self.policies.take(),
             svc_ports,
-            port_workers: self
-                .ports
-                .values()
-                .map(|p| (p.spec.ifname.clone(), p.worker))
+            // The ports open, and those taken up from the last stop that are not open again
+            // yet (their flows are still on those workers).
+            port_workers: std::mem::take(&mut self.placement)
+                .into_iter()
+                .chain(
+                    self.ports
+                        .values()
+                        .map(|p| (p.spec.ifname.clone(), p.worker)),
+                )
                 .collect(),
             workers,
         };
@@ -125,12 +130,21 @@ impl Controller {
     /// start's slots. With another number of workers they are dropped (logged): each worker
     /// masquerades to its own share of the SNAT ports, and its ports would be others.
     fn restore_flows(&mut self, s: Snapshot) {
-        let elapsed = unix_ms().saturating_sub(s.saved_unix_ms);
+        let elapsed = boot_ms().saturating_sub(s.saved_boot_ms);
         if s.workers.len() != self.workers.len() {
             tracing::warn!(
                 saved = s.workers.len(),
                 now = self.workers.len(),
                 "saved flows not taken up: another number of workers"
+            );
+            return;
+        }
+        let snat = tuple_of(self.cfg.dataplane.snat_ports);
+        if s.snat_ports != snat {
+            tracing::warn!(
+                saved = ?s.snat_ports,
+                now = ?snat,
+                "saved flows not taken up: another SNAT port range"
             );
             return;
         }
@@ -146,6 +160,7 @@ impl Controller {
             .collect();
         let mut total = Restored::default();
         let mut clients = 0;
+        let mut unanswered = 0;
         for (w, saved) in self.workers.iter().zip(s.workers) {
             if saved.flows.is_empty() && saved.clients.is_empty() {
                 continue;
@@ -164,6 +179,8 @@ impl Controller {
                 total.refused += r.refused;
                 total.malformed += r.malformed;
                 clients += c;
+            } else {
+                unanswered += 1;
             }
         }
         tracing::info!(
@@ -173,6 +190,7 @@ impl Controller {
             refused = total.refused,
             malformed = total.malformed,
             clients,
+            workers_unanswered = unanswered,
             gone_ms = elapsed,
             "saved flows taken up"
         );
