@@ -252,6 +252,10 @@ pub struct ConntrackEntry {
     pub expires_in_s: u64,
     pub service: String,
     pub packets: u64,
+    /// The worker that owns the flow and translates it, when this worker only hands it the
+    /// flow's answers (a client beyond a multi-queue uplink whose backend is here).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<usize>,
 }
 
 /// A 5-tuple to trace (`stromctl trace`).

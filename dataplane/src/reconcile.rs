@@ -73,6 +73,14 @@ impl Reconciler {
         }
     }
 
+    /// Sets how many workers serve the uplink's receive queues.
+    pub fn set_uplink_workers(&mut self, n: u16) {
+        if self.routes.uplink_workers != n {
+            self.routes.uplink_workers = n;
+            self.publish_routes();
+        }
+    }
+
     /// Programs a Service (all its ports at once); a refused one keeps what it had.
     pub fn set_service(&mut self, spec: strom_api::ServiceSpec) -> Result<(), String> {
         self.check_addresses(&spec)?;

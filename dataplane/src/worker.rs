@@ -78,6 +78,8 @@ const RX_DESCS: usize = BATCH + MAX_CHAIN;
 /// carries both kinds, so the frames of a flow keep their order whatever their sizes.
 pub struct Handoff {
     port: u32,
+    /// The worker that handed it over.
+    from: u16,
     len: u32,
     /// What the frame's transport checksum needs when it leaves (`offload`).
     csum: TxChecksum,
@@ -281,10 +283,16 @@ impl WorkerShared {
         }
     }
 
-    /// Copies `bytes` into a hand-off for this worker's port `port`: inline when it fits, in
-    /// one of this worker's large buffers otherwise.
+    /// Copies `bytes` into a hand-off from worker `from` for this worker's port `port`:
+    /// inline when it fits, in one of this worker's large buffers otherwise.
     #[inline]
-    fn hand_bytes(&self, port: u32, bytes: &[u8], csum: TxChecksum) -> Result<(), DropReason> {
+    fn hand_bytes(
+        &self,
+        from: u16,
+        port: u32,
+        bytes: &[u8],
+        csum: TxChecksum,
+    ) -> Result<(), DropReason> {
         let len = bytes.len();
         let data = if len <= HANDOFF_INLINE {
             let mut b = [0; HANDOFF_INLINE];
@@ -303,6 +311,7 @@ impl WorkerShared {
         };
         if self.push_handoff(Handoff {
             port,
+            from,
             len: len as u32,
             csum,
             data,
@@ -694,7 +703,7 @@ impl Worker {
     }
 
     /// A frame handed here because this worker owns its flow (an answer to one of its SNAT
-    /// ports): translated and routed from here, its checksum class (`csum`, read by the worker
+    /// ports, or one a backend's worker hands back): translated and routed from here, its checksum class (`csum`, read by the worker
     /// it came in on) kept.
     fn rerouted(
         &mut self,
@@ -716,13 +725,66 @@ impl Worker {
             ),
             Action::Handoff { worker, port, len } if port != pipeline::REROUTE => {
                 match self.all.get(usize::from(worker)) {
-                    Some(w) => w.hand_bytes(port, &data[..len], self.ctx.tx_csum),
+                    Some(w) => w.hand_bytes(self.ctx.worker, port, &data[..len], self.ctx.tx_csum),
                     None => Err(DropReason::PortGone),
                 }
             }
             Action::Drop(r) | Action::IcmpError { reason: r, .. } => Err(r),
             Action::Handoff { .. } | Action::Hairpin { .. } => Err(DropReason::NoRoute),
         };
+        self.account_tx(r);
+    }
+
+    /// A frame from beyond the uplink that another worker received and handed here, where
+    /// its flow is owned (`RouteTable::inbound_owner`): processed as if it had come
+    /// in on this worker's own uplink socket, and sent on from here (a reset or an ICMP error
+    /// answering it, out of that socket).
+    fn take_from_uplink(&mut self, data: &mut [u8], len: usize, tables: &crate::tables::View<'_>) {
+        let Some(up) = self.ctx.uplink_tx else {
+            self.drops.count(DropReason::PortGone);
+            return;
+        };
+        let action = match self.ports.get(up as usize).and_then(|p| p.as_deref()) {
+            Some(p) => {
+                let port = InPort {
+                    id: up,
+                    kind: p.kind,
+                    host_mac: p.host_mac,
+                    pod_mac: p.pod_mac,
+                    ips: &p.ips,
+                };
+                pipeline::process(data, len, &port, tables, &mut self.ctx)
+            }
+            None => Action::Drop(DropReason::PortGone),
+        };
+        let (out, n) = match action {
+            Action::Drop(r) => {
+                self.drops.count(r);
+                return;
+            }
+            Action::IcmpError { reason, len } => {
+                self.drops.count(reason);
+                (up, len)
+            }
+            Action::Hairpin { len } => (up, len),
+            Action::Tx { port, len } => (port, len),
+            Action::Handoff { worker, port, len } => {
+                let r = match self.all.get(usize::from(worker)) {
+                    Some(w) => w.hand_bytes(self.ctx.worker, port, &data[..len], self.ctx.tx_csum),
+                    None => Err(DropReason::PortGone),
+                };
+                self.account_tx(r);
+                return;
+            }
+        };
+        let r = Self::transmit_copy(
+            &mut self.umem,
+            self.ports
+                .get_mut(out as usize)
+                .and_then(|p| p.as_deref_mut()),
+            &data[..n],
+            self.ctx.tx_csum,
+        );
         self.account_tx(r);
     }
 
@@ -789,6 +851,7 @@ impl Worker {
                 expires_in_s: e.expires_ms.saturating_sub(now) / 1000,
                 service: service_of(e),
                 packets: e.packets,
+                owner: e.owner().map(usize::from),
             });
         }
         (total, out)
@@ -948,6 +1011,7 @@ impl Worker {
                         Some(w) => Self::hand_off(
                             &mut self.umem,
                             w,
+                            self.ctx.worker,
                             out_port,
                             chain,
                             len,
@@ -987,6 +1051,7 @@ impl Worker {
     fn hand_off(
         umem: &mut WorkerUmem,
         w: &WorkerShared,
+        from: u16,
         out_port: u32,
         chain: &[XdpDesc],
         len: usize,
@@ -995,6 +1060,7 @@ impl Worker {
         if let [one] = chain {
             let bytes = umem.frame_mut(one.addr);
             return w.hand_bytes(
+                from,
                 out_port,
                 bytes.get(..len).ok_or(DropReason::PortGone)?,
                 csum,
@@ -1020,6 +1086,7 @@ impl Worker {
         }
         if w.push_handoff(Handoff {
             port: out_port,
+            from,
             len: wire as u32,
             csum,
             data: HandoffData::Large(data),
@@ -1111,13 +1178,15 @@ impl Worker {
                 break;
             };
             n += 1;
-            let (port, len, csum) = (h.port, h.len as usize, h.csum);
+            let (port, from, len, csum) = (h.port, h.from, h.len as usize, h.csum);
             let data = h.bytes_mut();
             let len = len.min(data.len());
             if port == pipeline::REROUTE {
                 self.rerouted(data, len, csum, tables);
+            } else if port == pipeline::FROM_UPLINK {
+                self.take_from_uplink(data, len, tables);
             } else {
-                let r = self.deliver_handed(port, data, len, csum, tables);
+                let r = self.deliver_handed(port, from, data, len, csum, tables);
                 self.account_tx(r);
             }
             if let HandoffData::Large(b) = h.data {
@@ -1127,21 +1196,25 @@ impl Worker {
         n
     }
 
-    /// Sends a frame another worker handed over (`data[..len]`) out of this worker's port
+    /// Sends a frame worker `from` handed over (`data[..len]`) out of this worker's port
     /// `port`. This worker owns the flows of its ports: a reply another worker routed here is
     /// translated back before it leaves (and one the policies deny on its own goes only as a
-    /// packet of such a flow, `CONFIRM`).
+    /// packet of such a flow, `CONFIRM`); a flow `from` translated and owns (`OWNED`) is
+    /// tracked here as its, so that its answers go back there.
     fn deliver_handed(
         &mut self,
         port: u32,
+        from: u16,
         data: &mut [u8],
         len: usize,
         csum: TxChecksum,
         tables: &crate::tables::View<'_>,
     ) -> Result<(), DropReason> {
         let confirm = port & pipeline::policy::CONFIRM != 0;
-        let out = port & !pipeline::policy::CONFIRM;
-        pipeline::service::deliver(data, len, tables, &mut self.ctx, confirm).and_then(|()| {
+        let owner = (port & pipeline::OWNED != 0).then_some(from);
+        let out = port & !(pipeline::policy::CONFIRM | pipeline::OWNED);
+        let handed = pipeline::service::Handed { confirm, owner };
+        pipeline::service::deliver(data, len, tables, &mut self.ctx, handed).and_then(|()| {
             Self::transmit_copy(
                 &mut self.umem,
                 self.ports

@@ -388,6 +388,30 @@ impl Lab {
         )
     }
 
+    /// Frames the uplink's XDP program redirected to stromd's socket on each of its first
+    /// `queues` receive queues (`ethtool -S`).
+    pub fn uplink_queue_redirects(&self, queues: usize) -> Vec<u64> {
+        let o = sh(Command::new("ip").args([
+            "netns",
+            "exec",
+            &self.node_ns(),
+            "ethtool",
+            "-S",
+            "uplink",
+        ]));
+        let stats = String::from_utf8_lossy(&o.stdout);
+        (0..queues)
+            .map(|q| {
+                let key = format!("rx_queue_{q}_xdp_redirect:");
+                stats
+                    .lines()
+                    .find_map(|l| l.trim().strip_prefix(&key))
+                    .and_then(|v| v.trim().parse().ok())
+                    .unwrap_or_else(|| panic!("{key} in {stats}"))
+            })
+            .collect()
+    }
+
     /// Asserts that every worker received frames.
     pub fn assert_every_worker_received(&self) {
         let stats = self.stromctl(&["stats"]);

@@ -1283,18 +1283,11 @@ fn a_multi_queue_uplink_gets_a_socket_per_queue_and_every_queue_carries_traffic(
             "external -> pod, connection {i}"
         );
     }
-    let o =
-        sh(Command::new("ip").args(["netns", "exec", &lab.node_ns(), "ethtool", "-S", "uplink"]));
-    let stats = String::from_utf8_lossy(&o.stdout);
-    for q in 0..2 {
-        let key = format!("rx_queue_{q}_xdp_redirect:");
-        let n: u64 = stats
-            .lines()
-            .find_map(|l| l.trim().strip_prefix(&key))
-            .and_then(|v| v.trim().parse().ok())
-            .unwrap_or_else(|| panic!("{key} in {stats}"));
-        assert!(n > 0, "queue {q} redirected frames to its socket: {stats}");
-    }
+    let redirects = lab.uplink_queue_redirects(2);
+    assert!(
+        redirects.iter().all(|&n| n > 0),
+        "each queue redirected frames to its socket: {redirects:?}"
+    );
     lab.assert_every_worker_received();
 }
 

@@ -1,7 +1,8 @@
 //! Services reached from outside the node, and pods reaching the outside, through strom-lab:
 //! NodePorts under both external traffic policies (the client address the backend sees), a
-//! load-balancer IP and its `healthCheckNodePort`, PMTU discovery through a NodePort, and
-//! masquerade of a pod's connection to the outside (the address `external` sees).
+//! load-balancer IP and its `healthCheckNodePort`, PMTU discovery through a NodePort,
+//! masquerade of a pod's connection to the outside (the address `external` sees), fragments
+//! from outside, and NodePorts over a multi-queue uplink.
 //!
 //! ```text
 //!  external 198.18.0.2 ──uplink──▶ node 198.18.0.1:NodePort ──▶ stromd (DNAT, SNAT) ──▶ pod
@@ -438,5 +439,106 @@ fn fragmented_datagrams_reach_a_node_port_and_a_masqueraded_flow_from_outside() 
         "3000 y",
         "the fragmented answer reached the pod: {}",
         String::from_utf8_lossy(&o.stderr)
+    );
+}
+
+/// ```text
+///   external ══ 2 queues ══ uplink ── stromd  queue 0's socket (worker 0)
+///                                             queue 1's socket (worker 1)
+///                                       ├── pod t/a ─┐ app=web, one on each worker
+///                                       └── pod t/b ─┘
+/// ```
+/// Like a multi-queue NIC: each connection comes in on the queue its hash picks, but a
+/// client's flows are translated by one worker, which the answers of a backend on the other
+/// worker go back through. Under `externalTrafficPolicy: Local` every connection is answered
+/// from the NodePort with the client's address kept, whichever queue and backend it got; a
+/// ClientIP Service keeps the client on one backend across its connections.
+#[test]
+fn node_ports_over_a_multi_queue_uplink_answer_every_connection_whatever_its_queue_and_backend() {
+    let _g = net_lock();
+    let backend = |name: &str| {
+        format!(
+            "---
+kind: Pod
+metadata: {{name: {name}, namespace: t, labels: {{app: web}}}}
+spec: {{containers: [{{name: c, ports: [{{containerPort: 80}}, {{containerPort: 53, protocol: UDP}}]}}]}}
+"
+        )
+    };
+    let m = format!(
+        "{}{}{}{}",
+        backend("a"),
+        backend("b"),
+        web(
+            "local",
+            "NodePort",
+            30090,
+            "  externalTrafficPolicy: Local\n"
+        ),
+        web("sticky", "NodePort", 30100, "  sessionAffinity: ClientIP\n")
+    );
+    let lab = Lab::up(&m, &["--workers", "2", "--uplink-queues", "2"]);
+    let up = lab.port_of_kind("uplink");
+    assert_eq!(up["queue_workers"], serde_json::json!([0, 1]), "{up}");
+    assert_ne!(
+        lab.port_of("a")["worker"],
+        lab.port_of("b")["worker"],
+        "a backend on each worker"
+    );
+    lab.wait_listening("t/a", 80);
+    lab.wait_listening("t/b", 80);
+    // 24 connections each: both queues and both backends are used but with probability
+    // 2^-23; before a client's flows had one owner, those whose backend was the other
+    // queue's worker went unanswered (the answer left untranslated).
+    for (proto, port) in [("tcp", "http"), ("udp", "dns")] {
+        let mut who = std::collections::BTreeSet::new();
+        for i in 0..24 {
+            let (w, client) = probe(
+                &lab,
+                &["--from", "external", "--to", "t/local", "--port-name", port],
+            )
+            .unwrap_or_else(|e| panic!("{proto} connection {i}: {e}"));
+            assert_eq!(client, EXTERNAL, "{proto}: the client's own address");
+            who.insert(w);
+        }
+        assert_eq!(who.len(), 2, "{proto}: both backends answered: {who:?}");
+    }
+    let mut who = std::collections::BTreeSet::new();
+    for i in 0..16 {
+        let (w, _) = probe(
+            &lab,
+            &[
+                "--from",
+                "external",
+                "--to",
+                "t/sticky",
+                "--port-name",
+                "http",
+            ],
+        )
+        .unwrap_or_else(|e| panic!("ClientIP connection {i}: {e}"));
+        who.insert(w);
+    }
+    assert_eq!(who.len(), 1, "one backend for the client: {who:?}");
+    // Where the flows are: the ClientIP Service's all on the client's owner; Local flows
+    // whose backend is on another worker than their owner also there, as the owner's.
+    let ct = lab.stromctl(&["conntrack"]);
+    let entries = ct["entries"].as_array().expect("entries");
+    let sticky: std::collections::BTreeSet<_> = entries
+        .iter()
+        .filter(|e| e["service"] == "t/sticky")
+        .map(|e| e["worker"].as_u64())
+        .collect();
+    assert_eq!(sticky.len(), 1, "one owner for the client: {ct}");
+    let owned: Vec<_> = entries.iter().filter(|e| e["owner"].is_u64()).collect();
+    assert!(!owned.is_empty(), "answers handed back to owners: {ct}");
+    for e in owned {
+        assert_ne!(e["owner"], e["worker"], "{e}");
+        assert_eq!(e["service"], "", "tracked for its owner only: {e}");
+    }
+    let redirects = lab.uplink_queue_redirects(2);
+    assert!(
+        redirects.iter().all(|&n| n > 0),
+        "each queue carried connections: {redirects:?}"
     );
 }

@@ -630,6 +630,8 @@ impl Controller {
             ?gateway,
             "uplink added"
         );
+        let spread = rx_queues.min(self.workers.len());
+        self.desired.set_uplink_workers(spread as u16);
         self.uplink = Some(Uplink {
             queues,
             ifindex,

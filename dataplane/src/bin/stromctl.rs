@@ -478,7 +478,10 @@ fn main() -> anyhow::Result<()> {
                         .into_iter()
                         .map(|e| {
                             vec![
-                                e.worker.to_string(),
+                                match e.owner {
+                                    Some(o) => format!("{} (owner {o})", e.worker),
+                                    None => e.worker.to_string(),
+                                },
                                 e.protocol,
                                 e.original,
                                 e.translated,

@@ -37,11 +37,20 @@ impl FragKey {
     }
 }
 
+/// What becomes of a datagram's later fragments.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FragTo {
+    /// They get the addresses its first fragment was translated to: (source, destination).
+    Addrs(Ipv4Addr, Ipv4Addr),
+    /// They follow its first fragment to another worker, which translated it: handed there
+    /// as it was (`port`, the hand-off's port: what the worker does with it).
+    Worker { worker: u16, port: u32 },
+}
+
 #[derive(Debug, Clone, Copy)]
 struct Entry {
     key: FragKey,
-    to_src: Ipv4Addr,
-    to_dst: Ipv4Addr,
+    to: FragTo,
     expires_ms: u64,
 }
 
@@ -60,24 +69,23 @@ impl Default for Frags {
 }
 
 impl Frags {
-    /// Records that the datagram `key` (its first fragment just translated) goes from
-    /// `to_src` to `to_dst`.
+    /// Records what becomes of the datagram `key`'s later fragments (its first fragment
+    /// just translated, or handed over).
     #[inline]
-    pub fn record(&mut self, key: FragKey, to_src: Ipv4Addr, to_dst: Ipv4Addr, now_ms: u64) {
+    pub fn record(&mut self, key: FragKey, to: FragTo, now_ms: u64) {
         self.slots[key.slot()] = Some(Entry {
             key,
-            to_src,
-            to_dst,
+            to,
             expires_ms: now_ms + FRAG_MS,
         });
     }
 
-    /// The addresses a later fragment of `key` gets: (source, destination).
+    /// What becomes of a later fragment of `key`.
     #[inline]
-    pub fn lookup(&self, key: &FragKey, now_ms: u64) -> Option<(Ipv4Addr, Ipv4Addr)> {
+    pub fn lookup(&self, key: &FragKey, now_ms: u64) -> Option<FragTo> {
         self.slots[key.slot()]
             .filter(|e| e.key == *key && e.expires_ms > now_ms)
-            .map(|e| (e.to_src, e.to_dst))
+            .map(|e| e.to)
     }
 }
 
@@ -98,12 +106,19 @@ mod tests {
     fn a_datagrams_later_fragments_find_its_translation_until_it_expires() {
         let mut f = Frags::default();
         let (s, d) = (Ipv4Addr::new(169, 254, 1, 1), Ipv4Addr::new(198, 18, 16, 3));
-        f.record(key(7), s, d, 1000);
-        assert_eq!(f.lookup(&key(7), 1000), Some((s, d)));
+        f.record(key(7), FragTo::Addrs(s, d), 1000);
+        assert_eq!(f.lookup(&key(7), 1000), Some(FragTo::Addrs(s, d)));
         assert_eq!(f.lookup(&key(8), 1000), None, "another datagram");
         let mut other = key(7);
         other.proto = 6;
         assert_eq!(f.lookup(&other, 1000), None, "another protocol");
         assert_eq!(f.lookup(&key(7), 1000 + FRAG_MS), None, "expired");
+        let to = FragTo::Worker { worker: 1, port: 9 };
+        f.record(key(9), to, 1000);
+        assert_eq!(
+            f.lookup(&key(9), 1000),
+            Some(to),
+            "handed over as the first"
+        );
     }
 }

@@ -147,10 +147,25 @@ pub struct Entry {
     pub checked: u64,
     /// The policy table generation under which the flow was last found allowed.
     pub policy_checked: u64,
+    /// [`Entry::owner`], u16::MAX for none (two bytes keep the entry at 80).
+    owner: u16,
     live: bool,
 }
 
 impl Entry {
+    /// Another worker that owns the flow and its translation (a connection from beyond a
+    /// multi-queue uplink to a Service, translated there, its backend on this worker's port):
+    /// this entry only sends the flow's answers there, untranslated.
+    #[inline]
+    pub fn owner(&self) -> Option<u16> {
+        (self.owner != u16::MAX).then_some(self.owner)
+    }
+
+    /// Makes the flow worker `owner`'s (`None`: this worker's own).
+    pub fn set_owner(&mut self, owner: Option<u16>) {
+        self.owner = owner.unwrap_or(u16::MAX);
+    }
+
     /// Takes a packet of the flow into account: state and expiry.
     #[inline]
     pub fn seen(&mut self, reply: bool, s: Seen, now_ms: u64) {
@@ -313,6 +328,7 @@ impl Conntrack {
             packets: 1,
             checked,
             policy_checked: 0,
+            owner: u16::MAX,
             live: true,
         };
         self.put(e, now_ms)

@@ -30,11 +30,13 @@ pub struct SavedFlow {
     /// Time left before it expires, in ms.
     pub left_ms: u64,
     pub packets: u64,
+    /// The worker that owns the flow, when this one only sends it answers there.
+    pub owner: Option<u16>,
 }
 
 /// Where each field of a flow's record is (big-endian numbers). Hand-written rather than
 /// serde-derived: a table of a million flows goes through a fixed-size record in tens of
-/// milliseconds and 54 MB, where CBOR maps of the same fields took 180 MB and two seconds
+/// milliseconds and 55 MiB, where CBOR maps of the same fields took 180 MB and two seconds
 /// to read back (BENCHMARKS.md, "Services"), time the node's pods wait for.
 mod field {
     use std::ops::Range;
@@ -51,10 +53,15 @@ mod field {
     pub const FINS: usize = 37;
     pub const LEFT_MS: Range<usize> = 38..46;
     pub const PACKETS: Range<usize> = 46..54;
+    /// u16::MAX: this worker's own flow.
+    pub const OWNER: Range<usize> = 54..56;
 }
 
 /// The size of a flow's record.
-pub const RECORD_LEN: usize = 54;
+pub const RECORD_LEN: usize = 56;
+/// The size of a flow's record in snapshots of version 1, before its owner (the first 54
+/// bytes of this one's).
+pub const V1_RECORD_LEN: usize = 54;
 
 /// A record's state byte: a TCP state, or 0x10 with bit 0 for replied, bit 1 for closed.
 const DATAGRAM: u8 = 0x10;
@@ -143,6 +150,7 @@ impl SavedFlow {
         out[field::FINS] = self.fins;
         out[field::LEFT_MS].copy_from_slice(&self.left_ms.to_be_bytes());
         out[field::PACKETS].copy_from_slice(&self.packets.to_be_bytes());
+        out[field::OWNER].copy_from_slice(&self.owner.unwrap_or(u16::MAX).to_be_bytes());
     }
 
     /// Reads a record; None when it is cut short or its state byte is none of the states.
@@ -163,6 +171,7 @@ impl SavedFlow {
             fins: b[field::FINS],
             left_ms: u64_in(b, field::LEFT_MS),
             packets: u64_in(b, field::PACKETS),
+            owner: Some(u16_at(b, field::OWNER.start)).filter(|&w| w != u16::MAX),
         })
     }
 }
@@ -190,6 +199,26 @@ impl FlowRecords {
     /// Bytes the records take.
     pub fn bytes(&self) -> usize {
         self.0.len()
+    }
+
+    /// Records as bytes, as a snapshot holds them.
+    #[cfg(test)]
+    pub fn from_bytes(b: Vec<u8>) -> FlowRecords {
+        FlowRecords(b)
+    }
+
+    /// Records of `len` bytes each, of an older format whose fields are the first of this
+    /// one's, as this format's: what it lacks is none (the owner). A record cut short stays
+    /// short (malformed).
+    pub fn upgraded(&self, len: usize) -> FlowRecords {
+        let mut out = Vec::with_capacity(self.0.len().div_ceil(len.max(1)) * RECORD_LEN);
+        for r in self.0.chunks(len.max(1)) {
+            out.extend_from_slice(r);
+            if r.len() == len {
+                out.resize(out.len() + RECORD_LEN.saturating_sub(len), 0xff);
+            }
+        }
+        FlowRecords(out)
     }
 
     /// Each record read (None: malformed).
@@ -270,6 +299,7 @@ impl Conntrack {
                 fins: e.fins,
                 left_ms: e.expires_ms - now_ms,
                 packets: e.packets,
+                owner: e.owner(),
             });
         }
         out
@@ -320,6 +350,7 @@ impl Conntrack {
                 // Never equal to a generation: checked on the next packet.
                 checked: u64::MAX,
                 policy_checked: u64::MAX,
+                owner: f.owner.unwrap_or(u16::MAX),
                 live: true,
             };
             match self.put(e, now_ms) {
@@ -467,6 +498,7 @@ mod tests {
             fins: 0,
             left_ms: 90_000,
             packets: 7,
+            owner: None,
         };
         #[rustfmt::skip]
         let bytes = [
@@ -478,6 +510,7 @@ mod tests {
             0,
             0, 0, 0, 0, 0, 1, 0x5f, 0x90,
             0, 0, 0, 0, 0, 0, 0, 7,
+            0xff, 0xff,
         ];
         (f, bytes)
     }
@@ -508,6 +541,31 @@ mod tests {
             g.emit(&mut out);
             assert_eq!(SavedFlow::parse(&out), Some(g));
         }
+        // A flow another worker owns names it.
+        let g = SavedFlow {
+            owner: Some(1),
+            ..f
+        };
+        g.emit(&mut out);
+        assert_eq!(out[field::OWNER], [0, 1]);
+        assert_eq!(SavedFlow::parse(&out), Some(g));
+    }
+
+    #[test]
+    fn a_version_1_record_reads_as_a_flow_of_no_other_owner() {
+        let (f, bytes) = fixture();
+        let mut old = FlowRecords::default();
+        old.0.extend_from_slice(&bytes[..V1_RECORD_LEN]);
+        old.0.extend_from_slice(&bytes[..V1_RECORD_LEN]);
+        old.0.extend_from_slice(&bytes[..10]);
+        let new = old.upgraded(V1_RECORD_LEN);
+        assert_eq!(new.len(), 3);
+        let read: Vec<_> = new.iter().collect();
+        assert_eq!(
+            read,
+            vec![Some(f.clone()), Some(f), None],
+            "the cut one stays cut"
+        );
     }
 
     #[test]
@@ -591,6 +649,7 @@ mod tests {
             fins in proptest::prelude::any::<u8>(),
             left_ms in proptest::prelude::any::<u64>(),
             packets in proptest::prelude::any::<u64>(),
+            owner in proptest::option::of(0..u16::MAX),
         ) {
             let state = match state {
                 0..=5 => FlowState::Tcp(TCP_STATES[state]),
@@ -605,6 +664,7 @@ mod tests {
                 fins,
                 left_ms,
                 packets,
+                owner,
             };
             let mut out = [0u8; RECORD_LEN];
             f.emit(&mut out);

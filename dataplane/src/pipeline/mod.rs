@@ -145,15 +145,17 @@ pub struct Context {
     icmp: Bucket,
     /// Lines about denied packets that may still be logged.
     policy_log: Bucket,
-    /// The flows that started on this worker's ports.
+    /// The flows that started on this worker's ports, or from beyond the uplink and owned
+    /// here (and those other workers own whose answers come from this worker's ports).
     pub ct: crate::conntrack::Conntrack,
-    /// ClientIP affinity of the clients on this worker's ports.
+    /// ClientIP affinity of the clients on this worker's ports, or beyond the uplink and
+    /// owned here.
     pub affinity: crate::conntrack::affinity::Affinity,
     /// Clients balanced without being remembered: the affinity table was full.
     pub affinity_full: u64,
     /// Where the next SNAT port is looked for in this worker's share.
     pub snat_next: u32,
-    /// Translated datagrams whose later fragments are still to come.
+    /// Datagrams whose later fragments are still to come: translated here, or handed over.
     pub frags: crate::conntrack::frag::Frags,
     /// Counters per Service port slot (grown by the worker between loops when the Service
     /// table gains slots, never on a packet's path).
@@ -407,6 +409,32 @@ fn forward_ipv4(
     if let Some(d) = denied {
         return policy::confirm(a, d, t, ctx);
     }
+    // A flow from beyond an uplink spread over workers, translated here for a Service
+    // and keeping the client's address (`externalTrafficPolicy: Local`), whose backend is
+    // another worker's: its answers, addressed to the client, would leave by that worker's
+    // own queue untranslated. That worker tracks it as this one's and hands them back (the
+    // mark on a later fragment or an ICMP error of such a flow changes nothing there: only a
+    // packet with ports starts an entry).
+    if let Action::Handoff {
+        worker,
+        port: out_port,
+        len: n,
+    } = a
+    {
+        if port.kind == PortKind::Uplink
+            && pass == service::Pass::Tracked
+            && hdr.src == src
+            && hdr.dst != dst
+            && t.routes.uplink_workers > 1
+            && out_port & (policy::CONFIRM | OWNED) == 0
+        {
+            return Action::Handoff {
+                worker,
+                port: out_port | OWNED,
+                len: n,
+            };
+        }
+    }
     // An ICMP error about a translated packet (fragmentation needed toward a backend with a
     // smaller MTU, say) quotes it as translated: it goes back as the sender knows the flow,
     // as an error from the flow's far end would (PMTU discovery through a Service).
@@ -421,12 +449,25 @@ fn forward_ipv4(
 }
 
 /// The port a [`Action::Handoff`] names for a frame the receiving worker must route itself:
-/// an answer to an SNAT port it owns, translated there first ([`reroute`]).
+/// an answer of a flow it owns (to one of its SNAT ports, or tracked by the sender as the
+/// receiver's), translated there first ([`reroute`]).
 pub const REROUTE: u32 = u32::MAX;
 
+/// The port a [`Action::Handoff`] names for a frame from beyond the uplink that the worker
+/// it came in on hands to the worker owning its flow
+/// ([`crate::tables::routes::RouteTable::inbound_owner`]), which processes it as if it had
+/// come in on its own uplink socket.
+pub const FROM_UPLINK: u32 = u32::MAX - 1;
+
+/// Marks the port of an [`Action::Handoff`] of a flow this worker translated and owns whose
+/// answers would not come back here on their own (see `forward_ipv4`): the receiving worker
+/// tracks it as this worker's ([`crate::conntrack::Entry::owner`]) and hands its answers
+/// back, to be translated here.
+pub const OWNED: u32 = 1 << 30;
+
 /// A frame another worker handed over because this worker owns its flow (an answer to one of
-/// its SNAT ports): translated, then routed from here. Errors about it are dropped (counted):
-/// it has no port to go back out of.
+/// its SNAT ports, or to a client of its beyond the uplink): translated, then routed from
+/// here. Errors about it are dropped (counted): it has no port to go back out of.
 #[inline]
 pub fn reroute(buf: &mut [u8], len: usize, t: &View<'_>, ctx: &mut Context) -> Action {
     let len = len.min(buf.len());

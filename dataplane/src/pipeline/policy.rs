@@ -225,8 +225,11 @@ pub fn stage(
         && hdr.frag_offset == 0
         && (t.policy.isolated(hdr.src) || t.policy.isolated(hdr.dst))
     {
-        ctx.frags
-            .record(super::service::frag_key(hdr), hdr.src, hdr.dst, ctx.now_ms);
+        ctx.frags.record(
+            super::service::frag_key(hdr),
+            crate::conntrack::frag::FragTo::Addrs(hdr.src, hdr.dst),
+            ctx.now_ms,
+        );
     }
     let L4::Flow {
         key,

@@ -54,6 +54,14 @@ fn from(identity: u32, port: u16) -> Rule {
     }
 }
 
+/// A hand-off marked with CONFIRM.
+fn confirmed() -> crate::pipeline::service::Handed {
+    crate::pipeline::service::Handed {
+        confirm: true,
+        owner: None,
+    }
+}
+
 fn apply(t: &mut Tables, set: &PolicySet, generation: u64) {
     t.policy = PolicyTable::build(set, generation, &mut PolicySlots::default()).unwrap();
 }
@@ -186,7 +194,7 @@ fn a_packet_denied_on_its_own_toward_another_worker_passes_there_only_as_an_answ
     let len = out.len();
     out.resize(2048, 0);
     assert_eq!(
-        crate::pipeline::service::deliver(&mut out, len, &t.view(), &mut w0, true),
+        crate::pipeline::service::deliver(&mut out, len, &t.view(), &mut w0, confirmed()),
         Ok(())
     );
     // A new connection from B to A is no answer: worker 0 drops it.
@@ -200,7 +208,7 @@ fn a_packet_denied_on_its_own_toward_another_worker_passes_there_only_as_an_answ
     let len = out.len();
     out.resize(2048, 0);
     assert_eq!(
-        crate::pipeline::service::deliver(&mut out, len, &t.view(), &mut w0, true),
+        crate::pipeline::service::deliver(&mut out, len, &t.view(), &mut w0, confirmed()),
         Err(DropReason::PolicyDenied)
     );
     assert_eq!(

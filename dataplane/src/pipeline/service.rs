@@ -5,14 +5,19 @@
 //!                    │                                      ├─ no: TCP RST (UDP: balanced anew)
 //!                    │       (no Service, destination now one: new connection balanced to it)
 //!                    ├─▶ conntrack hit, reply direction ─▶ reverse NAT (source back to the VIP)
+//!                    ├─▶ conntrack hit, a flow another worker owns ─▶ handed there (REROUTE)
 //!                    ├─▶ ICMP error quoting a tracked flow ─▶ quote and addresses translated back
-//!                    └─▶ miss ─▶ frontend? ─▶ affinity │ Maglev ─▶ track ─▶ DNAT (+ hairpin SNAT)
+//!                    └─▶ miss ─▶ frontend? ─▶ from outside, another worker's flow: handed there
+//!                                         ├─▶ affinity │ Maglev ─▶ track ─▶ DNAT (+ SNAT)
 //!                                         └─ no endpoint: TCP RST, ICMP port unreachable
 //! ```
 //!
-//! Runs on the worker of the port the packet came in on, before routing, which then routes
-//! the translated packet. A reply received on another worker is routed statelessly to the
-//! client's port, whose worker owns the flow and translates it in [`deliver`].
+//! Runs on the worker of the port the packet came in on (for a flow from beyond a multi-queue
+//! uplink, its owner's: [`crate::tables::routes::RouteTable::inbound_owner`]), before
+//! routing, which then routes the translated packet. A reply received on another worker is
+//! routed statelessly to the client's port, whose worker owns the flow and translates it in
+//! [`deliver`]; an answer to an SNAT port, or one a backend's worker hands back, in
+//! [`super::reroute`].
 
 use std::net::Ipv4Addr;
 
@@ -21,7 +26,7 @@ use super::ipv4::Header;
 use super::l4::{self, L4};
 use super::nat::{self, End};
 use super::{icmp, policy, reject, Action, Context, InPort, PortKind};
-use crate::conntrack::frag::FragKey;
+use crate::conntrack::frag::{FragKey, FragTo};
 use crate::conntrack::{FlowKey, Hit, Refused, Seen, ICMP, TCP};
 use crate::drop::DropReason;
 use crate::tables::maglev::mix64;
@@ -77,8 +82,12 @@ pub fn stage(
     let parsed = l4::parse(&buf[HEADER_LEN..end], hdr);
     match parsed {
         L4::Fragment => {
-            if translate_fragment(&mut buf[HEADER_LEN..end], hdr, ctx) {
-                return Ok(Pass::Tracked);
+            match translate_fragment(&mut buf[HEADER_LEN..end], hdr, ctx) {
+                Some(FragTo::Addrs(..)) => return Ok(Pass::Tracked),
+                Some(FragTo::Worker { worker, port }) => {
+                    return Err(Action::Handoff { worker, port, len })
+                }
+                None => {}
             }
             if t.services.is_vip(hdr.dst) {
                 return Err(Action::Drop(DropReason::ServiceUnknownPort));
@@ -97,6 +106,15 @@ pub fn stage(
             Ok(Pass::Untracked(parsed))
         }
         L4::IcmpError { inner, inner_at } => {
+            // About a flow another worker owns (a pod's port unreachable to a client of
+            // its): that worker translates it.
+            if let Some(w) = owner_elsewhere(ctx, &inner.reversed()) {
+                return Err(Action::Handoff {
+                    worker: w,
+                    port: super::REROUTE,
+                    len,
+                });
+            }
             if icmp_error(&mut buf[HEADER_LEN..end], hdr, inner, inner_at, ctx) {
                 return Ok(Pass::Tracked);
             }
@@ -108,6 +126,26 @@ pub fn stage(
                     return Err(Action::Handoff {
                         worker: w,
                         port: super::REROUTE,
+                        len,
+                    });
+                }
+            }
+            // About an answer to a client beyond the uplink from a Service's address: to
+            // the worker that owns the flow it quotes.
+            if port.kind == PortKind::Uplink
+                && (t.services.is_vip(hdr.dst)
+                    || t.node.addrs.contains(&std::net::IpAddr::V4(hdr.dst)))
+            {
+                // The quote is an answer: the flow as the client started it is its reverse.
+                let per_client = t
+                    .services
+                    .frontend(inner.src, inner.sport, inner.proto)
+                    .is_some_and(|(svc, _)| svc.affinity_ms.is_some());
+                let owner = t.routes.inbound_owner(&inner.reversed(), per_client);
+                if let Some(o) = owner.filter(|&o| o != ctx.worker) {
+                    return Err(Action::Handoff {
+                        worker: o,
+                        port: super::FROM_UPLINK,
                         len,
                     });
                 }
@@ -145,6 +183,12 @@ fn flow(
     if let Some(Hit { slot, reply }) = ctx.ct.lookup(&key, now) {
         policy::recheck(ctx, t, slot)?;
         let e = ctx.ct.entry(slot);
+        if let Some(w) = e.owner() {
+            // A flow another worker translated and owns (its backend on this worker's port):
+            // its answers go there as they are, to be translated.
+            ctx.ct.entry_mut(slot).seen(reply, seen, now);
+            return Err(hand(ctx, hdr, w, super::REROUTE, len));
+        }
         if reply {
             let (to_src, to_dst) = e.rewrite_to(true);
             ctx.ct.entry_mut(slot).seen(true, seen, now);
@@ -238,11 +282,7 @@ fn no_service(
     if t.node.addrs.contains(&std::net::IpAddr::V4(key.dst)) {
         // The XDP programs hand stromd only NodePorts and SNAT ports of node addresses.
         return Err(match t.node.snat.owner(key.dport) {
-            Some(w) if w != ctx.worker => Action::Handoff {
-                worker: w,
-                port: super::REROUTE,
-                len,
-            },
+            Some(w) if w != ctx.worker => hand(ctx, hdr, w, super::REROUTE, len),
             _ => Action::Drop(DropReason::NodePortUnknown),
         });
     }
@@ -343,6 +383,13 @@ fn new_flow(
     svc: &SvcPort,
     kind: FrontKind,
 ) -> Result<Pass, Action> {
+    // From beyond an uplink spread over workers: the flow is its owner's.
+    if port.kind == PortKind::Uplink {
+        let owner = t.routes.inbound_owner(&key, svc.affinity_ms.is_some());
+        if let Some(o) = owner.filter(|&o| o != ctx.worker) {
+            return Err(hand(ctx, hdr, o, super::FROM_UPLINK, len));
+        }
+    }
     let now = ctx.now_ms;
     // From pods: internalTrafficPolicy for ClusterIPs, every serving endpoint for the
     // Service's external addresses (kube-proxy short-circuits those inside the cluster);
@@ -449,7 +496,8 @@ fn translate(
     // ones too (an answer on a connection from outside, which must not be taken for a pod's
     // datagram leaving the cluster).
     if hdr.more_frags {
-        ctx.frags.record(frag_key(hdr), src.0, dst.0, ctx.now_ms);
+        ctx.frags
+            .record(frag_key(hdr), FragTo::Addrs(src.0, dst.0), ctx.now_ms);
     }
     nat::rewrite(ip, hdr.header_len, hdr.proto, End::Dst, dst.0, dst.1);
     nat::rewrite(ip, hdr.header_len, hdr.proto, End::Src, src.0, src.1);
@@ -467,17 +515,37 @@ pub(super) fn frag_key(hdr: &Header) -> FragKey {
     }
 }
 
-/// A later fragment of a datagram (no transport header): the addresses its first fragment
-/// was translated to; true when there were any.
-fn translate_fragment(ip: &mut [u8], hdr: &mut Header, ctx: &Context) -> bool {
-    let Some((src, dst)) = ctx.frags.lookup(&frag_key(hdr), ctx.now_ms) else {
-        return false;
-    };
-    nat::rewrite_addr(ip, End::Src, src);
-    nat::rewrite_addr(ip, End::Dst, dst);
-    hdr.src = src;
-    hdr.dst = dst;
-    true
+/// A later fragment of a datagram (no transport header): given the addresses its first
+/// fragment was translated to, if it was translated here; what became of the first, if
+/// anything.
+fn translate_fragment(ip: &mut [u8], hdr: &mut Header, ctx: &Context) -> Option<FragTo> {
+    let to = ctx.frags.lookup(&frag_key(hdr), ctx.now_ms)?;
+    if let FragTo::Addrs(src, dst) = to {
+        nat::rewrite_addr(ip, End::Src, src);
+        nat::rewrite_addr(ip, End::Dst, dst);
+        hdr.src = src;
+        hdr.dst = dst;
+    }
+    Some(to)
+}
+
+/// Hands the packet to worker `worker` (`port`: what that worker does with it); when it is
+/// a datagram's first fragment, its later ones, which have no ports to tell their flow by,
+/// follow it there.
+#[inline]
+fn hand(ctx: &mut Context, hdr: &Header, worker: u16, port: u32, len: usize) -> Action {
+    if hdr.more_frags && hdr.frag_offset == 0 {
+        ctx.frags
+            .record(frag_key(hdr), FragTo::Worker { worker, port }, ctx.now_ms);
+    }
+    Action::Handoff { worker, port, len }
+}
+
+/// The worker that owns the tracked flow `key` belongs to, when it is another's.
+#[inline]
+fn owner_elsewhere(ctx: &mut Context, key: &FlowKey) -> Option<u16> {
+    let hit = ctx.ct.lookup(key, ctx.now_ms)?;
+    ctx.ct.entry(hit.slot).owner()
 }
 
 /// A RST back to the client from `from`, out of the port the segment came in on, at the
@@ -558,21 +626,33 @@ pub enum Answer {
     Unknown,
 }
 
+/// How a frame was handed to this worker's port.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Handed {
+    /// With [`policy::CONFIRM`]: the policies deny it on its own.
+    pub confirm: bool,
+    /// With [`super::OWNED`]: of a flow the worker that handed it over translated and owns.
+    pub owner: Option<u16>,
+}
+
 /// The owner's part for a frame another worker routed to one of this worker's ports: a reply
 /// (or an ICMP error) of a flow this worker tracks is translated back before it leaves. A
 /// frame handed over with [`policy::CONFIRM`] (the policies deny it on its own) goes only
-/// as a packet of such a flow. Others, or frames not IPv4, are left as they are; a
-/// connection from outside, or one whose answers the policies would deny, is tracked here,
-/// where its answers come.
+/// as a packet of such a flow. A flow the sender owns ([`super::OWNED`]) is tracked as the
+/// sender's, its answers to be handed back there. Others, or frames not IPv4, are left as
+/// they are; a connection from outside, or one whose answers the policies would deny, is
+/// tracked here, where its answers come.
 #[inline]
 pub fn deliver(
     buf: &mut [u8],
     len: usize,
     t: &View<'_>,
     ctx: &mut Context,
-    confirm: bool,
+    handed: Handed,
 ) -> Result<(), DropReason> {
-    let idle = ctx.ct.is_empty() && !t.node.masquerade && t.policy.is_empty();
+    let confirm = handed.confirm;
+    let idle =
+        handed.owner.is_none() && ctx.ct.is_empty() && !t.node.masquerade && t.policy.is_empty();
     let denied = if confirm {
         Err(DropReason::PolicyDenied)
     } else {
@@ -603,17 +683,56 @@ pub fn deliver(
         sctp_end,
     } = parsed
     {
+        let seen = Seen {
+            tcp_flags,
+            sctp_end,
+        };
+        if let Some(w) = handed.owner {
+            return track_owned(ctx, t, key, seen, w);
+        }
         let inbound = t.node.masquerade && t.node.masquerades(hdr.src);
         if inbound || !t.policy.is_empty() {
-            let seen = Seen {
-                tcp_flags,
-                sctp_end,
-            };
             // A full table leaves it untracked: its answers would be masqueraded or denied,
             // and the connection fail.
             let _ = policy::track(ctx, t, key, seen);
         }
     }
+    Ok(())
+}
+
+/// Tracks `key` (as it comes, translated) as a flow worker `owner` owns: its answers are
+/// handed there untranslated. Refused when the table is full: the answers would otherwise
+/// leave with the backend's address.
+fn track_owned(
+    ctx: &mut Context,
+    t: &View<'_>,
+    key: FlowKey,
+    seen: Seen,
+    owner: u16,
+) -> Result<(), DropReason> {
+    let backend = Backend {
+        ip: key.dst,
+        port: key.dport,
+    };
+    let gen = t.services.generation();
+    let slot = ctx
+        .ct
+        .insert(
+            key,
+            key.reversed(),
+            SvcRef::NONE,
+            backend,
+            seen,
+            gen,
+            ctx.now_ms,
+        )
+        .map_err(|r| match r {
+            Refused::Full => DropReason::ConntrackFull,
+            Refused::Clash => DropReason::ConntrackClash,
+        })?;
+    let e = ctx.ct.entry_mut(slot);
+    e.set_owner(Some(owner));
+    e.policy_checked = t.policy.generation();
     Ok(())
 }
 
@@ -648,6 +767,12 @@ pub fn translate_answer(
             let Some(Hit { slot, reply }) = ctx.ct.lookup(&key, now) else {
                 return Answer::Unknown;
             };
+            if !reply && ctx.ct.entry(slot).reopened_by(seen) {
+                // A new connection on the tuple of a closed one (a client outside reusing
+                // its port): the old entry goes, the new connection is tracked anew.
+                ctx.ct.remove(slot);
+                return Answer::Unknown;
+            }
             if policy::recheck(ctx, t, slot).is_err() {
                 return Answer::Denied;
             }
@@ -668,7 +793,10 @@ pub fn translate_answer(
             inner_at,
             ctx,
         )),
-        L4::Fragment => done(translate_fragment(&mut buf[HEADER_LEN..end], hdr, ctx)),
+        L4::Fragment => done(matches!(
+            translate_fragment(&mut buf[HEADER_LEN..end], hdr, ctx),
+            Some(FragTo::Addrs(..))
+        )),
         L4::None => Answer::Unknown,
     }
 }

@@ -250,7 +250,7 @@ fn a_reply_handed_over_from_another_worker_is_translated_by_the_owner() {
     // ...and A's worker, which owns the flow, translates it before sending.
     let len = out.len();
     out.resize(2048, 0);
-    super::deliver(&mut out, len, &t.view(), &mut owner, false).unwrap();
+    super::deliver(&mut out, len, &t.view(), &mut owner, Default::default()).unwrap();
     out.truncate(len);
     assert_eq!(endpoints(&out), ((VIP, 80), (A, 40001)));
 }
@@ -859,7 +859,7 @@ fn a_pods_answer_to_a_connection_from_outside_is_not_masqueraded() {
         panic!("{a:?}")
     };
     out.resize(2048, 0);
-    super::deliver(&mut out, len, &t.view(), &mut w1, false).unwrap();
+    super::deliver(&mut out, len, &t.view(), &mut w1, Default::default()).unwrap();
     let (a, out) = run(
         &tcp(B_MAC, (B, 80), (EXT, 5556), false),
         &port_b(),
@@ -1283,3 +1283,6 @@ fn a_pods_fragmented_answer_to_a_client_outside_leaves_whole_and_unmasqueraded()
 
 #[path = "policy_tests.rs"]
 mod policy_tests;
+
+#[path = "spread_tests.rs"]
+mod spread_tests;

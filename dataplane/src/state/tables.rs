@@ -5,7 +5,7 @@
 //! Written to `state_dir/tables.cbor` once the workers have stopped, and removed by the next
 //! start as it reads it: a snapshot is taken up once, by the start that follows the stop
 //! that wrote it. CBOR through serde (ciborium), the flows in it as fixed-size records
-//! (`conntrack::persist`): a million flows are 54 MB.
+//! (`conntrack::persist`): a million flows are 55 MiB.
 
 use std::collections::BTreeMap;
 use std::io::{BufReader, BufWriter, Write};
@@ -18,7 +18,9 @@ use strom_api::{PolicySet, ServiceSpec};
 use crate::conntrack::persist::SavedTables;
 
 /// The snapshot's format; a snapshot of another is not taken up (logged).
-pub const VERSION: u32 = 1;
+pub const VERSION: u32 = 2;
+/// The oldest format still taken up: version 1's flow records lack their owner.
+const OLDEST: u32 = 1;
 
 /// What a stopping stromd leaves to its next start.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -45,6 +47,20 @@ pub struct Snapshot {
     pub port_workers: BTreeMap<String, usize>,
     /// Each worker's flows and clients, by worker.
     pub workers: Vec<SavedTables>,
+}
+
+impl Snapshot {
+    /// This format's snapshot from an older one's (version 1's flow records lack their
+    /// owner: none).
+    fn upgraded(mut self) -> Snapshot {
+        if self.version == 1 {
+            for w in &mut self.workers {
+                w.flows = w.flows.upgraded(crate::conntrack::persist::V1_RECORD_LEN);
+            }
+        }
+        self.version = VERSION;
+        self
+    }
 }
 
 /// This boot's identity (empty if it cannot be read).
@@ -133,8 +149,10 @@ impl SnapshotFile {
             return None;
         }
         match ciborium::from_reader::<Snapshot, _>(BufReader::new(f)) {
-            Ok(s) if s.version == VERSION && s.boot_id == boot_id() => Some(s),
-            Ok(s) if s.version == VERSION => {
+            Ok(s) if (OLDEST..=VERSION).contains(&s.version) && s.boot_id == boot_id() => {
+                Some(s.upgraded())
+            }
+            Ok(s) if (OLDEST..=VERSION).contains(&s.version) => {
                 tracing::warn!(saved = %s.boot_id, "saved tables of another boot, not taken up");
                 None
             }
@@ -230,6 +248,56 @@ mod tests {
         assert_eq!(f.take(), Some(s));
         assert!(!f.path().exists(), "removed as it is read");
         assert_eq!(f.take(), None, "taken up once");
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn a_version_1_snapshot_is_taken_up_with_its_flows_of_no_other_owner() {
+        let d = dir("v1");
+        let f = SnapshotFile::new(&d);
+        let mut s = snapshot();
+        s.version = 1;
+        let mut flow = [0u8; crate::conntrack::persist::RECORD_LEN];
+        crate::conntrack::persist::SavedFlow {
+            orig: crate::conntrack::FlowKey {
+                src: "198.18.16.2".parse().unwrap(),
+                dst: "198.18.0.9".parse().unwrap(),
+                sport: 4000,
+                dport: 53,
+                proto: 17,
+            },
+            reply: crate::conntrack::FlowKey {
+                src: "198.18.0.9".parse().unwrap(),
+                dst: "198.18.0.1".parse().unwrap(),
+                sport: 53,
+                dport: 61000,
+                proto: 17,
+            },
+            svc: None,
+            backend: Backend {
+                ip: "198.18.0.9".parse().unwrap(),
+                port: 53,
+            },
+            state: crate::conntrack::FlowState::Datagram {
+                replied: true,
+                closed: false,
+            },
+            fins: 0,
+            left_ms: 9000,
+            packets: 3,
+            owner: None,
+        }
+        .emit(&mut flow);
+        s.workers[0].flows = crate::conntrack::persist::FlowRecords::from_bytes(
+            flow[..crate::conntrack::persist::V1_RECORD_LEN].to_vec(),
+        );
+        f.save(&s).unwrap();
+        let taken = f.take().expect("taken up");
+        assert_eq!(taken.version, VERSION);
+        let read: Vec<_> = taken.workers[0].flows.iter().collect();
+        assert_eq!(read.len(), 1);
+        let got = read[0].clone().expect("a flow");
+        assert_eq!((got.owner, got.packets, got.left_ms), (None, 3, 9000));
         let _ = std::fs::remove_dir_all(&d);
     }
 

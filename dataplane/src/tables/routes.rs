@@ -8,7 +8,9 @@ use std::net::IpAddr;
 
 use hashbrown::HashMap;
 
+use crate::conntrack::FlowKey;
 use crate::mac::Mac;
+use crate::tables::maglev::mix64;
 
 /// Where a destination lives: a port on some worker, with the MACs to write.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -31,6 +33,8 @@ pub struct Next {
 pub struct DesiredRoutes {
     pub ports: BTreeMap<u32, Vec<(IpAddr, Next)>>,
     pub uplink: Option<Next>,
+    /// Workers serving the uplink's receive queues (workers 0..n).
+    pub uplink_workers: u16,
 }
 
 /// Routes as the workers read them.
@@ -40,6 +44,9 @@ pub struct RouteTable {
     pub local: HashMap<IpAddr, Next>,
     /// Everything outside the pod CIDR leaves through the uplink to its gateway.
     pub uplink: Option<Next>,
+    /// Workers serving the uplink's receive queues: workers 0..n, queue q on worker q mod
+    /// workers. More than one, and a client's frames may come in on any of them.
+    pub uplink_workers: u16,
 }
 
 impl RouteTable {
@@ -55,7 +62,34 @@ impl RouteTable {
         RouteTable {
             local,
             uplink: d.uplink,
+            uplink_workers: d.uplink_workers,
         }
+    }
+
+    /// The worker that owns flow `key` (as it comes) from beyond the uplink to a Service
+    /// frontend, when the uplink's queues are spread over several workers: each worker
+    /// receives what the NIC's hash gives its queue, but a flow is translated in one place,
+    /// whichever queue each of its packets and fragments comes on (docs/design.md, "A
+    /// multi-queue uplink"). Picked by the whole 5-tuple, so a client's flows spread over the
+    /// workers as the NIC spreads them; by the client's address alone when `per_client` (a
+    /// Service port with ClientIP affinity: one affinity per client). `None`: one worker
+    /// serves the uplink.
+    #[inline]
+    pub fn inbound_owner(&self, key: &FlowKey, per_client: bool) -> Option<u16> {
+        if self.uplink_workers <= 1 {
+            return None;
+        }
+        let client = u64::from(u32::from(key.src));
+        let h = if per_client {
+            mix64(client)
+        } else {
+            let ports = (u64::from(key.sport) << 24) | (u64::from(key.dport) << 8);
+            mix64(
+                client
+                    ^ mix64((u64::from(u32::from(key.dst)) << 32) ^ ports ^ u64::from(key.proto)),
+            )
+        };
+        Some((h % u64::from(self.uplink_workers)) as u16)
     }
 
     /// Route lookup: a local pod, else nothing inside the pod CIDR, else the uplink's
@@ -126,5 +160,47 @@ mod tests {
         );
         assert_eq!(t.route("1.1.1.1".parse().unwrap(), cidr), Some(&next(9)));
         assert!(t.is_uplink(&next(9)));
+    }
+
+    fn flow(src: u32, sport: u16) -> FlowKey {
+        FlowKey {
+            src: std::net::Ipv4Addr::from(src),
+            dst: std::net::Ipv4Addr::new(198, 18, 0, 1),
+            sport,
+            dport: 30080,
+            proto: 6,
+        }
+    }
+
+    #[test]
+    fn a_flow_from_beyond_the_uplink_has_one_owner_among_the_uplinks_workers() {
+        let mut d = DesiredRoutes {
+            uplink_workers: 1,
+            ..Default::default()
+        };
+        assert_eq!(
+            RouteTable::build(&d).inbound_owner(&flow(1, 1), false),
+            None,
+            "one worker"
+        );
+        d.uplink_workers = 3;
+        let t = RouteTable::build(&d);
+        // Flows spread over every worker: those of many clients, and those of one client.
+        for per_client in [false, true] {
+            let mut seen = [0; 3];
+            for i in 0..300u32 {
+                let o = t.inbound_owner(&flow(0xc612_0000 + i, 5000), per_client);
+                seen[usize::from(o.unwrap())] += 1;
+            }
+            assert!(seen.iter().all(|&n| n > 50), "clients: {seen:?}");
+        }
+        let mut seen = [0; 3];
+        for p in 0..300u16 {
+            seen[usize::from(t.inbound_owner(&flow(7, 5000 + p), false).unwrap())] += 1;
+        }
+        assert!(seen.iter().all(|&n| n > 50), "one client's flows: {seen:?}");
+        // With ClientIP affinity, all of a client's flows have one owner.
+        let o = t.inbound_owner(&flow(7, 5000), true);
+        assert!((1..300).all(|p| t.inbound_owner(&flow(7, 5000 + p), true) == o));
     }
 }
