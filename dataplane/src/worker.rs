@@ -703,8 +703,8 @@ impl Worker {
     }
 
     /// A frame handed here because this worker owns its flow (an answer to one of its SNAT
-    /// ports, or one a backend's worker hands back): translated and routed from here, its checksum class (`csum`, read by the worker
-    /// it came in on) kept.
+    /// ports, or one a backend's worker hands back): translated and routed from here, its
+    /// checksum class (`csum`, read by the worker it came in on) kept.
     fn rerouted(
         &mut self,
         data: &mut [u8],

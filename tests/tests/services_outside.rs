@@ -448,9 +448,9 @@ fn fragmented_datagrams_reach_a_node_port_and_a_masqueraded_flow_from_outside() 
 ///                                       ├── pod t/a ─┐ app=web, one on each worker
 ///                                       └── pod t/b ─┘
 /// ```
-/// Like a multi-queue NIC: each connection comes in on the queue its hash picks, but a
-/// client's flows are translated by one worker, which the answers of a backend on the other
-/// worker go back through. Under `externalTrafficPolicy: Local` every connection is answered
+/// Like a multi-queue NIC: each connection comes in on the queue its hash picks, but each
+/// flow is translated by one worker (a client's, under ClientIP affinity), which the answers
+/// of a backend on the other worker go back through. Under `externalTrafficPolicy: Local` every connection is answered
 /// from the NodePort with the client's address kept, whichever queue and backend it got; a
 /// ClientIP Service keeps the client on one backend across its connections.
 #[test]
@@ -488,8 +488,8 @@ spec: {{containers: [{{name: c, ports: [{{containerPort: 80}}, {{containerPort: 
     lab.wait_listening("t/a", 80);
     lab.wait_listening("t/b", 80);
     // 24 connections each: both queues and both backends are used but with probability
-    // 2^-23; before a client's flows had one owner, those whose backend was the other
-    // queue's worker went unanswered (the answer left untranslated).
+    // 2^-23; before flows had owners, those whose backend was the other queue's worker went
+    // unanswered (the answer left untranslated).
     for (proto, port) in [("tcp", "http"), ("udp", "dns")] {
         let mut who = std::collections::BTreeSet::new();
         for i in 0..24 {

@@ -208,8 +208,9 @@ impl FlowRecords {
     }
 
     /// Records of `len` bytes each, of an older format whose fields are the first of this
-    /// one's, as this format's: what it lacks is none (the owner). A record cut short stays
-    /// short (malformed).
+    /// one's, as this format's: what it lacks is filled with 0xff, which reads as none for
+    /// the one field added since (the owner; a field added later needs its own filling). A
+    /// record cut short stays short (malformed).
     pub fn upgraded(&self, len: usize) -> FlowRecords {
         let mut out = Vec::with_capacity(self.0.len().div_ceil(len.max(1)) * RECORD_LEN);
         for r in self.0.chunks(len.max(1)) {

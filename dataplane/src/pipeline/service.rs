@@ -130,18 +130,19 @@ pub fn stage(
                     });
                 }
             }
-            // About an answer to a client beyond the uplink from a Service's address: to
-            // the worker that owns the flow it quotes.
-            if port.kind == PortKind::Uplink
-                && (t.services.is_vip(hdr.dst)
-                    || t.node.addrs.contains(&std::net::IpAddr::V4(hdr.dst)))
-            {
-                // The quote is an answer: the flow as the client started it is its reverse.
-                let per_client = t
-                    .services
-                    .frontend(inner.src, inner.sport, inner.proto)
-                    .is_some_and(|(svc, _)| svc.affinity_ms.is_some());
-                let owner = t.routes.inbound_owner(&inner.reversed(), per_client);
+            // About an answer a Service frontend sent to a client beyond the uplink: to the
+            // worker that owns the flow it quotes (the quote is the answer: the flow as the
+            // client started it is its reverse).
+            let frontend = match port.kind {
+                PortKind::Uplink if t.routes.uplink_workers > 1 => {
+                    t.services.frontend(inner.src, inner.sport, inner.proto)
+                }
+                _ => None,
+            };
+            if let Some((svc, _)) = frontend {
+                let owner = t
+                    .routes
+                    .inbound_owner(&inner.reversed(), svc.affinity_ms.is_some());
                 if let Some(o) = owner.filter(|&o| o != ctx.worker) {
                     return Err(Action::Handoff {
                         worker: o,

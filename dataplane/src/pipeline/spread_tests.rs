@@ -104,7 +104,7 @@ fn handoff(worker: u16, port: u32, frame: &[u8]) -> Action {
 }
 
 #[test]
-fn a_local_services_flow_is_translated_by_its_clients_owner_and_answered_through_it() {
+fn a_local_services_flow_is_translated_by_its_owner_and_answered_through_it() {
     let (_d, t, [mut w0, mut w1]) = spread(local_web());
     let (c, p) = (EXT, sport_of(&t, (NODE, 30080), 6, 0));
     // The SYN comes in on worker 1's queue: handed to the flow's owner as it came.
